@@ -1,0 +1,36 @@
+//! The engine's one error type.
+
+use thiserror::Error;
+
+/// Everything that can go wrong inside the engine. The HTTP layer maps each variant to a
+/// Workers AI error envelope in exactly one place (`edgerun-server`'s `error.rs`).
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The model file is missing, unreadable, or not a llama-architecture GGUF we can run.
+    #[error("cannot load model: {0}")]
+    Load(String),
+    /// The tokenizer could not be built or failed on an input.
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    /// The chat template failed to parse or render (for example `raise_exception` fired).
+    #[error("chat template error: {0}")]
+    Template(String),
+    /// The prompt plus `max_tokens` does not fit in the model's context window.
+    #[error("prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}; together they exceed the context window of {context_window} tokens")]
+    ContextWindowExceeded {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        context_window: usize,
+    },
+    /// The scheduler's queue is full (or the caller asked to be rejected when busy).
+    #[error("capacity temporarily exceeded")]
+    Busy,
+    /// The engine thread has stopped (shutdown or a fatal error); no new work is accepted.
+    #[error("the engine is not running")]
+    Stopped,
+    /// A tensor operation failed while running the model.
+    #[error("model execution failed: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -1,0 +1,72 @@
+//! Per-sequence key/value cache.
+
+use crate::config::ModelConfig;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// The attention keys and values of one sequence, for every layer.
+///
+/// Each sequence owns its cache, so sequences of different lengths can decode in one batch. The
+/// buffers are allocated once, at the capacity the sequence can ever need (prompt plus
+/// `max_tokens`, never more than the context window), and written in place: no step re-copies
+/// the history the way a `Tensor::cat` cache does.
+pub struct KvCache {
+    /// Per layer: keys and values, each `(n_kv_heads, capacity, head_dim)`.
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let shape = (cfg.head_count_kv, capacity, cfg.head_dim);
+        let layers = (0..cfg.block_count)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(shape, dtype, device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Positions already stored (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Writes `k`, `v` (`(n_kv_heads, t, head_dim)`) for `layer` after the stored positions and
+    /// returns views of the whole history including them. `commit` must follow once every layer
+    /// has been written.
+    pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(1)?;
+        if self.len + t > self.capacity {
+            candle_core::bail!(
+                "kv cache overflow: {} + {t} positions > capacity {}",
+                self.len,
+                self.capacity
+            );
+        }
+        let (kc, vc) = &self.layers[layer];
+        kc.slice_set(&k.contiguous()?, 1, self.len)?;
+        vc.slice_set(&v.contiguous()?, 1, self.len)?;
+        Ok((kc.narrow(1, 0, self.len + t)?, vc.narrow(1, 0, self.len + t)?))
+    }
+
+    /// Marks `t` more positions as stored.
+    pub(crate) fn commit(&mut self, t: usize) {
+        self.len += t;
+    }
+}

@@ -1,0 +1,285 @@
+//! The llama forward pass over a batch of sequences, each with its own KV cache.
+//!
+//! One call to [`LlamaModel::forward`] runs one scheduler step. The step's tokens from every
+//! sequence (one token for a decoding sequence, a chunk of prompt for a prefilling one) are laid
+//! end to end in a single `(tokens, hidden)` matrix, so every weight matrix is applied with one
+//! quantized matmul per step for the whole batch and read from memory once. Only attention is
+//! per sequence: each segment attends over its own cache. This is candle-transformers'
+//! `quantized_llama` rebuilt for serving: per-sequence caches instead of one inside the model,
+//! positions past 4096, per-token RoPE positions, and logits only where a token will be sampled.
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// A llama-architecture model loaded from GGUF. Immutable once loaded: all per-sequence state
+/// lives in [`KvCache`]s, so one model serves any number of sequences.
+pub struct LlamaModel {
+    cfg: ModelConfig,
+    embeddings: Arc<QTensor>,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QMatMul,
+    /// RoPE tables for every position of the context window, `(context_length, rope_dim / 2)`.
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// One sequence's share of a step: the tokens to append and the cache they extend.
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+impl LlamaModel {
+    /// Loads every tensor of a llama GGUF onto `device`.
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = ModelConfig::from_gguf(ct)?;
+        let mut tensor = |name: &str| {
+            ct.tensor(reader, name, device)
+                .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))
+        };
+        let embeddings = Arc::new(tensor("token_embd.weight")?);
+        let output = match tensor("output.weight") {
+            Ok(t) => QMatMul::from_qtensor(t)?,
+            // Tied embeddings (SmolLM2 and other small models).
+            Err(_) => QMatMul::from_arc(embeddings.clone())?,
+        };
+        let norm = tensor("output_norm.weight")?.dequantize(device)?;
+        let mut layers = Vec::with_capacity(cfg.block_count);
+        for i in 0..cfg.block_count {
+            let p = format!("blk.{i}");
+            let mut qm =
+                |n: &str| -> Result<QMatMul> { Ok(QMatMul::from_qtensor(tensor(&format!("{p}.{n}.weight"))?)?) };
+            let wq = qm("attn_q")?;
+            let wk = qm("attn_k")?;
+            let wv = qm("attn_v")?;
+            let wo = qm("attn_output")?;
+            let w_gate = qm("ffn_gate")?;
+            let w_up = qm("ffn_up")?;
+            let w_down = qm("ffn_down")?;
+            layers.push(Layer {
+                attn_norm: tensor(&format!("{p}.attn_norm.weight"))?.dequantize(device)?,
+                ffn_norm: tensor(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?,
+                wq,
+                wk,
+                wv,
+                wo,
+                w_gate,
+                w_up,
+                w_down,
+            });
+        }
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            embeddings,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of activations and KV caches.
+    pub fn dtype(&self) -> DType {
+        DType::F32
+    }
+
+    /// Runs one step. Appends each segment's tokens to its cache and returns the logits of the
+    /// last token of every segment whose index is in `want_logits` (in that order), as a
+    /// `(want_logits.len(), vocab)` f32 tensor, or `None` when no logits are wanted.
+    pub fn forward(
+        &self,
+        segments: &mut [Segment<'_>],
+        want_logits: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let cfg = &self.cfg;
+        let (n_head, n_kv, hd) = (cfg.head_count, cfg.head_count_kv, cfg.head_dim);
+        let groups = n_head / n_kv;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut bounds = Vec::with_capacity(segments.len());
+        for seg in segments.iter() {
+            let start = seg.cache.len();
+            if seg.tokens.is_empty() {
+                return Err(EngineError::Model(candle_core::Error::Msg("empty segment".into())));
+            }
+            if start + seg.tokens.len() > cfg.context_length {
+                return Err(EngineError::Model(candle_core::Error::Msg(format!(
+                    "position {} past the context window",
+                    start + seg.tokens.len()
+                ))));
+            }
+            bounds.push((ids.len(), seg.tokens.len(), start));
+            ids.extend_from_slice(seg.tokens);
+            positions.extend((start..start + seg.tokens.len()).map(|p| p as u32));
+        }
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let positions = Tensor::from_vec(positions, total, &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        // Causal masks for segments of more than one token, `(t, kv_len)`, additive.
+        let masks = bounds
+            .iter()
+            .map(|&(_, t, start)| {
+                (t > 1)
+                    .then(|| causal_mask(t, start, &self.device))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+
+        let mut x = self.embeddings.embedding(&ids)?; // (total, hidden)
+        for (li, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps as f32)?;
+            let q = layer.wq.forward(&h)?;
+            let k = layer.wk.forward(&h)?;
+            let v = layer.wv.forward(&h)?;
+            // (total, heads * hd) -> (1, heads, total, hd) for RoPE.
+            let q = q.reshape((1, total, n_head, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((1, total, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((total, n_kv, hd))?.transpose(0, 1)?;
+            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?.squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?.squeeze(0)?;
+
+            let mut ys = Vec::with_capacity(segments.len());
+            for (si, seg) in segments.iter().enumerate() {
+                let (off, t, _) = bounds[si];
+                let (k_all, v_all) =
+                    seg.cache
+                        .write(li, &k.narrow(1, off, t)?, &v.narrow(1, off, t)?)?;
+                let q_s = q.narrow(1, off, t)?.contiguous()?;
+                ys.push(attention(
+                    &q_s,
+                    &k_all,
+                    &v_all,
+                    masks[si].as_ref(),
+                    groups,
+                    scale,
+                )?);
+            }
+            let y = if ys.len() == 1 {
+                ys.pop().expect("one segment")
+            } else {
+                Tensor::cat(&ys, 0)?
+            };
+            let x1 = (layer.wo.forward(&y)? + residual)?;
+
+            let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, cfg.rms_norm_eps as f32)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            let up = layer.w_up.forward(&h)?;
+            x = (layer.w_down.forward(&(gate * up)?)? + x1)?;
+        }
+        for seg in segments.iter_mut() {
+            seg.cache.commit(seg.tokens.len());
+        }
+        if want_logits.is_empty() {
+            return Ok(None);
+        }
+        let last_rows: Vec<u32> = want_logits
+            .iter()
+            .map(|&i| (bounds[i].0 + bounds[i].1 - 1) as u32)
+            .collect();
+        let n = last_rows.len();
+        let rows = Tensor::from_vec(last_rows, n, &self.device)?;
+        let x = x.index_select(&rows, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps as f32)?;
+        let logits = self.output.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(Some(logits))
+    }
+}
+
+/// Grouped-query attention of one segment over its cache.
+/// `q`: `(n_head, t, hd)`; `k`, `v`: `(n_kv, kv_len, hd)`; returns `(t, n_head * hd)`.
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    groups: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (n_head, t, hd) = q.dims3()?;
+    let (n_kv, kv_len, _) = k.dims3()?;
+    // Query heads sharing a kv head are adjacent, so grouping them turns GQA into one batched
+    // matmul per kv head without materialising repeated keys.
+    let q = q.reshape((n_kv, groups * t, hd))?;
+    let (k, v) = if k.device().is_cpu() {
+        (k.clone(), v.clone())
+    } else {
+        (k.contiguous()?, v.contiguous()?)
+    };
+    let att = (q.matmul(&k.t()?)? * scale)?;
+    let att = match mask {
+        Some(mask) => att
+            .reshape((n_kv, groups, t, kv_len))?
+            .broadcast_add(mask)?
+            .reshape((n_kv, groups * t, kv_len))?,
+        None => att,
+    };
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    att.matmul(&v)?
+        .reshape((n_head, t, hd))?
+        .transpose(0, 1)?
+        .reshape((t, n_head * hd))
+}
+
+/// Additive causal mask for `t` new tokens after `start` cached ones: `(t, start + t)`.
+fn causal_mask(t: usize, start: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let kv_len = start + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Tensor::from_vec(data, (t, kv_len), device)
+}
+
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let dim = cfg.rope_dim;
+    let inv_freq: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1f32 / cfg.rope_freq_base.powf(i as f32 / dim as f32))
+        .collect();
+    let n = inv_freq.len();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
+    let t = Tensor::arange(0u32, cfg.context_length as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.context_length, 1))?;
+    let freqs = t.matmul(&inv_freq)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}

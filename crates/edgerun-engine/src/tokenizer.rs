@@ -1,0 +1,323 @@
+//! Tokenizers built from GGUF metadata (or a `tokenizer.json`), and incremental detokenization.
+
+use crate::error::{EngineError, Result};
+use candle_core::quantized::gguf_file;
+use std::collections::BTreeSet;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+/// Llama-3's pre-tokenizer split (tokenizer.json of Meta-Llama-3-8B-Instruct).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's: like Llama-3's but digits one at a time.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Tokens that end a turn in common chat formats. Any of them present in a model's vocabulary
+/// stops generation, on top of the metadata's EOS: a GGUF often names only one terminator
+/// (Llama-3 Instruct's EOS is `<|end_of_text|>` or `<|eot_id|>` depending on the converter).
+const KNOWN_TERMINATORS: &[&str] = &[
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+];
+
+/// A model's tokenizer plus what the engine needs to know about its special tokens.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    bos: Option<(u32, String)>,
+    eos: Option<(u32, String)>,
+    add_bos: bool,
+    stop_ids: BTreeSet<u32>,
+}
+
+fn meta_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
+    let v = ct.metadata.get(key)?;
+    v.to_u32()
+        .ok()
+        .or_else(|| v.to_i32().ok().map(|x| x as u32))
+        .or_else(|| v.to_u64().ok().map(|x| x as u32))
+}
+
+fn meta_str_array(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
+    let v = ct
+        .metadata
+        .get(key)
+        .ok_or_else(|| EngineError::Tokenizer(format!("GGUF metadata has no `{key}`")))?;
+    let arr = v
+        .to_vec()
+        .map_err(|_| EngineError::Tokenizer(format!("`{key}` is not an array")))?;
+    arr.iter()
+        .map(|v| {
+            v.to_string()
+                .cloned()
+                .map_err(|_| EngineError::Tokenizer(format!("`{key}` holds a non-string")))
+        })
+        .collect()
+}
+
+fn tok_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer(e.to_string())
+}
+
+/// The pre-tokenizer llama.cpp applies for a `tokenizer.ggml.pre` name.
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+    let split = |re: &str| -> Result<PreTokenizerWrapper> {
+        let split = Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(tok_err)?;
+        Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+    };
+    match pre {
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "lfm2" => split(LLAMA3_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
+        // SmolLM / StarCoder: digits split one by one, then GPT-2's byte-level regex.
+        "smollm" | "starcoder" | "refact" => Ok(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into()),
+        "gpt2" | "default" | "gpt-2" => Ok(ByteLevel::new(false, true, true).into()),
+        other => Err(EngineError::Tokenizer(format!(
+            "unsupported tokenizer.ggml.pre `{other}` (supported: llama3/llama-bpe, smollm, qwen2, gpt2); pass --tokenizer with the model's tokenizer.json"
+        ))),
+    }
+}
+
+impl TextTokenizer {
+    /// Builds the byte-level BPE tokenizer described by the `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
+        let kind = ct
+            .metadata
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_default();
+        if kind != "gpt2" {
+            return Err(EngineError::Tokenizer(format!(
+                "tokenizer.ggml.model `{kind}` is not byte-level BPE (`gpt2`); pass --tokenizer with the model's tokenizer.json"
+            )));
+        }
+        let tokens = meta_str_array(ct, "tokenizer.ggml.tokens")?;
+        let merges = meta_str_array(ct, "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge `{m}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(
+                ct.metadata
+                    .get("tokenizer.ggml.ignore_merges")
+                    .and_then(|v| v.to_bool().ok())
+                    .unwrap_or(false),
+            )
+            .build()
+            .map_err(tok_err)?;
+        let mut inner = Tokenizer::new(bpe);
+        let pre = ct
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "gpt2".into());
+        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        // Control (3) and user-defined (4) tokens are matched whole in input text, so a chat
+        // template's `<|im_start|>` becomes one token; they are skipped when decoding output.
+        let types: Vec<u32> = ct
+            .metadata
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+            .map(|a| {
+                a.iter()
+                    .map(|v| v.to_i32().map(|x| x as u32).or_else(|_| v.to_u32()).unwrap_or(1))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let specials: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
+            .collect();
+        inner.add_special_tokens(specials).map_err(tok_err)?;
+
+        let named = |key: &str| {
+            meta_u32(ct, key).and_then(|id| tokens.get(id as usize).map(|t| (id, t.clone())))
+        };
+        let bos = named("tokenizer.ggml.bos_token_id");
+        let eos = named("tokenizer.ggml.eos_token_id");
+        let add_bos = ct
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let mut stop_ids: BTreeSet<u32> = ["eos", "eot", "eom"]
+            .iter()
+            .filter_map(|k| meta_u32(ct, &format!("tokenizer.ggml.{k}_token_id")))
+            .collect();
+        stop_ids.extend(
+            KNOWN_TERMINATORS
+                .iter()
+                .filter_map(|t| inner.token_to_id(t)),
+        );
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            stop_ids,
+        })
+    }
+
+    /// Loads a Hugging Face `tokenizer.json`; special-token facts still come from the GGUF.
+    pub fn from_file(path: &std::path::Path, ct: &gguf_file::Content) -> Result<Self> {
+        let mut this = Self::from_gguf_specials_only(ct)?;
+        this.inner = Tokenizer::from_file(path).map_err(tok_err)?;
+        this.stop_ids.extend(
+            KNOWN_TERMINATORS
+                .iter()
+                .filter_map(|t| this.inner.token_to_id(t)),
+        );
+        Ok(this)
+    }
+
+    fn from_gguf_specials_only(ct: &gguf_file::Content) -> Result<Self> {
+        let tokens = meta_str_array(ct, "tokenizer.ggml.tokens").unwrap_or_default();
+        let named = |key: &str| {
+            meta_u32(ct, key).and_then(|id| tokens.get(id as usize).map(|t| (id, t.clone())))
+        };
+        Ok(Self {
+            inner: Tokenizer::new(BPE::default()),
+            bos: named("tokenizer.ggml.bos_token_id"),
+            eos: named("tokenizer.ggml.eos_token_id"),
+            add_bos: ct
+                .metadata
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
+            stop_ids: ["eos", "eot", "eom"]
+                .iter()
+                .filter_map(|k| meta_u32(ct, &format!("tokenizer.ggml.{k}_token_id")))
+                .collect(),
+        })
+    }
+
+    /// Tokenizes prompt text. Special tokens written in the text are recognised. The BOS token
+    /// is prepended when the model asks for it and the text does not already start with it
+    /// (Llama-3's chat template writes it itself).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
+        let mut ids = enc.get_ids().to_vec();
+        if self.add_bos {
+            if let Some((bos, _)) = &self.bos {
+                if ids.first() != Some(bos) {
+                    ids.insert(0, *bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, dropping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    /// Token ids that end generation.
+    pub fn stop_ids(&self) -> &BTreeSet<u32> {
+        &self.stop_ids
+    }
+
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos.as_ref().map(|(_, t)| t.as_str())
+    }
+
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos.as_ref().map(|(_, t)| t.as_str())
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// Turns a stream of token ids into a stream of text deltas.
+///
+/// Byte-level BPE tokens can end in the middle of a UTF-8 character (emoji, CJK). Text is
+/// released as soon as it decodes to whole characters, and held back only while it ends in an
+/// incomplete one; nothing is held for word boundaries.
+#[derive(Debug, Default, Clone)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one token; returns the text it completes, if any.
+    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        if full.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        let delta = match full.strip_prefix(prefix.as_str()) {
+            Some(d) => d.to_string(),
+            // Decoders that rewrite earlier text: emit what follows the common prefix.
+            None => {
+                let common = prefix
+                    .char_indices()
+                    .zip(full.chars())
+                    .find(|((_, a), b)| a != b)
+                    .map(|((i, _), _)| i)
+                    .unwrap_or(prefix.len().min(full.len()));
+                full[common..].to_string()
+            }
+        };
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok((!delta.is_empty()).then_some(delta))
+    }
+
+    /// Releases whatever is still held back (an incomplete character at the end of generation).
+    pub fn flush(&mut self, tokenizer: &TextTokenizer) -> Result<Option<String>> {
+        if self.read_offset == self.ids.len() {
+            return Ok(None);
+        }
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        let delta = full.strip_prefix(prefix.as_str()).unwrap_or(&full).to_string();
+        Ok((!delta.is_empty()).then_some(delta))
+    }
+}

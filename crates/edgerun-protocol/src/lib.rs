@@ -1,0 +1,92 @@
+//! # edgerun-protocol
+//!
+//! The wire contract of edgerun: a self-hosted server that answers like
+//! Cloudflare Workers AI text generation (`@cf/meta/llama-3-8b-instruct`).
+//! This crate is the single source of truth for what goes over the wire, so
+//! the node's HTTP server and the Cloudflare Worker in front of it accept the
+//! same bodies, reject bad ones with byte-identical errors, and frame answers
+//! the same way. The contract it implements is written down in
+//! `shared/reference/workers-ai-api.md` (§1 requests, §2 JSON answers and
+//! errors, §3 streaming); section numbers in the docs below refer to it.
+//!
+//! ## What it owns
+//!
+//! * [`error`]: [`ApiError`], the one error type — HTTP status, Cloudflare
+//!   internal code, message — with a constructor per failure a client can
+//!   see, and its v4 envelope `{"errors":[..],"success":false,"result":..,
+//!   "messages":[]}`.
+//! * [`request`]: request-body validation against the model's published
+//!   input schema, producing a [`ValidatedRequest`] (prompt or messages,
+//!   sampling parameters with defaults applied, `stream`, `rejectIfBusy`,
+//!   `tools`, `response_format`).
+//! * [`response`]: the non-streaming output ([`TextGenerationOutput`],
+//!   [`Usage`]) and the success envelope ([`SuccessEnvelope`]).
+//! * [`sse`]: the native `/ai/run` server-sent-event framing
+//!   (`data: {"response":..}\n\n` ... `data: [DONE]\n\n`) and an incremental
+//!   parser for it ([`SseParser`]).
+//! * [`route`]: reading the model name out of a URL path, accepting both the
+//!   raw (`@cf/meta/...`) and the SDKs' percent-encoded (`@cf%2Fmeta%2F...`)
+//!   forms.
+//!
+//! ## How data flows
+//!
+//! ```text
+//! request:  path tail ──route::model_from_path──▶ model name (server checks it)
+//!           body bytes ──ValidatedRequest::from_json_bytes──▶ ValidatedRequest
+//!                                                      └──▶ ApiError (400/405)
+//! answer:   engine text + Usage ──▶ TextGenerationOutput ──▶ SuccessEnvelope::to_json
+//!           engine tokens ──▶ sse::token_event* ─▶ sse::usage_event ─▶ sse::DONE_EVENT
+//! failure:  ApiError ──▶ ApiError::to_json (before the first byte, with ApiError::status)
+//!                   └──▶ sse::error_event   (after streaming started)
+//! ```
+//!
+//! The server adds what needs the model and the runtime — tokenising, the
+//! context-window check ([`ApiError::context_window_exceeded`]), queueing
+//! ([`ApiError::capacity`]), auth — but reports every failure through
+//! [`ApiError`], so the wire format never forks.
+//!
+//! ## What it must never do
+//!
+//! * **No I/O and no async runtime.** Everything is a pure function over
+//!   bytes, strings and `serde_json::Value`s; the only dependencies are
+//!   `serde`, `serde_json`, `thiserror` and `percent-encoding`. Nothing is
+//!   platform-specific, so the crate builds for `wasm32-unknown-unknown` and
+//!   runs inside the Worker.
+//! * **No model knowledge beyond the schema.** It knows field names, types
+//!   and ranges from the published input schema; it does not know tokenizers,
+//!   chat templates, context windows or which models exist.
+//! * **Never panic on input.** Any byte sequence fed to
+//!   [`ValidatedRequest::from_json_bytes`] or [`SseParser::push`], and any
+//!   string fed to [`route::model_from_path`], yields a value or an
+//!   [`ApiError`]; there is no `unwrap` on untrusted data, no indexing that
+//!   can go out of bounds, and no recursion over client-controlled nesting
+//!   (serde_json's recursion limit bounds parsing).
+//!
+//! ## Deliberate leniency
+//!
+//! The real validator's behaviour on some inputs is unverified; where in
+//! doubt this crate accepts what a client plausibly sends rather than break
+//! it: unknown top-level keys are ignored, `null` means absent, boolean
+//! strings `"true"`/`"false"` are coerced, integral floats count as integers.
+//! The full list is in [`request`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod request;
+pub mod response;
+pub mod route;
+pub mod sse;
+
+pub use error::{ApiError, ErrorEnvelope, ErrorItem};
+pub use request::{
+    ChatMessage, PromptInput, Role, SamplingParams, ValidatedRequest, DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS,
+};
+pub use response::{SuccessEnvelope, TextGenerationOutput, Usage, JSON_CONTENT_TYPE};
+pub use route::model_from_path;
+pub use sse::{
+    error_event, heartbeat, token_event, usage_event, SseEvent, SseParser, DONE_EVENT,
+    EVENT_STREAM_CONTENT_TYPE,
+};

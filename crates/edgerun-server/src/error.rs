@@ -1,0 +1,75 @@
+//! The server's one error type, and the one place errors become HTTP responses.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use edgerun_engine::EngineError;
+use edgerun_protocol::{ApiError, JSON_CONTENT_TYPE};
+use thiserror::Error;
+
+/// Everything a request can fail with. Converted to the Workers AI error envelope by
+/// [`ServerError::api_error`]; nothing else in the server builds error bodies.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Malformed or out-of-contract input, already in wire form (from `edgerun-protocol`).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The engine refused or failed the request.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The model is still loading (or failed to load).
+    #[error("the model is not loaded yet")]
+    NotReady,
+    /// A blocking task panicked or was cancelled.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl ServerError {
+    /// The wire form of this error. Client mistakes keep their detail; engine failures are
+    /// reported without internals that would only confuse a client.
+    pub fn api_error(&self) -> ApiError {
+        match self {
+            Self::Api(e) => e.clone(),
+            Self::Engine(e) => match e {
+                EngineError::ContextWindowExceeded {
+                    prompt_tokens,
+                    max_tokens,
+                    context_window,
+                } => ApiError::context_window_exceeded(*prompt_tokens, *max_tokens, *context_window),
+                EngineError::Template(m) => ApiError::bad_input(format!("chat template: {m}")),
+                EngineError::Tokenizer(m) => ApiError::bad_input(format!("tokenizer: {m}")),
+                EngineError::Busy => ApiError::capacity(),
+                EngineError::Stopped => ApiError::unavailable("the engine is not running"),
+                EngineError::Load(m) => ApiError::internal(m),
+                EngineError::Model(m) => ApiError::internal(m),
+            },
+            Self::NotReady => ApiError::unavailable("the model is loading, try again shortly"),
+            Self::Task(m) => ApiError::internal(m),
+        }
+    }
+}
+
+impl IntoResponse for ServerError {
+    fn into_response(self) -> Response {
+        self.api_error().into_http()
+    }
+}
+
+/// Renders an [`ApiError`] as its HTTP response.
+pub trait IntoHttp {
+    fn into_http(self) -> Response;
+}
+
+impl IntoHttp for ApiError {
+    fn into_http(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, self.to_json()).into_response();
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON_CONTENT_TYPE));
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,74 @@
+//! # edgerun-server
+//!
+//! The HTTP face of an edgerun node: Workers-AI-compatible routes in front of one
+//! [`edgerun_engine::Engine`], and the `edgerun` binary that wires configuration, model loading
+//! and the listener together.
+//!
+//! ## Request flow
+//!
+//! ```text
+//! POST /run/{model} | /client/v4/accounts/{id}/ai/run/{model}
+//!   └─ request id (kept from `cf-ai-req-id` or made) ─ bearer auth (401 / 10000)
+//!      └─ model name (literal or %2F slashes; unknown: 400 / 5007)
+//!         └─ body ≤ limit (413 / 3006) ─ ValidatedRequest (400 / 5006, from edgerun-protocol)
+//!            └─ Engine::prepare on a blocking thread (template + tokenize)
+//!               └─ Engine::submit (context window 400, busy 429 / 3040)
+//!                  ├─ stream: SSE `data: {"response":..}` per token, usage, [DONE];
+//!                  │          comment heartbeats while queued or prefilling
+//!                  └─ JSON:   {"result":{response,tool_calls,usage},"success":true,...}
+//! ```
+//!
+//! Errors before the first byte are JSON envelopes with their HTTP status; an error after it
+//! ends the stream with an error event. All error bodies come from [`error::ServerError`].
+//!
+//! ## Must never
+//!
+//! * run model or tokenizer work on a tokio worker (the engine has its own thread; templating
+//!   and tokenizing go through `spawn_blocking`);
+//! * keep a sequence running for a client that is gone: dropping the response body drops the
+//!   engine's `TokenStream`, which cancels the sequence;
+//! * answer a run route without checking the bearer token when tokens are configured.
+
+pub mod auth;
+pub mod error;
+pub mod models;
+mod routes;
+
+pub use auth::TokenSet;
+pub use routes::router;
+
+use edgerun_engine::Engine;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// Set once the model has loaded and warmed up; until then run routes answer 503 and
+    /// `/health` reports loading.
+    pub engine: Arc<OnceLock<Engine>>,
+    /// Model names this node answers to (Workers AI names such as
+    /// `@cf/meta/llama-3-8b-instruct`, and the model's own name).
+    pub served_names: Arc<Vec<String>>,
+    pub tokens: TokenSet,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// Idle time after which a stream gets an SSE comment, so proxies keep it open.
+    pub heartbeat: Duration,
+}
+
+impl AppState {
+    pub fn new(served_names: Vec<String>, tokens: TokenSet) -> Self {
+        Self {
+            engine: Arc::new(OnceLock::new()),
+            served_names: Arc::new(served_names),
+            tokens,
+            body_limit: 1 << 20,
+            heartbeat: Duration::from_secs(15),
+        }
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.served_names.iter().any(|n| n == model)
+    }
+}

@@ -1,0 +1,211 @@
+//! The `edgerun` binary: configuration, model loading, and the listener.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use edgerun_engine::{DeviceSpec, Engine, LoadedModel, SchedulerConfig};
+use edgerun_server::models::{self, Catalog};
+use edgerun_server::{router, AppState, TokenSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "edgerun", version, about = "A Workers-AI-compatible LLM inference node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a model and serve it over HTTP.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// The model: a GGUF path, `hf:owner/repo/file.gguf`, or a catalog name such as
+    /// `@cf/meta/llama-3-8b-instruct`.
+    #[arg(long, env = "EDGERUN_MODEL")]
+    model: String,
+    /// Extra names to serve the model under (repeatable; comma-separated in the env var).
+    #[arg(long = "served-as", env = "EDGERUN_SERVED_AS", value_delimiter = ',')]
+    served_as: Vec<String>,
+    /// A Hugging Face tokenizer.json to use instead of the GGUF's tokenizer.
+    #[arg(long, env = "EDGERUN_TOKENIZER")]
+    tokenizer: Option<PathBuf>,
+    /// Model catalog (TOML) for Workers AI names; the built-in one when absent.
+    #[arg(long, env = "EDGERUN_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "EDGERUN_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where to run the model: auto, cpu, cuda:N or metal.
+    #[arg(long, env = "EDGERUN_DEVICE", default_value = "auto")]
+    device: DeviceSpec,
+    /// Bearer tokens callers must present (repeatable; comma-separated in the env var).
+    #[arg(long = "api-token", env = "EDGERUN_API_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    api_tokens: Vec<String>,
+    /// A file with one bearer token per line.
+    #[arg(long, env = "EDGERUN_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Serve without any token on a non-loopback address. Only behind something that
+    /// authenticates for you.
+    #[arg(long, env = "EDGERUN_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// Prompt plus max_tokens allowed; defaults to the catalog's window or the model's own.
+    #[arg(long, env = "EDGERUN_CONTEXT_WINDOW")]
+    context_window: Option<usize>,
+    /// Sequences decoded together at most.
+    #[arg(long, env = "EDGERUN_MAX_BATCH", default_value_t = 16)]
+    max_batch: usize,
+    /// Requests allowed to wait for a slot before new ones get 429.
+    #[arg(long, env = "EDGERUN_MAX_QUEUE", default_value_t = 64)]
+    max_queue: usize,
+    /// Prompt tokens read per sequence per step (smaller keeps other streams smoother).
+    #[arg(long, env = "EDGERUN_PREFILL_CHUNK", default_value_t = 128)]
+    prefill_chunk: usize,
+    /// Tokens per step across all sequences.
+    #[arg(long, env = "EDGERUN_MAX_STEP_TOKENS", default_value_t = 256)]
+    max_step_tokens: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "EDGERUN_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Seconds of silence on a stream before an SSE keep-alive comment.
+    #[arg(long, env = "EDGERUN_HEARTBEAT_SECS", default_value_t = 15)]
+    heartbeat_secs: u64,
+    /// Seconds to let in-flight requests finish after SIGTERM / Ctrl-C.
+    #[arg(long, env = "EDGERUN_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    shutdown_timeout_secs: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGERUN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn load_tokens(args: &ServeArgs) -> anyhow::Result<TokenSet> {
+    let mut tokens = args.api_tokens.clone();
+    if let Some(path) = &args.api_token_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading token file {}", path.display()))?;
+        tokens.extend(text.lines().map(str::to_string));
+    }
+    Ok(TokenSet::new(tokens))
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let tokens = load_tokens(&args)?;
+    if tokens.is_empty() {
+        if !args.listen.ip().is_loopback() && !args.insecure_no_auth {
+            bail!(
+                "no API token configured: refusing to listen on {} (not loopback). Set --api-token / EDGERUN_API_TOKENS, or pass --insecure-no-auth",
+                args.listen
+            );
+        }
+        tracing::warn!("no API token configured: requests are not authenticated");
+    }
+    let catalog = match &args.catalog {
+        Some(p) => Catalog::parse(&std::fs::read_to_string(p)?)?,
+        None => Catalog::builtin(),
+    };
+    let resolved = models::resolve(&args.model, &catalog)?;
+    let path = models::fetch(&resolved.source)?;
+
+    let mut served = vec![models::own_name(&path)];
+    served.extend(resolved.catalog_name.clone());
+    served.extend(args.served_as.iter().filter(|s| !s.is_empty()).cloned());
+    served.dedup();
+    let mut state = AppState::new(served.clone(), tokens);
+    state.body_limit = args.max_body_bytes;
+    state.heartbeat = Duration::from_secs(args.heartbeat_secs.max(1));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, models = ?served, "listening; /health is 503 until the model is loaded");
+
+        // Load on a blocking thread while the listener already answers /health with 503.
+        let engine_slot = state.engine.clone();
+        let device = args.device.clone();
+        let tokenizer = args.tokenizer.clone();
+        let scheduler = SchedulerConfig {
+            max_batch_size: args.max_batch.max(1),
+            max_queue: args.max_queue,
+            prefill_chunk: args.prefill_chunk.max(1),
+            max_step_tokens: args.max_step_tokens.max(1),
+        };
+        let window = args.context_window.or(resolved.context_window);
+        let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let started = std::time::Instant::now();
+            let device = device.open()?;
+            let loaded = LoadedModel::load(&path, tokenizer.as_deref(), &device)?;
+            let cfg = loaded.model.config().clone();
+            let engine = Engine::start(loaded, scheduler, window)?;
+            tracing::info!(
+                model = %path.display(),
+                device = ?device,
+                layers = cfg.block_count,
+                context_window = engine.context_window(),
+                secs = started.elapsed().as_secs_f32(),
+                "model loaded and warmed up"
+            );
+            let _ = engine_slot.set(engine);
+            Ok(())
+        });
+
+        let app = router(state);
+        let shutdown_timeout = Duration::from_secs(args.shutdown_timeout_secs);
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!(
+                "shutting down: no new connections, {}s for in-flight requests",
+                shutdown_timeout.as_secs()
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(shutdown_timeout).await;
+                tracing::warn!("shutdown timeout reached; exiting with requests in flight");
+                std::process::exit(0);
+            });
+        });
+        let server = tokio::spawn(async move { server.await });
+        match loader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.context("loading the model")),
+            Err(e) => bail!("the model loader panicked: {e}"),
+        }
+        server.await?.context("server failed")
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
