@@ -103,6 +103,7 @@ pub struct EngineStats {
     pub(crate) prompt_tokens: AtomicUsize,
     pub(crate) completed: AtomicUsize,
     pub(crate) cancelled: AtomicUsize,
+    pub(crate) peak_batch: AtomicUsize,
 }
 
 /// A point-in-time copy of [`EngineStats`].
@@ -115,6 +116,8 @@ pub struct StatsSnapshot {
     pub prompt_tokens_total: usize,
     pub requests_completed_total: usize,
     pub requests_cancelled_total: usize,
+    /// Most sequences ever run in one forward pass.
+    pub peak_batch_size: usize,
 }
 
 impl EngineStats {
@@ -127,6 +130,7 @@ impl EngineStats {
             prompt_tokens_total: self.prompt_tokens.load(Ordering::Relaxed),
             requests_completed_total: self.completed.load(Ordering::Relaxed),
             requests_cancelled_total: self.cancelled.load(Ordering::Relaxed),
+            peak_batch_size: self.peak_batch.load(Ordering::Relaxed),
         }
     }
 }
@@ -264,6 +268,7 @@ impl Scheduler {
             return;
         }
 
+        self.stats.peak_batch.fetch_max(plan.len(), Ordering::Relaxed);
         let pending: Vec<[u32; 1]> = plan
             .iter()
             .map(|&(i, _, _)| [running[i].pending.unwrap_or(0)])
