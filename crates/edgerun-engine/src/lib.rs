@@ -42,6 +42,7 @@
 
 mod config;
 mod error;
+mod kernels;
 mod kv_cache;
 mod model;
 mod sampling;
