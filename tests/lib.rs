@@ -1,1 +1,185 @@
-//! placeholder
+//! # edgerun-e2e
+//!
+//! End-to-end harness: starts the real `edgerun` binary on the real default model on a free
+//! loopback port, and talks to it over HTTP like a Workers AI client would. The tests live in
+//! `tests/tests/`; the benchmark (`src/bin/edgerun-bench.rs`) uses the same client helpers.
+//!
+//! The binary is `target/release/edgerun` (the test command builds it first), or `EDGERUN_BIN`.
+//! The model is fetched by `models/fetch-default.sh`, or taken from `EDGERUN_TEST_MODEL`.
+
+use edgerun_protocol::sse::{SseEvent, SseParser};
+use futures::StreamExt;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MODEL_ALIAS: &str = "@cf/meta/llama-3-8b-instruct";
+pub const TOKEN: &str = "e2e-secret-token";
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("EDGERUN_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = workspace_root().join("target/release/edgerun");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --release -p edgerun-server` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("EDGERUN_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("bash")
+        .arg(workspace_root().join("models/fetch-default.sh"))
+        .output()
+        .expect("run models/fetch-default.sh");
+    assert!(
+        out.status.success(),
+        "fetch-default.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running node. Killed on drop.
+pub struct Node {
+    child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Node {
+    /// Starts the node with a bearer token and the Workers AI alias, plus `extra` flags, and
+    /// waits until `/health` says ready.
+    pub async fn start(extra: &[&str]) -> Node {
+        let port = free_port();
+        let mut args = vec![
+            "serve".to_string(),
+            "--model".into(),
+            model_path().display().to_string(),
+            "--served-as".into(),
+            MODEL_ALIAS.into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--api-token".into(),
+            TOKEN.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(binary())
+            .args(&args)
+            .env("EDGERUN_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn edgerun");
+        let node = Node {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = node.client.get(node.url("/health")).send().await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "node did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn run_url(&self) -> String {
+        self.url(&format!("/run/{MODEL_ALIAS}"))
+    }
+
+    /// POST to the run route with the right token.
+    pub fn post(&self, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.run_url())
+            .bearer_auth(TOKEN)
+            .body(body)
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        self.client
+            .get(self.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One SSE event as received, with when it arrived.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub event: SseEvent,
+    pub at: Duration,
+}
+
+/// Reads a whole SSE response, timestamping each event from `start`.
+pub async fn read_sse(resp: reqwest::Response, start: Instant) -> Vec<Received> {
+    let mut parser = SseParser::new();
+    let mut out = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.expect("stream chunk");
+        for event in parser.push(&chunk) {
+            out.push(Received {
+                event,
+                at: start.elapsed(),
+            });
+        }
+    }
+    out
+}
+
+/// The concatenated `response` text of token events.
+pub fn text_of(events: &[Received]) -> String {
+    events
+        .iter()
+        .filter_map(|r| match &r.event {
+            SseEvent::Data(v) if v.get("usage").is_none() => v
+                .get("response")
+                .and_then(|s| s.as_str())
+                .map(str::to_string),
+            _ => None,
+        })
+        .collect()
+}

@@ -23,17 +23,28 @@ fn main() {
 
     for round in 0..3 {
         // edgerun
-        let mut cache =
-            KvCache::new(model.config(), n_prompt + n_decode, model.dtype(), model.device()).unwrap();
+        let mut cache = KvCache::new(
+            model.config(),
+            n_prompt + n_decode,
+            model.dtype(),
+            model.device(),
+        )
+        .unwrap();
         let t = Instant::now();
-        let mut segs = [Segment { tokens: &prompt, cache: &mut cache }];
+        let mut segs = [Segment {
+            tokens: &prompt,
+            cache: &mut cache,
+        }];
         let logits = model.forward(&mut segs, &[0]).unwrap().unwrap();
         let prefill = t.elapsed();
         let mut tok = argmax(&logits.to_vec2::<f32>().unwrap()[0]);
         let t = Instant::now();
         for _ in 0..n_decode {
             let input = [tok];
-            let mut segs = [Segment { tokens: &input, cache: &mut cache }];
+            let mut segs = [Segment {
+                tokens: &input,
+                cache: &mut cache,
+            }];
             let logits = model.forward(&mut segs, &[0]).unwrap().unwrap();
             tok = argmax(&logits.to_vec2::<f32>().unwrap()[0]);
         }
@@ -44,13 +55,19 @@ fn main() {
         let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
         let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
         let t = Instant::now();
-        let input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = reference.forward(&input, 0).unwrap();
         let rprefill = t.elapsed();
         let mut tok = argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
         let t = Instant::now();
         for i in 0..n_decode {
-            let input = Tensor::new(&[tok], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let input = Tensor::new(&[tok], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let logits = reference.forward(&input, n_prompt + i).unwrap();
             tok = argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
         }

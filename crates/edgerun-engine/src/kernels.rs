@@ -1,1 +1,666 @@
-//! CPU kernels (being written).
+//! CPU matmul kernel for Q4_1 weights, replacing candle's scalar Q4_1 x Q8_1 path.
+//!
+//! # Why
+//!
+//! candle-core 0.11.1 has SIMD dot products for most GGML block types but not for Q4_1: its
+//! `<BlockQ4_1 as GgmlType>::vec_dot` falls through to `vec_dot_unopt`, a scalar nibble loop.
+//! Our default model stores nearly every 2-D weight as Q4_1, so that loop was most of the
+//! inference time. [`Q4_1Matrix`] holds such a weight and [`Q4_1Matrix::forward`] computes
+//! `xs @ W^T` like `QMatMul::forward`, with an AVX2 kernel.
+//!
+//! # Layout
+//!
+//! * Weights: `n` rows of `k` values (`k % 32 == 0`), each row `k / 32` consecutive [`BlockQ4_1`]s,
+//!   rows one after the other. The block is GGML's own 20-byte block (`d: f16, m: f16,
+//!   qs: [u8; 16]`; value `j` is `d * (qs[j] & 0xF) + m`, value `j + 16` is `d * (qs[j] >> 4) + m`),
+//!   so loading is one `memcpy` of the GGUF bytes and the matrix takes no more memory than the
+//!   file.
+//! * Activations: every row of `lhs` is quantized to Q8_1 (32 values per block: `d`, `s = d * Σq`,
+//!   `q: [i8; 32]`) by candle's own `BlockQ8_1::from_float`, so the integers are exactly those of
+//!   candle's path. They are then split into a 32-byte-aligned array of the `q`s and an array of
+//!   `[d, s]` pairs already widened to f32 (exact), so that the inner loop converts no f16 on
+//!   the activation side and loads a block's 32 quants with one aligned load.
+//!
+//! # Numerics
+//!
+//! Per block the kernel computes what candle's `vec_dot_unopt` computes,
+//! `d4 * d8 * Σ q4_i q8_i + m4 * s8`: the integer dot product is exact (`maddubs` of the u8
+//! nibbles with the i8 quants, then `madd` with ones: 8 lanes of i32); it is converted to f32
+//! and fused-multiply-added with the broadcast `d4 * d8` into an 8-lane accumulator, while
+//! `m4 * s8` is summed in a separate accumulator. At the end of the row the 8 lanes are summed
+//! in a fixed order and the `m` sum added. Only the order of the f32 additions differs from
+//! candle's, so results agree with it to float rounding (a few ulps of the terms summed).
+//!
+//! **Row invariance.** Output `(i, j)` is a function of lhs row `i` and weight row `j` alone,
+//! computed by the same sequence of operations whatever `m` is, whichever other rows share the
+//! call and however rows are tiled: every tile shape runs the same per-output instruction
+//! sequence (tiles only interleave independent outputs), and nothing in the kernel branches on
+//! `m`. This is what lets a batched step produce bitwise the same logits as a solo one.
+//!
+//! # Kernel and threading
+//!
+//! The AVX2 path (`avx2`, `fma`, `f16c`, detected once at runtime and cached) computes a tile of
+//! `R` lhs rows by `C` weight rows at once: each weight block is unpacked to 32 bytes once and
+//! used for `R` lhs rows, each lhs block loaded once and used for `C` weight rows. Other CPUs
+//! get a portable scalar loop with the same formula.
+//!
+//! Work is split over weight rows (output columns) in groups of [`GROUP`] rows, handed out by
+//! candle's own `barrier_pool()` (so our matmuls and candle's never compete for cores). A
+//! group computes its weight rows against *all* `m` lhs rows, so each weight row is read from
+//! memory once per call however many tokens are batched: decoding 30 sequences costs little
+//! more weight bandwidth than decoding one. Every output element is written by exactly one
+//! work item, through a raw pointer, as candle's own matmul does.
+
+use candle_core::quantized::k_quants::{BlockQ8_1 as CandleQ8_1, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Result, Storage, Tensor};
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Values per quantization block (Q4_1 and Q8_1 alike).
+pub const QK: usize = 32;
+
+/// Weight rows per work item handed to the thread pool (a multiple of every tile width).
+const GROUP: usize = 4;
+
+/// GGML's Q4_1 block: 32 values as `d * q + m` with 4-bit `q`. `d` and `m` are IEEE half
+/// floats, stored as their bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    /// Scale (f16 bits).
+    pub d: u16,
+    /// Minimum, i.e. the value of quant 0 (f16 bits).
+    pub m: u16,
+    /// Low nibbles: values 0..16; high nibbles: values 16..32.
+    pub qs: [u8; QK / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+
+/// Mirror of candle's `BlockQ8_1`, whose fields are crate-private: `d: f16, s: f16, qs: [i8; 32]`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Q8_1Mirror {
+    d: u16,
+    s: u16,
+    qs: [i8; QK],
+}
+const _: () = assert!(std::mem::size_of::<Q8_1Mirror>() == std::mem::size_of::<CandleQ8_1>());
+const _: () = assert!(std::mem::align_of::<Q8_1Mirror>() == std::mem::align_of::<CandleQ8_1>());
+
+/// The 32 quants of one activation block, aligned for one aligned 256-bit load.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Q8Quants([i8; QK]);
+
+/// Q4_1 weights (n rows of k values, k % 32 == 0) laid out for the SIMD kernel.
+#[derive(Clone, Debug)]
+pub struct Q4_1Matrix {
+    n: usize,
+    k: usize,
+    /// `n * k / 32` blocks, row-major.
+    blocks: Vec<BlockQ4_1>,
+}
+
+impl Q4_1Matrix {
+    /// `Some(..)` when `t` is a 2-D Q4_1 [`QTensor`] on the CPU (its bytes are copied); `None`
+    /// for any other dtype, rank or device.
+    pub fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
+        if t.dtype() != GgmlDType::Q4_1 || !t.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = match t.shape().dims() {
+            &[n, k] => (n, k),
+            _ => return Ok(None),
+        };
+        if k % QK != 0 {
+            return Ok(None);
+        }
+        let data = t.data()?;
+        let n_blocks = n * (k / QK);
+        let size = std::mem::size_of::<BlockQ4_1>();
+        if data.len() != n_blocks * size {
+            candle_core::bail!(
+                "Q4_1 tensor {:?}: {} bytes, expected {}",
+                t.shape(),
+                data.len(),
+                n_blocks * size
+            );
+        }
+        let blocks = data
+            .chunks_exact(size)
+            .map(|b| {
+                let mut qs = [0u8; QK / 2];
+                qs.copy_from_slice(&b[4..]);
+                BlockQ4_1 {
+                    d: u16::from_le_bytes([b[0], b[1]]),
+                    m: u16::from_le_bytes([b[2], b[3]]),
+                    qs,
+                }
+            })
+            .collect();
+        Ok(Some(Self { n, k, blocks }))
+    }
+
+    /// Builds a matrix from blocks (`n * k / 32` of them, row-major).
+    pub fn from_blocks(n: usize, k: usize, blocks: Vec<BlockQ4_1>) -> Self {
+        assert!(k % QK == 0, "k = {k} is not a multiple of {QK}");
+        assert_eq!(blocks.len(), n * (k / QK), "block count for ({n}, {k})");
+        Self { n, k, blocks }
+    }
+
+    /// Number of weight rows `n` (output features).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Number of columns `k` (input features).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// The blocks, row-major.
+    pub fn blocks(&self) -> &[BlockQ4_1] {
+        &self.blocks
+    }
+
+    /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`; equivalent to
+    /// `QMatMul::forward` on the same weights. Non-f32 inputs are computed in f32 and the result
+    /// cast back; non-contiguous inputs are made contiguous first.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if !xs.device().is_cpu() {
+            candle_core::bail!("Q4_1Matrix::forward: input is not on the CPU");
+        }
+        let dims = xs.dims();
+        match dims.last() {
+            Some(&k) if k == self.k => {}
+            _ => candle_core::bail!(
+                "Q4_1Matrix::forward: input {:?} incompatible with weight ({}, {})",
+                xs.shape(),
+                self.n,
+                self.k
+            ),
+        }
+        let in_dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?.contiguous()?;
+        let m = dims[..dims.len() - 1].iter().product::<usize>();
+        let mut out = vec![0f32; m * self.n];
+        {
+            let (storage, layout) = xs.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("Q4_1Matrix::forward: input is not on the CPU");
+            };
+            let start = layout.start_offset();
+            let lhs = &cpu.as_slice::<f32>()?[start..start + m * self.k];
+            matmul_q4_1(lhs, m, self, &mut out);
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = self.n;
+        let out = Tensor::from_vec(out, out_dims, &Device::Cpu)?;
+        if in_dtype == DType::F32 {
+            Ok(out)
+        } else {
+            out.to_dtype(in_dtype)
+        }
+    }
+}
+
+/// Activations quantized to Q8_1, split into quants and f32 `[d, s]` pairs.
+#[derive(Default)]
+struct LhsScratch {
+    candle: Vec<CandleQ8_1>,
+    qs: Vec<Q8Quants>,
+    ds: Vec<[f32; 2]>,
+}
+
+thread_local! {
+    static LHS_SCRATCH: RefCell<LhsScratch> = RefCell::new(LhsScratch::default());
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    })
+}
+
+/// The raw kernel: `out[i * n + j] = dot(lhs row i, weight row j)`, `lhs` being `m * k` f32,
+/// row-major, and `out` at least `m * n` long.
+pub fn matmul_q4_1(lhs: &[f32], m: usize, w: &Q4_1Matrix, out: &mut [f32]) {
+    matmul_q4_1_with(isa(), lhs, m, w, out)
+}
+
+fn matmul_q4_1_with(isa: Isa, lhs: &[f32], m: usize, w: &Q4_1Matrix, out: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    // Real asserts: workers write `out` through a raw pointer.
+    assert_eq!(lhs.len(), m * k, "lhs length for (m={m}, k={k})");
+    assert!(
+        out.len() >= m * n,
+        "out too small: {} < {}",
+        out.len(),
+        m * n
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let nb = k / QK;
+    LHS_SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        quantize_lhs(lhs, m, k, &mut scratch);
+        let scratch = &*scratch;
+        let ctx = Ctx {
+            nb,
+            n,
+            m,
+            qs: scratch.qs.as_ptr() as usize,
+            ds: scratch.ds.as_ptr() as usize,
+            w: w.blocks.as_ptr() as usize,
+            out: out.as_mut_ptr() as usize,
+        };
+        let n_groups = n.div_ceil(GROUP);
+        candle_core::utils::barrier_pool().execute_chunked(n_groups, |groups| {
+            let rows = groups.start * GROUP..n.min(groups.end * GROUP);
+            // SAFETY: the pointers in `ctx` outlive the pool call; each output element
+            // (i, j) is written only by the work item owning weight row j.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => avx2::rows(&ctx, rows),
+                    Isa::Scalar => scalar_rows(&ctx, rows),
+                }
+            }
+        });
+    })
+}
+
+/// Quantizes the `m` rows of `lhs` to Q8_1 with candle's own `from_float`, then splits the
+/// blocks into quants and f32 `[d, s]`.
+fn quantize_lhs(lhs: &[f32], m: usize, k: usize, s: &mut LhsScratch) {
+    let nb = k / QK;
+    let total = m * nb;
+    if s.candle.len() < nb {
+        s.candle.resize(nb, CandleQ8_1::zeros());
+    }
+    s.qs.clear();
+    s.qs.reserve(total);
+    s.ds.clear();
+    s.ds.reserve(total);
+    for row in lhs.chunks_exact(k) {
+        let blocks = &mut s.candle[..nb];
+        CandleQ8_1::from_float(row, blocks);
+        // SAFETY: `Q8_1Mirror` has the size, alignment and field order of candle's block.
+        let mirror: &[Q8_1Mirror] =
+            unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const Q8_1Mirror, nb) };
+        for b in mirror {
+            s.qs.push(Q8Quants(b.qs));
+            s.ds.push([f16_to_f32(b.d), f16_to_f32(b.s)]);
+        }
+    }
+}
+
+/// Everything a worker needs, as plain addresses so the closure is `Sync`.
+struct Ctx {
+    nb: usize,
+    n: usize,
+    m: usize,
+    /// `*const Q8Quants`, `m * nb`.
+    qs: usize,
+    /// `*const [f32; 2]`, `m * nb`.
+    ds: usize,
+    /// `*const BlockQ4_1`, `n * nb`.
+    w: usize,
+    /// `*mut f32`, `m * n`.
+    out: usize,
+}
+
+/// Exact IEEE half -> single conversion.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = if exp == 0 {
+        if man == 0 {
+            sign
+        } else {
+            // Subnormal: value = man * 2^-24, exact in f32.
+            let v = man as f32 * f32::from_bits(0x3380_0000); // 2^-24
+            return if sign != 0 { -v } else { v };
+        }
+    } else if exp == 0x1f {
+        sign | 0x7f80_0000 | (man << 13)
+    } else {
+        sign | ((exp + 112) << 23) | (man << 13)
+    };
+    f32::from_bits(bits)
+}
+
+/// Portable kernel: same per-block formula, one output at a time.
+///
+/// # Safety
+/// `ctx` must describe live buffers and `rows` lie within `0..ctx.n`.
+unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+    let nb = ctx.nb;
+    let qs = std::slice::from_raw_parts(ctx.qs as *const Q8Quants, ctx.m * nb);
+    let ds = std::slice::from_raw_parts(ctx.ds as *const [f32; 2], ctx.m * nb);
+    let w = std::slice::from_raw_parts(ctx.w as *const BlockQ4_1, ctx.n * nb);
+    let out = ctx.out as *mut f32;
+    for j in rows {
+        let wrow = &w[j * nb..(j + 1) * nb];
+        for i in 0..ctx.m {
+            let (q8, d8) = (&qs[i * nb..(i + 1) * nb], &ds[i * nb..(i + 1) * nb]);
+            let mut sum = 0f32;
+            let mut sum_m = 0f32;
+            for ((wb, q), [d, s]) in wrow.iter().zip(q8).zip(d8) {
+                let mut sumi = 0i32;
+                for t in 0..QK / 2 {
+                    sumi += (wb.qs[t] & 0xf) as i32 * q.0[t] as i32
+                        + (wb.qs[t] >> 4) as i32 * q.0[t + QK / 2] as i32;
+                }
+                sum += sumi as f32 * (f16_to_f32(wb.d) * d);
+                sum_m += f16_to_f32(wb.m) * s;
+            }
+            *out.add(i * ctx.n + j) = sum + sum_m;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BlockQ4_1, Ctx, Q8Quants, GROUP};
+    use std::arch::x86_64::*;
+
+    /// Computes weight rows `rows` against every lhs row.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `ctx` must describe live buffers and `rows` lie
+    /// within `0..ctx.n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        let mut j = rows.start;
+        while j < rows.end {
+            if rows.end - j >= GROUP {
+                col_tile::<4>(ctx, j);
+                j += 4;
+            } else {
+                col_tile::<1>(ctx, j);
+                j += 1;
+            }
+        }
+    }
+
+    /// Weight rows `j..j + C` against every lhs row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn col_tile<const C: usize>(ctx: &Ctx, j: usize) {
+        let mut i = 0;
+        while i + 2 <= ctx.m {
+            tile::<2, C>(ctx, i, j);
+            i += 2;
+        }
+        if i < ctx.m {
+            tile::<1, C>(ctx, i, j);
+        }
+    }
+
+    /// The `R x C` outputs `(i..i + R, j..j + C)`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const R: usize, const C: usize>(ctx: &Ctx, i: usize, j: usize) {
+        let nb = ctx.nb;
+        let qs = ctx.qs as *const Q8Quants;
+        let ds = ctx.ds as *const [f32; 2];
+        let w = ctx.w as *const BlockQ4_1;
+        let mask = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut acc_m = [[_mm_setzero_ps(); C]; R];
+        let wrow: [*const BlockQ4_1; C] = std::array::from_fn(|c| w.add((j + c) * nb));
+        let qrow: [*const Q8Quants; R] = std::array::from_fn(|r| qs.add((i + r) * nb));
+        let drow: [*const [f32; 2]; R] = std::array::from_fn(|r| ds.add((i + r) * nb));
+        for b in 0..nb {
+            let mut q4 = [_mm256_setzero_si256(); C];
+            let mut dm = [_mm_setzero_ps(); C];
+            for c in 0..C {
+                let blk = wrow[c].add(b);
+                let x = _mm_loadu_si128((*blk).qs.as_ptr() as *const __m128i);
+                let both =
+                    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(x), _mm_srli_epi16::<4>(x));
+                q4[c] = _mm256_and_si256(both, mask);
+                // [d, m] as two f16 -> [d, m, 0, 0] f32.
+                let dm_bits = std::ptr::read_unaligned(blk as *const i32);
+                dm[c] = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));
+            }
+            for r in 0..R {
+                let y = _mm256_load_si256(qrow[r].add(b) as *const __m256i);
+                // [d8, s8, 0, 0]
+                let d8s8 = _mm_castsi128_ps(_mm_loadl_epi64(drow[r].add(b) as *const __m128i));
+                for c in 0..C {
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q4[c], y), ones);
+                    let f = _mm256_cvtepi32_ps(p);
+                    // [d4 * d8, m4 * s8, 0, 0]
+                    let prod = _mm_mul_ps(dm[c], d8s8);
+                    acc[r][c] = _mm256_fmadd_ps(f, _mm256_broadcastss_ps(prod), acc[r][c]);
+                    acc_m[r][c] = _mm_add_ps(acc_m[r][c], prod);
+                }
+            }
+        }
+        let out = ctx.out as *mut f32;
+        for r in 0..R {
+            for c in 0..C {
+                *out.add((i + r) * ctx.n + j + c) = finish(acc[r][c], acc_m[r][c]);
+            }
+        }
+    }
+
+    /// Sum of the 8 lanes (fixed order) plus lane 1 of `acc_m`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn finish(acc: __m256, acc_m: __m128) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_movehdup_ps(acc_m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QMatMul;
+    use candle_core::Module;
+
+    /// Deterministic uniform values in [-1, 1).
+    fn lcg(seed: u64, len: usize) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn weights(n: usize, k: usize, seed: u64) -> QTensor {
+        let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&t, GgmlDType::Q4_1).unwrap()
+    }
+
+    const SHAPES: [(usize, usize); 4] = [(1536, 576), (576, 1536), (192, 576), (13, 64)];
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        if isa() != Isa::Scalar {
+            v.push(isa());
+        }
+        v
+    }
+
+    #[test]
+    fn f16_conversion_is_exact() {
+        for h in 0..=u16::MAX {
+            let a = f16_to_f32(h);
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("f16c") {
+                let b = unsafe { hw_f16(h) };
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "{h:#x}"
+                );
+            }
+            let _ = a;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "f16c")]
+    unsafe fn hw_f16(h: u16) -> f32 {
+        use std::arch::x86_64::*;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+
+    #[test]
+    fn matches_candle_qmatmul() {
+        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+            let qt = weights(n, k, si as u64);
+            let ours = Q4_1Matrix::from_qtensor(&qt).unwrap().unwrap();
+            assert_eq!((ours.rows(), ours.cols()), (n, k));
+            let reference = QMatMul::from_qtensor(qt).unwrap();
+            for m in [1usize, 2, 3, 7, 30, 128] {
+                let x = lcg(1000 + m as u64, m * k);
+                let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+                let want: Vec<f32> = reference
+                    .forward(&xt)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let tol = 1e-4 * max_ref + 1e-5;
+                for isa in isas() {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_q4_1_with(isa, &x, m, &ours, &mut got);
+                    let max_diff = got
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                    assert!(
+                        max_diff <= tol,
+                        "(n={n}, k={k}, m={m}, scalar={}): max diff {max_diff} > {tol}",
+                        isa == Isa::Scalar
+                    );
+                }
+                let fwd: Vec<f32> = ours
+                    .forward(&xt)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let max_diff = fwd
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                assert!(max_diff <= tol, "forward (n={n}, k={k}, m={m})");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_bitwise_independent_of_batch() {
+        let m = 37;
+        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+            let ours = Q4_1Matrix::from_qtensor(&weights(n, k, 50 + si as u64))
+                .unwrap()
+                .unwrap();
+            let x = lcg(77 + si as u64, m * k);
+            for isa in isas() {
+                let mut batch = vec![0f32; m * n];
+                matmul_q4_1_with(isa, &x, m, &ours, &mut batch);
+                for i in 0..m {
+                    let mut solo = vec![0f32; n];
+                    matmul_q4_1_with(isa, &x[i * k..(i + 1) * k], 1, &ours, &mut solo);
+                    let same = solo
+                        .iter()
+                        .zip(&batch[i * n..(i + 1) * n])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "row {i} of ({n}, {k}) differs between m=1 and m={m}");
+                }
+                // Also against a different neighbourhood: rows 3..5 alone as a batch of 2.
+                let mut pair = vec![0f32; 2 * n];
+                matmul_q4_1_with(isa, &x[3 * k..5 * k], 2, &ours, &mut pair);
+                assert!(pair
+                    .iter()
+                    .zip(&batch[3 * n..5 * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+    }
+
+    #[test]
+    fn other_dtypes_are_not_taken() {
+        let t = Tensor::from_vec(lcg(5, 64 * 64), (64, 64), &Device::Cpu).unwrap();
+        let q8 = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        assert!(Q4_1Matrix::from_qtensor(&q8).unwrap().is_none());
+        let q4k = QTensor::quantize(
+            &Tensor::zeros((4, 256), DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::Q4K,
+        )
+        .unwrap();
+        assert!(Q4_1Matrix::from_qtensor(&q4k).unwrap().is_none());
+    }
+
+    #[test]
+    fn forward_handles_3d_input() {
+        let (n, k) = (192, 576);
+        let qt = weights(n, k, 9);
+        let ours = Q4_1Matrix::from_qtensor(&qt).unwrap().unwrap();
+        let reference = QMatMul::from_qtensor(qt).unwrap();
+        let xt = Tensor::from_vec(lcg(10, 2 * 5 * k), (2, 5, k), &Device::Cpu).unwrap();
+        let got = ours.forward(&xt).unwrap();
+        assert_eq!(got.dims(), &[2, 5, n]);
+        let want = reference.forward(&xt).unwrap();
+        let diff: f32 = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let max_ref: f32 = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff <= 1e-4 * max_ref + 1e-5, "diff {diff}");
+        // Rank mismatch in k is an error, not a panic.
+        let bad = Tensor::zeros((2, k + 32), DType::F32, &Device::Cpu).unwrap();
+        assert!(ours.forward(&bad).is_err());
+    }
+}

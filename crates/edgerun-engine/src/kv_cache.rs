@@ -62,7 +62,10 @@ impl KvCache {
         let (kc, vc) = &self.layers[layer];
         kc.slice_set(&k.contiguous()?, 1, self.len)?;
         vc.slice_set(&v.contiguous()?, 1, self.len)?;
-        Ok((kc.narrow(1, 0, self.len + t)?, vc.narrow(1, 0, self.len + t)?))
+        Ok((
+            kc.narrow(1, 0, self.len + t)?,
+            vc.narrow(1, 0, self.len + t)?,
+        ))
     }
 
     /// Marks `t` more positions as stored.

@@ -42,7 +42,7 @@
 
 mod config;
 mod error;
-mod kernels;
+pub mod kernels;
 mod kv_cache;
 mod model;
 mod sampling;
@@ -91,7 +91,9 @@ impl std::str::FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(|| format!("unknown device `{s}` (expected auto, cpu, cuda:N or metal)")),
+                .ok_or_else(|| {
+                    format!("unknown device `{s}` (expected auto, cpu, cuda:N or metal)")
+                }),
         }
     }
 }
@@ -225,7 +227,9 @@ impl Engine {
         while let Some(ev) = stream.blocking_recv() {
             match ev {
                 GenerationEvent::Finished { .. } => return Ok(()),
-                GenerationEvent::Failed(e) => return Err(EngineError::Load(format!("warm-up failed: {e}"))),
+                GenerationEvent::Failed(e) => {
+                    return Err(EngineError::Load(format!("warm-up failed: {e}")))
+                }
                 _ => {}
             }
         }
@@ -234,11 +238,17 @@ impl Engine {
 
     /// Applies the chat template and tokenizes. CPU work proportional to the prompt: call it
     /// off the async runtime's workers.
-    pub fn prepare(&self, input: &PromptInput, tools: Option<&serde_json::Value>) -> Result<Vec<u32>> {
+    pub fn prepare(
+        &self,
+        input: &PromptInput,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>> {
         let text = self.template.render_input(input, tools)?;
         let tokens = self.tokenizer.encode(&text)?;
         if tokens.is_empty() {
-            return Err(EngineError::Tokenizer("the prompt is empty after tokenization".into()));
+            return Err(EngineError::Tokenizer(
+                "the prompt is empty after tokenization".into(),
+            ));
         }
         Ok(tokens)
     }
@@ -251,12 +261,21 @@ impl Engine {
         params: SamplingParams,
         reject_if_busy: bool,
     ) -> Result<TokenStream> {
-        check_context(prompt.len(), params.max_tokens as usize, self.context_window)?;
-        let queued = self.stats.queued.load(Ordering::Relaxed);
-        let active = self.stats.active.load(Ordering::Relaxed);
-        if queued >= self.config.max_queue
-            || (reject_if_busy && active + queued >= self.config.max_batch_size)
-        {
+        check_context(
+            prompt.len(),
+            params.max_tokens as usize,
+            self.context_window,
+        )?;
+        // Sequences in flight (running or waiting) may not exceed the batch plus the queue;
+        // `reject_if_busy` (Workers AI's `options.rejectIfBusy`) refuses to wait at all.
+        let in_flight =
+            self.stats.queued.load(Ordering::Relaxed) + self.stats.active.load(Ordering::Relaxed);
+        let limit = if reject_if_busy {
+            self.config.max_batch_size
+        } else {
+            self.config.max_batch_size + self.config.max_queue
+        };
+        if in_flight >= limit {
             return Err(EngineError::Busy);
         }
         let (tx, stream) = token_channel();

@@ -69,8 +69,9 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(cfg.block_count);
         for i in 0..cfg.block_count {
             let p = format!("blk.{i}");
-            let mut qm =
-                |n: &str| -> Result<QMatMul> { Ok(QMatMul::from_qtensor(tensor(&format!("{p}.{n}.weight"))?)?) };
+            let mut qm = |n: &str| -> Result<QMatMul> {
+                Ok(QMatMul::from_qtensor(tensor(&format!("{p}.{n}.weight"))?)?)
+            };
             let wq = qm("attn_q")?;
             let wk = qm("attn_k")?;
             let wv = qm("attn_v")?;
@@ -135,7 +136,9 @@ impl LlamaModel {
         for seg in segments.iter() {
             let start = seg.cache.len();
             if seg.tokens.is_empty() {
-                return Err(EngineError::Model(candle_core::Error::Msg("empty segment".into())));
+                return Err(EngineError::Model(candle_core::Error::Msg(
+                    "empty segment".into(),
+                )));
             }
             if start + seg.tokens.len() > cfg.context_length {
                 return Err(EngineError::Model(candle_core::Error::Msg(format!(
@@ -170,8 +173,14 @@ impl LlamaModel {
             let k = layer.wk.forward(&h)?;
             let v = layer.wv.forward(&h)?;
             // (total, heads * hd) -> (1, heads, total, hd) for RoPE.
-            let q = q.reshape((1, total, n_head, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((1, total, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = q
+                .reshape((1, total, n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = k
+                .reshape((1, total, n_kv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let v = v.reshape((total, n_kv, hd))?.transpose(0, 1)?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?.squeeze(0)?;
@@ -263,7 +272,13 @@ fn causal_mask(t: usize, start: usize, device: &Device) -> candle_core::Result<T
     let kv_len = start + t;
     let data: Vec<f32> = (0..t)
         .flat_map(|i| {
-            (0..kv_len).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+            (0..kv_len).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
         })
         .collect();
     Tensor::from_vec(data, (t, kv_len), device)

@@ -98,7 +98,11 @@ impl Sampler {
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
-        if let Some(rp) = self.params.repetition_penalty.filter(|&p| p != 1.0 && p > 0.0) {
+        if let Some(rp) = self
+            .params
+            .repetition_penalty
+            .filter(|&p| p != 1.0 && p > 0.0)
+        {
             let seen = self
                 .prompt_tokens
                 .iter()

@@ -198,7 +198,9 @@ impl Scheduler {
         waiting.retain(|s| !s.tx.is_closed());
         let dropped_waiting = before - waiting.len();
         if dropped_waiting > 0 {
-            self.stats.queued.fetch_sub(dropped_waiting, Ordering::Relaxed);
+            self.stats
+                .queued
+                .fetch_sub(dropped_waiting, Ordering::Relaxed);
         }
         let before = running.len();
         running.retain(|s| !s.tx.is_closed());
@@ -214,9 +216,9 @@ impl Scheduler {
             let Some(sub) = waiting.pop_front() else {
                 break;
             };
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             let cfg = self.model.config();
-            let capacity = (sub.prompt.len() + sub.params.max_tokens as usize).min(cfg.context_length);
+            let capacity =
+                (sub.prompt.len() + sub.params.max_tokens as usize).min(cfg.context_length);
             match KvCache::new(cfg, capacity, self.model.dtype(), self.model.device()) {
                 Ok(cache) => running.push(Sequence {
                     sampler: Sampler::new(sub.params, &sub.prompt),
@@ -235,8 +237,11 @@ impl Scheduler {
                     )));
                 }
             }
+            // Counted as active before it stops counting as queued, so that `submit` never
+            // sees fewer sequences in flight than there are.
+            self.stats.active.store(running.len(), Ordering::Relaxed);
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
         }
-        self.stats.active.store(running.len(), Ordering::Relaxed);
     }
 
     /// One forward pass over every running sequence, then sampling for those that need it.
@@ -268,7 +273,9 @@ impl Scheduler {
             return;
         }
 
-        self.stats.peak_batch.fetch_max(plan.len(), Ordering::Relaxed);
+        self.stats
+            .peak_batch
+            .fetch_max(plan.len(), Ordering::Relaxed);
         let pending: Vec<[u32; 1]> = plan
             .iter()
             .map(|&(i, _, _)| [running[i].pending.unwrap_or(0)])

@@ -32,7 +32,9 @@ fn strftime_now(format: String) -> std::result::Result<Value, JinjaError> {
         ));
     }
     Ok(Value::from(
-        chrono::Utc::now().format_with_items(items.into_iter()).to_string(),
+        chrono::Utc::now()
+            .format_with_items(items.into_iter())
+            .to_string(),
     ))
 }
 

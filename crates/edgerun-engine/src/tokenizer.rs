@@ -77,7 +77,11 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
             false,
         )
         .map_err(tok_err)?;
-        Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+        Ok(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into())
     };
     match pre {
         "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "lfm2" => split(LLAMA3_SPLIT),
@@ -149,7 +153,12 @@ impl TextTokenizer {
             .and_then(|v| v.to_vec().ok())
             .map(|a| {
                 a.iter()
-                    .map(|v| v.to_i32().map(|x| x as u32).or_else(|_| v.to_u32()).unwrap_or(1))
+                    .map(|v| {
+                        v.to_i32()
+                            .map(|x| x as u32)
+                            .or_else(|_| v.to_u32())
+                            .unwrap_or(1)
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -317,7 +326,10 @@ impl IncrementalDecoder {
         let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
-        let delta = full.strip_prefix(prefix.as_str()).unwrap_or(&full).to_string();
+        let delta = full
+            .strip_prefix(prefix.as_str())
+            .unwrap_or(&full)
+            .to_string();
         Ok((!delta.is_empty()).then_some(delta))
     }
 }

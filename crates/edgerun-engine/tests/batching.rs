@@ -74,7 +74,11 @@ fn greedy_batch_equals_each_alone() {
     let solo = alone(&engine, &params);
     assert_eq!(engine.stats().peak_batch_size, 1);
     let batch = together(&engine, &params);
-    assert_eq!(engine.stats().peak_batch_size, 4, "the four prompts never ran in one step");
+    assert_eq!(
+        engine.stats().peak_batch_size,
+        4,
+        "the four prompts never ran in one step"
+    );
     for (i, (a, b)) in solo.iter().zip(&batch).enumerate() {
         assert!(!a.0.is_empty(), "prompt {i} generated nothing");
         assert_eq!(a, b, "prompt {i} differs in a batch");
@@ -137,7 +141,11 @@ fn cancelling_one_sequence_leaves_the_others_unchanged() {
     drop(victim);
     for (i, s) in streams.into_iter().enumerate() {
         if let Some(s) = s {
-            assert_eq!(collect(s), solo[i], "prompt {i} changed after a cancellation");
+            assert_eq!(
+                collect(s),
+                solo[i],
+                "prompt {i} changed after a cancellation"
+            );
         }
     }
     let stats = engine.stats();
@@ -170,7 +178,11 @@ fn cancelling_during_prefill_frees_the_sequence() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     // Its prompt was never finished: only the warm-up prompt has been counted.
-    assert!(engine.stats().prompt_tokens_total < 100, "{:?}", engine.stats());
+    assert!(
+        engine.stats().prompt_tokens_total < 100,
+        "{:?}",
+        engine.stats()
+    );
     // The engine still serves.
     let (_, n) = collect(submit(&engine, "Hi", greedy(3)));
     assert!(n >= 1);

@@ -27,7 +27,10 @@ fn reference_logits(tokens: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -42,7 +45,8 @@ fn logits_match_quantized_llama_for_prefill_and_decode() {
     let reference = reference_logits(&tokens, &chunks);
 
     let model = &loaded.model;
-    let mut cache = KvCache::new(model.config(), tokens.len(), model.dtype(), model.device()).unwrap();
+    let mut cache =
+        KvCache::new(model.config(), tokens.len(), model.dtype(), model.device()).unwrap();
     let mut pos = 0;
     for (step, &n) in chunks.iter().enumerate() {
         let mut segs = [Segment {
@@ -77,14 +81,21 @@ fn chunked_prefill_agrees_with_whole_prefill() {
     let model = &loaded.model;
     let tokens = loaded
         .tokenizer
-        .encode("The quick brown fox jumps over the lazy dog. ".repeat(8).as_str())
+        .encode(
+            "The quick brown fox jumps over the lazy dog. "
+                .repeat(8)
+                .as_str(),
+        )
         .unwrap();
     let run = |chunk: usize| {
         let mut cache =
             KvCache::new(model.config(), tokens.len(), model.dtype(), model.device()).unwrap();
         let mut last = None;
         for c in tokens.chunks(chunk) {
-            let mut segs = [Segment { tokens: c, cache: &mut cache }];
+            let mut segs = [Segment {
+                tokens: c,
+                cache: &mut cache,
+            }];
             last = model.forward(&mut segs, &[0]).unwrap();
         }
         assert_eq!(cache.len(), tokens.len());
@@ -95,7 +106,10 @@ fn chunked_prefill_agrees_with_whole_prefill() {
         let chunked = run(chunk);
         let diff = max_abs_diff(&whole, &chunked);
         assert!(diff < 2.0, "chunk {chunk}: max |diff| {diff}");
-        assert_eq!(edgerun_engine::argmax(&whole), edgerun_engine::argmax(&chunked));
+        assert_eq!(
+            edgerun_engine::argmax(&whole),
+            edgerun_engine::argmax(&chunked)
+        );
     }
     // The same chunking is exactly reproducible.
     assert_eq!(run(7), run(7));

@@ -35,7 +35,9 @@ impl ServerError {
                     prompt_tokens,
                     max_tokens,
                     context_window,
-                } => ApiError::context_window_exceeded(*prompt_tokens, *max_tokens, *context_window),
+                } => {
+                    ApiError::context_window_exceeded(*prompt_tokens, *max_tokens, *context_window)
+                }
                 EngineError::Template(m) => ApiError::bad_input(format!("chat template: {m}")),
                 EngineError::Tokenizer(m) => ApiError::bad_input(format!("tokenizer: {m}")),
                 EngineError::Busy => ApiError::capacity(),
@@ -64,8 +66,10 @@ impl IntoHttp for ApiError {
     fn into_http(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, self.to_json()).into_response();
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON_CONTENT_TYPE));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(JSON_CONTENT_TYPE),
+        );
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

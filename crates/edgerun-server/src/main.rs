@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "edgerun", version, about = "A Workers-AI-compatible LLM inference node")]
+#[command(
+    name = "edgerun",
+    version,
+    about = "A Workers-AI-compatible LLM inference node"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,12 @@ struct ServeArgs {
     #[arg(long, env = "EDGERUN_DEVICE", default_value = "auto")]
     device: DeviceSpec,
     /// Bearer tokens callers must present (repeatable; comma-separated in the env var).
-    #[arg(long = "api-token", env = "EDGERUN_API_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-token",
+        env = "EDGERUN_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     api_tokens: Vec<String>,
     /// A file with one bearer token per line.
     #[arg(long, env = "EDGERUN_API_TOKEN_FILE")]

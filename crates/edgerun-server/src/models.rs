@@ -190,7 +190,10 @@ mod tests {
         let c = Catalog::builtin();
         let r = resolve("@cf/meta/llama-3-8b-instruct", &c).unwrap();
         assert_eq!(r.context_window, Some(7968));
-        assert_eq!(r.catalog_name.as_deref(), Some("@cf/meta/llama-3-8b-instruct"));
+        assert_eq!(
+            r.catalog_name.as_deref(),
+            Some("@cf/meta/llama-3-8b-instruct")
+        );
         match r.source {
             ModelSource::Hub { repo, file, .. } => {
                 assert!(file.ends_with(".gguf"), "{file}");

@@ -28,7 +28,10 @@ pub fn router(state: AppState) -> Router {
     let authed = Router::new()
         .route("/run/{*model}", run.clone())
         .route("/client/v4/accounts/{account_id}/ai/run/{*model}", run)
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_bearer));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_bearer,
+        ));
     Router::new()
         .merge(authed)
         .route("/health", get(health))
@@ -63,7 +66,14 @@ async fn request_id(req: Request, next: Next) -> Response {
 fn new_request_id() -> String {
     let bits: u128 = rand::random();
     let h = format!("{bits:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// `200 {"status":"ok",...}` once the model has loaded and warmed up, `503` before.
@@ -163,7 +173,10 @@ async fn collect_response(
             }
             Some(GenerationEvent::Failed(e)) => return Err(ApiError::internal(e).into()),
             None => {
-                tracing::error!(prompt_tokens, "engine dropped a sequence without finishing it");
+                tracing::error!(
+                    prompt_tokens,
+                    "engine dropped a sequence without finishing it"
+                );
                 return Err(edgerun_engine::EngineError::Stopped.into());
             }
         }
@@ -172,8 +185,10 @@ async fn collect_response(
 
 fn json_response(body: String) -> Response {
     let mut resp = (StatusCode::OK, body).into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON_CONTENT_TYPE));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(JSON_CONTENT_TYPE),
+    );
     resp
 }
 
@@ -189,9 +204,7 @@ fn stream_response(stream: TokenStream, heartbeat: Duration) -> Response {
                 Err(_) => (sse::heartbeat().to_string(), true),
                 Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
                 Ok(Some(GenerationEvent::Token { text })) => (sse::token_event(&text), true),
-                Ok(Some(GenerationEvent::Finished { usage, .. })) => {
-                    (finish_frames(&usage), false)
-                }
+                Ok(Some(GenerationEvent::Finished { usage, .. })) => (finish_frames(&usage), false),
                 Ok(Some(GenerationEvent::Failed(e))) => {
                     (sse::error_event(&ApiError::internal(e)), false)
                 }

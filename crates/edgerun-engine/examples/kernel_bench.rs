@@ -1,0 +1,76 @@
+//! Times edgerun's Q4_1 matmul kernel against candle's `QMatMul::forward` (scalar Q4_1 x Q8_1)
+//! on the same random weights and inputs: median time per call, both through the Tensor API.
+//!
+//! cargo run --release -p edgerun-engine --example kernel_bench [-- <ms per measurement>]
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use edgerun_engine::kernels::Q4_1Matrix;
+use std::time::{Duration, Instant};
+
+fn lcg(seed: u64, len: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Median seconds per call of `f`, sampled for about `budget`.
+fn median(budget: Duration, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < 5 || (start.elapsed() < budget && times.len() < 10_000) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times[times.len() / 2]
+}
+
+fn main() {
+    let budget_ms: u64 = std::env::args().nth(1).map_or(400, |s| s.parse().unwrap());
+    let budget = Duration::from_millis(budget_ms);
+    println!(
+        "threads: {}",
+        candle_core::utils::barrier_pool().n_workers() + 1
+    );
+    println!(
+        "{:>10} {:>4} {:>12} {:>12} {:>8} {:>9}",
+        "n x k", "m", "candle (us)", "ours (us)", "speedup", "ours GB/s"
+    );
+    for (n, k) in [(1536, 576), (576, 1536), (576, 576), (192, 576)] {
+        let w =
+            Tensor::from_vec(lcg(n as u64 * 7 + k as u64, n * k), (n, k), &Device::Cpu).unwrap();
+        let qt = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let ours = Q4_1Matrix::from_qtensor(&qt).unwrap().unwrap();
+        let candle = QMatMul::from_qtensor(qt).unwrap();
+        for m in [1usize, 4, 30, 128] {
+            let x = Tensor::from_vec(lcg(m as u64, m * k), (m, k), &Device::Cpu).unwrap();
+            let t_candle = median(budget, || {
+                std::hint::black_box(candle.forward(&x).unwrap());
+            });
+            let t_ours = median(budget, || {
+                std::hint::black_box(ours.forward(&x).unwrap());
+            });
+            let weight_bytes = (n * k / 32 * 20) as f64;
+            println!(
+                "{:>10} {:>4} {:>12.1} {:>12.1} {:>7.2}x {:>9.1}",
+                format!("{n}x{k}"),
+                m,
+                t_candle * 1e6,
+                t_ours * 1e6,
+                t_candle / t_ours,
+                weight_bytes / t_ours / 1e9
+            );
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! End to end: the real binary, the real model, real HTTP.
+
+use edgerun_e2e::{read_sse, text_of, Node, MODEL_ALIAS, TOKEN};
+use edgerun_protocol::sse::SseEvent;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn greedy(prompt: &str, max_tokens: u32, stream: bool) -> String {
+    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream})
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_token_events_then_usage_then_done() {
+    let node = Node::start(&[]).await;
+    let start = Instant::now();
+    let resp = node
+        .post(json!({"messages":[{"role":"user","content":"Write a short poem about rivers."}],"stream":true,"max_tokens":48,"temperature":0}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["cache-control"], "no-cache");
+    assert!(resp.headers().contains_key("cf-ai-req-id"));
+    let events = read_sse(resp, start).await;
+
+    let n = events.len();
+    assert!(n >= 4, "{events:?}");
+    assert!(
+        matches!(events[n - 1].event, SseEvent::Done),
+        "last event is [DONE]"
+    );
+    let usage = match &events[n - 2].event {
+        SseEvent::Data(v) => {
+            assert_eq!(v["response"], "");
+            v["usage"].clone()
+        }
+        other => panic!("expected the usage event, got {other:?}"),
+    };
+    let tokens = &events[..n - 2];
+    for t in tokens {
+        match &t.event {
+            SseEvent::Data(v) => {
+                let obj = v.as_object().unwrap();
+                assert_eq!(obj.len(), 1, "token events carry only `response`: {v}");
+                assert!(!obj["response"].as_str().unwrap().is_empty());
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt > 5);
+    assert!(completion >= 1 && completion <= 48);
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
+    // Incremental: the first token arrived well before the last one.
+    assert!(tokens.len() >= 3, "{tokens:?}");
+    let first = tokens[0].at;
+    let last = tokens[tokens.len() - 1].at;
+    assert!(
+        first < last && (last - first) > Duration::from_millis(20),
+        "tokens were not streamed incrementally: first {first:?}, last {last:?}"
+    );
+    // The stream text equals the non-streamed text for the same greedy request.
+    let resp = node
+        .post(json!({"messages":[{"role":"user","content":"Write a short poem about rivers."}],"max_tokens":48,"temperature":0}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["result"]["response"].as_str().unwrap(),
+        text_of(&events)
+    );
+    assert_eq!(body["result"]["usage"], usage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_streaming_envelope_and_greedy_determinism() {
+    let node = Node::start(&[]).await;
+    let mut texts = Vec::new();
+    for path in [
+        format!("/run/{MODEL_ALIAS}"),
+        "/client/v4/accounts/acct123/ai/run/@cf%2Fmeta%2Fllama-3-8b-instruct".to_string(),
+        // The model's own name works too.
+        "/run/SmolLM2-135M-Instruct.Q4_1".to_string(),
+    ] {
+        let resp = node
+            .client
+            .post(node.url(&path))
+            .bearer_auth(TOKEN)
+            // No content-type, like the Workers AI docs' curl example.
+            .body(greedy("Name three fruits.", 24, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let raw = resp.text().await.unwrap();
+        assert!(raw.starts_with("{\"result\":{\"response\":"), "{raw}");
+        let v: Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(v["success"], true);
+        assert_eq!(v["errors"], json!([]));
+        assert_eq!(v["messages"], json!([]));
+        assert_eq!(v["result"]["tool_calls"], json!([]));
+        let u = &v["result"]["usage"];
+        assert_eq!(
+            u["total_tokens"].as_u64().unwrap(),
+            u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+        );
+        assert!(u["completion_tokens"].as_u64().unwrap() <= 24);
+        texts.push(v["result"]["response"].as_str().unwrap().to_string());
+    }
+    assert!(!texts[0].is_empty());
+    assert!(
+        texts.iter().all(|t| t == &texts[0]),
+        "greedy runs differ: {texts:?}"
+    );
+
+    // Seeded sampling is reproducible over HTTP; a different seed changes the text.
+    let seeded = |seed: u64| {
+        json!({"prompt":"Invent a name for a cat.","max_tokens":16,"temperature":1.0,"seed":seed})
+            .to_string()
+    };
+    let mut outs = Vec::new();
+    for seed in [7, 7, 8] {
+        let v: Value = node
+            .post(seeded(seed))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        outs.push(v["result"]["response"].as_str().unwrap().to_string());
+    }
+    assert_eq!(outs[0], outs[1]);
+}
+
+/// Every kind of bad input gets its error, while a stream on the same node carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_errors_and_a_concurrent_stream_is_undisturbed() {
+    let node = Node::start(&["--max-body-bytes", "4096"]).await;
+    let long = greedy("Tell me a long story about a lighthouse keeper.", 120, true);
+    let expected = {
+        let start = Instant::now();
+        let resp = node.post(long.clone()).send().await.unwrap();
+        text_of(&read_sse(resp, start).await)
+    };
+
+    let start = Instant::now();
+    let stream = node.post(long.clone()).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let reader = tokio::spawn(read_sse(stream, start));
+
+    let url = node.run_url();
+    let c = &node.client;
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, u64, &str)> = vec![
+        (
+            "not json",
+            c.post(&url).bearer_auth(TOKEN).body("{nope"),
+            400,
+            5006,
+            "not valid JSON",
+        ),
+        (
+            "both",
+            c.post(&url)
+                .bearer_auth(TOKEN)
+                .body(r#"{"prompt":"a","messages":[{"role":"user","content":"b"}]}"#),
+            400,
+            5006,
+            "mutually exclusive",
+        ),
+        (
+            "neither",
+            c.post(&url).bearer_auth(TOKEN).body(r#"{"stream":true}"#),
+            400,
+            5006,
+            "prompt",
+        ),
+        (
+            "temperature",
+            c.post(&url)
+                .bearer_auth(TOKEN)
+                .body(r#"{"prompt":"a","temperature":7}"#),
+            400,
+            5006,
+            "/temperature",
+        ),
+        (
+            "top_k",
+            c.post(&url)
+                .bearer_auth(TOKEN)
+                .body(r#"{"prompt":"a","top_k":0}"#),
+            400,
+            5006,
+            "/top_k",
+        ),
+        (
+            "max_tokens type",
+            c.post(&url)
+                .bearer_auth(TOKEN)
+                .body(r#"{"prompt":"a","max_tokens":"many"}"#),
+            400,
+            5006,
+            "/max_tokens",
+        ),
+        (
+            "role",
+            c.post(&url)
+                .bearer_auth(TOKEN)
+                .body(r#"{"messages":[{"role":"wizard","content":"x"}]}"#),
+            400,
+            5006,
+            "/messages/0/role",
+        ),
+        (
+            "empty prompt",
+            c.post(&url).bearer_auth(TOKEN).body(r#"{"prompt":""}"#),
+            400,
+            5006,
+            "/prompt",
+        ),
+        (
+            "context",
+            c.post(&url)
+                .bearer_auth(TOKEN)
+                .body(r#"{"prompt":"hello","max_tokens":9000}"#),
+            400,
+            5006,
+            "context window",
+        ),
+        (
+            "json mode",
+            c.post(&url)
+                .bearer_auth(TOKEN)
+                .body(r#"{"prompt":"a","response_format":{"type":"json_object"}}"#),
+            400,
+            5006,
+            "response_format",
+        ),
+        (
+            "too large",
+            c.post(&url)
+                .bearer_auth(TOKEN)
+                .body(format!(r#"{{"prompt":"{}"}}"#, "x".repeat(10_000))),
+            413,
+            3006,
+            "too large",
+        ),
+        (
+            "unknown model",
+            c.post(node.url("/run/@cf/meta/llama-9-instruct"))
+                .bearer_auth(TOKEN)
+                .body(r#"{"prompt":"a"}"#),
+            400,
+            5007,
+            "No such model",
+        ),
+        (
+            "wrong token",
+            c.post(&url).bearer_auth("nope").body(r#"{"prompt":"a"}"#),
+            401,
+            10000,
+            "Authentication error",
+        ),
+        (
+            "no token",
+            c.post(&url).body(r#"{"prompt":"a"}"#),
+            401,
+            10000,
+            "Authentication error",
+        ),
+        (
+            "get",
+            c.get(&url).bearer_auth(TOKEN),
+            405,
+            7001,
+            "not supported",
+        ),
+        (
+            "no route",
+            c.post(node.url("/v2/whatever"))
+                .bearer_auth(TOKEN)
+                .body("{}"),
+            400,
+            7000,
+            "No route",
+        ),
+    ];
+    for (name, req, status, code, needle) in cases {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{name}");
+        assert_eq!(resp.headers()["content-type"], "application/json", "{name}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["success"], false, "{name}: {v}");
+        assert_eq!(v["errors"][0]["code"].as_u64(), Some(code), "{name}: {v}");
+        let msg = v["errors"][0]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
+    }
+
+    let events = reader.await.unwrap();
+    assert!(matches!(events.last().unwrap().event, SseEvent::Done));
+    assert_eq!(
+        text_of(&events),
+        expected,
+        "the concurrent stream was disturbed"
+    );
+    let h = node.health().await;
+    assert_eq!(h["stats"]["active_sequences"], 0);
+}
+
+/// A client that goes away mid-stream frees its sequence at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_mid_stream_frees_the_sequence() {
+    let node = Node::start(&[]).await;
+    // A raw continuation that goes on for a long time.
+    let body = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "raw": true, "stream": true, "max_tokens": 2000, "temperature": 0});
+    let resp = node.post(body.to_string()).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    use futures::StreamExt;
+    let mut parser = edgerun_protocol::sse::SseParser::new();
+    let mut events = 0;
+    while events < 5 {
+        let chunk = body.next().await.expect("stream ended early").unwrap();
+        for ev in parser.push(&chunk) {
+            assert!(matches!(ev, SseEvent::Data(_)), "{ev:?}");
+            events += 1;
+        }
+    }
+    assert_eq!(node.health().await["stats"]["active_sequences"], 1);
+    drop(body);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let h = node.health().await;
+        if h["stats"]["active_sequences"] == 0 {
+            assert!(
+                h["stats"]["requests_cancelled_total"].as_u64().unwrap() >= 1,
+                "{h}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "sequence still active: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing decodes in the background any more.
+    let before = node.health().await["stats"]["generated_tokens_total"].clone();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        node.health().await["stats"]["generated_tokens_total"],
+        before
+    );
+    // And the node serves the next request normally.
+    let v: Value = node
+        .post(greedy("Say hi.", 8, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["success"], true);
+}
+
+/// Queued requests get SSE keep-alive comments; a full node answers 429 with code 3040.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queueing_heartbeats_and_capacity() {
+    let node = Node::start(&[
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
+        "--heartbeat-secs",
+        "1",
+    ])
+    .await;
+    let start = Instant::now();
+    let first = node
+        .post(greedy("Describe the ocean in detail.", 120, true))
+        .send()
+        .await
+        .unwrap();
+    let first = tokio::spawn(read_sse(first, start));
+    // Wait until the first one is running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.health().await["stats"]["active_sequences"] != 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = node
+        .post(greedy("Say hello.", 4, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    let second = tokio::spawn(read_sse(second, start));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.health().await["stats"]["queued_requests"] != 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Batch and queue are full: the third is refused, as is a rejectIfBusy request.
+    for body in [
+        greedy("x", 4, false),
+        json!({"prompt":"x","options":{"rejectIfBusy":true}}).to_string(),
+    ] {
+        let resp = node.post(body).send().await.unwrap();
+        assert_eq!(resp.status(), 429);
+        assert!(resp.headers().contains_key("retry-after"));
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["errors"][0]["code"], 3040, "{v}");
+    }
+    let first = first.await.unwrap();
+    let second = second.await.unwrap();
+    assert!(matches!(first.last().unwrap().event, SseEvent::Done));
+    assert!(matches!(second.last().unwrap().event, SseEvent::Done));
+    // The waiting request saw at least one keep-alive comment before its first token.
+    let first_data = second
+        .iter()
+        .position(|r| matches!(r.event, SseEvent::Data(_)))
+        .unwrap();
+    assert!(
+        second[..first_data]
+            .iter()
+            .any(|r| matches!(r.event, SseEvent::Comment(_))),
+        "no heartbeat while queued: {second:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_public_and_reports_readiness() {
+    let node = Node::start(&[]).await;
+    let resp = node.client.get(node.url("/health")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["stats"]["ready"], true);
+    assert!(v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m == MODEL_ALIAS));
+}
