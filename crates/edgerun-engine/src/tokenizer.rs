@@ -333,3 +333,39 @@ impl IncrementalDecoder {
         Ok((!delta.is_empty()).then_some(delta))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        let mut s = PreTokenizedString::from(text);
+        pre_tokenizer(pre).unwrap().pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn llama3_splits_digits_in_threes_and_keeps_contractions() {
+        // Byte-level pieces: 'Ġ' is a space.
+        assert_eq!(
+            pieces("llama-bpe", "I'm 1234567 ok"),
+            ["I", "'m", "Ġ", "123", "456", "7", "Ġok"]
+        );
+        assert_eq!(pieces("llama-bpe", "x"), pieces("llama3", "x"));
+    }
+
+    #[test]
+    fn smollm_splits_every_digit() {
+        assert_eq!(pieces("smollm", "a 2024"), ["a", "Ġ", "2", "0", "2", "4"]);
+    }
+
+    #[test]
+    fn unknown_pre_tokenizers_are_refused_with_a_hint() {
+        let err = pre_tokenizer("mystery").err().unwrap().to_string();
+        assert!(err.contains("--tokenizer"), "{err}");
+    }
+}

@@ -121,7 +121,9 @@ pub fn resolve(spec: &str, catalog: &Catalog) -> Result<ResolvedModel, ModelSour
             context_window: None,
         });
     }
-    if spec.ends_with(".gguf") || spec.contains(std::path::MAIN_SEPARATOR) {
+    if !spec.starts_with('@')
+        && (spec.ends_with(".gguf") || spec.contains(std::path::MAIN_SEPARATOR))
+    {
         return Err(ModelSourceError::Missing(path));
     }
     Err(ModelSourceError::Unknown(spec.to_string()))

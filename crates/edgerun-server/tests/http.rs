@@ -1,0 +1,195 @@
+//! The HTTP layer without a model: routing, auth, limits, validation and error envelopes.
+//! (Behaviour that needs the model is tested end to end in `tests/`.)
+
+use axum::body::{to_bytes, Body};
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use edgerun_server::{router, AppState, TokenSet};
+use serde_json::Value;
+use tower::ServiceExt;
+
+const MODEL: &str = "@cf/meta/llama-3-8b-instruct";
+
+fn app(tokens: &[&str]) -> Router {
+    let mut state = AppState::new(
+        vec![MODEL.to_string(), "tiny-model".to_string()],
+        TokenSet::new(tokens.iter().map(|s| s.to_string())),
+    );
+    state.body_limit = 1024;
+    router(state)
+}
+
+async fn send(app: Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+    let resp = app.oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    (status, headers, String::from_utf8(body.to_vec()).unwrap())
+}
+
+fn post(uri: &str, token: Option<&str>, body: impl Into<Body>) -> Request<Body> {
+    let mut b = Request::post(uri);
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    b.body(body.into()).unwrap()
+}
+
+fn code(body: &str) -> u64 {
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["success"], false, "{body}");
+    v["errors"][0]["code"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn missing_or_wrong_token_is_401_with_code_10000() {
+    for token in [None, Some("wrong"), Some("")] {
+        let (status, headers, body) = send(
+            app(&["secret"]),
+            post(&format!("/run/{MODEL}"), token, "{}"),
+        )
+        .await;
+        assert_eq!(status, 401, "{token:?}");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(
+            body,
+            r#"{"errors":[{"code":10000,"message":"Authentication error"}],"success":false,"result":null,"messages":[]}"#
+        );
+    }
+    // Scheme is case-insensitive.
+    let req = Request::post(format!("/run/{MODEL}"))
+        .header("authorization", "bearer secret")
+        .body(Body::from(r#"{"prompt":"hi"}"#))
+        .unwrap();
+    let (status, _, _) = send(app(&["secret"]), req).await;
+    assert_eq!(
+        status, 503,
+        "authenticated request reaches the (still loading) engine"
+    );
+}
+
+#[tokio::test]
+async fn health_needs_no_token_and_is_503_while_loading() {
+    let req = Request::get("/health").body(Body::empty()).unwrap();
+    let (status, _, body) = send(app(&["secret"]), req).await;
+    assert_eq!(status, 503);
+    assert_eq!(body, r#"{"status":"loading"}"#);
+}
+
+#[tokio::test]
+async fn both_route_forms_and_encoded_slashes_reach_the_engine() {
+    for uri in [
+        format!("/run/{MODEL}"),
+        "/run/@cf%2Fmeta%2Fllama-3-8b-instruct".to_string(),
+        format!("/client/v4/accounts/abc123/ai/run/{MODEL}"),
+        "/client/v4/accounts/abc123/ai/run/@cf%2Fmeta%2Fllama-3-8b-instruct".to_string(),
+        "/run/tiny-model".to_string(),
+    ] {
+        let (status, headers, body) =
+            send(app(&["t"]), post(&uri, Some("t"), r#"{"prompt":"hi"}"#)).await;
+        assert_eq!(status, 503, "{uri}: {body}");
+        assert_eq!(code(&body), 3040, "{uri}");
+        assert_eq!(headers["retry-after"], "1");
+    }
+}
+
+#[tokio::test]
+async fn unknown_model_is_5007() {
+    let (status, _, body) = send(
+        app(&["t"]),
+        post(
+            "/run/@cf/meta/llama-2-7b-chat-int8",
+            Some("t"),
+            r#"{"prompt":"hi"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body,
+        r#"{"errors":[{"code":5007,"message":"No such model @cf/meta/llama-2-7b-chat-int8 or task"}],"success":false,"result":null,"messages":[]}"#
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_are_5006_naming_the_field() {
+    let cases = [
+        ("{not json", "not valid JSON"),
+        (
+            r#"{"prompt":"a","messages":[{"role":"user","content":"b"}]}"#,
+            "mutually exclusive",
+        ),
+        (r#"{"prompt":"a","temperature":"hot"}"#, "/temperature"),
+        (r#"{"prompt":"a","max_tokens":0}"#, "/max_tokens"),
+        (r#"{"prompt":"a","seed":0}"#, "/seed"),
+        (r#"{"messages":[{"role":"user"}]}"#, "/messages/0"),
+        ("[1,2]", "'/'"),
+    ];
+    for (body, needle) in cases {
+        let (status, headers, resp) =
+            send(app(&["t"]), post(&format!("/run/{MODEL}"), Some("t"), body)).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(code(&resp), 5006, "{body}");
+        let v: Value = serde_json::from_str(&resp).unwrap();
+        let msg = v["errors"][0]["message"].as_str().unwrap();
+        assert!(msg.starts_with("AiError: Bad input: "), "{msg}");
+        assert!(msg.contains(needle), "{body}: {msg:?} lacks {needle:?}");
+        assert_eq!(v["result"], serde_json::json!({}));
+    }
+}
+
+#[tokio::test]
+async fn oversized_body_is_413() {
+    let body = format!(r#"{{"prompt":"{}"}}"#, "x".repeat(2000));
+    let (status, _, resp) =
+        send(app(&["t"]), post(&format!("/run/{MODEL}"), Some("t"), body)).await;
+    assert_eq!(status, 413);
+    assert_eq!(code(&resp), 3006);
+}
+
+#[tokio::test]
+async fn json_mode_is_refused_clearly_rather_than_ignored() {
+    let body = r#"{"prompt":"a","response_format":{"type":"json_object"}}"#;
+    let (status, _, resp) =
+        send(app(&["t"]), post(&format!("/run/{MODEL}"), Some("t"), body)).await;
+    assert_eq!(status, 400);
+    assert!(resp.contains("response_format"), "{resp}");
+}
+
+#[tokio::test]
+async fn wrong_method_and_unknown_route() {
+    let req = Request::get(format!("/run/{MODEL}"))
+        .header("authorization", "Bearer t")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, body) = send(app(&["t"]), req).await;
+    assert_eq!(status, 405);
+    assert_eq!(code(&body), 7001);
+    let (status, _, body) = send(app(&["t"]), post("/v1/chat/nope", Some("t"), "{}")).await;
+    assert_eq!(status, 400);
+    assert_eq!(code(&body), 7000);
+}
+
+#[tokio::test]
+async fn request_id_is_kept_or_made() {
+    let req = Request::get("/health")
+        .header("cf-ai-req-id", "abc-123")
+        .body(Body::empty())
+        .unwrap();
+    let (_, headers, _) = send(app(&[]), req).await;
+    assert_eq!(headers["cf-ai-req-id"], "abc-123");
+    let req = Request::get("/health").body(Body::empty()).unwrap();
+    let (_, headers, _) = send(app(&[]), req).await;
+    assert_eq!(headers["cf-ai-req-id"].len(), 36);
+}
+
+#[tokio::test]
+async fn without_tokens_configured_requests_are_not_authenticated() {
+    let (status, _, _) = send(
+        app(&[]),
+        post(&format!("/run/{MODEL}"), None, r#"{"prompt":"hi"}"#),
+    )
+    .await;
+    assert_eq!(status, 503);
+}
