@@ -1,7 +1,9 @@
 //! Times edgerun's Q4_1 matmul kernel against candle's `QMatMul::forward` (scalar Q4_1 x Q8_1)
 //! on the same random weights and inputs: median time per call, both through the Tensor API.
 //!
-//! cargo run --release -p edgerun-engine --example kernel_bench [-- <ms per measurement>]
+//! cargo run --release -p edgerun-engine --example kernel_bench [-- <ms per measurement> [NxK] [m]]
+//!
+//! The optional `NxK` and `m` restrict the run to one shape / batch size (for profiling).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -36,9 +38,50 @@ fn median(budget: Duration, mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
+/// Decode-like run: m = 1 over `count` distinct 1536x576 matrices (more than the L3 holds), so
+/// the weights come from DRAM as in a real forward pass. Prints time per matrix.
+fn cold(budget: Duration) {
+    let (n, k, count) = (1536, 576, 80);
+    let mut ours = Vec::new();
+    let mut candle = Vec::new();
+    for i in 0..count {
+        let w = Tensor::from_vec(lcg(i as u64, n * k), (n, k), &Device::Cpu).unwrap();
+        let qt = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        ours.push(Q4_1Matrix::from_qtensor(&qt).unwrap().unwrap());
+        candle.push(QMatMul::from_qtensor(qt).unwrap());
+    }
+    let x = Tensor::from_vec(lcg(99, k), (1, k), &Device::Cpu).unwrap();
+    let t_candle = median(budget, || {
+        for c in &candle {
+            std::hint::black_box(c.forward(&x).unwrap());
+        }
+    }) / count as f64;
+    let t_ours = median(budget, || {
+        for o in &ours {
+            std::hint::black_box(o.forward(&x).unwrap());
+        }
+    }) / count as f64;
+    let bytes = (n * k / 32 * 20) as f64;
+    println!(
+        "cold m=1, {count} x {n}x{k} ({:.0} MB of weights): candle {:.1} us ({:.1} GB/s), ours {:.1} us ({:.1} GB/s), {:.2}x",
+        bytes * count as f64 / 1e6,
+        t_candle * 1e6,
+        bytes / t_candle / 1e9,
+        t_ours * 1e6,
+        bytes / t_ours / 1e9,
+        t_candle / t_ours
+    );
+}
+
 fn main() {
     let budget_ms: u64 = std::env::args().nth(1).map_or(400, |s| s.parse().unwrap());
     let budget = Duration::from_millis(budget_ms);
+    let only_shape = std::env::args().nth(2);
+    if only_shape.as_deref() == Some("cold") {
+        cold(budget);
+        return;
+    }
+    let only_m: Option<usize> = std::env::args().nth(3).map(|s| s.parse().unwrap());
     println!(
         "threads: {}",
         candle_core::utils::barrier_pool().n_workers() + 1
@@ -48,12 +91,21 @@ fn main() {
         "n x k", "m", "candle (us)", "ours (us)", "speedup", "ours GB/s"
     );
     for (n, k) in [(1536, 576), (576, 1536), (576, 576), (192, 576)] {
+        if only_shape
+            .as_ref()
+            .is_some_and(|s| *s != format!("{n}x{k}"))
+        {
+            continue;
+        }
         let w =
             Tensor::from_vec(lcg(n as u64 * 7 + k as u64, n * k), (n, k), &Device::Cpu).unwrap();
         let qt = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let ours = Q4_1Matrix::from_qtensor(&qt).unwrap().unwrap();
         let candle = QMatMul::from_qtensor(qt).unwrap();
         for m in [1usize, 4, 30, 128] {
+            if only_m.is_some_and(|o| o != m) {
+                continue;
+            }
             let x = Tensor::from_vec(lcg(m as u64, m * k), (m, k), &Device::Cpu).unwrap();
             let t_candle = median(budget, || {
                 std::hint::black_box(candle.forward(&x).unwrap());

@@ -382,7 +382,7 @@ unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4_1, Ctx, Q8Quants, GROUP};
+    use super::{BlockQ4_1, Ctx, Q8Quants};
     use std::arch::x86_64::*;
 
     /// Computes weight rows `rows` against every lhs row.
@@ -392,13 +392,31 @@ mod avx2 {
     /// within `0..ctx.n`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        match std::env::var("KR").as_deref() {
+            Ok("22") => rows_with::<2, 2>(ctx, rows),
+            Ok("32") => rows_with::<3, 2>(ctx, rows),
+            Ok("31") => rows_with::<3, 1>(ctx, rows),
+            Ok("51") => rows_with::<5, 1>(ctx, rows),
+            Ok("61") => rows_with::<6, 1>(ctx, rows),
+            Ok("41") => rows_with::<4, 1>(ctx, rows),
+            Ok("14") => rows_with::<1, 4>(ctx, rows),
+            Ok("12") => rows_with::<1, 2>(ctx, rows),
+            Ok("11") => rows_with::<1, 1>(ctx, rows),
+            Ok("13") => rows_with::<1, 3>(ctx, rows),
+            Ok("42") => rows_with::<4, 2>(ctx, rows),
+            _ => rows_with::<2, 4>(ctx, rows),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_with<const R: usize, const C: usize>(ctx: &Ctx, rows: std::ops::Range<usize>) {
         let mut j = rows.start;
         while j < rows.end {
-            if rows.end - j >= GROUP {
-                col_tile::<4>(ctx, j);
-                j += 4;
+            if rows.end - j >= C {
+                col_tile::<R, C>(ctx, j);
+                j += C;
             } else {
-                col_tile::<1>(ctx, j);
+                col_tile::<R, 1>(ctx, j);
                 j += 1;
             }
         }
@@ -406,75 +424,93 @@ mod avx2 {
 
     /// Weight rows `j..j + C` against every lhs row.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn col_tile<const C: usize>(ctx: &Ctx, j: usize) {
+    unsafe fn col_tile<const R: usize, const C: usize>(ctx: &Ctx, j: usize) {
         let mut i = 0;
-        while i + 2 <= ctx.m {
-            tile::<2, C>(ctx, i, j);
-            i += 2;
+        while i + R <= ctx.m {
+            tile::<R, C>(ctx, i, j);
+            i += R;
         }
-        if i < ctx.m {
+        while i < ctx.m {
             tile::<1, C>(ctx, i, j);
+            i += 1;
         }
     }
 
-    /// The `R x C` outputs `(i..i + R, j..j + C)`.
+    /// The `RT x C` outputs `(i..i + RT, j..j + C)`, `C <= 4`.
+    ///
+    /// Per block, the `[d, m]` halves of the `C` weight blocks are widened together into
+    /// `dm = [d0, m0, d1, m1, ..]` and multiplied by the lhs block's `[d8, s8]` repeated:
+    /// `prod = [d0 d8, m0 s8, d1 d8, m1 s8, ..]`. Lane `2c` is weight row `c`'s block scale
+    /// (broadcast for the FMA), lane `2c + 1` its `m * s` term, summed in `acc_m`. Each output's
+    /// operations are the same whatever `RT` and `C` are.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const R: usize, const C: usize>(ctx: &Ctx, i: usize, j: usize) {
+    unsafe fn tile<const RT: usize, const C: usize>(ctx: &Ctx, i: usize, j: usize) {
         let nb = ctx.nb;
         let qs = ctx.qs as *const Q8Quants;
         let ds = ctx.ds as *const [f32; 2];
         let w = ctx.w as *const BlockQ4_1;
         let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let mut acc_m = [[_mm_setzero_ps(); C]; R];
+        // Shift the upper 128 bits by 4: high nibbles into lanes 16..32.
+        let shift = _mm256_set_epi64x(4, 4, 0, 0);
+        let mut acc = [[_mm256_setzero_ps(); C]; RT];
+        let mut acc_m = [_mm256_setzero_ps(); RT];
         let wrow: [*const BlockQ4_1; C] = std::array::from_fn(|c| w.add((j + c) * nb));
-        let qrow: [*const Q8Quants; R] = std::array::from_fn(|r| qs.add((i + r) * nb));
-        let drow: [*const [f32; 2]; R] = std::array::from_fn(|r| ds.add((i + r) * nb));
+        let qrow: [*const Q8Quants; RT] = std::array::from_fn(|r| qs.add((i + r) * nb));
+        let drow: [*const [f32; 2]; RT] = std::array::from_fn(|r| ds.add((i + r) * nb));
         for b in 0..nb {
             let mut q4 = [_mm256_setzero_si256(); C];
-            let mut dm = [_mm_setzero_ps(); C];
+            let mut dm_bits = _mm_setzero_si128();
             for c in 0..C {
                 let blk = wrow[c].add(b);
-                let x = _mm_loadu_si128((*blk).qs.as_ptr() as *const __m128i);
-                let both =
-                    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(x), _mm_srli_epi16::<4>(x));
-                q4[c] = _mm256_and_si256(both, mask);
-                // [d, m] as two f16 -> [d, m, 0, 0] f32.
-                let dm_bits = std::ptr::read_unaligned(blk as *const i32);
-                dm[c] = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));
+                let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                    (*blk).qs.as_ptr() as *const __m128i
+                ));
+                q4[c] = _mm256_and_si256(_mm256_srlv_epi64(x, shift), mask);
+                let bits = std::ptr::read_unaligned(blk as *const i32);
+                dm_bits = match c {
+                    0 => _mm_cvtsi32_si128(bits),
+                    1 => _mm_insert_epi32::<1>(dm_bits, bits),
+                    2 => _mm_insert_epi32::<2>(dm_bits, bits),
+                    _ => _mm_insert_epi32::<3>(dm_bits, bits),
+                };
             }
-            for r in 0..R {
+            let dm = _mm256_cvtph_ps(dm_bits);
+            for r in 0..RT {
                 let y = _mm256_load_si256(qrow[r].add(b) as *const __m256i);
-                // [d8, s8, 0, 0]
-                let d8s8 = _mm_castsi128_ps(_mm_loadl_epi64(drow[r].add(b) as *const __m128i));
+                let d8s8 = _mm256_castpd_ps(_mm256_broadcast_sd(&*(drow[r].add(b) as *const f64)));
+                let prod = _mm256_mul_ps(dm, d8s8);
+                acc_m[r] = _mm256_add_ps(acc_m[r], prod);
                 for c in 0..C {
                     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q4[c], y), ones);
                     let f = _mm256_cvtepi32_ps(p);
-                    // [d4 * d8, m4 * s8, 0, 0]
-                    let prod = _mm_mul_ps(dm[c], d8s8);
-                    acc[r][c] = _mm256_fmadd_ps(f, _mm256_broadcastss_ps(prod), acc[r][c]);
-                    acc_m[r][c] = _mm_add_ps(acc_m[r][c], prod);
+                    let scale = match c {
+                        0 => _mm256_broadcastss_ps(_mm256_castps256_ps128(prod)),
+                        _ => _mm256_permutevar8x32_ps(prod, _mm256_set1_epi32(2 * c as i32)),
+                    };
+                    acc[r][c] = _mm256_fmadd_ps(f, scale, acc[r][c]);
                 }
             }
         }
         let out = ctx.out as *mut f32;
-        for r in 0..R {
+        for r in 0..RT {
+            let mut m_terms = [0f32; 8];
+            _mm256_storeu_ps(m_terms.as_mut_ptr(), acc_m[r]);
             for c in 0..C {
-                *out.add((i + r) * ctx.n + j + c) = finish(acc[r][c], acc_m[r][c]);
+                *out.add((i + r) * ctx.n + j + c) = hsum(acc[r][c]) + m_terms[2 * c + 1];
             }
         }
     }
 
-    /// Sum of the 8 lanes (fixed order) plus lane 1 of `acc_m`.
+    /// Sum of the 8 lanes, in a fixed order.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn finish(acc: __m256, acc_m: __m128) -> f32 {
+    unsafe fn hsum(acc: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_movehdup_ps(acc_m))
+        _mm_cvtss_f32(s)
     }
 }
 

@@ -1,0 +1,323 @@
+//! `edgerun-bench`: drives a node over HTTP and prints prompt throughput, single-stream decode
+//! speed, time to first token, and aggregate decode speed with 1, 4 and 8 concurrent streams.
+//! With `--llama-server`, runs the same workload against llama.cpp's server in the same run and
+//! prints the ratio. A benchmark, not a test: it asserts nothing and prints medians.
+//!
+//! ```text
+//! edgerun-bench [--url http://127.0.0.1:8080 --token T | --spawn] [--llama-server PATH] [--runs 5]
+//! ```
+
+use edgerun_e2e::{model_path, Node, MODEL_ALIAS, TOKEN};
+use edgerun_protocol::sse::{SseEvent, SseParser};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone)]
+enum Target {
+    Edgerun { url: String, token: String },
+    LlamaServer { url: String },
+}
+
+/// What one streamed generation looked like from the client.
+struct Observed {
+    ttft: Duration,
+    first_token_at: Instant,
+    last_token_at: Instant,
+    completion_tokens: u64,
+    prompt_tokens: u64,
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Edgerun { .. } => "edgerun",
+            Target::LlamaServer { .. } => "llama-server",
+        }
+    }
+
+    async fn generate(&self, client: &reqwest::Client, prompt: &str, max_tokens: u32) -> Observed {
+        let req = match self {
+            Target::Edgerun { url, token } => client
+                .post(format!("{url}/run/{MODEL_ALIAS}"))
+                .bearer_auth(token)
+                .body(
+                    json!({"prompt": prompt, "raw": true, "stream": true, "max_tokens": max_tokens, "temperature": 0})
+                        .to_string(),
+                ),
+            Target::LlamaServer { url } => client.post(format!("{url}/completion")).body(
+                json!({"prompt": prompt, "stream": true, "n_predict": max_tokens, "temperature": 0,
+                       "cache_prompt": false, "ignore_eos": false})
+                    .to_string(),
+            ),
+        };
+        let start = Instant::now();
+        let resp = req.send().await.expect("request");
+        assert!(resp.status().is_success(), "{}: {}", self.name(), resp.status());
+        let mut body = resp.bytes_stream();
+        let mut parser = SseParser::new();
+        let (mut first, mut last, mut events) = (None, None, 0u64);
+        let (mut completion, mut prompt_tokens) = (None, 0);
+        while let Some(chunk) = body.next().await {
+            let now = Instant::now();
+            for ev in parser.push(&chunk.expect("chunk")) {
+                let SseEvent::Data(v) = ev else { continue };
+                let is_token = match self {
+                    Target::Edgerun { .. } => {
+                        if let Some(u) = v.get("usage") {
+                            completion = u["completion_tokens"].as_u64();
+                            prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
+                            false
+                        } else {
+                            true
+                        }
+                    }
+                    Target::LlamaServer { .. } => {
+                        if v["stop"] == Value::Bool(true) {
+                            completion = v["tokens_predicted"].as_u64();
+                            prompt_tokens = v["tokens_evaluated"].as_u64().unwrap_or(0);
+                            false
+                        } else {
+                            true
+                        }
+                    }
+                };
+                if is_token {
+                    events += 1;
+                    first.get_or_insert(now);
+                    last = Some(now);
+                }
+            }
+        }
+        let first = first.expect("no token arrived");
+        Observed {
+            ttft: first - start,
+            first_token_at: first,
+            last_token_at: last.unwrap(),
+            completion_tokens: completion.unwrap_or(events),
+            prompt_tokens,
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A raw prompt that makes the model keep going (counting), so decode runs are full length.
+fn counting_prompt() -> String {
+    (1..=8).map(|i| i.to_string()).collect::<Vec<_>>().join(", ") + ","
+}
+
+struct Figures {
+    prompt_tps: f64,
+    prompt_tokens: u64,
+    decode_tps: f64,
+    ttft_30_ms: f64,
+    ttft_30_tokens: u64,
+    aggregate: Vec<(usize, f64)>,
+}
+
+async fn measure(target: &Target, runs: usize) -> Figures {
+    let client = reqwest::Client::new();
+    let long_prompt = "The history of the city is long and full of surprising turns. ".repeat(40);
+    // About 30 prompt tokens.
+    let short_prompt = "Write a short paragraph about the sea, the wind, the gulls and the old lighthouse keeper who lived alone on the rocky island far from the coast of Brittany";
+    let count = counting_prompt();
+    // Warm-up.
+    target.generate(&client, &count, 8).await;
+
+    let mut prompt_tps = Vec::new();
+    let mut prompt_tokens = 0;
+    for _ in 0..runs {
+        let o = target.generate(&client, &long_prompt, 1).await;
+        prompt_tokens = o.prompt_tokens;
+        prompt_tps.push(o.prompt_tokens as f64 / o.ttft.as_secs_f64());
+    }
+    let mut ttft = Vec::new();
+    let mut ttft_tokens = 0;
+    for _ in 0..runs {
+        let o = target.generate(&client, short_prompt, 1).await;
+        ttft_tokens = o.prompt_tokens;
+        ttft.push(o.ttft.as_secs_f64() * 1e3);
+    }
+    let mut decode = Vec::new();
+    for _ in 0..runs {
+        let o = target.generate(&client, &count, 128).await;
+        let span = (o.last_token_at - o.first_token_at).as_secs_f64();
+        decode.push((o.completion_tokens.saturating_sub(1)) as f64 / span);
+    }
+    let mut aggregate = Vec::new();
+    for streams in [1usize, 4, 8] {
+        let mut rates = Vec::new();
+        for _ in 0..runs.div_ceil(2) {
+            let futs = (0..streams).map(|_| target.generate(&client, &count, 96));
+            let all = futures::future::join_all(futs).await;
+            let start = all.iter().map(|o| o.first_token_at).min().unwrap();
+            let end = all.iter().map(|o| o.last_token_at).max().unwrap();
+            let tokens: u64 = all.iter().map(|o| o.completion_tokens.saturating_sub(1)).sum();
+            rates.push(tokens as f64 / (end - start).as_secs_f64());
+        }
+        aggregate.push((streams, median(rates)));
+    }
+    Figures {
+        prompt_tps: median(prompt_tps),
+        prompt_tokens,
+        decode_tps: median(decode),
+        ttft_30_ms: median(ttft),
+        ttft_30_tokens: ttft_tokens,
+        aggregate,
+    }
+}
+
+fn spawn_llama_server(bin: &str, threads: usize) -> (Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(bin)
+        .args([
+            "-m",
+            &model_path().display().to_string(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "-t",
+            &threads.to_string(),
+            "-np",
+            "8",
+            "-c",
+            "16384",
+            "--no-webui",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn llama-server");
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+async fn wait_healthy(url: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = client.get(format!("{url}/health")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} never became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let runs: usize = flag("--runs").map_or(5, |r| r.parse().unwrap());
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+
+    let mut node = None;
+    let edgerun = if args.iter().any(|a| a == "--spawn") {
+        let n = Node::start(&[]).await;
+        let url = n.base.clone();
+        node = Some(n);
+        Target::Edgerun {
+            url,
+            token: TOKEN.into(),
+        }
+    } else {
+        Target::Edgerun {
+            url: flag("--url").unwrap_or_else(|| "http://127.0.0.1:8080".into()),
+            token: flag("--token")
+                .or_else(|| std::env::var("EDGERUN_API_TOKENS").ok())
+                .unwrap_or_default(),
+        }
+    };
+    let mut targets = vec![edgerun];
+    let mut peer = None;
+    if let Some(bin) = flag("--llama-server") {
+        let (child, url) = spawn_llama_server(&bin, threads);
+        wait_healthy(&url).await;
+        peer = Some(child);
+        targets.push(Target::LlamaServer { url });
+    }
+
+    let mut results = Vec::new();
+    for t in &targets {
+        eprintln!("measuring {} ({runs} runs per figure)...", t.name());
+        // Measure one system at a time: each uses every core.
+        results.push((t.name(), measure(t, runs).await));
+    }
+    drop(node);
+    if let Some(mut c) = peer {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    println!("\nSmolLM2-135M-Instruct Q4_1, {threads} threads, medians of {runs} runs\n");
+    let mut header = "| metric |".to_string();
+    let mut rule = "|---|".to_string();
+    for (name, _) in &results {
+        header += &format!(" {name} |");
+        rule += "---:|";
+    }
+    if results.len() == 2 {
+        header += " edgerun / llama-server |";
+        rule += "---:|";
+    }
+    println!("{header}\n{rule}");
+    let row = |label: String, f: &dyn Fn(&Figures) -> f64, fmt: &dyn Fn(f64) -> String| {
+        let mut line = format!("| {label} |");
+        for (_, fig) in &results {
+            line += &format!(" {} |", fmt(f(fig)));
+        }
+        if results.len() == 2 {
+            line += &format!(" {:.2}x |", f(&results[0].1) / f(&results[1].1));
+        }
+        println!("{line}");
+    };
+    let tps = |x: f64| format!("{x:.1} tok/s");
+    row(
+        format!("prompt processing ({} tokens)", results[0].1.prompt_tokens),
+        &|f| f.prompt_tps,
+        &tps,
+    );
+    row("decode, 1 stream".into(), &|f| f.decode_tps, &tps);
+    row(
+        format!("time to first token ({}-token prompt)", results[0].1.ttft_30_tokens),
+        &|f| f.ttft_30_ms,
+        &|x| format!("{x:.0} ms"),
+    );
+    for (i, streams) in [1usize, 4, 8].iter().enumerate() {
+        row(
+            format!("aggregate decode, {streams} streams"),
+            &move |f| f.aggregate[i].1,
+            &tps,
+        );
+    }
+    for (name, fig) in &results {
+        println!(
+            "\n{name}: 4 streams = {:.2}x one stream, 8 streams = {:.2}x one stream",
+            fig.aggregate[1].1 / fig.aggregate[0].1,
+            fig.aggregate[2].1 / fig.aggregate[0].1
+        );
+    }
+}
