@@ -54,7 +54,12 @@ impl Target {
         };
         let start = Instant::now();
         let resp = req.send().await.expect("request");
-        assert!(resp.status().is_success(), "{}: {}", self.name(), resp.status());
+        assert!(
+            resp.status().is_success(),
+            "{}: {}",
+            self.name(),
+            resp.status()
+        );
         let mut body = resp.bytes_stream();
         let mut parser = SseParser::new();
         let (mut first, mut last, mut events) = (None, None, 0u64);
@@ -116,7 +121,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// A raw prompt that makes the model keep going (counting), so decode runs are full length.
 fn counting_prompt() -> String {
-    (1..=8).map(|i| i.to_string()).collect::<Vec<_>>().join(", ") + ","
+    (1..=8)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+        + ","
 }
 
 struct Figures {
@@ -165,7 +174,10 @@ async fn measure(target: &Target, runs: usize) -> Figures {
             let all = futures::future::join_all(futs).await;
             let start = all.iter().map(|o| o.first_token_at).min().unwrap();
             let end = all.iter().map(|o| o.last_token_at).max().unwrap();
-            let tokens: u64 = all.iter().map(|o| o.completion_tokens.saturating_sub(1)).sum();
+            let tokens: u64 = all
+                .iter()
+                .map(|o| o.completion_tokens.saturating_sub(1))
+                .sum();
             rates.push(tokens as f64 / (end - start).as_secs_f64());
         }
         aggregate.push((streams, median(rates)));
@@ -302,7 +314,10 @@ async fn main() {
     );
     row("decode, 1 stream".into(), &|f| f.decode_tps, &tps);
     row(
-        format!("time to first token ({}-token prompt)", results[0].1.ttft_30_tokens),
+        format!(
+            "time to first token ({}-token prompt)",
+            results[0].1.ttft_30_tokens
+        ),
         &|f| f.ttft_30_ms,
         &|x| format!("{x:.0} ms"),
     );

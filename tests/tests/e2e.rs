@@ -445,3 +445,37 @@ async fn health_is_public_and_reports_readiness() {
         .iter()
         .any(|m| m == MODEL_ALIAS));
 }
+
+/// SIGTERM drains: the stream in flight finishes with [DONE], new connections are refused, and
+/// the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_stream_in_flight_finish() {
+    let mut node = Node::start(&["--shutdown-timeout-secs", "30"]).await;
+    let start = Instant::now();
+    let resp = node
+        .post(greedy("Tell me about the moon.", 60, true))
+        .send()
+        .await
+        .unwrap();
+    let reader = tokio::spawn(read_sse(resp, start));
+    // Wait for the sequence to start, then ask the node to stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.health().await["stats"]["active_sequences"] != 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let events = reader.await.unwrap();
+    assert!(
+        matches!(events.last().unwrap().event, SseEvent::Done),
+        "stream cut by shutdown: {events:?}"
+    );
+    let code = tokio::task::spawn_blocking(move || node.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "node did not exit cleanly after draining");
+}
