@@ -83,12 +83,26 @@ struct ServeArgs {
     /// Seconds of silence on a stream before an SSE keep-alive comment.
     #[arg(long, env = "EDGERUN_HEARTBEAT_SECS", default_value_t = 15)]
     heartbeat_secs: u64,
+    /// CPU threads for model compute; defaults to the number of physical cores.
+    #[arg(long, env = "EDGERUN_THREADS")]
+    threads: Option<usize>,
     /// Seconds to let in-flight requests finish after SIGTERM / Ctrl-C.
     #[arg(long, env = "EDGERUN_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     shutdown_timeout_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Candle sizes its CPU thread pools from RAYON_NUM_THREADS, and without it recounts the
+    // physical cores (reading /proc/cpuinfo) on every f32 matmul. Settle it once, here, while
+    // the process is still single-threaded.
+    let Command::Serve(args) = &cli.command;
+    let threads = args.threads.unwrap_or_else(num_cpus::get_physical).max(1);
+    // SAFETY: no other thread exists yet.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGERUN_LOG")
@@ -96,8 +110,8 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+    match cli.command {
+        Command::Serve(args) => serve(args, threads),
     }
 }
 
@@ -111,7 +125,7 @@ fn load_tokens(args: &ServeArgs) -> anyhow::Result<TokenSet> {
     Ok(TokenSet::new(tokens))
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     let tokens = load_tokens(&args)?;
     if tokens.is_empty() {
         if !args.listen.ip().is_loopback() && !args.insecure_no_auth {
@@ -169,6 +183,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 device = ?device,
                 layers = cfg.block_count,
                 context_window = engine.context_window(),
+                threads,
                 secs = started.elapsed().as_secs_f32(),
                 "model loaded and warmed up"
             );
