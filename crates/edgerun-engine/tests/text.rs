@@ -40,6 +40,31 @@ fn tokenizer_round_trips_text() {
 }
 
 #[test]
+fn a_tokenizer_json_can_replace_the_gguf_tokenizer() {
+    let loaded = common::load();
+    let dir = std::env::temp_dir().join(format!("edgerun-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("tokenizer.json");
+    loaded.tokenizer.hf_tokenizer().save(&json, false).unwrap();
+    let from_json = edgerun_engine::LoadedModel::load(
+        &common::model_path(),
+        Some(&json),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .tokenizer;
+    for s in SAMPLES {
+        assert_eq!(
+            from_json.encode(s).unwrap(),
+            loaded.tokenizer.encode(s).unwrap(),
+            "{s:?}"
+        );
+    }
+    assert_eq!(from_json.stop_ids(), loaded.tokenizer.stop_ids());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn special_tokens_and_digits_follow_the_model() {
     let loaded = common::load();
     let tok = &loaded.tokenizer;
