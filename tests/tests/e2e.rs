@@ -479,3 +479,41 @@ async fn sigterm_lets_the_stream_in_flight_finish() {
         .unwrap();
     assert_eq!(code, Some(0), "node did not exit cleanly after draining");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_metrics_count_requests_and_tokens() {
+    let node = Node::start(&[]).await;
+    let v: Value = node
+        .post(greedy("Say hi.", 8, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let completion = v["result"]["usage"]["completion_tokens"].as_u64().unwrap();
+    let start = Instant::now();
+    let resp = node.post(greedy("Say hi.", 8, true)).send().await.unwrap();
+    read_sse(resp, start).await;
+    let _ = node.post("{bad").send().await.unwrap();
+    let resp = node.client.get(node.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let value = |needle: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("{needle} missing from:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("edgerun_requests_total{status=\"200\"}"), 2.0);
+    assert_eq!(value("edgerun_requests_total{status=\"400\"}"), 1.0);
+    assert_eq!(value("edgerun_time_to_first_token_seconds_count"), 2.0);
+    assert_eq!(value("edgerun_active_sequences "), 0.0);
+    assert_eq!(value("edgerun_ready "), 1.0);
+    // Warm-up tokens count too.
+    assert!(value("edgerun_generated_tokens_total ") >= 2.0 * completion as f64);
+}

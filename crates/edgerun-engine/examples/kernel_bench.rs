@@ -22,8 +22,8 @@ fn lcg(seed: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Median seconds per call of `f`, sampled for about `budget`.
-fn median(budget: Duration, mut f: impl FnMut()) -> f64 {
+/// (median, minimum) seconds per call of `f`, sampled for about `budget`.
+fn timings(budget: Duration, mut f: impl FnMut()) -> (f64, f64) {
     for _ in 0..3 {
         f();
     }
@@ -35,7 +35,7 @@ fn median(budget: Duration, mut f: impl FnMut()) -> f64 {
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    times[times.len() / 2]
+    (times[times.len() / 2], times[0])
 }
 
 /// Decode-like run: m = 1 over `count` distinct 1536x576 matrices (more than the L3 holds), so
@@ -51,16 +51,18 @@ fn cold(budget: Duration) {
         candle.push(QMatMul::from_qtensor(qt).unwrap());
     }
     let x = Tensor::from_vec(lcg(99, k), (1, k), &Device::Cpu).unwrap();
-    let t_candle = median(budget, || {
+    let t_candle = timings(budget, || {
         for c in &candle {
             std::hint::black_box(c.forward(&x).unwrap());
         }
-    }) / count as f64;
-    let t_ours = median(budget, || {
+    })
+    .0 / count as f64;
+    let t_ours = timings(budget, || {
         for o in &ours {
             std::hint::black_box(o.forward(&x).unwrap());
         }
-    }) / count as f64;
+    })
+    .0 / count as f64;
     let bytes = (n * k / 32 * 20) as f64;
     println!(
         "cold m=1, {count} x {n}x{k} ({:.0} MB of weights): candle {:.1} us ({:.1} GB/s), ours {:.1} us ({:.1} GB/s), {:.2}x",
@@ -87,8 +89,16 @@ fn main() {
         candle_core::utils::barrier_pool().n_workers() + 1
     );
     println!(
-        "{:>10} {:>4} {:>12} {:>12} {:>8} {:>9}",
-        "n x k", "m", "candle (us)", "ours (us)", "speedup", "ours GB/s"
+        "{:>10} {:>4} {:>12} {:>12} {:>8} {:>9} {:>10} {:>10} {:>8}",
+        "n x k",
+        "m",
+        "candle (us)",
+        "ours (us)",
+        "speedup",
+        "ours GB/s",
+        "candle min",
+        "ours min",
+        "min spdup"
     );
     for (n, k) in [(1536, 576), (576, 1536), (576, 576), (192, 576)] {
         if only_shape
@@ -107,21 +117,24 @@ fn main() {
                 continue;
             }
             let x = Tensor::from_vec(lcg(m as u64, m * k), (m, k), &Device::Cpu).unwrap();
-            let t_candle = median(budget, || {
+            let (t_candle, min_candle) = timings(budget, || {
                 std::hint::black_box(candle.forward(&x).unwrap());
             });
-            let t_ours = median(budget, || {
+            let (t_ours, min_ours) = timings(budget, || {
                 std::hint::black_box(ours.forward(&x).unwrap());
             });
             let weight_bytes = (n * k / 32 * 20) as f64;
             println!(
-                "{:>10} {:>4} {:>12.1} {:>12.1} {:>7.2}x {:>9.1}",
+                "{:>10} {:>4} {:>12.1} {:>12.1} {:>7.2}x {:>9.1} {:>10.1} {:>10.1} {:>7.2}x",
                 format!("{n}x{k}"),
                 m,
                 t_candle * 1e6,
                 t_ours * 1e6,
                 t_candle / t_ours,
-                weight_bytes / t_ours / 1e9
+                weight_bytes / t_ours / 1e9,
+                min_candle * 1e6,
+                min_ours * 1e6,
+                min_candle / min_ours
             );
         }
     }

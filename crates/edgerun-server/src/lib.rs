@@ -33,6 +33,7 @@ pub mod auth;
 pub mod error;
 pub mod models;
 mod routes;
+pub mod telemetry;
 
 pub use auth::TokenSet;
 pub use routes::router;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub body_limit: usize,
     /// Idle time after which a stream gets an SSE comment, so proxies keep it open.
     pub heartbeat: Duration,
+    /// Renders `/metrics`; `None` when this process has no recorder installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl AppState {
@@ -65,6 +68,7 @@ impl AppState {
             tokens,
             body_limit: 1 << 20,
             heartbeat: Duration::from_secs(15),
+            metrics: None,
         }
     }
 

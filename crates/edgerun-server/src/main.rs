@@ -150,6 +150,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     let mut state = AppState::new(served.clone(), tokens);
     state.body_limit = args.max_body_bytes;
     state.heartbeat = Duration::from_secs(args.heartbeat_secs.max(1));
+    state.metrics = edgerun_server::telemetry::install();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -2,6 +2,7 @@
 
 use crate::auth::require_bearer;
 use crate::error::{IntoHttp, ServerError};
+use crate::telemetry;
 use crate::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -17,7 +18,7 @@ use edgerun_protocol::{
     JSON_CONTENT_TYPE,
 };
 use std::convert::Infallible;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Workers AI's request-id header, kept when the caller (or the edge Worker) sent one.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("cf-ai-req-id");
@@ -35,9 +36,23 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(authed)
         .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
         .fallback(no_route)
         .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return ApiError::no_route().into_http();
+    };
+    let body = crate::telemetry::render(handle, state.engine.get().map(|e| e.stats()));
+    let mut resp = (StatusCode::OK, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
 }
 
 async fn no_route() -> Response {
@@ -58,7 +73,17 @@ async fn request_id(req: Request, next: Next) -> Response {
         .unwrap_or_else(|| {
             HeaderValue::from_str(&new_request_id()).expect("hex is a valid header value")
         });
+    let started = Instant::now();
+    let is_run = req.uri().path().contains("/run/");
     let mut resp = next.run(req).await;
+    if is_run {
+        let status = resp.status().as_u16().to_string();
+        metrics::counter!(telemetry::REQUESTS, "status" => status).increment(1);
+        if !resp.status().is_success() {
+            metrics::histogram!(telemetry::REQUEST_DURATION, "outcome" => "error")
+                .record(started.elapsed().as_secs_f64());
+        }
+    }
     resp.headers_mut().insert(REQUEST_ID_HEADER, id);
     resp
 }
@@ -116,6 +141,7 @@ fn model_tail(path: &str) -> &str {
 }
 
 async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, ServerError> {
+    let started = Instant::now();
     let model = model_from_path(model_tail(uri.path())).unwrap_or_default();
     if !state.serves(&model) {
         return Err(ApiError::no_such_model(&model).into());
@@ -146,10 +172,11 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
     };
     let prompt_tokens = prompt.len();
     let stream = engine.submit(prompt, request.params, request.reject_if_busy)?;
+    let timer = TokenTimer::new(started);
     if request.stream {
-        Ok(stream_response(stream, state.heartbeat))
+        Ok(stream_response(stream, state.heartbeat, timer))
     } else {
-        collect_response(stream, prompt_tokens).await
+        collect_response(stream, prompt_tokens, timer).await
     }
 }
 
@@ -157,13 +184,18 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
 async fn collect_response(
     mut stream: TokenStream,
     prompt_tokens: usize,
+    mut timer: TokenTimer,
 ) -> Result<Response, ServerError> {
     let mut text = String::new();
     loop {
         match stream.recv().await {
-            Some(GenerationEvent::Token { text: t }) => text.push_str(&t),
+            Some(GenerationEvent::Token { text: t }) => {
+                timer.token();
+                text.push_str(&t)
+            }
             Some(GenerationEvent::PromptProcessed { .. }) => {}
             Some(GenerationEvent::Finished { usage, .. }) => {
+                timer.finish();
                 let out = TextGenerationOutput {
                     response: text,
                     tool_calls: Vec::new(),
@@ -195,16 +227,22 @@ fn json_response(body: String) -> Response {
 /// Server-sent events: one `data:` event per text delta as soon as the engine sends it, the
 /// usage event, then `[DONE]`. While nothing happens for `heartbeat` (queued, or reading a
 /// long prompt) an SSE comment keeps proxies from closing the connection.
-fn stream_response(stream: TokenStream, heartbeat: Duration) -> Response {
-    let events = futures::stream::unfold(Some(stream), move |state| async move {
-        let mut stream = state?;
+fn stream_response(stream: TokenStream, heartbeat: Duration, timer: TokenTimer) -> Response {
+    let events = futures::stream::unfold(Some((stream, timer)), move |state| async move {
+        let (mut stream, mut timer) = state?;
         loop {
             let next = tokio::time::timeout(heartbeat, stream.recv()).await;
             let (frame, keep) = match next {
                 Err(_) => (sse::heartbeat().to_string(), true),
                 Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
-                Ok(Some(GenerationEvent::Token { text })) => (sse::token_event(&text), true),
-                Ok(Some(GenerationEvent::Finished { usage, .. })) => (finish_frames(&usage), false),
+                Ok(Some(GenerationEvent::Token { text })) => {
+                    timer.token();
+                    (sse::token_event(&text), true)
+                }
+                Ok(Some(GenerationEvent::Finished { usage, .. })) => {
+                    timer.finish();
+                    (finish_frames(&usage), false)
+                }
                 Ok(Some(GenerationEvent::Failed(e))) => {
                     (sse::error_event(&ApiError::internal(e)), false)
                 }
@@ -214,7 +252,7 @@ fn stream_response(stream: TokenStream, heartbeat: Duration) -> Response {
                 ),
             };
             let frame = Ok::<_, Infallible>(Bytes::from(frame));
-            return Some((frame, keep.then_some(stream)));
+            return Some((frame, keep.then_some((stream, timer))));
         }
     });
     let mut resp = Response::new(Body::from_stream(events));
@@ -234,4 +272,36 @@ fn stream_response(stream: TokenStream, heartbeat: Duration) -> Response {
 
 fn finish_frames(usage: &Usage) -> String {
     format!("{}{}", sse::usage_event(usage), sse::DONE_EVENT)
+}
+
+/// Records time to first token, inter-token latency and request duration as a generation's
+/// events go out.
+struct TokenTimer {
+    started: Instant,
+    last: Option<Instant>,
+}
+
+impl TokenTimer {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            last: None,
+        }
+    }
+
+    fn token(&mut self) {
+        let now = Instant::now();
+        match self.last {
+            None => metrics::histogram!(telemetry::TTFT).record((now - self.started).as_secs_f64()),
+            Some(prev) => {
+                metrics::histogram!(telemetry::INTER_TOKEN).record((now - prev).as_secs_f64())
+            }
+        }
+        self.last = Some(now);
+    }
+
+    fn finish(&self) {
+        metrics::histogram!(telemetry::REQUEST_DURATION, "outcome" => "ok")
+            .record(self.started.elapsed().as_secs_f64());
+    }
 }

@@ -1,0 +1,103 @@
+//! Prometheus metrics at `GET /metrics`.
+//!
+//! Request outcomes and latencies are recorded where they happen (the `metrics` facade);
+//! engine counters (sequences, queue, tokens) are read from the engine when scraped, so the
+//! engine crate stays free of any metrics dependency.
+
+use edgerun_engine::StatsSnapshot;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "edgerun_requests_total";
+pub const TTFT: &str = "edgerun_time_to_first_token_seconds";
+pub const INTER_TOKEN: &str = "edgerun_inter_token_latency_seconds";
+pub const REQUEST_DURATION: &str = "edgerun_request_duration_seconds";
+
+/// Installs the process-wide recorder. `None` if one is installed already (tests build many
+/// routers in one process); metrics are then simply not rendered by that router.
+pub fn install() -> Option<PrometheusHandle> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(TTFT.into()),
+            &[
+                0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(INTER_TOKEN.into()),
+                &[0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(REQUEST_DURATION.into()),
+                &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0],
+            )
+        })
+        .ok()?
+        .install_recorder()
+        .ok()
+}
+
+/// The exposition text: recorded metrics plus the engine's counters.
+pub fn render(handle: &PrometheusHandle, stats: Option<StatsSnapshot>) -> String {
+    let mut out = handle.render();
+    let s = stats.unwrap_or_default();
+    let ready = u8::from(stats.is_some_and(|s| s.ready));
+    let gauges = [
+        (
+            "edgerun_ready",
+            "gauge",
+            "1 once the model is loaded and warmed up",
+            ready as usize,
+        ),
+        (
+            "edgerun_active_sequences",
+            "gauge",
+            "sequences in the running batch",
+            s.active_sequences,
+        ),
+        (
+            "edgerun_queued_requests",
+            "gauge",
+            "requests waiting for a batch slot",
+            s.queued_requests,
+        ),
+        (
+            "edgerun_peak_batch_size",
+            "gauge",
+            "most sequences run in one step",
+            s.peak_batch_size,
+        ),
+        (
+            "edgerun_generated_tokens_total",
+            "counter",
+            "tokens generated",
+            s.generated_tokens_total,
+        ),
+        (
+            "edgerun_prompt_tokens_total",
+            "counter",
+            "prompt tokens processed",
+            s.prompt_tokens_total,
+        ),
+        (
+            "edgerun_sequences_completed_total",
+            "counter",
+            "sequences finished",
+            s.requests_completed_total,
+        ),
+        (
+            "edgerun_sequences_cancelled_total",
+            "counter",
+            "sequences cancelled by their client",
+            s.requests_cancelled_total,
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    out
+}
