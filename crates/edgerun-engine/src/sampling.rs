@@ -53,6 +53,8 @@ impl Sampler {
         if temperature <= 0.0 || self.params.top_k == Some(1) {
             return argmax(logits);
         }
+        // Work in O(vocab) where possible: a full sort of a 50k-128k vocabulary per token
+        // costs milliseconds, a visible share of a decode step.
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
@@ -62,39 +64,75 @@ impl Sampler {
         if candidates.is_empty() {
             return argmax(logits);
         }
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if let Some(k) = self.params.top_k {
-            candidates.truncate((k as usize).max(1));
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if let Some(k) = self.params.top_k.map(|k| (k as usize).max(1)) {
+            if k < candidates.len() {
+                candidates.select_nth_unstable_by(k - 1, by_logit_desc);
+                candidates.truncate(k);
+            }
         }
-        let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        if let Some(top_p) = self.params.top_p {
-            if top_p < 1.0 {
-                let mut acc = 0.0;
-                let mut keep = probs.len();
-                for (i, p) in probs.iter().enumerate() {
-                    acc += p;
-                    if acc >= top_p {
-                        keep = i + 1;
-                        break;
-                    }
+        let max = candidates
+            .iter()
+            .map(|c| c.1)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        let top_p = self.params.top_p.unwrap_or(1.0);
+        if top_p >= 1.0 {
+            return self.draw(&candidates, &weights, total);
+        }
+        // Nucleus: the smallest set of most likely tokens whose mass reaches top_p. Sort only
+        // as many of the best candidates as needed, widening the window until it holds the
+        // nucleus.
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        let by_weight_desc = |a: &usize, b: &usize| {
+            weights[*b]
+                .total_cmp(&weights[*a])
+                .then(candidates[*a].0.cmp(&candidates[*b].0))
+        };
+        let mut window = 64.min(order.len());
+        loop {
+            if window < order.len() {
+                order.select_nth_unstable_by(window - 1, by_weight_desc);
+            }
+            order[..window].sort_unstable_by(by_weight_desc);
+            let mut acc = 0.0;
+            let mut keep = None;
+            for (i, &j) in order[..window].iter().enumerate() {
+                acc += weights[j] / total;
+                if acc >= top_p {
+                    keep = Some(i + 1);
+                    break;
                 }
-                probs.truncate(keep.max(1));
-                let sum: f32 = probs.iter().sum();
-                probs.iter_mut().for_each(|p| *p /= sum);
             }
+            if let Some(keep) = keep.or((window == order.len()).then_some(window)) {
+                let kept: Vec<(u32, f32)> = order[..keep].iter().map(|&j| candidates[j]).collect();
+                let w: Vec<f32> = order[..keep].iter().map(|&j| weights[j]).collect();
+                let t = w.iter().sum();
+                return self.draw(&kept, &w, t);
+            }
+            window = (window * 4).min(order.len());
         }
-        let r: f32 = self.rng.random();
+    }
+
+    /// Draws one candidate with probability proportional to its weight.
+    fn draw(&mut self, candidates: &[(u32, f32)], weights: &[f32], total: f32) -> u32 {
+        let r = self.rng.random::<f32>() * total;
         let mut acc = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
+        for (c, w) in candidates.iter().zip(weights) {
+            acc += w;
             if r < acc {
-                return candidates[i].0;
+                return c.0;
             }
         }
-        candidates[probs.len() - 1].0
+        // Rounding left r at the very top: the last candidate with any weight.
+        candidates
+            .iter()
+            .zip(weights)
+            .rev()
+            .find(|(_, &w)| w > 0.0)
+            .map_or(candidates[0].0, |(c, _)| c.0)
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -200,6 +238,70 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(s.sample(&mut logits.clone()), 1);
         }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution_and_its_cuts() {
+        // Logits for probabilities ~ [0.5, 0.25, 0.125, 0.125].
+        let logits = [2f32.ln() * 3.0, 2f32.ln() * 2.0, 2f32.ln(), 2f32.ln()];
+        let count = |params: SamplingParams| {
+            let mut s = Sampler::new(params, &[]);
+            let mut n = [0u32; 4];
+            for _ in 0..4000 {
+                n[s.sample(&mut logits.to_vec()) as usize] += 1;
+            }
+            n
+        };
+        let base = SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            ..Default::default()
+        };
+        let n = count(base);
+        assert!(
+            (1800..2200).contains(&n[0]) && (800..1200).contains(&n[1]),
+            "{n:?}"
+        );
+        assert!(n[2] > 300 && n[3] > 300, "{n:?}");
+        // top_p 0.7 keeps the two most likely (0.5 + 0.25 >= 0.7).
+        let n = count(SamplingParams {
+            top_p: Some(0.7),
+            ..base
+        });
+        assert_eq!(n[2] + n[3], 0, "{n:?}");
+        assert!(n[0] > n[1] && n[1] > 0, "{n:?}");
+        // top_k 3 drops one of the two least likely.
+        let n = count(SamplingParams {
+            top_k: Some(3),
+            ..base
+        });
+        assert!(n.iter().filter(|&&c| c == 0).count() == 1, "{n:?}");
+    }
+
+    #[test]
+    fn nucleus_window_widens_over_a_flat_distribution() {
+        // 1000 equally likely tokens: top_p 0.5 needs 500 of them, more than the first window.
+        let logits = vec![0f32; 1000];
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_p: Some(0.5),
+                seed: Some(9),
+                ..Default::default()
+            },
+            &[],
+        );
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3000 {
+            let t = s.sample(&mut logits.clone());
+            // 500 tokens make half the mass, give or take float rounding.
+            assert!(
+                t <= 501,
+                "token {t} outside the nucleus (ties go to lower ids)"
+            );
+            seen.insert(t);
+        }
+        assert!(seen.len() > 400, "{}", seen.len());
     }
 
     #[test]
