@@ -3,7 +3,10 @@
 //!
 //! cargo run --release -p edgerun-engine --example kernel_bench [-- <ms per measurement> [NxK] [m]]
 //!
-//! The optional `NxK` and `m` restrict the run to one shape / batch size (for profiling).
+//! The optional `NxK` and `m` restrict the run to one shape / pick the batch size. Instead of a
+//! shape, `cold [m]` streams 80 distinct 1536x576 matrices (44 MB, past the L3) like a decode
+//! step, and `model=<file.gguf> [m]` runs every Q4_1 weight of a model once (checking ours
+//! against candle). Thread count: CANDLE_NUM_THREADS (both paths use candle's pool).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -38,9 +41,9 @@ fn timings(budget: Duration, mut f: impl FnMut()) -> (f64, f64) {
     (times[times.len() / 2], times[0])
 }
 
-/// Decode-like run: m = 1 over `count` distinct 1536x576 matrices (more than the L3 holds), so
-/// the weights come from DRAM as in a real forward pass. Prints time per matrix.
-fn cold(budget: Duration) {
+/// Decode-like run: `m` rows (default 1) through `count` distinct 1536x576 matrices (more than
+/// the L3 holds), so the weights come from DRAM as in a real forward pass. Prints time per matrix.
+fn cold(budget: Duration, m: usize) {
     let (n, k, count) = (1536, 576, 80);
     let mut ours = Vec::new();
     let mut candle = Vec::new();
@@ -50,7 +53,7 @@ fn cold(budget: Duration) {
         ours.push(Q4_1Matrix::from_qtensor(&qt).unwrap().unwrap());
         candle.push(QMatMul::from_qtensor(qt).unwrap());
     }
-    let x = Tensor::from_vec(lcg(99, k), (1, k), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(lcg(99, m * k), (m, k), &Device::Cpu).unwrap();
     let t_candle = timings(budget, || {
         for c in &candle {
             std::hint::black_box(c.forward(&x).unwrap());
@@ -65,7 +68,8 @@ fn cold(budget: Duration) {
     .0 / count as f64;
     let bytes = (n * k / 32 * 20) as f64;
     println!(
-        "cold m=1, {count} x {n}x{k} ({:.0} MB of weights): candle {:.1} us ({:.1} GB/s), ours {:.1} us ({:.1} GB/s), {:.2}x",
+        "cold m={m}, {count} x {n}x{k} ({:.0} MB of weights): candle {:.1} us ({:.1} GB/s), \
+         ours {:.1} us ({:.1} GB/s), {:.2}x",
         bytes * count as f64 / 1e6,
         t_candle * 1e6,
         bytes / t_candle / 1e9,
@@ -75,15 +79,82 @@ fn cold(budget: Duration) {
     );
 }
 
+/// Every 2-D Q4_1 weight of a GGUF model, `m` rows through each (a decode step's matmuls when
+/// m = 1): checks ours against candle and prints the total time per pass for both.
+fn model(path: &str, budget: Duration, m: usize) {
+    use candle_core::quantized::gguf_file;
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut names: Vec<_> = content.tensor_infos.keys().cloned().collect();
+    names.sort();
+    let mut pairs = Vec::new();
+    let mut bytes = 0usize;
+    let mut max_rel = 0f32;
+    for name in names {
+        let qt = content.tensor(&mut file, &name, &Device::Cpu).unwrap();
+        let Some(ours) = Q4_1Matrix::from_qtensor(&qt).unwrap() else {
+            continue;
+        };
+        bytes += qt.storage_size_in_bytes();
+        let x = Tensor::from_vec(
+            lcg(bytes as u64, m * ours.cols()),
+            (m, ours.cols()),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let candle = QMatMul::from_qtensor(qt).unwrap();
+        let want = candle.forward(&x).unwrap();
+        let got = ours.forward(&x).unwrap();
+        let max_ref: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        max_rel = max_rel.max(diff / max_ref);
+        pairs.push((ours, candle, x));
+    }
+    let t_candle = timings(budget, || {
+        for (_, c, x) in &pairs {
+            std::hint::black_box(c.forward(x).unwrap());
+        }
+    })
+    .0;
+    let t_ours = timings(budget, || {
+        for (o, _, x) in &pairs {
+            std::hint::black_box(o.forward(x).unwrap());
+        }
+    })
+    .0;
+    println!(
+        "{} Q4_1 matrices ({:.1} MB), m={m}: candle {:.2} ms, ours {:.2} ms ({:.1} GB/s), \
+         {:.2}x; max |diff| / max |ref| = {:.1e}",
+        pairs.len(),
+        bytes as f64 / 1e6,
+        t_candle * 1e3,
+        t_ours * 1e3,
+        bytes as f64 / t_ours / 1e9,
+        t_candle / t_ours,
+        max_rel
+    );
+}
+
 fn main() {
     let budget_ms: u64 = std::env::args().nth(1).map_or(400, |s| s.parse().unwrap());
     let budget = Duration::from_millis(budget_ms);
     let only_shape = std::env::args().nth(2);
-    if only_shape.as_deref() == Some("cold") {
-        cold(budget);
+    let only_m: Option<usize> = std::env::args().nth(3).map(|s| s.parse().unwrap());
+    if let Some(path) = only_shape.as_deref().and_then(|s| s.strip_prefix("model=")) {
+        model(path, budget, only_m.unwrap_or(1));
         return;
     }
-    let only_m: Option<usize> = std::env::args().nth(3).map(|s| s.parse().unwrap());
+    if only_shape.as_deref() == Some("cold") {
+        cold(budget, only_m.unwrap_or(1));
+        return;
+    }
     println!(
         "threads: {}",
         candle_core::utils::barrier_pool().n_workers() + 1
@@ -112,10 +183,7 @@ fn main() {
         let qt = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let ours = Q4_1Matrix::from_qtensor(&qt).unwrap().unwrap();
         let candle = QMatMul::from_qtensor(qt).unwrap();
-        for m in [1usize, 4, 30, 128] {
-            if only_m.is_some_and(|o| o != m) {
-                continue;
-            }
+        for m in only_m.map_or(vec![1usize, 4, 30, 128], |m| vec![m]) {
             let x = Tensor::from_vec(lcg(m as u64, m * k), (m, k), &Device::Cpu).unwrap();
             let (t_candle, min_candle) = timings(budget, || {
                 std::hint::black_box(candle.forward(&x).unwrap());

@@ -6,50 +6,63 @@
 //! `<BlockQ4_1 as GgmlType>::vec_dot` falls through to `vec_dot_unopt`, a scalar nibble loop.
 //! Our default model stores nearly every 2-D weight as Q4_1, so that loop was most of the
 //! inference time. [`Q4_1Matrix`] holds such a weight and [`Q4_1Matrix::forward`] computes
-//! `xs @ W^T` like `QMatMul::forward`, with an AVX2 kernel.
+//! `xs @ W^T` like `QMatMul::forward`, 4-9x faster (`examples/kernel_bench.rs`).
 //!
 //! # Layout
 //!
-//! * Weights: `n` rows of `k` values (`k % 32 == 0`), each row `k / 32` consecutive [`BlockQ4_1`]s,
-//!   rows one after the other. The block is GGML's own 20-byte block (`d: f16, m: f16,
-//!   qs: [u8; 16]`; value `j` is `d * (qs[j] & 0xF) + m`, value `j + 16` is `d * (qs[j] >> 4) + m`),
-//!   so loading is one `memcpy` of the GGUF bytes and the matrix takes no more memory than the
-//!   file.
-//! * Activations: every row of `lhs` is quantized to Q8_1 (32 values per block: `d`, `s = d * Σq`,
-//!   `q: [i8; 32]`) by candle's own `BlockQ8_1::from_float`, so the integers are exactly those of
-//!   candle's path. They are then split into a 32-byte-aligned array of the `q`s and an array of
-//!   `[d, s]` pairs already widened to f32 (exact), so that the inner loop converts no f16 on
-//!   the activation side and loads a block's 32 quants with one aligned load.
+//! * Weights: `n` rows of `k` values (`k % 32 == 0`), each row `k / 32` consecutive
+//!   [`BlockQ4_1`]s, rows one after the other. The block is GGML's own 20-byte block
+//!   (`d: f16, m: f16, qs: [u8; 16]`; value `j` is `d * (qs[j] & 0xF) + m`, value `j + 16` is
+//!   `d * (qs[j] >> 4) + m`), so loading is a copy of the GGUF bytes and the matrix takes no more
+//!   memory (or bandwidth per token) than the file.
+//! * Activations: every row of `lhs` is quantized to Q8_1 (32 values per block: `d`,
+//!   `s = d * Σq`, `q: [i8; 32]`) exactly as candle's `BlockQ8_1::from_float` does (the scalar
+//!   path calls it; the AVX2 path reimplements it, tested bit for bit against it), so the
+//!   integers and scales are those of candle's path. The quants go to a row-major array of
+//!   32-byte-aligned blocks (one aligned load each); `d` and `s` are widened to f32 (exact) into
+//!   two *block-major* arrays (`[block][row]`), so the kernel that serves 8 lhs rows at once
+//!   finds their 8 values side by side. This lives in a thread-local scratch reused across
+//!   calls.
 //!
 //! # Numerics
 //!
 //! Per block the kernel computes what candle's `vec_dot_unopt` computes,
-//! `d4 * d8 * Σ q4_i q8_i + m4 * s8`: the integer dot product is exact (`maddubs` of the u8
-//! nibbles with the i8 quants, then `madd` with ones: 8 lanes of i32); it is converted to f32
-//! and fused-multiply-added with the broadcast `d4 * d8` into an 8-lane accumulator, while
-//! `m4 * s8` is summed in a separate accumulator. At the end of the row the 8 lanes are summed
-//! in a fixed order and the `m` sum added. Only the order of the f32 additions differs from
-//! candle's, so results agree with it to float rounding (a few ulps of the terms summed).
+//! `d4 * d8 * Σ q4_i q8_i + m4 * s8`. The integer dot product is exact (`maddubs` of the u8
+//! nibbles with the i8 quants, then `madd` with ones: 8 lanes of i32), as are `d4 * d8` and
+//! `m4 * s8` (products of two f16 values fit in an f32). The 8 lanes are converted to f32 and
+//! fused-multiply-added with the broadcast `d4 * d8` into an 8-lane accumulator; `m4 * s8` is
+//! summed in a separate one; at the end of the row the 8 lanes are summed in a fixed order and
+//! the `m` sum added. Only the rounding of the f32 sums differs from candle's (which rounds
+//! `sumi * d4` and sums block by block), so results agree with it to float rounding; the tests
+//! hold them to `1e-4 * max|ref|`.
 //!
-//! **Row invariance.** Output `(i, j)` is a function of lhs row `i` and weight row `j` alone,
-//! computed by the same sequence of operations whatever `m` is, whichever other rows share the
-//! call and however rows are tiled: every tile shape runs the same per-output instruction
-//! sequence (tiles only interleave independent outputs), and nothing in the kernel branches on
-//! `m`. This is what lets a batched step produce bitwise the same logits as a solo one.
+//! **Row invariance.** Output `(i, j)` is a function of lhs row `i` and weight row `j` alone: it
+//! is computed by the same sequence of floating-point operations whatever `m` is, whichever
+//! other rows share the call, whichever kernel and tile computes it and whichever thread runs
+//! it. The kernels differ only in how many independent outputs they interleave and in which
+//! vector lanes the (exact) scales and the `m` sums live. So a sequence's logits are bitwise the
+//! same alone or in any batch, which the engine's batch-invariance tests rely on.
 //!
-//! # Kernel and threading
+//! # Kernels and threading
 //!
-//! The AVX2 path (`avx2`, `fma`, `f16c`, detected once at runtime and cached) computes a tile of
-//! `R` lhs rows by `C` weight rows at once: each weight block is unpacked to 32 bytes once and
-//! used for `R` lhs rows, each lhs block loaded once and used for `C` weight rows. Other CPUs
-//! get a portable scalar loop with the same formula.
+//! The AVX2 path (`avx2`, `fma`, `f16c`, detected once at runtime and cached) has two kernels:
 //!
-//! Work is split over weight rows (output columns) in groups of [`GROUP`] rows, handed out by
-//! candle's own `barrier_pool()` (so our matmuls and candle's never compete for cores). A
-//! group computes its weight rows against *all* `m` lhs rows, so each weight row is read from
-//! memory once per call however many tokens are batched: decoding 30 sequences costs little
-//! more weight bandwidth than decoding one. Every output element is written by exactly one
-//! work item, through a raw pointer, as candle's own matmul does.
+//! * *wide*, for `m = 1` (decoding one sequence): one lhs row against 4 weight rows, so each
+//!   activation block is loaded once for 4 weight blocks; it prefetches the weight rows ahead,
+//!   which matters when they stream from DRAM (every weight is read once per step);
+//! * *tall*, for `m > 1`: 8 lhs rows against one weight row, so each weight block is unpacked
+//!   (nibbles to bytes, f16 scales to f32) once for 8 rows. Lhs rows are visited 64 at a time
+//!   to stay in L2.
+//!
+//! Other CPUs get a portable scalar loop with the same per-block formula.
+//!
+//! Work is split over weight rows (output columns), 4 rows per item, handed out by candle's own
+//! `barrier_pool()` (so our matmuls and candle's never compete for cores). An item computes its
+//! weight rows against *all* `m` lhs rows, so each weight row is read from memory once per call
+//! however many tokens are batched: a step decoding 30 sequences reads the weights once, not 30
+//! times. Every output element is written by exactly one item, through a raw pointer, as
+//! candle's own matmul does. The lhs is quantized on the calling thread before the pool starts
+//! (about 2% of the time).
 
 use candle_core::quantized::k_quants::{BlockQ8_1 as CandleQ8_1, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -94,12 +107,18 @@ const _: () = assert!(std::mem::align_of::<Q8_1Mirror>() == std::mem::align_of::
 struct Q8Quants([i8; QK]);
 
 /// Q4_1 weights (n rows of k values, k % 32 == 0) laid out for the SIMD kernel.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Q4_1Matrix {
     n: usize,
     k: usize,
     /// `n * k / 32` blocks, row-major.
     blocks: Vec<BlockQ4_1>,
+}
+
+impl std::fmt::Debug for Q4_1Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q4_1Matrix({} x {})", self.n, self.k)
+    }
 }
 
 impl Q4_1Matrix {
@@ -142,13 +161,6 @@ impl Q4_1Matrix {
         Ok(Some(Self { n, k, blocks }))
     }
 
-    /// Builds a matrix from blocks (`n * k / 32` of them, row-major).
-    pub fn from_blocks(n: usize, k: usize, blocks: Vec<BlockQ4_1>) -> Self {
-        assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
-        assert_eq!(blocks.len(), n * (k / QK), "block count for ({n}, {k})");
-        Self { n, k, blocks }
-    }
-
     /// Number of weight rows `n` (output features).
     pub fn rows(&self) -> usize {
         self.n
@@ -157,11 +169,6 @@ impl Q4_1Matrix {
     /// Number of columns `k` (input features).
     pub fn cols(&self) -> usize {
         self.k
-    }
-
-    /// The blocks, row-major.
-    pub fn blocks(&self) -> &[BlockQ4_1] {
-        &self.blocks
     }
 
     /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`; equivalent to
@@ -212,13 +219,13 @@ struct LhsScratch {
     candle: Vec<CandleQ8_1>,
     /// `qs[i * nb + b]`: block `b` of row `i`.
     qs: Vec<Q8Quants>,
-    /// `d8[b * m + i]`: scale of block `b` of row `i` (f32), then [`SCALE_PAD`] zeros.
+    /// `d8[b * m + i]`: scale of block `b` of row `i` (f32), then at least [`SCALE_PAD`] more.
     d8: Vec<f32>,
-    /// `s8[b * m + i]`: `d * Σq` of block `b` of row `i` (f32), then [`SCALE_PAD`] zeros.
+    /// `s8[b * m + i]`: `d * Σq` of block `b` of row `i` (f32), then at least [`SCALE_PAD`] more.
     s8: Vec<f32>,
 }
 
-/// Zeros after the block-major scales, so that a kernel may load 8 rows' worth from any row.
+/// Slack after the block-major scales, so that a kernel may load 8 rows' worth from any row.
 const SCALE_PAD: usize = 8;
 
 thread_local! {
@@ -267,10 +274,14 @@ fn matmul_q4_1_with(isa: Isa, lhs: &[f32], m: usize, w: &Q4_1Matrix, out: &mut [
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
     let nb = k / QK;
     LHS_SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
-        quantize_lhs(lhs, m, k, &mut scratch);
+        quantize_lhs(isa, lhs, m, k, &mut scratch);
         let scratch = &*scratch;
         let ctx = Ctx {
             nb,
@@ -298,30 +309,38 @@ fn matmul_q4_1_with(isa: Isa, lhs: &[f32], m: usize, w: &Q4_1Matrix, out: &mut [
     })
 }
 
-/// Quantizes the `m` rows of `lhs` to Q8_1 with candle's own `from_float` and lays the blocks
-/// out as [`LhsScratch`] describes.
-fn quantize_lhs(lhs: &[f32], m: usize, k: usize, s: &mut LhsScratch) {
+/// Quantizes the `m` rows of `lhs` to Q8_1 exactly as candle's `BlockQ8_1::from_float` does and
+/// lays the blocks out as [`LhsScratch`] describes: with an AVX2 reimplementation (bit-for-bit
+/// the same for finite inputs, tested) or by calling `from_float` itself.
+fn quantize_lhs(isa: Isa, lhs: &[f32], m: usize, k: usize, s: &mut LhsScratch) {
     let nb = k / QK;
     let total = m * nb;
-    if s.candle.len() < nb {
-        s.candle.resize(nb, CandleQ8_1::zeros());
-    }
-    s.qs.clear();
-    s.qs.reserve(total);
-    s.d8.clear();
+    // Every element below `total` is overwritten; what lies past it (the pad) is only ever
+    // loaded into lanes that are ignored, so stale values there are harmless.
+    s.qs.resize(total, Q8Quants([0; QK]));
     s.d8.resize(total + SCALE_PAD, 0.0);
-    s.s8.clear();
     s.s8.resize(total + SCALE_PAD, 0.0);
-    for (i, row) in lhs.chunks_exact(k).enumerate() {
-        let blocks = &mut s.candle[..nb];
-        CandleQ8_1::from_float(row, blocks);
-        // SAFETY: `Q8_1Mirror` has the size, alignment and field order of candle's block.
-        let mirror: &[Q8_1Mirror] =
-            unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const Q8_1Mirror, nb) };
-        for (b, blk) in mirror.iter().enumerate() {
-            s.qs.push(Q8Quants(blk.qs));
-            s.d8[b * m + i] = f16_to_f32(blk.d);
-            s.s8[b * m + i] = f16_to_f32(blk.s);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA and F16C; the slices
+        // have the lengths `quantize` expects.
+        Isa::Avx2 => unsafe { avx2::quantize(lhs, m, k, &mut s.qs, &mut s.d8, &mut s.s8) },
+        Isa::Scalar => {
+            if s.candle.len() < nb {
+                s.candle.resize(nb, CandleQ8_1::zeros());
+            }
+            for (i, row) in lhs.chunks_exact(k).enumerate() {
+                let blocks = &mut s.candle[..nb];
+                CandleQ8_1::from_float(row, blocks);
+                // SAFETY: `Q8_1Mirror` has the size, alignment and field order of candle's block.
+                let mirror: &[Q8_1Mirror] =
+                    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const Q8_1Mirror, nb) };
+                for (b, blk) in mirror.iter().enumerate() {
+                    s.qs[i * nb + b] = Q8Quants(blk.qs);
+                    s.d8[b * m + i] = f16_to_f32(blk.d);
+                    s.s8[b * m + i] = f16_to_f32(blk.s);
+                }
+            }
         }
     }
 }
@@ -357,7 +376,8 @@ fn f16_to_f32(h: u16) -> f32 {
             return if sign != 0 { -v } else { v };
         }
     } else if exp == 0x1f {
-        sign | 0x7f80_0000 | (man << 13)
+        // Infinity, or NaN made quiet as F16C does.
+        sign | 0x7f80_0000 | (man << 13) | if man != 0 { 0x0040_0000 } else { 0 }
     } else {
         sign | ((exp + 112) << 23) | (man << 13)
     };
@@ -404,15 +424,25 @@ unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
 /// they interleave and in which vector lanes `d4 * d8` and `acc_m` live.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4_1, Ctx, Q8Quants};
+    use super::{BlockQ4_1, Ctx, Q8Quants, QK};
     use std::arch::x86_64::*;
 
     /// 8 f32 lanes in memory, aligned for one vector store.
     #[repr(C, align(32))]
     struct Lanes([f32; 8]);
 
+    /// How many blocks ahead the wide (decode) kernel prefetches its weight rows: with the
+    /// hardware prefetcher alone, streaming weights from DRAM at m = 1 was ~20-30% slower. (The
+    /// tall kernel does enough work per weight byte not to need it; prefetching there measured
+    /// slightly worse.)
+    const PREFETCH: usize = 48;
+
     /// Lhs rows per tile of the tall kernel.
     const TALL: usize = 8;
+    /// Lhs rows whose quants stay in cache while a work item's weight rows pass over them.
+    const LHS_CHUNK: usize = 64;
+    const _: () = assert!(LHS_CHUNK.is_multiple_of(TALL));
+
     /// Weight rows per tile of the wide kernel.
     const WIDE: usize = 4;
 
@@ -434,22 +464,27 @@ mod avx2 {
                 wide::<1>(ctx, 0, j);
             }
         } else {
-            // Several lhs rows: each unpacked weight block serves TALL of them.
-            for j in rows {
-                let mut i = 0;
-                while i + TALL <= ctx.m {
-                    tall::<TALL>(ctx, i, j);
-                    i += TALL;
-                }
-                match ctx.m - i {
-                    0 => {}
-                    1 => tall::<1>(ctx, i, j),
-                    2 => tall::<2>(ctx, i, j),
-                    3 => tall::<3>(ctx, i, j),
-                    4 => tall::<4>(ctx, i, j),
-                    5 => tall::<5>(ctx, i, j),
-                    6 => tall::<6>(ctx, i, j),
-                    _ => tall::<7>(ctx, i, j),
+            // Several lhs rows: each unpacked weight block serves TALL of them. Lhs rows are
+            // taken LHS_CHUNK at a time so that they stay in L2 while this item's weight rows
+            // pass over them; LHS_CHUNK is a multiple of TALL, so only the last tile is short.
+            for i0 in (0..ctx.m).step_by(LHS_CHUNK) {
+                let i1 = ctx.m.min(i0 + LHS_CHUNK);
+                for j in rows.clone() {
+                    let mut i = i0;
+                    while i + TALL <= i1 {
+                        tall::<TALL>(ctx, i, j);
+                        i += TALL;
+                    }
+                    match i1 - i {
+                        0 => {}
+                        1 => tall::<1>(ctx, i, j),
+                        2 => tall::<2>(ctx, i, j),
+                        3 => tall::<3>(ctx, i, j),
+                        4 => tall::<4>(ctx, i, j),
+                        5 => tall::<5>(ctx, i, j),
+                        6 => tall::<6>(ctx, i, j),
+                        _ => tall::<7>(ctx, i, j),
+                    }
                 }
             }
         }
@@ -495,6 +530,7 @@ mod avx2 {
             let mut dm_bits = _mm_setzero_si128();
             for c in 0..C {
                 let blk = wrow[c].add(b);
+                _mm_prefetch::<_MM_HINT_T0>(wrow[c].wrapping_add(b + PREFETCH) as *const i8);
                 q4[c] = unpack(blk);
                 let bits = std::ptr::read_unaligned(blk as *const i32);
                 dm_bits = match c {
@@ -566,9 +602,98 @@ mod avx2 {
         }
     }
 
+    /// Candle's `BlockQ8_1::from_float` for the `m` rows of `lhs` (`m * k` values), written
+    /// into `qs` (`[row][block]`) and `d8` / `s8` (`[block][row]`, widened to f32). Per block:
+    /// `amax = max |x|`, `d = amax / 127`, `id = 1 / d` (0 if `d == 0`),
+    /// `q = round_half_away(x * id)`, `d16 = f16(d)`, `s16 = f16(f32(f16(Σq)) * f32(d16))`: the
+    /// same IEEE operations in the same order, so the same bits for finite inputs. (NaN inputs
+    /// give quants of 0 like candle's `as i8`, but may get another `amax`.)
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `lhs.len() == m * k`, `qs.len() >= m * k / 32`,
+    /// `d8` and `s8` at least `m * k / 32` long.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize(
+        lhs: &[f32],
+        m: usize,
+        k: usize,
+        qs: &mut [Q8Quants],
+        d8: &mut [f32],
+        s8: &mut [f32],
+    ) {
+        let nb = k / QK;
+        assert!(
+            lhs.len() == m * k && qs.len() >= m * nb && d8.len() >= m * nb && s8.len() >= m * nb
+        );
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let half = _mm256_set1_ps(0.5);
+        let one = _mm256_set1_ps(1.0);
+        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+        // packs leave the 4-lane groups as [a0 b0 c0 d0 a1 b1 c1 d1]; this restores a b c d.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for i in 0..m {
+            for b in 0..nb {
+                let x = lhs.as_ptr().add(i * k + b * QK);
+                let v: [__m256; 4] = std::array::from_fn(|t| _mm256_loadu_ps(x.add(8 * t)));
+                let a: [__m256; 4] = std::array::from_fn(|t| _mm256_and_ps(v[t], abs_mask));
+                let mx = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+                let mx = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps::<1>(mx));
+                let mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
+                let amax = _mm_cvtss_f32(_mm_max_ss(mx, _mm_movehdup_ps(mx)));
+                let d = amax / 127.0;
+                let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+                let q: [__m256i; 4] = std::array::from_fn(|t| {
+                    let y = _mm256_mul_ps(v[t], id);
+                    // f32::round: truncate |y|, add 1 if the (exact) fraction is >= 0.5.
+                    let ay = _mm256_and_ps(y, abs_mask);
+                    let tr = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(ay);
+                    let up = _mm256_and_ps(
+                        _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_sub_ps(ay, tr), half),
+                        one,
+                    );
+                    let r = _mm256_or_ps(_mm256_add_ps(tr, up), _mm256_andnot_ps(abs_mask, y));
+                    // `as i8`: NaN -> 0, saturate to -128..=127.
+                    let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+                    _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+                });
+                let sum =
+                    _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                let sum = _mm_add_epi32(
+                    _mm256_castsi256_si128(sum),
+                    _mm256_extracti128_si256::<1>(sum),
+                );
+                let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+                let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum));
+                let sum = _mm_cvtsi128_si32(sum);
+                let packed = _mm256_packs_epi16(
+                    _mm256_packs_epi32(q[0], q[1]),
+                    _mm256_packs_epi32(q[2], q[3]),
+                );
+                _mm256_store_si256(
+                    qs.as_mut_ptr().add(i * nb + b) as *mut __m256i,
+                    _mm256_permutevar8x32_epi32(packed, order),
+                );
+                let d16 = f16_round(d);
+                let s16 = f16_round(f16_round(sum as f32) * d16);
+                d8[b * m + i] = d16;
+                s8[b * m + i] = s16;
+            }
+        }
+    }
+
+    /// `x` rounded to the nearest f16 (ties to even), as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_round(x: f32) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+            _mm_set_ss(x),
+        )))
+    }
+
     /// `vbroadcastss` from memory, opaque to LLVM: a load instead of the shuffle LLVM would turn
     /// a store-then-broadcast into.
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn bcast_mem(p: &f32) -> __m256 {
         let v: __m256;
         std::arch::asm!(
@@ -631,15 +756,23 @@ mod tests {
     fn f16_conversion_is_exact() {
         for h in 0..=u16::MAX {
             let a = f16_to_f32(h);
+            // Independent decoding, in f64.
+            let (e, man) = (((h >> 10) & 0x1f) as i32, (h & 0x3ff) as f64);
+            let mag = match e {
+                0 => man * 2f64.powi(-24),
+                0x1f if man == 0.0 => f64::INFINITY,
+                0x1f => f64::NAN,
+                _ => (1.0 + man / 1024.0) * 2f64.powi(e - 15),
+            };
+            let want = if h & 0x8000 != 0 { -mag } else { mag } as f32;
+            assert!(
+                a.to_bits() == want.to_bits() || (a.is_nan() && want.is_nan()),
+                "{h:#x}"
+            );
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("f16c") {
-                let b = unsafe { hw_f16(h) };
-                assert!(
-                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
-                    "{h:#x}"
-                );
+                assert_eq!(a.to_bits(), unsafe { hw_f16(h) }.to_bits(), "{h:#x}");
             }
-            let _ = a;
         }
     }
 
@@ -700,31 +833,100 @@ mod tests {
 
     #[test]
     fn rows_are_bitwise_independent_of_batch() {
-        let m = 37;
+        // Batch sizes hitting every kernel: m = 1 (wide), every tall tail 1..=7, whole tall
+        // tiles, and the LHS_CHUNK boundary (64 + 6).
+        let batches = [2usize, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 37, 70];
+        let max_m = 70;
         for (si, &(n, k)) in SHAPES.iter().enumerate() {
             let ours = Q4_1Matrix::from_qtensor(&weights(n, k, 50 + si as u64))
                 .unwrap()
                 .unwrap();
-            let x = lcg(77 + si as u64, m * k);
+            let x = lcg(77 + si as u64, max_m * k);
             for isa in isas() {
-                let mut batch = vec![0f32; m * n];
-                matmul_q4_1_with(isa, &x, m, &ours, &mut batch);
-                for i in 0..m {
-                    let mut solo = vec![0f32; n];
-                    matmul_q4_1_with(isa, &x[i * k..(i + 1) * k], 1, &ours, &mut solo);
-                    let same = solo
-                        .iter()
-                        .zip(&batch[i * n..(i + 1) * n])
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "row {i} of ({n}, {k}) differs between m=1 and m={m}");
+                let solo: Vec<Vec<f32>> = (0..max_m)
+                    .map(|i| {
+                        let mut out = vec![0f32; n];
+                        matmul_q4_1_with(isa, &x[i * k..(i + 1) * k], 1, &ours, &mut out);
+                        out
+                    })
+                    .collect();
+                for m in batches {
+                    // Rows `start..start + m`, so that a row also sits at different tile offsets.
+                    for start in [0, 3] {
+                        if start + m > max_m {
+                            continue;
+                        }
+                        let mut batch = vec![0f32; m * n];
+                        matmul_q4_1_with(isa, &x[start * k..(start + m) * k], m, &ours, &mut batch);
+                        for i in 0..m {
+                            let same = solo[start + i]
+                                .iter()
+                                .zip(&batch[i * n..(i + 1) * n])
+                                .all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(
+                                same,
+                                "{isa:?}: row {} of ({n}, {k}) differs alone and in a batch of {m}",
+                                start + i
+                            );
+                        }
+                    }
                 }
-                // Also against a different neighbourhood: rows 3..5 alone as a batch of 2.
-                let mut pair = vec![0f32; 2 * n];
-                matmul_q4_1_with(isa, &x[3 * k..5 * k], 2, &ours, &mut pair);
-                assert!(pair
-                    .iter()
-                    .zip(&batch[3 * n..5 * n])
-                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+    }
+
+    #[test]
+    fn lhs_quantization_is_candles_bit_for_bit() {
+        let (m, k) = (9, 32 * 7);
+        let mut x = lcg(123, m * k);
+        // Row 1: large values; row 2: tiny (subnormal scale) with zeros; row 3: all zeros;
+        // row 4: exact halves after scaling (amax = 127, so d = 1 and q = round(x)); row 5:
+        // mixed signs with ties at every .5; the rest random with per-block scales.
+        for (j, v) in x[k..2 * k].iter_mut().enumerate() {
+            *v *= 1e30 * (j % 5) as f32;
+        }
+        for v in &mut x[2 * k..3 * k] {
+            *v *= 1e-40; // 1 / d overflows: q = ±inf -> ±127 / -128, and 0 * inf = NaN -> 0
+        }
+        x[2 * k + 5] = 0.0;
+        x[2 * k + 40] = -0.0;
+        x[3 * k..4 * k].fill(0.0);
+        for (j, v) in x[4 * k..5 * k].iter_mut().enumerate() {
+            *v = if j % 32 == 0 {
+                127.0
+            } else {
+                (j % 64) as f32 - 31.5
+            };
+        }
+        for (j, v) in x[5 * k..6 * k].iter_mut().enumerate() {
+            *v = if j % 32 == 7 {
+                -127.0
+            } else {
+                ((j * 37) % 255) as f32 * 0.5 - 63.5
+            };
+        }
+        for (j, v) in x[6 * k..].iter_mut().enumerate() {
+            *v *= 10f32.powi((j / 32 % 9) as i32 - 4);
+        }
+        let mut ours = LhsScratch::default();
+        quantize_lhs(isa(), &x, m, k, &mut ours);
+        let mut reference = LhsScratch::default();
+        quantize_lhs(Isa::Scalar, &x, m, k, &mut reference);
+        let nb = k / QK;
+        for i in 0..m {
+            for b in 0..nb {
+                let (o, r) = (i * nb + b, b * m + i);
+                assert_eq!(ours.qs[o].0, reference.qs[o].0, "quants, row {i} block {b}");
+                assert_eq!(
+                    ours.d8[r].to_bits(),
+                    reference.d8[r].to_bits(),
+                    "d, row {i} block {b}"
+                );
+                assert_eq!(
+                    ours.s8[r].to_bits(),
+                    reference.s8[r].to_bits(),
+                    "s, row {i} block {b}"
+                );
             }
         }
     }
@@ -772,7 +974,10 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert!(diff <= 1e-4 * max_ref + 1e-5, "diff {diff}");
-        // Rank mismatch in k is an error, not a panic.
+        // Other float types are computed in f32 and cast back.
+        let half = ours.forward(&xt.to_dtype(DType::F16).unwrap()).unwrap();
+        assert_eq!((half.dtype(), half.dims()), (DType::F16, &[2, 5, n][..]));
+        // A mismatched k is an error, not a panic.
         let bad = Tensor::zeros((2, k + 32), DType::F32, &Device::Cpu).unwrap();
         assert!(ours.forward(&bad).is_err());
     }

@@ -54,7 +54,7 @@ pub use config::ModelConfig;
 pub use edgerun_protocol::{ChatMessage, PromptInput, SamplingParams, Usage};
 pub use error::{EngineError, Result};
 pub use kv_cache::KvCache;
-pub use model::{LlamaModel, Segment};
+pub use model::{Kernels, LlamaModel, Segment};
 pub use sampling::{argmax, Sampler};
 pub use scheduler::{
     EngineStats, FinishReason, GenerationEvent, SchedulerConfig, StatsSnapshot, TokenStream,
@@ -129,11 +129,21 @@ impl LoadedModel {
     /// Loads a llama GGUF: weights, tokenizer (from the metadata unless `tokenizer_json` is
     /// given) and chat template (from the metadata, ChatML when it has none).
     pub fn load(path: &Path, tokenizer_json: Option<&Path>, device: &Device) -> Result<Self> {
+        Self::load_with(path, tokenizer_json, device, Kernels::Fastest)
+    }
+
+    /// [`LoadedModel::load`] with a choice of matmul kernels.
+    pub fn load_with(
+        path: &Path,
+        tokenizer_json: Option<&Path>,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let mut file = std::fs::File::open(path)
             .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| EngineError::Load(format!("{}: not a GGUF file: {e}", path.display())))?;
-        let model = LlamaModel::from_gguf(&ct, &mut file, device)?;
+        let model = LlamaModel::from_gguf(&ct, &mut file, device, kernels)?;
         let tokenizer = match tokenizer_json {
             Some(p) => TextTokenizer::from_file(p, &ct)?,
             None => TextTokenizer::from_gguf(&ct)?,

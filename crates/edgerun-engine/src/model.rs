@@ -10,21 +10,58 @@
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::kernels::Q4_1Matrix;
 use crate::kv_cache::KvCache;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
+/// A quantized weight matrix applied as `x @ W^T`. Q4_1 weights on the CPU go through our own
+/// SIMD kernel ([`crate::kernels`]): candle 0.11 only has a scalar loop for that block type.
+enum Linear {
+    Q4_1Cpu(Q4_1Matrix),
+    Candle(QMatMul),
+}
+
+/// Which matmul kernels a model uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Our own where we have a faster one (Q4_1 on CPU), candle's elsewhere.
+    #[default]
+    Fastest,
+    /// Candle's everywhere: the numerics of candle-transformers' `quantized_llama`, against
+    /// which the forward pass is tested.
+    CandleOnly,
+}
+
+impl Linear {
+    fn new(t: QTensor, kernels: Kernels) -> Result<Self> {
+        if kernels == Kernels::Fastest {
+            if let Some(m) = Q4_1Matrix::from_qtensor(&t)? {
+                return Ok(Self::Q4_1Cpu(m));
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Q4_1Cpu(m) => m.forward(xs),
+            Self::Candle(m) => m.forward(xs),
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// A llama-architecture model loaded from GGUF. Immutable once loaded: all per-sequence state
@@ -34,7 +71,7 @@ pub struct LlamaModel {
     embeddings: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     /// RoPE tables for every position of the context window, `(context_length, rope_dim / 2)`.
     cos: Tensor,
     sin: Tensor,
@@ -53,6 +90,7 @@ impl LlamaModel {
         ct: &gguf_file::Content,
         reader: &mut R,
         device: &Device,
+        kernels: Kernels,
     ) -> Result<Self> {
         let cfg = ModelConfig::from_gguf(ct)?;
         let mut tensor = |name: &str| {
@@ -61,17 +99,15 @@ impl LlamaModel {
         };
         let embeddings = Arc::new(tensor("token_embd.weight")?);
         let output = match tensor("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
+            Ok(t) => Linear::new(t, kernels)?,
             // Tied embeddings (SmolLM2 and other small models).
-            Err(_) => QMatMul::from_arc(embeddings.clone())?,
+            Err(_) => Linear::Candle(QMatMul::from_arc(embeddings.clone())?),
         };
         let norm = tensor("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(cfg.block_count);
         for i in 0..cfg.block_count {
             let p = format!("blk.{i}");
-            let mut qm = |n: &str| -> Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(tensor(&format!("{p}.{n}.weight"))?)?)
-            };
+            let mut qm = |n: &str| Linear::new(tensor(&format!("{p}.{n}.weight"))?, kernels);
             let wq = qm("attn_q")?;
             let wk = qm("attn_k")?;
             let wv = qm("attn_v")?;

@@ -329,22 +329,30 @@ impl Scheduler {
             Ok(r) => r,
             Err(e) => return self.fail_all(running, &plan, &e.to_string()),
         };
-        let mut finished: Vec<usize> = Vec::new();
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         for (row, &k) in rows.into_iter().zip(&sampling) {
             let i = plan[k].0;
-            if let Some(done) = self.sample_one(&mut running[i], row) {
-                let seq = &running[i];
-                let _ = seq.tx.send(GenerationEvent::Finished {
-                    usage: seq.usage(),
-                    reason: done,
-                });
-                self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                finished.push(i);
+            if let Some(reason) = self.sample_one(&mut running[i], row) {
+                finished.push((i, reason));
             }
         }
-        finished.sort_unstable();
-        for i in finished.into_iter().rev() {
-            running.swap_remove(i);
+        // Remove finished sequences and update the counters before telling their clients, so
+        // that anyone who has seen `Finished` also sees the sequence gone from the stats.
+        finished.sort_unstable_by_key(|f| f.0);
+        let done: Vec<(Sequence, FinishReason)> = finished
+            .into_iter()
+            .rev()
+            .map(|(i, reason)| (running.swap_remove(i), reason))
+            .collect();
+        self.stats.active.store(running.len(), Ordering::Relaxed);
+        self.stats
+            .completed
+            .fetch_add(done.len(), Ordering::Relaxed);
+        for (seq, reason) in done {
+            let _ = seq.tx.send(GenerationEvent::Finished {
+                usage: seq.usage(),
+                reason,
+            });
         }
     }
 
@@ -386,8 +394,13 @@ impl Scheduler {
         let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
         idx.sort_unstable();
         idx.dedup();
-        for i in idx.into_iter().rev() {
-            let seq = running.swap_remove(i);
+        let failed: Vec<Sequence> = idx
+            .into_iter()
+            .rev()
+            .map(|i| running.swap_remove(i))
+            .collect();
+        self.stats.active.store(running.len(), Ordering::Relaxed);
+        for seq in failed {
             let _ = seq.tx.send(GenerationEvent::Failed(why.to_string()));
         }
     }
