@@ -138,7 +138,12 @@ struct Figures {
 }
 
 async fn measure(target: &Target, runs: usize) -> Figures {
-    let client = reqwest::Client::new();
+    // A fresh connection per request for both systems: llama-server closes idle keep-alive
+    // connections, which a pooled client would trip over.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let long_prompt = "The history of the city is long and full of surprising turns. ".repeat(40);
     // About 30 prompt tokens.
     let short_prompt = "Write a short paragraph about the sea, the wind, the gulls and the old lighthouse keeper who lived alone on the rocky island far from the coast of Brittany";
