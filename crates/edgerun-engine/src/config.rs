@@ -21,6 +21,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub context_length: usize,
     pub vocab_size: Option<usize>,
+    /// Linear RoPE scaling (`rope.scaling.type = linear`): positions are divided by it.
+    pub rope_linear_scale: f32,
 }
 
 fn get<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
@@ -60,12 +62,33 @@ impl ModelConfig {
         }
         let head_dim = embedding_length / head_count;
         let rope_dim = get_usize(ct, &a("rope.dimension_count")).unwrap_or(head_dim);
+        if rope_dim != head_dim {
+            return Err(EngineError::Load(format!(
+                "partial rotary embeddings (rope dimension {rope_dim} of head dimension {head_dim}) are not supported"
+            )));
+        }
         let rope_freq_base = get(ct, &a("rope.freq_base"))
             .and_then(|v| v.to_f32().map_err(|e| EngineError::Load(e.to_string())))
             .unwrap_or(10_000.0);
         let rms_norm_eps = get(ct, &a("attention.layer_norm_rms_epsilon"))
             .and_then(|v| v.to_f32().map_err(|e| EngineError::Load(e.to_string())))
             .unwrap_or(1e-5) as f64;
+        let scaling = get(ct, &a("rope.scaling.type"))
+            .ok()
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "none".into());
+        let rope_linear_scale = match scaling.as_str() {
+            // Llama-3.1-style scaling is baked into the `rope_freqs.weight` tensor.
+            "none" | "llama3" => 1.0,
+            "linear" => get(ct, &a("rope.scaling.factor"))
+                .and_then(|v| v.to_f32().map_err(|e| EngineError::Load(e.to_string())))
+                .unwrap_or(1.0),
+            other => {
+                return Err(EngineError::Load(format!(
+                    "RoPE scaling `{other}` is not supported yet"
+                )))
+            }
+        };
         if get_usize(ct, &a("expert_count")).unwrap_or(0) > 1 {
             return Err(EngineError::Load(
                 "mixture-of-experts llama models are not supported yet".into(),
@@ -87,6 +110,7 @@ impl ModelConfig {
             rope_dim,
             rope_freq_base,
             rms_norm_eps,
+            rope_linear_scale,
         })
     }
 }

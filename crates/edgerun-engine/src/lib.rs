@@ -222,7 +222,9 @@ impl Engine {
             context_window,
         };
         engine.warm_up()?;
-        engine.stats.ready.store(true, Ordering::Relaxed);
+        if !engine.stats.stopped.load(Ordering::Relaxed) {
+            engine.stats.ready.store(true, Ordering::Relaxed);
+        }
         Ok(engine)
     }
 
@@ -299,6 +301,11 @@ impl Engine {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// Loaded, warmed up, and its thread still running.
+    pub fn is_ready(&self) -> bool {
+        self.stats.ready.load(Ordering::Relaxed) && !self.stats.stopped.load(Ordering::Relaxed)
     }
 
     /// Prompt plus `max_tokens` may not exceed this.

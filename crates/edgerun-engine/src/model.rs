@@ -127,7 +127,16 @@ impl LlamaModel {
                 w_down,
             });
         }
-        let (cos, sin) = rope_tables(&cfg, device)?;
+        // Llama-3.1 and later carry per-frequency RoPE divisors (their long-context scaling).
+        let freq_factors = match ct.tensor(reader, "rope_freqs.weight", device) {
+            Ok(t) => Some(
+                t.dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            Err(_) => None,
+        };
+        let (cos, sin) = rope_tables(&cfg, freq_factors.as_deref(), device)?;
         Ok(Self {
             cfg,
             embeddings,
@@ -320,11 +329,29 @@ fn causal_mask(t: usize, start: usize, device: &Device) -> candle_core::Result<T
     Tensor::from_vec(data, (t, kv_len), device)
 }
 
-fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+/// cos/sin of `position * inv_freq` for every position of the context window, with llama.cpp's
+/// adjustments: `rope_freqs` divisors per frequency and linear position scaling.
+fn rope_tables(
+    cfg: &ModelConfig,
+    freq_factors: Option<&[f32]>,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let dim = cfg.rope_dim;
+    if let Some(f) = freq_factors {
+        if f.len() != dim / 2 {
+            return Err(EngineError::Load(format!(
+                "rope_freqs has {} values, expected {}",
+                f.len(),
+                dim / 2
+            )));
+        }
+    }
     let inv_freq: Vec<f32> = (0..dim)
         .step_by(2)
-        .map(|i| 1f32 / cfg.rope_freq_base.powf(i as f32 / dim as f32))
+        .map(|i| {
+            let factor = freq_factors.map_or(1.0, |f| f[i / 2]);
+            1f32 / cfg.rope_freq_base.powf(i as f32 / dim as f32) / factor / cfg.rope_linear_scale
+        })
         .collect();
     let n = inv_freq.len();
     let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;

@@ -104,6 +104,8 @@ pub struct EngineStats {
     pub(crate) completed: AtomicUsize,
     pub(crate) cancelled: AtomicUsize,
     pub(crate) peak_batch: AtomicUsize,
+    /// The engine thread has exited.
+    pub(crate) stopped: AtomicBool,
 }
 
 /// A point-in-time copy of [`EngineStats`].
@@ -172,6 +174,16 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     pub fn run(self) {
+        /// Clears `ready` however the thread ends, so `/health` stops advertising a node whose
+        /// engine is gone.
+        struct NotReadyOnExit(Arc<EngineStats>);
+        impl Drop for NotReadyOnExit {
+            fn drop(&mut self) {
+                self.0.ready.store(false, Ordering::Relaxed);
+                self.0.stopped.store(true, Ordering::Relaxed);
+            }
+        }
+        let _guard = NotReadyOnExit(self.stats.clone());
         let mut waiting: VecDeque<Submission> = VecDeque::new();
         let mut running: Vec<Sequence> = Vec::new();
         loop {
@@ -187,7 +199,16 @@ impl Scheduler {
             self.drop_cancelled(&mut waiting, &mut running);
             self.admit(&mut waiting, &mut running);
             if !running.is_empty() {
-                self.step(&mut running);
+                // A panic anywhere in a step (forward, sampling, detokenizing) fails that
+                // step's sequences; the engine goes on serving the rest.
+                if catch_unwind(AssertUnwindSafe(|| self.step(&mut running))).is_err() {
+                    tracing::error!("a step panicked; failing its {} sequences", running.len());
+                    for seq in running.drain(..) {
+                        let _ = seq.tx.send(GenerationEvent::Failed(
+                            "internal error in the engine".into(),
+                        ));
+                    }
+                }
             }
             self.stats.active.store(running.len(), Ordering::Relaxed);
         }
@@ -258,13 +279,17 @@ impl Scheduler {
         // Prompts are read in chunks at fixed boundaries (multiples of `prefill_chunk`), never
         // cut shorter to fit the step: the numerics of a chunk depend on its shape, so fixed
         // boundaries keep a sequence's output independent of what else is in the batch.
+        let mut prefilling = false;
         for (i, s) in running.iter().enumerate() {
             let remaining = s.prompt.len() - s.prefilled;
             if s.pending.is_none() && remaining > 0 {
                 let len = remaining.min(self.config.prefill_chunk.max(1));
-                if len <= budget || plan.is_empty() {
+                // At least one prompt chunk runs every step, whatever the decodes used of the
+                // budget, so a long prompt is never starved by a steady stream of decodes.
+                if len <= budget || !prefilling {
                     plan.push((i, s.prefilled, len));
                     budget = budget.saturating_sub(len);
+                    prefilling = true;
                 }
             }
         }

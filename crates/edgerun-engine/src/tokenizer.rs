@@ -126,27 +126,39 @@ impl TextTokenizer {
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(
-                ct.metadata
-                    .get("tokenizer.ggml.ignore_merges")
-                    .and_then(|v| v.to_bool().ok())
-                    .unwrap_or(false),
-            )
-            .build()
-            .map_err(tok_err)?;
-        let mut inner = Tokenizer::new(bpe);
-        let pre = ct
+        let meta_bool = |key: &str| ct.metadata.get(key).and_then(|v| v.to_bool().ok());
+        // llama.cpp's vocabulary loader is the reference for what a missing key means.
+        let pre = match ct
             .metadata
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_else(|| "gpt2".into());
+        {
+            Some(pre) => pre,
+            // Early Llama-3 conversions predate the key.
+            None if tokens.iter().any(|t| t == "<|begin_of_text|>") => {
+                tracing::warn!("GGUF has no tokenizer.ggml.pre; the vocabulary is Llama-3's, using its pre-tokenizer");
+                "llama3".into()
+            }
+            None => {
+                tracing::warn!("GGUF has no tokenizer.ggml.pre; using GPT-2's pre-tokenizer");
+                "gpt2".into()
+            }
+        };
+        let llama3_family = matches!(pre.as_str(), "llama3" | "llama-bpe" | "llama-v3");
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            // Llama-3's tokenizer.json has `ignore_merges: true` (whole-word vocabulary entries
+            // win over merges); llama.cpp applies the same for its llama3 pre-tokenizers.
+            .ignore_merges(meta_bool("tokenizer.ggml.ignore_merges").unwrap_or(llama3_family))
+            .build()
+            .map_err(tok_err)?;
+        let mut inner = Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
 
-        // Control (3) and user-defined (4) tokens are matched whole in input text, so a chat
-        // template's `<|im_start|>` becomes one token; they are skipped when decoding output.
+        // Control tokens (type 3) are matched whole in input text, so a chat template's
+        // `<|im_start|>` becomes one token, and are dropped when decoding output. User-defined
+        // tokens (type 4, e.g. `<think>`) are matched whole too but are ordinary text in output.
         let types: Vec<u32> = ct
             .metadata
             .get("tokenizer.ggml.token_type")
@@ -162,32 +174,36 @@ impl TextTokenizer {
                     .collect()
             })
             .unwrap_or_default();
-        let specials: Vec<AddedToken> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
-            .collect();
-        inner.add_special_tokens(specials).map_err(tok_err)?;
+        let of_type = |ty: u32| -> Vec<AddedToken> {
+            types
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t == ty)
+                .filter_map(|(i, _)| tokens.get(i))
+                .map(|t| AddedToken::from(t.clone(), ty == 3))
+                .collect()
+        };
+        inner.add_special_tokens(of_type(3)).map_err(tok_err)?;
+        inner.add_tokens(of_type(4)).map_err(tok_err)?;
+        let is_control = |id: u32| types.get(id as usize) == Some(&3);
 
         let named = |key: &str| {
             meta_u32(ct, key).and_then(|id| tokens.get(id as usize).map(|t| (id, t.clone())))
         };
         let bos = named("tokenizer.ggml.bos_token_id");
         let eos = named("tokenizer.ggml.eos_token_id");
-        let add_bos = ct
-            .metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+        let add_bos = meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(llama3_family);
         let mut stop_ids: BTreeSet<u32> = ["eos", "eot", "eom"]
             .iter()
             .filter_map(|k| meta_u32(ct, &format!("tokenizer.ggml.{k}_token_id")))
             .collect();
+        // Known terminators count only as control tokens: in some vocabularies `</s>` or
+        // `<|endoftext|>` is ordinary text, and must not end a generation.
         stop_ids.extend(
             KNOWN_TERMINATORS
                 .iter()
-                .filter_map(|t| inner.token_to_id(t)),
+                .filter_map(|t| inner.token_to_id(t))
+                .filter(|&id| is_control(id)),
         );
         Ok(Self {
             inner,
@@ -202,10 +218,18 @@ impl TextTokenizer {
     pub fn from_file(path: &std::path::Path, ct: &gguf_file::Content) -> Result<Self> {
         let mut this = Self::from_gguf_specials_only(ct)?;
         this.inner = Tokenizer::from_file(path).map_err(tok_err)?;
+        let special: BTreeSet<u32> = this
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
         this.stop_ids.extend(
             KNOWN_TERMINATORS
                 .iter()
-                .filter_map(|t| this.inner.token_to_id(t)),
+                .filter_map(|t| this.inner.token_to_id(t))
+                .filter(|id| special.contains(id)),
         );
         Ok(this)
     }
@@ -223,7 +247,7 @@ impl TextTokenizer {
                 .metadata
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
+                .unwrap_or_else(|| tokens.iter().any(|t| t == "<|begin_of_text|>")),
             stop_ids: ["eos", "eot", "eom"]
                 .iter()
                 .filter_map(|k| meta_u32(ct, &format!("tokenizer.ggml.{k}_token_id")))

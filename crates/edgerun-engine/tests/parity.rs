@@ -41,12 +41,15 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
 }
 
 /// With candle's kernels the forward pass reproduces `quantized_llama` to float rounding;
-/// with ours (SIMD Q4_1) it agrees to the noise of 8-bit activation quantization: the same
-/// greedy token and next-token probabilities within 0.02.
+/// with ours (SIMD Q4_1) it agrees to the noise of 8-bit activation quantization: logits within
+/// 4% of their scale, the same greedy token and next-token probabilities within 0.02.
 #[test]
 fn logits_match_quantized_llama_for_prefill_and_decode() {
     check_against_reference(Kernels::CandleOnly, 1e-3);
-    check_against_reference(Kernels::Fastest, f32::INFINITY);
+    // Measured: at most 0.75 on logits of magnitude ~35 (2%), from rounding differences that
+    // 8-bit activation quantization amplifies over 30 layers (the reference itself moves by as
+    // much when a prompt is read in chunks).
+    check_against_reference(Kernels::Fastest, 0.04);
 }
 
 fn check_against_reference(kernels: Kernels, rel_tolerance: f32) {

@@ -39,6 +39,27 @@ fn tokenizer_round_trips_text() {
     }
 }
 
+/// Token ids as llama.cpp produces them for the same GGUF (fixture generated with llama-server's
+/// `/tokenize`; see its `source`). Round trips alone would pass for any split of the text.
+#[test]
+fn token_ids_match_llama_cpp() {
+    let loaded = common::load();
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/smollm2_llama_cpp_tokens.json")).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let expected: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(loaded.tokenizer.encode(text).unwrap(), expected, "{text:?}");
+    }
+}
+
 #[test]
 fn a_tokenizer_json_can_replace_the_gguf_tokenizer() {
     let loaded = common::load();
