@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! POST /run/{model} | /client/v4/accounts/{id}/ai/run/{model}
-//!   └─ request id (kept from `cf-ai-req-id` or made) ─ bearer auth (401 / 10000)
+//!   └─ request id (kept from `cf-ai-req-id` or made) ─ Cloudflare Access JWT, when configured
+//!      (403 / 10000, see [`access`]) ─ bearer auth (401 / 10000)
 //!      └─ model name (literal or %2F slashes; unknown: 400 / 5007)
 //!         └─ body ≤ limit (413 / 3006) ─ ValidatedRequest (400 / 5006, from edgerun-protocol)
 //!            └─ Engine::prepare on a blocking thread (template + tokenize)
@@ -27,8 +28,10 @@
 //!   and tokenizing go through `spawn_blocking`);
 //! * keep a sequence running for a client that is gone: dropping the response body drops the
 //!   engine's `TokenStream`, which cancels the sequence;
-//! * answer a run route without checking the bearer token when tokens are configured.
+//! * answer a run route without checking the bearer token when tokens are configured, or the
+//!   `Cf-Access-Jwt-Assertion` when Access is configured.
 
+pub mod access;
 pub mod auth;
 pub mod error;
 pub mod models;
@@ -58,6 +61,8 @@ pub struct AppState {
     pub heartbeat: Duration,
     /// Renders `/metrics`; `None` when this process has no recorder installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Cloudflare Access verification for the run routes; `None` (the default) turns it off.
+    pub access: Option<Arc<access::AccessVerifier>>,
 }
 
 impl AppState {
@@ -69,6 +74,7 @@ impl AppState {
             body_limit: 1 << 20,
             heartbeat: Duration::from_secs(15),
             metrics: None,
+            access: None,
         }
     }
 

@@ -3,10 +3,12 @@
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use edgerun_engine::{DeviceSpec, Engine, LoadedModel, SchedulerConfig};
+use edgerun_server::access::{AccessConfig, AccessVerifier};
 use edgerun_server::models::{self, Catalog};
 use edgerun_server::{router, AppState, TokenSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -62,6 +64,18 @@ struct ServeArgs {
     /// authenticates for you.
     #[arg(long, env = "EDGERUN_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
+    /// Cloudflare Access team domain (`<team>.cloudflareaccess.com`). With --access-aud, run
+    /// routes require a valid `Cf-Access-Jwt-Assertion` (403 otherwise); /health and /metrics
+    /// do not.
+    #[arg(long, env = "EDGERUN_ACCESS_TEAM_DOMAIN")]
+    access_team_domain: Option<String>,
+    /// The Access application's AUD tag (needs --access-team-domain).
+    #[arg(long, env = "EDGERUN_ACCESS_AUD")]
+    access_aud: Option<String>,
+    /// Where to fetch the Access signing keys; defaults to
+    /// https://<team domain>/cdn-cgi/access/certs.
+    #[arg(long, env = "EDGERUN_ACCESS_CERTS_URL")]
+    access_certs_url: Option<String>,
     /// Prompt plus max_tokens allowed; defaults to the catalog's window or the model's own.
     #[arg(long, env = "EDGERUN_CONTEXT_WINDOW")]
     context_window: Option<usize>,
@@ -125,8 +139,34 @@ fn load_tokens(args: &ServeArgs) -> anyhow::Result<TokenSet> {
     Ok(TokenSet::new(tokens))
 }
 
+/// The Access verifier, when both the team domain and the AUD tag are given.
+fn load_access(args: &ServeArgs) -> anyhow::Result<Option<Arc<AccessVerifier>>> {
+    fn given(v: &Option<String>) -> Option<&str> {
+        v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+    }
+    let certs_url = given(&args.access_certs_url);
+    let config = match (given(&args.access_team_domain), given(&args.access_aud)) {
+        (Some(team), Some(aud)) => AccessConfig::new(team, aud)?,
+        (None, None) if certs_url.is_none() => return Ok(None),
+        _ => bail!(
+            "Cloudflare Access needs both --access-team-domain and --access-aud (EDGERUN_ACCESS_TEAM_DOMAIN, EDGERUN_ACCESS_AUD)"
+        ),
+    };
+    let config = match certs_url {
+        Some(url) => config.with_certs_url(url)?,
+        None => config,
+    };
+    tracing::info!(
+        team_domain = %config.team_domain,
+        certs_url = %config.certs_url,
+        "Cloudflare Access verification on for run routes"
+    );
+    Ok(Some(Arc::new(AccessVerifier::new(config)?)))
+}
+
 fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     let tokens = load_tokens(&args)?;
+    let access = load_access(&args)?;
     if tokens.is_empty() {
         if !args.listen.ip().is_loopback() && !args.insecure_no_auth {
             bail!(
@@ -151,6 +191,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     state.body_limit = args.max_body_bytes;
     state.heartbeat = Duration::from_secs(args.heartbeat_secs.max(1));
     state.metrics = edgerun_server::telemetry::install();
+    state.access = access;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -161,6 +202,15 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         tracing::info!(listen = %listener.local_addr()?, models = ?served, "listening; /health is 503 until the model is loaded");
+
+        // Warm the Access key cache; a failure is logged and retried on demand.
+        if let Some(access) = state.access.clone() {
+            tokio::spawn(async move {
+                if let Err(e) = access.prefetch().await {
+                    tracing::warn!(error = %e, "Cloudflare Access keys not fetched yet");
+                }
+            });
+        }
 
         // Load on a blocking thread while the listener already answers /health with 503.
         let engine_slot = state.engine.clone();

@@ -1,5 +1,6 @@
 //! Route table and handlers.
 
+use crate::access::require_access;
 use crate::auth::require_bearer;
 use crate::error::{IntoHttp, ServerError};
 use crate::telemetry;
@@ -23,7 +24,8 @@ use std::time::{Duration, Instant};
 /// Workers AI's request-id header, kept when the caller (or the edge Worker) sent one.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("cf-ai-req-id");
 
-/// The node's routes. Run routes need the bearer token; `/health` does not.
+/// The node's routes. Run routes need the Access JWT (when configured), then the bearer token;
+/// `/health` and `/metrics` need neither, so health checks and scrapers keep working.
 pub fn router(state: AppState) -> Router {
     let run = post(run_model).fallback(method_not_allowed);
     let authed = Router::new()
@@ -32,6 +34,11 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer,
+        ))
+        // Added last, so it runs first: Access proves the request came through Cloudflare.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_access,
         ));
     Router::new()
         .merge(authed)
