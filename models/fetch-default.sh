@@ -7,7 +7,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 dest="$here/cache/SmolLM2-135M-Instruct.Q4_1.gguf"
 sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-verify() { echo "$sha  $1" | sha256sum --check --status; }
+verify() {
+  if command -v sha256sum >/dev/null; then
+    echo "$sha  $1" | sha256sum --check --status
+  else # macOS
+    echo "$sha  $1" | shasum -a 256 --check --status
+  fi
+}
 
 if [ -f "$dest" ] && verify "$dest"; then
   echo "$dest"

@@ -25,4 +25,4 @@ fi
 exec target/release/edgerun serve \
   --model "$model" \
   --served-as @cf/meta/llama-3-8b-instruct \
-  "${token_args[@]}" "$@"
+  ${token_args[@]+"${token_args[@]}"} "$@"

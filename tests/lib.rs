@@ -134,6 +134,27 @@ impl Node {
             .unwrap()
     }
 
+    /// Polls `/health` until `stats.<key>` equals `value`; panics after `timeout`.
+    pub async fn wait_for_stat(
+        &self,
+        key: &str,
+        value: u64,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let h = self.health().await;
+            if h["stats"][key] == value {
+                return h;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stats.{key} never became {value}: {h}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

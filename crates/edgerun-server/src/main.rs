@@ -26,6 +26,12 @@ struct Cli {
 enum Command {
     /// Load a model and serve it over HTTP.
     Serve(ServeArgs),
+    /// Exit 0 if a node's /health answers 200 (for container health checks).
+    Health {
+        /// The node's address.
+        #[arg(long, env = "EDGERUN_LISTEN", default_value = "127.0.0.1:8080")]
+        addr: SocketAddr,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -106,11 +112,15 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    require_cpu_features();
     let cli = Cli::parse();
+    let args = match cli.command {
+        Command::Health { addr } => return health(addr),
+        Command::Serve(args) => args,
+    };
     // Candle sizes its CPU thread pools from RAYON_NUM_THREADS, and without it recounts the
     // physical cores (reading /proc/cpuinfo) on every f32 matmul. Settle it once, here, while
     // the process is still single-threaded.
-    let Command::Serve(args) = &cli.command;
     let threads = args.threads.unwrap_or_else(num_cpus::get_physical).max(1);
     // SAFETY: no other thread exists yet.
     unsafe {
@@ -124,9 +134,41 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
-        Command::Serve(args) => serve(args, threads),
+    serve(args, threads)
+}
+
+/// This binary is built for x86-64-v3 (AVX2, FMA): say so instead of dying with SIGILL on an
+/// older CPU or a VM that hides them.
+fn require_cpu_features() {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+    {
+        eprintln!(
+            "edgerun: this build needs a CPU with AVX2 and FMA. Rebuild for this machine with \
+             RUSTFLAGS=\"-C target-cpu=native\" cargo build --release -p edgerun-server"
+        );
+        std::process::exit(2);
     }
+}
+
+/// `edgerun health`: a minimal HTTP/1.0 GET of /health, so images need no curl.
+fn health(addr: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let addr = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply)?;
+    let status = reply.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        bail!("/health answered {status:?}");
+    }
+    Ok(())
 }
 
 fn load_tokens(args: &ServeArgs) -> anyhow::Result<TokenSet> {

@@ -21,6 +21,9 @@ use edgerun_protocol::{
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
+/// How long a streaming response waits for the engine's first event before sending headers.
+const FIRST_EVENT_GRACE: Duration = Duration::from_secs(1);
+
 /// Workers AI's request-id header, kept when the caller (or the edge Worker) sent one.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("cf-ai-req-id");
 
@@ -111,6 +114,11 @@ fn new_request_id() -> String {
 /// `200 {"status":"ok",...}` once the model has loaded and warmed up, `503` before.
 async fn health(State(state): State<AppState>) -> Response {
     match state.engine.get() {
+        Some(engine) if !engine.is_ready() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "engine stopped"})),
+        )
+            .into_response(),
         Some(engine) => {
             let stats = engine.stats();
             let body = serde_json::json!({
@@ -181,7 +189,17 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
     let stream = engine.submit(prompt, request.params, request.reject_if_busy)?;
     let timer = TokenTimer::new(started);
     if request.stream {
-        Ok(stream_response(stream, state.heartbeat, timer))
+        // A failure the engine reports at once (say the KV cache cannot be allocated) still
+        // gets a proper status and JSON envelope: hold the headers back until the first event
+        // or for at most FIRST_EVENT_GRACE, which delays no token.
+        let mut stream = stream;
+        let first = match tokio::time::timeout(FIRST_EVENT_GRACE, stream.recv()).await {
+            Ok(Some(GenerationEvent::Failed(e))) => return Err(ApiError::internal(e).into()),
+            Ok(None) => return Err(edgerun_engine::EngineError::Stopped.into()),
+            Ok(Some(event)) => Some(event),
+            Err(_) => None,
+        };
+        Ok(stream_response(stream, first, state.heartbeat, timer))
     } else {
         collect_response(stream, prompt_tokens, timer).await
     }
@@ -234,11 +252,19 @@ fn json_response(body: String) -> Response {
 /// Server-sent events: one `data:` event per text delta as soon as the engine sends it, the
 /// usage event, then `[DONE]`. While nothing happens for `heartbeat` (queued, or reading a
 /// long prompt) an SSE comment keeps proxies from closing the connection.
-fn stream_response(stream: TokenStream, heartbeat: Duration, timer: TokenTimer) -> Response {
-    let events = futures::stream::unfold(Some((stream, timer)), move |state| async move {
-        let (mut stream, mut timer) = state?;
+fn stream_response(
+    stream: TokenStream,
+    first: Option<GenerationEvent>,
+    heartbeat: Duration,
+    timer: TokenTimer,
+) -> Response {
+    let events = futures::stream::unfold(Some((stream, first, timer)), move |state| async move {
+        let (mut stream, mut pending, mut timer) = state?;
         loop {
-            let next = tokio::time::timeout(heartbeat, stream.recv()).await;
+            let next = match pending.take() {
+                Some(event) => Ok(Some(event)),
+                None => tokio::time::timeout(heartbeat, stream.recv()).await,
+            };
             let (frame, keep) = match next {
                 Err(_) => (sse::heartbeat().to_string(), true),
                 Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
@@ -259,7 +285,7 @@ fn stream_response(stream: TokenStream, heartbeat: Duration, timer: TokenTimer) 
                 ),
             };
             let frame = Ok::<_, Infallible>(Bytes::from(frame));
-            return Some((frame, keep.then_some((stream, timer))));
+            return Some((frame, keep.then_some((stream, None, timer))));
         }
     });
     let mut resp = Response::new(Body::from_stream(events));
