@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load a model and serve it over HTTP.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Exit 0 if a node's /health answers 200 (for container health checks).
     Health {
         /// The node's address.
@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Command::Health { addr } => return health(addr),
-        Command::Serve(args) => args,
+        Command::Serve(args) => *args,
     };
     // Candle sizes its CPU thread pools from RAYON_NUM_THREADS, and without it recounts the
     // physical cores (reading /proc/cpuinfo) on every f32 matmul. Settle it once, here, while
