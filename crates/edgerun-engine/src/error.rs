@@ -22,6 +22,14 @@ pub enum EngineError {
         max_tokens: usize,
         context_window: usize,
     },
+    /// The request's KV cache (prompt + `max_tokens` positions) exceeds the node's KV budget.
+    #[error("prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) needs {needed_mib} MiB of KV cache; this node allows {budget_mib} MiB: lower max_tokens or shorten the prompt")]
+    KvCacheBudgetExceeded {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        needed_mib: usize,
+        budget_mib: usize,
+    },
     /// The scheduler's queue is full (or the caller asked to be rejected when busy).
     #[error("capacity temporarily exceeded")]
     Busy,

@@ -64,6 +64,7 @@ pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
+pub use scheduler::kv_bytes_per_token;
 use scheduler::{check_context, token_channel, Scheduler, Submission};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -278,6 +279,19 @@ impl Engine {
             params.max_tokens as usize,
             self.context_window,
         )?;
+        if let Some(budget) = self.config.kv_cache_budget {
+            let positions =
+                (prompt.len() + params.max_tokens as usize).min(self.model.config().context_length);
+            let needed = positions * kv_bytes_per_token(self.model.config(), self.model.dtype());
+            if needed > budget {
+                return Err(EngineError::KvCacheBudgetExceeded {
+                    prompt_tokens: prompt.len(),
+                    max_tokens: params.max_tokens as usize,
+                    needed_mib: needed.div_ceil(1 << 20),
+                    budget_mib: budget >> 20,
+                });
+            }
+        }
         // Sequences in flight (running or waiting) may not exceed the batch plus the queue;
         // `reject_if_busy` (Workers AI's `options.rejectIfBusy`) refuses to wait at all.
         let in_flight =

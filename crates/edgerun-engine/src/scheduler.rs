@@ -24,6 +24,10 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Tokens per step over all sequences (decode tokens count one each).
     pub max_step_tokens: usize,
+    /// Bytes of KV cache all running sequences may reserve together (each reserves prompt +
+    /// `max_tokens` positions when admitted). A request that does not fit waits in the queue;
+    /// one that could never fit is refused. `None`: no limit.
+    pub kv_cache_budget: Option<usize>,
 }
 
 impl Default for SchedulerConfig {
@@ -33,6 +37,7 @@ impl Default for SchedulerConfig {
             max_queue: 64,
             prefill_chunk: 128,
             max_step_tokens: 256,
+            kv_cache_budget: None,
         }
     }
 }
@@ -106,6 +111,8 @@ pub struct EngineStats {
     pub(crate) peak_batch: AtomicUsize,
     /// The engine thread has exited.
     pub(crate) stopped: AtomicBool,
+    /// KV cache bytes reserved by running sequences.
+    pub(crate) kv_reserved: AtomicUsize,
 }
 
 /// A point-in-time copy of [`EngineStats`].
@@ -120,6 +127,8 @@ pub struct StatsSnapshot {
     pub requests_cancelled_total: usize,
     /// Most sequences ever run in one forward pass.
     pub peak_batch_size: usize,
+    /// KV cache bytes reserved by running sequences.
+    pub kv_cache_reserved_bytes: usize,
 }
 
 impl EngineStats {
@@ -133,6 +142,7 @@ impl EngineStats {
             requests_completed_total: self.completed.load(Ordering::Relaxed),
             requests_cancelled_total: self.cancelled.load(Ordering::Relaxed),
             peak_batch_size: self.peak_batch.load(Ordering::Relaxed),
+            kv_cache_reserved_bytes: self.kv_reserved.load(Ordering::Relaxed),
         }
     }
 }
@@ -144,6 +154,8 @@ pub(crate) fn token_channel() -> (UnboundedSender<GenerationEvent>, TokenStream)
 
 /// One running sequence.
 struct Sequence {
+    /// KV cache bytes this sequence reserved.
+    kv_bytes: usize,
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     prefilled: usize,
@@ -173,6 +185,18 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
+    /// Updates the shared counters that describe the running batch.
+    fn publish(&self, running: &[Sequence]) {
+        self.stats.active.store(running.len(), Ordering::Relaxed);
+        self.stats
+            .kv_reserved
+            .store(running.iter().map(|s| s.kv_bytes).sum(), Ordering::Relaxed);
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        kv_bytes_per_token(self.model.config(), self.model.dtype())
+    }
+
     pub fn run(self) {
         /// Clears `ready` however the thread ends, so `/health` stops advertising a node whose
         /// engine is gone.
@@ -210,7 +234,7 @@ impl Scheduler {
                     }
                 }
             }
-            self.stats.active.store(running.len(), Ordering::Relaxed);
+            self.publish(&running);
         }
     }
 
@@ -234,14 +258,25 @@ impl Scheduler {
 
     fn admit(&self, waiting: &mut VecDeque<Submission>, running: &mut Vec<Sequence>) {
         while running.len() < self.config.max_batch_size {
-            let Some(sub) = waiting.pop_front() else {
+            let Some(front) = waiting.front() else {
                 break;
             };
             let cfg = self.model.config();
             let capacity =
-                (sub.prompt.len() + sub.params.max_tokens as usize).min(cfg.context_length);
+                (front.prompt.len() + front.params.max_tokens as usize).min(cfg.context_length);
+            let kv_bytes = capacity * self.kv_bytes_per_token();
+            // First come, first served: the head of the queue waits for room rather than being
+            // overtaken by smaller requests behind it.
+            if let Some(budget) = self.config.kv_cache_budget {
+                let reserved: usize = running.iter().map(|s| s.kv_bytes).sum();
+                if !running.is_empty() && reserved + kv_bytes > budget {
+                    break;
+                }
+            }
+            let sub = waiting.pop_front().expect("the queue has a front");
             match KvCache::new(cfg, capacity, self.model.dtype(), self.model.device()) {
                 Ok(cache) => running.push(Sequence {
+                    kv_bytes,
                     sampler: Sampler::new(sub.params, &sub.prompt),
                     max_tokens: sub.params.max_tokens as usize,
                     prefilled: 0,
@@ -260,7 +295,7 @@ impl Scheduler {
             }
             // Counted as active before it stops counting as queued, so that `submit` never
             // sees fewer sequences in flight than there are.
-            self.stats.active.store(running.len(), Ordering::Relaxed);
+            self.publish(running);
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -369,7 +404,7 @@ impl Scheduler {
             .rev()
             .map(|(i, reason)| (running.swap_remove(i), reason))
             .collect();
-        self.stats.active.store(running.len(), Ordering::Relaxed);
+        self.publish(running);
         self.stats
             .completed
             .fetch_add(done.len(), Ordering::Relaxed);
@@ -424,7 +459,7 @@ impl Scheduler {
             .rev()
             .map(|i| running.swap_remove(i))
             .collect();
-        self.stats.active.store(running.len(), Ordering::Relaxed);
+        self.publish(running);
         for seq in failed {
             let _ = seq.tx.send(GenerationEvent::Failed(why.to_string()));
         }
@@ -440,4 +475,9 @@ pub(crate) fn check_context(prompt: usize, max_tokens: usize, window: usize) -> 
         });
     }
     Ok(())
+}
+
+/// KV cache bytes one position takes for `cfg` in `dtype`.
+pub fn kv_bytes_per_token(cfg: &crate::ModelConfig, dtype: candle_core::DType) -> usize {
+    2 * cfg.block_count * cfg.head_count_kv * cfg.head_dim * dtype.size_in_bytes()
 }

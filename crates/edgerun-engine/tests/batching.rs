@@ -187,3 +187,41 @@ fn cancelling_during_prefill_frees_the_sequence() {
     let (_, n) = collect(submit(&engine, "Hi", greedy(3)));
     assert!(n >= 1);
 }
+
+#[test]
+fn kv_cache_budget_queues_what_does_not_fit_and_refuses_what_never_will() {
+    let loaded = common::load();
+    let per_token = edgerun_engine::kv_bytes_per_token(loaded.model.config(), loaded.model.dtype());
+    let engine = Engine::start(
+        loaded,
+        SchedulerConfig {
+            // Room for one sequence of 150 positions at a time.
+            kv_cache_budget: Some(150 * per_token),
+            ..SchedulerConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    let a = submit(&engine, PROMPTS[0], greedy(100));
+    let b = submit(&engine, PROMPTS[1], greedy(100));
+    let (ta, _) = collect(a);
+    let (tb, _) = collect(b);
+    assert!(!ta.is_empty() && !tb.is_empty());
+    assert_eq!(
+        engine.stats().peak_batch_size,
+        1,
+        "both ran at once over budget"
+    );
+    assert_eq!(engine.stats().kv_cache_reserved_bytes, 0);
+
+    let input = edgerun_engine::PromptInput::Prompt {
+        text: PROMPTS[0].into(),
+        raw: false,
+    };
+    let tokens = engine.prepare(&input, None).unwrap();
+    match engine.submit(tokens, greedy(200), false) {
+        Err(edgerun_engine::EngineError::KvCacheBudgetExceeded { .. }) => {}
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a request over the KV budget was accepted"),
+    }
+}

@@ -40,6 +40,7 @@ impl ServerError {
                 }
                 EngineError::Template(m) => ApiError::bad_input(format!("chat template: {m}")),
                 EngineError::Tokenizer(m) => ApiError::bad_input(format!("tokenizer: {m}")),
+                EngineError::KvCacheBudgetExceeded { .. } => ApiError::bad_input(e),
                 EngineError::Busy => ApiError::capacity(),
                 EngineError::Stopped => ApiError::unavailable("the engine is not running"),
                 EngineError::Load(m) => ApiError::internal(m),

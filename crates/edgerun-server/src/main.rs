@@ -103,6 +103,10 @@ struct ServeArgs {
     /// Seconds of silence on a stream before an SSE keep-alive comment.
     #[arg(long, env = "EDGERUN_HEARTBEAT_SECS", default_value_t = 15)]
     heartbeat_secs: u64,
+    /// KV cache memory all running sequences may reserve together, in MiB; requests beyond it
+    /// wait. Default on CPU: half the memory available at start; on GPUs: no limit.
+    #[arg(long, env = "EDGERUN_KV_CACHE_MIB")]
+    kv_cache_mib: Option<usize>,
     /// CPU threads for model compute; defaults to the number of physical cores.
     #[arg(long, env = "EDGERUN_THREADS")]
     threads: Option<usize>,
@@ -149,6 +153,14 @@ fn require_cpu_features() {
         );
         std::process::exit(2);
     }
+}
+
+/// `MemAvailable` from /proc/meminfo (Linux), in bytes.
+fn mem_available_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// `edgerun health`: a minimal HTTP/1.0 GET of /health, so images need no curl.
@@ -258,17 +270,24 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         let engine_slot = state.engine.clone();
         let device = args.device.clone();
         let tokenizer = args.tokenizer.clone();
-        let scheduler = SchedulerConfig {
+        let mut scheduler = SchedulerConfig {
             max_batch_size: args.max_batch.max(1),
             max_queue: args.max_queue,
             prefill_chunk: args.prefill_chunk.max(1),
             max_step_tokens: args.max_step_tokens.max(1),
+            kv_cache_budget: args.kv_cache_mib.map(|m| m << 20),
         };
         let window = args.context_window.or(resolved.context_window);
         let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let device = device.open()?;
             let loaded = LoadedModel::load(&path, tokenizer.as_deref(), &device)?;
+            if scheduler.kv_cache_budget.is_none() && device.is_cpu() {
+                // On the CPU, KV caches share RAM with everything else: by default let them
+                // reserve at most half of what is available now, so a burst of long requests
+                // queues instead of getting the process killed.
+                scheduler.kv_cache_budget = mem_available_bytes().map(|b| b / 2);
+            }
             let cfg = loaded.model.config().clone();
             let engine = Engine::start(loaded, scheduler, window)?;
             tracing::info!(
@@ -276,6 +295,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
                 device = ?device,
                 layers = cfg.block_count,
                 context_window = engine.context_window(),
+                kv_cache_budget_mib = scheduler.kv_cache_budget.map(|b| b >> 20),
                 threads,
                 secs = started.elapsed().as_secs_f32(),
                 "model loaded and warmed up"

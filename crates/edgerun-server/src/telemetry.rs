@@ -70,6 +70,12 @@ pub fn render(handle: &PrometheusHandle, stats: Option<StatsSnapshot>) -> String
             s.peak_batch_size,
         ),
         (
+            "edgerun_kv_cache_reserved_bytes",
+            "gauge",
+            "KV cache reserved by running sequences",
+            s.kv_cache_reserved_bytes,
+        ),
+        (
             "edgerun_generated_tokens_total",
             "counter",
             "tokens generated",
