@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+#
+# edgerun images. Two targets:
+#   docker build --target cpu  -t edgerun:cpu  .
+#   docker build --target cuda -t edgerun:cuda --build-arg CUDA_COMPUTE_CAP=90 .   (90 = H100/H200, 89 = L4/L40S, 80 = A100, 86 = A10/RTX 30xx)
+# Base images are build arguments, so a mirror or a pinned digest can be substituted.
+# Runs as a non-root user; models download to the /models volume (HF_HOME); HEALTHCHECK uses
+# `edgerun health`, so the runtime image needs no curl.
+
+ARG RUST_IMAGE=rust:1-bookworm
+ARG CPU_RUNTIME_IMAGE=debian:bookworm-slim
+ARG CUDA_BUILD_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu22.04
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu22.04
+
+# ---- CPU build -------------------------------------------------------------------------------
+FROM ${RUST_IMAGE} AS build-cpu
+WORKDIR /src
+COPY . .
+# x86-64-v3 (AVX2/FMA) is what .cargo/config.toml targets; override for other CPUs.
+ARG RUSTFLAGS="-C target-cpu=x86-64-v3"
+ENV RUSTFLAGS=${RUSTFLAGS}
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p edgerun-server --bin edgerun \
+    && cp target/release/edgerun /usr/local/bin/edgerun
+
+# ---- CUDA build ------------------------------------------------------------------------------
+FROM ${CUDA_BUILD_IMAGE} AS build-cuda
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl build-essential pkg-config \
+    && rm -rf /var/lib/apt/lists/* \
+    && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
+ENV PATH=/root/.cargo/bin:${PATH}
+ARG CUDA_COMPUTE_CAP=90
+ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/root/.cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p edgerun-server --bin edgerun --features cuda \
+    && cp target/release/edgerun /usr/local/bin/edgerun
+
+# ---- runtime images --------------------------------------------------------------------------
+FROM ${CPU_RUNTIME_IMAGE} AS cpu
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /models --shell /usr/sbin/nologin edgerun \
+    && mkdir -p /models && chown edgerun /models
+COPY --from=build-cpu /usr/local/bin/edgerun /usr/local/bin/edgerun
+ENV HF_HOME=/models EDGERUN_LISTEN=0.0.0.0:8080 EDGERUN_DEVICE=cpu
+VOLUME ["/models"]
+USER edgerun
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10m --retries=3 CMD ["edgerun", "health"]
+ENTRYPOINT ["edgerun", "serve"]
+
+FROM ${CUDA_RUNTIME_IMAGE} AS cuda
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /models --shell /usr/sbin/nologin edgerun \
+    && mkdir -p /models && chown edgerun /models
+COPY --from=build-cuda /usr/local/bin/edgerun /usr/local/bin/edgerun
+ENV HF_HOME=/models EDGERUN_LISTEN=0.0.0.0:8080 EDGERUN_DEVICE=cuda:0
+VOLUME ["/models"]
+USER edgerun
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10m --retries=3 CMD ["edgerun", "health"]
+ENTRYPOINT ["edgerun", "serve"]
