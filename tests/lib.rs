@@ -123,6 +123,11 @@ impl Node {
             .body(body)
     }
 
+    /// POSTs a body to the run route and parses the JSON answer (success or error envelope).
+    pub async fn run_json(&self, body: impl Into<reqwest::Body>) -> serde_json::Value {
+        self.post(body).send().await.unwrap().json().await.unwrap()
+    }
+
     pub async fn health(&self) -> serde_json::Value {
         self.client
             .get(self.url("/health"))

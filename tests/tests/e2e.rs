@@ -125,14 +125,7 @@ async fn non_streaming_envelope_and_greedy_determinism() {
     };
     let mut outs = Vec::new();
     for seed in [7, 7, 8] {
-        let v: Value = node
-            .post(seeded(seed))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = node.run_json(seeded(seed)).await;
         outs.push(v["result"]["response"].as_str().unwrap().to_string());
     }
     assert_eq!(outs[0], outs[1]);
@@ -320,14 +313,7 @@ async fn disconnect_mid_stream_frees_the_sequence() {
     // Decode speed with the node to itself, to compare with after the disconnect.
     let speed = || async {
         let start = Instant::now();
-        let v: Value = node
-            .post(greedy("Describe a forest.", 48, false))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = node.run_json(greedy("Describe a forest.", 48, false)).await;
         v["result"]["usage"]["completion_tokens"].as_u64().unwrap() as f64
             / start.elapsed().as_secs_f64()
     };
@@ -497,14 +483,7 @@ async fn sigterm_lets_the_stream_in_flight_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_metrics_count_requests_and_tokens() {
     let node = Node::start(&[]).await;
-    let v: Value = node
-        .post(greedy("Say hi.", 8, false))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = node.run_json(greedy("Say hi.", 8, false)).await;
     let completion = v["result"]["usage"]["completion_tokens"].as_u64().unwrap();
     let start = Instant::now();
     let resp = node.post(greedy("Say hi.", 8, true)).send().await.unwrap();
