@@ -174,7 +174,7 @@ async fn measure(target: &Target, runs: usize) -> Figures {
     let mut aggregate = Vec::new();
     for streams in [1usize, 4, 8] {
         let mut rates = Vec::new();
-        for _ in 0..runs.div_ceil(2) {
+        for _ in 0..runs {
             let futs = (0..streams).map(|_| target.generate(&client, &count, 96));
             let all = futures::future::join_all(futs).await;
             let start = all.iter().map(|o| o.first_token_at).min().unwrap();

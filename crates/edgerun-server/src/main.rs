@@ -128,8 +128,11 @@ fn main() -> anyhow::Result<()> {
     let threads = args.threads.unwrap_or_else(num_cpus::get_physical).max(1);
     // SAFETY: no other thread exists yet.
     unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, threads.to_string());
+            }
+        }
     }
     tracing_subscriber::fmt()
         .with_env_filter(
