@@ -30,11 +30,12 @@ if ! buildah inspect --type image localhost/edgerun-rust:local >/dev/null 2>&1; 
   buildah commit --rm "$ctr" localhost/edgerun-rust:local
 fi
 
-buildah bud --isolation chroot --target cpu \
+buildah bud --isolation chroot --format docker --target cpu \
   --build-arg RUST_IMAGE=localhost/edgerun-rust:local \
   --build-arg CPU_RUNTIME_IMAGE=localhost/edgerun-base:bookworm \
   -t localhost/edgerun:cpu .
 
+buildah inspect --type image --format "healthcheck: {{.Docker.Config.Healthcheck.Test}}{{println}}" localhost/edgerun:cpu
 ctr=$(buildah from localhost/edgerun:cpu)
 trap 'buildah rm "$ctr" >/dev/null' EXIT
 buildah run --isolation chroot "$ctr" -- edgerun --version
