@@ -954,25 +954,18 @@ mod tests {
         let got = ours.forward(&xt).unwrap();
         assert_eq!(got.dims(), &[2, 5, n]);
         let want = reference.forward(&xt).unwrap();
-        let diff: f32 = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let max_ref: f32 = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let max_abs = |t: &Tensor| -> f32 {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let diff = max_abs(&(got - &want).unwrap());
+        let max_ref = max_abs(&want);
         assert!(diff <= 1e-4 * max_ref + 1e-5, "diff {diff}");
         // Other float types are computed in f32 and cast back.
         let half = ours.forward(&xt.to_dtype(DType::F16).unwrap()).unwrap();
