@@ -7,6 +7,8 @@
 //! The binary is `target/release/edgerun` (the test command builds it first), or `EDGERUN_BIN`.
 //! The model is fetched by `models/fetch-default.sh`, or taken from `EDGERUN_TEST_MODEL`.
 
+pub mod edge;
+
 use edgerun_protocol::sse::{SseEvent, SseParser};
 use futures::StreamExt;
 use std::net::TcpListener;
@@ -50,7 +52,7 @@ pub fn model_path() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

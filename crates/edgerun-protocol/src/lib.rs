@@ -85,7 +85,7 @@ pub use request::{
     DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS,
 };
 pub use response::{SuccessEnvelope, TextGenerationOutput, Usage, JSON_CONTENT_TYPE};
-pub use route::model_from_path;
+pub use route::{model_from_path, run_route_tail};
 pub use sse::{
     error_event, heartbeat, token_event, usage_event, SseEvent, SseParser, DONE_EVENT,
     EVENT_STREAM_CONTENT_TYPE,

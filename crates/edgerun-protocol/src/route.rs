@@ -7,6 +7,25 @@
 
 use percent_encoding::percent_decode_str;
 
+/// The model part of a run route's path, as sent (not yet decoded), or `None`
+/// when `path` is not a run route.
+///
+/// The run routes are `/run/{model}` and the REST form
+/// `/client/v4/accounts/{account_id}/ai/run/{model}` (one non-empty account
+/// segment). Both the node and the Worker in front of it classify paths with
+/// this function, so they agree on which requests are model runs.
+pub fn run_route_tail(path: &str) -> Option<&str> {
+    if let Some(tail) = path.strip_prefix("/run/") {
+        return Some(tail);
+    }
+    let rest = path.strip_prefix("/client/v4/accounts/")?;
+    let (account, rest) = rest.split_once('/')?;
+    if account.is_empty() {
+        return None;
+    }
+    rest.strip_prefix("ai/run/")
+}
+
 /// The model name from the path tail after `/run/` or `/ai/run/`.
 ///
 /// Percent-decodes the tail (so `@cf%2Fmeta%2Fllama-3-8b-instruct` equals
@@ -56,6 +75,28 @@ mod tests {
         // malformed escapes are kept literally, as percent-decoding does
         assert_eq!(model_from_path("100%").as_deref(), Some("100%"));
         assert_eq!(model_from_path("%zz").as_deref(), Some("%zz"));
+    }
+
+    #[test]
+    fn run_routes_are_recognised() {
+        assert_eq!(run_route_tail("/run/@cf/meta/x"), Some("@cf/meta/x"));
+        assert_eq!(run_route_tail("/run/"), Some(""));
+        assert_eq!(
+            run_route_tail("/client/v4/accounts/abc123/ai/run/@cf%2Fmeta%2Fx"),
+            Some("@cf%2Fmeta%2Fx")
+        );
+        for other in [
+            "/",
+            "/health",
+            "/metrics",
+            "/runs/x",
+            "/client/v4/accounts//ai/run/x",
+            "/client/v4/accounts/abc/ai/runx",
+            "/client/v4/accounts/abc/def/ai/run/x",
+            "/v1/chat/completions",
+        ] {
+            assert_eq!(run_route_tail(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -15,8 +15,8 @@ use axum::{Json, Router};
 use edgerun_engine::{GenerationEvent, TokenStream};
 use edgerun_protocol::sse::{self, EVENT_STREAM_CONTENT_TYPE};
 use edgerun_protocol::{
-    model_from_path, ApiError, SuccessEnvelope, TextGenerationOutput, Usage, ValidatedRequest,
-    JSON_CONTENT_TYPE,
+    model_from_path, run_route_tail, ApiError, SuccessEnvelope, TextGenerationOutput, Usage,
+    ValidatedRequest, JSON_CONTENT_TYPE,
 };
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -147,17 +147,11 @@ async fn run_model(State(state): State<AppState>, uri: Uri, body: Body) -> Respo
     }
 }
 
-/// The model segment of either run route, as sent (decoded later).
-fn model_tail(path: &str) -> &str {
-    match path.find("/ai/run/") {
-        Some(i) if path.starts_with("/client/") => &path[i + "/ai/run/".len()..],
-        _ => path.strip_prefix("/run/").unwrap_or(""),
-    }
-}
-
 async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, ServerError> {
     let started = Instant::now();
-    let model = model_from_path(model_tail(uri.path())).unwrap_or_default();
+    let model = run_route_tail(uri.path())
+        .and_then(model_from_path)
+        .unwrap_or_default();
     if !state.serves(&model) {
         return Err(ApiError::no_such_model(&model).into());
     }

@@ -1,0 +1,301 @@
+//! The Worker's configuration: the `NODES` variable (regions, their origins and who they serve),
+//! the caller tokens, and the body limit. Parsed and checked once per request from the
+//! environment; a bad configuration is reported to the caller as a 500 naming the variable, never
+//! as a panic.
+
+use crate::WorkerError;
+use serde::Deserialize;
+
+/// The body limit the nodes enforce by default (`edgerun serve --max-body-bytes`).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Secret holding the nodes' bearer token when a region names none of its own.
+pub const DEFAULT_NODE_TOKEN_SECRET: &str = "NODE_TOKEN";
+
+/// The `NODES` variable.
+///
+/// ```json
+/// {
+///   "default": "us",
+///   "regions": [
+///     {"name": "eu", "origin": "https://eu.node.example.com", "continents": ["EU", "AF"]},
+///     {"name": "us", "origin": "https://us.node.example.com", "continents": ["NA", "SA"],
+///      "colos": ["NRT"], "token_secret": "NODE_TOKEN_US"}
+///   ]
+/// }
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodesConfig {
+    /// Regions in failover order.
+    pub regions: Vec<Region>,
+    /// The region for callers no region claims; the first region when absent.
+    #[serde(default)]
+    pub default: Option<String>,
+    /// Model names the nodes serve. When set, the Worker answers other names itself with the
+    /// node's `5007` error; when absent, every name is passed on and the node decides.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+}
+
+/// One region: a node (or a load balancer in front of several) behind one Tunnel hostname.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    /// Short name, returned to callers in `x-edgerun-region`.
+    pub name: String,
+    /// `https://host[:port]` of the region's Tunnel hostname (no path).
+    pub origin: String,
+    /// Continent codes of `request.cf.continent` (`EU`, `NA`, `AS`, ...) this region serves.
+    #[serde(default)]
+    pub continents: Vec<String>,
+    /// Country codes of `request.cf.country` this region serves (checked before continents).
+    #[serde(default)]
+    pub countries: Vec<String>,
+    /// Cloudflare colos (`request.cf.colo`, e.g. `FRA`) this region serves (checked first).
+    #[serde(default)]
+    pub colos: Vec<String>,
+    /// Name of the secret holding this node's bearer token; [`DEFAULT_NODE_TOKEN_SECRET`] when
+    /// absent.
+    #[serde(default)]
+    pub token_secret: Option<String>,
+}
+
+impl Region {
+    /// The secret that holds this region's node token.
+    pub fn token_secret(&self) -> &str {
+        self.token_secret
+            .as_deref()
+            .unwrap_or(DEFAULT_NODE_TOKEN_SECRET)
+    }
+}
+
+/// Where the caller is, from `request.cf`. Every field is optional: `wrangler dev` and a local
+/// `workerd` have no `cf` object at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Location {
+    pub colo: Option<String>,
+    pub country: Option<String>,
+    pub continent: Option<String>,
+}
+
+impl NodesConfig {
+    /// Parses and checks `NODES`.
+    pub fn parse(json: &str) -> Result<Self, WorkerError> {
+        let config: NodesConfig = serde_json::from_str(json)
+            .map_err(|e| WorkerError::Config(format!("NODES is not valid: {e}")))?;
+        if config.regions.is_empty() {
+            return Err(WorkerError::Config("NODES lists no region".into()));
+        }
+        for (i, region) in config.regions.iter().enumerate() {
+            if region.name.is_empty() {
+                return Err(WorkerError::Config(format!("NODES region {i} has no name")));
+            }
+            if config.regions[..i].iter().any(|r| r.name == region.name) {
+                return Err(WorkerError::Config(format!(
+                    "NODES names region {:?} twice",
+                    region.name
+                )));
+            }
+            check_origin(&region.origin).map_err(|why| {
+                WorkerError::Config(format!(
+                    "NODES region {:?}: origin {:?} {why}",
+                    region.name, region.origin
+                ))
+            })?;
+        }
+        if let Some(default) = &config.default {
+            if !config.regions.iter().any(|r| &r.name == default) {
+                return Err(WorkerError::Config(format!(
+                    "NODES default {default:?} is not one of its regions"
+                )));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Regions in the order to try them for a caller at `location`: the region that claims the
+    /// caller's colo, else country, else continent, else the default; then every other region in
+    /// the order `NODES` lists them.
+    pub fn regions_for(&self, location: &Location) -> Vec<&Region> {
+        let claims = |pick: fn(&Region) -> &Vec<String>, value: &Option<String>| {
+            let value = value.as_deref()?;
+            self.regions
+                .iter()
+                .position(|r| pick(r).iter().any(|v| v.eq_ignore_ascii_case(value)))
+        };
+        let first = claims(|r| &r.colos, &location.colo)
+            .or_else(|| claims(|r| &r.countries, &location.country))
+            .or_else(|| claims(|r| &r.continents, &location.continent))
+            .or_else(|| {
+                let default = self.default.as_deref()?;
+                self.regions.iter().position(|r| r.name == default)
+            })
+            .unwrap_or(0);
+        let mut order = Vec::with_capacity(self.regions.len());
+        order.push(&self.regions[first]);
+        order.extend(
+            self.regions
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != first)
+                .map(|(_, r)| r),
+        );
+        order
+    }
+
+    /// Whether `model` may be passed to a node (always, unless `models` is set).
+    pub fn serves(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|models| models.iter().any(|m| m == model))
+    }
+}
+
+fn check_origin(origin: &str) -> Result<(), &'static str> {
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or("must start with https:// (or http:// for local tests)")?;
+    let host = rest.strip_suffix('/').unwrap_or(rest);
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    if host.contains(['/', '?', '#', '@', ' ']) {
+        return Err("must be scheme://host[:port] only");
+    }
+    Ok(())
+}
+
+/// Parses `MAX_BODY_BYTES` (a plain byte count); [`DEFAULT_MAX_BODY_BYTES`] when unset.
+pub fn parse_body_limit(value: Option<&str>) -> Result<usize, WorkerError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(DEFAULT_MAX_BODY_BYTES),
+        Some(v) => v
+            .parse()
+            .map_err(|_| WorkerError::Config(format!("MAX_BODY_BYTES {v:?} is not a byte count"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODES: &str = r#"{
+        "default": "us",
+        "regions": [
+            {"name": "eu", "origin": "https://eu.example.com", "continents": ["EU", "AF"],
+             "countries": ["TR"]},
+            {"name": "us", "origin": "https://us.example.com/", "continents": ["NA", "SA"]},
+            {"name": "ap", "origin": "http://127.0.0.1:9000", "continents": ["AS", "OC"],
+             "colos": ["LAX"], "token_secret": "NODE_TOKEN_AP"}
+        ]
+    }"#;
+
+    fn at(colo: Option<&str>, country: Option<&str>, continent: Option<&str>) -> Location {
+        Location {
+            colo: colo.map(String::from),
+            country: country.map(String::from),
+            continent: continent.map(String::from),
+        }
+    }
+
+    fn names(order: Vec<&Region>) -> Vec<&str> {
+        order.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn callers_go_to_their_region_then_the_others_in_order() {
+        let c = NodesConfig::parse(NODES).unwrap();
+        let order = |l| names(c.regions_for(&l));
+        assert_eq!(order(at(None, None, Some("EU"))), ["eu", "us", "ap"]);
+        assert_eq!(order(at(None, None, Some("af"))), ["eu", "us", "ap"]);
+        assert_eq!(order(at(None, None, Some("NA"))), ["us", "eu", "ap"]);
+        assert_eq!(order(at(None, None, Some("OC"))), ["ap", "eu", "us"]);
+        // colo beats country beats continent
+        assert_eq!(order(at(Some("LAX"), None, Some("NA"))), ["ap", "eu", "us"]);
+        assert_eq!(order(at(None, Some("TR"), Some("AS"))), ["eu", "us", "ap"]);
+        // unknown or missing location: the default
+        assert_eq!(
+            order(at(Some("XXX"), Some("ZZ"), Some("AN"))),
+            ["us", "eu", "ap"]
+        );
+        assert_eq!(order(Location::default()), ["us", "eu", "ap"]);
+    }
+
+    #[test]
+    fn without_a_default_the_first_region_is_it() {
+        let c = NodesConfig::parse(
+            r#"{"regions":[{"name":"a","origin":"https://a"},{"name":"b","origin":"https://b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(names(c.regions_for(&Location::default())), ["a", "b"]);
+    }
+
+    #[test]
+    fn token_secrets_default_to_node_token() {
+        let c = NodesConfig::parse(NODES).unwrap();
+        assert_eq!(c.regions[0].token_secret(), "NODE_TOKEN");
+        assert_eq!(c.regions[2].token_secret(), "NODE_TOKEN_AP");
+    }
+
+    #[test]
+    fn bad_configurations_are_named() {
+        for (json, says) in [
+            ("", "NODES is not valid"),
+            ("[]", "NODES is not valid"),
+            (r#"{"regions":[]}"#, "no region"),
+            (r#"{"regions":[{"name":"a"}]}"#, "missing field `origin`"),
+            (
+                r#"{"regions":[{"name":"a","origin":"https://a","region":"x"}]}"#,
+                "unknown field",
+            ),
+            (
+                r#"{"regions":[{"name":"","origin":"https://a"}]}"#,
+                "has no name",
+            ),
+            (
+                r#"{"regions":[{"name":"a","origin":"https://a"},{"name":"a","origin":"https://b"}]}"#,
+                "twice",
+            ),
+            (
+                r#"{"regions":[{"name":"a","origin":"ftp://a"}]}"#,
+                "must start with",
+            ),
+            (
+                r#"{"regions":[{"name":"a","origin":"https://"}]}"#,
+                "has no host",
+            ),
+            (
+                r#"{"regions":[{"name":"a","origin":"https://a/run"}]}"#,
+                "host[:port] only",
+            ),
+            (
+                r#"{"default":"b","regions":[{"name":"a","origin":"https://a"}]}"#,
+                "not one of its regions",
+            ),
+        ] {
+            let err = NodesConfig::parse(json).unwrap_err().to_string();
+            assert!(err.contains(says), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn model_list_is_optional() {
+        let c = NodesConfig::parse(NODES).unwrap();
+        assert!(c.serves("anything"));
+        let c = NodesConfig::parse(
+            r#"{"models":["@cf/meta/llama-3-8b-instruct"],"regions":[{"name":"a","origin":"https://a"}]}"#,
+        )
+        .unwrap();
+        assert!(c.serves("@cf/meta/llama-3-8b-instruct"));
+        assert!(!c.serves("@cf/meta/llama-2"));
+    }
+
+    #[test]
+    fn body_limit_defaults_to_the_nodes() {
+        assert_eq!(parse_body_limit(None).unwrap(), 1 << 20);
+        assert_eq!(parse_body_limit(Some(" 2048 ")).unwrap(), 2048);
+        assert!(parse_body_limit(Some("1MB")).is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! What the Worker sends to a node and what it adds to the answer: the upstream URL, the request
+//! headers (the caller's, minus credentials and hop-by-hop headers, plus the Access service token,
+//! the node's bearer token and the request id) and the request id itself.
+
+use crate::config::Region;
+
+/// Workers AI's request-id header: kept when the caller sent a usable one, passed to the node,
+/// returned to the caller.
+pub const REQUEST_ID_HEADER: &str = "cf-ai-req-id";
+/// Which region answered (returned to the caller; operators grep for it).
+pub const REGION_HEADER: &str = "x-edgerun-region";
+/// The Cloudflare Access service-token headers the Tunnel's Access application checks.
+pub const ACCESS_CLIENT_ID_HEADER: &str = "cf-access-client-id";
+pub const ACCESS_CLIENT_SECRET_HEADER: &str = "cf-access-client-secret";
+
+/// Headers never passed from the caller to a node: hop-by-hop headers, the body length (the
+/// runtime sets it), and credentials, which the Worker replaces with the node's own.
+const DROPPED: &[&str] = &[
+    "authorization",
+    "connection",
+    "content-length",
+    "host",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
+/// Credentials the Worker holds for one region.
+#[derive(Clone, Default)]
+pub struct NodeCredentials {
+    /// `ACCESS_CLIENT_ID` / `ACCESS_CLIENT_SECRET`: the Access service token.
+    pub access_client_id: Option<String>,
+    pub access_client_secret: Option<String>,
+    /// The node's `--api-token`, from the region's token secret.
+    pub node_token: Option<String>,
+}
+
+impl std::fmt::Debug for NodeCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCredentials")
+            .field("access_client_id", &self.access_client_id)
+            .field("access_client_secret", &self.access_client_secret.is_some())
+            .field("node_token", &self.node_token.is_some())
+            .finish()
+    }
+}
+
+/// The id for this request: the caller's `cf-ai-req-id` when it is 1-128 visible ASCII
+/// characters, otherwise a fresh one from `generate`.
+pub fn request_id(presented: Option<&str>, generate: impl FnOnce() -> String) -> String {
+    match presented {
+        Some(id) if (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()) => {
+            id.to_owned()
+        }
+        _ => generate(),
+    }
+}
+
+/// `origin` + the caller's path and query, unchanged.
+pub fn upstream_url(region: &Region, path_and_query: &str) -> String {
+    let origin = region.origin.trim_end_matches('/');
+    if path_and_query.starts_with('/') {
+        format!("{origin}{path_and_query}")
+    } else {
+        format!("{origin}/{path_and_query}")
+    }
+}
+
+/// The headers for the node: the caller's, minus [`DROPPED`] and every `cf-*` header the caller
+/// or Cloudflare set (the runtime adds its own), plus the request id, the caller's address in
+/// `x-forwarded-for`, the Access service token and the node's bearer token.
+pub fn upstream_headers(
+    incoming: &[(String, String)],
+    credentials: &NodeCredentials,
+    request_id: &str,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = incoming
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.to_ascii_lowercase();
+            !DROPPED.contains(&name.as_str()) && !name.starts_with("cf-")
+        })
+        .cloned()
+        .collect();
+    out.push((REQUEST_ID_HEADER.into(), request_id.into()));
+    if let Some((_, ip)) = incoming
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("cf-connecting-ip"))
+    {
+        out.push(("x-forwarded-for".into(), ip.clone()));
+    }
+    if let Some(id) = &credentials.access_client_id {
+        out.push((ACCESS_CLIENT_ID_HEADER.into(), id.clone()));
+    }
+    if let Some(secret) = &credentials.access_client_secret {
+        out.push((ACCESS_CLIENT_SECRET_HEADER.into(), secret.clone()));
+    }
+    if let Some(token) = &credentials.node_token {
+        out.push(("authorization".into(), format!("Bearer {token}")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(origin: &str) -> Region {
+        Region {
+            name: "eu".into(),
+            origin: origin.into(),
+            continents: vec![],
+            countries: vec![],
+            colos: vec![],
+            token_secret: None,
+        }
+    }
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn urls_keep_path_and_query() {
+        let r = region("https://eu.example.com/");
+        assert_eq!(
+            upstream_url(&r, "/run/@cf%2Fmeta%2Fx?a=1"),
+            "https://eu.example.com/run/@cf%2Fmeta%2Fx?a=1"
+        );
+        assert_eq!(
+            upstream_url(&region("http://127.0.0.1:81"), "health"),
+            "http://127.0.0.1:81/health"
+        );
+    }
+
+    #[test]
+    fn caller_credentials_are_replaced_by_the_nodes() {
+        let incoming = h(&[
+            ("Authorization", "Bearer caller-token"),
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+            ("CF-Access-Client-Id", "forged"),
+            ("cf-access-client-secret", "forged"),
+            ("cf-access-jwt-assertion", "forged"),
+            ("cf-connecting-ip", "203.0.113.7"),
+            ("cf-ai-req-id", "caller-id"),
+            ("cf-ray", "abc"),
+            ("Host", "worker.example.com"),
+            ("Connection", "keep-alive"),
+            ("Content-Length", "12"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("x-custom", "kept"),
+        ]);
+        let creds = NodeCredentials {
+            access_client_id: Some("id.access".into()),
+            access_client_secret: Some("s3cret".into()),
+            node_token: Some("node-token".into()),
+        };
+        let out = upstream_headers(&incoming, &creds, "rid-1");
+        assert_eq!(
+            out,
+            h(&[
+                ("Content-Type", "application/json"),
+                ("Accept", "text/event-stream"),
+                ("x-custom", "kept"),
+                ("cf-ai-req-id", "rid-1"),
+                ("x-forwarded-for", "203.0.113.7"),
+                ("cf-access-client-id", "id.access"),
+                ("cf-access-client-secret", "s3cret"),
+                ("authorization", "Bearer node-token"),
+            ])
+        );
+    }
+
+    #[test]
+    fn missing_credentials_are_not_invented() {
+        let out = upstream_headers(&[], &NodeCredentials::default(), "r");
+        assert_eq!(out, h(&[("cf-ai-req-id", "r")]));
+        // and Debug never prints secrets
+        let creds = NodeCredentials {
+            access_client_id: Some("id".into()),
+            access_client_secret: Some("s3cret".into()),
+            node_token: Some("tok3n".into()),
+        };
+        let dbg = format!("{creds:?}");
+        assert!(!dbg.contains("s3cret") && !dbg.contains("tok3n"), "{dbg}");
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let fresh = || "fresh".to_string();
+        assert_eq!(request_id(Some("abc-123"), fresh), "abc-123");
+        assert_eq!(request_id(None, fresh), "fresh");
+        assert_eq!(request_id(Some(""), fresh), "fresh");
+        assert_eq!(request_id(Some("has space"), fresh), "fresh");
+        assert_eq!(request_id(Some("é"), fresh), "fresh");
+        assert_eq!(request_id(Some(&"x".repeat(129)), fresh), "fresh");
+        assert_eq!(request_id(Some(&"x".repeat(128)), fresh), "x".repeat(128));
+    }
+}

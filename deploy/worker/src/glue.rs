@@ -1,0 +1,232 @@
+//! The wasm glue: the `fetch` event handler. It reads the request and the environment, calls the
+//! host-tested core (`edge`, `config`, `forward`, `failover`) and turns the chosen node's
+//! response into the caller's. Nothing here decides anything the core could.
+
+use crate::auth::CallerTokens;
+use crate::config::{parse_body_limit, Location, NodesConfig, Region};
+use crate::edge::{admit, check_run_body, Admitted, RequestHead};
+use crate::failover::{forward, no_region_error, Forwarded, Upstream, MAX_PEEK_BYTES};
+use crate::forward::{
+    request_id, upstream_headers, upstream_url, NodeCredentials, REGION_HEADER, REQUEST_ID_HEADER,
+};
+use crate::{error_response_parts, WorkerError};
+use edgerun_protocol::ApiError;
+use worker::js_sys::{self, Reflect, Uint8Array};
+use worker::wasm_bindgen::{JsCast, JsValue};
+use worker::{event, Context, Env, Fetch, Headers, Method, Request, RequestInit, Response};
+
+#[event(fetch)]
+async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+    let id = request_id(
+        req.headers()
+            .get(REQUEST_ID_HEADER)
+            .ok()
+            .flatten()
+            .as_deref(),
+        random_uuid,
+    );
+    let (response, region) = match handle(&mut req, &env, &id).await {
+        Ok((response, region)) => (response, Some(region)),
+        Err(e) => (error_response(&e)?, None),
+    };
+    finish(response, &id, region.as_deref())
+}
+
+/// Admits, validates and forwards one request; `Err` is answered by the Worker itself.
+async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, String), ApiError> {
+    let nodes = NodesConfig::parse(&var(env, "NODES").unwrap_or_default())?;
+    let body_limit = parse_body_limit(var(env, "MAX_BODY_BYTES").as_deref())?;
+    let tokens = CallerTokens::parse(&secret(env, "API_TOKENS").unwrap_or_default());
+
+    let method = req.method().to_string();
+    let url = req.url().map_err(|e| WorkerError::Runtime(e.to_string()))?;
+    let path_and_query = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
+    let headers = header_pairs(req.headers());
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let head = RequestHead {
+        method: &method,
+        path: url.path(),
+        authorization: header("authorization"),
+        content_length: header("content-length").and_then(|v| v.trim().parse().ok()),
+    };
+    let admitted = admit(&head, &tokens, &nodes, body_limit)?;
+
+    let body = if method == "GET" || method == "HEAD" {
+        None
+    } else {
+        Some(
+            req.bytes()
+                .await
+                .map_err(|e| WorkerError::Runtime(e.to_string()))?,
+        )
+    };
+    if let Admitted::Run { .. } = admitted {
+        check_run_body(body.as_deref().unwrap_or_default(), body_limit)?;
+    }
+
+    let regions = nodes.regions_for(&location(req));
+    let mut upstream = FetchUpstream {
+        env,
+        method,
+        path_and_query,
+        headers,
+        body,
+        request_id: id,
+    };
+    match forward(&mut upstream, &regions).await {
+        Forwarded::Answered {
+            region,
+            response,
+            skipped,
+        } => {
+            if !skipped.is_empty() {
+                worker::console_warn!("{id}: answered by {region} after skipping {skipped:?}");
+            }
+            Ok((response, region))
+        }
+        Forwarded::NoRegion(skipped) => {
+            worker::console_error!("{id}: no region answered: {skipped:?}");
+            Err(no_region_error(&skipped))
+        }
+    }
+}
+
+/// Sends the request with `fetch` to one region's origin.
+struct FetchUpstream<'a> {
+    env: &'a Env,
+    method: String,
+    path_and_query: String,
+    headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
+    request_id: &'a str,
+}
+
+impl Upstream for FetchUpstream<'_> {
+    type Response = Response;
+
+    async fn send(&mut self, region: &Region) -> Result<Response, String> {
+        let credentials = NodeCredentials {
+            access_client_id: secret(self.env, "ACCESS_CLIENT_ID"),
+            access_client_secret: secret(self.env, "ACCESS_CLIENT_SECRET"),
+            node_token: secret(self.env, region.token_secret()),
+        };
+        let headers = Headers::new();
+        for (name, value) in upstream_headers(&self.headers, &credentials, self.request_id) {
+            headers.append(&name, &value).map_err(|e| e.to_string())?;
+        }
+        let mut init = RequestInit::new();
+        init.with_method(Method::from(self.method.clone()))
+            .with_headers(headers);
+        if let Some(body) = &self.body {
+            init.with_body(Some(Uint8Array::from(body.as_slice()).into()));
+        }
+        let request = Request::new_with_init(&upstream_url(region, &self.path_and_query), &init)
+            .map_err(|e| e.to_string())?;
+        Fetch::Request(request)
+            .send()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn status(response: &Response) -> u16 {
+        response.status_code()
+    }
+
+    async fn peek(&mut self, mut response: Response) -> Result<(Response, Vec<u8>), String> {
+        let body = response.bytes().await.map_err(|e| e.to_string())?;
+        let peeked = body[..body.len().min(MAX_PEEK_BYTES)].to_vec();
+        let rebuilt = Response::from_bytes(body)
+            .map_err(|e| e.to_string())?
+            .with_status(response.status_code())
+            .with_headers(copy_headers(response.headers()));
+        Ok((rebuilt, peeked))
+    }
+}
+
+/// The caller's answer: the node's (or the Worker's own) response with the request id and the
+/// answering region added. A fetched response's headers are immutable, so they are copied; the
+/// body stays the same stream.
+fn finish(response: Response, id: &str, region: Option<&str>) -> worker::Result<Response> {
+    let headers = copy_headers(response.headers());
+    headers.set(REQUEST_ID_HEADER, id)?;
+    if let Some(region) = region {
+        headers.set(REGION_HEADER, region)?;
+    }
+    Ok(response.with_headers(headers))
+}
+
+fn error_response(e: &ApiError) -> worker::Result<Response> {
+    let (status, headers, body) = error_response_parts(e);
+    let h = Headers::new();
+    for (name, value) in headers {
+        h.set(name, value)?;
+    }
+    Ok(Response::from_bytes(body.into_bytes())?
+        .with_status(status)
+        .with_headers(h))
+}
+
+fn copy_headers(from: &Headers) -> Headers {
+    let to = Headers::new();
+    for (name, value) in from.entries() {
+        let _ = to.append(&name, &value);
+    }
+    to
+}
+
+fn header_pairs(headers: &Headers) -> Vec<(String, String)> {
+    headers.entries().collect()
+}
+
+/// `request.cf`'s colo, country and continent; read field by field because a local runtime has
+/// no `cf` object and a real one may lack any field.
+fn location(req: &Request) -> Location {
+    let cf = Reflect::get(req.inner(), &JsValue::from_str("cf")).unwrap_or(JsValue::UNDEFINED);
+    let field = |name: &str| {
+        if !cf.is_object() {
+            return None;
+        }
+        Reflect::get(&cf, &JsValue::from_str(name))
+            .ok()
+            .and_then(|v| v.as_string())
+            .filter(|s| !s.is_empty())
+    };
+    Location {
+        colo: field("colo"),
+        country: field("country"),
+        continent: field("continent"),
+    }
+}
+
+fn var(env: &Env, name: &str) -> Option<String> {
+    env.var(name).ok().map(|v| v.to_string())
+}
+
+fn secret(env: &Env, name: &str) -> Option<String> {
+    env.secret(name)
+        .ok()
+        .map(|v| v.to_string())
+        .or_else(|| var(env, name))
+        .filter(|s| !s.is_empty())
+}
+
+/// `crypto.randomUUID()`, or a time-based id if the runtime lacks it.
+fn random_uuid() -> String {
+    let global = js_sys::global();
+    Reflect::get(&global, &JsValue::from_str("crypto"))
+        .ok()
+        .and_then(|crypto| {
+            let f = Reflect::get(&crypto, &JsValue::from_str("randomUUID")).ok()?;
+            let f = f.dyn_into::<js_sys::Function>().ok()?;
+            f.call0(&crypto).ok()?.as_string()
+        })
+        .unwrap_or_else(|| format!("{:x}", js_sys::Date::now() as u64))
+}

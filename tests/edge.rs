@@ -1,0 +1,366 @@
+//! The edge in front of the nodes, on loopback: the Worker (`deploy/worker`, built to wasm) in
+//! the real Workers runtime (`workerd` from npm), and a stand-in for what Cloudflare puts between
+//! the Worker and a node — the Tunnel plus its Access application.
+//!
+//! [`AccessGate`] plays Cloudflare Access: it refuses requests without the right service-token
+//! headers (`CF-Access-Client-Id`/`-Secret`) with 403, otherwise signs a
+//! `Cf-Access-Jwt-Assertion` (RS256, the team's issuer, the application's AUD) with a key it
+//! serves at `/cdn-cgi/access/certs`, and streams the request to its node. When the node is
+//! down it answers 502, as Cloudflare does when cloudflared cannot reach the origin. Nodes run
+//! with `--access-*` pointing at the gate, so they verify real JWTs exactly as in production.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::StreamExt;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use rsa::pkcs1::EncodeRsaPrivateKey;
+use rsa::{Generate, PrivateKey};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const ACCESS_TEAM: &str = "edge-test.cloudflareaccess.com";
+pub const ACCESS_AUD: &str = "d4d1e0c9a4e7e6a1c7d0a7e1b0c3f1e2d5c8b9a0f1e2d3c4b5a69788796a5b4c";
+pub const ACCESS_CLIENT_ID: &str = "0123456789abcdef.access";
+pub const ACCESS_CLIENT_SECRET: &str = "edge-test-access-client-secret";
+const KEY_ID: &str = "edge-test-key";
+
+/// The signing key, made once per test binary.
+fn signing_key() -> &'static (EncodingKey, Value) {
+    static KEY: OnceLock<(EncodingKey, Value)> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let private = PrivateKey::generate();
+        let der = private.to_pkcs1_der().expect("encode key");
+        let signing = EncodingKey::from_rsa_der(der.as_bytes());
+        let mut jwk =
+            serde_json::to_value(Jwk::from_encoding_key(&signing, Algorithm::RS256).expect("jwk"))
+                .expect("jwk json");
+        jwk["kid"] = json!(KEY_ID);
+        jwk["alg"] = json!("RS256");
+        jwk["use"] = json!("sig");
+        (signing, jwk)
+    })
+}
+
+struct GateState {
+    origin: Mutex<Option<String>>,
+    forwarded: AtomicUsize,
+    client: reqwest::Client,
+}
+
+/// Cloudflare Access + Tunnel in front of one node (see the module docs).
+pub struct AccessGate {
+    pub base: String,
+    state: Arc<GateState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AccessGate {
+    /// Listens on a free loopback port; [`AccessGate::connect`] names the node later (the node
+    /// needs the gate's certs URL to start).
+    pub async fn start() -> AccessGate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gate");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let state = Arc::new(GateState {
+            origin: Mutex::new(None),
+            forwarded: AtomicUsize::new(0),
+            client: reqwest::Client::new(),
+        });
+        let app = Router::new()
+            .route("/cdn-cgi/access/certs", get(certs))
+            .fallback(pass)
+            .with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        AccessGate { base, state, task }
+    }
+
+    /// The node this gate forwards to.
+    pub fn connect(&self, origin: &str) {
+        *self.state.origin.lock().unwrap() = Some(origin.to_string());
+    }
+
+    /// `edgerun serve` flags that make a node verify this gate's JWTs.
+    pub fn node_flags(&self) -> Vec<String> {
+        vec![
+            "--access-team-domain".into(),
+            ACCESS_TEAM.into(),
+            "--access-aud".into(),
+            ACCESS_AUD.into(),
+            "--access-certs-url".into(),
+            format!("{}/cdn-cgi/access/certs", self.base),
+        ]
+    }
+
+    /// Requests passed on to the node so far.
+    pub fn forwarded(&self) -> usize {
+        self.state.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// Stops listening: the Worker's fetches to this region now fail to connect.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
+    /// A JWT as Access would sign it for the service token.
+    pub fn jwt() -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let claims = json!({
+            "aud": [ACCESS_AUD],
+            "iss": format!("https://{ACCESS_TEAM}"),
+            "exp": now + 300,
+            "iat": now,
+            "nbf": now,
+            "type": "app",
+            "common_name": ACCESS_CLIENT_ID,
+            "sub": "",
+        });
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(KEY_ID.into());
+        encode(&header, &claims, &signing_key().0).expect("sign")
+    }
+}
+
+impl Drop for AccessGate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn certs() -> Json<Value> {
+    Json(json!({ "keys": [signing_key().1.clone()] }))
+}
+
+/// Headers that are the connection's, not the request's.
+fn is_hop_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host" | "connection" | "content-length" | "transfer-encoding" | "keep-alive" | "upgrade"
+    )
+}
+
+async fn pass(State(gate): State<Arc<GateState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let presented = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let authorized = presented("cf-access-client-id") == Some(ACCESS_CLIENT_ID)
+        && presented("cf-access-client-secret") == Some(ACCESS_CLIENT_SECRET);
+    if !authorized {
+        return (StatusCode::FORBIDDEN, "Forbidden (Access service token)").into_response();
+    }
+    let Some(origin) = gate.origin.lock().unwrap().clone() else {
+        return (StatusCode::BAD_GATEWAY, "no origin").into_response();
+    };
+    let url = format!(
+        "{origin}{}",
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    let mut headers = HeaderMap::new();
+    for (name, value) in &parts.headers {
+        if !is_hop_header(name) && !name.as_str().starts_with("cf-access-client-") {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(
+        "cf-access-jwt-assertion",
+        AccessGate::jwt().parse().expect("jwt header"),
+    );
+    let body = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    gate.forwarded.fetch_add(1, Ordering::SeqCst);
+    let sent = gate
+        .client
+        .request(parts.method, url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("origin unreachable: {e}")).into_response(),
+        Ok(resp) => {
+            let mut out = Response::builder().status(resp.status());
+            for (name, value) in resp.headers() {
+                if !is_hop_header(name) {
+                    out = out.header(name, value);
+                }
+            }
+            out.body(Body::from_stream(resp.bytes_stream()))
+                .expect("response")
+        }
+    }
+}
+
+/// The Worker's build output (`scripts/build-worker.sh`), or `EDGERUN_WORKER_BUILD`.
+pub fn worker_build_dir() -> PathBuf {
+    std::env::var("EDGERUN_WORKER_BUILD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| crate::workspace_root().join("deploy/worker/build"))
+}
+
+/// `workerd` from `deploy/worker/node_modules` (scripts/install-wasm-toolchain.sh), or
+/// `WORKERD_BIN`.
+pub fn workerd_bin() -> PathBuf {
+    std::env::var("WORKERD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| crate::workspace_root().join("deploy/worker/node_modules/.bin/workerd"))
+}
+
+/// Where the caller is, for the Worker's region choice: sent as the header workerd turns into
+/// `request.cf`.
+pub const CF_BLOB_HEADER: &str = "x-edgerun-test-cf";
+
+/// The Worker running in workerd on a free loopback port. Killed on drop.
+pub struct EdgeWorker {
+    child: Child,
+    pub base: String,
+    _dir: TempDir,
+}
+
+impl EdgeWorker {
+    /// Starts the Worker with `bindings` (variables and secrets alike are text bindings, as in
+    /// `wrangler dev`) and waits until it answers.
+    pub async fn start(bindings: &[(&str, String)]) -> EdgeWorker {
+        let build = worker_build_dir();
+        for file in ["index.js", "index_bg.wasm"] {
+            assert!(
+                build.join(file).exists(),
+                "{} is missing: build the Worker with scripts/build-worker.sh (scripts/test.sh does)",
+                build.join(file).display()
+            );
+        }
+        let port = crate::free_port();
+        let dir = TempDir::new("edgerun-workerd");
+        let bindings: Vec<String> = bindings
+            .iter()
+            .map(|(name, value)| {
+                format!(
+                    "(name = {}, text = {})",
+                    capnp_string(name),
+                    capnp_string(value)
+                )
+            })
+            .collect();
+        let config = format!(
+            r#"using Workerd = import "/workerd/workerd.capnp";
+const config :Workerd.Config = (
+  services = [
+    (name = "main", worker = .edge),
+    (name = "internet", network = (allow = ["public", "private", "local"])),
+  ],
+  sockets = [
+    (name = "http", address = "127.0.0.1:{port}", service = "main",
+     http = (cfBlobHeader = "{CF_BLOB_HEADER}")),
+  ],
+);
+const edge :Workerd.Worker = (
+  modules = [
+    (name = "index.js", esModule = embed "index.js"),
+    (name = "index_bg.wasm", wasm = embed "index_bg.wasm"),
+  ],
+  compatibilityDate = "2026-04-01",
+  bindings = [{bindings}],
+);
+"#,
+            bindings = bindings.join(", "),
+        );
+        // capnp resolves `embed` paths relative to the config file (a leading `/` means the
+        // import path, not the file system root): copy the build next to it.
+        for file in ["index.js", "index_bg.wasm"] {
+            std::fs::copy(build.join(file), dir.path.join(file)).expect("copy the Worker build");
+        }
+        let config_path = dir.path.join("config.capnp");
+        std::fs::write(&config_path, config).expect("write workerd config");
+        let child = Command::new(workerd_bin())
+            .arg("serve")
+            .arg(&config_path)
+            .arg("--experimental")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn workerd (run scripts/install-wasm-toolchain.sh)");
+        let mut worker = EdgeWorker {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client.get(worker.url("/")).send().await.is_err() {
+            if let Ok(Some(status)) = worker.child.try_wait() {
+                panic!("workerd exited with {status} (its stderr is above)");
+            }
+            assert!(Instant::now() < deadline, "workerd did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        worker
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+impl Drop for EdgeWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A capnp text literal.
+fn capnp_string(s: &str) -> String {
+    serde_json::to_string(s).expect("string")
+}
+
+/// A directory removed on drop.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn new(prefix: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Reads a streamed body chunk by chunk, noting when each chunk arrived.
+pub async fn chunks_with_times(resp: reqwest::Response, start: Instant) -> Vec<(Duration, usize)> {
+    let mut out = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        out.push((start.elapsed(), chunk.expect("chunk").len()));
+    }
+    out
+}
