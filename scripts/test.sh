@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Runs every test: formatting and lints, unit tests, the engine's tests on the real model, and
-# the end-to-end tests against the real binary and model over loopback HTTP.
-# Idempotent: the model is fetched once (models/cache/), builds are incremental.
+# Runs every test: formatting and lints, unit tests, the engine's tests on the real model, the
+# end-to-end tests against the real binary and model over loopback HTTP, and the edge tests (the
+# Worker built to wasm, in workerd, in front of two nodes).
+# Idempotent: the model is fetched once (models/cache/), the wasm toolchain is installed once per
+# machine (~25 min the first time, then skipped), builds are incremental.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+WORKER=(--manifest-path deploy/worker/Cargo.toml)
+
 models/fetch-default.sh >/dev/null
+scripts/install-wasm-toolchain.sh
 cargo fmt --all -- --check
+cargo fmt "${WORKER[@]}" -- --check
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
-# The e2e tests run target/release/edgerun: build it (and everything else) first.
+cargo clippy --locked "${WORKER[@]}" --all-targets -- -D warnings
+# The e2e tests run target/release/edgerun and the Worker's wasm build: build them first.
 cargo build --release --locked --workspace --all-targets
+scripts/build-worker.sh --locked
+# The Worker's routing, failover, header and validation logic, on the host.
+cargo test --locked "${WORKER[@]}"
 # One test at a time: tests that run the model each use both cores, and timing-sensitive
 # checks (streaming, heartbeats) stay meaningful without six model servers competing.
 cargo test --release --locked --workspace -- --test-threads=1

@@ -236,9 +236,9 @@ pub struct EdgeWorker {
 }
 
 impl EdgeWorker {
-    /// Starts the Worker with `bindings` (variables and secrets alike are text bindings, as in
-    /// `wrangler dev`) and waits until it answers.
-    pub async fn start(bindings: &[(&str, String)]) -> EdgeWorker {
+    /// Starts the Worker with `text` bindings (variables and secrets alike, as in `wrangler dev`)
+    /// and `json` ones (a `[vars]` table in wrangler.toml), and waits until it answers.
+    pub async fn start(text: &[(&str, String)], json: &[(&str, String)]) -> EdgeWorker {
         let build = worker_build_dir();
         for file in ["index.js", "index_bg.wasm"] {
             assert!(
@@ -249,15 +249,17 @@ impl EdgeWorker {
         }
         let port = crate::free_port();
         let dir = TempDir::new("edgerun-workerd");
-        let bindings: Vec<String> = bindings
+        let binding = |kind: &str, (name, value): &(&str, String)| {
+            format!(
+                "(name = {}, {kind} = {})",
+                capnp_string(name),
+                capnp_string(value)
+            )
+        };
+        let bindings: Vec<String> = text
             .iter()
-            .map(|(name, value)| {
-                format!(
-                    "(name = {}, text = {})",
-                    capnp_string(name),
-                    capnp_string(value)
-                )
-            })
+            .map(|b| binding("text", b))
+            .chain(json.iter().map(|b| binding("json", b)))
             .collect();
         let config = format!(
             r#"using Workerd = import "/workerd/workerd.capnp";

@@ -60,13 +60,16 @@ impl Deployment {
                 {"name": "us", "origin": us.gate.base, "continents": ["NA", "SA"]},
             ]
         });
-        let worker = EdgeWorker::start(&[
-            ("NODES", nodes.to_string()),
-            ("API_TOKENS", format!("caller-token-1, {CALLER_TOKEN}")),
-            ("NODE_TOKEN", TOKEN.to_string()),
-            ("ACCESS_CLIENT_ID", ACCESS_CLIENT_ID.to_string()),
-            ("ACCESS_CLIENT_SECRET", ACCESS_CLIENT_SECRET.to_string()),
-        ])
+        // NODES as a JSON binding, as a `[vars]` table in wrangler.toml gives it.
+        let worker = EdgeWorker::start(
+            &[
+                ("API_TOKENS", format!("caller-token-1, {CALLER_TOKEN}")),
+                ("NODE_TOKEN", TOKEN.to_string()),
+                ("ACCESS_CLIENT_ID", ACCESS_CLIENT_ID.to_string()),
+                ("ACCESS_CLIENT_SECRET", ACCESS_CLIENT_SECRET.to_string()),
+            ],
+            &[("NODES", nodes.to_string())],
+        )
         .await;
         Deployment {
             worker,

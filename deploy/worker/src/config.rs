@@ -292,6 +292,24 @@ mod tests {
         assert!(!c.serves("@cf/meta/llama-2"));
     }
 
+    /// The example shipped in wrangler.toml is a valid configuration (as wrangler passes a
+    /// `[vars.NODES]` table: JSON).
+    #[test]
+    fn the_wrangler_toml_example_parses() {
+        let text = include_str!("../wrangler.toml");
+        let doc: toml::Table = toml::from_str(text).unwrap();
+        let vars = doc["vars"].as_table().unwrap();
+        let nodes = serde_json::to_string(&vars["NODES"]).unwrap();
+        let config = NodesConfig::parse(&nodes).unwrap();
+        assert_eq!(config.regions.len(), 3);
+        let limit = parse_body_limit(vars["MAX_BODY_BYTES"].as_str()).unwrap();
+        assert_eq!(limit, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(
+            names(config.regions_for(&at(None, None, Some("EU")))),
+            ["eu", "us", "ap"]
+        );
+    }
+
     #[test]
     fn body_limit_defaults_to_the_nodes() {
         assert_eq!(parse_body_limit(None).unwrap(), 1 << 20);

@@ -206,16 +206,20 @@ fn location(req: &Request) -> Location {
     }
 }
 
+/// A text binding, or a JSON one (wrangler.toml may give `NODES` as a table) serialised back.
 fn var(env: &Env, name: &str) -> Option<String> {
-    env.var(name).ok().map(|v| v.to_string())
+    let value = Reflect::get(env, &JsValue::from_str(name)).ok()?;
+    if let Some(text) = value.as_string() {
+        return Some(text);
+    }
+    if value.is_object() {
+        return js_sys::JSON::stringify(&value).ok()?.as_string();
+    }
+    None
 }
 
 fn secret(env: &Env, name: &str) -> Option<String> {
-    env.secret(name)
-        .ok()
-        .map(|v| v.to_string())
-        .or_else(|| var(env, name))
-        .filter(|s| !s.is_empty())
+    var(env, name).filter(|s| !s.is_empty())
 }
 
 /// `crypto.randomUUID()`, or a time-based id if the runtime lacks it.
