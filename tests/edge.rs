@@ -53,6 +53,7 @@ fn signing_key() -> &'static (EncodingKey, Value) {
 struct GateState {
     origin: Mutex<Option<String>>,
     forwarded: AtomicUsize,
+    last_request_id: Mutex<Option<String>>,
     client: reqwest::Client,
 }
 
@@ -74,6 +75,7 @@ impl AccessGate {
         let state = Arc::new(GateState {
             origin: Mutex::new(None),
             forwarded: AtomicUsize::new(0),
+            last_request_id: Mutex::new(None),
             client: reqwest::Client::new(),
         });
         let app = Router::new()
@@ -106,6 +108,11 @@ impl AccessGate {
     /// Requests passed on to the node so far.
     pub fn forwarded(&self) -> usize {
         self.state.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// The `cf-ai-req-id` of the last request passed on.
+    pub fn last_request_id(&self) -> Option<String> {
+        self.state.last_request_id.lock().unwrap().clone()
     }
 
     /// Stops listening: the Worker's fetches to this region now fail to connect.
@@ -186,6 +193,11 @@ async fn pass(State(gate): State<Arc<GateState>>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     };
+    *gate.last_request_id.lock().unwrap() = parts
+        .headers
+        .get("cf-ai-req-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     gate.forwarded.fetch_add(1, Ordering::SeqCst);
     let sent = gate
         .client

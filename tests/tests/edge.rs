@@ -97,6 +97,10 @@ fn greedy(prompt: &str, max_tokens: u32, stream: bool) -> Value {
     json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream})
 }
 
+async fn json_of(req: reqwest::RequestBuilder) -> Value {
+    req.send().await.unwrap().json().await.unwrap()
+}
+
 fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
     resp.headers()
         .get(name)
@@ -122,6 +126,11 @@ async fn tokens_stream_through_the_worker_from_the_callers_region() {
     assert_eq!(header(&resp, "content-type"), "text/event-stream");
     assert_eq!(header(&resp, "x-edgerun-region"), "eu");
     assert_eq!(header(&resp, "cf-ai-req-id"), "caller-chosen-id-1");
+    assert_eq!(
+        d.eu.gate.last_request_id().as_deref(),
+        Some("caller-chosen-id-1"),
+        "the node gets the caller's request id"
+    );
     let events = read_sse(resp, start).await;
     let n = events.len();
     assert!(matches!(events[n - 1].event, SseEvent::Done), "{events:?}");
@@ -160,27 +169,18 @@ async fn tokens_stream_through_the_worker_from_the_callers_region() {
         36,
         "a fresh UUID when the caller sent no id: {id:?}"
     );
+    assert_eq!(d.us.gate.last_request_id(), Some(id.clone()));
     let chunks = chunks_with_times(resp, start).await;
     assert!(chunks.len() >= 10, "streamed in {} chunks", chunks.len());
 
     // Greedy text is the same whichever region answered, and the same as the node's own answer.
-    let via_worker: Value = d
-        .run("EU", &greedy("The capital of France is", 12, false))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let direct: Value =
+    let france = greedy("The capital of France is", 12, false);
+    let via_worker = json_of(d.run("EU", &france)).await;
+    let direct = json_of(
         d.us.direct(reqwest::Method::POST, &format!("/run/{MODEL_ALIAS}"))
-            .body(greedy("The capital of France is", 12, false).to_string())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .body(france.to_string()),
+    )
+    .await;
     assert_eq!(via_worker["success"], true, "{via_worker}");
     assert_eq!(via_worker, direct);
     assert!(!via_eu.is_empty());

@@ -24,6 +24,8 @@
 //! * [`sse`]: the native `/ai/run` server-sent-event framing
 //!   (`data: {"response":..}\n\n` ... `data: [DONE]\n\n`) and an incremental
 //!   parser for it ([`SseParser`]).
+//! * [`auth`]: bearer-token parsing and the constant-time [`TokenSet`] the
+//!   node and the Worker both check callers with.
 //! * [`route`]: reading the model name out of a URL path, accepting both the
 //!   raw (`@cf/meta/...`) and the SDKs' percent-encoded (`@cf%2Fmeta%2F...`)
 //!   forms.
@@ -49,7 +51,8 @@
 //!
 //! * **No I/O and no async runtime.** Everything is a pure function over
 //!   bytes, strings and `serde_json::Value`s; the only dependencies are
-//!   `serde`, `serde_json`, `thiserror` and `percent-encoding`. Nothing is
+//!   `serde`, `serde_json`, `thiserror`, `percent-encoding` and `subtle`
+//!   (constant-time comparison). Nothing is
 //!   platform-specific, so the crate builds for `wasm32-unknown-unknown` and
 //!   runs inside the Worker.
 //! * **No model knowledge beyond the schema.** It knows field names, types
@@ -73,12 +76,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod error;
 pub mod request;
 pub mod response;
 pub mod route;
 pub mod sse;
 
+pub use auth::{bearer_token, TokenSet};
 pub use error::{ApiError, ErrorEnvelope, ErrorItem};
 pub use request::{
     ChatMessage, PromptInput, Role, SamplingParams, ValidatedRequest, DEFAULT_MAX_TOKENS,

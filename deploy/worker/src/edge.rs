@@ -3,9 +3,8 @@
 //! the node's own code (`edgerun-protocol`) and in the node's order, so that a bad request gets
 //! byte for byte the answer the node would have given, without a round trip to a region.
 
-use crate::auth::CallerTokens;
 use crate::config::NodesConfig;
-use edgerun_protocol::{model_from_path, run_route_tail, ApiError, ValidatedRequest};
+use edgerun_protocol::{model_from_path, run_route_tail, ApiError, TokenSet, ValidatedRequest};
 
 /// What the Worker knows of a request before reading its body.
 #[derive(Debug, Clone, Copy)]
@@ -32,11 +31,11 @@ pub enum Admitted {
 /// set) and a declared length over `body_limit` (413/3006).
 pub fn admit(
     head: &RequestHead<'_>,
-    tokens: &CallerTokens,
+    tokens: &TokenSet,
     nodes: &NodesConfig,
     body_limit: usize,
 ) -> Result<Admitted, ApiError> {
-    if !tokens.accepts(head.authorization) {
+    if !tokens.accepts_authorization(head.authorization) {
         return Err(ApiError::authentication());
     }
     let Some(tail) = run_route_tail(head.path) else {
@@ -80,7 +79,7 @@ mod tests {
 
     #[test]
     fn the_callers_token_comes_first() {
-        let tokens = CallerTokens::parse("good");
+        let tokens = TokenSet::parse_list("good");
         let nodes = NodesConfig::parse(NODES).unwrap();
         for path in ["/run/@cf/meta/x", "/health", "/nothing"] {
             for auth in [None, Some("Bearer bad"), Some("good")] {
@@ -91,7 +90,7 @@ mod tests {
         // Even with no token configured at all.
         let e = admit(
             &head("POST", "/run/x", Some("Bearer ")),
-            &CallerTokens::parse(""),
+            &TokenSet::parse_list(""),
             &nodes,
             10,
         )
@@ -101,7 +100,7 @@ mod tests {
 
     #[test]
     fn routes_are_classified_like_the_node() {
-        let tokens = CallerTokens::parse("good");
+        let tokens = TokenSet::parse_list("good");
         let nodes = NodesConfig::parse(NODES).unwrap();
         let ok = |m, p| admit(&head(m, p, Some("Bearer good")), &tokens, &nodes, 10);
         assert_eq!(
@@ -127,7 +126,7 @@ mod tests {
 
     #[test]
     fn listed_models_and_declared_sizes_are_checked_before_the_body() {
-        let tokens = CallerTokens::parse("good");
+        let tokens = TokenSet::parse_list("good");
         let nodes = NodesConfig::parse(
             r#"{"models":["@cf/meta/x"],"regions":[{"name":"a","origin":"https://a"}]}"#,
         )

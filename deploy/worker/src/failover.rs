@@ -2,7 +2,9 @@
 //!
 //! A region is skipped, and the next one tried, only while nothing has been sent to the caller:
 //! when the connection fails, when the node (or Cloudflare in front of it) answers 502, 503, 504
-//! or 530, or when it answers 429 with code 3040 (busy). Any other answer, error or not, goes to
+//! or 530 (or Cloudflare's 521/522/523: the origin could not be reached at all), or when it
+//! answers 429 with code 3040 (busy). Cloudflare's 520 and 524 are not retried: the node may have
+//! run the request. Any other answer, error or not, goes to
 //! the caller as it is — its body streams through untouched — and once it has, the Worker never
 //! retries. [`forward`] is generic over [`Upstream`] so that the host's tests drive it with a
 //! scripted upstream and the Worker with `fetch`.
@@ -39,7 +41,7 @@ pub struct Skipped {
 pub enum SkipReason {
     /// No HTTP answer (connection refused, reset, DNS, ...).
     Unreachable(String),
-    /// 502/503/504/530: the node is down, loading, draining, or its Tunnel is.
+    /// 502/503/504/521/522/523/530: the node is down, loading, draining, or its Tunnel is.
     Down(u16),
     /// 429 with code 3040: the node's queue is full.
     Busy,
@@ -59,7 +61,7 @@ pub enum Forwarded<R> {
 
 /// What to make of a status before reading the body.
 fn skip_for_status(status: u16) -> Option<SkipReason> {
-    matches!(status, 502 | 503 | 504 | 530).then_some(SkipReason::Down(status))
+    matches!(status, 502 | 503 | 504 | 521 | 522 | 523 | 530).then_some(SkipReason::Down(status))
 }
 
 /// Whether a 429 body is the Workers AI capacity error (code 3040).
@@ -242,6 +244,9 @@ mod tests {
             Ok((502, "")),
             Ok((503, "")),
             Ok((504, "")),
+            Ok((521, "")),
+            Ok((522, "")),
+            Ok((523, "")),
             Ok((530, "")),
         ] {
             let mut s = Script::new(&[("eu", down), ("us", Ok((200, "ok")))]);
@@ -269,7 +274,7 @@ mod tests {
         assert_eq!(region, "us");
         assert_eq!(skipped[0].reason, SkipReason::Busy);
 
-        // A 429 that is not 3040, a 400, a 401, a 500: the caller gets the node's own answer,
+        // A 429 that is not 3040, a 400, a 401, a 500, a 520/524 (the node may have run it): the caller gets the node's own answer,
         // body intact, and no other region is asked.
         for (status, body) in [
             (429, RATE),
@@ -278,6 +283,8 @@ mod tests {
             (401, "auth"),
             (500, "boom"),
             (404, ""),
+            (520, ""),
+            (524, ""),
         ] {
             let mut s = Script::new(&[("eu", Ok((status, body))), ("us", Ok((200, "ok")))]);
             let Forwarded::Answered {

@@ -2,7 +2,6 @@
 //! host-tested core (`edge`, `config`, `forward`, `failover`) and turns the chosen node's
 //! response into the caller's. Nothing here decides anything the core could.
 
-use crate::auth::CallerTokens;
 use crate::config::{parse_body_limit, Location, NodesConfig, Region};
 use crate::edge::{admit, check_run_body, Admitted, RequestHead};
 use crate::failover::{forward, no_region_error, Forwarded, Upstream, MAX_PEEK_BYTES};
@@ -10,7 +9,7 @@ use crate::forward::{
     request_id, upstream_headers, upstream_url, NodeCredentials, REGION_HEADER, REQUEST_ID_HEADER,
 };
 use crate::{error_response_parts, WorkerError};
-use edgerun_protocol::ApiError;
+use edgerun_protocol::{ApiError, TokenSet};
 use worker::js_sys::{self, Reflect, Uint8Array};
 use worker::wasm_bindgen::{JsCast, JsValue};
 use worker::{event, Context, Env, Fetch, Headers, Method, Request, RequestInit, Response};
@@ -36,7 +35,7 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
 async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, String), ApiError> {
     let nodes = NodesConfig::parse(&var(env, "NODES").unwrap_or_default())?;
     let body_limit = parse_body_limit(var(env, "MAX_BODY_BYTES").as_deref())?;
-    let tokens = CallerTokens::parse(&secret(env, "API_TOKENS").unwrap_or_default());
+    let tokens = TokenSet::parse_list(&secret(env, "API_TOKENS").unwrap_or_default());
 
     let method = req.method().to_string();
     let url = req.url().map_err(|e| WorkerError::Runtime(e.to_string()))?;

@@ -7,8 +7,8 @@
 //!
 //! * [`config`]: the `NODES` variable (regions, origins, which continents, countries and colos
 //!   each serves, a default, optionally the served models) and `MAX_BODY_BYTES`.
-//! * [`auth`]: the callers' bearer tokens (`API_TOKENS` secret), compared in constant time.
-//! * [`edge`]: what is decided before any region is asked — the caller's token (401/10000), and
+//! * [`edge`]: what is decided before any region is asked — the caller's token (`API_TOKENS`,
+//!   checked with `edgerun-protocol`'s constant-time `TokenSet`, like the node's; 401/10000), and
 //!   for run routes the method, model, size and body, using `edgerun-protocol`'s validation so
 //!   that the Worker's answer to a bad request is the node's, byte for byte.
 //! * [`forward`]: the upstream URL and headers — the caller's credentials and `cf-*` headers
@@ -25,7 +25,7 @@
 //! request ─▶ edge::admit (token, route, method, model, declared size) ──▶ ApiError ─▶ caller
 //!          ─▶ read body ─▶ edge::check_run_body (size, schema) ─────────▶ ApiError ─▶ caller
 //!          ─▶ config::regions_for(request.cf) ─▶ failover::forward ─▶ fetch(origin + path)
-//!                 connect error / 502 / 503 / 504 / 530 / 429+3040 ─▶ next region
+//!                 connect error / 502 / 503 / 504 / 521-523 / 530 / 429+3040 ─▶ next region
 //!                 every region skipped ─▶ failover::no_region_error (503, or 429 if busy)
 //!          ◀─ node's response, body streamed untouched, + cf-ai-req-id + x-edgerun-region
 //! ```
@@ -41,7 +41,6 @@
 //!   are answered as a 500 in the envelope naming the variable.
 //! * Logic stays in plain Rust that `cargo test` runs on the host; the wasm glue stays thin.
 
-pub mod auth;
 pub mod config;
 pub mod edge;
 pub mod failover;
