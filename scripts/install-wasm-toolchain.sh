@@ -34,10 +34,24 @@ debian_rustc_ok() {
     [ "$minor" -ge "$MIN_RUSTC_MINOR" ]
 }
 
+need() { command -v "$1" >/dev/null || { log "$1 is needed: $2"; exit 1; }; }
+need cargo "the Rust toolchain (https://rustup.rs) builds wasm-bindgen-cli and worker-build"
+need npm "Node.js 20+ and npm install workerd and wrangler"
+
 if ! debian_rustc_ok; then
+    command -v apt-get >/dev/null || {
+        log "needs Debian's rustc-web >= 1.$MIN_RUSTC_MINOR, rust-web-src and lld-22 (apt); elsewhere install"
+        log "a Rust toolchain with the wasm32-unknown-unknown target and adapt scripts/build-worker.sh"
+        exit 1
+    }
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then
+        need sudo "installing Debian packages needs root"
+        SUDO=sudo
+    fi
     log "installing Debian's rustc-web, cargo-web, rust-web-src, lld-22"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         rustc-web cargo-web rust-web-src libstd-rust-web-dev lld-22 >&2
     debian_rustc_ok || { log "Debian's rustc is $(/usr/bin/rustc --version); need 1.$MIN_RUSTC_MINOR+"; exit 1; }
 fi

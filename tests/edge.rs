@@ -54,6 +54,7 @@ struct GateState {
     origin: Mutex<Option<String>>,
     forwarded: AtomicUsize,
     last_request_id: Mutex<Option<String>>,
+    last_uri: Mutex<Option<String>>,
     client: reqwest::Client,
 }
 
@@ -61,6 +62,7 @@ struct GateState {
 pub struct AccessGate {
     pub base: String,
     state: Arc<GateState>,
+    shutdown: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -76,16 +78,27 @@ impl AccessGate {
             origin: Mutex::new(None),
             forwarded: AtomicUsize::new(0),
             last_request_id: Mutex::new(None),
+            last_uri: Mutex::new(None),
             client: reqwest::Client::new(),
         });
         let app = Router::new()
             .route("/cdn-cgi/access/certs", get(certs))
             .fallback(pass)
             .with_state(state.clone());
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
         });
-        AccessGate { base, state, task }
+        AccessGate {
+            base,
+            state,
+            shutdown: Mutex::new(Some(shutdown)),
+            task,
+        }
     }
 
     /// The node this gate forwards to.
@@ -115,9 +128,22 @@ impl AccessGate {
         self.state.last_request_id.lock().unwrap().clone()
     }
 
-    /// Stops listening: the Worker's fetches to this region now fail to connect.
-    pub fn stop(&self) {
-        self.task.abort();
+    /// The path and query of the last request passed on.
+    pub fn last_uri(&self) -> Option<String> {
+        self.state.last_uri.lock().unwrap().clone()
+    }
+
+    /// Stops listening and closes idle keep-alive connections too (a graceful shutdown), so the
+    /// Worker's next fetch to this region fails to connect rather than reusing one.
+    pub async fn stop(&self) {
+        if let Some(tx) = self.shutdown.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.task.is_finished() {
+            assert!(Instant::now() < deadline, "the gate did not stop");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// A JWT as Access would sign it for the service token.
@@ -198,6 +224,7 @@ async fn pass(State(gate): State<Arc<GateState>>, req: Request) -> Response {
         .get("cf-ai-req-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    *gate.last_uri.lock().unwrap() = parts.uri.path_and_query().map(|p| p.to_string());
     gate.forwarded.fetch_add(1, Ordering::SeqCst);
     let sent = gate
         .client
@@ -215,6 +242,14 @@ async fn pass(State(gate): State<Arc<GateState>>, req: Request) -> Response {
                     out = out.header(name, value);
                 }
             }
+            // What Access does after a service token passed: a session cookie for the hostname.
+            out = out.header(
+                "set-cookie",
+                format!(
+                    "CF_Authorization={}; Path=/; Secure; HttpOnly; SameSite=None",
+                    AccessGate::jwt()
+                ),
+            );
             out.body(Body::from_stream(resp.bytes_stream()))
                 .expect("response")
         }

@@ -53,24 +53,7 @@ struct Deployment {
 impl Deployment {
     async fn start() -> Deployment {
         let (eu, us) = tokio::join!(Region::start(), Region::start());
-        let nodes = json!({
-            "default": "eu",
-            "regions": [
-                {"name": "eu", "origin": eu.gate.base, "continents": ["EU", "AF"]},
-                {"name": "us", "origin": us.gate.base, "continents": ["NA", "SA"]},
-            ]
-        });
-        // NODES as a JSON binding, as a `[vars]` table in wrangler.toml gives it.
-        let worker = EdgeWorker::start(
-            &[
-                ("API_TOKENS", format!("caller-token-1, {CALLER_TOKEN}")),
-                ("NODE_TOKEN", TOKEN.to_string()),
-                ("ACCESS_CLIENT_ID", ACCESS_CLIENT_ID.to_string()),
-                ("ACCESS_CLIENT_SECRET", ACCESS_CLIENT_SECRET.to_string()),
-            ],
-            &[("NODES", nodes.to_string())],
-        )
-        .await;
+        let worker = worker_for(&eu, &us, &[]).await;
         Deployment {
             worker,
             eu,
@@ -91,6 +74,28 @@ impl Deployment {
     fn forwarded(&self) -> usize {
         self.eu.gate.forwarded() + self.us.gate.forwarded()
     }
+}
+
+/// The Worker in front of `eu` and `us`, with every secret set except those in `without`.
+async fn worker_for(eu: &Region, us: &Region, without: &[&str]) -> EdgeWorker {
+    let nodes = json!({
+        "default": "eu",
+        "regions": [
+            {"name": "eu", "origin": eu.gate.base, "continents": ["EU", "AF"]},
+            {"name": "us", "origin": us.gate.base, "continents": ["NA", "SA"]},
+        ]
+    });
+    let secrets: Vec<(&str, String)> = [
+        ("API_TOKENS", format!("caller-token-1, {CALLER_TOKEN}")),
+        ("NODE_TOKEN", TOKEN.to_string()),
+        ("ACCESS_CLIENT_ID", ACCESS_CLIENT_ID.to_string()),
+        ("ACCESS_CLIENT_SECRET", ACCESS_CLIENT_SECRET.to_string()),
+    ]
+    .into_iter()
+    .filter(|(name, _)| !without.contains(name))
+    .collect();
+    // NODES as a JSON binding, as a `[vars.NODES]` table in wrangler.toml gives it.
+    EdgeWorker::start(&secrets, &[("NODES", nodes.to_string())]).await
 }
 
 fn greedy(prompt: &str, max_tokens: u32, stream: bool) -> Value {
@@ -126,6 +131,10 @@ async fn tokens_stream_through_the_worker_from_the_callers_region() {
     assert_eq!(header(&resp, "content-type"), "text/event-stream");
     assert_eq!(header(&resp, "x-edgerun-region"), "eu");
     assert_eq!(header(&resp, "cf-ai-req-id"), "caller-chosen-id-1");
+    assert!(
+        resp.headers().get("set-cookie").is_none(),
+        "Access's CF_Authorization cookie must not reach the caller"
+    );
     assert_eq!(
         d.eu.gate.last_request_id().as_deref(),
         Some("caller-chosen-id-1"),
@@ -185,18 +194,24 @@ async fn tokens_stream_through_the_worker_from_the_callers_region() {
     assert_eq!(via_worker, direct);
     assert!(!via_eu.is_empty());
 
-    // Any other node route passes through (here /health, from the default region).
+    // Any other node route passes through, query string and all (here /health, from the
+    // default region).
     let resp = d
         .client
-        .get(d.worker.url("/health"))
+        .get(d.worker.url("/health?probe=edge&x=%2F"))
         .bearer_auth(CALLER_TOKEN)
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(header(&resp, "x-edgerun-region"), "eu");
+    assert!(resp.headers().get("set-cookie").is_none());
     let health: Value = resp.json().await.unwrap();
     assert_eq!(health["status"], "ok");
+    assert_eq!(
+        d.eu.gate.last_uri().as_deref(),
+        Some("/health?probe=edge&x=%2F")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,6 +293,38 @@ async fn callers_need_the_workers_token_and_nodes_need_the_workers_headers() {
             .await
             .unwrap();
     assert_eq!(resp.status(), 200);
+    assert!(
+        header(&resp, "set-cookie").starts_with("CF_Authorization="),
+        "the Access stand-in sets its cookie (which the Worker must strip)"
+    );
+
+    // A Worker missing a node credential says so (500 naming the secret) instead of passing the
+    // node's 401 off as the caller's fault; unauthenticated callers still only get 401.
+    let broken = worker_for(&d.eu, &d.us, &["NODE_TOKEN"]).await;
+    let before = d.forwarded();
+    let resp = d
+        .client
+        .post(broken.url(&run_path))
+        .bearer_auth(CALLER_TOKEN)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 500);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(
+        err["errors"][0]["message"],
+        "AiError: Internal error: the Worker is misconfigured: the secret NODE_TOKEN is not set"
+    );
+    let resp = d
+        .client
+        .post(broken.url(&run_path))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(d.forwarded(), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,6 +372,42 @@ async fn bad_bodies_get_the_nodes_answer_from_the_worker_without_reaching_a_node
         assert_eq!(header(&edge, "content-type"), "application/json");
         assert_eq!(edge.text().await.unwrap(), node_body, "{body:.80}");
     }
+    // An oversized body sent without content-length (chunked) is refused as it streams in.
+    let chunked = || {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..17)
+            .map(|i| {
+                Ok(if i == 0 {
+                    b"{\"prompt\":\"".to_vec()
+                } else {
+                    vec![b'y'; 64 * 1024]
+                })
+            })
+            .collect();
+        reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+    };
+    let node =
+        d.eu.direct(reqwest::Method::POST, &run_path)
+            .body(chunked())
+            .send()
+            .await
+            .unwrap();
+    let (node_status, node_body) = (node.status(), node.text().await.unwrap());
+    assert_eq!(node_status, 413, "{node_body}");
+    let before = d.forwarded();
+    let edge = d
+        .client
+        .post(d.worker.url(&run_path))
+        .bearer_auth(CALLER_TOKEN)
+        .body(chunked())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(d.forwarded(), before);
+    assert_eq!(
+        (edge.status(), edge.text().await.unwrap()),
+        (node_status, node_body)
+    );
+
     // The wrong method on a run route, too.
     let node =
         d.eu.direct(reqwest::Method::GET, &run_path)
@@ -379,7 +462,7 @@ async fn requests_fail_over_to_the_next_region_and_get_503_when_none_is_left() {
     assert!(matches!(events.last().unwrap().event, SseEvent::Done));
 
     // The whole eu region goes away (connection refused): still us.
-    d.eu.gate.stop();
+    d.eu.gate.stop().await;
     let resp = d.run("EU", &body).send().await.unwrap();
     assert_eq!(ok(&resp), (200, "us".into()));
 

@@ -12,18 +12,22 @@ use percent_encoding::percent_decode_str;
 ///
 /// The run routes are `/run/{model}` and the REST form
 /// `/client/v4/accounts/{account_id}/ai/run/{model}` (one non-empty account
-/// segment). Both the node and the Worker in front of it classify paths with
+/// segment, a non-empty model part: the node's router matches neither
+/// `/run/` nor `.../ai/run/`). Both the node and the Worker in front of it classify paths with
 /// this function, so they agree on which requests are model runs.
 pub fn run_route_tail(path: &str) -> Option<&str> {
-    if let Some(tail) = path.strip_prefix("/run/") {
-        return Some(tail);
-    }
-    let rest = path.strip_prefix("/client/v4/accounts/")?;
-    let (account, rest) = rest.split_once('/')?;
-    if account.is_empty() {
-        return None;
-    }
-    rest.strip_prefix("ai/run/")
+    let tail = match path.strip_prefix("/run/") {
+        Some(tail) => tail,
+        None => {
+            let rest = path.strip_prefix("/client/v4/accounts/")?;
+            let (account, rest) = rest.split_once('/')?;
+            if account.is_empty() {
+                return None;
+            }
+            rest.strip_prefix("ai/run/")?
+        }
+    };
+    (!tail.is_empty()).then_some(tail)
 }
 
 /// The model name from the path tail after `/run/` or `/ai/run/`.
@@ -80,7 +84,8 @@ mod tests {
     #[test]
     fn run_routes_are_recognised() {
         assert_eq!(run_route_tail("/run/@cf/meta/x"), Some("@cf/meta/x"));
-        assert_eq!(run_route_tail("/run/"), Some(""));
+        assert_eq!(run_route_tail("/run/"), None);
+        assert_eq!(run_route_tail("/client/v4/accounts/a/ai/run/"), None);
         assert_eq!(
             run_route_tail("/client/v4/accounts/abc123/ai/run/@cf%2Fmeta%2Fx"),
             Some("@cf%2Fmeta%2Fx")

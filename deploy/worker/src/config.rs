@@ -152,11 +152,18 @@ impl NodesConfig {
     }
 }
 
+/// `https://host[:port]`; `http://` only to a loopback host (local tests and `wrangler dev`):
+/// the Access secret and the node token must never cross a network in the clear.
 fn check_origin(origin: &str) -> Result<(), &'static str> {
-    let rest = origin
-        .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"))
-        .ok_or("must start with https:// (or http:// for local tests)")?;
+    let (rest, plain) = match origin.strip_prefix("https://") {
+        Some(rest) => (rest, false),
+        None => (
+            origin
+                .strip_prefix("http://")
+                .ok_or("must start with https://")?,
+            true,
+        ),
+    };
     let host = rest.strip_suffix('/').unwrap_or(rest);
     if host.is_empty() {
         return Err("has no host");
@@ -164,7 +171,18 @@ fn check_origin(origin: &str) -> Result<(), &'static str> {
     if host.contains(['/', '?', '#', '@', ' ']) {
         return Err("must be scheme://host[:port] only");
     }
+    if plain && !is_loopback(host) {
+        return Err("must use https:// (http:// only to loopback)");
+    }
     Ok(())
+}
+
+fn is_loopback(host_port: &str) -> bool {
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host_port.split(':').next().unwrap_or(""),
+    };
+    host == "localhost" || host == "::1" || host.starts_with("127.")
 }
 
 /// Parses `MAX_BODY_BYTES` (a plain byte count); [`DEFAULT_MAX_BODY_BYTES`] when unset.
@@ -277,6 +295,19 @@ mod tests {
         ] {
             let err = NodesConfig::parse(json).unwrap_err().to_string();
             assert!(err.contains(says), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn plain_http_is_for_loopback_only() {
+        for origin in [
+            "http://127.0.0.1:8080",
+            "http://localhost",
+            "http://[::1]:81",
+            "https://eu.example.com:8443",
+        ] {
+            let json = format!(r#"{{"regions":[{{"name":"a","origin":"{origin}"}}]}}"#);
+            assert!(NodesConfig::parse(&json).is_ok(), "{origin}");
         }
     }
 

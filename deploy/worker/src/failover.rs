@@ -24,8 +24,8 @@ pub trait Upstream {
     async fn send(&mut self, region: &Region) -> Result<Self::Response, String>;
     /// The response's status code.
     fn status(response: &Self::Response) -> u16;
-    /// Reads up to [`MAX_PEEK_BYTES`] of the body and returns a response that still carries all
-    /// of it, to decide whether a 429 means "busy".
+    /// Reads the (small) body of a 429 and returns a response that still carries all of it,
+    /// with the first [`MAX_PEEK_BYTES`] to decide whether it means "busy".
     async fn peek(&mut self, response: Self::Response)
         -> Result<(Self::Response, Vec<u8>), String>;
 }
@@ -124,7 +124,8 @@ pub fn no_region_error(skipped: &[Skipped]) -> ApiError {
     let detail: Vec<String> = skipped
         .iter()
         .map(|s| match &s.reason {
-            SkipReason::Unreachable(e) => format!("{}: unreachable ({e})", s.region),
+            // The fetch error itself goes to the Worker's log, not to callers.
+            SkipReason::Unreachable(_) => format!("{}: unreachable", s.region),
             SkipReason::Down(status) => format!("{}: answered {status}", s.region),
             SkipReason::Busy => format!("{}: busy", s.region),
         })
@@ -316,7 +317,7 @@ mod tests {
         assert_eq!((e.status, e.code), (503, 3040));
         assert_eq!(
             e.message,
-            "No edgerun node is available: eu: unreachable (connection refused); us: answered 530; ap: answered 503"
+            "No edgerun node is available: eu: unreachable; us: answered 530; ap: answered 503"
         );
     }
 

@@ -3,6 +3,7 @@
 //! the node's bearer token and the request id) and the request id itself.
 
 use crate::config::Region;
+use crate::WorkerError;
 
 /// Workers AI's request-id header: kept when the caller sent a usable one, passed to the node,
 /// returned to the caller.
@@ -41,6 +42,47 @@ pub struct NodeCredentials {
     pub access_client_secret: Option<String>,
     /// The node's `--api-token`, from the region's token secret.
     pub node_token: Option<String>,
+}
+
+/// Secret holding the Access service token's client id.
+pub const ACCESS_CLIENT_ID_SECRET: &str = "ACCESS_CLIENT_ID";
+/// Secret holding the Access service token's client secret.
+pub const ACCESS_CLIENT_SECRET_SECRET: &str = "ACCESS_CLIENT_SECRET";
+
+impl NodeCredentials {
+    /// The credentials for `region`, read with `secret` (name → value). Every one is required: a
+    /// missing secret would otherwise surface as the node's 401 or Access's 403, which reads like
+    /// the caller's fault; instead it is a 500 naming the secret.
+    pub fn for_region(
+        region: &Region,
+        secret: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, WorkerError> {
+        let required = |name: &str| {
+            secret(name)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| WorkerError::Config(format!("the secret {name} is not set")))
+        };
+        Ok(Self {
+            access_client_id: Some(required(ACCESS_CLIENT_ID_SECRET)?),
+            access_client_secret: Some(required(ACCESS_CLIENT_SECRET_SECRET)?),
+            node_token: Some(required(region.token_secret())?),
+        })
+    }
+}
+
+/// Whether a node's response header goes on to the caller. Cookies are dropped (Cloudflare Access
+/// answers a service-token request with `Set-Cookie: CF_Authorization=<JWT>`, a credential for
+/// the node's hostname that no caller may hold), and so are Access's own headers and hop-by-hop
+/// headers.
+pub fn keep_response_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    !(name == "set-cookie"
+        || name == "set-cookie2"
+        || name.starts_with("cf-access-")
+        || matches!(
+            name.as_str(),
+            "connection" | "keep-alive" | "transfer-encoding" | "upgrade" | "trailer"
+        ))
 }
 
 impl std::fmt::Debug for NodeCredentials {
@@ -195,6 +237,59 @@ mod tests {
         };
         let dbg = format!("{creds:?}");
         assert!(!dbg.contains("s3cret") && !dbg.contains("tok3n"), "{dbg}");
+    }
+
+    #[test]
+    fn every_credential_is_required() {
+        let mut r = region("https://eu");
+        r.token_secret = Some("NODE_TOKEN_EU".into());
+        let all = |name: &str| Some(format!("value-of-{name}"));
+        let creds = NodeCredentials::for_region(&r, all).unwrap();
+        assert_eq!(creds.node_token.as_deref(), Some("value-of-NODE_TOKEN_EU"));
+        assert_eq!(
+            creds.access_client_id.as_deref(),
+            Some("value-of-ACCESS_CLIENT_ID")
+        );
+        for missing in ["ACCESS_CLIENT_ID", "ACCESS_CLIENT_SECRET", "NODE_TOKEN_EU"] {
+            let lookup = |name: &str| (name != missing).then(|| "x".to_string());
+            let e = NodeCredentials::for_region(&r, lookup).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("the Worker is misconfigured: the secret {missing} is not set")
+            );
+            let empty = |name: &str| {
+                Some(if name == missing {
+                    String::new()
+                } else {
+                    "x".into()
+                })
+            };
+            assert!(NodeCredentials::for_region(&r, empty).is_err());
+        }
+    }
+
+    #[test]
+    fn access_cookies_never_reach_the_caller() {
+        for dropped in [
+            "Set-Cookie",
+            "set-cookie",
+            "cf-access-jwt-assertion",
+            "CF-Access-Client-Id",
+            "Connection",
+            "transfer-encoding",
+        ] {
+            assert!(!keep_response_header(dropped), "{dropped}");
+        }
+        for kept in [
+            "content-type",
+            "cache-control",
+            "x-accel-buffering",
+            "retry-after",
+            "cf-ai-req-id",
+            "content-length",
+        ] {
+            assert!(keep_response_header(kept), "{kept}");
+        }
     }
 
     #[test]

@@ -3,16 +3,20 @@
 //! response into the caller's. Nothing here decides anything the core could.
 
 use crate::config::{parse_body_limit, Location, NodesConfig, Region};
-use crate::edge::{admit, check_run_body, Admitted, RequestHead};
+use crate::edge::{admit, authenticate, check_run_body, Admitted, LimitedBody, RequestHead};
 use crate::failover::{forward, no_region_error, Forwarded, Upstream, MAX_PEEK_BYTES};
 use crate::forward::{
-    request_id, upstream_headers, upstream_url, NodeCredentials, REGION_HEADER, REQUEST_ID_HEADER,
+    keep_response_header, request_id, upstream_headers, upstream_url, NodeCredentials,
+    REGION_HEADER, REQUEST_ID_HEADER,
 };
 use crate::{error_response_parts, WorkerError};
 use edgerun_protocol::{ApiError, TokenSet};
+use futures_util::StreamExt;
 use worker::js_sys::{self, Reflect, Uint8Array};
 use worker::wasm_bindgen::{JsCast, JsValue};
-use worker::{event, Context, Env, Fetch, Headers, Method, Request, RequestInit, Response};
+use worker::{
+    event, Context, Env, Fetch, Headers, Method, Request, RequestInit, RequestRedirect, Response,
+};
 
 #[event(fetch)]
 async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
@@ -33,16 +37,6 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
 
 /// Admits, validates and forwards one request; `Err` is answered by the Worker itself.
 async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, String), ApiError> {
-    let nodes = NodesConfig::parse(&var(env, "NODES").unwrap_or_default())?;
-    let body_limit = parse_body_limit(var(env, "MAX_BODY_BYTES").as_deref())?;
-    let tokens = TokenSet::parse_list(&secret(env, "API_TOKENS").unwrap_or_default());
-
-    let method = req.method().to_string();
-    let url = req.url().map_err(|e| WorkerError::Runtime(e.to_string()))?;
-    let path_and_query = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_string(),
-    };
     let headers = header_pairs(req.headers());
     let header = |name: &str| {
         headers
@@ -50,30 +44,44 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     };
+    // The caller first: nothing of the configuration reaches an unauthenticated caller.
+    let tokens = TokenSet::parse_list(&secret(env, "API_TOKENS").unwrap_or_default());
+    authenticate(header("authorization"), &tokens)?;
+
+    let nodes = NodesConfig::parse(&var(env, "NODES").unwrap_or_default())?;
+    let body_limit = parse_body_limit(var(env, "MAX_BODY_BYTES").as_deref())?;
+    // The method as sent: workers-rs maps methods it does not know to GET.
+    let method = req.inner().method();
+    let url = req.url().map_err(|e| WorkerError::Runtime(e.to_string()))?;
+    let path_and_query = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
     let head = RequestHead {
         method: &method,
         path: url.path(),
-        authorization: header("authorization"),
         content_length: header("content-length").and_then(|v| v.trim().parse().ok()),
     };
-    let admitted = admit(&head, &tokens, &nodes, body_limit)?;
+    let admitted = admit(&head, &nodes, body_limit)?;
 
     let body = if method == "GET" || method == "HEAD" {
         None
     } else {
-        Some(
-            req.bytes()
-                .await
-                .map_err(|e| WorkerError::Runtime(e.to_string()))?,
-        )
+        Some(read_body(req, body_limit).await?)
     };
     if let Admitted::Run { .. } = admitted {
         check_run_body(body.as_deref().unwrap_or_default(), body_limit)?;
     }
 
     let regions = nodes.regions_for(&location(req));
+    // Every region's credentials before the first fetch: a missing secret is a 500 naming it.
+    let credentials = regions
+        .iter()
+        .map(|r| NodeCredentials::for_region(r, |name| secret(env, name)))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut upstream = FetchUpstream {
-        env,
+        names: regions.iter().map(|r| r.name.clone()).collect(),
+        credentials,
         method,
         path_and_query,
         headers,
@@ -100,7 +108,9 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
 
 /// Sends the request with `fetch` to one region's origin.
 struct FetchUpstream<'a> {
-    env: &'a Env,
+    /// The regions' names and credentials, in the order of `regions_for`.
+    names: Vec<String>,
+    credentials: Vec<NodeCredentials>,
     method: String,
     path_and_query: String,
     headers: Vec<(String, String)>,
@@ -108,22 +118,30 @@ struct FetchUpstream<'a> {
     request_id: &'a str,
 }
 
+impl FetchUpstream<'_> {
+    fn region_index(&self, region: &Region) -> usize {
+        self.names
+            .iter()
+            .position(|n| *n == region.name)
+            .unwrap_or_default()
+    }
+}
+
 impl Upstream for FetchUpstream<'_> {
     type Response = Response;
 
     async fn send(&mut self, region: &Region) -> Result<Response, String> {
-        let credentials = NodeCredentials {
-            access_client_id: secret(self.env, "ACCESS_CLIENT_ID"),
-            access_client_secret: secret(self.env, "ACCESS_CLIENT_SECRET"),
-            node_token: secret(self.env, region.token_secret()),
-        };
+        let credentials = &self.credentials[self.region_index(region)];
         let headers = Headers::new();
-        for (name, value) in upstream_headers(&self.headers, &credentials, self.request_id) {
+        for (name, value) in upstream_headers(&self.headers, credentials, self.request_id) {
             headers.append(&name, &value).map_err(|e| e.to_string())?;
         }
         let mut init = RequestInit::new();
+        // A redirect (say to an Access login page) is the region's answer, not something to
+        // follow with the node's credentials.
         init.with_method(Method::from(self.method.clone()))
-            .with_headers(headers);
+            .with_headers(headers)
+            .with_redirect(RequestRedirect::Manual);
         if let Some(body) = &self.body {
             init.with_body(Some(Uint8Array::from(body.as_slice()).into()));
         }
@@ -151,10 +169,15 @@ impl Upstream for FetchUpstream<'_> {
 }
 
 /// The caller's answer: the node's (or the Worker's own) response with the request id and the
-/// answering region added. A fetched response's headers are immutable, so they are copied; the
-/// body stays the same stream.
+/// answering region added, and cookies and Access headers removed. A fetched response's headers
+/// are immutable, so they are copied; the body stays the same stream.
 fn finish(response: Response, id: &str, region: Option<&str>) -> worker::Result<Response> {
-    let headers = copy_headers(response.headers());
+    let headers = Headers::new();
+    for (name, value) in response.headers().entries() {
+        if keep_response_header(&name) {
+            headers.append(&name, &value)?;
+        }
+    }
     headers.set(REQUEST_ID_HEADER, id)?;
     if let Some(region) = region {
         headers.set(REGION_HEADER, region)?;
@@ -179,6 +202,19 @@ fn copy_headers(from: &Headers) -> Headers {
         let _ = to.append(&name, &value);
     }
     to
+}
+
+/// Reads the request body chunk by chunk, refusing it once it passes the limit.
+async fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut body = LimitedBody::new(limit);
+    let Ok(mut stream) = req.stream() else {
+        return Ok(Vec::new()); // no body at all
+    };
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| WorkerError::Runtime(e.to_string()))?;
+        body.push(&chunk)?;
+    }
+    Ok(body.into_bytes())
 }
 
 fn header_pairs(headers: &Headers) -> Vec<(String, String)> {
@@ -210,6 +246,14 @@ fn var(env: &Env, name: &str) -> Option<String> {
     let value = Reflect::get(env, &JsValue::from_str(name)).ok()?;
     if let Some(text) = value.as_string() {
         return Some(text);
+    }
+    if let Some(number) = value.as_f64() {
+        // `MAX_BODY_BYTES = 1048576` unquoted in wrangler.toml is a number binding.
+        return Some(if number.fract() == 0.0 && number.abs() < 9.0e15 {
+            format!("{}", number as i64)
+        } else {
+            number.to_string()
+        });
     }
     if value.is_object() {
         return js_sys::JSON::stringify(&value).ok()?.as_string();
