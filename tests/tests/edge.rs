@@ -20,9 +20,10 @@ struct Region {
 }
 
 impl Region {
-    async fn start() -> Region {
+    async fn start(extra: &[&str]) -> Region {
         let gate = AccessGate::start().await;
-        let flags = gate.node_flags();
+        let mut flags = gate.node_flags();
+        flags.extend(extra.iter().map(|s| s.to_string()));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let node = Node::start(&flags).await;
         gate.connect(&node.base);
@@ -52,7 +53,12 @@ struct Deployment {
 
 impl Deployment {
     async fn start() -> Deployment {
-        let (eu, us) = tokio::join!(Region::start(), Region::start());
+        Self::start_with(&[]).await
+    }
+
+    /// With extra `edgerun serve` flags for the eu node.
+    async fn start_with(eu_flags: &[&str]) -> Deployment {
+        let (eu, us) = tokio::join!(Region::start(eu_flags), Region::start(&[]));
         let worker = worker_for(&eu, &us, &[]).await;
         Deployment {
             worker,
@@ -432,7 +438,8 @@ async fn bad_bodies_get_the_nodes_answer_from_the_worker_without_reaching_a_node
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_fail_over_to_the_next_region_and_get_503_when_none_is_left() {
-    let mut d = Deployment::start().await;
+    // The eu node serves one sequence at a time, so it can be made busy.
+    let mut d = Deployment::start_with(&["--max-batch", "1", "--max-queue", "0"]).await;
     let body = greedy("Once upon a time", 8, false);
     let ok = |resp: &reqwest::Response| {
         (
@@ -443,6 +450,38 @@ async fn requests_fail_over_to_the_next_region_and_get_503_when_none_is_left() {
 
     let resp = d.run("EU", &body).send().await.unwrap();
     assert_eq!(ok(&resp), (200, "eu".into()));
+
+    // Busy: while a long stream holds eu's only slot, eu answers 429/3040 and the Worker moves on.
+    let counting = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "raw": true, "stream": true,
+                          "max_tokens": 2000, "temperature": 0});
+    let long = d.run("EU", &counting).send().await.unwrap();
+    assert_eq!(ok(&long), (200, "eu".into()));
+    let eu_node = d.eu.node.as_ref().unwrap();
+    eu_node
+        .wait_for_stat("active_sequences", 1, Duration::from_secs(10))
+        .await;
+    let busy = json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+                      "options": {"rejectIfBusy": true}});
+    let direct =
+        d.eu.direct(reqwest::Method::POST, &format!("/run/{MODEL_ALIAS}"))
+            .body(busy.to_string())
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(direct.status(), 429, "the eu node itself is busy");
+    let resp = d.run("EU", &busy).send().await.unwrap();
+    assert_eq!(ok(&resp), (200, "us".into()));
+    // The caller hanging up ends the generation on the node (through the Worker and Access):
+    // 2000 tokens would take ~20 s; the slot must be free within a few.
+    let hung_up = Instant::now();
+    drop(long);
+    eu_node
+        .wait_for_stat("active_sequences", 0, Duration::from_secs(5))
+        .await;
+    eprintln!(
+        "eu freed its sequence {:?} after the caller hung up",
+        hung_up.elapsed()
+    );
 
     // The eu node stops: its Access stand-in answers 502, and the Worker moves on to us.
     d.eu.node = None;
