@@ -350,33 +350,21 @@ async fn bad_bodies_get_the_nodes_answer_from_the_worker_without_reaching_a_node
         too_large,
     ];
     let run_path = format!("/run/{MODEL_ALIAS}");
+    let worker_post = || {
+        d.client
+            .post(d.worker.url(&run_path))
+            .bearer_auth(CALLER_TOKEN)
+    };
     for body in &bodies {
-        let node =
+        let status = edge_answers_like_the_node(
+            &d,
             d.eu.direct(reqwest::Method::POST, &run_path)
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap();
-        let node_status = node.status();
-        let node_body = node.text().await.unwrap();
-        assert!(node_status.is_client_error(), "{node_status} {node_body}");
-
-        let before = d.forwarded();
-        let edge = d
-            .run("EU", &Value::Null)
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            d.forwarded(),
-            before,
-            "the Worker asked a node about {body:.80}"
-        );
-        assert!(edge.headers().get("x-edgerun-region").is_none());
-        assert_eq!(edge.status(), node_status, "{body:.80}");
-        assert_eq!(header(&edge, "content-type"), "application/json");
-        assert_eq!(edge.text().await.unwrap(), node_body, "{body:.80}");
+                .body(body.clone()),
+            worker_post().body(body.clone()),
+            &format!("{body:.80}"),
+        )
+        .await;
+        assert!(status.is_client_error(), "{status} for {body:.80}");
     }
     // An oversized body sent without content-length (chunked) is refused as it streams in.
     let chunked = || {
@@ -391,49 +379,51 @@ async fn bad_bodies_get_the_nodes_answer_from_the_worker_without_reaching_a_node
             .collect();
         reqwest::Body::wrap_stream(futures::stream::iter(chunks))
     };
-    let node =
+    let status = edge_answers_like_the_node(
+        &d,
         d.eu.direct(reqwest::Method::POST, &run_path)
-            .body(chunked())
-            .send()
-            .await
-            .unwrap();
-    let (node_status, node_body) = (node.status(), node.text().await.unwrap());
-    assert_eq!(node_status, 413, "{node_body}");
-    let before = d.forwarded();
-    let edge = d
-        .client
-        .post(d.worker.url(&run_path))
-        .bearer_auth(CALLER_TOKEN)
-        .body(chunked())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(d.forwarded(), before);
-    assert_eq!(
-        (edge.status(), edge.text().await.unwrap()),
-        (node_status, node_body)
-    );
-
+            .body(chunked()),
+        worker_post().body(chunked()),
+        "a chunked body over the limit",
+    )
+    .await;
+    assert_eq!(status, 413);
     // The wrong method on a run route, too.
-    let node =
-        d.eu.direct(reqwest::Method::GET, &run_path)
-            .send()
-            .await
-            .unwrap();
+    let status = edge_answers_like_the_node(
+        &d,
+        d.eu.direct(reqwest::Method::GET, &run_path),
+        d.client
+            .get(d.worker.url(&run_path))
+            .bearer_auth(CALLER_TOKEN),
+        "GET on a run route",
+    )
+    .await;
+    assert_eq!(status, 405);
+}
+
+/// Sends `direct` to a node (through its Access stand-in) and `edge` to the Worker: the Worker
+/// must answer exactly as the node did — status, content type, body bytes — without passing the
+/// request to any region. Returns the status.
+async fn edge_answers_like_the_node(
+    d: &Deployment,
+    direct: reqwest::RequestBuilder,
+    edge: reqwest::RequestBuilder,
+    what: &str,
+) -> reqwest::StatusCode {
+    let node = direct.send().await.unwrap();
     let (node_status, node_body) = (node.status(), node.text().await.unwrap());
     let before = d.forwarded();
-    let edge = d
-        .client
-        .get(d.worker.url(&run_path))
-        .bearer_auth(CALLER_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(d.forwarded(), before);
+    let edge = edge.send().await.unwrap();
     assert_eq!(
-        (edge.status(), edge.text().await.unwrap()),
-        (node_status, node_body)
+        d.forwarded(),
+        before,
+        "the Worker asked a node about {what}"
     );
+    assert!(edge.headers().get("x-edgerun-region").is_none(), "{what}");
+    assert_eq!(edge.status(), node_status, "{what}");
+    assert_eq!(header(&edge, "content-type"), "application/json", "{what}");
+    assert_eq!(edge.text().await.unwrap(), node_body, "{what}");
+    node_status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
