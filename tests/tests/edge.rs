@@ -510,3 +510,55 @@ async fn requests_fail_over_to_the_next_region_and_get_503_when_none_is_left() {
         "{message}"
     );
 }
+
+/// Not a test but a measurement: what the Worker (in workerd) adds to a stream, against the same
+/// request sent straight to the Access stand-in. Prints medians; asserts nothing about speed.
+/// `cargo test --release -p edgerun-e2e --test edge -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints figures"]
+async fn edge_overhead_figures() {
+    let d = Deployment::start().await;
+    let body = greedy("Write a haiku about the sea.", 32, true);
+    let run_path = format!("/run/{MODEL_ALIAS}");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut direct_first, mut direct_total, mut edge_first, mut edge_total) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..11 {
+        for via_worker in [false, true] {
+            let req = if via_worker {
+                d.run("EU", &body)
+            } else {
+                d.eu.direct(reqwest::Method::POST, &run_path)
+                    .body(body.to_string())
+            };
+            let start = Instant::now();
+            let events = read_sse(req.send().await.unwrap(), start).await;
+            let first = events[0].at.as_secs_f64() * 1e3;
+            let total = events[events.len() - 1].at.as_secs_f64() * 1e3;
+            if via_worker {
+                edge_first.push(first);
+                edge_total.push(total);
+            } else {
+                direct_first.push(first);
+                direct_total.push(total);
+            }
+        }
+    }
+    let (df, dt, ef, et) = (
+        median(direct_first),
+        median(direct_total),
+        median(edge_first),
+        median(edge_total),
+    );
+    println!(
+        "first event: direct {df:.1} ms, through the Worker {ef:.1} ms (+{:.1} ms)",
+        ef - df
+    );
+    println!(
+        "whole stream (32 tokens): direct {dt:.1} ms, through the Worker {et:.1} ms (+{:.1} ms)",
+        et - dt
+    );
+}
