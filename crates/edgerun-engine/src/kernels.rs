@@ -723,6 +723,13 @@ mod tests {
     use candle_core::Module;
 
     /// Deterministic uniform values in [-1, 1).
+    /// The largest element-wise difference between two outputs.
+    fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+        got.iter()
+            .zip(want)
+            .fold(0f32, |a, (g, w)| a.max((g - w).abs()))
+    }
+
     fn lcg(seed: u64, len: usize) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
@@ -805,10 +812,7 @@ mod tests {
                 for isa in isas() {
                     let mut got = vec![f32::NAN; m * n];
                     matmul_q4_1_with(isa, &x, m, &ours, &mut got);
-                    let max_diff = got
-                        .iter()
-                        .zip(&want)
-                        .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                    let max_diff = max_abs_diff(&got, &want);
                     assert!(
                         max_diff <= tol,
                         "(n={n}, k={k}, m={m}, scalar={}): max diff {max_diff} > {tol}",
@@ -822,10 +826,7 @@ mod tests {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                let max_diff = fwd
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                let max_diff = max_abs_diff(&fwd, &want);
                 assert!(max_diff <= tol, "forward (n={n}, k={k}, m={m})");
             }
         }

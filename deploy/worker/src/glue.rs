@@ -77,10 +77,11 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
     // Every region's credentials before the first fetch: a missing secret is a 500 naming it.
     let credentials = regions
         .iter()
-        .map(|r| NodeCredentials::for_region(r, |name| secret(env, name)))
+        .map(|r| {
+            NodeCredentials::for_region(r, |name| secret(env, name)).map(|c| (r.name.clone(), c))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut upstream = FetchUpstream {
-        names: regions.iter().map(|r| r.name.clone()).collect(),
         credentials,
         method,
         path_and_query,
@@ -108,9 +109,8 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
 
 /// Sends the request with `fetch` to one region's origin.
 struct FetchUpstream<'a> {
-    /// The regions' names and credentials, in the order of `regions_for`.
-    names: Vec<String>,
-    credentials: Vec<NodeCredentials>,
+    /// Each region's name and credentials.
+    credentials: Vec<(String, NodeCredentials)>,
     method: String,
     path_and_query: String,
     headers: Vec<(String, String)>,
@@ -118,20 +118,15 @@ struct FetchUpstream<'a> {
     request_id: &'a str,
 }
 
-impl FetchUpstream<'_> {
-    fn region_index(&self, region: &Region) -> usize {
-        self.names
-            .iter()
-            .position(|n| *n == region.name)
-            .unwrap_or_default()
-    }
-}
-
 impl Upstream for FetchUpstream<'_> {
     type Response = Response;
 
     async fn send(&mut self, region: &Region) -> Result<Response, String> {
-        let credentials = &self.credentials[self.region_index(region)];
+        let credentials = self
+            .credentials
+            .iter()
+            .find_map(|(name, c)| (*name == region.name).then_some(c))
+            .ok_or_else(|| format!("no credentials for region {}", region.name))?;
         let headers = Headers::new();
         for (name, value) in upstream_headers(&self.headers, credentials, self.request_id) {
             headers.append(&name, &value).map_err(|e| e.to_string())?;
