@@ -510,3 +510,40 @@ async fn prometheus_metrics_count_requests_and_tokens() {
     // Warm-up tokens count too.
     assert!(value("edgerun_generated_tokens_total ") >= 2.0 * completion as f64);
 }
+
+#[test]
+fn bad_settings_are_refused_at_start_up_never_clamped() {
+    let model = edgerun_e2e::model_path().display().to_string();
+    let cases: [(&[&str], &[(&str, &str)], &str); 7] = [
+        (&["--max-batch", "0"], &[], "max_batch_size"),
+        (&["--prefill-chunk", "0"], &[], "prefill_chunk"),
+        (&["--max-step-tokens", "0"], &[], "max_step_tokens"),
+        (&["--kv-cache-mib", "0"], &[], "kv_cache_budget"),
+        (
+            &["--kv-cache-mib", "18446744073709551615"],
+            &[],
+            "too large",
+        ),
+        (&["--heartbeat-secs", "0"], &[], "--heartbeat-secs"),
+        // The environment variable is held to the same rule as its flag.
+        (&[], &[("EDGERUN_THREADS", "0")], "--threads"),
+    ];
+    for (flags, env, needle) in cases {
+        let out = std::process::Command::new(edgerun_e2e::binary())
+            .args(["serve", "--model", &model, "--listen", "127.0.0.1:0"])
+            .args(flags)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} {env:?} started");
+        assert!(
+            stderr.contains(needle),
+            "{flags:?} {env:?}: no mention of {needle}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("listening"),
+            "{flags:?} {env:?}: refused only after listening: {stderr}"
+        );
+    }
+}

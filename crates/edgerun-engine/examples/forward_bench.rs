@@ -23,13 +23,8 @@ fn main() {
 
     for round in 0..3 {
         // edgerun
-        let mut cache = KvCache::new(
-            model.config(),
-            n_prompt + n_decode,
-            model.dtype(),
-            model.device(),
-        )
-        .unwrap();
+        let mut cache =
+            KvCache::new(&model.kv_layout(), n_prompt + n_decode, model.device()).unwrap();
         let t = Instant::now();
         let mut segs = [Segment {
             tokens: &prompt,

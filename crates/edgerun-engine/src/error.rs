@@ -6,9 +6,15 @@ use thiserror::Error;
 /// Workers AI error envelope in exactly one place (`edgerun-server`'s `error.rs`).
 #[derive(Debug, Error)]
 pub enum EngineError {
-    /// The model file is missing, unreadable, or not a llama-architecture GGUF we can run.
+    /// The model file is missing, unreadable, or not an architecture this build runs.
     #[error("cannot load model: {0}")]
     Load(String),
+    /// A setting the engine cannot run with (refused at start-up, never clamped).
+    #[error("invalid engine setting: {0}")]
+    Config(String),
+    /// A request the engine cannot run as given (the wire layer should have refused it).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     /// The tokenizer could not be built or failed on an input.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),

@@ -1,7 +1,29 @@
-//! Per-sequence key/value cache.
+//! Per-sequence key/value cache, and the one formula for what it costs.
 
-use crate::config::ModelConfig;
 use candle_core::{DType, Device, Result, Tensor};
+
+/// The shape of a model's KV cache: what a model reports ([`crate::CausalLm::kv_layout`]) and
+/// the only place the bytes a position takes are computed, for allocation, admission and the
+/// node's budget alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+}
+
+impl KvLayout {
+    /// Bytes one position takes: keys and values, every layer.
+    pub fn bytes_per_position(&self) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+    }
+
+    /// Bytes `positions` positions take.
+    pub fn bytes_for(&self, positions: usize) -> usize {
+        positions.saturating_mul(self.bytes_per_position())
+    }
+}
 
 /// The attention keys and values of one sequence, for every layer.
 ///
@@ -17,13 +39,13 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &ModelConfig, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let shape = (cfg.head_count_kv, capacity, cfg.head_dim);
-        let layers = (0..cfg.block_count)
+    pub fn new(layout: &KvLayout, capacity: usize, device: &Device) -> Result<Self> {
+        let shape = (layout.kv_heads, capacity, layout.head_dim);
+        let layers = (0..layout.layers)
             .map(|_| {
                 Ok((
-                    Tensor::zeros(shape, dtype, device)?,
-                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(shape, layout.dtype, device)?,
+                    Tensor::zeros(shape, layout.dtype, device)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -1,21 +1,35 @@
 //! # edgerun-engine
 //!
-//! Owns everything between a validated request and a stream of text: the GGUF model and its
-//! forward pass, the tokenizer, the chat template, sampling, and the scheduler that batches
-//! sequences together.
+//! Owns everything between a resolved request and a stream of text: the GGUF model and its
+//! forward pass, the kernels, the tokenizer, the chat template, sampling, and the scheduler
+//! that batches sequences together. It knows no HTTP and no API dialect (it does not depend on
+//! `edgerun-protocol`): the server turns each dialect's wire request into the engine's own
+//! [`PromptInput`] and [`GenerationRequest`], every default resolved.
+//!
+//! ## Where things live
+//!
+//! | kind of change | its home |
+//! |---|---|
+//! | a model architecture | `models/<arch>.rs`, one [`CausalLm`] impl, one line in [`models::ARCHITECTURES`] |
+//! | a block format or a device kernel | `kernels/<format>.rs`, one arm in [`kernels::QLinear::new`] |
+//! | a stop rule | a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`] |
+//! | a sampling parameter | a field of [`SamplingConfig`], applied in [`Sampler`] |
+//! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
 //!
 //! ## Data flow
 //!
 //! ```text
 //! PromptInput ──Engine::prepare──▶ prompt tokens        (caller's thread: template + tokenize)
-//!   tokens + SamplingParams ──Engine::submit──▶ channel ──▶ engine thread
-//!   engine thread, each step:
-//!     admit waiting sequences (KvCache allocated at prompt + max_tokens)
-//!     drop sequences whose TokenStream was dropped
-//!     one LlamaModel::forward over every running sequence:
-//!        decoding sequences give one token, prefilling ones a prompt chunk
-//!     sample per sequence, detokenize incrementally, send GenerationEvents
-//!   TokenStream ◀── Token / Finished / Failed
+//! GenerationRequest { prompt, sampling, stopping } ──Engine::submit──▶ channel ──▶ engine thread
+//!   engine thread, each turn:
+//!     take submissions, drop cancelled sequences
+//!     admit from the queue (admission: batch slots, KV budget, first come first served);
+//!       each admitted request becomes a Sequence with its KvCache (prompt + max_tokens)
+//!     plan_step: Decode for decoding sequences, Prefill { start, len } prompt chunks
+//!     execute: one CausalLm::forward over every planned segment
+//!     update_from_output: sample per sequence; Sequence::accept detokenizes, applies its stop
+//!       rules, emits GenerationEvents; finished sequences leave the batch
+//!   TokenStream ◀── PromptProcessed / Token / Finished { usage, StopReason } / Failed
 //! ```
 //!
 //! One OS thread owns the model. Callers talk to it only through channels, so an async server
@@ -31,6 +45,8 @@
 //!   prompt is still being read.
 //! * A sequence's output depends only on its prompt, parameters and seed, never on what else
 //!   is in the batch.
+//! * Nothing on the hot path is optional: [`SamplingConfig`] and [`StopCriteria`] arrive
+//!   resolved, [`SchedulerConfig`] arrives validated.
 //!
 //! ## Must never
 //!
@@ -38,34 +54,39 @@
 //!   [`EngineError`] from [`Engine::prepare`] / [`Engine::submit`];
 //! * let one sequence's failure take down the others or the engine thread (a panic inside a
 //!   step fails that step's sequences and the loop goes on);
-//! * cap positions below the model's context length.
+//! * cap positions below the model's context length;
+//! * load a model leniently: a tensor or metadata key that is present but unreadable is an
+//!   error naming it, never a silent default.
 
-mod config;
 mod error;
 pub mod kernels;
 mod kv_cache;
-mod model;
+pub mod models;
+mod request;
 mod sampling;
 mod scheduler;
+mod sequence;
 mod template;
 mod tokenizer;
 
-pub use config::ModelConfig;
-pub use edgerun_protocol::{ChatMessage, PromptInput, SamplingParams, Usage};
 pub use error::{EngineError, Result};
-pub use kv_cache::KvCache;
-pub use model::{Kernels, LlamaModel, Segment};
-pub use sampling::{argmax, Sampler};
-pub use scheduler::{
-    EngineStats, FinishReason, GenerationEvent, SchedulerConfig, StatsSnapshot, TokenStream,
+pub use kernels::Kernels;
+pub use kv_cache::{KvCache, KvLayout};
+pub use models::{CausalLm, ModelConfig, Segment};
+pub use request::{
+    ChatMessage, GenerationRequest, PromptInput, QueuePolicy, SamplingConfig, StopCriteria, Usage,
 };
+pub use sampling::{argmax, Sampler};
+pub use scheduler::admission::KvReservation;
+pub use scheduler::plan::{plan_step, Planned, SeqProgress, Work};
+pub use scheduler::{EngineStats, GenerationEvent, SchedulerConfig, StatsSnapshot, TokenStream};
+pub use sequence::StopReason;
 pub use template::{ChatTemplate, CHATML_TEMPLATE};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-pub use scheduler::kv_bytes_per_token;
-use scheduler::{check_context, token_channel, Scheduler, Submission};
+use scheduler::{admission, check_context, token_channel, Scheduler, Submission};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -121,14 +142,15 @@ impl DeviceSpec {
 
 /// A model with everything needed to turn requests into tokens.
 pub struct LoadedModel {
-    pub model: LlamaModel,
+    pub model: Box<dyn CausalLm>,
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
 }
 
 impl LoadedModel {
-    /// Loads a llama GGUF: weights, tokenizer (from the metadata unless `tokenizer_json` is
-    /// given) and chat template (from the metadata, ChatML when it has none).
+    /// Loads a GGUF: weights (the architecture chosen by `general.architecture`), tokenizer
+    /// (from the metadata unless `tokenizer_json` is given) and chat template (from the
+    /// metadata, ChatML when it has none).
     pub fn load(path: &Path, tokenizer_json: Option<&Path>, device: &Device) -> Result<Self> {
         Self::load_with(path, tokenizer_json, device, Kernels::Fastest)
     }
@@ -144,7 +166,7 @@ impl LoadedModel {
             .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| EngineError::Load(format!("{}: not a GGUF file: {e}", path.display())))?;
-        let model = LlamaModel::from_gguf(&ct, &mut file, device, kernels)?;
+        let model = models::load(&ct, &mut file, device, kernels)?;
         let tokenizer = match tokenizer_json {
             Some(p) => TextTokenizer::from_file(p, &ct)?,
             None => TextTokenizer::from_gguf(&ct)?,
@@ -152,7 +174,12 @@ impl LoadedModel {
         let source = ct
             .metadata
             .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok().cloned());
+            .map(|v| {
+                v.to_string().cloned().map_err(|e| {
+                    EngineError::Load(format!("`tokenizer.chat_template` is not a string: {e}"))
+                })
+            })
+            .transpose()?;
         if source.is_none() {
             tracing::warn!("the GGUF has no tokenizer.chat_template; using ChatML");
         }
@@ -174,7 +201,7 @@ impl LoadedModel {
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::Sender<Submission>,
-    model: Arc<LlamaModel>,
+    model: Arc<dyn CausalLm>,
     tokenizer: Arc<TextTokenizer>,
     template: Arc<ChatTemplate>,
     stats: Arc<EngineStats>,
@@ -185,12 +212,13 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread, runs one warm-up step, and returns once it is ready.
     /// `context_window` caps the model's own context length (for example Workers AI's 7968 for
-    /// llama-3-8b-instruct); `None` uses the model's.
+    /// llama-3-8b-instruct); `None` uses the model's. An invalid `config` is refused.
     pub fn start(
         loaded: LoadedModel,
         config: SchedulerConfig,
         context_window: Option<usize>,
     ) -> Result<Self> {
+        config.validate()?;
         let LoadedModel {
             model,
             tokenizer,
@@ -198,13 +226,15 @@ impl Engine {
         } = loaded;
         let model_ctx = model.config().context_length;
         let context_window = context_window.map_or(model_ctx, |w| w.min(model_ctx));
-        let model = Arc::new(model);
+        let model: Arc<dyn CausalLm> = Arc::from(model);
+        let stop_ids = Arc::new(tokenizer.stop_ids().clone());
         let tokenizer = Arc::new(tokenizer);
         let stats = Arc::new(EngineStats::default());
         let (tx, rx) = mpsc::channel();
         let scheduler = Scheduler {
             model: model.clone(),
             tokenizer: tokenizer.clone(),
+            stop_ids,
             config,
             stats: stats.clone(),
             rx,
@@ -230,13 +260,12 @@ impl Engine {
     }
 
     fn warm_up(&self) -> Result<()> {
-        let prompt = self.tokenizer.encode("Hello")?;
-        let params = SamplingParams {
-            max_tokens: 2,
-            temperature: 0.0,
-            ..SamplingParams::default()
+        let request = GenerationRequest {
+            prompt: self.tokenizer.encode("Hello")?,
+            sampling: SamplingConfig::GREEDY,
+            stopping: StopCriteria { max_tokens: 2 },
         };
-        let mut stream = self.submit(prompt, params, false)?;
+        let mut stream = self.submit(request, QueuePolicy::Wait)?;
         while let Some(ev) = stream.blocking_recv() {
             match ev {
                 GenerationEvent::Finished { .. } => return Ok(()),
@@ -266,47 +295,51 @@ impl Engine {
         Ok(tokens)
     }
 
-    /// Queues a generation. Fails at once (never blocks) when the prompt does not fit, when the
-    /// queue is full, or when `reject_if_busy` is set and no batch slot is free.
-    pub fn submit(
-        &self,
-        prompt: Vec<u32>,
-        params: SamplingParams,
-        reject_if_busy: bool,
-    ) -> Result<TokenStream> {
-        check_context(
-            prompt.len(),
-            params.max_tokens as usize,
-            self.context_window,
-        )?;
-        if let Some(budget) = self.config.kv_cache_budget {
-            let positions =
-                (prompt.len() + params.max_tokens as usize).min(self.model.config().context_length);
-            let needed = positions * kv_bytes_per_token(self.model.config(), self.model.dtype());
-            if needed > budget {
-                return Err(EngineError::KvCacheBudgetExceeded {
-                    prompt_tokens: prompt.len(),
-                    max_tokens: params.max_tokens as usize,
-                    needed_mib: needed.div_ceil(1 << 20),
-                    budget_mib: budget >> 20,
-                });
-            }
+    /// Queues a generation. Fails at once (never blocks) when the request is malformed, when
+    /// the prompt does not fit the context window or could never fit the KV budget, when the
+    /// queue is full, or when `policy` is [`QueuePolicy::RejectIfBusy`] and no batch slot is
+    /// free.
+    pub fn submit(&self, request: GenerationRequest, policy: QueuePolicy) -> Result<TokenStream> {
+        let prompt_len = request.prompt.len();
+        let max_tokens = request.stopping.max_tokens;
+        if prompt_len == 0 {
+            return Err(EngineError::InvalidRequest(
+                "the prompt has no tokens".into(),
+            ));
         }
-        // Sequences in flight (running or waiting) may not exceed the batch plus the queue;
-        // `reject_if_busy` (Workers AI's `options.rejectIfBusy`) refuses to wait at all.
+        if max_tokens == 0 {
+            return Err(EngineError::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        check_context(prompt_len, max_tokens, self.context_window)?;
+        let reservation = KvReservation::new(
+            &self.model.kv_layout(),
+            prompt_len,
+            max_tokens,
+            self.model.config().context_length,
+        );
+        if !admission::could_ever_fit(&self.config, &reservation) {
+            return Err(EngineError::KvCacheBudgetExceeded {
+                prompt_tokens: prompt_len,
+                max_tokens,
+                needed_mib: reservation.bytes.div_ceil(1 << 20),
+                budget_mib: self.config.kv_cache_budget.unwrap_or(usize::MAX) >> 20,
+            });
+        }
         let in_flight =
             self.stats.queued.load(Ordering::Relaxed) + self.stats.active.load(Ordering::Relaxed);
-        let limit = if reject_if_busy {
-            self.config.max_batch_size
-        } else {
-            self.config.max_batch_size + self.config.max_queue
-        };
-        if in_flight >= limit {
+        if !admission::accepts(&self.config, in_flight, policy) {
             return Err(EngineError::Busy);
         }
         let (tx, stream) = token_channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Submission { prompt, params, tx }).is_err() {
+        let submission = Submission {
+            request,
+            reservation,
+            tx,
+        };
+        if self.tx.send(submission).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Stopped);
         }
@@ -329,6 +362,11 @@ impl Engine {
 
     pub fn model_config(&self) -> &ModelConfig {
         self.model.config()
+    }
+
+    /// The KV cache layout, for sizing budgets.
+    pub fn kv_layout(&self) -> KvLayout {
+        self.model.kv_layout()
     }
 
     pub fn tokenizer(&self) -> &TextTokenizer {

@@ -1,6 +1,6 @@
-//! Per-request token sampling with Workers AI's parameters.
+//! Per-sequence token sampling over a resolved [`SamplingConfig`].
 
-use edgerun_protocol::SamplingParams;
+use crate::request::SamplingConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -9,10 +9,10 @@ use std::collections::HashMap;
 ///
 /// Order of operations (as in vLLM / Hugging Face): repetition penalty over prompt and output
 /// tokens; frequency and presence penalties over output tokens (OpenAI's definition); then
-/// temperature, top-k and top-p; `temperature == 0` is greedy. Each sampler owns its RNG, seeded
-/// from `seed` when given, so a sequence's output does not depend on what else is in the batch.
+/// temperature, top-k and top-p; `temperature <= 0` is greedy. Each sampler owns its RNG, seeded
+/// from the config's seed, so a sequence's output does not depend on what else is in the batch.
 pub struct Sampler {
-    params: SamplingParams,
+    params: SamplingConfig,
     rng: StdRng,
     /// Occurrences of each token generated so far.
     output_counts: HashMap<u32, u32>,
@@ -21,12 +21,9 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams, prompt_tokens: &[u32]) -> Self {
-        let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
-        };
-        let prompt_tokens = if params.repetition_penalty.is_some_and(|p| p != 1.0) {
+    pub fn new(params: SamplingConfig, prompt_tokens: &[u32]) -> Self {
+        let rng = StdRng::seed_from_u64(params.seed);
+        let prompt_tokens = if params.has_repetition_penalty() {
             let mut p = prompt_tokens.to_vec();
             p.sort_unstable();
             p.dedup();
@@ -49,10 +46,10 @@ impl Sampler {
 
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
-        let temperature = self.params.temperature;
-        if temperature <= 0.0 || self.params.top_k == Some(1) {
+        if self.params.is_greedy() {
             return argmax(logits);
         }
+        let temperature = self.params.temperature;
         // Work in O(vocab) where possible: a full sort of a 50k-128k vocabulary per token
         // costs milliseconds, a visible share of a decode step.
         let mut candidates: Vec<(u32, f32)> = logits
@@ -66,11 +63,10 @@ impl Sampler {
         }
         let by_logit_desc =
             |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if let Some(k) = self.params.top_k.map(|k| (k as usize).max(1)) {
-            if k < candidates.len() {
-                candidates.select_nth_unstable_by(k - 1, by_logit_desc);
-                candidates.truncate(k);
-            }
+        let k = self.params.top_k;
+        if k > 0 && k < candidates.len() {
+            candidates.select_nth_unstable_by(k - 1, by_logit_desc);
+            candidates.truncate(k);
         }
         let max = candidates
             .iter()
@@ -78,7 +74,7 @@ impl Sampler {
             .fold(f32::NEG_INFINITY, f32::max);
         let weights: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
         let total: f32 = weights.iter().sum();
-        let top_p = self.params.top_p.unwrap_or(1.0);
+        let top_p = self.params.top_p;
         if top_p >= 1.0 {
             return self.draw(&candidates, &weights, total);
         }
@@ -136,11 +132,8 @@ impl Sampler {
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
-        if let Some(rp) = self
-            .params
-            .repetition_penalty
-            .filter(|&p| p != 1.0 && p > 0.0)
-        {
+        if self.params.has_repetition_penalty() {
+            let rp = self.params.repetition_penalty;
             let seen = self
                 .prompt_tokens
                 .iter()
@@ -156,8 +149,8 @@ impl Sampler {
                 }
             }
         }
-        let freq = self.params.frequency_penalty.unwrap_or(0.0);
-        let pres = self.params.presence_penalty.unwrap_or(0.0);
+        let freq = self.params.frequency_penalty;
+        let pres = self.params.presence_penalty;
         if freq != 0.0 || pres != 0.0 {
             for (&t, &n) in &self.output_counts {
                 if let Some(l) = logits.get_mut(t as usize) {
@@ -183,10 +176,10 @@ pub fn argmax(logits: &[f32]) -> u32 {
 mod tests {
     use super::*;
 
-    fn params(temperature: f32) -> SamplingParams {
-        SamplingParams {
+    fn params(temperature: f32) -> SamplingConfig {
+        SamplingConfig {
             temperature,
-            ..SamplingParams::default()
+            ..SamplingConfig::default()
         }
     }
 
@@ -198,10 +191,10 @@ mod tests {
 
     #[test]
     fn same_seed_same_choices() {
-        let p = SamplingParams {
-            seed: Some(42),
+        let p = SamplingConfig {
+            seed: 42,
             temperature: 1.0,
-            ..SamplingParams::default()
+            ..SamplingConfig::default()
         };
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = || {
@@ -217,8 +210,8 @@ mod tests {
     fn top_k_one_and_tiny_top_p_are_greedy() {
         let logits = vec![1.0, 5.0, 4.9, 0.0];
         let mut s = Sampler::new(
-            SamplingParams {
-                top_k: Some(1),
+            SamplingConfig {
+                top_k: 1,
                 temperature: 2.0,
                 ..Default::default()
             },
@@ -228,8 +221,8 @@ mod tests {
             assert_eq!(s.sample(&mut logits.clone()), 1);
         }
         let mut s = Sampler::new(
-            SamplingParams {
-                top_p: Some(0.0),
+            SamplingConfig {
+                top_p: 0.0,
                 temperature: 2.0,
                 ..Default::default()
             },
@@ -244,7 +237,7 @@ mod tests {
     fn sampling_follows_the_distribution_and_its_cuts() {
         // Logits for probabilities ~ [0.5, 0.25, 0.125, 0.125].
         let logits = [2f32.ln() * 3.0, 2f32.ln() * 2.0, 2f32.ln(), 2f32.ln()];
-        let count = |params: SamplingParams| {
+        let count = |params: SamplingConfig| {
             let mut s = Sampler::new(params, &[]);
             let mut n = [0u32; 4];
             for _ in 0..4000 {
@@ -252,9 +245,9 @@ mod tests {
             }
             n
         };
-        let base = SamplingParams {
+        let base = SamplingConfig {
             temperature: 1.0,
-            seed: Some(3),
+            seed: 3,
             ..Default::default()
         };
         let n = count(base);
@@ -264,17 +257,11 @@ mod tests {
         );
         assert!(n[2] > 300 && n[3] > 300, "{n:?}");
         // top_p 0.7 keeps the two most likely (0.5 + 0.25 >= 0.7).
-        let n = count(SamplingParams {
-            top_p: Some(0.7),
-            ..base
-        });
+        let n = count(SamplingConfig { top_p: 0.7, ..base });
         assert_eq!(n[2] + n[3], 0, "{n:?}");
         assert!(n[0] > n[1] && n[1] > 0, "{n:?}");
         // top_k 3 drops one of the two least likely.
-        let n = count(SamplingParams {
-            top_k: Some(3),
-            ..base
-        });
+        let n = count(SamplingConfig { top_k: 3, ..base });
         assert!(n.iter().filter(|&&c| c == 0).count() == 1, "{n:?}");
     }
 
@@ -283,10 +270,10 @@ mod tests {
         // 1000 equally likely tokens: top_p 0.5 needs 500 of them, more than the first window.
         let logits = vec![0f32; 1000];
         let mut s = Sampler::new(
-            SamplingParams {
+            SamplingConfig {
                 temperature: 1.0,
-                top_p: Some(0.5),
-                seed: Some(9),
+                top_p: 0.5,
+                seed: 9,
                 ..Default::default()
             },
             &[],
@@ -307,9 +294,9 @@ mod tests {
     #[test]
     fn penalties_push_seen_tokens_down() {
         let mut s = Sampler::new(
-            SamplingParams {
+            SamplingConfig {
                 temperature: 0.0,
-                presence_penalty: Some(2.0),
+                presence_penalty: 2.0,
                 ..Default::default()
             },
             &[],
@@ -317,9 +304,9 @@ mod tests {
         s.observe(1);
         assert_eq!(s.sample(&mut [0.0, 3.0, 2.0]), 2);
         let mut s = Sampler::new(
-            SamplingParams {
+            SamplingConfig {
                 temperature: 0.0,
-                repetition_penalty: Some(2.0),
+                repetition_penalty: 2.0,
                 ..Default::default()
             },
             &[1],

@@ -1,7 +1,7 @@
 //! Chat templates: the model's own Jinja template, rendered with minijinja.
 
 use crate::error::{EngineError, Result};
-use edgerun_protocol::{ChatMessage, PromptInput};
+use crate::request::{ChatMessage, PromptInput};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 
 /// ChatML, used when a GGUF carries no `tokenizer.chat_template`.
@@ -64,16 +64,9 @@ impl ChatTemplate {
     ) -> Result<String> {
         match input {
             PromptInput::Prompt { text, raw: true } => Ok(text.clone()),
-            PromptInput::Prompt { text, raw: false } => self.render(
-                &[ChatMessage {
-                    role: "user".into(),
-                    content: text.clone(),
-                    tool_call_id: None,
-                    tool_calls: None,
-                    name: None,
-                }],
-                tools,
-            ),
+            PromptInput::Prompt { text, raw: false } => {
+                self.render(&[ChatMessage::new("user", text.clone())], tools)
+            }
             PromptInput::Messages(messages) => self.render(messages, tools),
         }
     }

@@ -2,7 +2,10 @@
 
 mod common;
 
-use edgerun_engine::{Engine, GenerationEvent, SamplingParams, SchedulerConfig, TokenStream};
+use edgerun_engine::{
+    Engine, GenerationEvent, GenerationRequest, QueuePolicy, SamplingConfig, SchedulerConfig,
+    StopCriteria, TokenStream,
+};
 
 const PROMPTS: [&str; 4] = [
     "Write a haiku about the sea.",
@@ -11,25 +14,42 @@ const PROMPTS: [&str; 4] = [
     "Tell me a very short story about a robot who learns to paint.",
 ];
 
-fn greedy(max_tokens: u32) -> SamplingParams {
-    SamplingParams {
+/// What a test asks of one generation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Params {
+    max_tokens: usize,
+    sampling: SamplingConfig,
+}
+
+fn greedy(max_tokens: usize) -> Params {
+    Params {
         max_tokens,
-        temperature: 0.0,
-        ..SamplingParams::default()
+        sampling: SamplingConfig::GREEDY,
     }
 }
 
-fn submit(engine: &Engine, prompt: &str, params: SamplingParams) -> TokenStream {
+fn request(engine: &Engine, prompt: &str, params: Params) -> GenerationRequest {
     let input = edgerun_engine::PromptInput::Prompt {
         text: prompt.to_string(),
         raw: false,
     };
-    let tokens = engine.prepare(&input, None).unwrap();
-    engine.submit(tokens, params, false).unwrap()
+    GenerationRequest {
+        prompt: engine.prepare(&input, None).unwrap(),
+        sampling: params.sampling,
+        stopping: StopCriteria {
+            max_tokens: params.max_tokens,
+        },
+    }
+}
+
+fn submit(engine: &Engine, prompt: &str, params: Params) -> TokenStream {
+    engine
+        .submit(request(engine, prompt, params), QueuePolicy::Wait)
+        .unwrap()
 }
 
 /// Drains a stream: the text and the completion token count.
-fn collect(mut stream: TokenStream) -> (String, u32) {
+fn collect(mut stream: TokenStream) -> (String, usize) {
     let mut text = String::new();
     while let Some(ev) = stream.blocking_recv() {
         match ev {
@@ -42,7 +62,7 @@ fn collect(mut stream: TokenStream) -> (String, u32) {
     panic!("stream ended without Finished");
 }
 
-fn alone(engine: &Engine, params: &[SamplingParams]) -> Vec<(String, u32)> {
+fn alone(engine: &Engine, params: &[Params]) -> Vec<(String, usize)> {
     PROMPTS
         .iter()
         .zip(params)
@@ -50,7 +70,7 @@ fn alone(engine: &Engine, params: &[SamplingParams]) -> Vec<(String, u32)> {
         .collect()
 }
 
-fn together(engine: &Engine, params: &[SamplingParams]) -> Vec<(String, u32)> {
+fn together(engine: &Engine, params: &[Params]) -> Vec<(String, usize)> {
     let streams: Vec<_> = PROMPTS
         .iter()
         .zip(params)
@@ -93,13 +113,15 @@ fn greedy_batch_equals_each_alone() {
 fn seeded_sampling_is_reproducible_alone_and_in_a_batch() {
     let engine = common::engine(config());
     let params: Vec<_> = (0..4)
-        .map(|i| SamplingParams {
+        .map(|i| Params {
             max_tokens: 30,
-            temperature: 0.9,
-            top_p: Some(0.95),
-            top_k: Some(40),
-            seed: Some(1234 + i),
-            ..SamplingParams::default()
+            sampling: SamplingConfig {
+                temperature: 0.9,
+                top_p: 0.95,
+                top_k: 40,
+                seed: 1234 + i,
+                ..SamplingConfig::default()
+            },
         })
         .collect();
     let first = alone(&engine, &params);
@@ -110,8 +132,11 @@ fn seeded_sampling_is_reproducible_alone_and_in_a_batch() {
     // A different seed gives a different sample for at least one prompt.
     let other: Vec<_> = params
         .iter()
-        .map(|p| SamplingParams {
-            seed: p.seed.map(|s| s + 100),
+        .map(|p| Params {
+            sampling: SamplingConfig {
+                seed: p.sampling.seed + 100,
+                ..p.sampling
+            },
             ..*p
         })
         .collect();
@@ -191,7 +216,7 @@ fn cancelling_during_prefill_frees_the_sequence() {
 #[test]
 fn kv_cache_budget_queues_what_does_not_fit_and_refuses_what_never_will() {
     let loaded = common::load();
-    let per_token = edgerun_engine::kv_bytes_per_token(loaded.model.config(), loaded.model.dtype());
+    let per_token = loaded.model.kv_layout().bytes_per_position();
     let engine = Engine::start(
         loaded,
         SchedulerConfig {
@@ -214,12 +239,7 @@ fn kv_cache_budget_queues_what_does_not_fit_and_refuses_what_never_will() {
     );
     assert_eq!(engine.stats().kv_cache_reserved_bytes, 0);
 
-    let input = edgerun_engine::PromptInput::Prompt {
-        text: PROMPTS[0].into(),
-        raw: false,
-    };
-    let tokens = engine.prepare(&input, None).unwrap();
-    match engine.submit(tokens, greedy(200), false) {
+    match engine.submit(request(&engine, PROMPTS[0], greedy(200)), QueuePolicy::Wait) {
         Err(edgerun_engine::EngineError::KvCacheBudgetExceeded { .. }) => {}
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("a request over the KV budget was accepted"),

@@ -65,8 +65,7 @@ fn check_against_reference(kernels: Kernels, rel_tolerance: f32) {
     let reference = reference_logits(&tokens, &chunks);
 
     let model = &loaded.model;
-    let mut cache =
-        KvCache::new(model.config(), tokens.len(), model.dtype(), model.device()).unwrap();
+    let mut cache = KvCache::new(&model.kv_layout(), tokens.len(), model.device()).unwrap();
     let mut pos = 0;
     for (step, &n) in chunks.iter().enumerate() {
         let mut segs = [Segment {
@@ -113,8 +112,7 @@ fn chunked_prefill_agrees_with_whole_prefill() {
         )
         .unwrap();
     let run = |chunk: usize| {
-        let mut cache =
-            KvCache::new(model.config(), tokens.len(), model.dtype(), model.device()).unwrap();
+        let mut cache = KvCache::new(&model.kv_layout(), tokens.len(), model.device()).unwrap();
         let mut last = None;
         for c in tokens.chunks(chunk) {
             let mut segs = [Segment {

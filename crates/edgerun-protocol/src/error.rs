@@ -35,6 +35,13 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The `Retry-After` value (seconds) a response with this error carries: `"1"` for 429
+    /// (busy) and 503 (loading, draining, no node), none otherwise. The node and the Worker both
+    /// set the header from this.
+    pub fn retry_after(&self) -> Option<&'static str> {
+        matches!(self.status, 429 | 503).then_some("1")
+    }
+
     /// Any constructor's common path.
     pub fn new(status: u16, code: u32, message: impl Into<String>) -> Self {
         Self {

@@ -28,7 +28,14 @@
 //!   node and the Worker both check callers with.
 //! * [`route`]: reading the model name out of a URL path, accepting both the
 //!   raw (`@cf/meta/...`) and the SDKs' percent-encoded (`@cf%2Fmeta%2F...`)
-//!   forms.
+//!   forms, and the request-id rule ([`request_id`]).
+//!
+//! ## Policies the node and the Worker share
+//!
+//! Anything both sides of the edge decide lives here once, so they cannot fork: which paths
+//! are model runs ([`run_route_tail`]), whether a caller's `cf-ai-req-id` is kept
+//! ([`accepted_request_id`]), which errors carry `Retry-After` ([`ApiError::retry_after`]),
+//! request validation, the error envelope and bearer-token checks.
 //!
 //! ## How data flows
 //!
@@ -90,7 +97,9 @@ pub use request::{
     DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS,
 };
 pub use response::{SuccessEnvelope, TextGenerationOutput, Usage, JSON_CONTENT_TYPE};
-pub use route::{model_from_path, run_route_tail};
+pub use route::{
+    accepted_request_id, model_from_path, request_id, run_route_tail, REQUEST_ID_HEADER,
+};
 pub use sse::{
     error_event, heartbeat, token_event, usage_event, SseEvent, SseParser, DONE_EVENT,
     EVENT_STREAM_CONTENT_TYPE,

@@ -7,6 +7,25 @@
 
 use percent_encoding::percent_decode_str;
 
+/// Workers AI's request-id header. Every answer carries it, the node's and the Worker's.
+pub const REQUEST_ID_HEADER: &str = "cf-ai-req-id";
+
+/// The caller's request id when it is acceptable (1 to 128 visible ASCII characters), so that
+/// logs on both sides of the edge can be joined; `None` means "make a fresh one". The node and
+/// the Worker apply this same rule, so an id the Worker forwards is always kept by the node.
+pub fn accepted_request_id(presented: Option<&str>) -> Option<&str> {
+    presented.filter(|id| (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()))
+}
+
+/// The id for a request: the caller's when [`accepted_request_id`] keeps it, otherwise a fresh
+/// one from `generate`.
+pub fn request_id(presented: Option<&str>, generate: impl FnOnce() -> String) -> String {
+    match accepted_request_id(presented) {
+        Some(id) => id.to_owned(),
+        None => generate(),
+    }
+}
+
 /// The model part of a run route's path, as sent (not yet decoded), or `None`
 /// when `path` is not a run route.
 ///
@@ -49,6 +68,19 @@ pub fn model_from_path(tail: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let fresh = || "fresh".to_string();
+        assert_eq!(request_id(Some("abc-123"), fresh), "abc-123");
+        assert_eq!(request_id(None, fresh), "fresh");
+        assert_eq!(request_id(Some(""), fresh), "fresh");
+        assert_eq!(request_id(Some("has space"), fresh), "fresh");
+        assert_eq!(request_id(Some("tab\there"), fresh), "fresh");
+        assert_eq!(request_id(Some("é"), fresh), "fresh");
+        assert_eq!(request_id(Some(&"x".repeat(129)), fresh), "fresh");
+        assert_eq!(request_id(Some(&"x".repeat(128)), fresh), "x".repeat(128));
+    }
 
     const MODEL: &str = "@cf/meta/llama-3-8b-instruct";
 

@@ -6,16 +6,20 @@ use edgerun_engine::EngineError;
 use edgerun_protocol::{ApiError, JSON_CONTENT_TYPE};
 use thiserror::Error;
 
-/// Everything a request can fail with. Converted to the Workers AI error envelope by
-/// [`ServerError::api_error`]; nothing else in the server builds error bodies.
+/// Everything a request can fail with. Converted to the wire error by
+/// [`ServerError::api_error`], the one place engine failures become HTTP errors; nothing else
+/// in the server builds error bodies (JSON envelopes and stream error events alike).
 #[derive(Debug, Error)]
 pub enum ServerError {
     /// Malformed or out-of-contract input, already in wire form (from `edgerun-protocol`).
     #[error(transparent)]
     Api(#[from] ApiError),
-    /// The engine refused or failed the request.
+    /// The engine refused the request, or stopped.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The engine failed a generation it had accepted (`GenerationEvent::Failed`).
+    #[error("generation failed: {0}")]
+    Generation(String),
     /// The model is still loading (or failed to load).
     #[error("the model is not loaded yet")]
     NotReady,
@@ -41,11 +45,13 @@ impl ServerError {
                 EngineError::Template(m) => ApiError::bad_input(format!("chat template: {m}")),
                 EngineError::Tokenizer(m) => ApiError::bad_input(format!("tokenizer: {m}")),
                 EngineError::KvCacheBudgetExceeded { .. } => ApiError::bad_input(e),
+                EngineError::InvalidRequest(m) => ApiError::bad_input(m),
                 EngineError::Busy => ApiError::capacity(),
                 EngineError::Stopped => ApiError::unavailable("the engine is not running"),
-                EngineError::Load(m) => ApiError::internal(m),
+                EngineError::Load(m) | EngineError::Config(m) => ApiError::internal(m),
                 EngineError::Model(m) => ApiError::internal(m),
             },
+            Self::Generation(m) => ApiError::internal(m),
             Self::NotReady => ApiError::unavailable("the model is loading, try again shortly"),
             Self::Task(m) => ApiError::internal(m),
         }
@@ -71,9 +77,9 @@ impl IntoHttp for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static(JSON_CONTENT_TYPE),
         );
-        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(secs) = self.retry_after() {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
         }
         resp
     }

@@ -7,20 +7,28 @@
 //! ## Request flow
 //!
 //! ```text
-//! POST /run/{model} | /client/v4/accounts/{id}/ai/run/{model}
-//!   └─ request id (kept from `cf-ai-req-id` or made) ─ Cloudflare Access JWT, when configured
-//!      (403 / 10000, see [`access`]) ─ bearer auth (401 / 10000)
+//! POST /run/{model} | /client/v4/accounts/{id}/ai/run/{model}        (routes/workers_ai.rs)
+//!   └─ request id (edgerun_protocol's rule: kept or made) ─ Cloudflare Access JWT, when
+//!      configured (403 / 10000, see [`access`]) ─ bearer auth (401 / 10000)    (routes/mod.rs)
 //!      └─ model name (literal or %2F slashes; unknown: 400 / 5007)
 //!         └─ body ≤ limit (413 / 3006) ─ ValidatedRequest (400 / 5006, from edgerun-protocol)
-//!            └─ Engine::prepare on a blocking thread (template + tokenize)
-//!               └─ Engine::submit (context window 400, busy 429 / 3040)
-//!                  ├─ stream: SSE `data: {"response":..}` per token, usage, [DONE];
-//!                  │          comment heartbeats while queued or prefilling
-//!                  └─ JSON:   {"result":{response,tool_calls,usage},"success":true,...}
+//!            └─ GenerationInput: the engine's PromptInput, SamplingConfig, StopCriteria
+//!               └─ generation::start                                     (generation.rs)
+//!                  ├─ Engine::prepare on a blocking thread (template + tokenize)
+//!                  └─ Engine::submit (context window 400, busy 429 / 3040)
+//!                     ├─ stream: Generation::stream with the dialect's Framing
+//!                     │          (Workers AI: `data: {"response":..}` per token, usage,
+//!                     │          [DONE]); comment heartbeats while queued or prefilling
+//!                     └─ JSON:   Generation::collect, then the dialect's envelope
 //! ```
 //!
+//! A new API dialect is a file in `routes/` that converts its wire request into a
+//! [`generation::GenerationInput`], calls [`generation::start`], and implements
+//! [`generation::Framing`] for its stream; nothing else changes.
+//!
 //! Errors before the first byte are JSON envelopes with their HTTP status; an error after it
-//! ends the stream with an error event. All error bodies come from [`error::ServerError`].
+//! ends the stream with the framing's error event. All error bodies come from
+//! [`error::ServerError::api_error`], the one place engine failures are mapped to the wire.
 //!
 //! ## Must never
 //!
@@ -34,6 +42,7 @@
 pub mod access;
 pub mod auth;
 pub mod error;
+pub mod generation;
 pub mod models;
 mod routes;
 pub mod telemetry;

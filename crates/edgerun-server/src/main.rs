@@ -125,7 +125,11 @@ fn main() -> anyhow::Result<()> {
     // Candle sizes its CPU thread pools from RAYON_NUM_THREADS, and without it recounts the
     // physical cores (reading /proc/cpuinfo) on every f32 matmul. Settle it once, here, while
     // the process is still single-threaded.
-    let threads = args.threads.unwrap_or_else(num_cpus::get_physical).max(1);
+    let threads = match args.threads {
+        Some(0) => bail!("--threads (EDGERUN_THREADS) must be at least 1"),
+        Some(n) => n,
+        None => num_cpus::get_physical().max(1),
+    };
     // SAFETY: no other thread exists yet.
     unsafe {
         for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
@@ -221,7 +225,39 @@ fn load_access(args: &ServeArgs) -> anyhow::Result<Option<Arc<AccessVerifier>>> 
     Ok(Some(Arc::new(AccessVerifier::new(config)?)))
 }
 
+/// The scheduler's settings from the flags, validated by the engine's own rule; plus the other
+/// numeric settings that have no valid zero. Refused here, before anything starts, never clamped.
+fn scheduler_config(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
+    if args.heartbeat_secs == 0 {
+        bail!("--heartbeat-secs (EDGERUN_HEARTBEAT_SECS) must be at least 1");
+    }
+    if args.max_body_bytes == 0 {
+        bail!("--max-body-bytes (EDGERUN_MAX_BODY_BYTES) must be at least 1");
+    }
+    let kv_cache_budget = match args.kv_cache_mib {
+        None => None,
+        Some(mib) => Some(mib.checked_mul(1 << 20).with_context(|| {
+            format!("--kv-cache-mib (EDGERUN_KV_CACHE_MIB) {mib} is too large")
+        })?),
+    };
+    let config = SchedulerConfig {
+        max_batch_size: args.max_batch,
+        max_queue: args.max_queue,
+        prefill_chunk: args.prefill_chunk,
+        max_step_tokens: args.max_step_tokens,
+        kv_cache_budget,
+    };
+    config.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (flags --max-batch, --prefill-chunk, --max-step-tokens, --kv-cache-mib; \
+             EDGERUN_MAX_BATCH, EDGERUN_PREFILL_CHUNK, EDGERUN_MAX_STEP_TOKENS, EDGERUN_KV_CACHE_MIB)"
+        )
+    })?;
+    Ok(config)
+}
+
 fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
+    let mut scheduler = scheduler_config(&args)?;
     let tokens = load_tokens(&args)?;
     let access = load_access(&args)?;
     if tokens.is_empty() {
@@ -246,7 +282,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     served.dedup();
     let mut state = AppState::new(served.clone(), tokens);
     state.body_limit = args.max_body_bytes;
-    state.heartbeat = Duration::from_secs(args.heartbeat_secs.max(1));
+    state.heartbeat = Duration::from_secs(args.heartbeat_secs);
     state.metrics = edgerun_server::telemetry::install();
     state.access = access;
 
@@ -273,13 +309,6 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         let engine_slot = state.engine.clone();
         let device = args.device.clone();
         let tokenizer = args.tokenizer.clone();
-        let mut scheduler = SchedulerConfig {
-            max_batch_size: args.max_batch.max(1),
-            max_queue: args.max_queue,
-            prefill_chunk: args.prefill_chunk.max(1),
-            max_step_tokens: args.max_step_tokens.max(1),
-            kv_cache_budget: args.kv_cache_mib.map(|m| m << 20),
-        };
         let window = args.context_window.or(resolved.context_window);
         let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let started = std::time::Instant::now();
@@ -292,6 +321,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
                 scheduler.kv_cache_budget = mem_available_bytes().map(|b| b / 2);
             }
             let cfg = loaded.model.config().clone();
+            tracing::info!(architecture = %cfg.architecture, "model weights loaded");
             let engine = Engine::start(loaded, scheduler, window)?;
             tracing::info!(
                 model = %path.display(),

@@ -7,7 +7,7 @@ use crate::WorkerError;
 
 /// Workers AI's request-id header: kept when the caller sent a usable one, passed to the node,
 /// returned to the caller.
-pub const REQUEST_ID_HEADER: &str = "cf-ai-req-id";
+pub use edgerun_protocol::REQUEST_ID_HEADER;
 /// Which region answered (returned to the caller; operators grep for it).
 pub const REGION_HEADER: &str = "x-edgerun-region";
 /// The Cloudflare Access service-token headers the Tunnel's Access application checks.
@@ -95,16 +95,9 @@ impl std::fmt::Debug for NodeCredentials {
     }
 }
 
-/// The id for this request: the caller's `cf-ai-req-id` when it is 1-128 visible ASCII
-/// characters, otherwise a fresh one from `generate`.
-pub fn request_id(presented: Option<&str>, generate: impl FnOnce() -> String) -> String {
-    match presented {
-        Some(id) if (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()) => {
-            id.to_owned()
-        }
-        _ => generate(),
-    }
-}
+/// The id for this request: the node's rule, from `edgerun-protocol` (the caller's
+/// `cf-ai-req-id` when it is 1-128 visible ASCII characters, otherwise a fresh one).
+pub use edgerun_protocol::request_id;
 
 /// `origin` + the caller's path and query, unchanged.
 pub fn upstream_url(region: &Region, path_and_query: &str) -> String {

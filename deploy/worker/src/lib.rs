@@ -78,8 +78,8 @@ impl From<WorkerError> for ApiError {
 /// (`content-type: application/json`, `retry-after: 1` on 429 and 503).
 pub fn error_response_parts(e: &ApiError) -> (u16, Vec<(&'static str, &'static str)>, String) {
     let mut headers = vec![("content-type", edgerun_protocol::JSON_CONTENT_TYPE)];
-    if e.status == 429 || e.status == 503 {
-        headers.push(("retry-after", "1"));
+    if let Some(secs) = e.retry_after() {
+        headers.push(("retry-after", secs));
     }
     (e.status, headers, e.to_json())
 }

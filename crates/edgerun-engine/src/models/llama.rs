@@ -1,6 +1,6 @@
-//! The llama forward pass over a batch of sequences, each with its own KV cache.
+//! `general.architecture = llama`: Llama 2/3, SmolLM2, Mistral-style dense models.
 //!
-//! One call to [`LlamaModel::forward`] runs one scheduler step. The step's tokens from every
+//! One call to [`CausalLm::forward`] runs one scheduler step. The step's tokens from every
 //! sequence (one token for a decoding sequence, a chunk of prompt for a prefilling one) are laid
 //! end to end in a single `(tokens, hidden)` matrix, so every weight matrix is applied with one
 //! quantized matmul per step for the whole batch and read from memory once. Only attention is
@@ -8,106 +8,80 @@
 //! `quantized_llama` rebuilt for serving: per-sequence caches instead of one inside the model,
 //! positions past 4096, per-token RoPE positions, and logits only where a token will be sampled.
 
-use crate::config::ModelConfig;
+use super::{optional_tensor, required_tensor, CausalLm, ModelConfig, Segment};
 use crate::error::{EngineError, Result};
-use crate::kernels::Q4_1Matrix;
-use crate::kv_cache::KvCache;
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use crate::kernels::{Kernels, QLinear};
+use crate::kv_cache::KvLayout;
+use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::fs::File;
 use std::sync::Arc;
-
-/// A quantized weight matrix applied as `x @ W^T`. Q4_1 weights on the CPU go through our own
-/// SIMD kernel ([`crate::kernels`]): candle 0.11 only has a scalar loop for that block type.
-enum Linear {
-    Q4_1Cpu(Q4_1Matrix),
-    Candle(QMatMul),
-}
-
-/// Which matmul kernels a model uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Kernels {
-    /// Our own where we have a faster one (Q4_1 on CPU), candle's elsewhere.
-    #[default]
-    Fastest,
-    /// Candle's everywhere: the numerics of candle-transformers' `quantized_llama`, against
-    /// which the forward pass is tested.
-    CandleOnly,
-}
-
-impl Linear {
-    fn new(t: QTensor, kernels: Kernels) -> Result<Self> {
-        if kernels == Kernels::Fastest {
-            if let Some(m) = Q4_1Matrix::from_qtensor(&t)? {
-                return Ok(Self::Q4_1Cpu(m));
-            }
-        }
-        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Q4_1Cpu(m) => m.forward(xs),
-            Self::Candle(m) => m.forward(xs),
-        }
-    }
-}
 
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
+    wq: QLinear,
+    wk: QLinear,
+    wv: QLinear,
+    wo: QLinear,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
-    w_down: Linear,
+    w_gate: QLinear,
+    w_up: QLinear,
+    w_down: QLinear,
 }
 
 /// A llama-architecture model loaded from GGUF. Immutable once loaded: all per-sequence state
-/// lives in [`KvCache`]s, so one model serves any number of sequences.
+/// lives in [`crate::KvCache`]s, so one model serves any number of sequences.
 pub struct LlamaModel {
     cfg: ModelConfig,
     embeddings: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: Linear,
+    output: QLinear,
     /// RoPE tables for every position of the context window, `(context_length, rope_dim / 2)`.
     cos: Tensor,
     sin: Tensor,
     device: Device,
 }
 
-/// One sequence's share of a step: the tokens to append and the cache they extend.
-pub struct Segment<'a> {
-    pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+/// [`super::Loader`] for this architecture.
+pub fn load(
+    ct: &gguf_file::Content,
+    file: &mut File,
+    device: &Device,
+    kernels: Kernels,
+) -> Result<Box<dyn CausalLm>> {
+    Ok(Box::new(LlamaModel::from_gguf(ct, file, device, kernels)?))
 }
 
 impl LlamaModel {
     /// Loads every tensor of a llama GGUF onto `device`.
-    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+    pub fn from_gguf(
         ct: &gguf_file::Content,
-        reader: &mut R,
+        file: &mut File,
         device: &Device,
         kernels: Kernels,
     ) -> Result<Self> {
         let cfg = ModelConfig::from_gguf(ct)?;
-        let mut tensor = |name: &str| {
-            ct.tensor(reader, name, device)
-                .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))
-        };
+        if cfg.rope_dim != cfg.head_dim {
+            return Err(EngineError::Load(format!(
+                "partial rotary embeddings (rope dimension {} of head dimension {}) are not supported",
+                cfg.rope_dim, cfg.head_dim
+            )));
+        }
+        if cfg.expert_count > 1 {
+            return Err(EngineError::Load(
+                "mixture-of-experts llama models are not supported yet".into(),
+            ));
+        }
+        let mut tensor = |name: &str| required_tensor(ct, file, name, device);
         let embeddings = Arc::new(tensor("token_embd.weight")?);
-        let output = match tensor("output.weight") {
-            Ok(t) => Linear::new(t, kernels)?,
-            // Tied embeddings (SmolLM2 and other small models).
-            Err(_) => Linear::Candle(QMatMul::from_arc(embeddings.clone())?),
-        };
         let norm = tensor("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(cfg.block_count);
         for i in 0..cfg.block_count {
             let p = format!("blk.{i}");
-            let mut qm = |n: &str| Linear::new(tensor(&format!("{p}.{n}.weight"))?, kernels);
+            let mut qm = |n: &str| -> Result<QLinear> {
+                Ok(QLinear::new(tensor(&format!("{p}.{n}.weight"))?, kernels)?)
+            };
             let wq = qm("attn_q")?;
             let wk = qm("attn_k")?;
             let wv = qm("attn_v")?;
@@ -127,15 +101,21 @@ impl LlamaModel {
                 w_down,
             });
         }
-        // Llama-3.1 and later carry per-frequency RoPE divisors (their long-context scaling).
-        let freq_factors = match ct.tensor(reader, "rope_freqs.weight", device) {
-            Ok(t) => Some(
-                t.dequantize(&Device::Cpu)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            ),
-            Err(_) => None,
+        // Absent: tied embeddings (SmolLM2 and other small models). Present but unreadable: an
+        // error (from `optional_tensor`), never silently tied.
+        let output = match optional_tensor(ct, file, "output.weight", device)? {
+            Some(t) => QLinear::new(t, kernels)?,
+            None => QLinear::shared(embeddings.clone())?,
         };
+        // Llama-3.1 and later carry per-frequency RoPE divisors (their long-context scaling).
+        let freq_factors = optional_tensor(ct, file, "rope_freqs.weight", device)?
+            .map(|t| -> Result<Vec<f32>> {
+                Ok(t.dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            })
+            .transpose()
+            .map_err(|e| EngineError::Load(format!("tensor `rope_freqs.weight`: {e}")))?;
         let (cos, sin) = rope_tables(&cfg, freq_factors.as_deref(), device)?;
         Ok(Self {
             cfg,
@@ -148,24 +128,28 @@ impl LlamaModel {
             device: device.clone(),
         })
     }
+}
 
-    pub fn config(&self) -> &ModelConfig {
+impl CausalLm for LlamaModel {
+    fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
-    pub fn device(&self) -> &Device {
+    fn device(&self) -> &Device {
         &self.device
     }
 
-    /// The dtype of activations and KV caches.
-    pub fn dtype(&self) -> DType {
-        DType::F32
+    /// Activations and caches are f32.
+    fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            layers: self.cfg.block_count,
+            kv_heads: self.cfg.head_count_kv,
+            head_dim: self.cfg.head_dim,
+            dtype: DType::F32,
+        }
     }
 
-    /// Runs one step. Appends each segment's tokens to its cache and returns the logits of the
-    /// last token of every segment whose index is in `want_logits` (in that order), as a
-    /// `(want_logits.len(), vocab)` f32 tensor, or `None` when no logits are wanted.
-    pub fn forward(
+    fn forward(
         &self,
         segments: &mut [Segment<'_>],
         want_logits: &[usize],

@@ -1,18 +1,35 @@
 //! The engine thread: continuous batching over per-sequence KV caches.
+//!
+//! Each turn of the loop takes new submissions, drops cancelled sequences, admits waiting ones
+//! ([`admission`]), then runs one step in three parts, as vLLM's scheduler does:
+//!
+//! 1. **plan** ([`plan::plan_step`], pure): which sequence decodes and which reads which prompt
+//!    chunk;
+//! 2. **execute**: one [`CausalLm::forward`] over the planned segments;
+//! 3. **update from the output**: advance prefills, sample, let each [`Sequence`] apply its stop
+//!    rules, emit events, retire finished sequences.
+
+pub mod admission;
+pub mod plan;
 
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::model::{LlamaModel, Segment};
+use crate::models::CausalLm;
+use crate::request::{GenerationRequest, Usage};
 use crate::sampling::Sampler;
-use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
-use edgerun_protocol::{SamplingParams, Usage};
-use std::collections::VecDeque;
+use crate::sequence::{Sequence, SequenceParts, StopReason};
+use crate::tokenizer::TextTokenizer;
+use admission::KvReservation;
+use candle_core::Tensor;
+use plan::{plan_step, Planned, Work};
+use std::collections::{BTreeSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-/// Limits that shape the batch.
+/// Limits that shape the batch. [`SchedulerConfig::validate`] refuses nonsensical values; the
+/// engine never clamps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     /// Sequences decoding together at most; more wait in the queue.
@@ -42,13 +59,28 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// Why a sequence stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// The model produced an end-of-turn token.
-    Stop,
-    /// `max_tokens` reached, or the context window is full.
-    Length,
+impl SchedulerConfig {
+    /// Refuses settings the scheduler cannot run with, naming the setting. Called by
+    /// [`crate::Engine::start`]; the server calls it before it listens, so a bad flag stops
+    /// the node at start-up.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("max_batch_size", self.max_batch_size),
+            ("prefill_chunk", self.prefill_chunk),
+            ("max_step_tokens", self.max_step_tokens),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(EngineError::Config(format!("{name} must be at least 1")));
+            }
+        }
+        if self.kv_cache_budget == Some(0) {
+            return Err(EngineError::Config(
+                "kv_cache_budget must be more than 0 bytes".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What a request's stream carries.
@@ -59,7 +91,7 @@ pub enum GenerationEvent {
     /// Text completed by the newest token (empty deltas are never sent).
     Token { text: String },
     /// The last event of a successful generation.
-    Finished { usage: Usage, reason: FinishReason },
+    Finished { usage: Usage, reason: StopReason },
     /// The last event of a failed generation.
     Failed(String),
 }
@@ -93,8 +125,8 @@ impl futures_core::Stream for TokenStream {
 
 /// A request as the engine thread receives it.
 pub(crate) struct Submission {
-    pub prompt: Vec<u32>,
-    pub params: SamplingParams,
+    pub request: GenerationRequest,
+    pub reservation: KvReservation,
     pub tx: UnboundedSender<GenerationEvent>,
 }
 
@@ -152,33 +184,11 @@ pub(crate) fn token_channel() -> (UnboundedSender<GenerationEvent>, TokenStream)
     (tx, TokenStream { rx })
 }
 
-/// One running sequence.
-struct Sequence {
-    /// KV cache bytes this sequence reserved.
-    kv_bytes: usize,
-    prompt: Vec<u32>,
-    /// Prompt tokens already in the cache.
-    prefilled: usize,
-    /// The newest sampled token, fed to the model at the next step.
-    pending: Option<u32>,
-    generated: usize,
-    max_tokens: usize,
-    cache: KvCache,
-    sampler: Sampler,
-    decoder: IncrementalDecoder,
-    tx: UnboundedSender<GenerationEvent>,
-}
-
-impl Sequence {
-    fn usage(&self) -> Usage {
-        Usage::new(self.prompt.len() as u32, self.generated as u32)
-    }
-}
-
 /// The loop that owns the model. Runs until every handle is dropped.
 pub(crate) struct Scheduler {
-    pub model: Arc<LlamaModel>,
+    pub model: Arc<dyn CausalLm>,
     pub tokenizer: Arc<TextTokenizer>,
+    pub stop_ids: Arc<BTreeSet<u32>>,
     pub config: SchedulerConfig,
     pub stats: Arc<EngineStats>,
     pub rx: mpsc::Receiver<Submission>,
@@ -190,11 +200,7 @@ impl Scheduler {
         self.stats.active.store(running.len(), Ordering::Relaxed);
         self.stats
             .kv_reserved
-            .store(running.iter().map(|s| s.kv_bytes).sum(), Ordering::Relaxed);
-    }
-
-    fn kv_bytes_per_token(&self) -> usize {
-        kv_bytes_per_token(self.model.config(), self.model.dtype())
+            .store(reserved(running), Ordering::Relaxed);
     }
 
     pub fn run(self) {
@@ -228,9 +234,7 @@ impl Scheduler {
                 if catch_unwind(AssertUnwindSafe(|| self.step(&mut running))).is_err() {
                     tracing::error!("a step panicked; failing its {} sequences", running.len());
                     for seq in running.drain(..) {
-                        let _ = seq.tx.send(GenerationEvent::Failed(
-                            "internal error in the engine".into(),
-                        ));
+                        seq.fail("internal error in the engine");
                     }
                 }
             }
@@ -248,7 +252,7 @@ impl Scheduler {
                 .fetch_sub(dropped_waiting, Ordering::Relaxed);
         }
         let before = running.len();
-        running.retain(|s| !s.tx.is_closed());
+        running.retain(|s| !s.is_cancelled());
         let cancelled = dropped_waiting + before - running.len();
         if cancelled > 0 {
             self.stats.cancelled.fetch_add(cancelled, Ordering::Relaxed);
@@ -257,36 +261,28 @@ impl Scheduler {
     }
 
     fn admit(&self, waiting: &mut VecDeque<Submission>, running: &mut Vec<Sequence>) {
-        while running.len() < self.config.max_batch_size {
-            let Some(front) = waiting.front() else {
+        while let Some(front) = waiting.front() {
+            if !admission::can_start(
+                &self.config,
+                running.len(),
+                reserved(running),
+                &front.reservation,
+            ) {
                 break;
-            };
-            let cfg = self.model.config();
-            let capacity =
-                (front.prompt.len() + front.params.max_tokens as usize).min(cfg.context_length);
-            let kv_bytes = capacity * self.kv_bytes_per_token();
-            // First come, first served: the head of the queue waits for room rather than being
-            // overtaken by smaller requests behind it.
-            if let Some(budget) = self.config.kv_cache_budget {
-                let reserved: usize = running.iter().map(|s| s.kv_bytes).sum();
-                if !running.is_empty() && reserved + kv_bytes > budget {
-                    break;
-                }
             }
             let sub = waiting.pop_front().expect("the queue has a front");
-            match KvCache::new(cfg, capacity, self.model.dtype(), self.model.device()) {
-                Ok(cache) => running.push(Sequence {
-                    kv_bytes,
-                    sampler: Sampler::new(sub.params, &sub.prompt),
-                    max_tokens: sub.params.max_tokens as usize,
-                    prefilled: 0,
-                    pending: None,
-                    generated: 0,
-                    decoder: IncrementalDecoder::new(),
+            let layout = self.model.kv_layout();
+            match KvCache::new(&layout, sub.reservation.positions, self.model.device()) {
+                Ok(cache) => running.push(Sequence::new(SequenceParts {
+                    sampler: Sampler::new(sub.request.sampling, &sub.request.prompt),
+                    prompt: sub.request.prompt,
+                    stopping: sub.request.stopping,
+                    stop_ids: self.stop_ids.clone(),
+                    context_length: self.model.config().context_length,
+                    kv_bytes: sub.reservation.bytes,
                     cache,
-                    prompt: sub.prompt,
                     tx: sub.tx,
-                }),
+                })),
                 Err(e) => {
                     let _ = sub.tx.send(GenerationEvent::Failed(format!(
                         "cannot allocate the KV cache: {e}"
@@ -300,106 +296,90 @@ impl Scheduler {
         }
     }
 
-    /// One forward pass over every running sequence, then sampling for those that need it.
+    /// One step: plan, execute, update from the output.
     fn step(&self, running: &mut Vec<Sequence>) {
-        // Decoding sequences first (one token each), then prompt chunks within the budget.
-        let mut budget = self.config.max_step_tokens.max(1);
-        let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (seq, start, len) into prompt; len 0 = decode
-        for (i, s) in running.iter().enumerate() {
-            if s.pending.is_some() {
-                plan.push((i, 0, 0));
-                budget = budget.saturating_sub(1);
-            }
-        }
-        // Prompts are read in chunks at fixed boundaries (multiples of `prefill_chunk`), never
-        // cut shorter to fit the step: the numerics of a chunk depend on its shape, so fixed
-        // boundaries keep a sequence's output independent of what else is in the batch.
-        let mut prefilling = false;
-        for (i, s) in running.iter().enumerate() {
-            let remaining = s.prompt.len() - s.prefilled;
-            if s.pending.is_none() && remaining > 0 {
-                let len = remaining.min(self.config.prefill_chunk.max(1));
-                // At least one prompt chunk runs every step, whatever the decodes used of the
-                // budget, so a long prompt is never starved by a steady stream of decodes.
-                if len <= budget || !prefilling {
-                    plan.push((i, s.prefilled, len));
-                    budget = budget.saturating_sub(len);
-                    prefilling = true;
-                }
-            }
-        }
-        plan.sort_unstable_by_key(|p| p.0);
+        let progress: Vec<_> = running.iter().map(Sequence::progress).collect();
+        let plan = plan_step(&progress, &self.config);
         if plan.is_empty() {
             return;
         }
-
         self.stats
             .peak_batch
             .fetch_max(plan.len(), Ordering::Relaxed);
-        let pending: Vec<[u32; 1]> = plan
-            .iter()
-            .map(|&(i, _, _)| [running[i].pending.unwrap_or(0)])
-            .collect();
-        // Which planned segments produce a token this step: decodes, and final prompt chunks.
-        let sampling: Vec<usize> = plan
+        match self.execute(running, &plan) {
+            Ok(logits) => self.update_from_output(running, &plan, logits),
+            Err(why) => self.fail_planned(running, &plan, &why),
+        }
+    }
+
+    /// Runs the model over the planned segments; returns the logits of the sampling entries,
+    /// one row each, in plan order.
+    fn execute(
+        &self,
+        running: &mut [Sequence],
+        plan: &[Planned],
+    ) -> std::result::Result<Vec<Vec<f32>>, String> {
+        let want: Vec<usize> = plan
             .iter()
             .enumerate()
-            .filter(|(_, &(i, start, len))| len == 0 || start + len == running[i].prompt.len())
+            .filter(|(_, p)| p.samples)
             .map(|(k, _)| k)
             .collect();
-
-        let result = {
-            let mut by_index: Vec<Option<&mut Sequence>> = running.iter_mut().map(Some).collect();
-            let mut segments: Vec<Segment<'_>> = Vec::with_capacity(plan.len());
-            for (k, &(i, start, len)) in plan.iter().enumerate() {
-                let seq = by_index[i].take().expect("each sequence planned once");
-                let tokens: &[u32] = if len == 0 {
-                    &pending[k]
-                } else {
-                    &seq.prompt[start..start + len]
-                };
-                segments.push(Segment {
-                    tokens,
-                    cache: &mut seq.cache,
-                });
-            }
-            catch_unwind(AssertUnwindSafe(|| {
-                self.model.forward(&mut segments, &sampling)
-            }))
-        };
-        let logits = match result {
+        // The plan is in sequence order with each sequence at most once, so the segments can
+        // borrow the sequences one after the other.
+        let mut segments = Vec::with_capacity(plan.len());
+        let mut rest: &mut [Sequence] = running;
+        let mut offset = 0;
+        for p in plan {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(p.seq - offset);
+            let (seq, tail) = tail.split_first_mut().expect("a planned sequence exists");
+            segments.push(seq.segment(p.work));
+            rest = tail;
+            offset = p.seq + 1;
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            self.model.forward(&mut segments, &want)
+        }));
+        let logits: Option<Tensor> = match result {
             Ok(Ok(logits)) => logits,
-            Ok(Err(e)) => return self.fail_all(running, &plan, &e.to_string()),
-            Err(_) => return self.fail_all(running, &plan, "the model panicked"),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("the model panicked".into()),
         };
-        for &(i, start, len) in &plan {
-            if len > 0 {
-                running[i].prefilled = start + len;
-                if running[i].prefilled == running[i].prompt.len() {
-                    let n = running[i].prompt.len();
+        match logits {
+            Some(t) => t.to_vec2::<f32>().map_err(|e| e.to_string()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Advances prefills, samples a token for every sampling entry and retires the sequences
+    /// that stop.
+    fn update_from_output(
+        &self,
+        running: &mut Vec<Sequence>,
+        plan: &[Planned],
+        logits: Vec<Vec<f32>>,
+    ) {
+        for p in plan {
+            if let Work::Prefill { start, len } = p.work {
+                if let Some(n) = running[p.seq].prefilled(start, len) {
                     self.stats.prompt_tokens.fetch_add(n, Ordering::Relaxed);
-                    let _ = running[i]
-                        .tx
-                        .send(GenerationEvent::PromptProcessed { prompt_tokens: n });
+                    running[p.seq].emit(GenerationEvent::PromptProcessed { prompt_tokens: n });
                 }
             }
         }
-        let Some(logits) = logits else { return };
-        let rows = match logits.to_vec2::<f32>() {
-            Ok(r) => r,
-            Err(e) => return self.fail_all(running, &plan, &e.to_string()),
-        };
-        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
-        for (row, &k) in rows.into_iter().zip(&sampling) {
-            let i = plan[k].0;
-            if let Some(reason) = self.sample_one(&mut running[i], row) {
-                finished.push((i, reason));
+        let mut finished: Vec<(usize, StopReason)> = Vec::new();
+        let sampling = plan.iter().filter(|p| p.samples);
+        for (p, mut row) in sampling.zip(logits) {
+            let seq = &mut running[p.seq];
+            let token = seq.sample(&mut row);
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            if let Some(reason) = seq.accept(token, &self.tokenizer) {
+                finished.push((p.seq, reason));
             }
         }
         // Remove finished sequences and update the counters before telling their clients, so
         // that anyone who has seen `Finished` also sees the sequence gone from the stats.
-        finished.sort_unstable_by_key(|f| f.0);
-        let done: Vec<(Sequence, FinishReason)> = finished
+        let done: Vec<(Sequence, StopReason)> = finished
             .into_iter()
             .rev()
             .map(|(i, reason)| (running.swap_remove(i), reason))
@@ -409,65 +389,33 @@ impl Scheduler {
             .completed
             .fetch_add(done.len(), Ordering::Relaxed);
         for (seq, reason) in done {
-            let _ = seq.tx.send(GenerationEvent::Finished {
-                usage: seq.usage(),
-                reason,
-            });
+            seq.finish(reason);
         }
     }
 
-    /// Samples the next token of `seq`; returns why it stops, if it does.
-    fn sample_one(&self, seq: &mut Sequence, mut logits: Vec<f32>) -> Option<FinishReason> {
-        let token = seq.sampler.sample(&mut logits);
-        seq.sampler.observe(token);
-        seq.generated += 1;
-        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        if self.tokenizer.stop_ids().contains(&token) {
-            // The terminator is counted (it was generated) but not shown.
-            self.flush(seq);
-            return Some(FinishReason::Stop);
-        }
-        match seq.decoder.push(&self.tokenizer, token) {
-            Ok(Some(text)) => {
-                let _ = seq.tx.send(GenerationEvent::Token { text });
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("detokenization failed: {e}"),
-        }
-        let context_full = seq.cache.len() + 1 >= self.model.config().context_length;
-        if seq.generated >= seq.max_tokens || context_full {
-            self.flush(seq);
-            return Some(FinishReason::Length);
-        }
-        seq.pending = Some(token);
-        None
-    }
-
-    fn flush(&self, seq: &mut Sequence) {
-        if let Ok(Some(text)) = seq.decoder.flush(&self.tokenizer) {
-            let _ = seq.tx.send(GenerationEvent::Token { text });
-        }
-    }
-
-    fn fail_all(&self, running: &mut Vec<Sequence>, plan: &[(usize, usize, usize)], why: &str) {
+    /// Fails every sequence of a step that could not run.
+    fn fail_planned(&self, running: &mut Vec<Sequence>, plan: &[Planned], why: &str) {
         tracing::error!("step failed: {why}");
-        let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-        idx.sort_unstable();
-        idx.dedup();
-        let failed: Vec<Sequence> = idx
-            .into_iter()
+        // The plan is in sequence order: remove from the back so indices stay valid.
+        let failed: Vec<Sequence> = plan
+            .iter()
             .rev()
-            .map(|i| running.swap_remove(i))
+            .map(|p| running.swap_remove(p.seq))
             .collect();
         self.publish(running);
         for seq in failed {
-            let _ = seq.tx.send(GenerationEvent::Failed(why.to_string()));
+            seq.fail(why);
         }
     }
 }
 
+/// KV cache bytes the running sequences reserve.
+fn reserved(running: &[Sequence]) -> usize {
+    running.iter().map(|s| s.kv_bytes).sum()
+}
+
 pub(crate) fn check_context(prompt: usize, max_tokens: usize, window: usize) -> Result<()> {
-    if prompt + max_tokens > window {
+    if prompt.saturating_add(max_tokens) > window {
         return Err(EngineError::ContextWindowExceeded {
             prompt_tokens: prompt,
             max_tokens,
@@ -477,7 +425,55 @@ pub(crate) fn check_context(prompt: usize, max_tokens: usize, window: usize) -> 
     Ok(())
 }
 
-/// KV cache bytes one position takes for `cfg` in `dtype`.
-pub fn kv_bytes_per_token(cfg: &crate::ModelConfig, dtype: candle_core::DType) -> usize {
-    2 * cfg.block_count * cfg.head_count_kv * cfg.head_dim * dtype.size_in_bytes()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_without_a_valid_zero_are_refused_by_name() {
+        assert!(SchedulerConfig::default().validate().is_ok());
+        let cases = [
+            (
+                SchedulerConfig {
+                    max_batch_size: 0,
+                    ..SchedulerConfig::default()
+                },
+                "max_batch_size",
+            ),
+            (
+                SchedulerConfig {
+                    prefill_chunk: 0,
+                    ..SchedulerConfig::default()
+                },
+                "prefill_chunk",
+            ),
+            (
+                SchedulerConfig {
+                    max_step_tokens: 0,
+                    ..SchedulerConfig::default()
+                },
+                "max_step_tokens",
+            ),
+            (
+                SchedulerConfig {
+                    kv_cache_budget: Some(0),
+                    ..SchedulerConfig::default()
+                },
+                "kv_cache_budget",
+            ),
+        ];
+        for (config, name) in cases {
+            let e = config.validate().unwrap_err();
+            assert!(
+                matches!(&e, EngineError::Config(m) if m.contains(name)),
+                "{name}: {e}"
+            );
+        }
+        // A queue of 0 is valid: no waiting, only batch slots.
+        let no_queue = SchedulerConfig {
+            max_queue: 0,
+            ..SchedulerConfig::default()
+        };
+        assert!(no_queue.validate().is_ok());
+    }
 }

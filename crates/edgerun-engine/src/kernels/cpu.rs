@@ -1,0 +1,97 @@
+//! What the CPU can do, and the thread pool kernels split their work over.
+//!
+//! The instruction set is detected once, at run time, so one binary runs its best path on any
+//! x86-64 (or falls back to portable code elsewhere); the build's `target-cpu` only decides what
+//! the compiler may use outside `#[target_feature]` functions. Every kernel dispatches on
+//! [`isa`] and nothing else, so adding AVX-512 or NEON means a variant here and a match arm in
+//! the kernels that have such a path.
+
+use std::sync::OnceLock;
+
+/// The SIMD paths the CPU kernels have.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+pub(crate) fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    })
+}
+
+/// Runs `f` over `0..n` split into chunks on candle's own `barrier_pool()`, so our matmuls and
+/// candle's never compete for cores.
+pub(crate) fn parallel_chunks(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, f)
+}
+
+/// Exact IEEE half -> single conversion.
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = if exp == 0 {
+        if man == 0 {
+            sign
+        } else {
+            // Subnormal: value = man * 2^-24, exact in f32.
+            let v = man as f32 * f32::from_bits(0x3380_0000); // 2^-24
+            return if sign != 0 { -v } else { v };
+        }
+    } else if exp == 0x1f {
+        // Infinity, or NaN made quiet as F16C does.
+        sign | 0x7f80_0000 | (man << 13) | if man != 0 { 0x0040_0000 } else { 0 }
+    } else {
+        sign | ((exp + 112) << 23) | (man << 13)
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_is_exact() {
+        for h in 0..=u16::MAX {
+            let a = f16_to_f32(h);
+            // Independent decoding, in f64.
+            let (e, man) = (((h >> 10) & 0x1f) as i32, (h & 0x3ff) as f64);
+            let mag = match e {
+                0 => man * 2f64.powi(-24),
+                0x1f if man == 0.0 => f64::INFINITY,
+                0x1f => f64::NAN,
+                _ => (1.0 + man / 1024.0) * 2f64.powi(e - 15),
+            };
+            let want = if h & 0x8000 != 0 { -mag } else { mag } as f32;
+            assert!(
+                a.to_bits() == want.to_bits() || (a.is_nan() && want.is_nan()),
+                "{h:#x}"
+            );
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("f16c") {
+                assert_eq!(a.to_bits(), unsafe { hw_f16(h) }.to_bits(), "{h:#x}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "f16c")]
+    unsafe fn hw_f16(h: u16) -> f32 {
+        use std::arch::x86_64::*;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+}

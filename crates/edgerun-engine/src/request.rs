@@ -1,0 +1,141 @@
+//! What a caller asks the engine for, in the engine's own terms.
+//!
+//! The server turns each API dialect's wire request into these types (resolving every default
+//! and every "not given" once, there), so nothing on the engine's hot path looks at an `Option`
+//! or knows which API a request came from. The engine does not depend on `edgerun-protocol`.
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// One chat message as chat templates see it: `role`, `content`, and the optional fields only
+/// when present.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool` (the template decides what it accepts).
+    pub role: String,
+    pub content: String,
+    /// For `tool` messages: the id of the call this answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// For `assistant` messages: the calls it made, kept verbatim for the template.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// Participant or tool name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message with just a role and text.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_call_id: None,
+            tool_calls: None,
+            name: None,
+        }
+    }
+}
+
+/// What to generate from, before templating and tokenizing ([`crate::Engine::prepare`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// A bare prompt: one user message through the chat template, or the text as it is when
+    /// `raw` is set.
+    Prompt { text: String, raw: bool },
+    /// A conversation, rendered by the chat template.
+    Messages(Vec<ChatMessage>),
+}
+
+/// How the next token is chosen, every parameter resolved. The neutral value of each switches
+/// it off.
+///
+/// Order of operations (as in vLLM / Hugging Face): repetition penalty over prompt and output
+/// tokens; frequency and presence penalties over output tokens (OpenAI's definition); then
+/// temperature, top-k and top-p.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingConfig {
+    /// `<= 0`: greedy (argmax).
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; `0`: all. `1` is greedy.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; `>= 1`:
+    /// all.
+    pub top_p: f32,
+    /// The sequence's RNG seed. A request without one gets a random seed when it is resolved,
+    /// never here.
+    pub seed: u64,
+    /// Divides positive (multiplies negative) logits of every token seen in the prompt or the
+    /// output; `1` (or anything `<= 0`): off.
+    pub repetition_penalty: f32,
+    /// Subtracted once per occurrence of a token in the output; `0`: off.
+    pub frequency_penalty: f32,
+    /// Subtracted once from every token present in the output; `0`: off.
+    pub presence_penalty: f32,
+}
+
+impl SamplingConfig {
+    /// Argmax decoding, no penalties.
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        repetition_penalty: 1.0,
+        frequency_penalty: 0.0,
+        presence_penalty: 0.0,
+    };
+
+    /// Whether the choice is the argmax of the (penalised) logits.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 || self.top_k == 1
+    }
+
+    /// Whether the repetition penalty does anything.
+    pub fn has_repetition_penalty(&self) -> bool {
+        self.repetition_penalty != 1.0 && self.repetition_penalty > 0.0
+    }
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self::GREEDY
+    }
+}
+
+/// When a sequence stops, besides the model's own end-of-turn tokens and the end of the context
+/// window (which [`crate::Sequence`] always applies). Stop strings, when an API needs them, are
+/// one more field here and one more rule in `Sequence`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopCriteria {
+    /// Tokens to generate at most (at least 1).
+    pub max_tokens: usize,
+}
+
+/// One generation, ready for [`crate::Engine::submit`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    /// The prompt's token ids (what [`crate::Engine::prepare`] returns).
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingConfig,
+    pub stopping: StopCriteria,
+}
+
+/// What [`crate::Engine::submit`] does when no batch slot is free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueuePolicy {
+    /// Wait in the queue (refused only when the queue itself is full).
+    #[default]
+    Wait,
+    /// Refuse at once (Workers AI's `options.rejectIfBusy`).
+    RejectIfBusy,
+}
+
+/// Tokens read and written by one generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Generated tokens, the end-of-turn token included when one ended the sequence.
+    pub completion_tokens: usize,
+}

@@ -1,0 +1,239 @@
+//! The one "start a generation" path every API dialect goes through, and the seam where
+//! dialects differ: how a stream is framed.
+//!
+//! A dialect's route (`routes/<dialect>.rs`) reads and validates its wire request, converts it
+//! into a [`GenerationInput`] (the engine's own types, every default resolved), calls [`start`],
+//! and then either [`Generation::collect`]s the whole answer into its JSON shape or
+//! [`Generation::stream`]s it through its [`Framing`]. Everything in between is shared:
+//! templating and tokenizing off the async workers, admission, the first-event grace that
+//! lets an immediate failure still get a status code, heartbeats, latency metrics, and the
+//! mapping of engine failures to wire errors (always through [`ServerError::api_error`]).
+
+use crate::error::ServerError;
+use crate::telemetry;
+use crate::AppState;
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderName, HeaderValue};
+use axum::response::Response;
+use edgerun_engine::{
+    GenerationEvent, GenerationRequest, PromptInput, QueuePolicy, SamplingConfig, StopCriteria,
+    StopReason, TokenStream, Usage,
+};
+use edgerun_protocol::{sse, ApiError};
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+/// How long a streaming response waits for the engine's first event before sending headers.
+const FIRST_EVENT_GRACE: Duration = Duration::from_secs(1);
+
+/// A request in the engine's terms, as a dialect hands it over.
+#[derive(Debug, Clone)]
+pub struct GenerationInput {
+    pub prompt: PromptInput,
+    /// Tool definitions for the chat template, verbatim.
+    pub tools: Option<serde_json::Value>,
+    pub sampling: SamplingConfig,
+    pub stopping: StopCriteria,
+    pub policy: QueuePolicy,
+}
+
+/// The seed for a request: the caller's, or a fresh random one (decided once, here, so the
+/// engine never sees "no seed").
+pub fn resolve_seed(seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(rand::random)
+}
+
+/// A generation the engine accepted.
+pub struct Generation {
+    stream: TokenStream,
+    timer: TokenTimer,
+}
+
+/// A finished generation's whole answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub usage: Usage,
+    pub reason: StopReason,
+}
+
+/// Templates and tokenizes the prompt on a blocking thread, then submits it. `started` is when
+/// the request arrived (for time-to-first-token).
+pub async fn start(
+    state: &AppState,
+    input: GenerationInput,
+    started: Instant,
+) -> Result<Generation, ServerError> {
+    let engine = state.engine.get().ok_or(ServerError::NotReady)?.clone();
+    let GenerationInput {
+        prompt,
+        tools,
+        sampling,
+        stopping,
+        policy,
+    } = input;
+    let prompt = {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || engine.prepare(&prompt, tools.as_ref()))
+            .await
+            .map_err(|e| ServerError::Task(e.to_string()))??
+    };
+    let request = GenerationRequest {
+        prompt,
+        sampling,
+        stopping,
+    };
+    let stream = engine.submit(request, policy)?;
+    Ok(Generation {
+        stream,
+        timer: TokenTimer::new(started),
+    })
+}
+
+/// How one dialect frames a streamed generation. Each method returns the bytes to send.
+pub trait Framing: Send + 'static {
+    /// The text of the newest token(s).
+    fn token(&mut self, text: &str) -> String;
+    /// The end of a successful generation (final usage, terminator).
+    fn finish(&mut self, usage: &Usage, reason: StopReason) -> String;
+    /// A failure after the stream has started; the stream ends after it.
+    fn error(&mut self, error: &ApiError) -> String;
+    /// Sent when nothing happened for the heartbeat interval (queued, or reading a long
+    /// prompt), so proxies keep the connection open.
+    fn heartbeat(&mut self) -> String {
+        sse::heartbeat().to_string()
+    }
+}
+
+impl Generation {
+    /// Waits for the whole generation.
+    pub async fn collect(mut self) -> Result<Completion, ServerError> {
+        let mut text = String::new();
+        loop {
+            match self.stream.recv().await {
+                Some(GenerationEvent::Token { text: t }) => {
+                    self.timer.token();
+                    text.push_str(&t);
+                }
+                Some(GenerationEvent::PromptProcessed { .. }) => {}
+                Some(GenerationEvent::Finished { usage, reason }) => {
+                    self.timer.finish();
+                    return Ok(Completion {
+                        text,
+                        usage,
+                        reason,
+                    });
+                }
+                Some(GenerationEvent::Failed(e)) => return Err(ServerError::Generation(e)),
+                None => {
+                    tracing::error!("engine dropped a sequence without finishing it");
+                    return Err(ServerError::Engine(edgerun_engine::EngineError::Stopped));
+                }
+            }
+        }
+    }
+
+    /// Streams the generation as server-sent events framed by `framing`: each text delta as
+    /// soon as the engine sends it, then the framing's end. A failure the engine reports at once
+    /// (say the KV cache cannot be allocated) still gets a proper status and JSON envelope: the
+    /// headers wait for the first event, at most [`FIRST_EVENT_GRACE`], which delays no token.
+    pub async fn stream<F: Framing>(
+        mut self,
+        framing: F,
+        heartbeat: Duration,
+    ) -> Result<Response, ServerError> {
+        let first = match tokio::time::timeout(FIRST_EVENT_GRACE, self.stream.recv()).await {
+            Ok(Some(GenerationEvent::Failed(e))) => return Err(ServerError::Generation(e)),
+            Ok(None) => return Err(ServerError::Engine(edgerun_engine::EngineError::Stopped)),
+            Ok(Some(event)) => Some(event),
+            Err(_) => None,
+        };
+        Ok(sse_response(self, first, framing, heartbeat))
+    }
+}
+
+fn sse_response<F: Framing>(
+    generation: Generation,
+    first: Option<GenerationEvent>,
+    framing: F,
+    heartbeat: Duration,
+) -> Response {
+    let Generation { stream, timer } = generation;
+    let state = Some((stream, first, timer, framing));
+    let events = futures::stream::unfold(state, move |state| async move {
+        let (mut stream, mut pending, mut timer, mut framing) = state?;
+        loop {
+            let next = match pending.take() {
+                Some(event) => Ok(Some(event)),
+                None => tokio::time::timeout(heartbeat, stream.recv()).await,
+            };
+            let (frame, keep) = match next {
+                Err(_) => (framing.heartbeat(), true),
+                Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
+                Ok(Some(GenerationEvent::Token { text })) => {
+                    timer.token();
+                    (framing.token(&text), true)
+                }
+                Ok(Some(GenerationEvent::Finished { usage, reason })) => {
+                    timer.finish();
+                    (framing.finish(&usage, reason), false)
+                }
+                Ok(Some(GenerationEvent::Failed(e))) => (
+                    framing.error(&ServerError::Generation(e).api_error()),
+                    false,
+                ),
+                Ok(None) => {
+                    let e = ServerError::Engine(edgerun_engine::EngineError::Stopped);
+                    (framing.error(&e.api_error()), false)
+                }
+            };
+            let frame = Ok::<_, Infallible>(Bytes::from(frame));
+            return Some((frame, keep.then_some((stream, None, timer, framing))));
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(events));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(sse::EVENT_STREAM_CONTENT_TYPE),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tell nginx-style proxies not to buffer the stream.
+    h.insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    resp
+}
+
+/// Records time to first token, inter-token latency and request duration as a generation's
+/// events go out.
+struct TokenTimer {
+    started: Instant,
+    last: Option<Instant>,
+}
+
+impl TokenTimer {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            last: None,
+        }
+    }
+
+    fn token(&mut self) {
+        let now = Instant::now();
+        match self.last {
+            None => metrics::histogram!(telemetry::TTFT).record((now - self.started).as_secs_f64()),
+            Some(prev) => {
+                metrics::histogram!(telemetry::INTER_TOKEN).record((now - prev).as_secs_f64())
+            }
+        }
+        self.last = Some(now);
+    }
+
+    fn finish(&self) {
+        metrics::histogram!(telemetry::REQUEST_DURATION, "outcome" => "ok")
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}

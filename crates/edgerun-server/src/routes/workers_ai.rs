@@ -1,0 +1,208 @@
+//! Workers AI's dialect: `POST /run/{model}` and `POST /client/v4/accounts/{id}/ai/run/{model}`
+//! (reference §1-3). Validation is `edgerun-protocol`'s (the Worker runs the same); the answer
+//! is `{"result":{"response",...},"success":true,...}` or `data: {"response":...}` events.
+
+use super::{json_response, read_body};
+use crate::error::ServerError;
+use crate::generation::{self, Framing, GenerationInput};
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::Uri;
+use axum::response::{IntoResponse, Response};
+use edgerun_engine::{
+    ChatMessage, PromptInput, QueuePolicy, SamplingConfig, StopCriteria, StopReason, Usage,
+};
+use edgerun_protocol::{
+    model_from_path, run_route_tail, sse, ApiError, SuccessEnvelope, TextGenerationOutput,
+    ValidatedRequest,
+};
+use std::time::Instant;
+
+/// The run route's handler.
+pub(super) async fn run(State(state): State<AppState>, uri: Uri, body: Body) -> Response {
+    match run_inner(&state, &uri, body).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(error = %e, "request rejected");
+            e.into_response()
+        }
+    }
+}
+
+async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, ServerError> {
+    let started = Instant::now();
+    let model = run_route_tail(uri.path())
+        .and_then(model_from_path)
+        .unwrap_or_default();
+    if !state.serves(&model) {
+        return Err(ApiError::no_such_model(&model).into());
+    }
+    let bytes = read_body(body, state.body_limit).await?;
+    let request = ValidatedRequest::from_json_bytes(&bytes)?;
+    if request.response_format.is_some() {
+        return Err(ApiError::bad_input(
+            "response_format (JSON mode) is not supported by this node yet",
+        )
+        .into());
+    }
+    let stream = request.stream;
+    let generation = generation::start(state, generation_input(request), started).await?;
+    if stream {
+        generation.stream(WorkersAiStream, state.heartbeat).await
+    } else {
+        let done = generation.collect().await?;
+        let out = TextGenerationOutput {
+            response: done.text,
+            tool_calls: Vec::new(),
+            usage: wire_usage(&done.usage),
+        };
+        Ok(json_response(SuccessEnvelope::new(out).to_json()))
+    }
+}
+
+/// A validated Workers AI request in the engine's terms, with the schema's defaults and the
+/// engine's neutral values for everything not given.
+pub(crate) fn generation_input(request: ValidatedRequest) -> GenerationInput {
+    let p = request.params;
+    let prompt = match request.input {
+        edgerun_protocol::PromptInput::Prompt { text, raw } => PromptInput::Prompt { text, raw },
+        edgerun_protocol::PromptInput::Messages(messages) => PromptInput::Messages(
+            messages
+                .into_iter()
+                .map(|m| ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                    tool_call_id: m.tool_call_id,
+                    tool_calls: m.tool_calls,
+                    name: m.name,
+                })
+                .collect(),
+        ),
+    };
+    GenerationInput {
+        prompt,
+        tools: request.tools,
+        sampling: SamplingConfig {
+            temperature: p.temperature,
+            top_k: p.top_k.map_or(0, |k| k as usize),
+            top_p: p.top_p.unwrap_or(1.0),
+            seed: generation::resolve_seed(p.seed),
+            repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+            frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: p.presence_penalty.unwrap_or(0.0),
+        },
+        stopping: StopCriteria {
+            max_tokens: p.max_tokens as usize,
+        },
+        policy: if request.reject_if_busy {
+            QueuePolicy::RejectIfBusy
+        } else {
+            QueuePolicy::Wait
+        },
+    }
+}
+
+fn wire_usage(usage: &Usage) -> edgerun_protocol::Usage {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    edgerun_protocol::Usage::new(count(usage.prompt_tokens), count(usage.completion_tokens))
+}
+
+/// `data: {"response":"<text>"}` per delta; `data: {"response":"","usage":{..}}` then
+/// `data: [DONE]` at the end; an error event on failure.
+struct WorkersAiStream;
+
+impl Framing for WorkersAiStream {
+    fn token(&mut self, text: &str) -> String {
+        sse::token_event(text)
+    }
+
+    fn finish(&mut self, usage: &Usage, _reason: StopReason) -> String {
+        format!(
+            "{}{}",
+            sse::usage_event(&wire_usage(usage)),
+            sse::DONE_EVENT
+        )
+    }
+
+    fn error(&mut self, error: &ApiError) -> String {
+        sse::error_event(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validated(body: &str) -> ValidatedRequest {
+        ValidatedRequest::from_json_bytes(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn defaults_resolve_to_the_schemas_and_neutral_values() {
+        let input = generation_input(validated(r#"{"prompt":"hi"}"#));
+        assert_eq!(
+            input.prompt,
+            PromptInput::Prompt {
+                text: "hi".into(),
+                raw: false
+            }
+        );
+        let s = input.sampling;
+        assert_eq!(
+            (s.temperature, s.top_k, s.top_p),
+            (edgerun_protocol::DEFAULT_TEMPERATURE, 0, 1.0)
+        );
+        assert_eq!(
+            (
+                s.repetition_penalty,
+                s.frequency_penalty,
+                s.presence_penalty
+            ),
+            (1.0, 0.0, 0.0)
+        );
+        assert_eq!(
+            input.stopping.max_tokens,
+            edgerun_protocol::DEFAULT_MAX_TOKENS as usize
+        );
+        assert_eq!(input.policy, QueuePolicy::Wait);
+        // No seed: a random one per request.
+        let other = generation_input(validated(r#"{"prompt":"hi"}"#));
+        assert_ne!(s.seed, other.sampling.seed);
+    }
+
+    #[test]
+    fn every_given_field_reaches_the_engine() {
+        let input = generation_input(validated(
+            r#"{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],
+                "max_tokens":7,"temperature":1.5,"top_k":5,"top_p":0.9,"seed":42,
+                "repetition_penalty":1.1,"frequency_penalty":0.5,"presence_penalty":0.25,
+                "options":{"rejectIfBusy":true},"tools":[{"name":"f"}]}"#,
+        ));
+        let PromptInput::Messages(m) = &input.prompt else {
+            panic!("messages expected");
+        };
+        assert_eq!(
+            m,
+            &[
+                ChatMessage::new("system", "be brief"),
+                ChatMessage::new("user", "hi")
+            ]
+        );
+        assert_eq!(
+            input.sampling,
+            SamplingConfig {
+                temperature: 1.5,
+                top_k: 5,
+                top_p: 0.9,
+                seed: 42,
+                repetition_penalty: 1.1,
+                frequency_penalty: 0.5,
+                presence_penalty: 0.25,
+            }
+        );
+        assert_eq!(input.stopping.max_tokens, 7);
+        assert_eq!(input.policy, QueuePolicy::RejectIfBusy);
+        assert!(input.tools.is_some());
+    }
+}
