@@ -514,7 +514,9 @@ async fn prometheus_metrics_count_requests_and_tokens() {
 #[test]
 fn bad_settings_are_refused_at_start_up_never_clamped() {
     let model = edgerun_e2e::model_path().display().to_string();
-    let cases: [(&[&str], &[(&str, &str)], &str); 7] = [
+    /// Flags, environment, and what the refusal must mention.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 7] = [
         (&["--max-batch", "0"], &[], "max_batch_size"),
         (&["--prefill-chunk", "0"], &[], "prefill_chunk"),
         (&["--max-step-tokens", "0"], &[], "max_step_tokens"),

@@ -15,6 +15,7 @@
 //! | a stop rule | a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`] |
 //! | a sampling parameter | a field of [`SamplingConfig`], applied in [`Sampler`] |
 //! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
+//! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
 //!
 //! ## Data flow
 //!
@@ -59,6 +60,7 @@
 //!   error naming it, never a silent default.
 
 mod error;
+pub mod gguf;
 pub mod kernels;
 mod kv_cache;
 pub mod models;

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use edgerun_engine::gguf::Scheme;
 use edgerun_engine::{DeviceSpec, Engine, LoadedModel, SchedulerConfig};
 use edgerun_server::access::{AccessConfig, AccessVerifier};
 use edgerun_server::models::{self, Catalog};
@@ -32,6 +33,55 @@ enum Command {
         #[arg(long, env = "EDGERUN_LISTEN", default_value = "127.0.0.1:8080")]
         addr: SocketAddr,
     },
+    /// Write a llama GGUF with RANDOM weights in a named shape and a llama.cpp quantization
+    /// layout, for benchmarks and parity tests (never a usable model: its name says so).
+    Generate(Box<GenerateArgs>),
+    /// Requantize a llama GGUF into a llama.cpp layout (as `llama-quantize --allow-requantize`).
+    Quantize {
+        /// The GGUF to read.
+        input: PathBuf,
+        /// Where to write the result.
+        output: PathBuf,
+        /// Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0 or Q4_1.
+        scheme: Scheme,
+    },
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Where to write the GGUF.
+    output: PathBuf,
+    /// A named shape: llama-3-8b, llama-3-mini, smollm2-135m. Without one, every dimension flag
+    /// below is required; with one, they override its values.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0 or Q4_1.
+    #[arg(long, default_value = "Q4_K_M")]
+    quant: Scheme,
+    /// A GGUF whose tokenizer (every `tokenizer.*` key) the model gets; its vocabulary size
+    /// must match the shape's (llama-3 shapes: llama.cpp's ggml-vocab-llama-bpe.gguf).
+    #[arg(long)]
+    vocab_from: PathBuf,
+    /// Seed of the random weights (the same seed writes the same file).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    dim: Option<usize>,
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long)]
+    ff: Option<usize>,
+    #[arg(long)]
+    heads: Option<usize>,
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    #[arg(long)]
+    context: Option<usize>,
+    #[arg(long)]
+    rope_base: Option<f32>,
+    /// No output matrix: the token embedding is the output layer.
+    #[arg(long)]
+    tied: bool,
 }
 
 #[derive(Args, Debug)]
@@ -120,6 +170,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Command::Health { addr } => return health(addr),
+        Command::Generate(args) => return generate(*args),
+        Command::Quantize {
+            input,
+            output,
+            scheme,
+        } => {
+            let summary = edgerun_engine::gguf::requantize(&input, scheme, &output)?;
+            println!("{}: {summary}", output.display());
+            return Ok(());
+        }
         Command::Serve(args) => *args,
     };
     // Candle sizes its CPU thread pools from RAYON_NUM_THREADS, and without it recounts the
@@ -160,6 +220,64 @@ fn require_cpu_features() {
         );
         std::process::exit(2);
     }
+}
+
+/// `edgerun generate`: a named or custom shape, random weights, a real tokenizer.
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let (name, mut shape) = match &args.shape {
+        Some(name) => (name.clone(), edgerun_engine::gguf::shape(name)?),
+        None => {
+            let need = |v: Option<usize>, flag: &str| {
+                v.with_context(|| format!("--{flag} is required without --shape"))
+            };
+            let shape = edgerun_engine::gguf::ModelShape {
+                vocab: None,
+                dim: need(args.dim, "dim")?,
+                layers: need(args.layers, "layers")?,
+                ff: need(args.ff, "ff")?,
+                heads: need(args.heads, "heads")?,
+                kv_heads: need(args.kv_heads, "kv-heads")?,
+                context: args.context.unwrap_or(4096),
+                rope_base: args.rope_base.unwrap_or(10_000.0),
+                rms_eps: 1e-5,
+                tied_embeddings: args.tied,
+            };
+            ("custom".to_string(), shape)
+        }
+    };
+    if args.shape.is_some() {
+        let set = |v: Option<usize>, field: &mut usize| {
+            if let Some(v) = v {
+                *field = v;
+            }
+        };
+        set(args.dim, &mut shape.dim);
+        set(args.layers, &mut shape.layers);
+        set(args.ff, &mut shape.ff);
+        set(args.heads, &mut shape.heads);
+        set(args.kv_heads, &mut shape.kv_heads);
+        set(args.context, &mut shape.context);
+        if let Some(b) = args.rope_base {
+            shape.rope_base = b;
+        }
+        shape.tied_embeddings |= args.tied;
+    }
+    let started = std::time::Instant::now();
+    let summary = edgerun_engine::gguf::generate(
+        &name,
+        &shape,
+        args.quant,
+        &args.vocab_from,
+        args.seed,
+        &args.output,
+    )?;
+    println!(
+        "{}: random {name} {} in {:.1} s: {summary}",
+        args.output.display(),
+        args.quant,
+        started.elapsed().as_secs_f32()
+    );
+    Ok(())
 }
 
 /// `MemAvailable` from /proc/meminfo (Linux), in bytes.
