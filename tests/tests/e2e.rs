@@ -516,7 +516,7 @@ fn bad_settings_are_refused_at_start_up_never_clamped() {
     let model = edgerun_e2e::model_path().display().to_string();
     /// Flags, environment, and what the refusal must mention.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 7] = [
+    let cases: [Case; 8] = [
         (&["--max-batch", "0"], &[], "max_batch_size"),
         (&["--prefill-chunk", "0"], &[], "prefill_chunk"),
         (&["--max-step-tokens", "0"], &[], "max_step_tokens"),
@@ -527,6 +527,7 @@ fn bad_settings_are_refused_at_start_up_never_clamped() {
             "too large",
         ),
         (&["--heartbeat-secs", "0"], &[], "--heartbeat-secs"),
+        (&["--context-window", "0"], &[], "--context-window"),
         // The environment variable is held to the same rule as its flag.
         (&[], &[("EDGERUN_THREADS", "0")], "--threads"),
     ];

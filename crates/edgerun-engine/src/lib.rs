@@ -213,8 +213,9 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine thread, runs one warm-up step, and returns once it is ready.
-    /// `context_window` caps the model's own context length (for example Workers AI's 7968 for
-    /// llama-3-8b-instruct); `None` uses the model's. An invalid `config` is refused.
+    /// `context_window` narrows the model's own context length (for example Workers AI's 7968
+    /// for llama-3-8b-instruct); `None` uses the model's. An invalid `config`, or a window
+    /// beyond the model's, is refused.
     pub fn start(
         loaded: LoadedModel,
         config: SchedulerConfig,
@@ -227,7 +228,13 @@ impl Engine {
             template,
         } = loaded;
         let model_ctx = model.config().context_length;
-        let context_window = context_window.map_or(model_ctx, |w| w.min(model_ctx));
+        let context_window = match context_window {
+            None => model_ctx,
+            Some(w) if (1..=model_ctx).contains(&w) => w,
+            Some(w) => return Err(EngineError::Config(format!(
+                "context window {w} must be between 1 and the model's context length {model_ctx}"
+            ))),
+        };
         let model: Arc<dyn CausalLm> = Arc::from(model);
         let stop_ids = Arc::new(tokenizer.stop_ids().clone());
         let tokenizer = Arc::new(tokenizer);

@@ -105,9 +105,10 @@ impl Default for SamplingConfig {
 }
 
 /// When a sequence stops, besides the model's own end-of-turn tokens and the end of the context
-/// window (which [`crate::Sequence`] always applies). Stop strings, when an API needs them, are
-/// one more field here and one more rule in `Sequence`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// window (which every sequence applies). Stop strings, when an API needs them, are one more
+/// field here and one more rule in `Sequence` (`sequence.rs`). Not `Copy`, so such a field can
+/// be added without touching its users.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StopCriteria {
     /// Tokens to generate at most (at least 1).
     pub max_tokens: usize,

@@ -5,8 +5,9 @@
 //! ([`Sequence::segment`]), what a sampled token means ([`Sequence::accept`]) and whether it is
 //! done. Each stop rule is a method here: the model's end-of-turn tokens
 //! ([`Sequence::ends_turn`]), `max_tokens` and the end of the context window
-//! ([`Sequence::out_of_room`]). A new rule (stop strings) is one more method, called from
-//! [`Sequence::accept`], plus its field in [`StopCriteria`].
+//! ([`Sequence::out_of_room`]). Every piece of text passes through [`Sequence::release`] before
+//! the caller sees it: that is where a text rule (stop strings: hold back a partial match, cut
+//! at a full one, report [`StopReason`]) goes, with its parameter in [`StopCriteria`].
 
 use crate::kv_cache::KvCache;
 use crate::models::Segment;
@@ -144,7 +145,7 @@ impl Sequence {
             return Some(StopReason::EndOfTurn);
         }
         match self.decoder.push(tokenizer, token) {
-            Ok(Some(text)) => self.emit(GenerationEvent::Token { text }),
+            Ok(Some(text)) => self.release(text),
             Ok(None) => {}
             Err(e) => tracing::warn!("detokenization failed: {e}"),
         }
@@ -176,8 +177,14 @@ impl Sequence {
     /// Sends whatever text the detokenizer still holds.
     fn flush(&mut self, tokenizer: &TextTokenizer) {
         if let Ok(Some(text)) = self.decoder.flush(tokenizer) {
-            self.emit(GenerationEvent::Token { text });
+            self.release(text);
         }
+    }
+
+    /// The one way generated text reaches the caller. Text-based stop rules see it here first
+    /// (none exist yet: every piece goes out as it is).
+    fn release(&mut self, text: String) {
+        self.emit(GenerationEvent::Token { text });
     }
 
     pub fn usage(&self) -> Usage {

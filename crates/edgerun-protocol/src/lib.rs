@@ -43,7 +43,7 @@
 //! request:  path tail ──route::model_from_path──▶ model name (server checks it)
 //!           body bytes ──ValidatedRequest::from_json_bytes──▶ ValidatedRequest
 //!                                                      └──▶ ApiError (400/405)
-//! answer:   engine text + Usage ──▶ TextGenerationOutput ──▶ SuccessEnvelope::to_json
+//! answer:   text + usage (converted by the node) ──▶ TextGenerationOutput ──▶ SuccessEnvelope::to_json
 //!           engine tokens ──▶ sse::token_event* ─▶ sse::usage_event ─▶ sse::DONE_EVENT
 //! failure:  ApiError ──▶ ApiError::to_json (before the first byte, with ApiError::status)
 //!                   └──▶ sse::error_event   (after streaming started)

@@ -95,8 +95,8 @@ impl fmt::Display for Role {
     }
 }
 
-/// One validated chat message. Serialises to the shape chat templates expect
-/// (`role`, `content`, and the optional fields only when present).
+/// One validated chat message (the node hands the engine its own copy, which chat templates
+/// see). Serialises as `role`, `content`, and the optional fields only when present.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
     /// One of `system`, `user`, `assistant`, `tool` (see [`Role`]).

@@ -136,7 +136,7 @@ impl Generation {
     /// Streams the generation as server-sent events framed by `framing`: each text delta as
     /// soon as the engine sends it, then the framing's end. A failure the engine reports at once
     /// (say the KV cache cannot be allocated) still gets a proper status and JSON envelope: the
-    /// headers wait for the first event, at most [`FIRST_EVENT_GRACE`], which delays no token.
+    /// headers wait for the first event, at most `FIRST_EVENT_GRACE` (1 s), which delays no token.
     pub async fn stream<F: Framing>(
         mut self,
         framing: F,

@@ -129,7 +129,7 @@ struct ServeArgs {
     #[arg(long, env = "EDGERUN_ACCESS_AUD")]
     access_aud: Option<String>,
     /// Where to fetch the Access signing keys; defaults to
-    /// https://<team domain>/cdn-cgi/access/certs.
+    /// `https://<team domain>/cdn-cgi/access/certs`.
     #[arg(long, env = "EDGERUN_ACCESS_CERTS_URL")]
     access_certs_url: Option<String>,
     /// Prompt plus max_tokens allowed; defaults to the catalog's window or the model's own.
@@ -208,15 +208,15 @@ fn main() -> anyhow::Result<()> {
     serve(args, threads)
 }
 
-/// This binary is built for x86-64-v3 (AVX2, FMA): say so instead of dying with SIGILL on an
-/// older CPU or a VM that hides them.
+/// This binary is built for x86-64-v3 (AVX2, FMA, F16C, BMI2, ...): say so instead of dying
+/// with SIGILL on an older CPU or a VM that hides some of them.
 fn require_cpu_features() {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
-    {
+    let missing = edgerun_engine::kernels::cpu::missing_build_features();
+    if !missing.is_empty() {
         eprintln!(
-            "edgerun: this build needs a CPU with AVX2 and FMA. Rebuild for this machine with \
-             RUSTFLAGS=\"-C target-cpu=native\" cargo build --release -p edgerun-server"
+            "edgerun: this build needs CPU features this machine lacks ({}). Rebuild for this \
+             machine with RUSTFLAGS=\"-C target-cpu=native\" cargo build --release -p edgerun-server",
+            missing.join(", ")
         );
         std::process::exit(2);
     }
@@ -343,9 +343,12 @@ fn load_access(args: &ServeArgs) -> anyhow::Result<Option<Arc<AccessVerifier>>> 
     Ok(Some(Arc::new(AccessVerifier::new(config)?)))
 }
 
-/// The scheduler's settings from the flags, validated by the engine's own rule; plus the other
-/// numeric settings that have no valid zero. Refused here, before anything starts, never clamped.
-fn scheduler_config(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
+/// Checks every numeric setting before anything starts (refused, never clamped) and returns
+/// the scheduler's, validated by the engine's own rule.
+fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
+    if args.context_window == Some(0) {
+        bail!("--context-window (EDGERUN_CONTEXT_WINDOW) must be at least 1");
+    }
     if args.heartbeat_secs == 0 {
         bail!("--heartbeat-secs (EDGERUN_HEARTBEAT_SECS) must be at least 1");
     }
@@ -375,7 +378,7 @@ fn scheduler_config(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
 }
 
 fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
-    let mut scheduler = scheduler_config(&args)?;
+    let mut scheduler = validate_settings(&args)?;
     let tokens = load_tokens(&args)?;
     let access = load_access(&args)?;
     if tokens.is_empty() {

@@ -286,14 +286,10 @@ mod tests {
     }
 
     #[test]
-    fn request_ids_are_kept_when_sane() {
+    fn request_ids_follow_the_nodes_rule() {
+        // The rule itself is tested in edgerun-protocol; this pins that the Worker uses it.
         let fresh = || "fresh".to_string();
         assert_eq!(request_id(Some("abc-123"), fresh), "abc-123");
-        assert_eq!(request_id(None, fresh), "fresh");
-        assert_eq!(request_id(Some(""), fresh), "fresh");
         assert_eq!(request_id(Some("has space"), fresh), "fresh");
-        assert_eq!(request_id(Some("é"), fresh), "fresh");
-        assert_eq!(request_id(Some(&"x".repeat(129)), fresh), "fresh");
-        assert_eq!(request_id(Some(&"x".repeat(128)), fresh), "x".repeat(128));
     }
 }

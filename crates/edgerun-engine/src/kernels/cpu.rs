@@ -3,7 +3,7 @@
 //! The instruction set is detected once, at run time, so one binary runs its best path on any
 //! x86-64 (or falls back to portable code elsewhere); the build's `target-cpu` only decides what
 //! the compiler may use outside `#[target_feature]` functions. Every kernel dispatches on
-//! [`isa`] and nothing else, so adding AVX-512 or NEON means a variant here and a match arm in
+//! `isa()` and nothing else, so adding AVX-512 or NEON means a variant here and a match arm in
 //! the kernels that have such a path.
 
 use std::sync::OnceLock;
@@ -30,6 +30,26 @@ pub(crate) fn isa() -> Isa {
         }
         Isa::Scalar
     })
+}
+
+/// The instruction-set extensions this binary was compiled to assume (`target-cpu`, see
+/// `.cargo/config.toml`) that the CPU it runs on lacks. Non-empty means the process would die
+/// of an illegal instruction somewhere outside the kernels: refuse to start instead.
+pub fn missing_build_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut missing = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! check {
+            ($($f:tt),*) => {$(
+                if cfg!(target_feature = $f) && !std::arch::is_x86_feature_detected!($f) {
+                    missing.push($f);
+                }
+            )*};
+        }
+        check!("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "lzcnt", "movbe", "avx512f");
+    }
+    missing
 }
 
 /// Runs `f` over `0..n` split into chunks on candle's own `barrier_pool()`, so our matmuls and

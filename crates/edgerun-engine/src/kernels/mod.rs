@@ -16,10 +16,11 @@
 //!
 //! # Layout of this module
 //!
-//! * [`cpu`]: instruction-set detection (once, at run time) and the thread pool; every CPU
-//!   kernel dispatches on [`cpu::isa`](self::cpu) and nothing else.
-//! * one file per **block format**: [`q4_1`] (Q4_1 weights) and [`q8_1`] (Q8_1 activations,
-//!   the left-hand side of the `*_1` formats). A new format (say Q4_K) is a new file with its
+//! * [`cpu`]: instruction-set detection (once, at run time), the check that the CPU has what
+//!   the build assumed, and the thread pool; every CPU kernel dispatches on `cpu::isa()` and
+//!   nothing else.
+//! * one file per **block format**: [`q4_1`] (Q4_1 weights) and `q8_1` (Q8_1 activations, the
+//!   left-hand side of the `*_1` formats). A new format (say Q4_K) is a new file with its
 //!   block type, a matrix type holding the GGUF bytes as they are, and its kernels per ISA,
 //!   plus one arm in [`QLinear::new`].
 //! * **device kernels** (CUDA, Metal) are candle's today, through `QMatMul`. One of our own goes
@@ -39,7 +40,7 @@
 //! switches kernel between batch 1 and larger batches); formats served by candle inherit those
 //! choices, row invariance included or not.
 
-mod cpu;
+pub mod cpu;
 pub mod q4_1;
 mod q8_1;
 

@@ -15,14 +15,9 @@
 //!   (`d: f16, m: f16, qs: [u8; 16]`; value `j` is `d * (qs[j] & 0xF) + m`, value `j + 16` is
 //!   `d * (qs[j] >> 4) + m`), so loading is a copy of the GGUF bytes and the matrix takes no more
 //!   memory (or bandwidth per token) than the file.
-//! * Activations: every row of `lhs` is quantized to Q8_1 (32 values per block: `d`,
-//!   `s = d * Σq`, `q: [i8; 32]`) exactly as candle's `BlockQ8_1::from_float` does (the scalar
-//!   path calls it; the AVX2 path reimplements it, tested bit for bit against it), so the
-//!   integers and scales are those of candle's path. The quants go to a row-major array of
-//!   32-byte-aligned blocks (one aligned load each); `d` and `s` are widened to f32 (exact) into
-//!   two *block-major* arrays (`[block][row]`), so the kernel that serves 8 lhs rows at once
-//!   finds their 8 values side by side. This lives in a thread-local scratch reused across
-//!   calls.
+//! * Activations: every row of `lhs` is quantized to Q8_1 exactly as candle does, into the
+//!   layout `q8_1.rs` describes (quants row-major; scales `d8` and sums `s8` block-major, so the
+//!   kernel that serves 8 lhs rows at once finds their 8 values side by side).
 //!
 //! # Numerics
 //!

@@ -45,10 +45,31 @@ pub fn could_ever_fit(cfg: &SchedulerConfig, reservation: &KvReservation) -> boo
         .is_none_or(|budget| reservation.bytes <= budget)
 }
 
-/// Whether the head of the queue may start now, next to `running` sequences that reserve
-/// `reserved` bytes. First come, first served: the caller stops at the first `false`, so the
-/// head waits for room rather than being overtaken by smaller requests behind it. A lone
-/// request always starts (it passed [`could_ever_fit`]).
+/// How many requests from the front of `queue` start now, next to `running` sequences that
+/// reserve `reserved` bytes. First come, first served: counting stops at the first request
+/// [`can_start`] refuses, so the head waits for room rather than being overtaken by smaller
+/// requests behind it. The scheduler starts exactly these.
+pub fn startable<'a>(
+    cfg: &SchedulerConfig,
+    mut running: usize,
+    mut reserved: usize,
+    queue: impl IntoIterator<Item = &'a KvReservation>,
+) -> usize {
+    let mut started = 0;
+    for r in queue {
+        if !can_start(cfg, running, reserved, r) {
+            break;
+        }
+        running += 1;
+        reserved = reserved.saturating_add(r.bytes);
+        started += 1;
+    }
+    started
+}
+
+/// Whether one request may start next to `running` sequences that reserve `reserved` bytes: a
+/// free batch slot and room in the KV budget. A lone request always starts (it passed
+/// [`could_ever_fit`]).
 pub fn can_start(
     cfg: &SchedulerConfig,
     running: usize,

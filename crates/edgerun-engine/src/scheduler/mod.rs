@@ -261,17 +261,14 @@ impl Scheduler {
     }
 
     fn admit(&self, waiting: &mut VecDeque<Submission>, running: &mut Vec<Sequence>) {
-        while let Some(front) = waiting.front() {
-            if !admission::can_start(
-                &self.config,
-                running.len(),
-                reserved(running),
-                &front.reservation,
-            ) {
-                break;
-            }
-            let sub = waiting.pop_front().expect("the queue has a front");
-            let layout = self.model.kv_layout();
+        let n = admission::startable(
+            &self.config,
+            running.len(),
+            reserved(running),
+            waiting.iter().map(|s| &s.reservation),
+        );
+        let layout = self.model.kv_layout();
+        for sub in waiting.drain(..n) {
             match KvCache::new(&layout, sub.reservation.positions, self.model.device()) {
                 Ok(cache) => running.push(Sequence::new(SequenceParts {
                     sampler: Sampler::new(sub.request.sampling, &sub.request.prompt),
@@ -303,6 +300,8 @@ impl Scheduler {
         if plan.is_empty() {
             return;
         }
+        // `execute`, `update_from_output` and `fail_planned` index by it.
+        debug_assert!(plan.windows(2).all(|w| w[0].seq < w[1].seq));
         self.stats
             .peak_batch
             .fetch_max(plan.len(), Ordering::Relaxed);

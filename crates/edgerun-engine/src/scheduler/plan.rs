@@ -33,17 +33,8 @@ pub struct Planned {
     pub samples: bool,
 }
 
-impl Planned {
-    /// Tokens this entry feeds to the model.
-    pub fn tokens(&self) -> usize {
-        match self.work {
-            Work::Decode => 1,
-            Work::Prefill { len, .. } => len,
-        }
-    }
-}
-
-/// Plans one step over the running sequences, in sequence order.
+/// Plans one step over the running sequences. The plan is in strictly increasing sequence
+/// order, each sequence at most once (the scheduler relies on it).
 ///
 /// Decoding sequences come first, one token each; then prompt chunks within
 /// `max_step_tokens`. Prompts are read in chunks at fixed boundaries (multiples of

