@@ -5,12 +5,13 @@
 //!
 //! The optional `NxK` and `m` restrict the run to one shape / pick the batch size. Instead of a
 //! shape, `cold [m]` streams 80 distinct 1536x576 matrices (44 MB, past the L3) like a decode
-//! step, and `model=<file.gguf> [m]` runs every Q4_1 weight of a model once (checking ours
-//! against candle). Thread count: CANDLE_NUM_THREADS (both paths use candle's pool).
+//! step, `model=<file.gguf> [m]` runs every Q4_1 weight of a model once (checking ours
+//! against candle), and `q8_0 [m]` times the Q8_0 kernel on SmolLM2's tied output layer
+//! (49152x576). Thread count: CANDLE_NUM_THREADS (both paths use candle's pool).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use edgerun_engine::kernels::Q4_1Matrix;
+use edgerun_engine::kernels::{Q4_1Matrix, Q8_0Matrix};
 use std::time::{Duration, Instant};
 
 fn lcg(seed: u64, len: usize) -> Vec<f32> {
@@ -142,6 +143,35 @@ fn model(path: &str, budget: Duration, m: usize) {
     );
 }
 
+/// The Q8_0 kernel against candle's on a tied-output-layer shape, at several batch sizes.
+fn q8_0(budget: Duration, only_m: Option<usize>) {
+    let (n, k) = (49152, 576);
+    let w = Tensor::from_vec(lcg(3, n * k), (n, k), &Device::Cpu).unwrap();
+    let qt = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+    let ours = Q8_0Matrix::from_qtensor(&qt).unwrap().unwrap();
+    let candle = QMatMul::from_arc(qt).unwrap();
+    let bytes = (n * k / 32 * 34) as f64;
+    for m in only_m.map_or(vec![1usize, 2, 4, 8, 32], |m| vec![m]) {
+        let x = Tensor::from_vec(lcg(m as u64, m * k), (m, k), &Device::Cpu).unwrap();
+        let t_candle = timings(budget, || {
+            std::hint::black_box(candle.forward(&x).unwrap());
+        })
+        .0;
+        let t_ours = timings(budget, || {
+            std::hint::black_box(ours.forward(&x).unwrap());
+        })
+        .0;
+        println!(
+            "Q8_0 {n}x{k} m={m}: candle {:.2} ms ({:.1} GB/s), ours {:.2} ms ({:.1} GB/s), {:.2}x",
+            t_candle * 1e3,
+            bytes / t_candle / 1e9,
+            t_ours * 1e3,
+            bytes / t_ours / 1e9,
+            t_candle / t_ours
+        );
+    }
+}
+
 fn main() {
     let budget_ms: u64 = std::env::args().nth(1).map_or(400, |s| s.parse().unwrap());
     let budget = Duration::from_millis(budget_ms);
@@ -149,6 +179,10 @@ fn main() {
     let only_m: Option<usize> = std::env::args().nth(3).map(|s| s.parse().unwrap());
     if let Some(path) = only_shape.as_deref().and_then(|s| s.strip_prefix("model=")) {
         model(path, budget, only_m.unwrap_or(1));
+        return;
+    }
+    if only_shape.as_deref() == Some("q8_0") {
+        q8_0(budget, only_m);
         return;
     }
     if only_shape.as_deref() == Some("cold") {

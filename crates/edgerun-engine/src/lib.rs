@@ -231,9 +231,11 @@ impl Engine {
         let context_window = match context_window {
             None => model_ctx,
             Some(w) if (1..=model_ctx).contains(&w) => w,
-            Some(w) => return Err(EngineError::Config(format!(
+            Some(w) => {
+                return Err(EngineError::Config(format!(
                 "context window {w} must be between 1 and the model's context length {model_ctx}"
-            ))),
+            )))
+            }
         };
         let model: Arc<dyn CausalLm> = Arc::from(model);
         let stop_ids = Arc::new(tokenizer.stop_ids().clone());

@@ -80,6 +80,41 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// AVX2 helpers every AVX2 kernel shares.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// 8 f32 lanes in memory, aligned for one vector store.
+    #[repr(C, align(32))]
+    pub(crate) struct Lanes(pub(crate) [f32; 8]);
+
+    /// `vbroadcastss` from memory, opaque to LLVM: a load instead of the shuffle LLVM would turn
+    /// a store-then-broadcast into.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn bcast_mem(p: &f32) -> __m256 {
+        let v: __m256;
+        std::arch::asm!(
+            "vbroadcastss {v}, dword ptr [{p}]",
+            v = out(ymm_reg) v,
+            p = in(reg) p as *const f32,
+            options(pure, readonly, nostack, preserves_flags)
+        );
+        v
+    }
+
+    /// Sum of the 8 lanes, in a fixed order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn hsum(acc: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

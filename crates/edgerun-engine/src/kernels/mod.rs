@@ -9,6 +9,7 @@
 //! | weight                  | device | kernel                                              |
 //! |-------------------------|--------|-----------------------------------------------------|
 //! | Q4_1, 2-D, `k % 32 == 0` | CPU    | ours ([`q4_1`]: AVX2/FMA/F16C, portable fallback)   |
+//! | Q8_0, 2-D, `k % 32 == 0` | CPU    | ours ([`q8_0`], read in place, tied or not)          |
 //! | anything else           | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
 //!
 //! [`Kernels::CandleOnly`] forces candle's everywhere (the reference the parity tests compare
@@ -19,8 +20,10 @@
 //! * [`cpu`]: instruction-set detection (once, at run time), the check that the CPU has what
 //!   the build assumed, and the thread pool; every CPU kernel dispatches on `cpu::isa()` and
 //!   nothing else.
-//! * one file per **block format**: [`q4_1`] (Q4_1 weights) and `q8_1` (Q8_1 activations, the
-//!   left-hand side of the `*_1` formats). A new format (say Q4_K) is a new file with its
+//! * one file per **block format**: [`q4_1`] and [`q8_0`] (weights) and `q8_1` (activations,
+//!   quantized once per call for every weight format here). The tiling (`avx2_tile_driver!`),
+//!   the thread-pool driver (`matmul_with`) and the tensor plumbing (`forward_cpu`) are shared:
+//!   a format supplies its block type, its `wide`/`tall` tiles and a scalar loop. A new format (say Q4_K) is a new file with its
 //!   block type, a matrix type holding the GGUF bytes as they are, and its kernels per ISA,
 //!   plus one arm in [`QLinear::new`].
 //! * **device kernels** (CUDA, Metal) are candle's today, through `QMatMul`. One of our own goes
@@ -40,15 +43,187 @@
 //! switches kernel between batch 1 and larger batches); formats served by candle inherit those
 //! choices, row invariance included or not.
 
+/// The AVX2 tiling every `*_1`-activation kernel shares: for `m = 1` (decoding one sequence)
+/// `wide::<WIDE>` serves WIDE weight rows per activation block; for `m > 1` `tall::<TALL>`
+/// serves TALL lhs rows per unpacked weight block, lhs rows taken LHS_CHUNK at a time so they
+/// stay in L2. Expands to `rows(ctx, rows)` in a module that defines `wide`, `tall`, `WIDE`,
+/// `TALL` and `LHS_CHUNK`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx2_tile_driver {
+    () => {
+        /// Computes weight rows `rows` against every lhs row.
+        ///
+        /// # Safety
+        /// AVX2, FMA and F16C must be available; `ctx` must describe live buffers and `rows`
+        /// lie within `0..ctx.n`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+            if ctx.m == 1 {
+                let mut j = rows.start;
+                while j + WIDE <= rows.end {
+                    wide::<WIDE>(ctx, 0, j);
+                    j += WIDE;
+                }
+                for j in j..rows.end {
+                    wide::<1>(ctx, 0, j);
+                }
+            } else {
+                for i0 in (0..ctx.m).step_by(LHS_CHUNK) {
+                    let i1 = ctx.m.min(i0 + LHS_CHUNK);
+                    for j in rows.clone() {
+                        let mut i = i0;
+                        while i + TALL <= i1 {
+                            tall::<TALL>(ctx, i, j);
+                            i += TALL;
+                        }
+                        match i1 - i {
+                            0 => {}
+                            1 => tall::<1>(ctx, i, j),
+                            2 => tall::<2>(ctx, i, j),
+                            3 => tall::<3>(ctx, i, j),
+                            4 => tall::<4>(ctx, i, j),
+                            5 => tall::<5>(ctx, i, j),
+                            6 => tall::<6>(ctx, i, j),
+                            _ => tall::<7>(ctx, i, j),
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2_tile_driver;
+
 pub mod cpu;
 pub mod q4_1;
+pub mod q8_0;
 mod q8_1;
 
 pub use q4_1::{matmul_q4_1, BlockQ4_1, Q4_1Matrix};
+pub use q8_0::{BlockQ8_0, Q8_0Matrix};
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor};
+use cpu::Isa;
 use std::sync::Arc;
+
+/// Weight rows per work item handed to the thread pool (a multiple of every tile width).
+const GROUP: usize = 4;
+
+/// Everything a worker needs, as plain addresses so the closure is `Sync`.
+pub(crate) struct Ctx {
+    nb: usize,
+    n: usize,
+    m: usize,
+    /// `*const Q8Quants`, `m * nb`, row-major.
+    qs: usize,
+    /// `*const f32`, `m * nb` (+ pad), block-major.
+    d8: usize,
+    /// `*const f32`, `m * nb` (+ pad), block-major.
+    s8: usize,
+    /// `*const` weight blocks of the format, `n * nb`.
+    w: usize,
+    /// `*mut f32`, `m * n`.
+    out: usize,
+}
+
+/// A CPU weight matrix whose kernels take Q8_1-quantized activations: what the shared driver
+/// ([`matmul_with`], [`forward_cpu`]) needs from a block format.
+pub(crate) trait CpuMatrix: Sync {
+    /// For error messages.
+    const NAME: &'static str;
+    /// `(n, k)`: weight rows (output features) and columns (input features, `k % 32 == 0`).
+    fn dims(&self) -> (usize, usize);
+    /// Address of the first block; rows of `k / 32` blocks follow one another.
+    fn blocks_addr(&self) -> usize;
+    /// Computes weight rows `rows` against every lhs row, writing `out[i * n + j]`.
+    ///
+    /// # Safety
+    /// `ctx` must describe live buffers of this matrix and `rows` lie within `0..n`; `isa` must
+    /// be one the CPU has.
+    unsafe fn rows(isa: Isa, ctx: &Ctx, rows: std::ops::Range<usize>);
+}
+
+/// `out[i * n + j] = dot(lhs row i, weight row j)` for `lhs` of `m * k` f32, row-major: the lhs
+/// is quantized once on the calling thread, then weight rows are split over the thread pool,
+/// `GROUP` per work item, each item computing its rows against all `m` lhs rows (so each
+/// weight row is read from memory once per call however many tokens are batched).
+pub(crate) fn matmul_with<W: CpuMatrix>(isa: Isa, lhs: &[f32], m: usize, w: &W, out: &mut [f32]) {
+    let (n, k) = w.dims();
+    // Real asserts: workers write `out` through a raw pointer.
+    assert_eq!(lhs.len(), m * k, "lhs length for (m={m}, k={k})");
+    assert!(
+        out.len() >= m * n,
+        "out too small: {} < {}",
+        out.len(),
+        m * n
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
+    q8_1::with_quantized(isa, lhs, m, k, |scratch| {
+        let ctx = Ctx {
+            nb: k / QK,
+            n,
+            m,
+            qs: scratch.qs.as_ptr() as usize,
+            d8: scratch.d8.as_ptr() as usize,
+            s8: scratch.s8.as_ptr() as usize,
+            w: w.blocks_addr(),
+            out: out.as_mut_ptr() as usize,
+        };
+        cpu::parallel_chunks(n.div_ceil(GROUP), |groups| {
+            let rows = groups.start * GROUP..n.min(groups.end * GROUP);
+            // SAFETY: the pointers in `ctx` outlive the pool call; each output element
+            // (i, j) is written only by the work item owning weight row j.
+            unsafe { W::rows(isa, &ctx, rows) }
+        });
+    })
+}
+
+/// `xs @ W^T` through [`matmul_with`]: `xs` of shape `(..., k)` on the CPU gives `(..., n)`.
+/// Non-f32 inputs are computed in f32 and the result cast back; non-contiguous inputs are made
+/// contiguous first.
+pub(crate) fn forward_cpu<W: CpuMatrix>(w: &W, xs: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.dims();
+    if !xs.device().is_cpu() {
+        candle_core::bail!("{}::forward: input is not on the CPU", W::NAME);
+    }
+    let dims = xs.dims();
+    if dims.last() != Some(&k) {
+        candle_core::bail!(
+            "{}::forward: input {:?} incompatible with weight ({n}, {k})",
+            W::NAME,
+            xs.shape()
+        );
+    }
+    let in_dtype = xs.dtype();
+    let xs = xs.to_dtype(DType::F32)?.contiguous()?;
+    let m = dims[..dims.len() - 1].iter().product::<usize>();
+    let mut out = vec![0f32; m * n];
+    {
+        let (storage, layout) = xs.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("{}::forward: input is not on the CPU", W::NAME);
+        };
+        let start = layout.start_offset();
+        let lhs = &cpu.as_slice::<f32>()?[start..start + m * k];
+        matmul_with(cpu::isa(), lhs, m, w, &mut out);
+    }
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("dims end in k") = n;
+    let out = Tensor::from_vec(out, out_dims, &Device::Cpu)?;
+    if in_dtype == DType::F32 {
+        Ok(out)
+    } else {
+        out.to_dtype(in_dtype)
+    }
+}
 
 /// Values per quantization block (Q4_1 and Q8_1 alike).
 pub const QK: usize = 32;
@@ -69,6 +244,9 @@ pub enum Kernels {
 pub enum QLinear {
     /// Q4_1 on the CPU: our SIMD kernel (candle 0.11 only has a scalar loop for it).
     Q4_1Cpu(Q4_1Matrix),
+    /// Q8_0 on the CPU: our kernel, which reads each weight row once for the whole batch
+    /// (candle's re-reads the matrix for every token of the step).
+    Q8_0Cpu(Q8_0Matrix),
     /// Candle's quantized matmul: every other format, and every device kernel.
     Candle(QMatMul),
 }
@@ -77,6 +255,7 @@ impl std::fmt::Debug for QLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Q4_1Cpu(m) => write!(f, "QLinear::{m:?}"),
+            Self::Q8_0Cpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Candle(_) => write!(f, "QLinear::Candle"),
         }
     }
@@ -90,12 +269,18 @@ impl QLinear {
                 return Ok(Self::Q4_1Cpu(m));
             }
         }
-        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
+        Self::shared(Arc::new(t), kernels)
     }
 
-    /// A tensor that is also used elsewhere (tied input/output embeddings): candle's kernel over
-    /// the shared tensor, so the weights are not held twice.
-    pub fn shared(t: Arc<QTensor>) -> Result<Self> {
+    /// A tensor that may also be used elsewhere (tied input/output embeddings, whose lookup is
+    /// candle's). Only kernels that read the tensor in place serve it (Q8_0's), so the
+    /// weights are never held twice.
+    pub fn shared(t: Arc<QTensor>, kernels: Kernels) -> Result<Self> {
+        if kernels == Kernels::Fastest {
+            if let Some(m) = Q8_0Matrix::from_qtensor(&t)? {
+                return Ok(Self::Q8_0Cpu(m));
+            }
+        }
         Ok(Self::Candle(QMatMul::from_arc(t)?))
     }
 
@@ -103,6 +288,7 @@ impl QLinear {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Q4_1Cpu(m) => m.forward(xs),
+            Self::Q8_0Cpu(m) => m.forward(xs),
             Self::Candle(m) => m.forward(xs),
         }
     }

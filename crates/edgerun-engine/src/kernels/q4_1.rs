@@ -60,13 +60,10 @@
 //! (about 2% of the time).
 
 use super::cpu::{self, f16_to_f32, Isa};
-use super::q8_1::{self, Q8Quants};
-use super::QK;
+use super::q8_1::Q8Quants;
+use super::{forward_cpu, matmul_with, CpuMatrix, Ctx, QK};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Result, Storage, Tensor};
-
-/// Weight rows per work item handed to the thread pool (a multiple of every tile width).
-const GROUP: usize = 4;
+use candle_core::{Result, Tensor};
 
 /// GGML's Q4_1 block: 32 values as `d * q + m` with 4-bit `q`. `d` and `m` are IEEE half
 /// floats, stored as their bits.
@@ -151,109 +148,34 @@ impl Q4_1Matrix {
     /// `QMatMul::forward` on the same weights. Non-f32 inputs are computed in f32 and the result
     /// cast back; non-contiguous inputs are made contiguous first.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if !xs.device().is_cpu() {
-            candle_core::bail!("Q4_1Matrix::forward: input is not on the CPU");
-        }
-        let dims = xs.dims();
-        match dims.last() {
-            Some(&k) if k == self.k => {}
-            _ => candle_core::bail!(
-                "Q4_1Matrix::forward: input {:?} incompatible with weight ({}, {})",
-                xs.shape(),
-                self.n,
-                self.k
-            ),
-        }
-        let in_dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?.contiguous()?;
-        let m = dims[..dims.len() - 1].iter().product::<usize>();
-        let mut out = vec![0f32; m * self.n];
-        {
-            let (storage, layout) = xs.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("Q4_1Matrix::forward: input is not on the CPU");
-            };
-            let start = layout.start_offset();
-            let lhs = &cpu.as_slice::<f32>()?[start..start + m * self.k];
-            matmul_q4_1(lhs, m, self, &mut out);
-        }
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = self.n;
-        let out = Tensor::from_vec(out, out_dims, &Device::Cpu)?;
-        if in_dtype == DType::F32 {
-            Ok(out)
-        } else {
-            out.to_dtype(in_dtype)
-        }
+        forward_cpu(self, xs)
     }
 }
 
 /// The raw kernel: `out[i * n + j] = dot(lhs row i, weight row j)`, `lhs` being `m * k` f32,
 /// row-major, and `out` at least `m * n` long.
 pub fn matmul_q4_1(lhs: &[f32], m: usize, w: &Q4_1Matrix, out: &mut [f32]) {
-    matmul_q4_1_with(cpu::isa(), lhs, m, w, out)
+    matmul_with(cpu::isa(), lhs, m, w, out)
 }
 
-fn matmul_q4_1_with(isa: Isa, lhs: &[f32], m: usize, w: &Q4_1Matrix, out: &mut [f32]) {
-    let (n, k) = (w.n, w.k);
-    // Real asserts: workers write `out` through a raw pointer.
-    assert_eq!(lhs.len(), m * k, "lhs length for (m={m}, k={k})");
-    assert!(
-        out.len() >= m * n,
-        "out too small: {} < {}",
-        out.len(),
-        m * n
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out[..m * n].fill(0.0);
-        return;
-    }
-    let nb = k / QK;
-    q8_1::with_quantized(isa, lhs, m, k, |scratch| {
-        let ctx = Ctx {
-            nb,
-            n,
-            m,
-            qs: scratch.qs.as_ptr() as usize,
-            d8: scratch.d8.as_ptr() as usize,
-            s8: scratch.s8.as_ptr() as usize,
-            w: w.blocks.as_ptr() as usize,
-            out: out.as_mut_ptr() as usize,
-        };
-        let n_groups = n.div_ceil(GROUP);
-        cpu::parallel_chunks(n_groups, |groups| {
-            let rows = groups.start * GROUP..n.min(groups.end * GROUP);
-            // SAFETY: the pointers in `ctx` outlive the pool call; each output element
-            // (i, j) is written only by the work item owning weight row j.
-            unsafe {
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => avx2::rows(&ctx, rows),
-                    Isa::Scalar => scalar_rows(&ctx, rows),
-                }
-            }
-        });
-    })
-}
+impl CpuMatrix for Q4_1Matrix {
+    const NAME: &'static str = "Q4_1Matrix";
 
-/// Everything a worker needs, as plain addresses so the closure is `Sync`.
-struct Ctx {
-    nb: usize,
-    n: usize,
-    m: usize,
-    /// `*const Q8Quants`, `m * nb`, row-major.
-    qs: usize,
-    /// `*const f32`, `m * nb` (+ pad), block-major.
-    d8: usize,
-    /// `*const f32`, `m * nb` (+ pad), block-major.
-    s8: usize,
-    /// `*const BlockQ4_1`, `n * nb`.
-    w: usize,
-    /// `*mut f32`, `m * n`.
-    out: usize,
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn blocks_addr(&self) -> usize {
+        self.blocks.as_ptr() as usize
+    }
+
+    unsafe fn rows(isa: Isa, ctx: &Ctx, rows: std::ops::Range<usize>) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::rows(ctx, rows),
+            Isa::Scalar => scalar_rows(ctx, rows),
+        }
+    }
 }
 
 /// Portable kernel: same per-block formula, one output at a time.
@@ -296,12 +218,9 @@ unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
 /// they interleave and in which vector lanes `d4 * d8` and `acc_m` live.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::cpu::avx2::{bcast_mem, hsum, Lanes};
     use super::{BlockQ4_1, Ctx, Q8Quants};
     use std::arch::x86_64::*;
-
-    /// 8 f32 lanes in memory, aligned for one vector store.
-    #[repr(C, align(32))]
-    struct Lanes([f32; 8]);
 
     /// How many blocks ahead the wide (decode) kernel prefetches its weight rows: with the
     /// hardware prefetcher alone, streaming weights from DRAM at m = 1 was ~20-30% slower. (The
@@ -318,49 +237,7 @@ mod avx2 {
     /// Weight rows per tile of the wide kernel.
     const WIDE: usize = 4;
 
-    /// Computes weight rows `rows` against every lhs row.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `ctx` must describe live buffers and `rows` lie
-    /// within `0..ctx.n`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
-        if ctx.m == 1 {
-            // One lhs row: WIDE weight rows at a time share each activation block.
-            let mut j = rows.start;
-            while j + WIDE <= rows.end {
-                wide::<WIDE>(ctx, 0, j);
-                j += WIDE;
-            }
-            for j in j..rows.end {
-                wide::<1>(ctx, 0, j);
-            }
-        } else {
-            // Several lhs rows: each unpacked weight block serves TALL of them. Lhs rows are
-            // taken LHS_CHUNK at a time so that they stay in L2 while this item's weight rows
-            // pass over them; LHS_CHUNK is a multiple of TALL, so only the last tile is short.
-            for i0 in (0..ctx.m).step_by(LHS_CHUNK) {
-                let i1 = ctx.m.min(i0 + LHS_CHUNK);
-                for j in rows.clone() {
-                    let mut i = i0;
-                    while i + TALL <= i1 {
-                        tall::<TALL>(ctx, i, j);
-                        i += TALL;
-                    }
-                    match i1 - i {
-                        0 => {}
-                        1 => tall::<1>(ctx, i, j),
-                        2 => tall::<2>(ctx, i, j),
-                        3 => tall::<3>(ctx, i, j),
-                        4 => tall::<4>(ctx, i, j),
-                        5 => tall::<5>(ctx, i, j),
-                        6 => tall::<6>(ctx, i, j),
-                        _ => tall::<7>(ctx, i, j),
-                    }
-                }
-            }
-        }
-    }
+    super::super::avx2_tile_driver!();
 
     /// The 32 weights of a block as u8 in 0..16, in value order: the low nibbles in bytes
     /// 0..16, the high ones in 16..32.
@@ -473,31 +350,6 @@ mod avx2 {
             *out.add((i + r) * ctx.n + j) = hsum(acc[r]) + m_terms[r];
         }
     }
-
-    /// `vbroadcastss` from memory, opaque to LLVM: a load instead of the shuffle LLVM would turn
-    /// a store-then-broadcast into.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn bcast_mem(p: &f32) -> __m256 {
-        let v: __m256;
-        std::arch::asm!(
-            "vbroadcastss {v}, dword ptr [{p}]",
-            v = out(ymm_reg) v,
-            p = in(reg) p as *const f32,
-            options(pure, readonly, nostack, preserves_flags)
-        );
-        v
-    }
-
-    /// Sum of the 8 lanes, in a fixed order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(acc: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
 }
 
 #[cfg(test)]
@@ -506,7 +358,7 @@ mod tests {
     use super::super::test_util::{lcg, max_abs_diff};
     use super::*;
     use candle_core::quantized::QMatMul;
-    use candle_core::Module;
+    use candle_core::{DType, Device, Module};
 
     fn weights(n: usize, k: usize, seed: u64) -> QTensor {
         let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
@@ -544,7 +396,7 @@ mod tests {
                 let tol = 1e-4 * max_ref + 1e-5;
                 for isa in isas() {
                     let mut got = vec![f32::NAN; m * n];
-                    matmul_q4_1_with(isa, &x, m, &ours, &mut got);
+                    matmul_with(isa, &x, m, &ours, &mut got);
                     let max_diff = max_abs_diff(&got, &want);
                     assert!(
                         max_diff <= tol,
@@ -580,7 +432,7 @@ mod tests {
                 let solo: Vec<Vec<f32>> = (0..max_m)
                     .map(|i| {
                         let mut out = vec![0f32; n];
-                        matmul_q4_1_with(isa, &x[i * k..(i + 1) * k], 1, &ours, &mut out);
+                        matmul_with(isa, &x[i * k..(i + 1) * k], 1, &ours, &mut out);
                         out
                     })
                     .collect();
@@ -591,7 +443,7 @@ mod tests {
                             continue;
                         }
                         let mut batch = vec![0f32; m * n];
-                        matmul_q4_1_with(isa, &x[start * k..(start + m) * k], m, &ours, &mut batch);
+                        matmul_with(isa, &x[start * k..(start + m) * k], m, &ours, &mut batch);
                         for i in 0..m {
                             let same = solo[start + i]
                                 .iter()

@@ -105,7 +105,7 @@ impl LlamaModel {
         // error (from `optional_tensor`), never silently tied.
         let output = match optional_tensor(ct, file, "output.weight", device)? {
             Some(t) => QLinear::new(t, kernels)?,
-            None => QLinear::shared(embeddings.clone())?,
+            None => QLinear::shared(embeddings.clone(), kernels)?,
         };
         // Llama-3.1 and later carry per-frequency RoPE divisors (their long-context scaling).
         let freq_factors = optional_tensor(ct, file, "rope_freqs.weight", device)?

@@ -1,0 +1,392 @@
+//! Q8_0 weights x Q8_0 activations on the CPU, batched over all of a step's tokens.
+//!
+//! # Why
+//!
+//! Q8_0 is the tied output layer of most small models (SmolLM2's 49,152 x 576 embedding: 30 MB)
+//! and the whole of a Q8_0 file. Candle's kernel (AVX2 `vec_dot`) computes one lhs row against
+//! the whole matrix at a time, so a step decoding 8 sequences reads the matrix 8 times; at 4
+//! streams it was ~15% of a SmolLM2 step. Here each weight row is read once per call for every
+//! lhs row (the tiling of [`super::q4_1`]).
+//!
+//! # Layout
+//!
+//! * Weights: GGML's 34-byte block (`d: f16, qs: [i8; 32]`, value `j` is `d * qs[j]`), read in
+//!   place from the tensor candle loaded: [`Q8_0Matrix`] keeps that tensor (an `Arc`, shared
+//!   with the embedding lookup when the embeddings are tied) and never copies the weights.
+//! * Activations: quantized once per call into the Q8_1 scratch of `q8_1.rs`. Q8_1's quants and
+//!   scale are Q8_0's (`d = amax / 127`, `q = round(x / d)`, the same IEEE operations as
+//!   candle's `BlockQ8_0::from_float`); its sum term is unused here.
+//!
+//! # Numerics
+//!
+//! Per block: `d_w * d_x * Σ q_w q_x`, as candle's `vec_dot_q8_0_q8_0` computes it (AVX2:
+//! `maddubs(|q_w|, sign(q_x, q_w))`, `madd` with ones, converted to f32, fused-multiply-added
+//! with the broadcast exact product `d_w * d_x` into 8 lanes, summed at the end in a fixed
+//! order). Every output is that same sequence of operations whichever tile computes it, so rows
+//! are bitwise independent of the batch (see `kernels/mod.rs`).
+
+use super::cpu::{self, f16_to_f32, Isa};
+use super::q8_1::Q8Quants;
+use super::{forward_cpu, matmul_with, CpuMatrix, Ctx, QK};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Result, Tensor};
+use std::sync::Arc;
+
+/// GGML's Q8_0 block: 32 values as `d * q` with 8-bit `q`; `d` is an IEEE half float, stored as
+/// its bits. The layout of candle's `BlockQ8_0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    /// Scale (f16 bits).
+    pub d: u16,
+    pub qs: [i8; QK],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+
+/// A Q8_0 weight matrix (n rows of k values, k % 32 == 0) on the CPU, read in place.
+#[derive(Clone)]
+pub struct Q8_0Matrix {
+    n: usize,
+    k: usize,
+    /// Keeps the blocks alive; never mutated.
+    tensor: Arc<QTensor>,
+    /// Address of the first of the `n * k / 32` blocks inside `tensor`'s storage.
+    addr: usize,
+}
+
+impl std::fmt::Debug for Q8_0Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q8_0Matrix({} x {})", self.n, self.k)
+    }
+}
+
+impl Q8_0Matrix {
+    /// `Some(..)` when `t` is a 2-D Q8_0 tensor on the CPU; `None` for any other dtype, rank
+    /// or device. Takes the tensor itself (no copy of the weights).
+    pub fn from_qtensor(t: &Arc<QTensor>) -> Result<Option<Self>> {
+        if t.dtype() != GgmlDType::Q8_0 || !t.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = match t.shape().dims() {
+            &[n, k] => (n, k),
+            _ => return Ok(None),
+        };
+        if !k.is_multiple_of(QK) {
+            return Ok(None);
+        }
+        let data = t.data()?;
+        let want = n * (k / QK) * std::mem::size_of::<BlockQ8_0>();
+        if data.len() != want {
+            candle_core::bail!(
+                "Q8_0 tensor {:?}: {} bytes, expected {want}",
+                t.shape(),
+                data.len()
+            );
+        }
+        // A CPU tensor's `data()` borrows its storage (candle's `Vec<BlockQ8_0>`, 2-aligned),
+        // which lives and stays put as long as the tensor: the address outlives the borrow.
+        let std::borrow::Cow::Borrowed(bytes) = data else {
+            return Ok(None);
+        };
+        let addr = bytes.as_ptr() as usize;
+        if !addr.is_multiple_of(std::mem::align_of::<BlockQ8_0>()) {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            n,
+            k,
+            tensor: t.clone(),
+            addr,
+        }))
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`; equivalent to
+    /// `QMatMul::forward` on the same weights (to float rounding).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        forward_cpu(self, xs)
+    }
+
+    /// The tensor whose blocks it reads.
+    pub fn tensor(&self) -> &Arc<QTensor> {
+        &self.tensor
+    }
+}
+
+/// The raw kernel: `out[i * n + j] = dot(lhs row i, weight row j)`.
+pub fn matmul_q8_0(lhs: &[f32], m: usize, w: &Q8_0Matrix, out: &mut [f32]) {
+    matmul_with(cpu::isa(), lhs, m, w, out)
+}
+
+impl CpuMatrix for Q8_0Matrix {
+    const NAME: &'static str = "Q8_0Matrix";
+
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn blocks_addr(&self) -> usize {
+        self.addr
+    }
+
+    unsafe fn rows(isa: Isa, ctx: &Ctx, rows: std::ops::Range<usize>) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::rows(ctx, rows),
+            Isa::Scalar => scalar_rows(ctx, rows),
+        }
+    }
+}
+
+/// Portable kernel: the same per-block formula, one output at a time.
+///
+/// # Safety
+/// `ctx` must describe live buffers and `rows` lie within `0..ctx.n`.
+unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+    let (nb, m) = (ctx.nb, ctx.m);
+    let qs = std::slice::from_raw_parts(ctx.qs as *const Q8Quants, m * nb);
+    let d8 = std::slice::from_raw_parts(ctx.d8 as *const f32, m * nb);
+    let w = std::slice::from_raw_parts(ctx.w as *const BlockQ8_0, ctx.n * nb);
+    let out = ctx.out as *mut f32;
+    for j in rows {
+        let wrow = &w[j * nb..(j + 1) * nb];
+        for i in 0..m {
+            let x = &qs[i * nb..(i + 1) * nb];
+            let mut sum = 0f32;
+            for (b, (wb, q)) in wrow.iter().zip(x).enumerate() {
+                let sumi: i32 = wb
+                    .qs
+                    .iter()
+                    .zip(&q.0)
+                    .map(|(&a, &b)| a as i32 * b as i32)
+                    .sum();
+                sum += sumi as f32 * (f16_to_f32(wb.d) * d8[b * m + i]);
+            }
+            *out.add(i * ctx.n + j) = sum;
+        }
+    }
+}
+
+/// The AVX2 kernels. Every output `(i, j)`: for each block `b`, `p` = the 8 i32 lanes of
+/// `madd(maddubs(|w|, sign(x, w)), 1)` converted to f32, `acc = fma(p, broadcast(d_w * d_x),
+/// acc)`; at the end `hsum(acc)`. The kernels differ only in how many outputs they interleave.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::cpu::avx2::hsum;
+    use super::{BlockQ8_0, Ctx, Q8Quants};
+    use std::arch::x86_64::*;
+
+    /// Lhs rows per tile of the tall kernel.
+    const TALL: usize = 8;
+    /// Lhs rows whose quants stay in cache while a work item's weight rows pass over them.
+    const LHS_CHUNK: usize = 64;
+    const _: () = assert!(LHS_CHUNK.is_multiple_of(TALL));
+    /// Weight rows per call of the wide (m = 1) kernel.
+    const WIDE: usize = 4;
+
+    super::super::avx2_tile_driver!();
+
+    /// Σ w * x of one block pair as 8 f32 lanes (each an exact integer); `aw = |w|`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_lanes(aw: __m256i, w: __m256i, x: __m256i) -> __m256 {
+        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_quants(blk: *const BlockQ8_0) -> __m256i {
+        _mm256_loadu_si256((*blk).qs.as_ptr() as *const __m256i)
+    }
+
+    /// Lhs row `i` against weight rows `j..j + C`, one row at a time: unlike Q4_1, sharing each
+    /// activation block across several weight rows costs more (gathering their f16 scales)
+    /// than it saves; measured 1.18 ms against 0.8 ms for SmolLM2's 49152 x 576 output layer
+    /// at m = 1 (`kernel_bench q8_0`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn wide<const C: usize>(ctx: &Ctx, i: usize, j: usize) {
+        for c in 0..C {
+            tall::<1>(ctx, i, j + c);
+        }
+    }
+
+    /// Lhs rows `i..i + R` (`R <= 8`) against weight row `j`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tall<const R: usize>(ctx: &Ctx, i: usize, j: usize) {
+        let (nb, m) = (ctx.nb, ctx.m);
+        let wrow = (ctx.w as *const BlockQ8_0).add(j * nb);
+        let q8 = ctx.qs as *const Q8Quants;
+        let xrows: [*const Q8Quants; R] = std::array::from_fn(|r| q8.add((i + r) * nb));
+        let d8 = (ctx.d8 as *const f32).add(i);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = wrow.add(b);
+            let qw = load_quants(blk);
+            let aw = _mm256_sign_epi8(qw, qw);
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                std::ptr::read_unaligned(blk as *const u16) as i32,
+            ));
+            let dw = _mm256_broadcastss_ps(dw);
+            for r in 0..R {
+                let x = _mm256_load_si256(xrows[r].add(b) as *const __m256i);
+                let scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*d8.add(b * m + r)));
+                acc[r] = _mm256_fmadd_ps(dot_lanes(aw, qw, x), scale, acc[r]);
+            }
+        }
+        let out = ctx.out as *mut f32;
+        for (r, a) in acc.into_iter().enumerate() {
+            *out.add((i + r) * ctx.n + j) = hsum(a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::cpu::isa;
+    use super::super::test_util::{lcg, max_abs_diff};
+    use super::*;
+    use candle_core::quantized::QMatMul;
+    use candle_core::{Device, Module};
+
+    fn weights(n: usize, k: usize, seed: u64) -> Arc<QTensor> {
+        let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
+        Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0).unwrap())
+    }
+
+    const SHAPES: [(usize, usize); 4] = [(1536, 576), (576, 1536), (4099, 576), (13, 64)];
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        if isa() != Isa::Scalar {
+            v.push(isa());
+        }
+        v
+    }
+
+    /// Candle's own Q8_0 dot product (`BlockQ8_0::vec_dot` over `from_float` activations) for
+    /// every output: the reference with the same activation quantization.
+    fn candle_vec_dots(qt: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
+        use candle_core::quantized::k_quants::{BlockQ8_0 as CandleBlock, GgmlType};
+        let (n, k) = qt.shape().dims2().unwrap();
+        let nb = k / QK;
+        let data = qt.data().unwrap();
+        // SAFETY: candle's block is `repr(C)` {f16, [i8; 32]}, 34 bytes, and `data` is its
+        // storage (2-aligned).
+        let blocks: &[CandleBlock] =
+            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const CandleBlock, n * nb) };
+        let mut out = vec![0f32; m * n];
+        let mut xq = vec![CandleBlock::zeros(); nb];
+        for i in 0..m {
+            CandleBlock::from_float(&x[i * k..(i + 1) * k], &mut xq);
+            for j in 0..n {
+                out[i * n + j] = CandleBlock::vec_dot(k, &blocks[j * nb..(j + 1) * nb], &xq);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_candles_dot_products_without_copying_the_weights() {
+        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+            let qt = weights(n, k, si as u64);
+            let ours = Q8_0Matrix::from_qtensor(&qt).unwrap().unwrap();
+            assert_eq!((ours.rows(), ours.cols()), (n, k));
+            assert_eq!(
+                ours.addr,
+                qt.data().unwrap().as_ptr() as usize,
+                "a copy was made"
+            );
+            let reference = QMatMul::from_arc(qt.clone()).unwrap();
+            for m in [1usize, 2, 5, 8, 30] {
+                let x = lcg(500 + m as u64, m * k);
+                let want = candle_vec_dots(&qt, &x, m);
+                let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let tol = 1e-4 * max_ref + 1e-5;
+                for isa in isas() {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_with(isa, &x, m, &ours, &mut got);
+                    let diff = max_abs_diff(&got, &want);
+                    assert!(diff <= tol, "({n}, {k}, m={m}, {isa:?}): {diff} > {tol}");
+                }
+                // Through the tensor API, against `QMatMul` (which may pick a kernel with
+                // other activation rounding: within 1%).
+                let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
+                let fwd: Vec<f32> = ours
+                    .forward(&xt)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let qmm: Vec<f32> = reference
+                    .forward(&xt)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(
+                    max_abs_diff(&fwd, &qmm) <= 1e-2 * max_ref,
+                    "forward ({n}, {k}, m={m})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_bitwise_independent_of_batch() {
+        let batches = [2usize, 3, 7, 8, 9, 17, 70];
+        let max_m = 70;
+        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+            let qt = weights(n, k, 40 + si as u64);
+            let ours = Q8_0Matrix::from_qtensor(&qt).unwrap().unwrap();
+            let x = lcg(90 + si as u64, max_m * k);
+            for isa in isas() {
+                let solo: Vec<Vec<f32>> = (0..max_m)
+                    .map(|i| {
+                        let mut out = vec![0f32; n];
+                        matmul_with(isa, &x[i * k..(i + 1) * k], 1, &ours, &mut out);
+                        out
+                    })
+                    .collect();
+                for m in batches {
+                    for start in [0, 3] {
+                        if start + m > max_m {
+                            continue;
+                        }
+                        let mut batch = vec![0f32; m * n];
+                        matmul_with(isa, &x[start * k..(start + m) * k], m, &ours, &mut batch);
+                        for i in 0..m {
+                            let same = solo[start + i]
+                                .iter()
+                                .zip(&batch[i * n..(i + 1) * n])
+                                .all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(
+                                same,
+                                "{isa:?}: row {} of ({n}, {k}) differs in a batch of {m}",
+                                start + i
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn other_dtypes_are_not_taken() {
+        let t = Tensor::from_vec(lcg(5, 64 * 64), (64, 64), &Device::Cpu).unwrap();
+        let q4 = Arc::new(QTensor::quantize(&t, GgmlDType::Q4_1).unwrap());
+        assert!(Q8_0Matrix::from_qtensor(&q4).unwrap().is_none());
+    }
+}
