@@ -137,12 +137,31 @@ pub(crate) trait CpuMatrix: Sync {
     fn dims(&self) -> (usize, usize);
     /// Address of the first block; rows of `k / 32` blocks follow one another.
     fn blocks_addr(&self) -> usize;
-    /// Computes weight rows `rows` against every lhs row, writing `out[i * n + j]`.
+    /// The AVX2 kernel: weight rows `rows` against every lhs row, writing `out[i * n + j]`.
     ///
     /// # Safety
-    /// `ctx` must describe live buffers of this matrix and `rows` lie within `0..n`; `isa` must
-    /// be one the CPU has.
-    unsafe fn rows(isa: Isa, ctx: &Ctx, rows: std::ops::Range<usize>);
+    /// AVX2, FMA and F16C must be available; `ctx` must describe live buffers of this matrix
+    /// and `rows` lie within `0..n`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>);
+
+    /// The portable kernel, same contract.
+    ///
+    /// # Safety
+    /// As [`CpuMatrix::avx2_rows`], without the CPU requirement.
+    unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>);
+
+    /// Dispatches to the kernel for `isa`.
+    ///
+    /// # Safety
+    /// `isa` must be one the CPU has; otherwise as [`CpuMatrix::scalar_rows`].
+    unsafe fn rows(isa: Isa, ctx: &Ctx, rows: std::ops::Range<usize>) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Self::avx2_rows(ctx, rows),
+            Isa::Scalar => Self::scalar_rows(ctx, rows),
+        }
+    }
 }
 
 /// `out[i * n + j] = dot(lhs row i, weight row j)` for `lhs` of `m * k` f32, row-major: the lhs
@@ -297,6 +316,55 @@ impl QLinear {
 /// Helpers the kernels' tests share.
 #[cfg(test)]
 pub(crate) mod test_util {
+    use super::cpu::{isa, Isa};
+    use super::{matmul_with, CpuMatrix};
+
+    /// The scalar path, and the SIMD one when the CPU has it.
+    pub fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        if isa() != Isa::Scalar {
+            v.push(isa());
+        }
+        v
+    }
+
+    /// Asserts that every output row of `w` is bitwise the same computed alone (m = 1) and in
+    /// batches of every size in `batches` (each at two offsets, so a row also sits at different
+    /// tile positions), on every ISA. `x` holds `max_m` random rows.
+    pub fn assert_rows_batch_invariant<W: CpuMatrix>(w: &W, x: &[f32], batches: &[usize]) {
+        let (n, k) = w.dims();
+        let max_m = x.len() / k;
+        for isa in isas() {
+            let solo: Vec<Vec<f32>> = (0..max_m)
+                .map(|i| {
+                    let mut out = vec![0f32; n];
+                    matmul_with(isa, &x[i * k..(i + 1) * k], 1, w, &mut out);
+                    out
+                })
+                .collect();
+            for &m in batches {
+                for start in [0, 3] {
+                    if start + m > max_m {
+                        continue;
+                    }
+                    let mut batch = vec![0f32; m * n];
+                    matmul_with(isa, &x[start * k..(start + m) * k], m, w, &mut batch);
+                    for i in 0..m {
+                        let same = solo[start + i]
+                            .iter()
+                            .zip(&batch[i * n..(i + 1) * n])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{isa:?}: row {} of ({n}, {k}) differs alone and in a batch of {m}",
+                            start + i
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Deterministic uniform values in [-1, 1).
     pub fn lcg(seed: u64, len: usize) -> Vec<f32> {
         let mut s = seed

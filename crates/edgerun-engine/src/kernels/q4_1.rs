@@ -59,7 +59,7 @@
 //! candle's own matmul does. The lhs is quantized on the calling thread before the pool starts
 //! (about 2% of the time).
 
-use super::cpu::{self, f16_to_f32, Isa};
+use super::cpu::{self, f16_to_f32};
 use super::q8_1::Q8Quants;
 use super::{forward_cpu, matmul_with, CpuMatrix, Ctx, QK};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -169,12 +169,13 @@ impl CpuMatrix for Q4_1Matrix {
         self.blocks.as_ptr() as usize
     }
 
-    unsafe fn rows(isa: Isa, ctx: &Ctx, rows: std::ops::Range<usize>) {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::rows(ctx, rows),
-            Isa::Scalar => scalar_rows(ctx, rows),
-        }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        avx2::rows(ctx, rows)
+    }
+
+    unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        scalar_rows(ctx, rows)
     }
 }
 
@@ -354,8 +355,7 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::cpu::isa;
-    use super::super::test_util::{lcg, max_abs_diff};
+    use super::super::test_util::{assert_rows_batch_invariant, isas, lcg, max_abs_diff};
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{DType, Device, Module};
@@ -366,14 +366,6 @@ mod tests {
     }
 
     const SHAPES: [(usize, usize); 4] = [(1536, 576), (576, 1536), (192, 576), (13, 64)];
-
-    fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
-        if isa() != Isa::Scalar {
-            v.push(isa());
-        }
-        v
-    }
 
     #[test]
     fn matches_candle_qmatmul() {
@@ -401,7 +393,7 @@ mod tests {
                     assert!(
                         max_diff <= tol,
                         "(n={n}, k={k}, m={m}, scalar={}): max diff {max_diff} > {tol}",
-                        isa == Isa::Scalar
+                        isa == super::super::cpu::Isa::Scalar
                     );
                 }
                 let fwd: Vec<f32> = ours
@@ -422,42 +414,11 @@ mod tests {
         // Batch sizes hitting every kernel: m = 1 (wide), every tall tail 1..=7, whole tall
         // tiles, and the LHS_CHUNK boundary (64 + 6).
         let batches = [2usize, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 37, 70];
-        let max_m = 70;
         for (si, &(n, k)) in SHAPES.iter().enumerate() {
             let ours = Q4_1Matrix::from_qtensor(&weights(n, k, 50 + si as u64))
                 .unwrap()
                 .unwrap();
-            let x = lcg(77 + si as u64, max_m * k);
-            for isa in isas() {
-                let solo: Vec<Vec<f32>> = (0..max_m)
-                    .map(|i| {
-                        let mut out = vec![0f32; n];
-                        matmul_with(isa, &x[i * k..(i + 1) * k], 1, &ours, &mut out);
-                        out
-                    })
-                    .collect();
-                for m in batches {
-                    // Rows `start..start + m`, so that a row also sits at different tile offsets.
-                    for start in [0, 3] {
-                        if start + m > max_m {
-                            continue;
-                        }
-                        let mut batch = vec![0f32; m * n];
-                        matmul_with(isa, &x[start * k..(start + m) * k], m, &ours, &mut batch);
-                        for i in 0..m {
-                            let same = solo[start + i]
-                                .iter()
-                                .zip(&batch[i * n..(i + 1) * n])
-                                .all(|(a, b)| a.to_bits() == b.to_bits());
-                            assert!(
-                                same,
-                                "{isa:?}: row {} of ({n}, {k}) differs alone and in a batch of {m}",
-                                start + i
-                            );
-                        }
-                    }
-                }
-            }
+            assert_rows_batch_invariant(&ours, &lcg(77 + si as u64, 70 * k), &batches);
         }
     }
 

@@ -25,7 +25,7 @@
 //! order). Every output is that same sequence of operations whichever tile computes it, so rows
 //! are bitwise independent of the batch (see `kernels/mod.rs`).
 
-use super::cpu::{self, f16_to_f32, Isa};
+use super::cpu::{self, f16_to_f32};
 use super::q8_1::Q8Quants;
 use super::{forward_cpu, matmul_with, CpuMatrix, Ctx, QK};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -136,12 +136,13 @@ impl CpuMatrix for Q8_0Matrix {
         self.addr
     }
 
-    unsafe fn rows(isa: Isa, ctx: &Ctx, rows: std::ops::Range<usize>) {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::rows(ctx, rows),
-            Isa::Scalar => scalar_rows(ctx, rows),
-        }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        avx2::rows(ctx, rows)
+    }
+
+    unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        scalar_rows(ctx, rows)
     }
 }
 
@@ -252,8 +253,7 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::cpu::isa;
-    use super::super::test_util::{lcg, max_abs_diff};
+    use super::super::test_util::{assert_rows_batch_invariant, isas, lcg, max_abs_diff};
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module};
@@ -264,14 +264,6 @@ mod tests {
     }
 
     const SHAPES: [(usize, usize); 4] = [(1536, 576), (576, 1536), (4099, 576), (13, 64)];
-
-    fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
-        if isa() != Isa::Scalar {
-            v.push(isa());
-        }
-        v
-    }
 
     /// Candle's own Q8_0 dot product (`BlockQ8_0::vec_dot` over `from_float` activations) for
     /// every output: the reference with the same activation quantization.
@@ -346,40 +338,10 @@ mod tests {
     #[test]
     fn rows_are_bitwise_independent_of_batch() {
         let batches = [2usize, 3, 7, 8, 9, 17, 70];
-        let max_m = 70;
         for (si, &(n, k)) in SHAPES.iter().enumerate() {
             let qt = weights(n, k, 40 + si as u64);
             let ours = Q8_0Matrix::from_qtensor(&qt).unwrap().unwrap();
-            let x = lcg(90 + si as u64, max_m * k);
-            for isa in isas() {
-                let solo: Vec<Vec<f32>> = (0..max_m)
-                    .map(|i| {
-                        let mut out = vec![0f32; n];
-                        matmul_with(isa, &x[i * k..(i + 1) * k], 1, &ours, &mut out);
-                        out
-                    })
-                    .collect();
-                for m in batches {
-                    for start in [0, 3] {
-                        if start + m > max_m {
-                            continue;
-                        }
-                        let mut batch = vec![0f32; m * n];
-                        matmul_with(isa, &x[start * k..(start + m) * k], m, &ours, &mut batch);
-                        for i in 0..m {
-                            let same = solo[start + i]
-                                .iter()
-                                .zip(&batch[i * n..(i + 1) * n])
-                                .all(|(a, b)| a.to_bits() == b.to_bits());
-                            assert!(
-                                same,
-                                "{isa:?}: row {} of ({n}, {k}) differs in a batch of {m}",
-                                start + i
-                            );
-                        }
-                    }
-                }
-            }
+            assert_rows_batch_invariant(&ours, &lcg(90 + si as u64, 70 * k), &batches);
         }
     }
 
