@@ -290,9 +290,10 @@ async fn main() {
     }
 
     let model = model_path();
-    let model_name = model
-        .file_name()
-        .map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let model_name = model.file_name().map_or_else(
+        || model.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     println!("\n{model_name}, {threads} threads, medians of {runs} runs\n");
     let mut header = "| metric |".to_string();
     let mut rule = "|---|".to_string();
