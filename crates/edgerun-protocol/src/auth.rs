@@ -18,6 +18,13 @@ pub struct TokenSet {
     tokens: Vec<Vec<u8>>,
 }
 
+/// The tokens of a token file: one per line, trimmed, without blank lines and `#` comments.
+pub fn token_file_entries(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
 impl std::fmt::Debug for TokenSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "TokenSet({} tokens)", self.tokens.len())
@@ -61,6 +68,12 @@ impl TokenSet {
         ok.into()
     }
 
+    /// A token file: one token per line; blank lines and lines starting with `#` are
+    /// ignored (a comment must never become a valid token).
+    pub fn parse_file(text: &str) -> Self {
+        Self::new(token_file_entries(text).map(str::to_string))
+    }
+
     /// Whether an `Authorization` header value carries one of the tokens as a bearer token.
     pub fn accepts_authorization(&self, authorization: Option<&str>) -> bool {
         authorization
@@ -82,6 +95,15 @@ mod tests {
         assert!(!set.accepts(b"alphaa"));
         assert!(!set.accepts(b""));
         assert!(TokenSet::new(Vec::<String>::new()).is_empty());
+        assert_eq!(format!("{set:?}"), "TokenSet(2 tokens)");
+    }
+
+    #[test]
+    fn token_files_skip_comments_and_blank_lines() {
+        let set = TokenSet::parse_file("# node tokens\n\nalpha\n  # rotated 2026-11\n beta \n");
+        assert!(set.accepts(b"alpha") && set.accepts(b"beta"));
+        assert!(!set.accepts(b"# node tokens"));
+        assert!(!set.accepts(b"# rotated 2026-11"));
         assert_eq!(format!("{set:?}"), "TokenSet(2 tokens)");
     }
 

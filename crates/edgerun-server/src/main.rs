@@ -113,7 +113,7 @@ struct ServeArgs {
         hide_env_values = true
     )]
     api_tokens: Vec<String>,
-    /// A file with one bearer token per line.
+    /// A file with one bearer token per line (blank lines and `#` comments are ignored).
     #[arg(long, env = "EDGERUN_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
     /// Serve without any token on a non-loopback address. Only behind something that
@@ -313,7 +313,7 @@ fn load_tokens(args: &ServeArgs) -> anyhow::Result<TokenSet> {
     if let Some(path) = &args.api_token_file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading token file {}", path.display()))?;
-        tokens.extend(text.lines().map(str::to_string));
+        tokens.extend(edgerun_protocol::auth::token_file_entries(&text).map(str::to_string));
     }
     Ok(TokenSet::new(tokens))
 }

@@ -169,6 +169,13 @@ async fn wrong_method_and_unknown_route() {
     let (status, _, body) = send(app(&["t"]), post("/v1/chat/nope", Some("t"), "{}")).await;
     assert_eq!(status, 400);
     assert_eq!(code(&body), 7000);
+    // The open routes answer a wrong method in the envelope too, not with a bare 405.
+    for path in ["/health", "/metrics"] {
+        let (status, headers, body) = send(app(&["t"]), post(path, None, "")).await;
+        assert_eq!(status, 405, "{path}");
+        assert_eq!(headers["content-type"], "application/json", "{path}");
+        assert_eq!(code(&body), 7001, "{path}");
+    }
 }
 
 #[tokio::test]

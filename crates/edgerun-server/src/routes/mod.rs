@@ -47,8 +47,8 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(authed)
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
+        .route("/health", get(health).fallback(method_not_allowed))
+        .route("/metrics", get(metrics_text).fallback(method_not_allowed))
         .fallback(no_route)
         .layer(middleware::from_fn(request_id))
         .with_state(state)
