@@ -7,7 +7,9 @@
 //! shape, `cold [m]` streams 80 distinct 1536x576 matrices (44 MB, past the L3) like a decode
 //! step, `model=<file.gguf> [m]` runs every Q4_1 weight of a model once (checking ours
 //! against candle), and `q8_0 [m]` times the Q8_0 kernel on SmolLM2's tied output layer
-//! (49152x576). Thread count: CANDLE_NUM_THREADS (both paths use candle's pool).
+//! (49152x576); `candle=<Q4K|Q5K|Q6K|Q8_0> NxK` times candle's own kernel for a format (no kernel
+//! of ours yet) at m = 1, 2, 4, 8, 32, with its effective bandwidth. Thread count:
+//! CANDLE_NUM_THREADS (both paths use candle's pool).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -172,10 +174,49 @@ fn q8_0(budget: Duration, only_m: Option<usize>) {
     }
 }
 
+/// Candle's kernel alone for `dtype`, for formats we have no kernel of our own for yet.
+fn candle_only(budget: Duration, dtype: &str, shape: Option<&str>) {
+    let dtype = match dtype {
+        "Q4K" => GgmlDType::Q4K,
+        "Q5K" => GgmlDType::Q5K,
+        "Q6K" => GgmlDType::Q6K,
+        "Q8_0" => GgmlDType::Q8_0,
+        other => panic!("unknown dtype {other}"),
+    };
+    let (n, k) = shape
+        .and_then(|s| s.split_once('x'))
+        .map_or((4096, 1024), |(n, k)| {
+            (n.parse().unwrap(), k.parse().unwrap())
+        });
+    let w = Tensor::from_vec(lcg(5, n * k), (n, k), &Device::Cpu).unwrap();
+    let qt = QTensor::quantize(&w, dtype).unwrap();
+    let bytes = qt.storage_size_in_bytes() as f64;
+    let candle = QMatMul::from_qtensor(qt).unwrap();
+    for m in [1usize, 2, 4, 8, 32] {
+        let x = Tensor::from_vec(lcg(m as u64, m * k), (m, k), &Device::Cpu).unwrap();
+        let t = timings(budget, || {
+            std::hint::black_box(candle.forward(&x).unwrap());
+        })
+        .0;
+        println!(
+            "candle {dtype:?} {n}x{k} m={m}: {:.3} ms ({:.1} GB/s)",
+            t * 1e3,
+            bytes / t / 1e9
+        );
+    }
+}
+
 fn main() {
     let budget_ms: u64 = std::env::args().nth(1).map_or(400, |s| s.parse().unwrap());
     let budget = Duration::from_millis(budget_ms);
     let only_shape = std::env::args().nth(2);
+    if let Some(dtype) = only_shape
+        .as_deref()
+        .and_then(|s| s.strip_prefix("candle="))
+    {
+        candle_only(budget, dtype, std::env::args().nth(3).as_deref());
+        return;
+    }
     let only_m: Option<usize> = std::env::args().nth(3).map(|s| s.parse().unwrap());
     if let Some(path) = only_shape.as_deref().and_then(|s| s.strip_prefix("model=")) {
         model(path, budget, only_m.unwrap_or(1));
