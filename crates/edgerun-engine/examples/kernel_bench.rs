@@ -6,14 +6,14 @@
 //! The optional `NxK` and `m` restrict the run to one shape / pick the batch size. Instead of a
 //! shape, `cold [m]` streams 80 distinct 1536x576 matrices (44 MB, past the L3) like a decode
 //! step, `model=<file.gguf> [m]` runs every Q4_1 weight of a model once (checking ours
-//! against candle), and `q8_0 [m]` times the Q8_0 kernel on SmolLM2's tied output layer
-//! (49152x576); `candle=<Q4K|Q5K|Q6K|Q8_0> NxK` times candle's own kernel for a format (no kernel
+//! against candle), `q8_0 [m]` times the Q8_0 kernel on SmolLM2's tied output layer
+//! (49152x576) and `q6_k [m]` the Q6_K kernel on Llama-3-mini's output layer (128256x1024); `candle=<Q4K|Q5K|Q6K|Q8_0> NxK` times candle's own kernel for a format (no kernel
 //! of ours yet) at m = 1, 2, 4, 8, 32, with its effective bandwidth. Thread count:
 //! CANDLE_NUM_THREADS (both paths use candle's pool).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use edgerun_engine::kernels::{Q4_1Matrix, Q8_0Matrix};
+use edgerun_engine::kernels::{Q4_1Matrix, Q6KMatrix, Q8_0Matrix};
 use std::time::{Duration, Instant};
 
 fn lcg(seed: u64, len: usize) -> Vec<f32> {
@@ -145,14 +145,25 @@ fn model(path: &str, budget: Duration, m: usize) {
     );
 }
 
-/// The Q8_0 kernel against candle's on a tied-output-layer shape, at several batch sizes.
-fn q8_0(budget: Duration, only_m: Option<usize>) {
-    let (n, k) = (49152, 576);
+/// Our Q8_0 (SmolLM2's tied output layer, 49152x576) or Q6_K (Llama-3-mini's output layer,
+/// 128256x1024) kernel against candle's, at several batch sizes.
+fn ours_vs_candle(budget: Duration, dtype: GgmlDType, only_m: Option<usize>) {
+    let (n, k) = if dtype == GgmlDType::Q8_0 {
+        (49152, 576)
+    } else {
+        (128256, 1024)
+    };
     let w = Tensor::from_vec(lcg(3, n * k), (n, k), &Device::Cpu).unwrap();
-    let qt = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
-    let ours = Q8_0Matrix::from_qtensor(&qt).unwrap().unwrap();
+    let qt = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
+    let bytes = qt.storage_size_in_bytes() as f64;
+    let ours: Box<dyn Fn(&Tensor) -> Tensor> = if dtype == GgmlDType::Q8_0 {
+        let m = Q8_0Matrix::from_qtensor(&qt).unwrap().unwrap();
+        Box::new(move |x| m.forward(x).unwrap())
+    } else {
+        let m = Q6KMatrix::from_qtensor(&qt).unwrap().unwrap();
+        Box::new(move |x| m.forward(x).unwrap())
+    };
     let candle = QMatMul::from_arc(qt).unwrap();
-    let bytes = (n * k / 32 * 34) as f64;
     for m in only_m.map_or(vec![1usize, 2, 4, 8, 32], |m| vec![m]) {
         let x = Tensor::from_vec(lcg(m as u64, m * k), (m, k), &Device::Cpu).unwrap();
         let t_candle = timings(budget, || {
@@ -160,11 +171,11 @@ fn q8_0(budget: Duration, only_m: Option<usize>) {
         })
         .0;
         let t_ours = timings(budget, || {
-            std::hint::black_box(ours.forward(&x).unwrap());
+            std::hint::black_box(ours(&x));
         })
         .0;
         println!(
-            "Q8_0 {n}x{k} m={m}: candle {:.2} ms ({:.1} GB/s), ours {:.2} ms ({:.1} GB/s), {:.2}x",
+            "{dtype:?} {n}x{k} m={m}: candle {:.2} ms ({:.1} GB/s), ours {:.2} ms ({:.1} GB/s), {:.2}x",
             t_candle * 1e3,
             bytes / t_candle / 1e9,
             t_ours * 1e3,
@@ -223,7 +234,11 @@ fn main() {
         return;
     }
     if only_shape.as_deref() == Some("q8_0") {
-        q8_0(budget, only_m);
+        ours_vs_candle(budget, GgmlDType::Q8_0, only_m);
+        return;
+    }
+    if only_shape.as_deref() == Some("q6_k") {
+        ours_vs_candle(budget, GgmlDType::Q6K, only_m);
         return;
     }
     if only_shape.as_deref() == Some("cold") {

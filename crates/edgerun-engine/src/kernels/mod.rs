@@ -10,6 +10,7 @@
 //! |-------------------------|--------|-----------------------------------------------------|
 //! | Q4_1, 2-D, `k % 32 == 0` | CPU    | ours ([`q4_1`]: AVX2/FMA/F16C, portable fallback)   |
 //! | Q8_0, 2-D, `k % 32 == 0` | CPU    | ours ([`q8_0`], read in place, tied or not)          |
+//! | Q6_K                    | CPU    | candle's for now; ours ([`q6_k`]) is written and tested but slower at large batches |
 //! | anything else           | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
 //!
 //! [`Kernels::CandleOnly`] forces candle's everywhere (the reference the parity tests compare
@@ -97,10 +98,13 @@ pub(crate) use avx2_tile_driver;
 
 pub mod cpu;
 pub mod q4_1;
+pub mod q6_k;
 pub mod q8_0;
 mod q8_1;
+mod q8_k;
 
 pub use q4_1::{matmul_q4_1, BlockQ4_1, Q4_1Matrix};
+pub use q6_k::Q6KMatrix;
 pub use q8_0::{BlockQ8_0, Q8_0Matrix};
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -133,6 +137,8 @@ pub(crate) struct Ctx {
 pub(crate) trait CpuMatrix: Sync {
     /// For error messages.
     const NAME: &'static str;
+    /// The activation format its kernels read.
+    const ACTIVATIONS: Activations = Activations::Q8_1;
     /// `(n, k)`: weight rows (output features) and columns (input features, `k % 32 == 0`).
     fn dims(&self) -> (usize, usize);
     /// Address of the first block; rows of `k / 32` blocks follow one another.
@@ -185,24 +191,41 @@ pub(crate) fn matmul_with<W: CpuMatrix>(isa: Isa, lhs: &[f32], m: usize, w: &W, 
         out[..m * n].fill(0.0);
         return;
     }
-    q8_1::with_quantized(isa, lhs, m, k, |scratch| {
-        let ctx = Ctx {
-            nb: k / QK,
-            n,
-            m,
-            qs: scratch.qs.as_ptr() as usize,
-            d8: scratch.d8.as_ptr() as usize,
-            s8: scratch.s8.as_ptr() as usize,
-            w: w.blocks_addr(),
-            out: out.as_mut_ptr() as usize,
-        };
+    let run = |ctx: Ctx| {
         cpu::parallel_chunks(n.div_ceil(GROUP), |groups| {
             let rows = groups.start * GROUP..n.min(groups.end * GROUP);
             // SAFETY: the pointers in `ctx` outlive the pool call; each output element
             // (i, j) is written only by the work item owning weight row j.
             unsafe { W::rows(isa, &ctx, rows) }
         });
-    })
+    };
+    let (w_addr, out_addr) = (w.blocks_addr(), out.as_mut_ptr() as usize);
+    match W::ACTIVATIONS {
+        Activations::Q8_1 => q8_1::with_quantized(isa, lhs, m, k, |scratch| {
+            run(Ctx {
+                nb: k / QK,
+                n,
+                m,
+                qs: scratch.qs.as_ptr() as usize,
+                d8: scratch.d8.as_ptr() as usize,
+                s8: scratch.s8.as_ptr() as usize,
+                w: w_addr,
+                out: out_addr,
+            })
+        }),
+        Activations::Q8K => q8_k::with_quantized(lhs, m, k, |blocks| {
+            run(Ctx {
+                nb: k / QK_K,
+                n,
+                m,
+                qs: blocks,
+                d8: 0,
+                s8: 0,
+                w: w_addr,
+                out: out_addr,
+            })
+        }),
+    }
 }
 
 /// `xs @ W^T` through [`matmul_with`]: `xs` of shape `(..., k)` on the CPU gives `(..., n)`.
@@ -247,6 +270,18 @@ pub(crate) fn forward_cpu<W: CpuMatrix>(w: &W, xs: &Tensor) -> Result<Tensor> {
 /// Values per quantization block (Q4_1 and Q8_1 alike).
 pub const QK: usize = 32;
 
+/// Values per K-quant super-block (Q6_K and Q8_K alike).
+pub const QK_K: usize = 256;
+
+/// How a weight format's kernels take their activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activations {
+    /// Q8_1 blocks of 32 (`q8_1.rs`): `Ctx::qs`, `Ctx::d8`, `Ctx::s8`.
+    Q8_1,
+    /// Q8_K blocks of 256 (`q8_k.rs`): `Ctx::qs` points at `[row][block]` blocks.
+    Q8K,
+}
+
 /// Which matmul kernels a model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
@@ -266,6 +301,10 @@ pub enum QLinear {
     /// Q8_0 on the CPU: our kernel, which reads each weight row once for the whole batch
     /// (candle's re-reads the matrix for every token of the step).
     Q8_0Cpu(Q8_0Matrix),
+    /// Q6_K on the CPU: our kernel, row-invariant (candle's switches kernel between one token
+    /// and several, so a sequence's logits depend on the batch) and without candle's repacked
+    /// second copy. Not chosen by [`QLinear::new`] yet: see `q6_k.rs` for why.
+    Q6KCpu(Q6KMatrix),
     /// Candle's quantized matmul: every other format, and every device kernel.
     Candle(QMatMul),
 }
@@ -275,6 +314,7 @@ impl std::fmt::Debug for QLinear {
         match self {
             Self::Q4_1Cpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q8_0Cpu(m) => write!(f, "QLinear::{m:?}"),
+            Self::Q6KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Candle(_) => write!(f, "QLinear::Candle"),
         }
     }
@@ -308,6 +348,7 @@ impl QLinear {
         match self {
             Self::Q4_1Cpu(m) => m.forward(xs),
             Self::Q8_0Cpu(m) => m.forward(xs),
+            Self::Q6KCpu(m) => m.forward(xs),
             Self::Candle(m) => m.forward(xs),
         }
     }

@@ -1,0 +1,358 @@
+//! Q6_K weights x Q8_K activations on the CPU, batched over all of a step's tokens.
+//!
+//! # Why
+//!
+//! Q6_K is the output matrix of every `_M` file (Llama-3's 128,256 x 4,096) and `attn_v` /
+//! `ffn_down` in a third of their layers. Candle 0.11 switches its Q6_K kernel between one token
+//! and several (a repacked gemv at m = 1, another path above), so a sequence's logits differed
+//! alone and in a batch, breaking the engine's batch-invariance promise for these files; its
+//! m = 2 path also took 2.3x the m = 1 time. This kernel gives every output the same sequence of
+//! operations whatever the batch, reads the weights in place (no repacked copy), and reads each
+//! weight row once per call for every lhs row.
+//!
+//! # Status: written, tested, not dispatched
+//!
+//! [`QLinear::new`](super::QLinear::new) does not choose it yet. Measured on the development
+//! machine (2 threads, `kernel_bench q6_k`, 128256 x 1024): 0.92x candle at m = 1, 1.68x at
+//! m = 2, 1.39x at 4, 1.15x at 8, but 0.49x at m = 32, where candle runs repacked AVX-512 VNNI
+//! tiles; on a Llama-3-shaped Q4_K_M model that cost 15-25% of prompt throughput (its Q6_K
+//! `ffn_down` layers see 128-token chunks). Before it replaces candle's: a 512-bit VNNI tile
+//! (`dpbusd`, 16 lanes) for m >= 8, keeping this per-output operation sequence (the integer
+//! sums are the same, so the results stay bitwise equal). Then batch invariance holds for
+//! `_M` files' Q6_K tensors.
+//!
+//! # Layout
+//!
+//! * Weights: GGML's 210-byte super-block of 256 values (`ql: [u8; 128]` low 4 bits,
+//!   `qh: [u8; 64]` high 2 bits, `scales: [i8; 16]` one per 16 values, `d: f16`; value =
+//!   `d * scale * (q - 32)` with 6-bit `q`), read in place from candle's tensor.
+//! * Activations: Q8_K (`q8_k.rs`), candle's own quantization.
+//!
+//! # Numerics
+//!
+//! Per super-block: for each of its 8 vectors of 32 values `sumi += madd(maddubs(q, x),
+//! scales)` (exact i32 lanes of `q * x * scale`), then `sumi -= 32 * madd(bsums, scales)` (the
+//! `-32` offset of the quants, from the activations' per-16 sums), then
+//! `acc = fma(broadcast(d_w * d_x), f32(sumi), acc)`; at the end `hsum(acc)` in a fixed order. Every tile runs exactly this per output, so rows are bitwise independent of the
+//! batch. The portable path is candle's own `vec_dot` per output (deterministic per output too).
+
+use super::q8_k::Q8KBlock;
+use super::{cpu, forward_cpu, matmul_with, Activations, CpuMatrix, Ctx, QK_K};
+use candle_core::quantized::k_quants::{BlockQ6K as CandleQ6K, BlockQ8K as CandleQ8K, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Result, Tensor};
+use std::sync::Arc;
+
+/// GGML's Q6_K super-block, the layout of candle's `BlockQ6K`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct BlockQ6K {
+    ql: [u8; QK_K / 2],
+    qh: [u8; QK_K / 4],
+    scales: [i8; QK_K / 16],
+    /// f16 bits.
+    d: u16,
+}
+const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
+const _: () = assert!(std::mem::size_of::<BlockQ6K>() == std::mem::size_of::<CandleQ6K>());
+
+/// A Q6_K weight matrix (n rows of k values, k % 256 == 0) on the CPU, read in place.
+#[derive(Clone)]
+pub struct Q6KMatrix {
+    n: usize,
+    k: usize,
+    /// Keeps the blocks alive; never mutated.
+    tensor: Arc<QTensor>,
+    /// Address of the first of the `n * k / 256` blocks inside `tensor`'s storage.
+    addr: usize,
+}
+
+impl std::fmt::Debug for Q6KMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q6KMatrix({} x {})", self.n, self.k)
+    }
+}
+
+impl Q6KMatrix {
+    /// `Some(..)` when `t` is a 2-D Q6_K tensor on the CPU with rows of a multiple of 256;
+    /// `None` otherwise. Takes the tensor itself (no copy of the weights).
+    pub fn from_qtensor(t: &Arc<QTensor>) -> Result<Option<Self>> {
+        if t.dtype() != GgmlDType::Q6K || !t.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = match t.shape().dims() {
+            &[n, k] => (n, k),
+            _ => return Ok(None),
+        };
+        if !k.is_multiple_of(QK_K) {
+            return Ok(None);
+        }
+        let data = t.data()?;
+        let want = n * (k / QK_K) * std::mem::size_of::<BlockQ6K>();
+        if data.len() != want {
+            candle_core::bail!(
+                "Q6_K tensor {:?}: {} bytes, expected {want}",
+                t.shape(),
+                data.len()
+            );
+        }
+        // As for Q8_0: a CPU tensor's `data()` borrows its storage, which lives and stays put as
+        // long as the tensor.
+        let std::borrow::Cow::Borrowed(bytes) = data else {
+            return Ok(None);
+        };
+        let addr = bytes.as_ptr() as usize;
+        if !addr.is_multiple_of(std::mem::align_of::<BlockQ6K>()) {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            n,
+            k,
+            tensor: t.clone(),
+            addr,
+        }))
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// The tensor whose blocks it reads.
+    pub fn tensor(&self) -> &Arc<QTensor> {
+        &self.tensor
+    }
+
+    /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        forward_cpu(self, xs)
+    }
+}
+
+/// The raw kernel: `out[i * n + j] = dot(lhs row i, weight row j)`.
+pub fn matmul_q6_k(lhs: &[f32], m: usize, w: &Q6KMatrix, out: &mut [f32]) {
+    matmul_with(cpu::isa(), lhs, m, w, out)
+}
+
+impl CpuMatrix for Q6KMatrix {
+    const NAME: &'static str = "Q6KMatrix";
+    const ACTIVATIONS: Activations = Activations::Q8K;
+
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn blocks_addr(&self) -> usize {
+        self.addr
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        avx2::rows(ctx, rows)
+    }
+
+    unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        scalar_rows(ctx, rows)
+    }
+}
+
+/// Portable kernel: candle's own dot product, one output at a time.
+///
+/// # Safety
+/// `ctx` must describe live buffers and `rows` lie within `0..ctx.n`.
+unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+    let (nb, m) = (ctx.nb, ctx.m);
+    // SAFETY: the mirrors have candle's layouts (asserted above and in `q8_k.rs`).
+    let x = std::slice::from_raw_parts(ctx.qs as *const CandleQ8K, m * nb);
+    let w = std::slice::from_raw_parts(ctx.w as *const CandleQ6K, ctx.n * nb);
+    let out = ctx.out as *mut f32;
+    for j in rows {
+        let wrow = &w[j * nb..(j + 1) * nb];
+        for i in 0..m {
+            *out.add(i * ctx.n + j) = CandleQ6K::vec_dot(nb * QK_K, wrow, &x[i * nb..(i + 1) * nb]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::cpu::avx2::hsum;
+    use super::super::cpu::f16_to_f32;
+    use super::{BlockQ6K, Ctx, Q8KBlock};
+    use std::arch::x86_64::*;
+
+    /// Lhs rows per tile of the tall kernel (the unpacked super-block takes 16 registers).
+    const TALL: usize = 8;
+    /// Lhs rows whose quants stay in cache while a work item's weight rows pass over them.
+    const LHS_CHUNK: usize = 64;
+    const _: () = assert!(LHS_CHUNK.is_multiple_of(TALL));
+    /// Weight rows per call of the wide (m = 1) kernel.
+    const WIDE: usize = 4;
+
+    super::super::avx2_tile_driver!();
+
+    /// Lhs row `i` against weight rows `j..j + C`, one row at a time (the same sequence per
+    /// output as `tall`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn wide<const C: usize>(ctx: &Ctx, i: usize, j: usize) {
+        for c in 0..C {
+            tall::<1>(ctx, i, j + c);
+        }
+    }
+
+    /// A super-block's 8 vectors of 32 quants (values 0..63, in value order) and, for each,
+    /// its two scales as 16 i16 lanes (8 per 16 values).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(blk: &BlockQ6K) -> ([__m256i; 8], [__m256i; 8]) {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let m2 = _mm256_set1_epi8(0x03);
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut sc = [_mm256_setzero_si256(); 8];
+        for h in 0..2 {
+            let ql0 = _mm256_loadu_si256(blk.ql.as_ptr().add(64 * h) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(blk.ql.as_ptr().add(64 * h + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(32 * h) as *const __m256i);
+            let high = |shift: i32| {
+                let bits = match shift {
+                    0 => qh,
+                    2 => _mm256_srli_epi16::<2>(qh),
+                    4 => _mm256_srli_epi16::<4>(qh),
+                    _ => _mm256_srli_epi16::<6>(qh),
+                };
+                _mm256_slli_epi16::<4>(_mm256_and_si256(bits, m2))
+            };
+            q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, m4), high(0));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), high(2));
+            q[4 * h + 2] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), high(4));
+            q[4 * h + 3] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), high(6));
+            for k in 0..4 {
+                let s = 8 * h + 2 * k;
+                sc[4 * h + k] = _mm256_set_m128i(
+                    _mm_set1_epi16(blk.scales[s + 1] as i16),
+                    _mm_set1_epi16(blk.scales[s] as i16),
+                );
+            }
+        }
+        (q, sc)
+    }
+
+    /// Lhs rows `i..i + R` (`R <= TALL`) against weight row `j`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tall<const R: usize>(ctx: &Ctx, i: usize, j: usize) {
+        let nb = ctx.nb;
+        let wrow = (ctx.w as *const BlockQ6K).add(j * nb);
+        let x = ctx.qs as *const Q8KBlock;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = &*wrow.add(b);
+            let dw = f16_to_f32(blk.d);
+            let (q, sc) = unpack(blk);
+            // The 16 scales as i16, for the `-32` offset: Σ (q - 32) x = Σ q x - 32 Σ x, and
+            // Σ x per 16 values is the activation block's `bsums`.
+            let scales16 =
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.scales.as_ptr() as *const __m128i));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xb = &*x.add((i + r) * nb + b);
+                let mut sumi = _mm256_setzero_si256();
+                for v in 0..8 {
+                    let xv = _mm256_loadu_si256(xb.qs.as_ptr().add(32 * v) as *const __m256i);
+                    sumi = _mm256_add_epi32(
+                        sumi,
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(q[v], xv), sc[v]),
+                    );
+                }
+                let bsums = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(bsums, scales16));
+                let sumi = _mm256_sub_epi32(sumi, offset);
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb.d), _mm256_cvtepi32_ps(sumi), *a);
+            }
+        }
+        let out = ctx.out as *mut f32;
+        for (r, a) in acc.into_iter().enumerate() {
+            *out.add((i + r) * ctx.n + j) = hsum(a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{assert_rows_batch_invariant, isas, lcg, max_abs_diff};
+    use super::*;
+    use candle_core::Device;
+
+    fn weights(n: usize, k: usize, seed: u64) -> Arc<QTensor> {
+        let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
+        Arc::new(QTensor::quantize(&t, GgmlDType::Q6K).unwrap())
+    }
+
+    const SHAPES: [(usize, usize); 3] = [(1024, 256), (300, 1024), (7, 3584)];
+
+    /// Candle's `BlockQ6K::vec_dot` over its own Q8_K activations, for every output.
+    fn candle_vec_dots(qt: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = qt.shape().dims2().unwrap();
+        let nb = k / QK_K;
+        let data = qt.data().unwrap();
+        // SAFETY: `data` is the storage of candle's blocks.
+        let blocks: &[CandleQ6K] =
+            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const CandleQ6K, n * nb) };
+        let mut xq = vec![CandleQ8K::zeros(); nb];
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            CandleQ8K::from_float(&x[i * k..(i + 1) * k], &mut xq);
+            for j in 0..n {
+                out[i * n + j] = CandleQ6K::vec_dot(k, &blocks[j * nb..(j + 1) * nb], &xq);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_candles_dot_products_without_copying_the_weights() {
+        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+            let qt = weights(n, k, 70 + si as u64);
+            let ours = Q6KMatrix::from_qtensor(&qt).unwrap().unwrap();
+            assert_eq!(
+                ours.addr,
+                qt.data().unwrap().as_ptr() as usize,
+                "a copy was made"
+            );
+            for m in [1usize, 2, 5, 9] {
+                let x = lcg(600 + m as u64, m * k);
+                let want = candle_vec_dots(&qt, &x, m);
+                let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let tol = 1e-4 * max_ref + 1e-5;
+                for isa in isas() {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_with(isa, &x, m, &ours, &mut got);
+                    let diff = max_abs_diff(&got, &want);
+                    assert!(diff <= tol, "({n}, {k}, m={m}, {isa:?}): {diff} > {tol}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_bitwise_independent_of_batch() {
+        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+            let ours = Q6KMatrix::from_qtensor(&weights(n, k, 80 + si as u64))
+                .unwrap()
+                .unwrap();
+            assert_rows_batch_invariant(&ours, &lcg(95 + si as u64, 70 * k), &[2, 3, 4, 5, 9, 70]);
+        }
+    }
+
+    #[test]
+    fn other_dtypes_and_short_rows_are_not_taken() {
+        let t = Tensor::from_vec(lcg(5, 64 * 512), (64, 512), &Device::Cpu).unwrap();
+        let q8 = Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0).unwrap());
+        assert!(Q6KMatrix::from_qtensor(&q8).unwrap().is_none());
+    }
+}
