@@ -3,7 +3,7 @@
 # the PyPI sdist llama-cpp-python==0.3.36 (sha256-checked), built with -DGGML_NATIVE=ON. Gives
 # llama-server (the benchmark peer) and llama-quantize. Idempotent and cached outside the repository
 # (~/.cache/edgerun/llama.cpp-0c1e570, or $EDGERUN_CACHE_DIR); prints the folder holding the two
-# binaries. First run: ~15-25 min on 2 cores (needs a C++ compiler; installs cmake and ninja from
+# binaries. The sdist stays cached beside it (check-quant-layouts.sh reads its test vocabulary). First run: ~15-25 min on 2 cores (needs a C++ compiler; installs cmake and ninja from
 # PyPI when missing).
 #
 # Different llama.cpp builds differ by 25% on the same machine, so figures are only ever compared
@@ -19,6 +19,32 @@ SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
 
 log() { echo "build-llama-cpp: $*" >&2; }
 
+verify() { [ -f "$SDIST" ] && echo "$SHA256  $SDIST" | sha256sum --check --status; }
+
+mkdir -p "$CACHE"
+# One build at a time (bench.sh and check-quant-layouts.sh both call this).
+exec 9>"$CACHE/.llama.cpp-$COMMIT.lock"
+flock 9
+
+if ! verify; then
+    # `pip download` of an sdist would try to build it; take the file the simple index lists.
+    log "fetching llama-cpp-python==$VERSION (sdist, 77 MB) from PyPI"
+    python3 - "$VERSION" "$SDIST.partial" <<'PY'
+import re, sys, urllib.request
+version, dest = sys.argv[1], sys.argv[2]
+index = urllib.request.Request("https://pypi.org/simple/llama-cpp-python/", headers={"Accept": "text/html"})
+with urllib.request.urlopen(index, timeout=120) as r:
+    page = r.read().decode()
+name = re.escape(f"llama_cpp_python-{version}.tar.gz")
+url = re.search(r'href="([^"#]*' + name + r')[^"]*"', page).group(1)
+with urllib.request.urlopen(url, timeout=600) as r, open(dest, "wb") as out:
+    while chunk := r.read(1 << 20):
+        out.write(chunk)
+PY
+    mv "$SDIST.partial" "$SDIST"
+    verify || { log "sha256 mismatch for $SDIST"; rm -f "$SDIST"; exit 1; }
+fi
+
 if [ -x "$DEST/bin/llama-server" ] && [ -x "$DEST/bin/llama-quantize" ]; then
     echo "$DEST/bin"
     exit 0
@@ -26,29 +52,11 @@ fi
 
 command -v c++ >/dev/null || { log "a C++ compiler (g++ or clang++) is needed"; exit 1; }
 if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
-    log "installing cmake and ninja from PyPI"
-    python3 -m pip install --quiet --disable-pip-version-check cmake ninja >&2
-    export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
-fi
-
-verify() { [ -f "$SDIST" ] && echo "$SHA256  $SDIST" | sha256sum --check --status; }
-
-mkdir -p "$CACHE"
-if ! verify; then
-    # `pip download` of an sdist would try to build it; take the file the index lists instead.
-    log "fetching llama-cpp-python==$VERSION (sdist, 77 MB) from PyPI"
-    python3 - "$VERSION" "$SDIST.partial" <<'PY'
-import json, sys, urllib.request
-version, dest = sys.argv[1], sys.argv[2]
-with urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{version}/json", timeout=120) as r:
-    files = json.load(r)["urls"]
-url = next(f["url"] for f in files if f["packagetype"] == "sdist")
-with urllib.request.urlopen(url, timeout=600) as r, open(dest, "wb") as out:
-    while chunk := r.read(1 << 20):
-        out.write(chunk)
-PY
-    mv "$SDIST.partial" "$SDIST"
-    verify || { log "sha256 mismatch for $SDIST"; rm -f "$SDIST"; exit 1; }
+    # A venv of our own: system pythons may refuse global installs (PEP 668).
+    log "installing cmake and ninja from PyPI into $CACHE/build-tools"
+    [ -x "$CACHE/build-tools/bin/pip" ] || python3 -m venv "$CACHE/build-tools" >&2
+    "$CACHE/build-tools/bin/pip" install --quiet --disable-pip-version-check cmake ninja >&2
+    export PATH="$CACHE/build-tools/bin:$PATH"
 fi
 
 SRC="$DEST/src"

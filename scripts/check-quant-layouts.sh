@@ -64,10 +64,12 @@ status=0
 "$edgerun" generate --shape llama-3-mini --quant Q8_0 --vocab-from "$vocab" "$work/mini-Q8_0.gguf" >/dev/null
 for scheme in Q4_K_M Q5_K_M Q6_K Q4_0; do
   "$edgerun" generate --shape llama-3-mini --quant "$scheme" --vocab-from "$vocab" "$work/ours-$scheme.gguf" >/dev/null
-  "$bin/llama-quantize" --allow-requantize "$work/mini-Q8_0.gguf" "$work/theirs-$scheme.gguf" "$scheme" >/dev/null 2>&1
+  "$bin/llama-quantize" --allow-requantize "$work/mini-Q8_0.gguf" "$work/theirs-$scheme.gguf" "$scheme" \
+    >"$work/llama-quantize.log" 2>&1 || { cat "$work/llama-quantize.log" >&2; exit 1; }
   compare "$work/ours-$scheme.gguf" "$work/theirs-$scheme.gguf" || status=1
 done
 "$edgerun" quantize "$smollm2" "$work/ours-smollm2-Q4_K_M.gguf" Q4_K_M >/dev/null
-"$bin/llama-quantize" --allow-requantize "$smollm2" "$work/theirs-smollm2-Q4_K_M.gguf" Q4_K_M >/dev/null 2>&1
+"$bin/llama-quantize" --allow-requantize "$smollm2" "$work/theirs-smollm2-Q4_K_M.gguf" Q4_K_M \
+  >"$work/llama-quantize.log" 2>&1 || { cat "$work/llama-quantize.log" >&2; exit 1; }
 compare "$work/ours-smollm2-Q4_K_M.gguf" "$work/theirs-smollm2-Q4_K_M.gguf" || status=1
 exit $status

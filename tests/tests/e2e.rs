@@ -516,7 +516,11 @@ fn bad_settings_are_refused_at_start_up_never_clamped() {
     let model = edgerun_e2e::model_path().display().to_string();
     /// Flags, environment, and what the refusal must mention.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 8] = [
+    let comments =
+        std::env::temp_dir().join(format!("edgerun-comments-{}.tokens", std::process::id()));
+    std::fs::write(&comments, "# no token here\n\n   \n").unwrap();
+    let comments = comments.display().to_string();
+    let cases: [Case; 9] = [
         (&["--max-batch", "0"], &[], "max_batch_size"),
         (&["--prefill-chunk", "0"], &[], "prefill_chunk"),
         (&["--max-step-tokens", "0"], &[], "max_step_tokens"),
@@ -528,6 +532,8 @@ fn bad_settings_are_refused_at_start_up_never_clamped() {
         ),
         (&["--heartbeat-secs", "0"], &[], "--heartbeat-secs"),
         (&["--context-window", "0"], &[], "--context-window"),
+        // A token file of comments would leave the node open: refused.
+        (&["--api-token-file", &comments], &[], "holds no token"),
         // The environment variable is held to the same rule as its flag.
         (&[], &[("EDGERUN_THREADS", "0")], "--threads"),
     ];

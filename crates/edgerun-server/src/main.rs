@@ -313,7 +313,14 @@ fn load_tokens(args: &ServeArgs) -> anyhow::Result<TokenSet> {
     if let Some(path) = &args.api_token_file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading token file {}", path.display()))?;
+        let before = tokens.len();
         tokens.extend(edgerun_protocol::auth::token_file_entries(&text).map(str::to_string));
+        if tokens.len() == before {
+            bail!(
+                "token file {} holds no token (blank lines and # comments are ignored)",
+                path.display()
+            );
+        }
     }
     Ok(TokenSet::new(tokens))
 }

@@ -174,6 +174,7 @@ async fn wrong_method_and_unknown_route() {
         let (status, headers, body) = send(app(&["t"]), post(path, None, "")).await;
         assert_eq!(status, 405, "{path}");
         assert_eq!(headers["content-type"], "application/json", "{path}");
+        assert_eq!(headers["allow"], "GET, HEAD", "{path}");
         assert_eq!(code(&body), 7001, "{path}");
     }
 }

@@ -101,6 +101,18 @@ impl std::fmt::Display for Scheme {
     }
 }
 
+/// llama.cpp treats 80-layer llama models (70B-class) specially (`attn_v` gets Q5_K instead of
+/// Q4_K or Q3_K); that rule is not implemented, so such files are refused rather than written
+/// with another mix.
+pub fn check_layer_count(n_layers: usize) -> crate::error::Result<()> {
+    if n_layers == 80 {
+        return Err(crate::error::EngineError::InvalidRequest(
+            "80-layer (70B-class) llama layouts are not implemented".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers, and every third layer
 /// in between.
 pub fn use_more_bits(i_layer: usize, n_layers: usize) -> bool {
@@ -213,6 +225,12 @@ mod tests {
             }
         }
         counts
+    }
+
+    #[test]
+    fn seventy_b_class_layouts_are_refused_not_guessed() {
+        assert!(check_layer_count(80).is_err());
+        assert!(check_layer_count(32).is_ok());
     }
 
     #[test]

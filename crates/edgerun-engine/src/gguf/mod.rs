@@ -171,6 +171,7 @@ pub fn generate(
     out: &Path,
 ) -> Result<Summary> {
     shape.check()?;
+    layout::check_layer_count(shape.layers)?;
     let tokenizer = tokenizer_metadata(vocab_from)?;
     let n_vocab = match tokenizer.iter().find(|(k, _)| k == "tokenizer.ggml.tokens") {
         Some((_, Value::Array(tokens))) => tokens.len(),
@@ -264,7 +265,9 @@ pub fn generate(
 
 /// Rewrites the llama GGUF `input` in `scheme`'s layout (what `llama-quantize
 /// --allow-requantize` does): matrices are dequantized and quantized again, everything else is
-/// copied, the metadata is kept with `general.file_type` updated.
+/// copied, the metadata is kept with `general.file_type` updated. Metadata goes through
+/// candle's reader, which decodes strings lossily: a token that is not valid UTF-8 would come
+/// out as U+FFFD (GGUF tokenizers store valid UTF-8, byte-level BPE included).
 pub fn requantize(input: &Path, scheme: Scheme, out: &Path) -> Result<Summary> {
     let io = |e: std::io::Error| EngineError::Load(format!("{}: {e}", input.display()));
     let mut file = std::fs::File::open(input).map_err(io)?;
@@ -286,6 +289,17 @@ pub fn requantize(input: &Path, scheme: Scheme, out: &Path) -> Result<Summary> {
             as usize,
         None => return Err(EngineError::Load("no llama.block_count".into())),
     };
+    let experts = match ct.metadata.get("llama.expert_count") {
+        Some(v) => v.to_u64().unwrap_or(u64::MAX),
+        None => 0,
+    };
+    if experts > 0 || ct.tensor_infos.values().any(|i| i.shape.rank() > 2) {
+        return Err(EngineError::Load(
+            "mixture-of-experts files (3-D expert tensors) are not supported by these layouts"
+                .into(),
+        ));
+    }
+    layout::check_layer_count(n_layers)?;
     let output_name = if ct.tensor_infos.contains_key("output.weight") {
         "output.weight"
     } else {
@@ -399,7 +413,10 @@ fn encode(values: Vec<f32>, shape: &[usize], dtype: GgmlDType) -> Result<Vec<u8>
         return Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect());
     }
     let cols = *shape.last().unwrap_or(&1);
-    let rows = values.len() / cols.max(1);
+    if values.is_empty() || cols == 0 {
+        return Ok(Vec::new());
+    }
+    let rows = values.len() / cols;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = rows.div_ceil(threads).max(1);
     let chunks: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {

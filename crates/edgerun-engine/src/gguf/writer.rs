@@ -2,8 +2,9 @@
 //! tensors' bytes one at a time, so a file far larger than memory (an 8B model) is written while
 //! holding one tensor. Candle's `gguf_file::write` needs every tensor in memory at once.
 //!
-//! The file is written to `<path>.partial` and renamed when [`GgufWriter::finish`] has written
-//! every tensor, so a crash never leaves a truncated file under the real name.
+//! The file is written to `<path>.<pid>.partial` and renamed when [`GgufWriter::finish`] has
+//! written every tensor, so a crash never leaves a truncated file under the real name; a writer
+//! dropped before that (an error) removes its partial file.
 
 use crate::error::{EngineError, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -67,6 +68,15 @@ pub struct GgufWriter {
     path: PathBuf,
     plans: Vec<TensorPlan>,
     next: usize,
+    finished: bool,
+}
+
+impl Drop for GgufWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
 }
 
 impl GgufWriter {
@@ -77,10 +87,9 @@ impl GgufWriter {
         plans: Vec<TensorPlan>,
     ) -> Result<Self> {
         let io = |e: std::io::Error| EngineError::Load(format!("{}: {e}", path.display()));
-        let mut partial = path.as_os_str().to_owned();
-        partial.push(".partial");
-        let partial = PathBuf::from(partial);
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&partial).map_err(io)?);
+        for plan in &plans {
+            plan.byte_len()?;
+        }
         let mut header = Vec::new();
         header.extend_from_slice(&0x4655_4747u32.to_le_bytes());
         header.extend_from_slice(&3u32.to_le_bytes());
@@ -104,14 +113,21 @@ impl GgufWriter {
         }
         let pad = (header.len() as u64).next_multiple_of(ALIGNMENT) - header.len() as u64;
         header.resize(header.len() + pad as usize, 0);
-        out.write_all(&header).map_err(io)?;
-        Ok(Self {
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(format!(".{}.partial", std::process::id()));
+        let partial = PathBuf::from(partial);
+        let out = BufWriter::with_capacity(1 << 20, File::create(&partial).map_err(io)?);
+        let mut this = Self {
             out,
             partial,
             path: path.to_owned(),
             plans,
             next: 0,
-        })
+            finished: false,
+        };
+        // From here on, dropping `this` on an error removes the partial file.
+        this.out.write_all(&header).map_err(io)?;
+        Ok(this)
     }
 
     /// The tensors still to write, in order.
@@ -162,7 +178,9 @@ impl GgufWriter {
         let io = |e: std::io::Error| EngineError::Load(format!("{}: {e}", self.path.display()));
         self.out.flush().map_err(io)?;
         self.out.get_ref().sync_all().map_err(io)?;
-        std::fs::rename(&self.partial, &self.path).map_err(io)
+        std::fs::rename(&self.partial, &self.path).map_err(io)?;
+        self.finished = true;
+        Ok(())
     }
 }
 
@@ -221,4 +239,53 @@ fn put_value(out: &mut Vec<u8>, v: &Value) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(name: &str) -> TensorPlan {
+        TensorPlan {
+            name: name.into(),
+            shape: vec![4, 32],
+            dtype: GgmlDType::Q8_0,
+        }
+    }
+
+    #[test]
+    fn a_writer_that_does_not_finish_leaves_no_file() {
+        let dir = std::env::temp_dir().join(format!("edgerun-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("never.gguf");
+        let meta = [(
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        )];
+        let mut w = GgufWriter::create(&out, &meta, vec![plan("a"), plan("b")]).unwrap();
+        w.write_tensor("a", &[0u8; 4 * 34]).unwrap();
+        // Wrong order and wrong size are errors, not corrupt files.
+        assert!(w.write_tensor("c", &[0u8; 4 * 34]).is_err());
+        assert!(w.write_tensor("b", &[0u8; 3]).is_err());
+        drop(w);
+        assert!(
+            std::fs::read_dir(&dir).unwrap().next().is_none(),
+            "a partial file was left"
+        );
+        // A plan whose rows are not whole blocks is refused before any file is created.
+        let bad = TensorPlan {
+            shape: vec![4, 33],
+            ..plan("x")
+        };
+        assert!(GgufWriter::create(&out, &meta, vec![bad]).is_err());
+        assert!(std::fs::read_dir(&dir).unwrap().next().is_none());
+        // Finished, it is a GGUF candle reads.
+        let mut w = GgufWriter::create(&out, &meta, vec![plan("a")]).unwrap();
+        w.write_tensor("a", &[0u8; 4 * 34]).unwrap();
+        w.finish().unwrap();
+        let ct = candle_core::quantized::gguf_file::Content::read(&mut File::open(&out).unwrap())
+            .unwrap();
+        assert_eq!(ct.tensor_infos["a"].shape.dims(), &[4, 32]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

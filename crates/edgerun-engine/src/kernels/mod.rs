@@ -59,6 +59,8 @@ macro_rules! avx2_tile_driver {
         /// lie within `0..ctx.n`.
         #[target_feature(enable = "avx2,fma,f16c")]
         pub(super) unsafe fn rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+            // The tail dispatch below covers tiles of up to 8 rows.
+            const _: () = assert!(TALL <= 8 && TALL >= 1);
             if ctx.m == 1 {
                 let mut j = rows.start;
                 while j + WIDE <= rows.end {
@@ -285,7 +287,7 @@ pub(crate) enum Activations {
 /// Which matmul kernels a model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
-    /// Our own where we have a faster one (Q4_1 on CPU), candle's elsewhere.
+    /// Our own where we have a faster one (Q4_1 and Q8_0 on the CPU), candle's elsewhere.
     #[default]
     Fastest,
     /// Candle's everywhere: the numerics of candle-transformers' `quantized_llama`, against

@@ -47,8 +47,8 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(authed)
-        .route("/health", get(health).fallback(method_not_allowed))
-        .route("/metrics", get(metrics_text).fallback(method_not_allowed))
+        .route("/health", get(health).fallback(get_only))
+        .route("/metrics", get(metrics_text).fallback(get_only))
         .fallback(no_route)
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -73,6 +73,14 @@ async fn no_route() -> Response {
 
 async fn method_not_allowed() -> Response {
     ApiError::method_not_allowed().into_http()
+}
+
+/// The 405 envelope for the open GET routes, with `Allow` as RFC 9110 asks.
+async fn get_only() -> Response {
+    let mut resp = ApiError::method_not_allowed().into_http();
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    resp
 }
 
 /// Tags every response with a request id: the caller's when the shared rule keeps it.
