@@ -356,6 +356,98 @@ impl QLinear {
     }
 }
 
+/// A weight matrix read in place from candle's CPU tensor of `B` blocks (rows of `k / block`
+/// blocks, one after the other): no copy of the weights, and the tensor may stay shared with
+/// others (tied embeddings). Each format's file gives it a `from_qtensor` and a `CpuMatrix`
+/// impl ([`Q8_0Matrix`], [`Q6KMatrix`]).
+pub struct InPlaceMatrix<B> {
+    n: usize,
+    k: usize,
+    /// Keeps the blocks alive; never mutated.
+    tensor: Arc<QTensor>,
+    /// Address of the first block inside `tensor`'s storage.
+    addr: usize,
+    _block: std::marker::PhantomData<B>,
+}
+
+impl<B> Clone for InPlaceMatrix<B> {
+    fn clone(&self) -> Self {
+        Self {
+            tensor: self.tensor.clone(),
+            _block: std::marker::PhantomData,
+            ..*self
+        }
+    }
+}
+
+impl<B> InPlaceMatrix<B> {
+    /// `Some(..)` when `t` is a 2-D `dtype` tensor on the CPU whose rows are whole blocks;
+    /// `None` for any other dtype, rank, device or row length.
+    fn new(t: &Arc<QTensor>, dtype: candle_core::quantized::GgmlDType) -> Result<Option<Self>> {
+        if t.dtype() != dtype || !t.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = match t.shape().dims() {
+            &[n, k] => (n, k),
+            _ => return Ok(None),
+        };
+        if !k.is_multiple_of(dtype.block_size()) {
+            return Ok(None);
+        }
+        let data = t.data()?;
+        let want = n * (k / dtype.block_size()) * std::mem::size_of::<B>();
+        if data.len() != want {
+            candle_core::bail!(
+                "{dtype:?} tensor {:?}: {} bytes, expected {want}",
+                t.shape(),
+                data.len()
+            );
+        }
+        // A CPU tensor's `data()` borrows its storage (candle's `Vec` of blocks), which lives and
+        // stays put as long as the tensor, and candle 0.11.1 (pinned) never mutates it: the
+        // address outlives the borrow.
+        let std::borrow::Cow::Borrowed(bytes) = data else {
+            return Ok(None);
+        };
+        let addr = bytes.as_ptr() as usize;
+        if !addr.is_multiple_of(std::mem::align_of::<B>()) {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            n,
+            k,
+            tensor: t.clone(),
+            addr,
+            _block: std::marker::PhantomData,
+        }))
+    }
+
+    /// Weight rows (output features).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// The tensor whose blocks it reads.
+    pub fn tensor(&self) -> &Arc<QTensor> {
+        &self.tensor
+    }
+}
+
+impl<B> std::fmt::Debug for InPlaceMatrix<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let block = std::any::type_name::<B>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("?");
+        write!(f, "InPlaceMatrix<{block}>({} x {})", self.n, self.k)
+    }
+}
+
 /// Helpers the kernels' tests share.
 #[cfg(test)]
 pub(crate) mod test_util {

@@ -37,7 +37,7 @@
 //! batch. The portable path is candle's own `vec_dot` per output (deterministic per output too).
 
 use super::q8_k::Q8KBlock;
-use super::{cpu, forward_cpu, matmul_with, Activations, CpuMatrix, Ctx, QK_K};
+use super::{cpu, forward_cpu, matmul_with, Activations, CpuMatrix, Ctx, InPlaceMatrix, QK_K};
 use candle_core::quantized::k_quants::{BlockQ6K as CandleQ6K, BlockQ8K as CandleQ8K, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
@@ -46,7 +46,7 @@ use std::sync::Arc;
 /// GGML's Q6_K super-block, the layout of candle's `BlockQ6K`.
 #[derive(Clone, Copy)]
 #[repr(C)]
-struct BlockQ6K {
+pub struct BlockQ6K {
     ql: [u8; QK_K / 2],
     qh: [u8; QK_K / 4],
     scales: [i8; QK_K / 16],
@@ -57,76 +57,17 @@ const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == std::mem::size_of::<CandleQ6K>());
 
 /// A Q6_K weight matrix (n rows of k values, k % 256 == 0) on the CPU, read in place.
-#[derive(Clone)]
-pub struct Q6KMatrix {
-    n: usize,
-    k: usize,
-    /// Keeps the blocks alive; never mutated.
-    tensor: Arc<QTensor>,
-    /// Address of the first of the `n * k / 256` blocks inside `tensor`'s storage.
-    addr: usize,
-}
-
-impl std::fmt::Debug for Q6KMatrix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q6KMatrix({} x {})", self.n, self.k)
-    }
-}
+pub type Q6KMatrix = InPlaceMatrix<BlockQ6K>;
 
 impl Q6KMatrix {
     /// `Some(..)` when `t` is a 2-D Q6_K tensor on the CPU with rows of a multiple of 256;
     /// `None` otherwise. Takes the tensor itself (no copy of the weights).
     pub fn from_qtensor(t: &Arc<QTensor>) -> Result<Option<Self>> {
-        if t.dtype() != GgmlDType::Q6K || !t.device().is_cpu() {
-            return Ok(None);
-        }
-        let (n, k) = match t.shape().dims() {
-            &[n, k] => (n, k),
-            _ => return Ok(None),
-        };
-        if !k.is_multiple_of(QK_K) {
-            return Ok(None);
-        }
-        let data = t.data()?;
-        let want = n * (k / QK_K) * std::mem::size_of::<BlockQ6K>();
-        if data.len() != want {
-            candle_core::bail!(
-                "Q6_K tensor {:?}: {} bytes, expected {want}",
-                t.shape(),
-                data.len()
-            );
-        }
-        // As for Q8_0: a CPU tensor's `data()` borrows its storage, which lives and stays put as
-        // long as the tensor.
-        let std::borrow::Cow::Borrowed(bytes) = data else {
-            return Ok(None);
-        };
-        let addr = bytes.as_ptr() as usize;
-        if !addr.is_multiple_of(std::mem::align_of::<BlockQ6K>()) {
-            return Ok(None);
-        }
-        Ok(Some(Self {
-            n,
-            k,
-            tensor: t.clone(),
-            addr,
-        }))
+        Self::new(t, GgmlDType::Q6K)
     }
 
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    pub fn cols(&self) -> usize {
-        self.k
-    }
-
-    /// The tensor whose blocks it reads.
-    pub fn tensor(&self) -> &Arc<QTensor> {
-        &self.tensor
-    }
-
-    /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`.
+    /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`; equivalent to
+    /// `QMatMul::forward` on the same weights (to float rounding).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         forward_cpu(self, xs)
     }
@@ -142,7 +83,7 @@ impl CpuMatrix for Q6KMatrix {
     const ACTIVATIONS: Activations = Activations::Q8K;
 
     fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
+        (self.rows(), self.cols())
     }
 
     fn blocks_addr(&self) -> usize {
@@ -286,7 +227,7 @@ mod avx2 {
 mod tests {
     use super::super::test_util::{assert_rows_batch_invariant, isas, lcg, max_abs_diff};
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     fn weights(n: usize, k: usize, seed: u64) -> Arc<QTensor> {
         let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();

@@ -27,7 +27,7 @@
 
 use super::cpu::{self, f16_to_f32};
 use super::q8_1::Q8Quants;
-use super::{forward_cpu, matmul_with, CpuMatrix, Ctx, QK};
+use super::{forward_cpu, matmul_with, CpuMatrix, Ctx, InPlaceMatrix, QK};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
@@ -44,79 +44,19 @@ pub struct BlockQ8_0 {
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 
 /// A Q8_0 weight matrix (n rows of k values, k % 32 == 0) on the CPU, read in place.
-#[derive(Clone)]
-pub struct Q8_0Matrix {
-    n: usize,
-    k: usize,
-    /// Keeps the blocks alive; never mutated.
-    tensor: Arc<QTensor>,
-    /// Address of the first of the `n * k / 32` blocks inside `tensor`'s storage.
-    addr: usize,
-}
-
-impl std::fmt::Debug for Q8_0Matrix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q8_0Matrix({} x {})", self.n, self.k)
-    }
-}
+pub type Q8_0Matrix = InPlaceMatrix<BlockQ8_0>;
 
 impl Q8_0Matrix {
     /// `Some(..)` when `t` is a 2-D Q8_0 tensor on the CPU; `None` for any other dtype, rank
     /// or device. Takes the tensor itself (no copy of the weights).
     pub fn from_qtensor(t: &Arc<QTensor>) -> Result<Option<Self>> {
-        if t.dtype() != GgmlDType::Q8_0 || !t.device().is_cpu() {
-            return Ok(None);
-        }
-        let (n, k) = match t.shape().dims() {
-            &[n, k] => (n, k),
-            _ => return Ok(None),
-        };
-        if !k.is_multiple_of(QK) {
-            return Ok(None);
-        }
-        let data = t.data()?;
-        let want = n * (k / QK) * std::mem::size_of::<BlockQ8_0>();
-        if data.len() != want {
-            candle_core::bail!(
-                "Q8_0 tensor {:?}: {} bytes, expected {want}",
-                t.shape(),
-                data.len()
-            );
-        }
-        // A CPU tensor's `data()` borrows its storage (candle's `Vec<BlockQ8_0>`, 2-aligned),
-        // which lives and stays put as long as the tensor: the address outlives the borrow.
-        let std::borrow::Cow::Borrowed(bytes) = data else {
-            return Ok(None);
-        };
-        let addr = bytes.as_ptr() as usize;
-        if !addr.is_multiple_of(std::mem::align_of::<BlockQ8_0>()) {
-            return Ok(None);
-        }
-        Ok(Some(Self {
-            n,
-            k,
-            tensor: t.clone(),
-            addr,
-        }))
-    }
-
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    pub fn cols(&self) -> usize {
-        self.k
+        Self::new(t, GgmlDType::Q8_0)
     }
 
     /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`; equivalent to
     /// `QMatMul::forward` on the same weights (to float rounding).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         forward_cpu(self, xs)
-    }
-
-    /// The tensor whose blocks it reads.
-    pub fn tensor(&self) -> &Arc<QTensor> {
-        &self.tensor
     }
 }
 
@@ -129,7 +69,7 @@ impl CpuMatrix for Q8_0Matrix {
     const NAME: &'static str = "Q8_0Matrix";
 
     fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
+        (self.rows(), self.cols())
     }
 
     fn blocks_addr(&self) -> usize {
@@ -256,7 +196,7 @@ mod tests {
     use super::super::test_util::{assert_rows_batch_invariant, isas, lcg, max_abs_diff};
     use super::*;
     use candle_core::quantized::QMatMul;
-    use candle_core::{Device, Module};
+    use candle_core::{Device, Module, Tensor};
 
     fn weights(n: usize, k: usize, seed: u64) -> Arc<QTensor> {
         let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
