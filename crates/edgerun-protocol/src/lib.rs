@@ -98,7 +98,8 @@ pub use request::{
 };
 pub use response::{SuccessEnvelope, TextGenerationOutput, Usage, JSON_CONTENT_TYPE};
 pub use route::{
-    accepted_request_id, model_from_path, request_id, run_route_tail, REQUEST_ID_HEADER,
+    accepted_request_id, model_from_path, request_id, run_route_tail, NOT_STARTED_HEADER,
+    REQUEST_ID_HEADER,
 };
 pub use sse::{
     error_event, heartbeat, token_event, usage_event, SseEvent, SseParser, DONE_EVENT,

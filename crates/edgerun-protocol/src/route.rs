@@ -10,6 +10,13 @@ use percent_encoding::percent_decode_str;
 /// Workers AI's request-id header. Every answer carries it, the node's and the Worker's.
 pub const REQUEST_ID_HEADER: &str = "cf-ai-req-id";
 
+/// Set (to `1`) by the node on answers to requests it certainly did not start: 503 while
+/// loading, draining or over its connection cap, 429 / 3040 when busy, 503 when its Access keys
+/// are too stale to trust. Only such answers, a 429 / 3040, or a connection that failed before
+/// the request was sent let the Worker send the request to another node; anything else might
+/// have generated already, so retrying it elsewhere could run it twice.
+pub const NOT_STARTED_HEADER: &str = "edgerun-not-started";
+
 /// The caller's request id when it is acceptable (1 to 128 visible ASCII characters), so that
 /// logs on both sides of the edge can be joined; `None` means "make a fresh one". The node and
 /// the Worker apply this same rule, so an id the Worker forwards is always kept by the node.
