@@ -58,8 +58,8 @@
 //!
 //! * **No I/O and no async runtime.** Everything is a pure function over
 //!   bytes, strings and `serde_json::Value`s; the only dependencies are
-//!   `serde`, `serde_json`, `thiserror`, `percent-encoding` and `subtle`
-//!   (constant-time comparison). Nothing is
+//!   `serde`, `serde_json`, `thiserror`, `percent-encoding`, `subtle`
+//!   (constant-time comparison) and `sha2` (token digests). Nothing is
 //!   platform-specific, so the crate builds for `wasm32-unknown-unknown` and
 //!   runs inside the Worker.
 //! * **No model knowledge beyond the schema.** It knows field names, types
