@@ -31,21 +31,52 @@
 //!
 //! ## Key cache
 //!
-//! Keys are fetched lazily (and once at start-up, in the background, by `main`) and cached for
-//! [`AccessConfig::cache_ttl`] (1 hour). Access rotates keys every six weeks and keeps the old
-//! one valid for seven more days, so a token naming an unknown `kid` triggers a refetch, but at
-//! most one fetch per [`AccessConfig::min_refetch_interval`] (30 s) whatever the reason, so a
-//! stream of made-up `kid`s cannot turn the node into a request amplifier. Fetches are
-//! single-flight: concurrent requests wait for the one fetch in progress.
+//! The keys in use are one set, replaced whole by each successful fetch. A background task
+//! ([`AccessVerifier::spawn_refresher`], started by `main`) keeps them fresh: it fetches at
+//! start-up, then again whenever the set reaches [`AccessConfig::cache_ttl`] (1 hour). A failed
+//! refresh is retried with a backoff that starts at [`AccessConfig::min_refetch_interval`]
+//! (30 s) and doubles up to 5 minutes; the task holds only a weak reference and ends when the
+//! verifier is dropped.
+//!
+//! The request path never waits on a fetch because the keys are old: a token whose `kid` is in
+//! the current set is checked against it at once, however old the set is (up to
+//! [`AccessConfig::max_staleness`], below). Only these cases reach the network from a request,
+//! and then the request waits for that fetch (at most [`AccessConfig::fetch_timeout`]):
+//!
+//! * a `kid` not in the set: Access rotates keys every six weeks, and a token signed with the
+//!   new key should not wait up to an hour for the refresher;
+//! * no keys at all (the fetches so far failed), or keys past the maximum staleness: the node
+//!   cannot answer anything but `503` otherwise, and a fetch that succeeds lets it serve at once.
+//!
+//! All fetches, the refresher's included, share one rate limit, at most one attempt per
+//! [`AccessConfig::min_refetch_interval`] whatever the reason, so a stream of made-up `kid`s
+//! cannot turn the node into a request amplifier; and they are single-flight: a request that
+//! needs a fetch waits for the one in progress rather than starting another. A fetch holds no
+//! lock that the known-`kid` path takes, so neither a slow fetch nor a flood of unknown `kid`s
+//! delays tokens the current set can check. [`AccessVerifier::key_age`] tells how old the set is.
+//! Without the refresher (tests, embedders) keys are fetched only in the cases above, so an old
+//! set is replaced only once it passes the maximum staleness.
 //!
 //! ## Failure modes
 //!
 //! * A failed fetch (network, timeout after [`AccessConfig::fetch_timeout`], non-2xx, bad JSON,
-//!   no usable key) keeps the keys already cached, stale or not, and is logged; the next attempt
-//!   waits for the refetch interval.
+//!   no usable key) keeps the keys already cached and is logged; tokens keep being checked
+//!   against them, with no added wait.
+//! * Keys older than [`AccessConfig::max_staleness`] (24 hours by default,
+//!   `--access-max-staleness-secs`) are no longer trusted: every token that needs a key gets
+//!   `503` (code 3040, retryable, "cannot verify Cloudflare Access tokens: signing keys are N s
+//!   old") until a fetch succeeds. Access keeps a rotated-out key valid for seven more days, so a
+//!   set a day old still holds only keys Cloudflare accepts and verifies every token signed with
+//!   them, while an hourly refresh that has failed for a whole day means the node is cut off
+//!   from Cloudflare and could be trusting a key Cloudflare has since retired. It must be at
+//!   least the cache lifetime (a smaller value would refuse tokens between two good refreshes).
 //! * With no keys at all (the first fetches failed) a token cannot be checked: the request gets
 //!   `503` (code 3040, retryable) rather than a `403` that would blame the caller's credentials.
-//! * An unknown `kid` that a refetch does not resolve is a `403`.
+//! * Both `503`s carry `edgerun-not-started: 1`: the request never reached the engine, so the
+//!   Worker may send it to another node.
+//! * Checks that need no key (header present, well-formed, RS256, has a `kid`) still answer
+//!   `403` in those states; an unknown `kid` that a refetch does not resolve is a `403` too
+//!   (including when that refetch failed or was rate-limited).
 //!
 //! ## Where it sits
 //!
@@ -78,7 +109,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -91,6 +122,15 @@ const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const MAX_CERTS_BYTES: usize = 256 * 1024;
 /// Smallest RSA modulus accepted from the JWKS, in bytes (2048 bits).
 const MIN_MODULUS_BYTES: usize = 256;
+/// The longest the refresher waits between two attempts after failures (unless the refetch
+/// interval is longer still).
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
+/// The refresher never sleeps less than this, whatever the configuration (no busy loop with a
+/// zero refetch interval or cache lifetime).
+const MIN_REFRESH_SLEEP: Duration = Duration::from_millis(100);
+/// The setting [`AccessConfig::max_staleness`] comes from, for error messages.
+const MAX_STALENESS_SETTING: &str =
+    "--access-max-staleness-secs (EDGERUN_ACCESS_MAX_STALENESS_SECS)";
 
 /// How the node checks Access tokens. Build with [`AccessConfig::new`].
 #[derive(Clone, Debug)]
@@ -104,12 +144,19 @@ pub struct AccessConfig {
     pub certs_url: String,
     /// Clock skew allowed on `exp`, `nbf` and `iat`.
     pub leeway: Duration,
-    /// How long fetched keys are used before being refreshed.
+    /// How old the keys get before the background refresher fetches them again. Requests
+    /// never wait on this refresh; they keep using the current keys until
+    /// [`max_staleness`](Self::max_staleness).
     pub cache_ttl: Duration,
-    /// The least time between two fetches of the keys (successful or not).
+    /// The least time between two fetches of the keys (successful or not, for any reason), and
+    /// the refresher's first retry delay after a failure.
     pub min_refetch_interval: Duration,
     /// Limit on one fetch of the keys, connection included.
     pub fetch_timeout: Duration,
+    /// Keys older than this are not trusted: tokens get `503` until a fetch succeeds. At least
+    /// [`cache_ttl`](Self::cache_ttl); set with [`AccessConfig::with_max_staleness`]. See the
+    /// module docs for the 24-hour default.
+    pub max_staleness: Duration,
 }
 
 impl AccessConfig {
@@ -131,7 +178,16 @@ impl AccessConfig {
             cache_ttl: Duration::from_secs(3600),
             min_refetch_interval: Duration::from_secs(30),
             fetch_timeout: Duration::from_secs(5),
+            max_staleness: Duration::from_secs(24 * 3600),
         })
+    }
+
+    /// Trust keys up to `max` old (default 24 hours). Refused when zero or shorter than
+    /// [`cache_ttl`](Self::cache_ttl) (1 hour): the keys are only refreshed that often.
+    pub fn with_max_staleness(mut self, max: Duration) -> Result<Self, AccessError> {
+        check_max_staleness(max, self.cache_ttl)?;
+        self.max_staleness = max;
+        Ok(self)
     }
 
     /// Fetch keys from `url` instead (tests, private mirrors). It must be `https`, or `http` to
@@ -157,6 +213,22 @@ impl AccessConfig {
     pub fn issuer(&self) -> String {
         format!("https://{}", self.team_domain)
     }
+}
+
+fn check_max_staleness(max: Duration, cache_ttl: Duration) -> Result<(), AccessError> {
+    if max.is_zero() {
+        return Err(AccessError::Config(format!(
+            "{MAX_STALENESS_SETTING} must be at least 1"
+        )));
+    }
+    if max < cache_ttl {
+        return Err(AccessError::Config(format!(
+            "{MAX_STALENESS_SETTING} must be at least the Access key cache lifetime ({} s): \
+             the keys are only refreshed that often",
+            cache_ttl.as_secs_f64()
+        )));
+    }
+    Ok(())
 }
 
 fn normalize_team_domain(raw: &str) -> Result<String, AccessError> {
@@ -272,6 +344,13 @@ pub enum AccessError {
     /// No signing keys could be fetched yet, so no token can be checked.
     #[error("Access signing keys are unavailable")]
     KeysUnavailable,
+    /// The keys are older than [`AccessConfig::max_staleness`] (every fetch since failed), so
+    /// they are no longer trusted to check tokens.
+    #[error("Access signing keys are {} s old, past the maximum staleness", .age.as_secs())]
+    KeysTooStale {
+        /// How old the keys were when the token was checked.
+        age: Duration,
+    },
     /// One fetch of the keys failed (kept internal: logged, never sent to clients).
     #[error("fetching Access keys failed: {0}")]
     Fetch(String),
@@ -284,13 +363,27 @@ impl From<Rejection> for AccessError {
 }
 
 impl AccessError {
-    /// The wire form: 403 / 10000 for the caller's token, 503 when the node cannot check.
+    /// Whether this is the node's failure to check rather than a verdict on the token: the
+    /// `503`s, which say nothing about the caller's credentials.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::KeysUnavailable | Self::KeysTooStale { .. } | Self::Fetch(_)
+        )
+    }
+
+    /// The wire form: 403 / 10000 for the caller's token, 503 / 3040 when the node cannot check
+    /// (see [`AccessError::is_unavailable`]).
     pub fn api_error(&self) -> ApiError {
         match self {
             Self::Missing | Self::Invalid(_) => ApiError::forbidden(self),
             Self::KeysUnavailable | Self::Fetch(_) => {
                 ApiError::unavailable("cannot verify Cloudflare Access tokens yet, try again")
             }
+            Self::KeysTooStale { age } => ApiError::unavailable(format!(
+                "cannot verify Cloudflare Access tokens: signing keys are {} s old",
+                age.as_secs()
+            )),
             Self::Config(_) => ApiError::internal("Access verification is misconfigured"),
         }
     }
@@ -350,16 +443,39 @@ struct KeySet {
     fetched_at: Instant,
 }
 
+/// What the current keys say about one `kid`.
+enum Lookup {
+    Found(Arc<DecodingKey>),
+    /// The set is usable but has no key with that `kid`.
+    Unknown,
+    /// No set was ever fetched.
+    NoKeys,
+    /// The set is older than the maximum staleness; this old.
+    TooStale(Duration),
+}
+
+/// What one rate-limited fetch attempt did.
+enum Attempt {
+    Fetched,
+    Failed(AccessError),
+    /// The refetch interval since the last attempt has not passed; this much of it is left.
+    TooSoon(Duration),
+}
+
 /// Checks Access tokens against the team's keys. Cheap to share behind an `Arc`.
 pub struct AccessVerifier {
     config: AccessConfig,
     validation: Validation,
     http: reqwest::Client,
-    /// The keys in use; replaced whole on each successful fetch.
+    /// The keys in use; replaced whole on each successful fetch. Held only to clone or swap the
+    /// `Arc`, never across an `.await`.
     keys: RwLock<Option<Arc<KeySet>>>,
-    /// Held for the duration of a fetch (single flight); holds when the last one started.
+    /// Held for the duration of a fetch (single flight); holds when the last one started. The
+    /// known-`kid` path never takes it.
     fetch_gate: tokio::sync::Mutex<Option<Instant>>,
     fetches: AtomicU64,
+    /// Dropped with the verifier, which wakes and ends the refreshers sleeping on it.
+    alive: tokio::sync::watch::Sender<()>,
 }
 
 impl fmt::Debug for AccessVerifier {
@@ -372,12 +488,16 @@ impl fmt::Debug for AccessVerifier {
 }
 
 impl AccessVerifier {
+    /// Refuses a configuration whose [`AccessConfig::max_staleness`] is zero or below its
+    /// [`AccessConfig::cache_ttl`] (as [`AccessConfig::with_max_staleness`] does), besides a
+    /// missing crypto backend.
     pub fn new(config: AccessConfig) -> Result<Self, AccessError> {
         if jsonwebtoken::crypto::CryptoProvider::try_get_default().is_none() {
             return Err(AccessError::Config(
                 "no JWT crypto provider (jsonwebtoken needs exactly one backend feature)".into(),
             ));
         }
+        check_max_staleness(config.max_staleness, config.cache_ttl)?;
         let mut validation = Validation::new(Algorithm::RS256);
         validation.leeway = config.leeway.as_secs();
         validation.validate_exp = true;
@@ -405,6 +525,7 @@ impl AccessVerifier {
             keys: RwLock::new(None),
             fetch_gate: tokio::sync::Mutex::new(None),
             fetches: AtomicU64::new(0),
+            alive: tokio::sync::watch::channel(()).0,
         })
     }
 
@@ -417,7 +538,16 @@ impl AccessVerifier {
         self.fetches.load(Ordering::Relaxed)
     }
 
+    /// How long ago the keys in use were fetched; `None` before the first successful fetch.
+    /// Past [`AccessConfig::max_staleness`] they are no longer used.
+    pub fn key_age(&self) -> Option<Duration> {
+        self.current().map(|set| set.fetched_at.elapsed())
+    }
+
     /// Checks `token` and returns its claims. See the module docs for what is checked.
+    ///
+    /// Never waits on the network for a token whose `kid` the current keys hold; see the
+    /// module docs (Key cache) for when it does.
     pub async fn verify(&self, token: &str) -> Result<Claims, AccessError> {
         let token = token.trim();
         if token.is_empty() {
@@ -451,66 +581,165 @@ impl AccessVerifier {
     }
 
     /// Fetches the keys now unless a fetch ran within the refetch interval; returns how many
-    /// keys are cached afterwards. `main` calls this once at start-up.
+    /// keys are cached afterwards. [`spawn_refresher`](Self::spawn_refresher) does this (and
+    /// more) in the background; this is for callers that want to wait for the first fetch.
     pub async fn prefetch(&self) -> Result<usize, AccessError> {
         let mut last = self.fetch_gate.lock().await;
-        self.fetch_if_allowed(&mut last).await?;
+        if let Attempt::Failed(e) = self.fetch_if_allowed(&mut last).await {
+            return Err(e);
+        }
+        drop(last);
         Ok(self.current().map_or(0, |s| s.keys.len()))
+    }
+
+    /// Starts the task that keeps the keys fresh (call once, from within a tokio runtime,
+    /// right after start-up; it replaces [`prefetch`](Self::prefetch)). It fetches at once,
+    /// then whenever the keys reach [`AccessConfig::cache_ttl`]; a failed fetch is retried
+    /// after [`AccessConfig::min_refetch_interval`], doubling on each further failure up to 5
+    /// minutes, and never sooner than the refetch interval allows. Failures are logged (as
+    /// errors once the keys are past [`AccessConfig::max_staleness`]).
+    ///
+    /// The task holds the verifier only weakly, and only during a fetch; it ends soon after
+    /// the last `Arc` is dropped (at once when it is sleeping). Dropping or ignoring the
+    /// handle leaves it running; aborting the handle stops it.
+    pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let mut alive = self.alive.subscribe();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let Some(verifier) = weak.upgrade() else {
+                    return;
+                };
+                let delay = verifier.refresh_step(&mut failures).await;
+                drop(verifier);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    // Only ever an error: the sender is never sent on, only dropped.
+                    _ = alive.changed() => return,
+                }
+            }
+        })
+    }
+
+    /// One round of the refresher: fetches if the keys are due (or missing) and returns how
+    /// long to sleep before the next round.
+    async fn refresh_step(&self, failures: &mut u32) -> Duration {
+        let ttl = self.config.cache_ttl;
+        if let Some(age) = self.key_age() {
+            if age < ttl {
+                return (ttl - age).max(MIN_REFRESH_SLEEP);
+            }
+        }
+        let attempt = {
+            let mut last = self.fetch_gate.lock().await;
+            self.fetch_if_allowed(&mut last).await
+        };
+        match attempt {
+            Attempt::Fetched => {
+                *failures = 0;
+                ttl.max(MIN_REFRESH_SLEEP)
+            }
+            // Someone else fetched (or tried) lately; look again when the interval allows.
+            Attempt::TooSoon(left) => left.max(MIN_REFRESH_SLEEP),
+            Attempt::Failed(e) => {
+                *failures = failures.saturating_add(1);
+                let retry = self.retry_delay(*failures);
+                let age = self.key_age();
+                let url = &self.config.certs_url;
+                match age {
+                    Some(age) if age > self.config.max_staleness => tracing::error!(
+                        error = %e, %url, key_age_s = age.as_secs(), retry_in_s = retry.as_secs(),
+                        "refreshing the Cloudflare Access keys failed and the cached ones are past \
+                         the maximum staleness: run requests get 503"
+                    ),
+                    Some(age) => tracing::warn!(
+                        error = %e, %url, key_age_s = age.as_secs(), retry_in_s = retry.as_secs(),
+                        "refreshing the Cloudflare Access keys failed; still using the cached ones"
+                    ),
+                    None => tracing::warn!(
+                        error = %e, %url, retry_in_s = retry.as_secs(),
+                        "fetching the Cloudflare Access keys failed; run requests get 503 until it works"
+                    ),
+                }
+                retry
+            }
+        }
+    }
+
+    /// The refresher's wait after `failures` failed attempts in a row (at least 1): the
+    /// refetch interval, doubled per further failure, capped at 5 minutes (or the interval,
+    /// when longer).
+    fn retry_delay(&self, failures: u32) -> Duration {
+        let base = self.config.min_refetch_interval.max(MIN_REFRESH_SLEEP);
+        let doubled = base.saturating_mul(1 << failures.saturating_sub(1).min(20));
+        doubled.min(MAX_RETRY_BACKOFF.max(base))
     }
 
     fn current(&self) -> Option<Arc<KeySet>> {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn is_stale(&self, set: &KeySet) -> bool {
-        set.fetched_at.elapsed() >= self.config.cache_ttl
+    fn lookup(&self, kid: &str) -> Lookup {
+        let Some(set) = self.current() else {
+            return Lookup::NoKeys;
+        };
+        let age = set.fetched_at.elapsed();
+        if age > self.config.max_staleness {
+            return Lookup::TooStale(age);
+        }
+        match set.keys.get(kid) {
+            Some(k) => Lookup::Found(k.clone()),
+            None => Lookup::Unknown,
+        }
     }
 
     async fn key_for(&self, kid: &str) -> Result<Arc<DecodingKey>, AccessError> {
-        if let Some(set) = self.current() {
-            if !self.is_stale(&set) {
-                if let Some(k) = set.keys.get(kid) {
-                    return Ok(k.clone());
-                }
-            }
+        // The fast path: current keys, old or not (within the maximum staleness). No lock but
+        // the brief read of `keys`, whatever fetch is in progress.
+        if let Lookup::Found(k) = self.lookup(kid) {
+            return Ok(k);
         }
+        // Unknown `kid`, no keys, or keys too stale: a rate-limited, single-flight fetch.
         let mut last = self.fetch_gate.lock().await;
-        // Another request may have refreshed the keys while this one waited.
-        if let Some(set) = self.current() {
-            if let (false, Some(k)) = (self.is_stale(&set), set.keys.get(kid)) {
-                return Ok(k.clone());
-            }
+        // The fetch this request waited for may have resolved it.
+        if let Lookup::Found(k) = self.lookup(kid) {
+            return Ok(k);
         }
-        if let Err(e) = self.fetch_if_allowed(&mut last).await {
+        if let Attempt::Failed(e) = self.fetch_if_allowed(&mut last).await {
             tracing::warn!(error = %e, url = %self.config.certs_url, "keeping the cached Access keys");
         }
         drop(last);
-        match self.current() {
-            Some(set) => set
-                .keys
-                .get(kid)
-                .cloned()
-                .ok_or(AccessError::Invalid(Rejection::UnknownKey)),
-            None => Err(AccessError::KeysUnavailable),
+        match self.lookup(kid) {
+            Lookup::Found(k) => Ok(k),
+            Lookup::Unknown => Err(AccessError::Invalid(Rejection::UnknownKey)),
+            Lookup::NoKeys => Err(AccessError::KeysUnavailable),
+            Lookup::TooStale(age) => Err(AccessError::KeysTooStale { age }),
         }
     }
 
     /// Fetches and installs the keys if the refetch interval allows. `last` is the gate's
     /// guarded value, so the caller holds the single-flight lock.
-    async fn fetch_if_allowed(&self, last: &mut Option<Instant>) -> Result<(), AccessError> {
-        if last.is_some_and(|t| t.elapsed() < self.config.min_refetch_interval) {
-            return Ok(());
+    async fn fetch_if_allowed(&self, last: &mut Option<Instant>) -> Attempt {
+        if let Some(t) = *last {
+            let since = t.elapsed();
+            if since < self.config.min_refetch_interval {
+                return Attempt::TooSoon(self.config.min_refetch_interval - since);
+            }
         }
         *last = Some(Instant::now());
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        let keys = self.fetch_keys().await?;
+        let keys = match self.fetch_keys().await {
+            Ok(keys) => keys,
+            Err(e) => return Attempt::Failed(e),
+        };
         tracing::info!(keys = keys.len(), url = %self.config.certs_url, "fetched Cloudflare Access keys");
         let set = KeySet {
             keys,
             fetched_at: Instant::now(),
         };
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(set));
-        Ok(())
+        Attempt::Fetched
     }
 
     async fn fetch_keys(&self) -> Result<HashMap<String, Arc<DecodingKey>>, AccessError> {
@@ -608,6 +837,11 @@ pub async fn require_access(
             req.extensions_mut().insert(claims);
             next.run(req).await
         }
+        Err(e) if e.is_unavailable() => {
+            tracing::debug!(reason = %e, "request refused: Access tokens cannot be checked");
+            // Turned away before anything started: the Worker may retry on another node.
+            crate::error::not_started(e.api_error())
+        }
         Err(e) => {
             tracing::debug!(reason = %e, "request refused by the Access check");
             e.api_error().into_http()
@@ -663,6 +897,59 @@ mod tests {
             .is_err());
         assert!(c.clone().with_certs_url("ftp://127.0.0.1/certs").is_err());
         assert!(c.with_certs_url("not a url").is_err());
+    }
+
+    #[test]
+    fn max_staleness_defaults_to_a_day_and_is_checked() {
+        let c = AccessConfig::new("t.example.com", "aud").unwrap();
+        assert_eq!(c.max_staleness, Duration::from_secs(24 * 3600));
+        assert!(check_max_staleness(Duration::ZERO, Duration::ZERO).is_err());
+        assert!(check_max_staleness(Duration::from_secs(59), Duration::from_secs(60)).is_err());
+        assert!(check_max_staleness(Duration::from_secs(60), Duration::from_secs(60)).is_ok());
+        // A config with the fields set by hand is checked when the verifier is built.
+        let mut bad = c.clone();
+        bad.cache_ttl = Duration::from_secs(25 * 3600);
+        assert!(matches!(
+            AccessVerifier::new(bad),
+            Err(AccessError::Config(m)) if m.contains(MAX_STALENESS_SETTING)
+        ));
+    }
+
+    #[test]
+    fn refresher_backoff_doubles_from_the_refetch_interval_up_to_five_minutes() {
+        let c = AccessConfig::new("t.example.com", "aud").unwrap();
+        let v = AccessVerifier::new(c.clone()).unwrap();
+        let secs: Vec<u64> = (1..=8).map(|n| v.retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [30, 60, 120, 240, 300, 300, 300, 300]);
+        assert_eq!(v.retry_delay(u32::MAX), MAX_RETRY_BACKOFF);
+        // A refetch interval over the cap is still respected.
+        let mut slow = c.clone();
+        slow.min_refetch_interval = Duration::from_secs(600);
+        let v = AccessVerifier::new(slow).unwrap();
+        assert_eq!(v.retry_delay(1), Duration::from_secs(600));
+        assert_eq!(v.retry_delay(5), Duration::from_secs(600));
+        // No busy loop with a zero interval.
+        let mut zero = c;
+        zero.min_refetch_interval = Duration::ZERO;
+        let v = AccessVerifier::new(zero).unwrap();
+        assert_eq!(v.retry_delay(1), MIN_REFRESH_SLEEP);
+    }
+
+    #[test]
+    fn unavailable_errors_are_503_3040() {
+        let stale = AccessError::KeysTooStale {
+            age: Duration::from_secs(90_061),
+        };
+        assert!(stale.is_unavailable());
+        let e = stale.api_error();
+        assert_eq!((e.status, e.code), (503, 3040));
+        assert_eq!(
+            e.message,
+            "cannot verify Cloudflare Access tokens: signing keys are 90061 s old"
+        );
+        assert!(AccessError::KeysUnavailable.is_unavailable());
+        assert!(!AccessError::Missing.is_unavailable());
+        assert!(!AccessError::Invalid(Rejection::UnknownKey).is_unavailable());
     }
 
     #[test]

@@ -8,16 +8,16 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use edgerun_server::access::{AccessConfig, AccessVerifier, ACCESS_JWT_HEADER};
+use edgerun_server::access::{AccessConfig, AccessError, AccessVerifier, ACCESS_JWT_HEADER};
 use edgerun_server::{router, AppState, TokenSet};
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use rsa::pkcs1::{EncodeRsaPrivateKey, EncodeRsaPublicKey};
 use rsa::{Generate, PrivateKey};
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tower::ServiceExt;
 
 const MODEL: &str = "@cf/meta/llama-3-8b-instruct";
@@ -83,9 +83,10 @@ fn key_evil() -> &'static TestKey {
 }
 
 /// A stand-in for `https://<team>/cdn-cgi/access/certs`: serves the given keys (or 500 when
-/// `None`) in Cloudflare's document shape, and counts hits.
+/// `None`) in Cloudflare's document shape, or hangs (see [`Certs::hang`]), and counts hits.
 struct Certs {
     keys: Mutex<Option<Vec<Value>>>,
+    hanging: AtomicBool,
     hits: AtomicUsize,
     url: String,
 }
@@ -99,6 +100,7 @@ impl Certs {
         );
         let certs = Arc::new(Certs {
             keys: Mutex::new(None),
+            hanging: AtomicBool::new(false),
             hits: AtomicUsize::new(0),
             url,
         });
@@ -110,8 +112,15 @@ impl Certs {
         certs
     }
 
+    /// Serves `keys` (500 when `None`) from the next request on, and stops hanging.
     fn serve(&self, keys: Option<Vec<&TestKey>>) {
         *self.keys.lock().unwrap() = keys.map(|ks| ks.iter().map(|k| k.jwk.clone()).collect());
+        self.hanging.store(false, Ordering::SeqCst);
+    }
+
+    /// Requests from now on get no answer for a minute (far past any fetch timeout here).
+    fn hang(&self) {
+        self.hanging.store(true, Ordering::SeqCst);
     }
 
     fn hits(&self) -> usize {
@@ -121,6 +130,9 @@ impl Certs {
 
 async fn certs_handler(State(certs): State<Arc<Certs>>) -> Response {
     certs.hits.fetch_add(1, Ordering::SeqCst);
+    if certs.hanging.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
     match certs.keys.lock().unwrap().clone() {
         Some(keys) => Json(json!({
             "keys": keys,
@@ -213,6 +225,28 @@ fn run_request(access_token: Option<&str>, bearer: Option<&str>) -> Request<Body
         b = b.header("authorization", format!("Bearer {t}"));
     }
     b.body(Body::from(r#"{"prompt":"hi"}"#)).unwrap()
+}
+
+/// Polls `cond` every 10 ms until it holds; panics after `limit`.
+async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Verifies `token` directly and asserts it took no fetch-sized wait.
+async fn verify_quickly(verifier: &AccessVerifier, token: &str) -> Result<(), AccessError> {
+    let start = Instant::now();
+    let result = verifier.verify(token).await;
+    let took = start.elapsed();
+    // Behavioural, not a benchmark: the fetches in these tests hang for 2 s.
+    assert!(took < Duration::from_millis(200), "verify took {took:?}");
+    result.map(|_| ())
 }
 
 async fn send(app: Router, req: Request<Body>) -> (StatusCode, String) {
@@ -434,35 +468,241 @@ async fn concurrent_cold_requests_share_one_fetch() {
 }
 
 #[tokio::test]
-async fn failed_fetches_keep_the_old_keys() {
+async fn old_keys_are_used_without_a_request_triggered_fetch() {
     let certs = Certs::start(Some(vec![key_a()])).await;
     let mut cfg = config(&certs);
     cfg.min_refetch_interval = Duration::ZERO;
-    cfg.cache_ttl = Duration::ZERO; // every request wants fresh keys
+    cfg.cache_ttl = Duration::ZERO; // the keys are always due for a refresh
     let app = app_with(Some(Arc::new(AccessVerifier::new(cfg).unwrap())));
     assert_passes(&app, &valid_token()).await;
     certs.serve(None);
     assert_passes(&app, &valid_token()).await;
+    certs.hang();
+    assert_passes(&app, &valid_token()).await;
     assert_eq!(
         certs.hits(),
-        2,
-        "the refresh was tried, failed, and the old key kept"
+        1,
+        "refreshing is the refresher's job: a known kid never waits on a fetch"
     );
+}
+
+#[tokio::test]
+async fn unknown_kid_fetch_does_not_hold_up_known_keys() {
+    let certs = Certs::start(Some(vec![key_a()])).await;
+    let mut cfg = config(&certs);
+    cfg.min_refetch_interval = Duration::ZERO;
+    cfg.fetch_timeout = Duration::from_secs(2);
+    let verifier = Arc::new(AccessVerifier::new(cfg).unwrap());
+    assert_eq!(verifier.prefetch().await.unwrap(), 1);
+    certs.hang();
+    // A token with a kid not in the set starts a refetch, which hangs...
+    let token_b = sign(key_b(), key_b().kid, &claims(json!({})));
+    let unknown = tokio::spawn({
+        let verifier = verifier.clone();
+        async move { verifier.verify(&token_b).await }
+    });
+    eventually("the refetch to start", Duration::from_secs(2), || {
+        certs.hits() == 2
+    })
+    .await;
+    // ...while tokens the current set can check go through at once.
+    for _ in 0..5 {
+        verify_quickly(&verifier, &valid_token()).await.unwrap();
+    }
+    assert!(!unknown.is_finished());
+    let result = unknown.await.unwrap();
+    assert!(matches!(result, Err(AccessError::Invalid(_))), "{result:?}");
+}
+
+#[tokio::test]
+async fn refresher_serves_stale_keys_while_refresh_fails_then_picks_up_new_ones() {
+    let certs = Certs::start(Some(vec![key_a()])).await;
+    let mut cfg = config(&certs);
+    cfg.cache_ttl = Duration::from_millis(300);
+    cfg.min_refetch_interval = Duration::from_millis(100);
+    cfg.fetch_timeout = Duration::from_secs(2);
+    let verifier = Arc::new(AccessVerifier::new(cfg).unwrap());
+    let refresher = verifier.spawn_refresher();
+    // It fetches at start-up, with no request involved.
+    eventually("the first fetch", Duration::from_secs(5), || {
+        verifier.key_age().is_some()
+    })
+    .await;
+    assert_eq!(certs.hits(), 1);
+    verify_quickly(&verifier, &valid_token()).await.unwrap();
+
+    // Cloudflare stops answering; the keys pass their TTL and the refresher's fetch hangs.
+    let before = certs.hits();
+    certs.hang();
+    eventually("a refresh to hang", Duration::from_secs(5), || {
+        certs.hits() > before
+    })
+    .await;
+    assert!(verifier.key_age().unwrap() >= Duration::from_millis(300));
+    // Known kids are checked against the stale keys at once, all through the hanging fetch.
+    for _ in 0..8 {
+        verify_quickly(&verifier, &valid_token()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(verifier.key_age().unwrap() >= Duration::from_millis(1000));
+
+    // Cloudflare is back, now with key B next to A. The refresher's fetch times out, it
+    // retries, and installs the new set.
+    let recovered = Instant::now();
+    certs.serve(Some(vec![key_a(), key_b()]));
+    eventually("the refresher to recover", Duration::from_secs(10), || {
+        verifier.key_age().unwrap() < recovered.elapsed()
+    })
+    .await;
+    // Key B came from the background: with the endpoint failing again, a B token verifies
+    // (were B unknown, its refetch would fail and the token be refused).
+    certs.serve(None);
+    let token_b = sign(key_b(), key_b().kid, &claims(json!({})));
+    verify_quickly(&verifier, &token_b).await.unwrap();
+    verify_quickly(&verifier, &valid_token()).await.unwrap();
+
+    // The task holds the verifier weakly and ends with it.
+    drop(verifier);
+    tokio::time::timeout(Duration::from_secs(5), refresher)
+        .await
+        .expect("the refresher ends when the verifier is dropped")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn keys_past_max_staleness_get_503_until_a_refresh_succeeds() {
+    let certs = Certs::start(Some(vec![key_a()])).await;
+    let mut cfg = config(&certs);
+    cfg.cache_ttl = Duration::from_millis(200);
+    cfg.min_refetch_interval = Duration::from_millis(100);
+    cfg.fetch_timeout = Duration::from_secs(2);
+    let cfg = cfg.with_max_staleness(Duration::from_millis(700)).unwrap();
+    let verifier = Arc::new(AccessVerifier::new(cfg).unwrap());
+    let app = app_with(Some(verifier.clone()));
+    let _refresher = verifier.spawn_refresher();
+    eventually("the first fetch", Duration::from_secs(5), || {
+        verifier.key_age().is_some()
+    })
+    .await;
+    assert_passes(&app, &valid_token()).await;
+
+    // Every fetch fails from now on; within the maximum staleness the old keys still serve.
+    certs.serve(None);
+    eventually("the keys to pass their TTL", Duration::from_secs(5), || {
+        verifier.key_age().unwrap() > Duration::from_millis(300)
+    })
+    .await;
+    if verifier.key_age().unwrap() < Duration::from_millis(600) {
+        verify_quickly(&verifier, &valid_token()).await.unwrap();
+    }
+    eventually(
+        "the keys to pass the maximum staleness",
+        Duration::from_secs(5),
+        || verifier.key_age().unwrap() > Duration::from_millis(750),
+    )
+    .await;
+    assert!(verifier.fetch_count() >= 2, "the refresher kept trying");
+
+    // Past it, no token is trusted: 503, never 403, for a known kid and an unknown one.
+    let result = verify_quickly(&verifier, &valid_token()).await;
+    assert!(
+        matches!(result, Err(AccessError::KeysTooStale { age }) if age > Duration::from_millis(700)),
+        "{result:?}"
+    );
+    let token_b = sign(key_b(), key_b().kid, &claims(json!({})));
+    for token in [valid_token(), token_b.clone()] {
+        let resp = app
+            .clone()
+            .oneshot(run_request(Some(&token), Some(BEARER)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["edgerun-not-started"], "1");
+        let body = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let (code, message) = error_of(std::str::from_utf8(&body).unwrap());
+        assert_eq!(code, 3040);
+        assert!(
+            message.starts_with("cannot verify Cloudflare Access tokens: signing keys are ")
+                && message.ends_with(" s old"),
+            "{message}"
+        );
+    }
+    // A token that needs no key to refuse is still the caller's fault.
+    assert_refused(
+        &app,
+        Some("not-a-jwt"),
+        "invalid Access token: malformed token",
+    )
+    .await;
+
+    // Cloudflare is back: the refresher fetches (no request needed) and tokens verify again.
+    let recovered = Instant::now();
+    certs.serve(Some(vec![key_a(), key_b()]));
+    eventually("the refresher to recover", Duration::from_secs(10), || {
+        verifier.key_age().unwrap() < recovered.elapsed()
+    })
+    .await;
+    assert_passes(&app, &valid_token()).await;
+    assert_passes(&app, &token_b).await;
+}
+
+#[test]
+fn max_staleness_must_cover_the_cache_lifetime() {
+    let base = AccessConfig::new(TEAM, AUD).unwrap();
+    assert_eq!(base.max_staleness, Duration::from_secs(24 * 3600));
+    for bad in [Duration::ZERO, Duration::from_secs(3599)] {
+        match base.clone().with_max_staleness(bad) {
+            Err(AccessError::Config(m)) => assert!(
+                m.contains("--access-max-staleness-secs (EDGERUN_ACCESS_MAX_STALENESS_SECS)"),
+                "{m}"
+            ),
+            other => panic!("{bad:?} accepted: {other:?}"),
+        }
+    }
+    for good in [
+        Duration::from_secs(3600),
+        Duration::from_secs(7 * 24 * 3600),
+    ] {
+        assert_eq!(
+            base.clone().with_max_staleness(good).unwrap().max_staleness,
+            good
+        );
+    }
+    // The check follows the cache lifetime in force.
+    let mut short = base;
+    short.cache_ttl = Duration::from_secs(60);
+    assert!(short
+        .clone()
+        .with_max_staleness(Duration::from_secs(60))
+        .is_ok());
+    assert!(short.with_max_staleness(Duration::from_secs(59)).is_err());
 }
 
 #[tokio::test]
 async fn without_any_keys_requests_get_503_not_403() {
     let certs = Certs::start(None).await;
     let app = app_with(Some(Arc::new(AccessVerifier::new(config(&certs)).unwrap())));
-    let (status, body) = send(app.clone(), run_request(Some(&valid_token()), Some(BEARER))).await;
-    assert_eq!(status, 503, "{body}");
+    let resp = app
+        .clone()
+        .oneshot(run_request(Some(&valid_token()), Some(BEARER)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["edgerun-not-started"], "1");
+    let body = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
     assert_eq!(
-        error_of(&body),
+        error_of(std::str::from_utf8(&body).unwrap()),
         (
             3040,
             "cannot verify Cloudflare Access tokens yet, try again".to_string()
         )
     );
+    // The request tried a fetch (the keys may have come back); the next one within the
+    // refetch interval does not.
+    assert_eq!(certs.hits(), 1);
+    let (status, _) = send(app.clone(), run_request(Some(&valid_token()), Some(BEARER))).await;
+    assert_eq!(status, 503);
+    assert_eq!(certs.hits(), 1);
     // Without a token it is still a plain 403: no fetch needed to refuse that.
     assert_refused(&app, None, "missing Cf-Access-Jwt-Assertion").await;
 }
