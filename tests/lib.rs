@@ -223,3 +223,15 @@ pub fn text_of(events: &[Received]) -> String {
         })
         .collect()
 }
+
+/// Resident memory of process `pid` (Linux: `VmRSS` of /proc/<pid>/status), in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}

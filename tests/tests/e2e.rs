@@ -449,8 +449,8 @@ async fn health_is_public_and_reports_readiness() {
     assert!(!down.success());
 }
 
-/// SIGTERM drains: the stream in flight finishes with [DONE], new connections are refused, and
-/// the process exits.
+/// SIGTERM drains: the stream in flight finishes with [DONE] and the process exits 0 (see
+/// reliability.rs for what happens to new requests and at the deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_stream_in_flight_finish() {
     let mut node = Node::start(&["--shutdown-timeout-secs", "30"]).await;

@@ -34,8 +34,13 @@
 //! ```
 //!
 //! One OS thread owns the model. Callers talk to it only through channels, so an async server
-//! never blocks on inference; the engine never blocks on a caller either (event channels are
-//! unbounded and each send is a few bytes of text).
+//! never blocks on inference; the engine never blocks on a caller either: each sequence's event
+//! channel is bounded, a sequence whose reader falls behind is paused (left out of steps) and,
+//! after [`SchedulerConfig::stalled_stream_timeout`], dropped.
+//!
+//! Admission happens in two parts so that refusing costs nothing: [`Engine::reserve`] takes a
+//! place in the queue (or answers `Busy`) before the prompt is templated and tokenized, and
+//! [`Engine::submit_reserved`] hands the prepared request over in that place.
 //!
 //! ## Invariants
 //!
@@ -53,13 +58,16 @@
 //!
 //! * block or panic on the caller's thread because of a bad request: bad input is an
 //!   [`EngineError`] from [`Engine::prepare`] / [`Engine::submit`];
-//! * let one sequence's failure take down the others or the engine thread (a panic inside a
-//!   step fails that step's sequences and the loop goes on);
+//! * let one sequence's failure take down the others or the engine thread: a step that fails
+//!   is retried per sequence and fails only the sequences that fail alone; repeated device
+//!   failures show in [`Engine::health`] (see `scheduler`'s docs);
 //! * cap positions below the model's context length;
 //! * load a model leniently: a tensor or metadata key that is present but unreadable is an
 //!   error naming it, never a silent default.
 
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod gguf;
 pub mod kernels;
 mod kv_cache;
@@ -81,7 +89,10 @@ pub use request::{
 pub use sampling::{argmax, Sampler};
 pub use scheduler::admission::KvReservation;
 pub use scheduler::plan::{plan_step, Planned, SeqProgress, Work};
-pub use scheduler::{EngineStats, GenerationEvent, SchedulerConfig, StatsSnapshot, TokenStream};
+pub use scheduler::{
+    EngineStats, GenerationEvent, Health, SchedulerConfig, StatsSnapshot, TokenStream,
+    EVENT_BUFFER, FAILING_AFTER,
+};
 pub use sequence::StopReason;
 pub use template::{ChatTemplate, CHATML_TEMPLATE};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
@@ -209,6 +220,23 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     config: SchedulerConfig,
     context_window: usize,
+    #[cfg(feature = "fault-injection")]
+    faults: Arc<std::sync::Mutex<faults::Faults>>,
+}
+
+/// A place in the engine's queue ([`Engine::reserve`]), held while the prompt is prepared and
+/// handed to [`Engine::submit_reserved`]; dropping it unused gives the place back.
+pub struct QueueSlot {
+    stats: Arc<EngineStats>,
+    held: bool,
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        if self.held {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Engine {
@@ -242,6 +270,8 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let stats = Arc::new(EngineStats::default());
         let (tx, rx) = mpsc::channel();
+        #[cfg(feature = "fault-injection")]
+        let faults = Arc::new(std::sync::Mutex::new(faults::Faults::default()));
         let scheduler = Scheduler {
             model: model.clone(),
             tokenizer: tokenizer.clone(),
@@ -249,6 +279,8 @@ impl Engine {
             config,
             stats: stats.clone(),
             rx,
+            #[cfg(feature = "fault-injection")]
+            faults: faults.clone(),
         };
         std::thread::Builder::new()
             .name("edgerun-engine".into())
@@ -262,6 +294,8 @@ impl Engine {
             stats,
             config,
             context_window,
+            #[cfg(feature = "fault-injection")]
+            faults,
         };
         engine.warm_up()?;
         if !engine.stats.stopped.load(Ordering::Relaxed) {
@@ -306,11 +340,49 @@ impl Engine {
         Ok(tokens)
     }
 
-    /// Queues a generation. Fails at once (never blocks) when the request is malformed, when
-    /// the prompt does not fit the context window or could never fit the KV budget, when the
-    /// queue is full, or when `policy` is [`QueuePolicy::RejectIfBusy`] and no batch slot is
-    /// free.
+    /// Queues a generation: [`Engine::reserve`] then [`Engine::submit_reserved`].
     pub fn submit(&self, request: GenerationRequest, policy: QueuePolicy) -> Result<TokenStream> {
+        let slot = self.reserve(policy)?;
+        self.submit_reserved(request, slot)
+    }
+
+    /// Takes a place in the queue, or answers [`EngineError::Busy`] when the queue is full, or
+    /// when `policy` is [`QueuePolicy::RejectIfBusy`] and no batch slot is free. Cheap and
+    /// exact under concurrency: call it before preparing the prompt, so that refusing a
+    /// request costs the same whatever its size.
+    pub fn reserve(&self, policy: QueuePolicy) -> Result<QueueSlot> {
+        let queued = &self.stats.queued;
+        let mut current = queued.load(Ordering::Relaxed);
+        loop {
+            let in_flight = current + self.stats.active.load(Ordering::Relaxed);
+            if !admission::accepts(&self.config, in_flight, policy) {
+                return Err(EngineError::Busy);
+            }
+            match queued.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Ok(QueueSlot {
+                        stats: self.stats.clone(),
+                        held: true,
+                    })
+                }
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Queues a generation in a place taken by [`Engine::reserve`]. Fails at once (never
+    /// blocks) when the request is malformed, or when the prompt does not fit the context
+    /// window or could never fit the KV budget; the place is given back then.
+    pub fn submit_reserved(
+        &self,
+        request: GenerationRequest,
+        mut slot: QueueSlot,
+    ) -> Result<TokenStream> {
         let prompt_len = request.prompt.len();
         let max_tokens = request.stopping.max_tokens;
         if prompt_len == 0 {
@@ -338,23 +410,29 @@ impl Engine {
                 budget_mib: self.config.kv_cache_budget.unwrap_or(usize::MAX) >> 20,
             });
         }
-        let in_flight =
-            self.stats.queued.load(Ordering::Relaxed) + self.stats.active.load(Ordering::Relaxed);
-        if !admission::accepts(&self.config, in_flight, policy) {
-            return Err(EngineError::Busy);
-        }
         let (tx, stream) = token_channel();
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let submission = Submission {
             request,
             reservation,
             tx,
         };
         if self.tx.send(submission).is_err() {
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Stopped);
         }
+        // The engine thread counts it down from here (admitted or cancelled).
+        slot.held = false;
         Ok(stream)
+    }
+
+    /// Whether the engine can serve (what `/health` reports).
+    pub fn health(&self) -> Health {
+        self.stats.health()
+    }
+
+    /// Sets the faults the engine injects from its next step on (test builds only).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_faults(&self, faults: faults::Faults) {
+        *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
     }
 
     pub fn stats(&self) -> StatsSnapshot {

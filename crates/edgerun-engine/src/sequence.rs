@@ -18,7 +18,8 @@ use crate::scheduler::GenerationEvent;
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use tokio::sync::mpsc::UnboundedSender;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::Sender;
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +65,9 @@ pub(crate) struct Sequence {
     cache: KvCache,
     sampler: Sampler,
     decoder: IncrementalDecoder,
-    tx: UnboundedSender<GenerationEvent>,
+    tx: Sender<GenerationEvent>,
+    /// Since when its client has not made room for a step's events.
+    blocked_since: Option<Instant>,
 }
 
 /// Everything a sequence is made of.
@@ -76,7 +79,7 @@ pub(crate) struct SequenceParts {
     pub kv_bytes: usize,
     pub cache: KvCache,
     pub sampler: Sampler,
-    pub tx: UnboundedSender<GenerationEvent>,
+    pub tx: Sender<GenerationEvent>,
 }
 
 impl Sequence {
@@ -94,6 +97,7 @@ impl Sequence {
             sampler: p.sampler,
             decoder: IncrementalDecoder::new(),
             tx: p.tx,
+            blocked_since: None,
         }
     }
 
@@ -107,6 +111,23 @@ impl Sequence {
             prompt_len: self.prompt.len(),
             prefilled,
             decoding,
+            blocked: self.blocked_since.is_some(),
+        }
+    }
+
+    /// Whether its channel has room for one step's events plus the reserved final error.
+    fn has_room(&self) -> bool {
+        self.tx.capacity() > crate::scheduler::EVENTS_PER_STEP
+    }
+
+    /// How long its client has left no room for a step's events (zero when there is room).
+    /// Updates the blocked state the planner sees.
+    pub fn stalled_for(&mut self, now: Instant) -> Duration {
+        if self.has_room() {
+            self.blocked_since = None;
+            Duration::ZERO
+        } else {
+            now - *self.blocked_since.get_or_insert(now)
         }
     }
 
@@ -200,8 +221,12 @@ impl Sequence {
     }
 
     /// Sends an event to the caller; a caller that is gone is noticed before the next step.
+    /// Never blocks: only sequences with room for a step's events are planned, and one slot is
+    /// kept for the error that ends a stalled stream.
     pub fn emit(&self, event: GenerationEvent) {
-        let _ = self.tx.send(event);
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(event)) = self.tx.try_send(event) {
+            tracing::error!(?event, "event channel full; event dropped");
+        }
     }
 
     /// Ends the sequence successfully.
@@ -271,7 +296,8 @@ mod tests {
             SeqProgress {
                 prompt_len: 10,
                 prefilled: 0,
-                decoding: false
+                decoding: false,
+                blocked: false,
             }
         );
         let seg = s.segment(Work::Prefill { start: 4, len: 3 });

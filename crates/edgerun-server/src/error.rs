@@ -26,6 +26,12 @@ pub enum ServerError {
     /// A blocking task panicked or was cancelled.
     #[error("internal task failed: {0}")]
     Task(String),
+    /// The node is draining: no new work.
+    #[error("the node is shutting down")]
+    Draining,
+    /// The drain deadline ended the generation before it finished.
+    #[error("the node shut down before the generation finished")]
+    Cut,
 }
 
 impl ServerError {
@@ -54,14 +60,41 @@ impl ServerError {
             Self::Generation(m) => ApiError::internal(m),
             Self::NotReady => ApiError::unavailable("the model is loading, try again shortly"),
             Self::Task(m) => ApiError::internal(m),
+            Self::Draining => ApiError::unavailable("the node is shutting down, try another"),
+            Self::Cut => ApiError::unavailable(self),
         }
+    }
+
+    /// The node certainly did not start this request: another node may run it.
+    pub fn not_started(&self) -> bool {
+        matches!(
+            self,
+            Self::NotReady | Self::Draining | Self::Engine(EngineError::Busy)
+        )
     }
 }
 
 impl IntoResponse for ServerError {
     fn into_response(self) -> Response {
-        self.api_error().into_http()
+        if self.not_started() {
+            not_started(self.api_error())
+        } else {
+            self.api_error().into_http()
+        }
     }
+}
+
+/// The response for a request the node turned away before starting it (loading, draining,
+/// over the connection cap, busy, Access keys too stale): the error's envelope plus
+/// `edgerun-not-started: 1` ([`edgerun_protocol::NOT_STARTED_HEADER`]), which tells the Worker
+/// it may send the request to another node without risking a double generation.
+pub fn not_started(error: ApiError) -> Response {
+    let mut resp = error.into_http();
+    resp.headers_mut().insert(
+        header::HeaderName::from_static(edgerun_protocol::NOT_STARTED_HEADER),
+        HeaderValue::from_static("1"),
+    );
+    resp
 }
 
 /// Renders an [`ApiError`] as its HTTP response.

@@ -5,13 +5,15 @@
 //! into a [`GenerationInput`] (the engine's own types, every default resolved), calls [`start`],
 //! and then either [`Generation::collect`]s the whole answer into its JSON shape or
 //! [`Generation::stream`]s it through its [`Framing`]. Everything in between is shared:
-//! templating and tokenizing off the async workers, admission, the first-event grace that
-//! lets an immediate failure still get a status code, heartbeats, latency metrics, and the
-//! mapping of engine failures to wire errors (always through [`ServerError::api_error`]).
+//! refusing while draining, admission before any work proportional to the prompt (a 429 costs
+//! the same for a 32 KiB prompt as for a short one), templating and tokenizing on the bounded
+//! prepare pool, the first-event grace that lets an immediate failure still get a status code,
+//! heartbeats, the drain deadline's cut, latency metrics, and the mapping of engine failures to
+//! wire errors (always through [`ServerError::api_error`]).
 
 use crate::error::ServerError;
 use crate::telemetry;
-use crate::AppState;
+use crate::{AppState, Drain};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
@@ -21,6 +23,7 @@ use edgerun_engine::{
 };
 use edgerun_protocol::{sse, ApiError};
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a streaming response waits for the engine's first event before sending headers.
@@ -47,6 +50,7 @@ pub fn resolve_seed(seed: Option<u64>) -> u64 {
 pub struct Generation {
     stream: TokenStream,
     timer: TokenTimer,
+    drain: Arc<Drain>,
 }
 
 /// A finished generation's whole answer.
@@ -57,13 +61,16 @@ pub struct Completion {
     pub reason: StopReason,
 }
 
-/// Templates and tokenizes the prompt on a blocking thread, then submits it. `started` is when
-/// the request arrived (for time-to-first-token).
+/// Takes a place in the engine's queue, templates and tokenizes the prompt on the prepare
+/// pool, then submits it. `started` is when the request arrived (for time-to-first-token).
 pub async fn start(
     state: &AppState,
     input: GenerationInput,
     started: Instant,
 ) -> Result<Generation, ServerError> {
+    if state.drain.is_draining() {
+        return Err(ServerError::Draining);
+    }
     let engine = state.engine.get().ok_or(ServerError::NotReady)?.clone();
     let GenerationInput {
         prompt,
@@ -72,21 +79,37 @@ pub async fn start(
         stopping,
         policy,
     } = input;
-    let prompt = {
+    // Busy is decided here, before any work that grows with the prompt.
+    let slot = engine.reserve(policy)?;
+    let prepare = async {
+        let _permit = state
+            .prepare
+            .acquire()
+            .await
+            .map_err(|e| ServerError::Task(e.to_string()))?;
         let engine = engine.clone();
         tokio::task::spawn_blocking(move || engine.prepare(&prompt, tools.as_ref()))
             .await
-            .map_err(|e| ServerError::Task(e.to_string()))??
+            .map_err(|e| ServerError::Task(e.to_string()))?
+            .map_err(ServerError::from)
+    };
+    let prompt = tokio::select! {
+        prompt = prepare => prompt?,
+        _ = state.drain.cut_signal() => {
+            state.drain.note_cut();
+            return Err(ServerError::Cut);
+        }
     };
     let request = GenerationRequest {
         prompt,
         sampling,
         stopping,
     };
-    let stream = engine.submit(request, policy)?;
+    let stream = engine.submit_reserved(request, slot)?;
     Ok(Generation {
         stream,
         timer: TokenTimer::new(started),
+        drain: state.drain.clone(),
     })
 }
 
@@ -106,11 +129,20 @@ pub trait Framing: Send + 'static {
 }
 
 impl Generation {
-    /// Waits for the whole generation.
+    /// Waits for the whole generation (or the drain deadline's cut: 503).
     pub async fn collect(mut self) -> Result<Completion, ServerError> {
         let mut text = String::new();
+        let cut = self.drain.cut_signal();
+        tokio::pin!(cut);
         loop {
-            match self.stream.recv().await {
+            let event = tokio::select! {
+                event = self.stream.recv() => event,
+                _ = &mut cut => {
+                    self.drain.note_cut();
+                    return Err(ServerError::Cut);
+                }
+            };
+            match event {
                 Some(GenerationEvent::Token { text: t }) => {
                     self.timer.token();
                     text.push_str(&t);
@@ -158,37 +190,53 @@ fn sse_response<F: Framing>(
     framing: F,
     heartbeat: Duration,
 ) -> Response {
-    let Generation { stream, timer } = generation;
-    let state = Some((stream, first, timer, framing));
-    let events = futures::stream::unfold(state, move |state| async move {
-        let (mut stream, mut pending, mut timer, mut framing) = state?;
-        loop {
-            let next = match pending.take() {
-                Some(event) => Ok(Some(event)),
-                None => tokio::time::timeout(heartbeat, stream.recv()).await,
-            };
-            let (frame, keep) = match next {
-                Err(_) => (framing.heartbeat(), true),
-                Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
-                Ok(Some(GenerationEvent::Token { text })) => {
-                    timer.token();
-                    (framing.token(&text), true)
-                }
-                Ok(Some(GenerationEvent::Finished { usage, reason })) => {
-                    timer.finish();
-                    (framing.finish(&usage, reason), false)
-                }
-                Ok(Some(GenerationEvent::Failed(e))) => (
-                    framing.error(&ServerError::Generation(e).api_error()),
-                    false,
-                ),
-                Ok(None) => {
-                    let e = ServerError::Engine(edgerun_engine::EngineError::Stopped);
-                    (framing.error(&e.api_error()), false)
-                }
-            };
-            let frame = Ok::<_, Infallible>(Bytes::from(frame));
-            return Some((frame, keep.then_some((stream, None, timer, framing))));
+    let Generation {
+        stream,
+        timer,
+        drain,
+    } = generation;
+    let cut = Box::pin(drain.cut_signal());
+    let state = Some((stream, first, timer, framing, cut));
+    let events = futures::stream::unfold(state, move |state| {
+        let drain = drain.clone();
+        async move {
+            let (mut stream, mut pending, mut timer, mut framing, mut cut) = state?;
+            loop {
+                let next = match pending.take() {
+                    Some(event) => Ok(Some(event)),
+                    None => tokio::select! {
+                        next = tokio::time::timeout(heartbeat, stream.recv()) => next,
+                        _ = &mut cut => {
+                            // The drain deadline: end with an error event, never silently.
+                            drain.note_cut();
+                            let frame = framing.error(&ServerError::Cut.api_error());
+                            return Some((Ok::<_, Infallible>(Bytes::from(frame)), None));
+                        }
+                    },
+                };
+                let (frame, keep) = match next {
+                    Err(_) => (framing.heartbeat(), true),
+                    Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
+                    Ok(Some(GenerationEvent::Token { text })) => {
+                        timer.token();
+                        (framing.token(&text), true)
+                    }
+                    Ok(Some(GenerationEvent::Finished { usage, reason })) => {
+                        timer.finish();
+                        (framing.finish(&usage, reason), false)
+                    }
+                    Ok(Some(GenerationEvent::Failed(e))) => (
+                        framing.error(&ServerError::Generation(e).api_error()),
+                        false,
+                    ),
+                    Ok(None) => {
+                        let e = ServerError::Engine(edgerun_engine::EngineError::Stopped);
+                        (framing.error(&e.api_error()), false)
+                    }
+                };
+                let frame = Ok::<_, Infallible>(Bytes::from(frame));
+                return Some((frame, keep.then_some((stream, None, timer, framing, cut))));
+            }
         }
     });
     let mut resp = Response::new(Body::from_stream(events));

@@ -11,16 +11,24 @@
 //!   └─ request id (edgerun_protocol's rule: kept or made) ─ Cloudflare Access JWT, when
 //!      configured (403 / 10000, see [`access`]) ─ bearer auth (401 / 10000)    (routes/mod.rs)
 //!      └─ model name (literal or %2F slashes; unknown: 400 / 5007)
-//!         └─ body ≤ limit (413 / 3006) ─ ValidatedRequest (400 / 5006, from edgerun-protocol)
-//!            └─ GenerationInput: the engine's PromptInput, SamplingConfig, StopCriteria
-//!               └─ generation::start                                     (generation.rs)
-//!                  ├─ Engine::prepare on a blocking thread (template + tokenize)
-//!                  └─ Engine::submit (context window 400, busy 429 / 3040)
+//!         └─ body ≤ limit (413 / 3006), within its deadline and minimum rate (408 / 3007)
+//!            └─ ValidatedRequest (400 / 5006, from edgerun-protocol)
+//!               └─ GenerationInput: the engine's PromptInput, SamplingConfig, StopCriteria
+//!                  └─ generation::start                                  (generation.rs)
+//!                     ├─ draining? 503 ─ Engine::reserve: a queue place or 429 / 3040,
+//!                     │  decided before any work proportional to the prompt
+//!                     ├─ Engine::prepare on the bounded prepare pool (template + tokenize)
+//!                     └─ Engine::submit_reserved (context window 400)
 //!                     ├─ stream: Generation::stream with the dialect's Framing
 //!                     │          (Workers AI: `data: {"response":..}` per token, usage,
 //!                     │          [DONE]); comment heartbeats while queued or prefilling
 //!                     └─ JSON:   Generation::collect, then the dialect's envelope
 //! ```
+//!
+//! Below the router, [`serve`] owns connections: a cap on open connections, header-read and
+//! idle timeouts, and the graceful part of a drain. [`Drain`] is the rest of it: `/health`
+//! says draining, new requests get 503, and at the deadline every generation still running is
+//! cut with an error (event or envelope) and counted, so the process can exit non-zero.
 //!
 //! A new API dialect is a file in `routes/` that converts its wire request into a
 //! [`generation::GenerationInput`], calls [`generation::start`], and implements
@@ -45,14 +53,97 @@ pub mod error;
 pub mod generation;
 pub mod models;
 mod routes;
+pub mod serve;
 pub mod telemetry;
 
 pub use auth::TokenSet;
 pub use routes::router;
 
 use edgerun_engine::Engine;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+
+/// How a request body must arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub max_bytes: usize,
+    /// The whole body must arrive within this (408 otherwise).
+    pub timeout: Duration,
+    /// After [`BodyLimits::grace`], the body must keep arriving at this many bytes per second
+    /// (408 otherwise), so a trickle cannot hold a connection for the whole timeout.
+    pub min_rate: usize,
+    pub grace: Duration,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 20,
+            timeout: Duration::from_secs(30),
+            min_rate: 1024,
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The node's shutdown state: draining (no new work), then, at the deadline, cut (every
+/// generation still running ends with an error, and is counted).
+#[derive(Debug)]
+pub struct Drain {
+    draining: AtomicBool,
+    cut: watch::Sender<bool>,
+    cut_requests: AtomicUsize,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            draining: AtomicBool::new(false),
+            cut: watch::channel(false).0,
+            cut_requests: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Drain {
+    /// From now on `/health` says draining and new requests get 503.
+    pub fn start(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The deadline has come: every generation still running ends now.
+    pub fn cut(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.cut.send_replace(true);
+    }
+
+    /// Generations ended by [`Drain::cut`].
+    pub fn cut_requests(&self) -> usize {
+        self.cut_requests.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when [`Drain::cut`] is called (at once if it was).
+    pub(crate) fn cut_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.cut.subscribe();
+        async move {
+            if rx.wait_for(|cut| *cut).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    pub(crate) fn note_cut(&self) {
+        self.cut_requests.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::REQUESTS_CUT).increment(1);
+    }
+}
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -64,8 +155,12 @@ pub struct AppState {
     /// `@cf/meta/llama-3-8b-instruct`, and the model's own name).
     pub served_names: Arc<Vec<String>>,
     pub tokens: TokenSet,
-    /// Largest request body accepted, in bytes.
-    pub body_limit: usize,
+    /// How request bodies must arrive.
+    pub body: BodyLimits,
+    /// Bounds the CPU work before the engine (templating, tokenizing): at most this many
+    /// prompts are prepared at once; the others wait, holding their queue place.
+    pub prepare: Arc<Semaphore>,
+    pub drain: Arc<Drain>,
     /// Idle time after which a stream gets an SSE comment, so proxies keep it open.
     pub heartbeat: Duration,
     /// Renders `/metrics`; `None` when this process has no recorder installed.
@@ -80,7 +175,9 @@ impl AppState {
             engine: Arc::new(OnceLock::new()),
             served_names: Arc::new(served_names),
             tokens,
-            body_limit: 1 << 20,
+            body: BodyLimits::default(),
+            prepare: Arc::new(Semaphore::new(2)),
+            drain: Arc::new(Drain::default()),
             heartbeat: Duration::from_secs(15),
             metrics: None,
             access: None,

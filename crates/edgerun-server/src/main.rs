@@ -6,6 +6,7 @@ use edgerun_engine::gguf::Scheme;
 use edgerun_engine::{DeviceSpec, Engine, LoadedModel, SchedulerConfig};
 use edgerun_server::access::{AccessConfig, AccessVerifier};
 use edgerun_server::models::{self, Catalog};
+use edgerun_server::serve::{self, ConnectionLimits};
 use edgerun_server::{router, AppState, TokenSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -132,6 +133,14 @@ struct ServeArgs {
     /// `https://<team domain>/cdn-cgi/access/certs`.
     #[arg(long, env = "EDGERUN_ACCESS_CERTS_URL")]
     access_certs_url: Option<String>,
+    /// Seconds after the last successful key fetch beyond which Access tokens are no longer
+    /// trusted (503 instead); at least the key cache lifetime (3600).
+    #[arg(
+        long,
+        env = "EDGERUN_ACCESS_MAX_STALENESS_SECS",
+        default_value_t = 86_400
+    )]
+    access_max_staleness_secs: u64,
     /// Prompt plus max_tokens allowed; defaults to the catalog's window or the model's own.
     #[arg(long, env = "EDGERUN_CONTEXT_WINDOW")]
     context_window: Option<usize>,
@@ -160,9 +169,36 @@ struct ServeArgs {
     /// CPU threads for model compute; defaults to the number of physical cores.
     #[arg(long, env = "EDGERUN_THREADS")]
     threads: Option<usize>,
-    /// Seconds to let in-flight requests finish after SIGTERM / Ctrl-C.
+    /// Seconds to let in-flight requests finish after SIGTERM / Ctrl-C. At the deadline every
+    /// generation still running ends with an error (stream error event, or 503), and the
+    /// process exits with status 1 if it cut any.
     #[arg(long, env = "EDGERUN_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     shutdown_timeout_secs: u64,
+    /// Open connections at most; beyond it new ones get 503 and are closed.
+    #[arg(long, env = "EDGERUN_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a client has to send a request head (from connecting, or from the first byte
+    /// of the next request on a kept-alive connection).
+    #[arg(long, env = "EDGERUN_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    header_read_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit idle between requests.
+    #[arg(long, env = "EDGERUN_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Seconds the whole request body has to arrive in (408 otherwise).
+    #[arg(long, env = "EDGERUN_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    body_timeout_secs: u64,
+    /// Bytes per second a request body must keep arriving at after its first 5 seconds (408
+    /// otherwise).
+    #[arg(long, env = "EDGERUN_MIN_BODY_RATE", default_value_t = 1024)]
+    min_body_rate: usize,
+    /// Seconds a stream whose client stopped reading is kept (paused) before it is dropped,
+    /// freeing its batch slot and KV cache.
+    #[arg(long, env = "EDGERUN_STALLED_STREAM_SECS", default_value_t = 30)]
+    stalled_stream_secs: u64,
+    /// Prompts templated and tokenized at once (the CPU work before the engine); defaults to
+    /// --threads.
+    #[arg(long, env = "EDGERUN_PREPARE_THREADS")]
+    prepare_threads: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -342,6 +378,7 @@ fn load_access(args: &ServeArgs) -> anyhow::Result<Option<Arc<AccessVerifier>>> 
         Some(url) => config.with_certs_url(url)?,
         None => config,
     };
+    let config = config.with_max_staleness(Duration::from_secs(args.access_max_staleness_secs))?;
     tracing::info!(
         team_domain = %config.team_domain,
         certs_url = %config.certs_url,
@@ -359,8 +396,47 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
     if args.heartbeat_secs == 0 {
         bail!("--heartbeat-secs (EDGERUN_HEARTBEAT_SECS) must be at least 1");
     }
-    if args.max_body_bytes == 0 {
-        bail!("--max-body-bytes (EDGERUN_MAX_BODY_BYTES) must be at least 1");
+    let positive = [
+        (
+            "--max-body-bytes (EDGERUN_MAX_BODY_BYTES)",
+            args.max_body_bytes as u64,
+        ),
+        (
+            "--max-connections (EDGERUN_MAX_CONNECTIONS)",
+            args.max_connections as u64,
+        ),
+        (
+            "--header-read-timeout-secs (EDGERUN_HEADER_READ_TIMEOUT_SECS)",
+            args.header_read_timeout_secs,
+        ),
+        (
+            "--idle-timeout-secs (EDGERUN_IDLE_TIMEOUT_SECS)",
+            args.idle_timeout_secs,
+        ),
+        (
+            "--body-timeout-secs (EDGERUN_BODY_TIMEOUT_SECS)",
+            args.body_timeout_secs,
+        ),
+        (
+            "--min-body-rate (EDGERUN_MIN_BODY_RATE)",
+            args.min_body_rate as u64,
+        ),
+        (
+            "--stalled-stream-secs (EDGERUN_STALLED_STREAM_SECS)",
+            args.stalled_stream_secs,
+        ),
+        (
+            "--shutdown-timeout-secs (EDGERUN_SHUTDOWN_TIMEOUT_SECS)",
+            args.shutdown_timeout_secs,
+        ),
+    ];
+    for (flag, value) in positive {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if args.prepare_threads == Some(0) {
+        bail!("--prepare-threads (EDGERUN_PREPARE_THREADS) must be at least 1");
     }
     let kv_cache_budget = match args.kv_cache_mib {
         None => None,
@@ -374,6 +450,7 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
         prefill_chunk: args.prefill_chunk,
         max_step_tokens: args.max_step_tokens,
         kv_cache_budget,
+        stalled_stream_timeout: Duration::from_secs(args.stalled_stream_secs),
     };
     config.validate().map_err(|e| {
         anyhow::anyhow!(
@@ -409,7 +486,20 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     served.extend(args.served_as.iter().filter(|s| !s.is_empty()).cloned());
     served.dedup();
     let mut state = AppState::new(served.clone(), tokens);
-    state.body_limit = args.max_body_bytes;
+    state.body = edgerun_server::BodyLimits {
+        max_bytes: args.max_body_bytes,
+        timeout: Duration::from_secs(args.body_timeout_secs),
+        min_rate: args.min_body_rate,
+        ..Default::default()
+    };
+    state.prepare = Arc::new(tokio::sync::Semaphore::new(
+        args.prepare_threads.unwrap_or(threads),
+    ));
+    let limits = ConnectionLimits {
+        max_connections: args.max_connections,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+    };
     state.heartbeat = Duration::from_secs(args.heartbeat_secs);
     state.metrics = edgerun_server::telemetry::install();
     state.access = access;
@@ -418,19 +508,15 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         .enable_all()
         .worker_threads(2)
         .build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         tracing::info!(listen = %listener.local_addr()?, models = ?served, "listening; /health is 503 until the model is loaded");
 
-        // Warm the Access key cache; a failure is logged and retried on demand.
-        if let Some(access) = state.access.clone() {
-            tokio::spawn(async move {
-                if let Err(e) = access.prefetch().await {
-                    tracing::warn!(error = %e, "Cloudflare Access keys not fetched yet");
-                }
-            });
+        // Keep the Access keys fresh in the background: requests never wait on a refresh.
+        if let Some(access) = &state.access {
+            access.spawn_refresher();
         }
 
         // Load on a blocking thread while the listener already answers /health with 503.
@@ -465,28 +551,62 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
             Ok(())
         });
 
-        let app = router(state);
-        let shutdown_timeout = Duration::from_secs(args.shutdown_timeout_secs);
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        // SIGTERM / Ctrl-C: drain (stop accepting, /health says draining, new requests 503),
+        // then at the deadline cut what still runs.
+        let (signalled, _) = tokio::sync::watch::channel(false);
+        let signal_rx = signalled.subscribe();
+        tokio::spawn(async move {
             shutdown_signal().await;
-            tracing::info!(
-                "shutting down: no new connections, {}s for in-flight requests",
-                shutdown_timeout.as_secs()
-            );
-            tokio::spawn(async move {
-                tokio::time::sleep(shutdown_timeout).await;
-                tracing::warn!("shutdown timeout reached; exiting with requests in flight");
-                std::process::exit(0);
-            });
+            signalled.send_replace(true);
         });
-        let server = tokio::spawn(async move { server.await });
-        match loader.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.context("loading the model")),
-            Err(e) => bail!("the model loader panicked: {e}"),
+        let drain = state.drain.clone();
+        let shutdown_timeout = Duration::from_secs(args.shutdown_timeout_secs);
+        let graceful = {
+            let drain = drain.clone();
+            let mut rx = signal_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+                drain.start();
+                tracing::info!(
+                    "shutting down: no new connections, {}s for in-flight requests",
+                    shutdown_timeout.as_secs()
+                );
+            }
+        };
+        let mut server = tokio::spawn(serve::serve(listener, router(state), limits, graceful));
+        tokio::select! {
+            loaded = loader => match loaded {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.context("loading the model")),
+                Err(e) => bail!("the model loader panicked: {e}"),
+            },
+            done = &mut server => {
+                done.context("server failed")?;
+                return Ok(());
+            }
         }
-        server.await?.context("server failed")
-    })
+        let mut rx = signal_rx.clone();
+        tokio::select! {
+            done = &mut server => return done.context("server failed"),
+            _ = rx.wait_for(|s| *s) => {}
+        }
+        if tokio::time::timeout(shutdown_timeout, &mut server).await.is_err() {
+            tracing::warn!("drain deadline reached: ending every generation still running");
+            drain.cut();
+            if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+                tracing::warn!("connections still open 5 s after the cut; exiting anyway");
+            }
+        }
+        match drain.cut_requests() {
+            0 => {
+                tracing::info!("drained; every request finished");
+                Ok(())
+            }
+            n => bail!("shut down with {n} generation(s) cut at the drain deadline"),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn shutdown_signal() {

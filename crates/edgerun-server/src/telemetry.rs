@@ -11,6 +11,11 @@ pub const REQUESTS: &str = "edgerun_requests_total";
 pub const TTFT: &str = "edgerun_time_to_first_token_seconds";
 pub const INTER_TOKEN: &str = "edgerun_inter_token_latency_seconds";
 pub const REQUEST_DURATION: &str = "edgerun_request_duration_seconds";
+pub const OPEN_CONNECTIONS: &str = "edgerun_open_connections";
+pub const CONNECTIONS_REFUSED: &str = "edgerun_connections_refused_total";
+pub const CONNECTIONS_TIMED_OUT: &str = "edgerun_connections_timed_out_total";
+pub const BODY_TIMEOUTS: &str = "edgerun_request_body_timeouts_total";
+pub const REQUESTS_CUT: &str = "edgerun_requests_cut_at_shutdown_total";
 
 /// Installs the process-wide recorder. `None` if one is installed already (tests build many
 /// routers in one process); metrics are then simply not rendered by that router.
@@ -39,8 +44,14 @@ pub fn install() -> Option<PrometheusHandle> {
         .ok()
 }
 
-/// The exposition text: recorded metrics plus the engine's counters.
-pub fn render(handle: &PrometheusHandle, stats: Option<StatsSnapshot>) -> String {
+/// The exposition text: recorded metrics plus the engine's counters. `healthy` is what
+/// `/health` says of the engine; `draining` whether the node is shutting down.
+pub fn render(
+    handle: &PrometheusHandle,
+    stats: Option<StatsSnapshot>,
+    healthy: bool,
+    draining: bool,
+) -> String {
     let mut out = handle.render();
     let s = stats.unwrap_or_default();
     let ready = u8::from(stats.is_some_and(|s| s.ready));
@@ -50,6 +61,42 @@ pub fn render(handle: &PrometheusHandle, stats: Option<StatsSnapshot>) -> String
             "gauge",
             "1 once the model is loaded and warmed up",
             ready as usize,
+        ),
+        (
+            "edgerun_healthy",
+            "gauge",
+            "1 while /health answers 200 for the engine (loaded, not failing)",
+            usize::from(healthy),
+        ),
+        (
+            "edgerun_draining",
+            "gauge",
+            "1 once the node is shutting down",
+            usize::from(draining),
+        ),
+        (
+            "edgerun_sequences_failed_total",
+            "counter",
+            "sequences failed because a step could not run them",
+            s.sequences_failed_total,
+        ),
+        (
+            "edgerun_sequences_stalled_total",
+            "counter",
+            "sequences dropped because their client stopped reading",
+            s.sequences_stalled_total,
+        ),
+        (
+            "edgerun_device_failures_total",
+            "counter",
+            "steps where no sequence could run and a probe step failed too",
+            s.device_failures_total,
+        ),
+        (
+            "edgerun_consecutive_device_failures",
+            "gauge",
+            "device failures since the last successful step (/health fails at 3)",
+            s.consecutive_device_failures,
         ),
         (
             "edgerun_active_sequences",

@@ -15,7 +15,7 @@ fn app(tokens: &[&str]) -> Router {
         vec![MODEL.to_string(), "tiny-model".to_string()],
         TokenSet::new(tokens.iter().map(|s| s.to_string())),
     );
-    state.body_limit = 1024;
+    state.body.max_bytes = 1024;
     router(state)
 }
 

@@ -8,6 +8,22 @@
 //! 2. **execute**: one [`CausalLm::forward`] over the planned segments;
 //! 3. **update from the output**: advance prefills, sample, let each [`Sequence`] apply its stop
 //!    rules, emit events, retire finished sequences.
+//!
+//! ## Faults
+//!
+//! A step that fails (an error or a panic in the forward pass) is retried with each of its
+//! sequences alone, so only the sequences that fail alone are failed; the others go on as if
+//! nothing happened (a failed forward commits nothing to any cache). When no sequence of the
+//! step could run, a one-token probe on a scratch cache tells a broken device from bad
+//! sequences: a failed probe counts a device failure, and [`FAILING_AFTER`] consecutive ones make
+//! [`crate::Engine::health`] report the engine as failing (any successful step clears it).
+//!
+//! ## Slow readers
+//!
+//! Each sequence's event channel holds [`EVENT_BUFFER`] events. A sequence whose client has
+//! stopped reading (its channel nearly full) is left out of the plan, so it costs no compute
+//! and its buffer stays bounded; after [`SchedulerConfig::stalled_stream_timeout`] of that it
+//! is dropped with a final error event, freeing its batch slot and KV cache.
 
 pub mod admission;
 pub mod plan;
@@ -25,8 +41,18 @@ use plan::{plan_step, Planned, Work};
 use std::collections::{BTreeSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{Receiver, Sender};
+
+/// Events one sequence's channel holds before its client counts as not reading.
+pub const EVENT_BUFFER: usize = 64;
+/// Events one step can send a sequence (prompt processed, a token, its end), plus one kept in
+/// reserve for the error that ends a stalled stream.
+pub(crate) const EVENTS_PER_STEP: usize = 3;
+/// Consecutive device failures (failed probes, see the module docs) after which the engine
+/// reports itself failing.
+pub const FAILING_AFTER: usize = 3;
 
 /// Limits that shape the batch. [`SchedulerConfig::validate`] refuses nonsensical values; the
 /// engine never clamps them.
@@ -45,6 +71,9 @@ pub struct SchedulerConfig {
     /// `max_tokens` positions when admitted). A request that does not fit waits in the queue;
     /// one that could never fit is refused. `None`: no limit.
     pub kv_cache_budget: Option<usize>,
+    /// How long a sequence whose client stopped reading its events is kept (paused, not
+    /// computed) before it is dropped.
+    pub stalled_stream_timeout: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -55,6 +84,7 @@ impl Default for SchedulerConfig {
             prefill_chunk: 128,
             max_step_tokens: 256,
             kv_cache_budget: None,
+            stalled_stream_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -79,6 +109,11 @@ impl SchedulerConfig {
                 "kv_cache_budget must be more than 0 bytes".into(),
             ));
         }
+        if self.stalled_stream_timeout.is_zero() {
+            return Err(EngineError::Config(
+                "stalled_stream_timeout must be more than 0".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -97,9 +132,10 @@ pub enum GenerationEvent {
 }
 
 /// The receiving end of one generation. Dropping it cancels the sequence: the engine notices
-/// before its next step and frees the sequence's cache.
+/// before its next step and frees the sequence's cache. It buffers at most [`EVENT_BUFFER`]
+/// events: a reader that falls that far behind pauses its sequence (see the module docs).
 pub struct TokenStream {
-    rx: UnboundedReceiver<GenerationEvent>,
+    rx: Receiver<GenerationEvent>,
 }
 
 impl TokenStream {
@@ -127,7 +163,7 @@ impl futures_core::Stream for TokenStream {
 pub(crate) struct Submission {
     pub request: GenerationRequest,
     pub reservation: KvReservation,
-    pub tx: UnboundedSender<GenerationEvent>,
+    pub tx: Sender<GenerationEvent>,
 }
 
 /// Counters shared between the engine thread and its handles.
@@ -145,6 +181,28 @@ pub struct EngineStats {
     pub(crate) stopped: AtomicBool,
     /// KV cache bytes reserved by running sequences.
     pub(crate) kv_reserved: AtomicUsize,
+    /// Sequences failed by a step that could not run them (alone).
+    pub(crate) failed_sequences: AtomicUsize,
+    /// Sequences dropped because their client stopped reading.
+    pub(crate) stalled: AtomicUsize,
+    /// Device failures: steps where no sequence could run and the probe failed too.
+    pub(crate) device_failures: AtomicUsize,
+    /// Device failures since the last successful step.
+    pub(crate) consecutive_failures: AtomicUsize,
+    /// The newest device failure's message.
+    pub(crate) last_failure: Mutex<Option<String>>,
+}
+
+/// Whether the engine can serve, as `/health` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Loading or warming up.
+    Starting,
+    Ready,
+    /// [`FAILING_AFTER`] or more consecutive device failures; the newest one's message.
+    Failing(String),
+    /// The engine thread has exited.
+    Stopped,
 }
 
 /// A point-in-time copy of [`EngineStats`].
@@ -161,6 +219,14 @@ pub struct StatsSnapshot {
     pub peak_batch_size: usize,
     /// KV cache bytes reserved by running sequences.
     pub kv_cache_reserved_bytes: usize,
+    /// Sequences failed because a step could not run them (alone).
+    pub sequences_failed_total: usize,
+    /// Sequences dropped because their client stopped reading.
+    pub sequences_stalled_total: usize,
+    /// Steps where no sequence could run and a probe on a scratch cache failed too.
+    pub device_failures_total: usize,
+    /// Device failures since the last successful step.
+    pub consecutive_device_failures: usize,
 }
 
 impl EngineStats {
@@ -175,13 +241,48 @@ impl EngineStats {
             requests_cancelled_total: self.cancelled.load(Ordering::Relaxed),
             peak_batch_size: self.peak_batch.load(Ordering::Relaxed),
             kv_cache_reserved_bytes: self.kv_reserved.load(Ordering::Relaxed),
+            sequences_failed_total: self.failed_sequences.load(Ordering::Relaxed),
+            sequences_stalled_total: self.stalled.load(Ordering::Relaxed),
+            device_failures_total: self.device_failures.load(Ordering::Relaxed),
+            consecutive_device_failures: self.consecutive_failures.load(Ordering::Relaxed),
         }
+    }
+
+    pub fn health(&self) -> Health {
+        if self.stopped.load(Ordering::Relaxed) {
+            Health::Stopped
+        } else if !self.ready.load(Ordering::Relaxed) {
+            Health::Starting
+        } else if self.consecutive_failures.load(Ordering::Relaxed) >= FAILING_AFTER {
+            let why = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+            Health::Failing(why.clone().unwrap_or_default())
+        } else {
+            Health::Ready
+        }
+    }
+
+    fn device_failed(&self, why: &str) {
+        self.device_failures.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+    }
+
+    fn step_succeeded(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 }
 
-pub(crate) fn token_channel() -> (UnboundedSender<GenerationEvent>, TokenStream) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+pub(crate) fn token_channel() -> (Sender<GenerationEvent>, TokenStream) {
+    let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
     (tx, TokenStream { rx })
+}
+
+/// How a sequence leaves the running batch.
+enum Outcome {
+    Finished(StopReason),
+    Failed(String),
+    /// Its client stopped reading for longer than the stalled-stream timeout.
+    Stalled,
 }
 
 /// The loop that owns the model. Runs until every handle is dropped.
@@ -192,6 +293,8 @@ pub(crate) struct Scheduler {
     pub config: SchedulerConfig,
     pub stats: Arc<EngineStats>,
     pub rx: mpsc::Receiver<Submission>,
+    #[cfg(feature = "fault-injection")]
+    pub faults: Arc<Mutex<crate::faults::Faults>>,
 }
 
 impl Scheduler {
@@ -227,18 +330,53 @@ impl Scheduler {
                 waiting.push_back(s);
             }
             self.drop_cancelled(&mut waiting, &mut running);
+            self.drop_stalled(&mut running);
             self.admit(&mut waiting, &mut running);
             if !running.is_empty() {
-                // A panic anywhere in a step (forward, sampling, detokenizing) fails that
-                // step's sequences; the engine goes on serving the rest.
-                if catch_unwind(AssertUnwindSafe(|| self.step(&mut running))).is_err() {
-                    tracing::error!("a step panicked; failing its {} sequences", running.len());
-                    for seq in running.drain(..) {
-                        seq.fail("internal error in the engine");
+                // The forward pass's own failures are isolated per sequence (`step`); a panic
+                // anywhere else in a step (sampling, detokenizing) fails the running sequences
+                // and the engine goes on serving.
+                match catch_unwind(AssertUnwindSafe(|| self.step(&mut running))) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Every running sequence waits for its client to read: nothing to
+                        // compute until one does or a new request arrives.
+                        if let Ok(s) = self.rx.recv_timeout(Duration::from_millis(5)) {
+                            waiting.push_back(s);
+                        }
+                    }
+                    Err(_) => {
+                        tracing::error!("a step panicked; failing its {} sequences", running.len());
+                        self.stats
+                            .failed_sequences
+                            .fetch_add(running.len(), Ordering::Relaxed);
+                        for seq in running.drain(..) {
+                            seq.fail("internal error in the engine");
+                        }
                     }
                 }
             }
             self.publish(&running);
+        }
+    }
+
+    /// Drops the sequences whose clients have not read their events for longer than the
+    /// stalled-stream timeout.
+    fn drop_stalled(&self, running: &mut Vec<Sequence>) {
+        let now = Instant::now();
+        let timeout = self.config.stalled_stream_timeout;
+        let mut stalled = Vec::new();
+        for (i, seq) in running.iter_mut().enumerate() {
+            if seq.stalled_for(now) > timeout {
+                stalled.push((i, Outcome::Stalled));
+            }
+        }
+        if !stalled.is_empty() {
+            tracing::warn!(
+                sequences = stalled.len(),
+                "dropping streams whose clients stopped reading"
+            );
+            self.retire(running, stalled);
         }
     }
 
@@ -281,7 +419,7 @@ impl Scheduler {
                     tx: sub.tx,
                 })),
                 Err(e) => {
-                    let _ = sub.tx.send(GenerationEvent::Failed(format!(
+                    let _ = sub.tx.try_send(GenerationEvent::Failed(format!(
                         "cannot allocate the KV cache: {e}"
                     )));
                 }
@@ -293,22 +431,88 @@ impl Scheduler {
         }
     }
 
-    /// One step: plan, execute, update from the output.
-    fn step(&self, running: &mut Vec<Sequence>) {
+    /// One step: plan, execute, update from the output. `false` when nothing could be planned
+    /// (every running sequence waits for its client).
+    fn step(&self, running: &mut Vec<Sequence>) -> bool {
         let progress: Vec<_> = running.iter().map(Sequence::progress).collect();
         let plan = plan_step(&progress, &self.config);
         if plan.is_empty() {
-            return;
+            return false;
         }
-        // `execute`, `update_from_output` and `fail_planned` index by it.
+        // `execute` and `update_from_output` index by it.
         debug_assert!(plan.windows(2).all(|w| w[0].seq < w[1].seq));
         self.stats
             .peak_batch
             .fetch_max(plan.len(), Ordering::Relaxed);
+        let mut outcomes = Vec::new();
         match self.execute(running, &plan) {
-            Ok(logits) => self.update_from_output(running, &plan, logits),
-            Err(why) => self.fail_planned(running, &plan, &why),
+            Ok(logits) => {
+                self.stats.step_succeeded();
+                self.update_from_output(running, &plan, logits, &mut outcomes);
+            }
+            Err(why) => self.isolate(running, &plan, why, &mut outcomes),
         }
+        self.retire(running, outcomes);
+        true
+    }
+
+    /// After a failed step: runs each planned sequence alone, fails those that fail alone and
+    /// carries on with the others; probes the device when none could run.
+    fn isolate(
+        &self,
+        running: &mut [Sequence],
+        plan: &[Planned],
+        why: String,
+        outcomes: &mut Vec<(usize, Outcome)>,
+    ) {
+        let mut ran = Vec::new();
+        let mut logits = Vec::new();
+        if plan.len() == 1 {
+            outcomes.push((plan[0].seq, Outcome::Failed(why.clone())));
+        } else {
+            tracing::warn!(
+                sequences = plan.len(),
+                error = %why,
+                "a step failed; retrying each of its sequences alone"
+            );
+            for p in plan {
+                match self.execute(running, std::slice::from_ref(p)) {
+                    Ok(rows) => {
+                        ran.push(*p);
+                        logits.extend(rows);
+                    }
+                    Err(e) => outcomes.push((p.seq, Outcome::Failed(e))),
+                }
+            }
+        }
+        tracing::error!(
+            failed = outcomes.len(),
+            recovered = ran.len(),
+            error = %why,
+            "step failed"
+        );
+        if !ran.is_empty() {
+            self.stats.step_succeeded();
+            self.update_from_output(running, &ran, logits, outcomes);
+        } else if let Err(e) = self.probe() {
+            tracing::error!(error = %e, "the device failed a probe step");
+            self.stats.device_failed(&e);
+        } else {
+            // The device works: the sequences themselves could not run.
+            self.stats.step_succeeded();
+        }
+    }
+
+    /// One token through the model on a scratch cache: does the device still work?
+    fn probe(&self) -> std::result::Result<(), String> {
+        let layout = self.model.kv_layout();
+        let mut cache = KvCache::new(&layout, 1, self.model.device()).map_err(|e| e.to_string())?;
+        let tokens = [0u32];
+        let mut segments = vec![crate::models::Segment {
+            tokens: &tokens,
+            cache: &mut cache,
+        }];
+        self.forward(&mut segments, &[0]).map(|_| ())
     }
 
     /// Runs the model over the planned segments; returns the logits of the sampling entries,
@@ -336,8 +540,20 @@ impl Scheduler {
             rest = tail;
             offset = p.seq + 1;
         }
+        self.forward(&mut segments, &want)
+    }
+
+    /// The model's forward pass with its failures (errors and panics) as messages, the logits
+    /// copied out.
+    fn forward(
+        &self,
+        segments: &mut [crate::models::Segment<'_>],
+        want: &[usize],
+    ) -> std::result::Result<Vec<Vec<f32>>, String> {
         let result = catch_unwind(AssertUnwindSafe(|| {
-            self.model.forward(&mut segments, &want)
+            #[cfg(feature = "fault-injection")]
+            crate::faults::check(&self.faults, segments)?;
+            self.model.forward(segments, want)
         }));
         let logits: Option<Tensor> = match result {
             Ok(Ok(logits)) => logits,
@@ -350,13 +566,14 @@ impl Scheduler {
         }
     }
 
-    /// Advances prefills, samples a token for every sampling entry and retires the sequences
-    /// that stop.
+    /// Advances prefills, samples a token for every sampling entry and notes the sequences that
+    /// stop in `outcomes` (`retire` removes them).
     fn update_from_output(
         &self,
-        running: &mut Vec<Sequence>,
+        running: &mut [Sequence],
         plan: &[Planned],
         logits: Vec<Vec<f32>>,
+        outcomes: &mut Vec<(usize, Outcome)>,
     ) {
         for p in plan {
             if let Work::Prefill { start, len } = p.work {
@@ -366,44 +583,49 @@ impl Scheduler {
                 }
             }
         }
-        let mut finished: Vec<(usize, StopReason)> = Vec::new();
         let sampling = plan.iter().filter(|p| p.samples);
         for (p, mut row) in sampling.zip(logits) {
             let seq = &mut running[p.seq];
             let token = seq.sample(&mut row);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
             if let Some(reason) = seq.accept(token, &self.tokenizer) {
-                finished.push((p.seq, reason));
+                outcomes.push((p.seq, Outcome::Finished(reason)));
             }
-        }
-        // Remove finished sequences and update the counters before telling their clients, so
-        // that anyone who has seen `Finished` also sees the sequence gone from the stats.
-        let done: Vec<(Sequence, StopReason)> = finished
-            .into_iter()
-            .rev()
-            .map(|(i, reason)| (running.swap_remove(i), reason))
-            .collect();
-        self.publish(running);
-        self.stats
-            .completed
-            .fetch_add(done.len(), Ordering::Relaxed);
-        for (seq, reason) in done {
-            seq.finish(reason);
         }
     }
 
-    /// Fails every sequence of a step that could not run.
-    fn fail_planned(&self, running: &mut Vec<Sequence>, plan: &[Planned], why: &str) {
-        tracing::error!("step failed: {why}");
-        // The plan is in sequence order: remove from the back so indices stay valid.
-        let failed: Vec<Sequence> = plan
-            .iter()
-            .rev()
-            .map(|p| running.swap_remove(p.seq))
+    /// Removes the sequences in `outcomes` (indices into `running`, each at most once) and
+    /// tells their clients, after updating the counters: anyone who has seen `Finished` also
+    /// sees the sequence gone from the stats.
+    fn retire(&self, running: &mut Vec<Sequence>, mut outcomes: Vec<(usize, Outcome)>) {
+        if outcomes.is_empty() {
+            return;
+        }
+        // Highest index first, so that each swap_remove moves a sequence that stays.
+        outcomes.sort_unstable_by_key(|(i, _)| std::cmp::Reverse(*i));
+        let gone: Vec<(Sequence, Outcome)> = outcomes
+            .into_iter()
+            .map(|(i, outcome)| (running.swap_remove(i), outcome))
             .collect();
         self.publish(running);
-        for seq in failed {
-            seq.fail(why);
+        for (seq, outcome) in gone {
+            match outcome {
+                Outcome::Finished(reason) => {
+                    self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                    seq.finish(reason);
+                }
+                Outcome::Failed(why) => {
+                    self.stats.failed_sequences.fetch_add(1, Ordering::Relaxed);
+                    seq.fail(&why);
+                }
+                Outcome::Stalled => {
+                    self.stats.stalled.fetch_add(1, Ordering::Relaxed);
+                    let secs = self.config.stalled_stream_timeout.as_secs_f32();
+                    seq.fail(&format!(
+                        "the client did not read the stream for {secs:.0} s; generation stopped"
+                    ));
+                }
+            }
         }
     }
 }

@@ -11,6 +11,8 @@ pub struct SeqProgress {
     pub prefilled: usize,
     /// The whole prompt is read and a sampled token waits to be fed back.
     pub decoding: bool,
+    /// Its client is not reading its events: leave it out until it does.
+    pub blocked: bool,
 }
 
 /// What one sequence does in a step.
@@ -46,7 +48,7 @@ pub fn plan_step(seqs: &[SeqProgress], cfg: &SchedulerConfig) -> Vec<Planned> {
     let mut budget = cfg.max_step_tokens;
     let mut plan = Vec::with_capacity(seqs.len());
     for (seq, s) in seqs.iter().enumerate() {
-        if s.decoding {
+        if s.decoding && !s.blocked {
             plan.push(Planned {
                 seq,
                 work: Work::Decode,
@@ -58,7 +60,7 @@ pub fn plan_step(seqs: &[SeqProgress], cfg: &SchedulerConfig) -> Vec<Planned> {
     let mut prefilling = false;
     for (seq, s) in seqs.iter().enumerate() {
         let remaining = s.prompt_len - s.prefilled.min(s.prompt_len);
-        if s.decoding || remaining == 0 {
+        if s.decoding || s.blocked || remaining == 0 {
             continue;
         }
         let len = remaining.min(cfg.prefill_chunk);
@@ -96,6 +98,7 @@ mod tests {
             prompt_len: 10,
             prefilled: 10,
             decoding: true,
+            blocked: false,
         }
     }
 
@@ -104,6 +107,7 @@ mod tests {
             prompt_len,
             prefilled,
             decoding: false,
+            blocked: false,
         }
     }
 
@@ -173,6 +177,23 @@ mod tests {
                 decode(4)
             ]
         );
+    }
+
+    #[test]
+    fn sequences_whose_clients_do_not_read_are_left_out() {
+        let blocked = |s: SeqProgress| SeqProgress { blocked: true, ..s };
+        let seqs = [
+            blocked(decoding()),
+            decoding(),
+            blocked(prompt(30, 0)),
+            prompt(30, 8),
+        ];
+        assert_eq!(
+            plan_step(&seqs, &cfg(8, 64)),
+            [decode(1), prefill(3, 8, 8, false)]
+        );
+        // All blocked: nothing to do this step.
+        assert!(plan_step(&[blocked(decoding())], &cfg(8, 64)).is_empty());
     }
 
     #[test]

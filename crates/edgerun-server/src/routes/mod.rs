@@ -13,7 +13,7 @@ use crate::access::require_access;
 use crate::auth::require_bearer;
 use crate::error::IntoHttp;
 use crate::telemetry;
-use crate::AppState;
+use crate::{AppState, BodyLimits};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
@@ -21,8 +21,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use edgerun_engine::Health;
 use edgerun_protocol::{request_id as choose_request_id, ApiError, JSON_CONTENT_TYPE};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Workers AI's request-id header, kept when the caller (or the edge Worker) sent one that
 /// `edgerun_protocol::accepted_request_id` accepts.
@@ -58,7 +59,13 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     let Some(handle) = &state.metrics else {
         return ApiError::no_route().into_http();
     };
-    let body = crate::telemetry::render(handle, state.engine.get().map(|e| e.stats()));
+    let engine = state.engine.get();
+    let body = crate::telemetry::render(
+        handle,
+        engine.map(|e| e.stats()),
+        engine.is_some_and(|e| e.health() == Health::Ready),
+        state.drain.is_draining(),
+    );
     let mut resp = (StatusCode::OK, body).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -106,7 +113,7 @@ async fn request_id(req: Request, next: Next) -> Response {
     resp
 }
 
-fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     let bits: u128 = rand::random();
     let h = format!("{bits:032x}");
     format!(
@@ -119,42 +126,80 @@ fn new_request_id() -> String {
     )
 }
 
-/// `200 {"status":"ok",...}` once the model has loaded and warmed up, `503` before.
+/// `200 {"status":"ok",...}` once the model has loaded and warmed up; `503` with the status
+/// `loading`, `draining`, `failing` (with the reason: repeated device failures) or
+/// `engine stopped` otherwise.
 async fn health(State(state): State<AppState>) -> Response {
-    match state.engine.get() {
-        Some(engine) if !engine.is_ready() => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "engine stopped"})),
-        )
-            .into_response(),
-        Some(engine) => {
-            let stats = engine.stats();
+    let unavailable =
+        |body: serde_json::Value| (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    if state.drain.is_draining() {
+        return unavailable(serde_json::json!({"status": "draining"}));
+    }
+    let Some(engine) = state.engine.get() else {
+        return unavailable(serde_json::json!({"status": "loading"}));
+    };
+    match engine.health() {
+        Health::Ready => {
             let body = serde_json::json!({
                 "status": "ok",
                 "models": *state.served_names,
                 "context_window": engine.context_window(),
-                "stats": stats,
+                "stats": engine.stats(),
             });
             (StatusCode::OK, Json(body)).into_response()
         }
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "loading"})),
-        )
-            .into_response(),
+        Health::Starting => unavailable(serde_json::json!({"status": "loading"})),
+        Health::Failing(reason) => unavailable(serde_json::json!({
+            "status": "failing",
+            "reason": reason,
+            "stats": engine.stats(),
+        })),
+        Health::Stopped => unavailable(serde_json::json!({"status": "engine stopped"})),
     }
 }
 
-/// Reads a request body of at most `limit` bytes: 413 / 3006 beyond it.
-pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|e| match std::error::Error::source(&e) {
-            Some(s) if s.is::<http_body_util::LengthLimitError>() => {
-                ApiError::request_too_large(limit)
+/// Reads a request body within `limits`: 413 / 3006 beyond the size limit (at once when the
+/// declared length says so), 408 / 3007 when the whole body does not arrive within the
+/// timeout or, after the grace period, arrives slower than the minimum rate.
+pub(crate) async fn read_body(body: Body, limits: &BodyLimits) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    if http_body::Body::size_hint(&body).lower() > limits.max_bytes as u64 {
+        return Err(ApiError::request_too_large(limits.max_bytes));
+    }
+    let started = tokio::time::Instant::now();
+    let deadline = started + limits.timeout;
+    let mut buf = Vec::new();
+    loop {
+        let wake = deadline.min(tokio::time::Instant::now() + Duration::from_millis(500));
+        match tokio::time::timeout_at(wake, body.frame()).await {
+            Ok(None) => return Ok(Bytes::from(buf)),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() + data.len() > limits.max_bytes {
+                        return Err(ApiError::request_too_large(limits.max_bytes));
+                    }
+                    buf.extend_from_slice(&data);
+                }
             }
-            _ => ApiError::bad_input(format!("could not read the request body: {e}")),
-        })
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_input(format!(
+                    "could not read the request body: {e}"
+                )))
+            }
+            Err(_) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            metrics::counter!(telemetry::BODY_TIMEOUTS, "reason" => "deadline").increment(1);
+            return Err(ApiError::timeout());
+        }
+        let beyond_grace = (now - started).saturating_sub(limits.grace).as_secs_f64();
+        if (buf.len() as f64) < limits.min_rate as f64 * beyond_grace {
+            metrics::counter!(telemetry::BODY_TIMEOUTS, "reason" => "rate").increment(1);
+            return Err(ApiError::timeout());
+        }
+    }
 }
 
 /// A successful JSON answer, with the content type the Workers binding requires exactly.

@@ -38,7 +38,7 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
     if !state.serves(&model) {
         return Err(ApiError::no_such_model(&model).into());
     }
-    let bytes = read_body(body, state.body_limit).await?;
+    let bytes = read_body(body, &state.body).await?;
     let request = ValidatedRequest::from_json_bytes(&bytes)?;
     if request.response_format.is_some() {
         return Err(ApiError::bad_input(

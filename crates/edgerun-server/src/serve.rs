@@ -1,0 +1,457 @@
+//! The listener: accepting connections, bounding what each may cost, and draining.
+//!
+//! axum's own `serve` runs hyper without any timer or connection limit, so a client that sends
+//! one byte a second, or opens connections and says nothing, holds them forever. This loop
+//! serves the same router with:
+//!
+//! * **a cap on open connections** ([`ConnectionLimits::max_connections`]): beyond it a new
+//!   connection gets `503` in the Workers AI envelope (`Retry-After`, `edgerun-not-started`,
+//!   `Connection: close`) and is closed, so a flood costs one small write per connection;
+//! * **a header-read timeout**: from a connection's start, or the first byte of a keep-alive
+//!   connection's next request, to the end of the request head;
+//! * **an idle timeout**: a keep-alive connection with no request in flight and no byte read
+//!   for this long is closed;
+//! * **a graceful drain**: when `shutdown` resolves, idle connections close at once and busy
+//!   ones after their answers; the listener keeps answering (one request per connection) so
+//!   that `/health` can say "draining" and run requests get a 503 marked not-started, until
+//!   every connection has closed.
+//!
+//! A request in flight is never timed out here: its body has its own deadline and minimum rate
+//! (`routes::read_body`), a stream whose client stops reading is paused and then dropped by the
+//! engine, and at the drain deadline `main` cuts whatever still runs (`Drain`).
+//!
+//! Timing is kept per connection by a watchdog beside hyper's connection future: it sees the
+//! bytes read (through [`Watched`]) and the requests in flight (through the service wrapper),
+//! and drops the connection, which closes the socket, when a limit passes.
+
+use crate::telemetry;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::Router;
+use bytes::Bytes;
+use edgerun_protocol::ApiError;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+/// What one connection may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections at most; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Time to receive a request head.
+    pub header_read_timeout: Duration,
+    /// Time a keep-alive connection may sit with nothing in flight.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Connections turned away at the cap that may still be answered at once (each is a small
+/// write and a short wait for the client's request bytes); beyond these they are just closed.
+const MAX_REFUSING: usize = 256;
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains: returns once every
+/// connection has closed. (Marking the node as draining, so that handlers refuse new work, is
+/// the caller's part: `Drain::start`.)
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+    let mut draining = false;
+    loop {
+        let accepted = if draining {
+            // Still answering (health checks see "draining", run requests a 503 that tells
+            // the Worker to go elsewhere) until every connection has closed.
+            tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if open.load(Ordering::Relaxed) == 0 {
+                        break;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            tokio::select! {
+                _ = &mut shutdown => {
+                    draining = true;
+                    let _ = stop_tx.send(true);
+                    tracing::info!(
+                        open = open.load(Ordering::Relaxed),
+                        "draining: idle connections close now, busy ones after their answers"
+                    );
+                    continue;
+                }
+                accepted = listener.accept() => accepted,
+            }
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        if open.load(Ordering::Relaxed) >= limits.max_connections {
+            metrics::counter!(telemetry::CONNECTIONS_REFUSED).increment(1);
+            if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream).await;
+                    drop(permit);
+                });
+            }
+            continue;
+        }
+        let guard = OpenConnection::new(open.clone());
+        let app = app.clone();
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, app, limits, stop).await;
+            drop(guard);
+        });
+    }
+}
+
+/// Counts an open connection while it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: Arc<AtomicUsize>) -> Self {
+        let n = open.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(telemetry::OPEN_CONNECTIONS).set(n as f64);
+        Self(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let n = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!(telemetry::OPEN_CONNECTIONS).set(n as f64);
+    }
+}
+
+/// The answer for a connection over the cap: 503 in the envelope, then close. The client's
+/// request bytes are read (briefly) before closing so that the close does not reset the
+/// connection under the answer.
+async fn refuse(mut stream: TcpStream) {
+    let error = ApiError::unavailable("the node has too many open connections, try again");
+    let body = error.to_json();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: {}\r\ncontent-length: {}\r\n\
+         retry-after: 1\r\n{}: 1\r\n{}: {}\r\nconnection: close\r\n\r\n",
+        edgerun_protocol::JSON_CONTENT_TYPE,
+        body.len(),
+        edgerun_protocol::NOT_STARTED_HEADER,
+        edgerun_protocol::REQUEST_ID_HEADER,
+        crate::routes::new_request_id(),
+    );
+    let answer = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        loop {
+            if tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+
+/// What the watchdog knows about one connection. Times are milliseconds since `epoch`.
+struct Activity {
+    epoch: Instant,
+    /// Requests whose answers are not finished.
+    in_flight: AtomicUsize,
+    /// When the request head now being read began (`u64::MAX`: none is being read).
+    head_started: AtomicU64,
+    /// The last byte read or the last answer finished.
+    last_active: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            // A new connection is reading its first request head from the start.
+            head_started: AtomicU64::new(0),
+            last_active: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn read_some(&self) {
+        let now = self.now();
+        self.last_active.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            let _ = self.head_started.compare_exchange(
+                u64::MAX,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    fn request_finished(&self) {
+        self.last_active.store(self.now(), Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Which limit, if any, the connection has passed.
+    fn expired(&self, limits: &ConnectionLimits) -> Option<&'static str> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let now = self.now();
+        let head = self.head_started.load(Ordering::Relaxed);
+        if head != u64::MAX {
+            if now.saturating_sub(head) > limits.header_read_timeout.as_millis() as u64 {
+                return Some("header read timeout");
+            }
+            return None;
+        }
+        let idle = now.saturating_sub(self.last_active.load(Ordering::Relaxed));
+        (idle > limits.idle_timeout.as_millis() as u64).then_some("idle timeout")
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    limits: ConnectionLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched {
+        io: stream,
+        activity: activity.clone(),
+    });
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let app = app.clone();
+            let tracker = InFlight::new(activity.clone());
+            async move {
+                let resp = tower::ServiceExt::oneshot(app, req.map(Body::new)).await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                    Body::new(Tracked {
+                        inner: body,
+                        _tracker: tracker,
+                    })
+                }))
+            }
+        })
+    };
+    let builder = Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut stopping = *stop.borrow();
+    if stopping {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stop.changed(), if !stopping => {
+                stopping = true;
+                if changed.is_ok() {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            _ = tokio::time::sleep(tick) => {
+                if let Some(why) = activity.expired(&limits) {
+                    tracing::debug!(reason = why, "closing a connection");
+                    metrics::counter!(telemetry::CONNECTIONS_TIMED_OUT, "reason" => why)
+                        .increment(1);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Marks a request in flight from the service call until its response body is dropped (sent
+/// or abandoned).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.request_started();
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+/// A response body that keeps its request counted in flight.
+struct Tracked {
+    inner: Body,
+    _tracker: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The socket, reporting each read to the watchdog.
+struct Watched {
+    io: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.read_some();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: 8,
+            header_read_timeout: Duration::from_millis(100),
+            idle_timeout: Duration::from_millis(300),
+        }
+    }
+
+    #[test]
+    fn a_new_connection_must_send_its_head_in_time() {
+        let a = Activity::new();
+        assert_eq!(a.expired(&limits()), None);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(a.expired(&limits()), Some("header read timeout"));
+    }
+
+    #[test]
+    fn requests_in_flight_never_expire_and_idle_follows_the_answer() {
+        let a = Activity::new();
+        a.read_some();
+        a.request_started();
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(a.expired(&limits()), None, "in flight");
+        a.request_finished();
+        assert_eq!(a.expired(&limits()), None, "just answered");
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(a.expired(&limits()), None, "idle, under the idle timeout");
+        // The next request's first byte starts the header clock.
+        a.read_some();
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(a.expired(&limits()), Some("header read timeout"));
+    }
+
+    #[test]
+    fn an_idle_keep_alive_connection_closes() {
+        let a = Activity::new();
+        a.read_some();
+        a.request_started();
+        a.request_finished();
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(a.expired(&limits()), Some("idle timeout"));
+    }
+}
