@@ -8,6 +8,11 @@
 //! serves at `/cdn-cgi/access/certs`, and streams the request to its node. When the node is
 //! down it answers 502, as Cloudflare does when cloudflared cannot reach the origin. Nodes run
 //! with `--access-*` pointing at the gate, so they verify real JWTs exactly as in production.
+//!
+//! [`FakeOrigin`] stands in for a whole region when a test needs an answer no real node gives on
+//! demand (Cloudflare's 530, a 503 marked `edgerun-not-started`, a redirect to Access's login
+//! page, a connection dropped after the request was read): raw HTTP/1.1 over TCP, one scripted
+//! [`Behaviour`] at a time, every request it read kept for inspection.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,11 +26,13 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::{Generate, PrivateKey};
 use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const ACCESS_TEAM: &str = "edge-test.cloudflareaccess.com";
 pub const ACCESS_AUD: &str = "d4d1e0c9a4e7e6a1c7d0a7e1b0c3f1e2d5c8b9a0f1e2d3c4b5a69788796a5b4c";
@@ -256,6 +263,185 @@ async fn pass(State(gate): State<Arc<GateState>>, req: Request) -> Response {
     }
 }
 
+/// What a [`FakeOrigin`] does with each request, once it has read all of it.
+#[derive(Debug, Clone)]
+pub enum Behaviour {
+    /// Answers with this status, these headers and this body, then closes the connection.
+    Answer {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+    /// Closes the connection (with a TCP reset) without answering: a node that died, or a
+    /// connection that broke, after the request reached it.
+    Reset,
+}
+
+impl Behaviour {
+    pub fn answer(status: u16, headers: &[(&str, &str)], body: &str) -> Behaviour {
+        Behaviour::Answer {
+            status,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_string(),
+        }
+    }
+}
+
+/// One request a [`FakeOrigin`] read: the request line, the headers (names lowercased) and the
+/// body.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub request_line: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct FakeState {
+    behaviour: Mutex<Behaviour>,
+    received: Mutex<Vec<Received>>,
+}
+
+/// A scripted stand-in for a region (see the module docs). Stops listening on drop or
+/// [`FakeOrigin::stop`], after which connections to it are refused.
+pub struct FakeOrigin {
+    pub base: String,
+    state: Arc<FakeState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeOrigin {
+    pub async fn start(behaviour: Behaviour) -> FakeOrigin {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake origin");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let state = Arc::new(FakeState {
+            behaviour: Mutex::new(behaviour),
+            received: Mutex::new(Vec::new()),
+        });
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_fake(stream, shared.clone()));
+            }
+        });
+        FakeOrigin { base, state, task }
+    }
+
+    /// What it does with the next requests.
+    pub fn set(&self, behaviour: Behaviour) {
+        *self.state.behaviour.lock().unwrap() = behaviour;
+    }
+
+    /// Every request it has read so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// Stops listening: from now on connections are refused.
+    pub async fn stop(&self) {
+        self.task.abort();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.task.is_finished() {
+            assert!(Instant::now() < deadline, "the fake origin did not stop");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for FakeOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one HTTP/1.1 request (a `content-length` or chunked body), then behaves.
+async fn serve_fake(mut stream: tokio::net::TcpStream, state: Arc<FakeState>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let chunked = value("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let length: usize = value("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let complete = |buf: &[u8]| {
+        let body = &buf[head_end..];
+        if chunked {
+            body.ends_with(b"0\r\n\r\n")
+        } else {
+            body.len() >= length
+        }
+    };
+    while !complete(&buf) {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    state.received.lock().unwrap().push(Received {
+        request_line,
+        headers,
+        body: buf[head_end..].to_vec(),
+    });
+    let behaviour = state.behaviour.lock().unwrap().clone();
+    match behaviour {
+        Behaviour::Reset => {
+            let _ = stream.set_zero_linger();
+            drop(stream);
+        }
+        Behaviour::Answer {
+            status,
+            headers,
+            body,
+        } => {
+            let mut out = format!("HTTP/1.1 {status} Scripted\r\n");
+            for (name, value) in &headers {
+                out.push_str(&format!("{name}: {value}\r\n"));
+            }
+            out.push_str(&format!(
+                "content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            ));
+            let _ = stream.write_all(out.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    }
+}
+
 /// The Worker's build output (`scripts/build-worker.sh`), or `EDGERUN_WORKER_BUILD`.
 pub fn worker_build_dir() -> PathBuf {
     std::env::var("EDGERUN_WORKER_BUILD")
@@ -279,6 +465,8 @@ pub const CF_BLOB_HEADER: &str = "x-edgerun-test-cf";
 pub struct EdgeWorker {
     child: Child,
     pub base: String,
+    /// What workerd printed (the Worker's `console.*` lines among it), also copied to stderr.
+    output: Arc<Mutex<String>>,
     _dir: TempDir,
 }
 
@@ -338,24 +526,45 @@ const edge :Workerd.Worker = (
         }
         let config_path = dir.path.join("config.capnp");
         std::fs::write(&config_path, config).expect("write workerd config");
-        let child = Command::new(workerd_bin())
+        let mut child = Command::new(workerd_bin())
             .arg("serve")
             .arg(&config_path)
             .arg("--experimental")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn workerd (run scripts/install-wasm-toolchain.sh)");
+        let output = Arc::new(Mutex::new(String::new()));
+        let stdout = child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn Read + Send>);
+        let stderr = child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn Read + Send>);
+        for pipe in [stdout, stderr].into_iter().flatten() {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    eprintln!("workerd: {line}");
+                    let mut all = output.lock().unwrap();
+                    all.push_str(&line);
+                    all.push('\n');
+                }
+            });
+        }
         let mut worker = EdgeWorker {
             child,
             base: format!("http://127.0.0.1:{port}"),
+            output,
             _dir: dir,
         };
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while client.get(worker.url("/")).send().await.is_err() {
             if let Ok(Some(status)) = worker.child.try_wait() {
-                panic!("workerd exited with {status} (its stderr is above)");
+                panic!("workerd exited with {status} (its output is above)");
             }
             assert!(Instant::now() < deadline, "workerd did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -365,6 +574,28 @@ const edge :Workerd.Worker = (
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
+    }
+
+    /// Everything workerd has printed so far (the Worker's log lines among it).
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until workerd has printed a line containing `needle` (log lines arrive a little
+    /// after the answer), and returns that line.
+    pub async fn wait_for_output(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(line) = self.output().lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workerd printed no line containing {needle:?}; it printed:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

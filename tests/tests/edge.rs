@@ -2,8 +2,8 @@
 //! region → two real edgerun nodes on the real model, all on loopback.
 
 use edgerun_e2e::edge::{
-    chunks_with_times, AccessGate, EdgeWorker, ACCESS_CLIENT_ID, ACCESS_CLIENT_SECRET,
-    CF_BLOB_HEADER,
+    chunks_with_times, AccessGate, Behaviour, EdgeWorker, FakeOrigin, ACCESS_CLIENT_ID,
+    ACCESS_CLIENT_SECRET, CF_BLOB_HEADER,
 };
 use edgerun_e2e::{read_sse, text_of, Node, MODEL_ALIAS, TOKEN};
 use edgerun_protocol::sse::SseEvent;
@@ -84,11 +84,16 @@ impl Deployment {
 
 /// The Worker in front of `eu` and `us`, with every secret set except those in `without`.
 async fn worker_for(eu: &Region, us: &Region, without: &[&str]) -> EdgeWorker {
+    worker_for_origins(&eu.gate.base, &us.gate.base, without).await
+}
+
+/// The Worker in front of the regions `eu` (the default) and `us` at these origins.
+async fn worker_for_origins(eu: &str, us: &str, without: &[&str]) -> EdgeWorker {
     let nodes = json!({
         "default": "eu",
         "regions": [
-            {"name": "eu", "origin": eu.gate.base, "continents": ["EU", "AF"]},
-            {"name": "us", "origin": us.gate.base, "continents": ["NA", "SA"]},
+            {"name": "eu", "origin": eu, "continents": ["EU", "AF"]},
+            {"name": "us", "origin": us, "continents": ["NA", "SA"]},
         ]
     });
     let secrets: Vec<(&str, String)> = [
@@ -200,8 +205,8 @@ async fn tokens_stream_through_the_worker_from_the_callers_region() {
     assert_eq!(via_worker, direct);
     assert!(!via_eu.is_empty());
 
-    // Any other node route passes through, query string and all (here /health, from the
-    // default region).
+    // /health passes through too, query string and all (from the default region; with the
+    // Access service token but not the node's token, which it does not need).
     let resp = d
         .client
         .get(d.worker.url("/health?probe=edge&x=%2F"))
@@ -399,6 +404,22 @@ async fn bad_bodies_get_the_nodes_answer_from_the_worker_without_reaching_a_node
     )
     .await;
     assert_eq!(status, 405);
+    // Paths the node has no route for, and a wrong method on /health.
+    for (method, path) in [
+        (reqwest::Method::POST, "/v1/chat/completions"),
+        (reqwest::Method::GET, "/nothing/here"),
+        (reqwest::Method::POST, "/health"),
+    ] {
+        edge_answers_like_the_node(
+            &d,
+            d.eu.direct(method.clone(), path),
+            d.client
+                .request(method.clone(), d.worker.url(path))
+                .bearer_auth(CALLER_TOKEN),
+            &format!("{method} {path}"),
+        )
+        .await;
+    }
 }
 
 /// Sends `direct` to a node (through its Access stand-in) and `edge` to the Worker: the Worker
@@ -411,6 +432,7 @@ async fn edge_answers_like_the_node(
     what: &str,
 ) -> reqwest::StatusCode {
     let node = direct.send().await.unwrap();
+    let node_allow = header(&node, "allow").to_string();
     let (node_status, node_body) = (node.status(), node.text().await.unwrap());
     let before = d.forwarded();
     let edge = edge.send().await.unwrap();
@@ -422,12 +444,22 @@ async fn edge_answers_like_the_node(
     assert!(edge.headers().get("x-edgerun-region").is_none(), "{what}");
     assert_eq!(edge.status(), node_status, "{what}");
     assert_eq!(header(&edge, "content-type"), "application/json", "{what}");
+    if node_status == 405 {
+        // The Worker's 405s always name the route's methods (RFC 9110 asks every 405 to); the
+        // node's, where it does.
+        let allow = header(&edge, "allow");
+        assert!(!allow.is_empty(), "{what}: a 405 without Allow");
+        assert!(
+            node_allow.is_empty() || node_allow == allow,
+            "{what}: {allow:?}"
+        );
+    }
     assert_eq!(edge.text().await.unwrap(), node_body, "{what}");
     node_status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_fail_over_to_the_next_region_and_get_503_when_none_is_left() {
+async fn busy_nodes_fail_over_and_failures_that_may_have_started_do_not() {
     // The eu node serves one sequence at a time, so it can be made busy.
     let mut d = Deployment::start_with(&["--max-batch", "1", "--max-queue", "0"]).await;
     let body = greedy("Once upon a time", 8, false);
@@ -473,42 +505,315 @@ async fn requests_fail_over_to_the_next_region_and_get_503_when_none_is_left() {
         hung_up.elapsed()
     );
 
-    // The eu node stops: its Access stand-in answers 502, and the Worker moves on to us.
+    // The eu node stops: its Access stand-in answers 502, as Cloudflare does when cloudflared
+    // cannot complete a request to the node. A node that dies mid-generation looks the same, so
+    // the Worker does not send the request to us (it could run twice): the caller gets a 502 in
+    // the envelope, streaming or not.
     d.eu.node = None;
-    let resp = d.run("EU", &body).send().await.unwrap();
+    for stream in [false, true] {
+        let before = (d.eu.gate.forwarded(), d.us.gate.forwarded());
+        let resp = d
+            .run("EU", &greedy("Once upon a time", 8, stream))
+            .send()
+            .await
+            .unwrap();
+        assert_bad_gateway(resp, "eu", "region eu answered 502").await;
+        assert_eq!(
+            (d.eu.gate.forwarded(), d.us.gate.forwarded()),
+            (before.0 + 1, before.1),
+            "stream: {stream}"
+        );
+    }
+    // Callers of the us region are served as ever.
+    let resp = d.run("NA", &body).send().await.unwrap();
     assert_eq!(ok(&resp), (200, "us".into()));
-    let answer: Value = resp.json().await.unwrap();
-    assert_eq!(answer["success"], true);
-    // Streaming fails over the same way (nothing was sent before the switch).
-    let start = Instant::now();
-    let resp = d
-        .run("EU", &greedy("Once upon a time", 16, true))
+
+    // The whole eu region goes away (connection refused). workerd reports a refused connection
+    // with the same text as one lost after the request was sent, so the Worker cannot tell that
+    // the request never left and does not retry it (on Cloudflare, a region that cannot be
+    // reached answers 521-523 or 530, which are retried: see the next test).
+    d.eu.gate.stop().await;
+    let before = d.us.gate.forwarded();
+    let resp = d.run("EU", &body).send().await.unwrap();
+    assert_bad_gateway(resp, "eu", "connection to region eu was lost").await;
+    assert_eq!(d.us.gate.forwarded(), before);
+    let line = d
+        .worker
+        .wait_for_output("region eu failed, not retried: Lost(")
+        .await;
+    assert!(line.contains(&format!("Lost({WORKERD_LOST:?})")), "{line}");
+}
+
+/// The Worker's text (workers-rs's rendering of workerd's error) for a fetch whose connection was
+/// refused, and for one reset after the request was sent alike: `failover::is_connect_failure`
+/// cannot take it for a connect failure.
+const WORKERD_LOST: &str = "Error: Network connection lost.";
+
+/// A 502 the Worker made in place of `region`'s answer, in the envelope.
+async fn assert_bad_gateway(resp: reqwest::Response, region: &str, says: &str) {
+    assert_eq!(resp.status(), 502);
+    assert_eq!(header(&resp, "content-type"), "application/json");
+    assert_eq!(header(&resp, "x-edgerun-region"), region);
+    assert!(!header(&resp, "cf-ai-req-id").is_empty());
+    assert!(resp.headers().get("location").is_none());
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["success"], false, "{err}");
+    assert_eq!(err["result"], Value::Null, "{err}");
+    assert_eq!(err["errors"][0]["code"], 3000, "{err}");
+    let message = err["errors"][0]["message"].as_str().unwrap();
+    assert!(message.starts_with("Bad gateway: "), "{message}");
+    assert!(message.contains(says), "{message}");
+}
+
+const LOADING: &str = r#"{"errors":[{"code":3040,"message":"model is loading"}],"success":false,"result":null,"messages":[]}"#;
+
+/// The node's answer to a request it did not start (503 while loading).
+fn not_started_503() -> Behaviour {
+    Behaviour::answer(
+        503,
+        &[
+            ("content-type", "application/json"),
+            ("retry-after", "1"),
+            (edgerun_protocol::NOT_STARTED_HEADER, "1"),
+        ],
+        LOADING,
+    )
+}
+
+/// An error page of Cloudflare (or cloudflared) itself.
+fn cloudflare_page(status: u16) -> Behaviour {
+    Behaviour::answer(
+        status,
+        &[("content-type", "text/html; charset=UTF-8")],
+        "<!DOCTYPE html><title>error</title>",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_that_certainly_did_not_start_go_to_another_region() {
+    // eu is a scripted stand-in; us a real node behind its Access stand-in.
+    let us = Region::start(&[]).await;
+    let eu = FakeOrigin::start(not_started_503()).await;
+    let worker = worker_for_origins(&eu.base, &us.gate.base, &[]).await;
+    let client = reqwest::Client::new();
+    let run_path = format!("/run/{MODEL_ALIAS}");
+    let from_eu = |req: reqwest::RequestBuilder| {
+        req.bearer_auth(CALLER_TOKEN)
+            .header(CF_BLOB_HEADER, json!({"continent": "EU"}).to_string())
+    };
+    let run = |body: &Value| from_eu(client.post(worker.url(&run_path))).body(body.to_string());
+    let body = greedy("Once upon a time", 4, false);
+    let asked = || (eu.received().len(), us.gate.forwarded());
+
+    // Retried: the node marked its 503 "not started"; Cloudflare reached no origin (521-523, 530).
+    for behaviour in [
+        not_started_503(),
+        cloudflare_page(530),
+        cloudflare_page(521),
+        cloudflare_page(522),
+        cloudflare_page(523),
+    ] {
+        eu.set(behaviour.clone());
+        let before = asked();
+        let resp = run(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{behaviour:?}");
+        assert_eq!(header(&resp, "x-edgerun-region"), "us");
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(answer["success"], true);
+        assert_eq!(asked(), (before.0 + 1, before.1 + 1), "{behaviour:?}");
+    }
+    let line = worker
+        .wait_for_output("answered by us after skipping")
+        .await;
+    assert!(line.contains("NotStarted(503)"), "{line}");
+
+    // Not retried: whatever may come after the node started generating.
+    for (behaviour, stream, says) in [
+        (cloudflare_page(502), false, "region eu answered 502"),
+        (cloudflare_page(502), true, "region eu answered 502"),
+        (cloudflare_page(504), false, "region eu answered 504"),
+        (cloudflare_page(520), false, "region eu answered 520"),
+        (cloudflare_page(524), false, "region eu answered 524"),
+        (Behaviour::Reset, false, "connection to region eu was lost"),
+        (Behaviour::Reset, true, "connection to region eu was lost"),
+    ] {
+        eu.set(behaviour.clone());
+        let before = asked();
+        let resp = run(&greedy("Once upon a time", 4, stream))
+            .send()
+            .await
+            .unwrap();
+        assert_bad_gateway(resp, "eu", says).await;
+        assert_eq!(
+            asked(),
+            (before.0 + 1, before.1),
+            "{behaviour:?} (stream: {stream}) went to a second region"
+        );
+    }
+    let line = worker.wait_for_output("Lost(").await;
+    assert!(line.contains(&format!("Lost({WORKERD_LOST:?})")), "{line}");
+    // A node's own 503 without the mark reaches the caller as it is, and is not retried either.
+    eu.set(Behaviour::answer(
+        503,
+        &[("content-type", "application/json")],
+        LOADING,
+    ));
+    let before = asked();
+    let resp = run(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(header(&resp, "x-edgerun-region"), "eu");
+    assert_eq!(resp.text().await.unwrap(), LOADING);
+    assert_eq!(asked(), (before.0 + 1, before.1));
+
+    // Access refusing the service token redirects to its login page: never followed, never
+    // passed on, never retried; a 502 naming the secrets to check.
+    eu.set(Behaviour::answer(
+        302,
+        &[(
+            "location",
+            &format!("{}/cdn-cgi/access/login/eu.example.com", eu.base),
+        )],
+        "",
+    ));
+    let before = asked();
+    let resp = run(&body).send().await.unwrap();
+    assert_bad_gateway(resp, "eu", "ACCESS_CLIENT_ID and ACCESS_CLIENT_SECRET").await;
+    assert_eq!(
+        asked(),
+        (before.0 + 1, before.1),
+        "the redirect was followed"
+    );
+    worker.wait_for_output("AccessRejected(302)").await;
+
+    // What reaches a node: the node's credentials, not the caller's; no cookies, no hop-by-hop
+    // headers. Run routes carry the node's token, /health only the Access service token.
+    eu.set(not_started_503());
+    let resp = run(&body)
+        .header("cookie", "session=caller-cookie")
+        .header("x-end-to-end", "kept")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "trailers")
         .send()
         .await
         .unwrap();
-    assert_eq!(ok(&resp), (200, "us".into()));
-    let events = read_sse(resp, start).await;
-    assert!(matches!(events.last().unwrap().event, SseEvent::Done));
+    assert_eq!(resp.status(), 200);
+    let got = eu.received().pop().unwrap();
+    assert!(got.request_line.starts_with("POST /run/"), "{got:?}");
+    assert_eq!(
+        got.header("authorization"),
+        Some(&*format!("Bearer {TOKEN}"))
+    );
+    assert_eq!(got.header("cf-access-client-id"), Some(ACCESS_CLIENT_ID));
+    assert_eq!(
+        got.header("cf-access-client-secret"),
+        Some(ACCESS_CLIENT_SECRET)
+    );
+    assert_eq!(got.header("x-end-to-end"), Some("kept"));
+    for dropped in ["cookie", "proxy-authorization", "te"] {
+        assert_eq!(
+            got.header(dropped),
+            None,
+            "{dropped} reached the node: {got:?}"
+        );
+    }
+    eu.set(Behaviour::answer(
+        200,
+        &[("content-type", "application/json")],
+        r#"{"status":"ok"}"#,
+    ));
+    let resp = from_eu(client.get(worker.url("/health?probe=1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-edgerun-region"), "eu");
+    let got = eu.received().pop().unwrap();
+    assert!(
+        got.request_line.starts_with("GET /health?probe=1 "),
+        "{got:?}"
+    );
+    assert_eq!(
+        got.header("authorization"),
+        None,
+        "/health got the node token"
+    );
+    assert_eq!(got.header("cf-access-client-id"), Some(ACCESS_CLIENT_ID));
 
-    // The whole eu region goes away (connection refused): still us.
-    d.eu.gate.stop().await;
-    let resp = d.run("EU", &body).send().await.unwrap();
-    assert_eq!(ok(&resp), (200, "us".into()));
+    // Only the node's routes leave the Worker: anything else is answered at the edge.
+    let before = asked();
+    for (method, path, status, allow) in [
+        ("GET", "/metrics", 400, None),
+        ("POST", "/v1/chat/completions", 400, None),
+        ("GET", "/", 400, None),
+        ("DELETE", "/health/x", 400, None),
+        ("POST", "/health", 405, Some("GET, HEAD")),
+        ("GET", run_path.as_str(), 405, Some("POST")),
+        ("PUT", run_path.as_str(), 405, Some("POST")),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = from_eu(client.request(method.clone(), worker.url(path)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{method} {path}");
+        assert_eq!(header(&resp, "content-type"), "application/json");
+        assert_eq!(
+            header(&resp, "allow"),
+            allow.unwrap_or(""),
+            "{method} {path}"
+        );
+        let expected = if status == 400 {
+            ApiError::no_route()
+        } else {
+            ApiError::method_not_allowed()
+        };
+        assert_eq!(
+            resp.text().await.unwrap(),
+            expected.to_json(),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        asked(),
+        before,
+        "a request outside the node's routes left the Worker"
+    );
+}
 
-    // Both down: 503 in the envelope, naming each region.
-    d.us.node = None;
-    let resp = d.run("NA", &body).send().await.unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_region_skipped_is_a_503_or_a_429_when_one_was_busy() {
+    let eu = FakeOrigin::start(cloudflare_page(530)).await;
+    let us = FakeOrigin::start(not_started_503()).await;
+    let worker = worker_for_origins(&eu.base, &us.base, &[]).await;
+    let run = || {
+        reqwest::Client::new()
+            .post(worker.url(&format!("/run/{MODEL_ALIAS}")))
+            .bearer_auth(CALLER_TOKEN)
+            .body(greedy("Hello", 4, false).to_string())
+    };
+    let resp = run().send().await.unwrap();
     assert_eq!(resp.status(), 503);
     assert_eq!(header(&resp, "retry-after"), "1");
     assert!(resp.headers().get("x-edgerun-region").is_none());
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["success"], false);
     assert_eq!(err["errors"][0]["code"], 3040);
-    let message = err["errors"][0]["message"].as_str().unwrap();
-    assert!(
-        message.starts_with("No edgerun node is available: us: answered 502; eu: unreachable"),
-        "{message}"
+    assert_eq!(
+        err["errors"][0]["message"],
+        "No edgerun node is available: eu: answered 530; us: answered 503"
     );
+    assert_eq!((eu.received().len(), us.received().len()), (1, 1));
+
+    // One of them busy: 429/3040, so the caller knows retrying soon helps.
+    us.set(Behaviour::answer(
+        429,
+        &[("content-type", "application/json"), ("retry-after", "1")],
+        &ApiError::capacity().to_json(),
+    ));
+    let resp = run().send().await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(header(&resp, "retry-after"), "1");
+    assert_eq!(resp.text().await.unwrap(), ApiError::capacity().to_json());
 }
 
 /// Not a test but a measurement: what the Worker (in workerd) adds to a stream, against the same

@@ -154,6 +154,10 @@ impl NodesConfig {
 
 /// `https://host[:port]`; `http://` only to a loopback host (local tests and `wrangler dev`):
 /// the Access secret and the node token must never cross a network in the clear.
+///
+/// Nothing but `host[:port]` may follow the scheme: no path, query, fragment, userinfo (`@`:
+/// `http://127.0.0.1@evil.example` is a request to `evil.example`), backslash (URL parsers read
+/// it as `/`), whitespace or control characters; a port is 1 to 5 digits below 65536.
 fn check_origin(origin: &str) -> Result<(), &'static str> {
     let (rest, plain) = match origin.strip_prefix("https://") {
         Some(rest) => (rest, false),
@@ -164,25 +168,74 @@ fn check_origin(origin: &str) -> Result<(), &'static str> {
             true,
         ),
     };
-    let host = rest.strip_suffix('/').unwrap_or(rest);
+    let host_port = rest.strip_suffix('/').unwrap_or(rest);
+    if host_port.is_empty() {
+        return Err("has no host");
+    }
+    if host_port.contains(['/', '?', '#', '@', '\\'])
+        || host_port
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("must be scheme://host[:port] only");
+    }
+    let (host, port) = split_host_port(host_port).ok_or("must be scheme://host[:port] only")?;
     if host.is_empty() {
         return Err("has no host");
     }
-    if host.contains(['/', '?', '#', '@', ' ']) {
-        return Err("must be scheme://host[:port] only");
+    if let Some(port) = port {
+        let valid = !port.is_empty()
+            && port.len() <= 5
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok_and(|p| p > 0);
+        if !valid {
+            return Err("has an invalid port");
+        }
     }
-    if plain && !is_loopback(host) {
+    if plain && !is_loopback_host(host) {
         return Err("must use https:// (http:// only to loopback)");
     }
     Ok(())
 }
 
-fn is_loopback(host_port: &str) -> bool {
-    let host = match host_port.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host_port.split(':').next().unwrap_or(""),
-    };
-    host == "localhost" || host == "::1" || host.starts_with("127.")
+/// `host[:port]` split into the host (a bracketed IPv6 literal keeps its brackets) and the port
+/// text; `None` for an unbracketed host with more than one `:` or text after `]` that is not
+/// `:port`.
+fn split_host_port(host_port: &str) -> Option<(&str, Option<&str>)> {
+    if host_port.starts_with('[') {
+        let end = host_port.find(']')?;
+        let (host, after) = host_port.split_at(end + 1);
+        return match after {
+            "" => Some((host, None)),
+            _ => Some((host, Some(after.strip_prefix(':')?))),
+        };
+    }
+    match host_port.split_once(':') {
+        None => Some((host_port, None)),
+        Some((_, port)) if port.contains(':') => None,
+        Some((host, port)) => Some((host, Some(port))),
+    }
+}
+
+/// Whether `host` (from [`split_host_port`]) is certainly this machine, decided on the parsed
+/// address, never on a text prefix (`127.attacker.example` is a DNS name anyone can point
+/// anywhere): `localhost` (any case), a dotted-quad IPv4 literal in 127.0.0.0/8, or the
+/// bracketed IPv6 literal `[::1]` (in any spelling). Everything else is refused, including
+/// forms a URL parser would also read as loopback but which take a second parser to agree with
+/// (`127.1`, `0177.0.0.1`, `2130706433`) and the IPv4-mapped `[::ffff:127.0.0.1]`: write
+/// `127.0.0.1`.
+fn is_loopback_host(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+    }
 }
 
 /// Parses `MAX_BODY_BYTES` (a plain byte count); [`DEFAULT_MAX_BODY_BYTES`] when unset.
@@ -298,16 +351,91 @@ mod tests {
         }
     }
 
+    fn origin_error(origin: &str) -> Option<String> {
+        let json = serde_json::json!({"regions": [{"name": "a", "origin": origin}]}).to_string();
+        NodesConfig::parse(&json).err().map(|e| e.to_string())
+    }
+
     #[test]
     fn plain_http_is_for_loopback_only() {
         for origin in [
             "http://127.0.0.1:8080",
+            "http://127.0.0.1",
+            "http://127.0.0.1/",
+            "http://127.255.3.4:9",
             "http://localhost",
+            "http://LocalHost:81",
             "http://[::1]:81",
+            "http://[::1]",
+            "http://[0:0:0:0:0:0:0:1]:81",
             "https://eu.example.com:8443",
+            "https://127.0.0.1.evil.example",
+            "https://[2001:db8::1]:443",
         ] {
-            let json = format!(r#"{{"regions":[{{"name":"a","origin":"{origin}"}}]}}"#);
-            assert!(NodesConfig::parse(&json).is_ok(), "{origin}");
+            assert_eq!(origin_error(origin), None, "{origin}");
+        }
+    }
+
+    #[test]
+    fn loopback_is_decided_on_the_parsed_address() {
+        // Each of these would receive the node token and the Access secret in clear text.
+        for origin in [
+            "http://127.attacker.example",
+            "http://127.evil",
+            "http://127.0.0.1.evil.example",
+            "http://127.0.0.1.nip.io:8080",
+            "http://localhost.evil.example",
+            "http://localhost.",
+            "http://evil-localhost",
+            "http://10.0.0.1:8080",
+            "http://[::2]:81",
+            "http://[2001:db8::1]",
+            // Loopback to a WHATWG URL parser too, but refused: one spelling, one parser.
+            "http://127.1",
+            "http://0177.0.0.1",
+            "http://2130706433",
+            "http://0x7f.0.0.1",
+            // IPv4-mapped IPv6 (`::ffff:127.0.0.1`) is not `Ipv6Addr::is_loopback`: refused.
+            "http://[::ffff:127.0.0.1]",
+            "http://[::ffff:7f00:1]:81",
+        ] {
+            let err = origin_error(origin).unwrap_or_else(|| panic!("{origin} was accepted"));
+            assert!(err.contains("must use https://"), "{origin}: {err}");
+        }
+        // Not host[:port]: refused whatever the scheme.
+        for origin in [
+            "http://127.0.0.1@evil.example",
+            "http://evil.example@127.0.0.1",
+            "https://user:pw@eu.example.com",
+            "http://127.0.0.1\\@evil.example",
+            "http://evil.example#@127.0.0.1",
+            "http://evil.example?127.0.0.1",
+            "http://127.0.0.1:80/path",
+            "http://127.0.0.1 .evil.example",
+            "http://127.0.0.1\t.evil.example",
+            "http://[::1]x",
+            "http://[::1:81",
+            "http://::1:81",
+            "http://127.0.0.1:8080:1",
+        ] {
+            let err = origin_error(origin).unwrap_or_else(|| panic!("{origin} was accepted"));
+            assert!(err.contains("host[:port] only"), "{origin}: {err}");
+        }
+        for origin in [
+            "http://127.0.0.1:",
+            "http://127.0.0.1:0",
+            "http://127.0.0.1:65536",
+            "http://127.0.0.1:8o",
+            "http://127.0.0.1:+80",
+            "https://eu.example.com:000443",
+            "http://[::1]:",
+        ] {
+            let err = origin_error(origin).unwrap_or_else(|| panic!("{origin} was accepted"));
+            assert!(err.contains("invalid port"), "{origin}: {err}");
+        }
+        for origin in ["http://:80", "https://:443", "http://"] {
+            let err = origin_error(origin).unwrap_or_else(|| panic!("{origin} was accepted"));
+            assert!(err.contains("has no host"), "{origin}: {err}");
         }
     }
 

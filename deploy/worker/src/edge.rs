@@ -1,9 +1,11 @@
-//! Deciding at the edge, before any region is asked: the caller's token, and for run routes the
-//! method, the model (when `NODES.models` lists them), the body size and the body itself — with
-//! the node's own code (`edgerun-protocol`) and in the node's order, so that a bad request gets
-//! byte for byte the answer the node would have given, without a round trip to a region.
+//! Deciding at the edge, before any region is asked: the caller's token, the route (only the
+//! node's run routes and `/health` are forwarded), the method, and for run routes the model
+//! (when `NODES.models` lists them), the body size and the body itself — with the node's own
+//! code (`edgerun-protocol`) and in the node's order, so that a bad request gets byte for byte
+//! the answer the node would have given, without a round trip to a region.
 
 use crate::config::NodesConfig;
+use crate::EdgeError;
 use edgerun_protocol::{model_from_path, run_route_tail, ApiError, TokenSet, ValidatedRequest};
 
 /// What the Worker knows of a request before reading its body.
@@ -16,9 +18,6 @@ pub struct RequestHead<'a> {
     pub content_length: Option<u64>,
 }
 
-/// Methods the Worker can pass on unchanged (the Workers runtime's `fetch` knows these).
-const FORWARDABLE_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
-
 /// The caller's token, checked before anything else — before the configuration is even read, so
 /// that nothing about the deployment reaches an unauthenticated caller. 401/10000 otherwise
 /// (also when no token is configured: the Worker never runs open by accident).
@@ -30,44 +29,104 @@ pub fn authenticate(authorization: Option<&str>, tokens: &TokenSet) -> Result<()
     }
 }
 
-/// A request the Worker will pass on.
+/// The methods of the run routes (their `Allow`).
+const RUN_METHODS: &str = "POST";
+
+/// A path as the node's router sees it (`crates/edgerun-server/src/routes/mod.rs`).
+///
+/// This belongs in `edgerun-protocol` next to [`run_route_tail`], so that the node's router and
+/// the Worker cannot disagree on it; it lives here until it moves there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRoute<'a> {
+    /// `/run/{model}` or `/client/v4/accounts/{id}/ai/run/{model}` (the tail as sent): `POST`.
+    Run(&'a str),
+    /// `/health`: `GET` (and `HEAD`), no credentials at the node.
+    Health,
+    /// `/metrics`: the node's Prometheus text, for the operator's scraper.
+    Metrics,
+    /// Anything else: the node answers 400/7000 whatever the method.
+    Unknown,
+}
+
+impl<'a> NodeRoute<'a> {
+    /// Classifies a path (no query string).
+    pub fn of(path: &'a str) -> Self {
+        if let Some(tail) = run_route_tail(path) {
+            return NodeRoute::Run(tail);
+        }
+        match path {
+            "/health" => NodeRoute::Health,
+            "/metrics" => NodeRoute::Metrics,
+            _ => NodeRoute::Unknown,
+        }
+    }
+
+    /// The methods the node serves on this route, as its `Allow` header lists them.
+    pub fn allow(&self) -> &'static str {
+        match self {
+            NodeRoute::Run(_) => RUN_METHODS,
+            NodeRoute::Health | NodeRoute::Metrics => "GET, HEAD",
+            NodeRoute::Unknown => "",
+        }
+    }
+
+    fn allows(&self, method: &str) -> bool {
+        self.allow().split(", ").any(|m| m == method)
+    }
+}
+
+/// A request the Worker will pass on: only the node's routes the Worker's callers may use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admitted {
     /// A model run: its body must pass [`check_run_body`] first.
     Run { model: String },
-    /// Any other route (`/health`, `/metrics`, ...): passed through unchanged.
-    Passthrough,
+    /// `GET`/`HEAD /health`: passed through, query string and all.
+    Health,
 }
 
-/// Checks what does not need the body, once the caller is authenticated: a method the Worker
-/// cannot forward (405/7001); a declared length over `body_limit` (413/3006); and for run routes
-/// the method (405/7001), the model (400/5007, only when `NODES.models` is set), in the node's
-/// order.
+impl Admitted {
+    /// Whether the node's bearer token goes with the request. Run routes need it; `/health` is
+    /// open at the node and gets only the Access service token (without which it would not pass
+    /// Access at all): no credential travels where it is not needed.
+    pub fn sends_node_token(&self) -> bool {
+        matches!(self, Admitted::Run { .. })
+    }
+}
+
+/// Checks what does not need the body, once the caller is authenticated, in the node's order:
+///
+/// * the route: only the node's run routes and `/health` are forwarded. Any other path gets the
+///   node's 400/7000 (`No route for that URI`) from the Worker, whatever the method, so nothing
+///   but those two routes ever leaves with the node's credentials. `/metrics` is among them: it
+///   is the operator's, scraped on each node, and a Worker caller holds an API token, not an
+///   operator's credential (nor could a scraper tell which region's counters it got).
+/// * the method: 405/7001 with `Allow` (`POST` on run routes, `GET, HEAD` on `/health`);
+/// * for run routes, the model (400/5007, only when `NODES.models` is set);
+/// * a declared length over `body_limit` (413/3006).
 pub fn admit(
     head: &RequestHead<'_>,
     nodes: &NodesConfig,
     body_limit: usize,
-) -> Result<Admitted, ApiError> {
-    if !FORWARDABLE_METHODS.contains(&head.method) {
-        return Err(ApiError::method_not_allowed());
-    }
-    let Some(tail) = run_route_tail(head.path) else {
-        if head.content_length.is_some_and(|n| n > body_limit as u64) {
-            return Err(ApiError::request_too_large(body_limit));
+) -> Result<Admitted, EdgeError> {
+    let route = NodeRoute::of(head.path);
+    let admitted = match route {
+        NodeRoute::Unknown | NodeRoute::Metrics => return Err(ApiError::no_route().into()),
+        _ if !route.allows(head.method) => {
+            return Err(EdgeError::method_not_allowed(route.allow()))
         }
-        return Ok(Admitted::Passthrough);
+        NodeRoute::Health => Admitted::Health,
+        NodeRoute::Run(tail) => {
+            let model = model_from_path(tail).unwrap_or_default();
+            if !nodes.serves(&model) {
+                return Err(ApiError::no_such_model(&model).into());
+            }
+            Admitted::Run { model }
+        }
     };
-    if head.method != "POST" {
-        return Err(ApiError::method_not_allowed());
-    }
-    let model = model_from_path(tail).unwrap_or_default();
-    if !nodes.serves(&model) {
-        return Err(ApiError::no_such_model(&model));
-    }
     if head.content_length.is_some_and(|n| n > body_limit as u64) {
-        return Err(ApiError::request_too_large(body_limit));
+        return Err(ApiError::request_too_large(body_limit).into());
     }
-    Ok(Admitted::Run { model })
+    Ok(admitted)
 }
 
 /// A request body read chunk by chunk, refused (413/3006, the node's error) as soon as it grows
@@ -101,12 +160,18 @@ impl LimitedBody {
     }
 }
 
-/// Validates a run request's body exactly as the node does (size, then the input schema).
-pub fn check_run_body(body: &[u8], body_limit: usize) -> Result<(), ApiError> {
+/// Validates a run request's body exactly as the node does (size, then the input schema). The
+/// node's one 405 about a body (5005, `lora`) gets `Allow: POST`, as every 405 should.
+pub fn check_run_body(body: &[u8], body_limit: usize) -> Result<(), EdgeError> {
     if body.len() > body_limit {
-        return Err(ApiError::request_too_large(body_limit));
+        return Err(ApiError::request_too_large(body_limit).into());
     }
-    ValidatedRequest::from_json_bytes(body).map(|_| ())
+    ValidatedRequest::from_json_bytes(body)
+        .map(|_| ())
+        .map_err(|error| EdgeError {
+            allow: (error.status == 405).then_some(RUN_METHODS),
+            ..error.into()
+        })
 }
 
 #[cfg(test)]
@@ -140,28 +205,85 @@ mod tests {
     }
 
     #[test]
-    fn routes_are_classified_like_the_node() {
+    fn only_the_nodes_routes_are_forwarded() {
         let nodes = NodesConfig::parse(NODES).unwrap();
         let ok = |m, p| admit(&head(m, p), &nodes, 10);
+        let run = Ok(Admitted::Run {
+            model: "@cf/meta/x".into(),
+        });
+        assert_eq!(ok("POST", "/run/@cf%2Fmeta%2Fx"), run);
+        assert_eq!(ok("POST", "/client/v4/accounts/acc/ai/run/@cf/meta/x"), run);
+        assert_eq!(ok("GET", "/health"), Ok(Admitted::Health));
+        assert_eq!(ok("HEAD", "/health"), Ok(Admitted::Health));
+        // Everything else is answered at the edge with the node's 400/7000, whatever the method:
+        // nothing else ever leaves with the node's credentials.
+        for (method, path) in [
+            ("POST", "/v1/other"),
+            ("GET", "/"),
+            ("GET", "/metrics"),
+            ("POST", "/metrics"),
+            ("GET", "/health/"),
+            ("GET", "/HEALTH"),
+            ("GET", "/healthz"),
+            ("POST", "/run/"),
+            ("POST", "/run"),
+            ("POST", "/client/v4/accounts//ai/run/x"),
+            ("GET", "/cdn-cgi/access/certs"),
+            ("PROPFIND", "/anything"),
+            ("DELETE", "/v1/chat/completions"),
+        ] {
+            let e = ok(method, path).unwrap_err();
+            assert_eq!(e, EdgeError::from(ApiError::no_route()), "{method} {path}");
+            assert_eq!(e.allow, None);
+        }
+    }
+
+    #[test]
+    fn wrong_methods_get_the_nodes_405_with_allow() {
+        let nodes = NodesConfig::parse(NODES).unwrap();
+        let ok = |m, p| admit(&head(m, p), &nodes, 10);
+        for method in [
+            "GET", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "PROPFIND",
+        ] {
+            let e = ok(method, "/run/@cf/meta/x").unwrap_err();
+            assert_eq!(e.error, ApiError::method_not_allowed(), "{method}");
+            assert_eq!(e.allow, Some("POST"));
+        }
+        for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
+            let e = ok(method, "/health").unwrap_err();
+            assert_eq!(e.error, ApiError::method_not_allowed(), "{method}");
+            assert_eq!(e.allow, Some("GET, HEAD"));
+        }
+        // The method is checked before the model, as the node does.
+        let nodes = NodesConfig::parse(
+            r#"{"models":["@cf/meta/x"],"regions":[{"name":"a","origin":"https://a"}]}"#,
+        )
+        .unwrap();
+        let e = admit(&head("GET", "/run/@cf/meta/y"), &nodes, 10).unwrap_err();
+        assert_eq!(e.error, ApiError::method_not_allowed());
+    }
+
+    #[test]
+    fn only_run_routes_carry_the_node_token() {
+        assert!(Admitted::Run { model: "m".into() }.sends_node_token());
+        assert!(!Admitted::Health.sends_node_token());
+    }
+
+    #[test]
+    fn node_routes_match_the_nodes_router() {
         assert_eq!(
-            ok("POST", "/run/@cf%2Fmeta%2Fx"),
-            Ok(Admitted::Run {
-                model: "@cf/meta/x".into()
-            })
+            NodeRoute::of("/run/@cf/meta/x"),
+            NodeRoute::Run("@cf/meta/x")
         );
         assert_eq!(
-            ok("POST", "/client/v4/accounts/acc/ai/run/@cf/meta/x"),
-            Ok(Admitted::Run {
-                model: "@cf/meta/x".into()
-            })
+            NodeRoute::of("/client/v4/accounts/a/ai/run/m"),
+            NodeRoute::Run("m")
         );
-        assert_eq!(ok("GET", "/health"), Ok(Admitted::Passthrough));
-        assert_eq!(ok("GET", "/metrics"), Ok(Admitted::Passthrough));
-        assert_eq!(ok("POST", "/v1/other"), Ok(Admitted::Passthrough));
-        assert_eq!(
-            ok("GET", "/run/@cf/meta/x"),
-            Err(ApiError::method_not_allowed())
-        );
+        assert_eq!(NodeRoute::of("/health"), NodeRoute::Health);
+        assert_eq!(NodeRoute::of("/metrics"), NodeRoute::Metrics);
+        for other in ["", "/", "/health/", "/metrics/x", "/run/", "/ai/run/m"] {
+            assert_eq!(NodeRoute::of(other), NodeRoute::Unknown, "{other}");
+        }
     }
 
     #[test]
@@ -175,21 +297,22 @@ mod tests {
         // The node checks the model before it reads the body: so does the Worker.
         assert_eq!(
             admit(&h, &nodes, 100),
-            Err(ApiError::no_such_model("@cf/meta/y"))
+            Err(ApiError::no_such_model("@cf/meta/y").into())
         );
         h.path = "/run/@cf/meta/x";
         assert_eq!(
             admit(&h, &nodes, 100),
-            Err(ApiError::request_too_large(100))
+            Err(ApiError::request_too_large(100).into())
         );
         h.content_length = Some(100);
         assert!(admit(&h, &nodes, 100).is_ok());
-        // Pass-through routes are held to the same limit.
+        // /health is held to the same limit.
+        h.method = "GET";
         h.path = "/health";
         h.content_length = Some(101);
         assert_eq!(
             admit(&h, &nodes, 100),
-            Err(ApiError::request_too_large(100))
+            Err(ApiError::request_too_large(100).into())
         );
     }
 
@@ -215,7 +338,7 @@ mod tests {
     fn bodies_get_the_nodes_errors() {
         assert_eq!(
             check_run_body(&[b' '; 11], 10),
-            Err(ApiError::request_too_large(10))
+            Err(ApiError::request_too_large(10).into())
         );
         assert_eq!(check_run_body(br#"{"prompt":"hi"}"#, 100), Ok(()));
         for body in [
@@ -226,8 +349,12 @@ mod tests {
         ] {
             let edge = check_run_body(body, 1 << 20).unwrap_err();
             let node = ValidatedRequest::from_json_bytes(body).unwrap_err();
-            assert_eq!(edge, node);
-            assert_eq!(edge.status, 400);
+            assert_eq!(edge, node.into());
+            assert_eq!((edge.error.status, edge.allow), (400, None));
         }
+        // The node's 405 about a body (LoRA): the same envelope, with Allow.
+        let edge = check_run_body(br#"{"prompt":"hi","lora":"x"}"#, 1 << 20).unwrap_err();
+        assert_eq!(edge.error, ApiError::lora_unsupported());
+        assert_eq!(edge.allow, Some("POST"));
     }
 }

@@ -1,6 +1,6 @@
 //! What the Worker sends to a node and what it adds to the answer: the upstream URL, the request
-//! headers (the caller's, minus credentials and hop-by-hop headers, plus the Access service token,
-//! the node's bearer token and the request id) and the request id itself.
+//! headers (the caller's, minus credentials, cookies and hop-by-hop headers, plus the Access
+//! service token, the node's bearer token and the request id) and the request id itself.
 
 use crate::config::Region;
 use crate::WorkerError;
@@ -14,16 +14,23 @@ pub const REGION_HEADER: &str = "x-edgerun-region";
 pub const ACCESS_CLIENT_ID_HEADER: &str = "cf-access-client-id";
 pub const ACCESS_CLIENT_SECRET_HEADER: &str = "cf-access-client-secret";
 
-/// Headers never passed from the caller to a node: hop-by-hop headers, the body length (the
-/// runtime sets it), and credentials, which the Worker replaces with the node's own.
+/// Headers never passed from the caller to a node: the hop-by-hop headers (RFC 9110 §7.6.1,
+/// plus the non-standard `Proxy-Connection` and `Keep-Alive`), the body length and host (the
+/// runtime sets them), the caller's credentials and cookies (the Worker sends the node's own
+/// credentials; a caller's cookies are for the Worker's hostname, never for a node's), and
+/// client-address headers a caller could forge (the Worker sets `x-forwarded-for` from
+/// `cf-connecting-ip`). Headers the caller's `Connection` header names are dropped too.
 const DROPPED: &[&str] = &[
     "authorization",
     "connection",
     "content-length",
+    "cookie",
+    "cookie2",
     "host",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
+    "proxy-connection",
     "te",
     "trailer",
     "transfer-encoding",
@@ -33,6 +40,18 @@ const DROPPED: &[&str] = &[
     "x-forwarded-proto",
     "x-real-ip",
 ];
+
+/// The header names listed in every `Connection` header of `headers` (lowercased): hop-by-hop
+/// headers of that one connection, which a proxy must not forward (RFC 9110 §7.6.1).
+fn connection_options(headers: &[(String, String)]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, value)| value.split(','))
+        .map(|option| option.trim().to_ascii_lowercase())
+        .filter(|option| !option.is_empty())
+        .collect()
+}
 
 /// Credentials the Worker holds for one region.
 #[derive(Clone, Default)]
@@ -81,7 +100,14 @@ pub fn keep_response_header(name: &str) -> bool {
         || name.starts_with("cf-access-")
         || matches!(
             name.as_str(),
-            "connection" | "keep-alive" | "transfer-encoding" | "upgrade" | "trailer"
+            "connection"
+                | "keep-alive"
+                | "proxy-authenticate"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
         ))
 }
 
@@ -109,19 +135,25 @@ pub fn upstream_url(region: &Region, path_and_query: &str) -> String {
     }
 }
 
-/// The headers for the node: the caller's, minus [`DROPPED`] and every `cf-*` header the caller
-/// or Cloudflare set (the runtime adds its own), plus the request id, the caller's address in
-/// `x-forwarded-for`, the Access service token and the node's bearer token.
+/// The headers for the node: the caller's, minus [`DROPPED`], the headers the caller's
+/// `Connection` header names, and every `cf-*` header the caller or Cloudflare set (the runtime
+/// adds its own); plus the request id, the caller's address in `x-forwarded-for`, the Access
+/// service token and, when `node_token` is set, the node's bearer token (run routes need it;
+/// `/health` does not, and gets no more credentials than it needs).
 pub fn upstream_headers(
     incoming: &[(String, String)],
     credentials: &NodeCredentials,
     request_id: &str,
+    node_token: bool,
 ) -> Vec<(String, String)> {
+    let connection_options = connection_options(incoming);
     let mut out: Vec<(String, String)> = incoming
         .iter()
         .filter(|(name, _)| {
             let name = name.to_ascii_lowercase();
-            !DROPPED.contains(&name.as_str()) && !name.starts_with("cf-")
+            !DROPPED.contains(&name.as_str())
+                && !name.starts_with("cf-")
+                && !connection_options.contains(&name)
         })
         .cloned()
         .collect();
@@ -138,7 +170,7 @@ pub fn upstream_headers(
     if let Some(secret) = &credentials.access_client_secret {
         out.push((ACCESS_CLIENT_SECRET_HEADER.into(), secret.clone()));
     }
-    if let Some(token) = &credentials.node_token {
+    if let Some(token) = credentials.node_token.as_ref().filter(|_| node_token) {
         out.push(("authorization".into(), format!("Bearer {token}")));
     }
     out
@@ -202,7 +234,7 @@ mod tests {
             access_client_secret: Some("s3cret".into()),
             node_token: Some("node-token".into()),
         };
-        let out = upstream_headers(&incoming, &creds, "rid-1");
+        let out = upstream_headers(&incoming, &creds, "rid-1", true);
         assert_eq!(
             out,
             h(&[
@@ -219,8 +251,77 @@ mod tests {
     }
 
     #[test]
+    fn cookies_and_hop_by_hop_headers_stay_with_the_caller() {
+        let incoming = h(&[
+            ("Cookie", "session=caller"),
+            ("cookie2", "$Version=1"),
+            ("Connection", "keep-alive, X-Hop-Secret , upgrade"),
+            ("connection", "x-second-hop"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("TE", "trailers"),
+            ("Trailer", "x-checksum"),
+            ("Transfer-Encoding", "chunked"),
+            ("Upgrade", "websocket"),
+            ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+            ("Proxy-Authenticate", "Basic"),
+            ("X-Hop-Secret", "only for the next hop"),
+            ("X-Second-Hop", "also"),
+            ("Content-Type", "application/json"),
+            ("x-end-to-end", "kept"),
+        ]);
+        let out = upstream_headers(&incoming, &NodeCredentials::default(), "rid", false);
+        assert_eq!(
+            out,
+            h(&[
+                ("Content-Type", "application/json"),
+                ("x-end-to-end", "kept"),
+                ("cf-ai-req-id", "rid"),
+            ])
+        );
+        // A Connection header cannot remove what the Worker itself adds.
+        let creds = NodeCredentials {
+            access_client_id: Some("id".into()),
+            access_client_secret: Some("secret".into()),
+            node_token: Some("tok".into()),
+        };
+        let incoming = h(&[(
+            "Connection",
+            "authorization, cf-access-client-id, cf-access-client-secret, cf-ai-req-id",
+        )]);
+        let out = upstream_headers(&incoming, &creds, "rid", true);
+        assert_eq!(
+            out,
+            h(&[
+                ("cf-ai-req-id", "rid"),
+                ("cf-access-client-id", "id"),
+                ("cf-access-client-secret", "secret"),
+                ("authorization", "Bearer tok"),
+            ])
+        );
+    }
+
+    #[test]
+    fn the_node_token_goes_only_where_it_is_needed() {
+        let creds = NodeCredentials {
+            access_client_id: Some("id".into()),
+            access_client_secret: Some("secret".into()),
+            node_token: Some("tok".into()),
+        };
+        let out = upstream_headers(&[], &creds, "rid", false);
+        assert_eq!(
+            out,
+            h(&[
+                ("cf-ai-req-id", "rid"),
+                ("cf-access-client-id", "id"),
+                ("cf-access-client-secret", "secret"),
+            ])
+        );
+    }
+
+    #[test]
     fn missing_credentials_are_not_invented() {
-        let out = upstream_headers(&[], &NodeCredentials::default(), "r");
+        let out = upstream_headers(&[], &NodeCredentials::default(), "r", true);
         assert_eq!(out, h(&[("cf-ai-req-id", "r")]));
         // and Debug never prints secrets
         let creds = NodeCredentials {
@@ -270,6 +371,12 @@ mod tests {
             "CF-Access-Client-Id",
             "Connection",
             "transfer-encoding",
+            "Keep-Alive",
+            "proxy-connection",
+            "Proxy-Authenticate",
+            "Upgrade",
+            "Trailer",
+            "TE",
         ] {
             assert!(!keep_response_header(dropped), "{dropped}");
         }

@@ -9,7 +9,7 @@ use crate::forward::{
     keep_response_header, request_id, upstream_headers, upstream_url, NodeCredentials,
     REGION_HEADER, REQUEST_ID_HEADER,
 };
-use crate::{error_response_parts, WorkerError};
+use crate::{error_response_parts, EdgeError, WorkerError};
 use edgerun_protocol::{ApiError, TokenSet};
 use futures_util::StreamExt;
 use worker::js_sys::{self, Reflect, Uint8Array};
@@ -28,15 +28,22 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
             .as_deref(),
         random_uuid,
     );
-    let (response, region) = match handle(&mut req, &env, &id).await {
-        Ok((response, region)) => (response, Some(region)),
-        Err(e) => (error_response(&e)?, None),
+    let answer = match handle(&mut req, &env, &id).await {
+        Ok((response, region)) => Ok((response, Some(region))),
+        Err(e) => error_response(&e).map(|response| (response, e.region)),
     };
-    finish(response, &id, region.as_deref())
+    let finished = answer.and_then(|(response, region)| finish(response, &id, region.as_deref()));
+    finished.or_else(|e| {
+        // Only the runtime's header and body calls can fail here; the caller still gets the
+        // envelope, never workerd's own plain-text 500.
+        worker::console_error!("{id}: could not build the answer: {e}");
+        let e = EdgeError::from(ApiError::internal("the Worker could not build its answer"));
+        finish(error_response(&e)?, &id, None)
+    })
 }
 
 /// Admits, validates and forwards one request; `Err` is answered by the Worker itself.
-async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, String), ApiError> {
+async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, String), EdgeError> {
     let headers = header_pairs(req.headers());
     let header = |name: &str| {
         headers
@@ -88,6 +95,7 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
         headers,
         body,
         request_id: id,
+        node_token: admitted.sends_node_token(),
     };
     match forward(&mut upstream, &regions).await {
         Forwarded::Answered {
@@ -100,9 +108,20 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
             }
             Ok((response, region))
         }
+        Forwarded::Failed {
+            region,
+            failure,
+            skipped,
+        } => {
+            // Not retried: the node may have started the request (see failover's docs).
+            worker::console_error!(
+                "{id}: region {region} failed, not retried: {failure:?} (skipped before: {skipped:?})"
+            );
+            Err(EdgeError::from_region(failure.api_error(&region), &region))
+        }
         Forwarded::NoRegion(skipped) => {
             worker::console_error!("{id}: no region answered: {skipped:?}");
-            Err(no_region_error(&skipped))
+            Err(no_region_error(&skipped).into())
         }
     }
 }
@@ -116,6 +135,8 @@ struct FetchUpstream<'a> {
     headers: Vec<(String, String)>,
     body: Option<Vec<u8>>,
     request_id: &'a str,
+    /// Whether the node's bearer token goes along (run routes only).
+    node_token: bool,
 }
 
 impl Upstream for FetchUpstream<'_> {
@@ -128,12 +149,14 @@ impl Upstream for FetchUpstream<'_> {
             .find_map(|(name, c)| (*name == region.name).then_some(c))
             .ok_or_else(|| format!("no credentials for region {}", region.name))?;
         let headers = Headers::new();
-        for (name, value) in upstream_headers(&self.headers, credentials, self.request_id) {
+        for (name, value) in
+            upstream_headers(&self.headers, credentials, self.request_id, self.node_token)
+        {
             headers.append(&name, &value).map_err(|e| e.to_string())?;
         }
         let mut init = RequestInit::new();
-        // A redirect (say to an Access login page) is the region's answer, not something to
-        // follow with the node's credentials.
+        // A redirect (Access sending a refused service token to its login page) must be seen
+        // (failover turns it into a 502), never followed with the node's credentials.
         init.with_method(Method::from(self.method.clone()))
             .with_headers(headers)
             .with_redirect(RequestRedirect::Manual);
@@ -150,6 +173,10 @@ impl Upstream for FetchUpstream<'_> {
 
     fn status(response: &Response) -> u16 {
         response.status_code()
+    }
+
+    fn header(response: &Response, name: &str) -> Option<String> {
+        response.headers().get(name).ok().flatten()
     }
 
     async fn peek(&mut self, mut response: Response) -> Result<(Response, Vec<u8>), String> {
@@ -180,11 +207,11 @@ fn finish(response: Response, id: &str, region: Option<&str>) -> worker::Result<
     Ok(response.with_headers(headers))
 }
 
-fn error_response(e: &ApiError) -> worker::Result<Response> {
+fn error_response(e: &EdgeError) -> worker::Result<Response> {
     let (status, headers, body) = error_response_parts(e);
     let h = Headers::new();
     for (name, value) in headers {
-        h.set(name, value)?;
+        h.set(name, &value)?;
     }
     Ok(Response::from_bytes(body.into_bytes())?
         .with_status(status)

@@ -8,25 +8,29 @@
 //! * [`config`]: the `NODES` variable (regions, origins, which continents, countries and colos
 //!   each serves, a default, optionally the served models) and `MAX_BODY_BYTES`.
 //! * [`edge`]: what is decided before any region is asked — the caller's token (`API_TOKENS`,
-//!   checked with `edgerun-protocol`'s constant-time `TokenSet`, like the node's; 401/10000), and
-//!   for run routes the method, model, size and body, using `edgerun-protocol`'s validation so
-//!   that the Worker's answer to a bad request is the node's, byte for byte.
-//! * [`forward`]: the upstream URL and headers — the caller's credentials and `cf-*` headers
-//!   out; the Access service token (`CF-Access-Client-Id`/`-Secret`), the node's bearer token and
-//!   the request id (`cf-ai-req-id`, kept when the caller sent one) in.
+//!   checked with `edgerun-protocol`'s constant-time `TokenSet`, like the node's; 401/10000), the
+//!   route (only the node's run routes and `/health` are forwarded; anything else gets the node's
+//!   400/7000, a wrong method its 405/7001 with `Allow`), and for run routes the model, size and
+//!   body, using `edgerun-protocol`'s validation so that the Worker's answer to a bad request is
+//!   the node's, byte for byte.
+//! * [`forward`]: the upstream URL and headers — the caller's credentials, cookies, hop-by-hop
+//!   and `cf-*` headers out; the Access service token (`CF-Access-Client-Id`/`-Secret`), the
+//!   node's bearer token (run routes only) and the request id (`cf-ai-req-id`, kept when the
+//!   caller sent one) in.
 //! * [`failover`]: trying regions in order — the caller's region first, then the others — and
-//!   moving on only while nothing has been sent to the caller.
+//!   moving on only when the request certainly did not start on the node before.
 //! * `glue` (wasm32 only): the `#[event(fetch)]` handler that reads the request and environment,
 //!   calls the above, and turns the chosen node's `Response` into the caller's.
 //!
 //! ## How a request flows
 //!
 //! ```text
-//! request ─▶ edge::admit (token, route, method, model, declared size) ──▶ ApiError ─▶ caller
-//!          ─▶ read body ─▶ edge::check_run_body (size, schema) ─────────▶ ApiError ─▶ caller
-//!          ─▶ config::regions_for(request.cf) ─▶ failover::forward ─▶ fetch(origin + path)
-//!                 connect error / 502 / 503 / 504 / 521-523 / 530 / 429+3040 ─▶ next region
+//! request ─▶ edge::admit (token, route, method, model, declared size) ──▶ EdgeError ─▶ caller
+//!          ─▶ read body ─▶ edge::check_run_body (size, schema) ─────────▶ EdgeError ─▶ caller
+//!          ─▶ config::regions_for(request.cf) ─▶ failover::forward ─▶ fetch(origin + path), no redirects
+//!                 could not connect / 521-523 / 530 / edgerun-not-started: 1 / 429+3040 ─▶ next region
 //!                 every region skipped ─▶ failover::no_region_error (503, or 429 if busy)
+//!                 3xx, a non-node error page, a lost connection ─▶ 502 envelope, no retry
 //!          ◀─ node's response, body streamed untouched, + cf-ai-req-id + x-edgerun-region
 //! ```
 //!
@@ -34,8 +38,13 @@
 //!
 //! * **Never buffer or re-chunk a node's answer**: the body is handed to the runtime as the
 //!   stream it came as (only a 429's small body is read, to tell "busy" from other 429s).
-//! * **Never retry after a byte reached the caller**, and never retry a request the node
-//!   answered with anything but the failover statuses (a 400 is the caller's to fix).
+//! * **Never send a request to a second node unless the first certainly did not start it**
+//!   (see [`failover`]): a 502, a 504, a 503 without `edgerun-not-started`, a connection lost
+//!   after sending may all come after tokens were generated. A fortiori, never retry after a
+//!   byte reached the caller.
+//! * **Never answer outside the Workers AI envelope**: every answer the Worker makes itself (401,
+//!   400/7000, 405 with `Allow`, 413, 429, 502, 503, 500) is the node's envelope, and a region's
+//!   redirect or non-node error page is replaced by a 502 in it.
 //! * **Never pass the caller's credentials to a node, nor a node's credentials to the caller.**
 //! * **Never panic**: a panic aborts the isolate and every request in it; configuration errors
 //!   are answered as a 500 in the envelope naming the variable.
@@ -74,14 +83,69 @@ impl From<WorkerError> for ApiError {
     }
 }
 
-/// Status, headers and body of an error the Worker answers itself: the same as the node's
-/// (`content-type: application/json`, `retry-after: 1` on 429 and 503).
-pub fn error_response_parts(e: &ApiError) -> (u16, Vec<(&'static str, &'static str)>, String) {
-    let mut headers = vec![("content-type", edgerun_protocol::JSON_CONTENT_TYPE)];
-    if let Some(secs) = e.retry_after() {
-        headers.push(("retry-after", secs));
+/// An answer the Worker makes itself: always the Workers AI error envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeError {
+    pub error: ApiError,
+    /// The `Allow` header of a 405: the methods the route takes.
+    pub allow: Option<&'static str>,
+    /// The region whose answer this replaces (its 3xx, an error page that is not the node's, a
+    /// lost connection), returned in `x-edgerun-region` like an answer of that region.
+    pub region: Option<String>,
+}
+
+impl EdgeError {
+    /// 405/7001 with `Allow`, as the node answers a wrong method.
+    pub fn method_not_allowed(allow: &'static str) -> Self {
+        Self {
+            allow: Some(allow),
+            ..ApiError::method_not_allowed().into()
+        }
     }
-    (e.status, headers, e.to_json())
+
+    /// `error`, in place of `region`'s answer.
+    pub fn from_region(error: ApiError, region: &str) -> Self {
+        Self {
+            region: Some(region.to_string()),
+            ..error.into()
+        }
+    }
+}
+
+impl From<ApiError> for EdgeError {
+    fn from(error: ApiError) -> Self {
+        Self {
+            error,
+            allow: None,
+            region: None,
+        }
+    }
+}
+
+impl From<WorkerError> for EdgeError {
+    fn from(e: WorkerError) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
+/// Status, headers and body of an answer the Worker makes itself: the node's (`content-type:
+/// application/json`, `retry-after: 1` on 429 and 503, `allow` on 405), plus `x-edgerun-region`
+/// when it replaces a region's answer.
+pub fn error_response_parts(e: &EdgeError) -> (u16, Vec<(&'static str, String)>, String) {
+    let mut headers = vec![(
+        "content-type",
+        edgerun_protocol::JSON_CONTENT_TYPE.to_string(),
+    )];
+    if let Some(secs) = e.error.retry_after() {
+        headers.push(("retry-after", secs.to_string()));
+    }
+    if let Some(allow) = e.allow {
+        headers.push(("allow", allow.to_string()));
+    }
+    if let Some(region) = &e.region {
+        headers.push((forward::REGION_HEADER, region.clone()));
+    }
+    (e.error.status, headers, e.error.to_json())
 }
 
 #[cfg(test)]
@@ -100,14 +164,40 @@ mod tests {
 
     #[test]
     fn error_parts_match_the_nodes() {
-        let (status, headers, body) = error_response_parts(&ApiError::capacity());
+        let h = |pairs: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+            pairs.iter().map(|(n, v)| (*n, v.to_string())).collect()
+        };
+        let (status, headers, body) = error_response_parts(&ApiError::capacity().into());
         assert_eq!(status, 429);
         assert_eq!(
             headers,
-            [("content-type", "application/json"), ("retry-after", "1")]
+            h(&[("content-type", "application/json"), ("retry-after", "1")])
         );
         assert_eq!(body, ApiError::capacity().to_json());
-        let (_, headers, _) = error_response_parts(&ApiError::authentication());
-        assert_eq!(headers, [("content-type", "application/json")]);
+        let (_, headers, _) = error_response_parts(&ApiError::authentication().into());
+        assert_eq!(headers, h(&[("content-type", "application/json")]));
+
+        let (status, headers, body) = error_response_parts(&EdgeError::method_not_allowed("POST"));
+        assert_eq!(status, 405);
+        assert_eq!(
+            headers,
+            h(&[("content-type", "application/json"), ("allow", "POST")])
+        );
+        assert_eq!(body, ApiError::method_not_allowed().to_json());
+
+        let e = EdgeError::from_region(ApiError::new(502, 3000, "Bad gateway: x"), "eu");
+        let (status, headers, body) = error_response_parts(&e);
+        assert_eq!(status, 502);
+        assert_eq!(
+            headers,
+            h(&[
+                ("content-type", "application/json"),
+                ("x-edgerun-region", "eu")
+            ])
+        );
+        assert_eq!(
+            body,
+            r#"{"errors":[{"code":3000,"message":"Bad gateway: x"}],"success":false,"result":null,"messages":[]}"#
+        );
     }
 }
