@@ -39,12 +39,10 @@ async fn settled(node: &Node) -> Value {
         .await
 }
 
-/// A warmed-up node's RSS, taken after a few requests so allocator growth is counted.
-async fn baseline_rss(node: &Node) -> u64 {
-    for _ in 0..4 {
-        node.run_json(json!({"prompt": "Say hi.", "max_tokens": 8}).to_string())
-            .await;
-    }
+/// The node's RSS once a first round of the same load has run (and settled), so that what
+/// the allocator keeps for reuse counts as "before" and only growth beyond it as a leak.
+async fn rss_after_warm_up(node: &Node) -> u64 {
+    settled(node).await;
     rss_bytes(node.pid())
 }
 
@@ -147,22 +145,25 @@ fn fuzzed_body(rng: &mut Rng) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuzzed_bodies_all_get_an_answer_in_the_envelope() {
     let node = Node::start(&["--max-queue", "64"]).await;
-    let before = baseline_rss(&node).await;
     let mut rng = Rng(0x5eed_0001);
     let bodies: Vec<Vec<u8>> = (0..600).map(|_| fuzzed_body(&mut rng)).collect();
-    let results: Vec<(u16, String, String)> = futures::stream::iter(bodies)
-        .map(|body| {
-            let req = node.post(body);
-            async move {
-                let resp = req.send().await.expect("an HTTP answer");
-                let status = resp.status().as_u16();
-                let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
-                (status, ct, resp.text().await.expect("a whole body"))
-            }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
+    let fire = |bodies: Vec<Vec<u8>>| {
+        futures::stream::iter(bodies)
+            .map(|body| {
+                let req = node.post(body);
+                async move {
+                    let resp = req.send().await.expect("an HTTP answer");
+                    let status = resp.status().as_u16();
+                    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+                    (status, ct, resp.text().await.expect("a whole body"))
+                }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<(u16, String, String)>>()
+    };
+    let mut results = fire(bodies[..200].to_vec()).await;
+    let before = rss_after_warm_up(&node).await;
+    results.extend(fire(bodies[200..].to_vec()).await);
     let mut by_status = std::collections::BTreeMap::new();
     for (status, ct, body) in &results {
         *by_status.entry(*status).or_insert(0) += 1;
@@ -191,7 +192,6 @@ async fn fuzzed_bodies_all_get_an_answer_in_the_envelope() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_disconnects_free_every_sequence() {
     let node = Node::start(&["--max-queue", "64"]).await;
-    let before = baseline_rss(&node).await;
     let cancelled_before = node.health().await["stats"]["requests_cancelled_total"]
         .as_u64()
         .unwrap();
@@ -199,6 +199,23 @@ async fn random_disconnects_free_every_sequence() {
     let plans: Vec<(bool, u64)> = (0..320)
         .map(|_| (rng.below(2) == 0, rng.below(400) as u64))
         .collect();
+    disconnect_round(&node, plans[..100].to_vec()).await;
+    let before = rss_after_warm_up(&node).await;
+    disconnect_round(&node, plans[100..].to_vec()).await;
+    let h = settled(&node).await;
+    let cancelled = h["stats"]["requests_cancelled_total"].as_u64().unwrap() - cancelled_before;
+    println!("320 random disconnects: {cancelled} sequences cancelled by their clients");
+    assert!(cancelled > 0);
+    // The node still answers, exactly as before.
+    let v = node
+        .run_json(json!({"prompt": "Say hi.", "max_tokens": 4}).to_string())
+        .await;
+    assert_eq!(v["success"], true, "{v}");
+    assert_rss_within(&node, before, "random disconnects");
+}
+
+/// Requests that their clients abandon after the given milliseconds (streaming or not).
+async fn disconnect_round(node: &Node, plans: Vec<(bool, u64)>) {
     futures::stream::iter(plans)
         .map(|(stream, after_ms)| {
             let body = json!({
@@ -219,24 +236,13 @@ async fn random_disconnects_free_every_sequence() {
         .buffer_unordered(16)
         .collect::<Vec<_>>()
         .await;
-    let h = settled(&node).await;
-    let cancelled = h["stats"]["requests_cancelled_total"].as_u64().unwrap() - cancelled_before;
-    println!("320 random disconnects: {cancelled} sequences cancelled by their clients");
-    assert!(cancelled > 0);
-    // The node still answers, exactly as before.
-    let v = node
-        .run_json(json!({"prompt": "Say hi.", "max_tokens": 4}).to_string())
-        .await;
-    assert_eq!(v["success"], true, "{v}");
-    assert_rss_within(&node, before, "random disconnects");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_at_ten_times_capacity_is_shed_cheaply_and_nothing_admitted_is_lost() {
     // Capacity 4 (2 running + 2 queued); 40 at once.
     let node = Node::start(&["--max-batch", "2", "--max-queue", "2"]).await;
-    let before = baseline_rss(&node).await;
-    let long_prompt = "Tell me about lighthouses. ".repeat(1200); // ~32 KiB
+    let long_prompt = "Tell me about lighthouses. ".repeat(600); // ~16 KiB, ~4,200 tokens
     let bodies: Vec<(bool, String)> = (0..40)
         .map(|i| {
             let prompt = if i % 2 == 0 {
@@ -244,36 +250,40 @@ async fn overload_at_ten_times_capacity_is_shed_cheaply_and_nothing_admitted_is_
             } else {
                 "Say hi."
             };
-            let body = json!({"prompt": prompt, "max_tokens": 16, "stream": i % 4 < 2});
+            let body = json!({"prompt": prompt, "max_tokens": 8, "stream": i % 4 < 2});
             (i % 2 == 0, body.to_string())
         })
         .collect();
-    let results: Vec<(bool, u16, Duration, bool, String)> = futures::stream::iter(bodies)
-        .map(|(long, body)| {
-            let req = node.post(body);
-            async move {
-                let start = Instant::now();
-                let resp = req.send().await.unwrap();
-                let status = resp.status().as_u16();
-                let not_started = resp.headers().contains_key("edgerun-not-started");
-                let latency = start.elapsed();
-                if status == 429 {
-                    assert_eq!(resp.headers()["retry-after"], "1");
+    let burst = |bodies: Vec<(bool, String)>| {
+        futures::stream::iter(bodies)
+            .map(|(long, body)| {
+                let req = node.post(body);
+                async move {
+                    let start = Instant::now();
+                    let resp = req.send().await.unwrap();
+                    let status = resp.status().as_u16();
+                    let not_started = resp.headers().contains_key("edgerun-not-started");
+                    let latency = start.elapsed();
+                    if status == 429 {
+                        assert_eq!(resp.headers()["retry-after"], "1");
+                    }
+                    let text = resp.text().await.unwrap();
+                    (long, status, latency, not_started, text)
                 }
-                let text = resp.text().await.unwrap();
-                (long, status, latency, not_started, text)
-            }
-        })
-        .buffer_unordered(40)
-        .collect()
-        .await;
+            })
+            .buffer_unordered(40)
+            .collect::<Vec<(bool, u16, Duration, bool, String)>>()
+    };
+    let mut results = burst(bodies.clone()).await;
+    let before = rss_after_warm_up(&node).await;
+    results.extend(burst(bodies).await);
     let mut ok = 0;
     let mut shed = Vec::new();
     for (long, status, latency, not_started, text) in &results {
         match status {
             200 => {
                 ok += 1;
-                if text.starts_with("data:") {
+                if text.contains("data: ") {
                     assert!(text.ends_with("data: [DONE]\n\n"), "lost stream: {text}");
                 } else {
                     assert_eq!(
@@ -300,13 +310,13 @@ async fn overload_at_ten_times_capacity_is_shed_cheaply_and_nothing_admitted_is_
         v
     };
     println!(
-        "40 requests at capacity 4: {ok} answered, {} shed; 429 latency ms for 32 KiB prompts {:?}, short prompts {:?}",
+        "2 x 40 requests at capacity 4: {ok} answered, {} shed; 429 latency ms for 16 KiB prompts {:?}, short prompts {:?}",
         shed.len(),
         ms(true),
         ms(false)
     );
-    assert!(ok >= 4, "{ok} answered");
-    assert!(shed.len() >= 20, "{} shed", shed.len());
+    assert!(ok >= 8, "{ok} answered");
+    assert!(shed.len() >= 40, "{} shed", shed.len());
     settled(&node).await;
     assert_rss_within(&node, before, "overload");
 }
@@ -418,6 +428,16 @@ async fn slowloris_slow_bodies_and_idle_connections_are_closed() {
         .await
         .expect("an endless chunked body was waited on forever");
     assert_eq!(status_and_body(&raw).0, 408);
+
+    // A malformed request head: hyper's own 400, in the envelope like every answer.
+    let mut conn = TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let (_, raw) = closed_within(&mut conn, Duration::from_secs(5))
+        .await
+        .expect("a malformed request was not answered");
+    let (status, body) = status_and_body(&raw);
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(envelope_code(&body), 5006);
 
     // An idle kept-alive connection is closed after the idle timeout.
     let mut conn = TcpStream::connect(&addr).await.unwrap();
@@ -558,18 +578,28 @@ async fn sigterm_drains_honestly_then_cuts_at_the_deadline_and_exits_non_zero() 
         .success());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Draining: /health says so, new work gets 503 with the not-started mark.
-    let resp = node.client.get(node.url("/health")).send().await.unwrap();
+    // Draining: /health says so, new work gets 503 with the not-started mark, on new
+    // connections and on kept-alive ones alike.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let resp = fresh.get(node.url("/health")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "draining");
-    let resp = node
-        .post(json!({"prompt": "Say hi.", "max_tokens": 4}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 503);
-    assert_eq!(resp.headers()["edgerun-not-started"], "1");
-    envelope_code(&resp.text().await.unwrap());
+    for client in [&fresh, &node.client] {
+        let resp = client
+            .post(node.run_url())
+            .bearer_auth(TOKEN)
+            .body(json!({"prompt": "Say hi.", "max_tokens": 4}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["edgerun-not-started"], "1");
+        assert_eq!(resp.headers()["connection"], "close");
+        envelope_code(&resp.text().await.unwrap());
+    }
 
     // What could finish, finished.
     let short = short.await.unwrap();
@@ -612,7 +642,6 @@ async fn auth_probes_over_every_route_and_method_never_generate() {
         "/metrics".to_string(),
         "/".to_string(),
         "/v1/chat/completions".to_string(),
-        "/run/%2e%2e/health".to_string(),
         "/does/not/exist".to_string(),
     ];
     let methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"];

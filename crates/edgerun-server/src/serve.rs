@@ -11,10 +11,12 @@
 //!   connection's next request, to the end of the request head;
 //! * **an idle timeout**: a keep-alive connection with no request in flight and no byte read
 //!   for this long is closed;
-//! * **a graceful drain**: when `shutdown` resolves, idle connections close at once and busy
-//!   ones after their answers; the listener keeps answering (one request per connection) so
-//!   that `/health` can say "draining" and run requests get a 503 marked not-started, until
-//!   every connection has closed.
+//! * **a graceful drain**: when `shutdown` resolves, busy connections close after their
+//!   answers, and every later answer says `Connection: close`; the listener and idle
+//!   connections keep answering, so that `/health` says "draining" and run requests get a 503
+//!   marked not-started (closing an idle keep-alive connection instead would lose a request
+//!   racing the close: a proxy could not know it never started). The drain ends when no request
+//!   is in flight.
 //!
 //! A request in flight is never timed out here: its body has its own deadline and minimum rate
 //! (`routes::read_body`), a stream whose client stops reading is paused and then dropped by the
@@ -63,12 +65,16 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// Kernel send buffer per connection (Linux doubles it). Token events are tens of bytes each,
+/// so this holds hundreds of them; answers larger than it just take more writes.
+const SEND_BUFFER_BYTES: usize = 16 * 1024;
+
 /// Connections turned away at the cap that may still be answered at once (each is a small
 /// write and a short wait for the client's request bytes); beyond these they are just closed.
 const MAX_REFUSING: usize = 256;
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains: returns once every
-/// connection has closed. (Marking the node as draining, so that handlers refuse new work, is
+/// Serves `app` on `listener` until `shutdown` resolves, then drains: returns once no request
+/// is in flight (idle connections are dropped with the runtime). (Marking the node as draining, so that handlers refuse new work, is
 /// the caller's part: `Drain::start`.)
 pub async fn serve(
     listener: TcpListener,
@@ -77,6 +83,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let open = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -88,7 +95,7 @@ pub async fn serve(
             tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {
-                    if open.load(Ordering::Relaxed) == 0 {
+                    if requests.load(Ordering::Relaxed) == 0 {
                         break;
                     }
                     continue;
@@ -101,7 +108,8 @@ pub async fn serve(
                     let _ = stop_tx.send(true);
                     tracing::info!(
                         open = open.load(Ordering::Relaxed),
-                        "draining: idle connections close now, busy ones after their answers"
+                        requests = requests.load(Ordering::Relaxed),
+                        "draining: connections close after their answers"
                     );
                     continue;
                 }
@@ -118,6 +126,9 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        // A bounded kernel buffer (autotuning grows it to 4 MiB per socket otherwise): what a
+        // client that stops reading can make the node hold, and how soon the engine notices.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
         if open.load(Ordering::Relaxed) >= limits.max_connections {
             metrics::counter!(telemetry::CONNECTIONS_REFUSED).increment(1);
             if let Ok(permit) = refusing.clone().try_acquire_owned() {
@@ -131,8 +142,9 @@ pub async fn serve(
         let guard = OpenConnection::new(open.clone());
         let app = app.clone();
         let stop = stop_rx.clone();
+        let requests = requests.clone();
         tokio::spawn(async move {
-            serve_connection(stream, app, limits, stop).await;
+            serve_connection(stream, app, limits, stop, requests).await;
             drop(guard);
         });
     }
@@ -257,19 +269,30 @@ async fn serve_connection(
     app: Router,
     limits: ConnectionLimits,
     mut stop: watch::Receiver<bool>,
+    requests: Arc<AtomicUsize>,
 ) {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
         io: stream,
         activity: activity.clone(),
+        replacing: None,
     });
     let service = {
         let activity = activity.clone();
+        let stop = stop.clone();
         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let app = app.clone();
-            let tracker = InFlight::new(activity.clone());
+            let tracker = InFlight::new(activity.clone(), requests.clone());
+            let draining = *stop.borrow();
             async move {
-                let resp = tower::ServiceExt::oneshot(app, req.map(Body::new)).await?;
+                let mut resp = tower::ServiceExt::oneshot(app, req.map(Body::new)).await?;
+                if draining {
+                    // Draining: answer, then close (hyper honours the header).
+                    resp.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, std::convert::Infallible>(resp.map(|body| {
                     Body::new(Tracked {
                         inner: body,
@@ -284,10 +307,10 @@ async fn serve_connection(
     tokio::pin!(conn);
     let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 4)
         .clamp(Duration::from_millis(10), Duration::from_secs(1));
+    // Draining: a connection busy when it starts closes after its answer; an idle one stays
+    // open (a request racing the close would be lost, not refused) and answers with
+    // `Connection: close` (503 not-started for run requests) until the drain ends.
     let mut stopping = *stop.borrow();
-    if stopping {
-        conn.as_mut().graceful_shutdown();
-    }
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -298,7 +321,7 @@ async fn serve_connection(
             }
             changed = stop.changed(), if !stopping => {
                 stopping = true;
-                if changed.is_ok() {
+                if changed.is_ok() && activity.in_flight.load(Ordering::Relaxed) > 0 {
                     conn.as_mut().graceful_shutdown();
                 }
             }
@@ -314,20 +337,22 @@ async fn serve_connection(
     }
 }
 
-/// Marks a request in flight from the service call until its response body is dropped (sent
-/// or abandoned).
-struct InFlight(Arc<Activity>);
+/// Marks a request in flight, on its connection and node-wide, from the service call until its
+/// response body is dropped (sent or abandoned).
+struct InFlight(Arc<Activity>, Arc<AtomicUsize>);
 
 impl InFlight {
-    fn new(activity: Arc<Activity>) -> Self {
+    fn new(activity: Arc<Activity>, requests: Arc<AtomicUsize>) -> Self {
         activity.request_started();
-        Self(activity)
+        requests.fetch_add(1, Ordering::Relaxed);
+        Self(activity, requests)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.request_finished();
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -357,10 +382,46 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// The socket, reporting each read to the watchdog.
+/// The socket, reporting each read to the watchdog, and putting hyper's own error answers
+/// (a malformed request head is answered by hyper before any service sees it, with an empty
+/// body) into the Workers AI envelope like every other answer of the node.
 struct Watched {
     io: TcpStream,
     activity: Arc<Activity>,
+    /// An envelope answer written in place of hyper's bare one, and how much of it is written.
+    /// Once it is, whatever hyper writes after it (nothing: it closes) is dropped.
+    replacing: Option<(Vec<u8>, usize)>,
+}
+
+/// The enveloped form of a bare error answer hyper wrote itself (`HTTP/1.1 400 Bad Request`,
+/// `431`, ...), or `None` when `head` is not one.
+fn envelope_for_bare_error(head: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(head.get(..head.len().min(512))?).ok()?;
+    let rest = text.strip_prefix("HTTP/1.1 ")?;
+    let status: u16 = rest.get(..3)?.parse().ok()?;
+    let lower = text.to_ascii_lowercase();
+    if !(400..600).contains(&status) || !lower.contains("content-length: 0\r\n") {
+        return None;
+    }
+    let reason = rest.get(4..)?.split("\r\n").next().unwrap_or("");
+    let error = match status {
+        400 => ApiError::bad_input("malformed HTTP request"),
+        408 => ApiError::timeout(),
+        413 | 431 => ApiError::new(status, 3006, format!("Request is too large: {reason}")),
+        _ => ApiError::new(status, 3000, format!("HTTP error: {reason}")),
+    };
+    let body = error.to_json();
+    Some(
+        format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}: {}\r\n\
+             connection: close\r\n\r\n{body}",
+            edgerun_protocol::JSON_CONTENT_TYPE,
+            body.len(),
+            edgerun_protocol::REQUEST_ID_HEADER,
+            crate::routes::new_request_id(),
+        )
+        .into_bytes(),
+    )
 }
 
 impl AsyncRead for Watched {
@@ -384,6 +445,22 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        // With no request in flight, only hyper itself answers: its bare error responses.
+        if self.replacing.is_none() && self.activity.in_flight.load(Ordering::Relaxed) == 0 {
+            if let Some(answer) = envelope_for_bare_error(buf) {
+                self.replacing = Some((answer, 0));
+            }
+        }
+        let this = &mut *self;
+        if let Some((answer, written)) = &mut this.replacing {
+            while *written < answer.len() {
+                match Pin::new(&mut this.io).poll_write(cx, &answer[*written..]) {
+                    Poll::Ready(Ok(n)) => *written += n,
+                    other => return other,
+                }
+            }
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -400,6 +477,26 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        // hyper writes a bare error's head in the first buffer. Vectored writes stay on: with
+        // them hyper queues at most 16 body chunks before it stops polling a stream, instead
+        // of flattening up to 400 KiB, so a client that stops reading is noticed soon.
+        let intercept = self.replacing.is_some()
+            || (self.activity.in_flight.load(Ordering::Relaxed) == 0
+                && bufs
+                    .iter()
+                    .find(|b| !b.is_empty())
+                    .is_some_and(|b| envelope_for_bare_error(b).is_some()));
+        if intercept {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &**b);
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            return match self.poll_write(cx, first) {
+                Poll::Ready(Ok(_)) => Poll::Ready(Ok(total)),
+                other => other,
+            };
+        }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -443,6 +540,32 @@ mod tests {
         a.read_some();
         std::thread::sleep(Duration::from_millis(150));
         assert_eq!(a.expired(&limits()), Some("header read timeout"));
+    }
+
+    #[test]
+    fn hyper_bare_errors_get_the_envelope() {
+        let bare = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let answer = String::from_utf8(envelope_for_bare_error(bare).unwrap()).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("content-type: application/json\r\n"),
+            "{answer}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["errors"][0]["code"], 5006);
+        let large = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        assert!(envelope_for_bare_error(large).is_some());
+        // Our own answers (with bodies) and non-HTTP/1 bytes are left alone.
+        assert!(envelope_for_bare_error(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n").is_none());
+        assert!(
+            envelope_for_bare_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 9\r\n\r\n")
+                .is_none()
+        );
+        assert!(envelope_for_bare_error(&[0, 0, 4, 1]).is_none());
     }
 
     #[test]

@@ -163,8 +163,9 @@ async fn wrong_method_and_unknown_route() {
         .header("authorization", "Bearer t")
         .body(Body::empty())
         .unwrap();
-    let (status, _, body) = send(app(&["t"]), req).await;
+    let (status, headers, body) = send(app(&["t"]), req).await;
     assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "POST");
     assert_eq!(code(&body), 7001);
     let (status, _, body) = send(app(&["t"]), post("/v1/chat/nope", Some("t"), "{}")).await;
     assert_eq!(status, 400);

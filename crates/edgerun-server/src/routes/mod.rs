@@ -78,8 +78,12 @@ async fn no_route() -> Response {
     ApiError::no_route().into_http()
 }
 
+/// The 405 envelope for the run routes, with `Allow` as RFC 9110 asks.
 async fn method_not_allowed() -> Response {
-    ApiError::method_not_allowed().into_http()
+    let mut resp = ApiError::method_not_allowed().into_http();
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    resp
 }
 
 /// The 405 envelope for the open GET routes, with `Allow` as RFC 9110 asks.
