@@ -1,4 +1,6 @@
-//! Fault injection for tests (the `fault-injection` feature; never in a release build).
+//! Fault injection for tests (the `fault-injection` feature, which only test targets enable:
+//! a plain `cargo build -p edgerun-server` never has it, and nothing but a test calls
+//! [`crate::Engine::inject_faults`]).
 //!
 //! [`crate::Engine::inject_faults`] sets what the engine's forward pass does from its next step
 //! on: fail (as a device error would) or panic whenever a step includes a chosen token, or
@@ -17,6 +19,23 @@ pub struct Faults {
     pub panic_on_token: Option<u32>,
     /// Every step fails (a broken device), probes included.
     pub fail_every_step: bool,
+    /// A step whose tokens include this one fails after the model has run and committed its
+    /// cache positions (as an asynchronous device error would surface).
+    pub error_after_forward_on_token: Option<u32>,
+}
+
+/// Called after each forward pass that succeeded, with its segments.
+pub(crate) fn check_after(faults: &Mutex<Faults>, segments: &[Segment<'_>]) -> crate::Result<()> {
+    let token = faults
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .error_after_forward_on_token;
+    if token.is_some_and(|t| segments.iter().any(|s| s.tokens.contains(&t))) {
+        return Err(crate::EngineError::Model(candle_core::Error::Msg(
+            "injected fault after the forward pass".into(),
+        )));
+    }
+    Ok(())
 }
 
 /// Called before each forward pass with its segments.

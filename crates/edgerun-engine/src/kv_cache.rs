@@ -94,4 +94,10 @@ impl KvCache {
     pub(crate) fn commit(&mut self, t: usize) {
         self.len += t;
     }
+
+    /// Forgets every position from `len` on (after a forward pass that failed once it had
+    /// committed): the next write overwrites them.
+    pub(crate) fn roll_back_to(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
 }

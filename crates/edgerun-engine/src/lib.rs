@@ -91,7 +91,7 @@ pub use scheduler::admission::KvReservation;
 pub use scheduler::plan::{plan_step, Planned, SeqProgress, Work};
 pub use scheduler::{
     EngineStats, GenerationEvent, Health, SchedulerConfig, StatsSnapshot, TokenStream,
-    EVENT_BUFFER, FAILING_AFTER,
+    EVENT_BUFFER, FAILING_AFTER, IDLE_PROBE,
 };
 pub use sequence::StopReason;
 pub use template::{ChatTemplate, CHATML_TEMPLATE};

@@ -94,6 +94,13 @@ fn a_failing_sequence_fails_alone_and_the_others_are_unchanged() {
                 ..Faults::default()
             },
         ),
+        (
+            "error after the cache was written",
+            Faults {
+                error_after_forward_on_token: Some(token),
+                ..Faults::default()
+            },
+        ),
     ] {
         engine.inject_faults(faults);
         let failed_before = engine.stats().sequences_failed_total;
@@ -138,10 +145,19 @@ fn a_device_that_keeps_failing_turns_health_failing_until_a_step_succeeds() {
         other => panic!("expected Failing, got {other:?}"),
     }
     assert_eq!(engine.stats().device_failures_total, FAILING_AFTER);
+    // Without any request, the idle engine probes itself and recovers.
     engine.inject_faults(Faults::default());
-    outcome(submit(&engine, GOOD[0], 8)).unwrap();
-    assert_eq!(engine.health(), Health::Ready);
+    let deadline = Instant::now() + edgerun_engine::IDLE_PROBE * 3;
+    while engine.health() != Health::Ready {
+        assert!(
+            Instant::now() < deadline,
+            "never recovered: {:?}",
+            engine.health()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(engine.stats().consecutive_device_failures, 0);
+    outcome(submit(&engine, GOOD[0], 8)).unwrap();
 }
 
 #[test]

@@ -82,16 +82,21 @@ pub async fn start(
     // Busy is decided here, before any work that grows with the prompt.
     let slot = engine.reserve(policy)?;
     let prepare = async {
-        let _permit = state
+        let permit = state
             .prepare
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|e| ServerError::Task(e.to_string()))?;
         let engine = engine.clone();
-        tokio::task::spawn_blocking(move || engine.prepare(&prompt, tools.as_ref()))
-            .await
-            .map_err(|e| ServerError::Task(e.to_string()))?
-            .map_err(ServerError::from)
+        // The permit goes with the work: a client that hangs up does not free it early.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            engine.prepare(&prompt, tools.as_ref())
+        })
+        .await
+        .map_err(|e| ServerError::Task(e.to_string()))?
+        .map_err(ServerError::from)
     };
     let prompt = tokio::select! {
         prompt = prepare => prompt?,

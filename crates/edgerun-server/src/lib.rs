@@ -46,6 +46,13 @@
 //!   engine's `TokenStream`, which cancels the sequence;
 //! * answer a run route without checking the bearer token when tokens are configured, or the
 //!   `Cf-Access-Jwt-Assertion` when Access is configured.
+//! * hold anything a client controls without a bound: connections (cap, header and idle
+//!   timeouts in [`serve`]), bodies (size, deadline, minimum rate), streams it stopped reading
+//!   (the engine pauses, then drops them), the CPU work before the engine (the prepare pool);
+//! * do work proportional to a prompt before the request has a queue place (a 429 must cost
+//!   the same for any prompt);
+//! * end a stream silently or exit 0 after cutting one: at the drain deadline every running
+//!   generation gets an error and the exit status says so.
 
 pub mod access;
 pub mod auth;

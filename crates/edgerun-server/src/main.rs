@@ -192,7 +192,8 @@ struct ServeArgs {
     #[arg(long, env = "EDGERUN_MIN_BODY_RATE", default_value_t = 1024)]
     min_body_rate: usize,
     /// Seconds a stream whose client stopped reading is kept (paused) before it is dropped,
-    /// freeing its batch slot and KV cache.
+    /// freeing its batch slot and KV cache; also how long any write to a client may stay
+    /// blocked before its connection is closed.
     #[arg(long, env = "EDGERUN_STALLED_STREAM_SECS", default_value_t = 30)]
     stalled_stream_secs: u64,
     /// Prompts templated and tokenized at once (the CPU work before the engine); defaults to
@@ -499,6 +500,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        write_stall_timeout: Duration::from_secs(args.stalled_stream_secs),
     };
     state.heartbeat = Duration::from_secs(args.heartbeat_secs);
     state.metrics = edgerun_server::telemetry::install();
@@ -594,7 +596,10 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
             tracing::warn!("drain deadline reached: ending every generation still running");
             drain.cut();
             if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
-                tracing::warn!("connections still open 5 s after the cut; exiting anyway");
+                bail!(
+                    "requests still in flight 5 s after the drain deadline's cut ({} cut); exiting",
+                    drain.cut_requests()
+                );
             }
         }
         match drain.cut_requests() {

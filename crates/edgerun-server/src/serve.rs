@@ -9,14 +9,21 @@
 //!   `Connection: close`) and is closed, so a flood costs one small write per connection;
 //! * **a header-read timeout**: from a connection's start, or the first byte of a keep-alive
 //!   connection's next request, to the end of the request head;
-//! * **an idle timeout**: a keep-alive connection with no request in flight and no byte read
-//!   for this long is closed;
+//! * **an idle timeout**: a keep-alive connection with no request in flight and no byte read or
+//!   written for this long is closed;
+//! * **a write-stall timeout**: a connection whose client has stopped reading (a write blocked
+//!   this long) is closed, request in flight or not; the kernel's send buffer is bounded too,
+//!   so a stream's client that stops reading is noticed within about a thousand events;
 //! * **a graceful drain**: when `shutdown` resolves, busy connections close after their
 //!   answers, and every later answer says `Connection: close`; the listener and idle
 //!   connections keep answering, so that `/health` says "draining" and run requests get a 503
-//!   marked not-started (closing an idle keep-alive connection instead would lose a request
+//!   marked not-started (closing an idle keep-alive connection at once would lose a request
 //!   racing the close: a proxy could not know it never started). The drain ends when no request
-//!   is in flight.
+//!   is in flight; then the process exits and idle connections close with it, so a request
+//!   racing that moment can still be lost: load balancers should stop sending on `draining`.
+//!
+//! HTTP/1.1 only: what cloudflared, the Worker's fetch and curl speak to an origin, and what the
+//! per-request timing above is defined for.
 //!
 //! A request in flight is never timed out here: its body has its own deadline and minimum rate
 //! (`routes::read_body`), a stream whose client stops reading is paused and then dropped by the
@@ -53,6 +60,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Time a keep-alive connection may sit with nothing in flight.
     pub idle_timeout: Duration,
+    /// Time a write to the client may stay blocked (a client that stopped reading) before the
+    /// connection is closed, request in flight or not.
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -61,6 +71,7 @@ impl Default for ConnectionLimits {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            write_stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -88,13 +99,14 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     let mut draining = false;
+    let mut drain_check = tokio::time::interval(Duration::from_millis(20));
     loop {
         let accepted = if draining {
             // Still answering (health checks see "draining", run requests a 503 that tells
-            // the Worker to go elsewhere) until every connection has closed.
+            // the Worker to go elsewhere) until no request is in flight.
             tokio::select! {
                 accepted = listener.accept() => accepted,
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                _ = drain_check.tick() => {
                     if requests.load(Ordering::Relaxed) == 0 {
                         break;
                     }
@@ -204,8 +216,12 @@ struct Activity {
     in_flight: AtomicUsize,
     /// When the request head now being read began (`u64::MAX`: none is being read).
     head_started: AtomicU64,
-    /// The last byte read or the last answer finished.
+    /// The last byte read or written, or the last answer finished.
     last_active: AtomicU64,
+    /// Since when a write has been blocked (`u64::MAX`: none is).
+    write_blocked_since: AtomicU64,
+    /// Requests handed to the service so far (to tell hyper's own answers from ours).
+    services: AtomicU64,
 }
 
 impl Activity {
@@ -216,6 +232,22 @@ impl Activity {
             // A new connection is reading its first request head from the start.
             head_started: AtomicU64::new(0),
             last_active: AtomicU64::new(0),
+            write_blocked_since: AtomicU64::new(u64::MAX),
+            services: AtomicU64::new(0),
+        }
+    }
+
+    fn wrote(&self, progressed: bool) {
+        if progressed {
+            self.last_active.store(self.now(), Ordering::Relaxed);
+            self.write_blocked_since.store(u64::MAX, Ordering::Relaxed);
+        } else {
+            let _ = self.write_blocked_since.compare_exchange(
+                u64::MAX,
+                self.now(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -237,6 +269,7 @@ impl Activity {
     }
 
     fn request_started(&self) {
+        self.services.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(u64::MAX, Ordering::Relaxed);
     }
@@ -248,10 +281,16 @@ impl Activity {
 
     /// Which limit, if any, the connection has passed.
     fn expired(&self, limits: &ConnectionLimits) -> Option<&'static str> {
+        let now = self.now();
+        let blocked = self.write_blocked_since.load(Ordering::Relaxed);
+        if blocked != u64::MAX
+            && now.saturating_sub(blocked) > limits.write_stall_timeout.as_millis() as u64
+        {
+            return Some("write stalled");
+        }
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;
         }
-        let now = self.now();
         let head = self.head_started.load(Ordering::Relaxed);
         if head != u64::MAX {
             if now.saturating_sub(head) > limits.header_read_timeout.as_millis() as u64 {
@@ -276,6 +315,7 @@ async fn serve_connection(
         io: stream,
         activity: activity.clone(),
         replacing: None,
+        heads: 0,
     });
     let service = {
         let activity = activity.clone();
@@ -302,11 +342,15 @@ async fn serve_connection(
             }
         })
     };
-    let builder = Builder::new(TokioExecutor::new());
+    let builder = Builder::new(TokioExecutor::new()).http1_only();
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 4)
-        .clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let tick = (limits
+        .header_read_timeout
+        .min(limits.idle_timeout)
+        .min(limits.write_stall_timeout)
+        / 4)
+    .clamp(Duration::from_millis(10), Duration::from_secs(1));
     // Draining: a connection busy when it starts closes after its answer; an idle one stays
     // open (a request racing the close would be lost, not refused) and answers with
     // `Connection: close` (503 not-started for run requests) until the drain ends.
@@ -389,8 +433,9 @@ struct Watched {
     io: TcpStream,
     activity: Arc<Activity>,
     /// An envelope answer written in place of hyper's bare one, and how much of it is written.
-    /// Once it is, whatever hyper writes after it (nothing: it closes) is dropped.
     replacing: Option<(Vec<u8>, usize)>,
+    /// Response heads written so far: one more than the service calls means hyper's own.
+    heads: u64,
 }
 
 /// The enveloped form of a bare error answer hyper wrote itself (`HTTP/1.1 400 Bad Request`,
@@ -439,29 +484,72 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// Before writing `first` (the first bytes of a write): if it is a response head hyper
+    /// wrote with no service call behind it, and a bare error, start replacing it.
+    fn check_head(&mut self, first: &[u8]) {
+        if self.replacing.is_none()
+            && first.starts_with(b"HTTP/1.1 ")
+            && self.heads >= self.activity.services.load(Ordering::Relaxed)
+        {
+            if let Some(answer) = envelope_for_bare_error(first) {
+                self.replacing = Some((answer, 0));
+            }
+        }
+    }
+
+    /// Counts a head once its write has made progress (a write that returned `Pending` is
+    /// retried with the same bytes, and must not count twice).
+    fn wrote_some(&mut self, first: &[u8], polled: &Poll<std::io::Result<usize>>) {
+        if matches!(polled, Poll::Ready(Ok(n)) if *n > 0) && first.starts_with(b"HTTP/1.1 ") {
+            self.heads += 1;
+        }
+        self.activity.wrote(!polled.is_pending());
+    }
+
+    /// Writes the replacement answer; `Ok(stands_for)` once all of it is out.
+    fn poll_replacement(
+        &mut self,
+        cx: &mut Context<'_>,
+        stands_for: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        let Some((answer, written)) = &mut self.replacing else {
+            return Poll::Ready(Ok(0));
+        };
+        while *written < answer.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &answer[*written..]) {
+                Poll::Ready(Ok(n)) => {
+                    *written += n;
+                    self.activity.wrote(true);
+                }
+                Poll::Pending => {
+                    self.activity.wrote(false);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            }
+        }
+        // Replaced whole; what hyper writes next goes out as it is.
+        self.replacing = None;
+        self.heads += 1;
+        Poll::Ready(Ok(stands_for))
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        // With no request in flight, only hyper itself answers: its bare error responses.
-        if self.replacing.is_none() && self.activity.in_flight.load(Ordering::Relaxed) == 0 {
-            if let Some(answer) = envelope_for_bare_error(buf) {
-                self.replacing = Some((answer, 0));
-            }
-        }
         let this = &mut *self;
-        if let Some((answer, written)) = &mut this.replacing {
-            while *written < answer.len() {
-                match Pin::new(&mut this.io).poll_write(cx, &answer[*written..]) {
-                    Poll::Ready(Ok(n)) => *written += n,
-                    other => return other,
-                }
-            }
-            return Poll::Ready(Ok(buf.len()));
+        this.check_head(buf);
+        if this.replacing.is_some() {
+            return this.poll_replacement(cx, buf.len());
         }
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.wrote_some(buf, &polled);
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -472,32 +560,23 @@ impl AsyncWrite for Watched {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 
+    /// Vectored writes stay on: with them hyper queues at most 16 body chunks before it stops
+    /// polling a stream, instead of flattening up to 400 KiB into its own buffer.
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        // hyper writes a bare error's head in the first buffer. Vectored writes stay on: with
-        // them hyper queues at most 16 body chunks before it stops polling a stream, instead
-        // of flattening up to 400 KiB, so a client that stops reading is noticed soon.
-        let intercept = self.replacing.is_some()
-            || (self.activity.in_flight.load(Ordering::Relaxed) == 0
-                && bufs
-                    .iter()
-                    .find(|b| !b.is_empty())
-                    .is_some_and(|b| envelope_for_bare_error(b).is_some()));
-        if intercept {
-            let first = bufs
-                .iter()
-                .find(|b| !b.is_empty())
-                .map_or(&[][..], |b| &**b);
-            let total: usize = bufs.iter().map(|b| b.len()).sum();
-            return match self.poll_write(cx, first) {
-                Poll::Ready(Ok(_)) => Poll::Ready(Ok(total)),
-                other => other,
-            };
+        let this = &mut *self;
+        let first: &[u8] = bufs.iter().find(|b| !b.is_empty()).map_or(&[], |b| b);
+        this.check_head(first);
+        if this.replacing.is_some() {
+            let total = bufs.iter().map(|b| b.len()).sum();
+            return this.poll_replacement(cx, total);
         }
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote_some(first, &polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -514,6 +593,7 @@ mod tests {
             max_connections: 8,
             header_read_timeout: Duration::from_millis(100),
             idle_timeout: Duration::from_millis(300),
+            write_stall_timeout: Duration::from_millis(200),
         }
     }
 
@@ -566,6 +646,22 @@ mod tests {
                 .is_none()
         );
         assert!(envelope_for_bare_error(&[0, 0, 4, 1]).is_none());
+    }
+
+    #[test]
+    fn a_blocked_write_closes_even_with_a_request_in_flight() {
+        let a = Activity::new();
+        a.read_some();
+        a.request_started();
+        a.wrote(false);
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(a.expired(&limits()), None, "blocked, under the limit");
+        a.wrote(true);
+        a.wrote(false);
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(a.expired(&limits()), None, "progress restarted the clock");
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(a.expired(&limits()), Some("write stalled"));
     }
 
     #[test]

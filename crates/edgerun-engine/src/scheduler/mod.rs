@@ -13,10 +13,14 @@
 //!
 //! A step that fails (an error or a panic in the forward pass) is retried with each of its
 //! sequences alone, so only the sequences that fail alone are failed; the others go on as if
-//! nothing happened (a failed forward commits nothing to any cache). When no sequence of the
+//! nothing happened (a failed forward's cache positions are rolled back, whatever the model
+//! had committed). A fault that only happens in batches (running out of memory, say) costs
+//! one forward per sequence on each such step; nothing backs off yet. When no sequence of the
 //! step could run, a one-token probe on a scratch cache tells a broken device from bad
 //! sequences: a failed probe counts a device failure, and [`FAILING_AFTER`] consecutive ones make
-//! [`crate::Engine::health`] report the engine as failing (any successful step clears it).
+//! [`crate::Engine::health`] report the engine as failing. Any successful step clears it, and a
+//! failing engine with nothing to do probes itself every [`IDLE_PROBE`], so it recovers even
+//! when a load balancer has stopped sending it traffic.
 //!
 //! ## Slow readers
 //!
@@ -36,7 +40,6 @@ use crate::sampling::Sampler;
 use crate::sequence::{Sequence, SequenceParts, StopReason};
 use crate::tokenizer::TextTokenizer;
 use admission::KvReservation;
-use candle_core::Tensor;
 use plan::{plan_step, Planned, Work};
 use std::collections::{BTreeSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -47,12 +50,15 @@ use tokio::sync::mpsc::{Receiver, Sender};
 
 /// Events one sequence's channel holds before its client counts as not reading.
 pub const EVENT_BUFFER: usize = 64;
-/// Events one step can send a sequence (prompt processed, a token, its end), plus one kept in
-/// reserve for the error that ends a stalled stream.
-pub(crate) const EVENTS_PER_STEP: usize = 3;
+/// Events one step can send a sequence: prompt processed, the new token's text, the text the
+/// detokenizer still held when a length limit ends it, and its end. A sequence is planned only
+/// with room for these plus one, kept for the error that ends a stalled stream.
+pub(crate) const EVENTS_PER_STEP: usize = 4;
 /// Consecutive device failures (failed probes, see the module docs) after which the engine
 /// reports itself failing.
 pub const FAILING_AFTER: usize = 3;
+/// How often a failing engine with nothing to do probes the device.
+pub const IDLE_PROBE: Duration = Duration::from_secs(5);
 
 /// Limits that shape the batch. [`SchedulerConfig::validate`] refuses nonsensical values; the
 /// engine never clamps them.
@@ -321,9 +327,28 @@ impl Scheduler {
         let mut running: Vec<Sequence> = Vec::new();
         loop {
             if running.is_empty() && waiting.is_empty() {
-                match self.rx.recv() {
+                let failing =
+                    self.stats.consecutive_failures.load(Ordering::Relaxed) >= FAILING_AFTER;
+                let next = if failing {
+                    self.rx.recv_timeout(IDLE_PROBE)
+                } else {
+                    self.rx
+                        .recv()
+                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+                };
+                match next {
                     Ok(s) => waiting.push_back(s),
-                    Err(_) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        match self.probe() {
+                            Ok(()) => {
+                                tracing::info!("the device passed a probe step; healthy again");
+                                self.stats.step_succeeded();
+                            }
+                            Err(e) => self.stats.device_failed(&e),
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(s) = self.rx.try_recv() {
@@ -341,8 +366,13 @@ impl Scheduler {
                     Ok(false) => {
                         // Every running sequence waits for its client to read: nothing to
                         // compute until one does or a new request arrives.
-                        if let Ok(s) = self.rx.recv_timeout(Duration::from_millis(5)) {
-                            waiting.push_back(s);
+                        match self.rx.recv_timeout(Duration::from_millis(5)) {
+                            Ok(s) => waiting.push_back(s),
+                            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                            // No handle left to submit more: just wait for the readers.
+                            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                                std::thread::sleep(Duration::from_millis(5))
+                            }
                         }
                     }
                     Err(_) => {
@@ -550,19 +580,34 @@ impl Scheduler {
         segments: &mut [crate::models::Segment<'_>],
         want: &[usize],
     ) -> std::result::Result<Vec<Vec<f32>>, String> {
+        let lens: Vec<usize> = segments.iter().map(|s| s.cache.len()).collect();
         let result = catch_unwind(AssertUnwindSafe(|| {
             #[cfg(feature = "fault-injection")]
             crate::faults::check(&self.faults, segments)?;
-            self.model.forward(segments, want)
+            let logits = self.model.forward(segments, want)?;
+            #[cfg(feature = "fault-injection")]
+            crate::faults::check_after(&self.faults, segments)?;
+            Ok::<_, crate::EngineError>(logits)
         }));
-        let logits: Option<Tensor> = match result {
-            Ok(Ok(logits)) => logits,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("the model panicked".into()),
+        let logits = match result {
+            Ok(Ok(logits)) => logits
+                .map(|t| t.to_vec2::<f32>())
+                .transpose()
+                .map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the model panicked".into()),
         };
         match logits {
-            Some(t) => t.to_vec2::<f32>().map_err(|e| e.to_string()),
-            None => Ok(Vec::new()),
+            Ok(rows) => Ok(rows.unwrap_or_default()),
+            Err(e) => {
+                // The model may have committed positions before it failed (its output layer,
+                // or an asynchronous device error surfacing in the copy): forget them, so a
+                // retry writes the same positions again.
+                for (segment, len) in segments.iter_mut().zip(lens) {
+                    segment.cache.roll_back_to(len);
+                }
+                Err(e)
+            }
         }
     }
 
