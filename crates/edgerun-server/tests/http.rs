@@ -170,6 +170,11 @@ async fn wrong_method_and_unknown_route() {
     let (status, _, body) = send(app(&["t"]), post("/v1/chat/nope", Some("t"), "{}")).await;
     assert_eq!(status, 400);
     assert_eq!(code(&body), 7000);
+    // An empty account segment is no route, as the shared rule (and the Worker) says.
+    let path = format!("/client/v4/accounts//ai/run/{MODEL}");
+    let (status, _, body) = send(app(&["t"]), post(&path, Some("t"), "{}")).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(code(&body), 7000, "{body}");
     // The open routes answer a wrong method in the envelope too, not with a bare 405.
     for path in ["/health", "/metrics"] {
         let (status, headers, body) = send(app(&["t"]), post(path, None, "")).await;

@@ -32,9 +32,12 @@ pub(super) async fn run(State(state): State<AppState>, uri: Uri, body: Body) -> 
 
 async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, ServerError> {
     let started = Instant::now();
-    let model = run_route_tail(uri.path())
-        .and_then(model_from_path)
-        .unwrap_or_default();
+    // The router's patterns are wider than the shared rule (an empty account segment, say):
+    // what the rule does not call a run route is no route, as the Worker answers it.
+    let Some(tail) = run_route_tail(uri.path()) else {
+        return Err(ApiError::no_route().into());
+    };
+    let model = model_from_path(tail).unwrap_or_default();
     if !state.serves(&model) {
         return Err(ApiError::no_such_model(&model).into());
     }
