@@ -523,21 +523,23 @@ async fn a_stalled_reader_is_dropped_and_its_slot_freed() {
         .run_json(json!({"prompt": "Say hi.", "max_tokens": 4}).to_string())
         .await;
     assert_eq!(v["success"], true, "{v}");
+    // Whichever notices first frees it: the connection's write-stall timeout (the socket
+    // stays full) closes the connection, which cancels the sequence, or the engine drops the
+    // paused sequence itself. Both within about the stalled-stream time of the buffers filling.
     let h = node
-        .wait_for_stat("sequences_stalled_total", 1, Duration::from_secs(90))
+        .wait_for_stat("active_sequences", 0, Duration::from_secs(90))
         .await;
-    assert_eq!(h["stats"]["active_sequences"], 0, "{h}");
-    let generated = h["stats"]["generated_tokens_total"].as_u64().unwrap();
+    let stats = &h["stats"];
+    let freed = stats["sequences_stalled_total"].as_u64().unwrap()
+        + stats["requests_cancelled_total"].as_u64().unwrap();
+    assert_eq!(freed, 1, "{h}");
+    let generated = stats["generated_tokens_total"].as_u64().unwrap();
     assert!(generated < 4000, "a stalled stream was computed to the end");
-    // Reading now: the buffered tokens, then the error event.
+    // What the client gets if it reads now: never a clean end.
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await;
     let text = String::from_utf8_lossy(&rest);
-    assert!(
-        text.contains("did not read the stream"),
-        "{}",
-        &text[text.len().saturating_sub(500)..]
-    );
+    assert!(!text.contains("[DONE]"), "a stalled stream ended cleanly");
     settled(&node).await;
 }
 
