@@ -33,7 +33,7 @@
 //! ## Policies the node and the Worker share
 //!
 //! Anything both sides of the edge decide lives here once, so they cannot fork: which paths
-//! are model runs ([`run_route_tail`]), whether a caller's `cf-ai-req-id` is kept
+//! are model runs ([`run_route_tail`]) and which routes exist with which methods ([`NodeRoute`]), whether a caller's `cf-ai-req-id` is kept
 //! ([`accepted_request_id`]), which errors carry `Retry-After` ([`ApiError::retry_after`]),
 //! request validation, the error envelope and bearer-token checks.
 //!
@@ -98,8 +98,8 @@ pub use request::{
 };
 pub use response::{SuccessEnvelope, TextGenerationOutput, Usage, JSON_CONTENT_TYPE};
 pub use route::{
-    accepted_request_id, model_from_path, request_id, run_route_tail, NOT_STARTED_HEADER,
-    REQUEST_ID_HEADER,
+    accepted_request_id, model_from_path, request_id, run_route_tail, NodeRoute,
+    NOT_STARTED_HEADER, REQUEST_ID_HEADER,
 };
 pub use sse::{
     error_event, heartbeat, token_event, usage_event, SseEvent, SseParser, DONE_EVENT,

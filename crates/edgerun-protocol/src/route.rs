@@ -56,6 +56,55 @@ pub fn run_route_tail(path: &str) -> Option<&str> {
     (!tail.is_empty()).then_some(tail)
 }
 
+/// A path as the node's router sees it. The node answers `405` with [`NodeRoute::allow`] for
+/// a method a route does not serve; the Worker forwards only what the node would answer, with
+/// the same `Allow`, so the two cannot disagree on the route table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRoute<'a> {
+    /// `/run/{model}` or `/client/v4/accounts/{id}/ai/run/{model}` (the tail as sent): `POST`.
+    Run(&'a str),
+    /// `/health`: `GET` (and `HEAD`), no credentials at the node.
+    Health,
+    /// `/metrics`: the node's Prometheus text, for the operator's scraper.
+    Metrics,
+    /// Anything else: the node answers 400/7000 whatever the method.
+    Unknown,
+}
+
+impl<'a> NodeRoute<'a> {
+    /// The `Allow` value of the run routes.
+    pub const RUN_METHODS: &'static str = "POST";
+    /// The `Allow` value of `/health` and `/metrics`.
+    pub const OPEN_METHODS: &'static str = "GET, HEAD";
+
+    /// Classifies a path (no query string).
+    pub fn of(path: &'a str) -> Self {
+        if let Some(tail) = run_route_tail(path) {
+            return NodeRoute::Run(tail);
+        }
+        match path {
+            "/health" => NodeRoute::Health,
+            "/metrics" => NodeRoute::Metrics,
+            _ => NodeRoute::Unknown,
+        }
+    }
+
+    /// The methods the node serves on this route, as its `Allow` header lists them (empty for
+    /// [`NodeRoute::Unknown`]).
+    pub fn allow(&self) -> &'static str {
+        match self {
+            NodeRoute::Run(_) => Self::RUN_METHODS,
+            NodeRoute::Health | NodeRoute::Metrics => Self::OPEN_METHODS,
+            NodeRoute::Unknown => "",
+        }
+    }
+
+    /// Whether the node serves `method` on this route.
+    pub fn allows(&self, method: &str) -> bool {
+        self.allow().split(", ").any(|m| m == method)
+    }
+}
+
 /// The model name from the path tail after `/run/` or `/ai/run/`.
 ///
 /// Percent-decodes the tail (so `@cf%2Fmeta%2Fllama-3-8b-instruct` equals
@@ -141,6 +190,26 @@ mod tests {
         ] {
             assert_eq!(run_route_tail(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn node_routes_and_their_methods() {
+        assert_eq!(
+            NodeRoute::of("/run/@cf/meta/x"),
+            NodeRoute::Run("@cf/meta/x")
+        );
+        assert_eq!(
+            NodeRoute::of("/client/v4/accounts/a/ai/run/m"),
+            NodeRoute::Run("m")
+        );
+        assert_eq!(NodeRoute::of("/health"), NodeRoute::Health);
+        assert_eq!(NodeRoute::of("/metrics"), NodeRoute::Metrics);
+        for other in ["", "/", "/health/", "/metrics/x", "/run/", "/ai/run/m"] {
+            assert_eq!(NodeRoute::of(other), NodeRoute::Unknown, "{other}");
+        }
+        assert!(NodeRoute::Run("m").allows("POST") && !NodeRoute::Run("m").allows("GET"));
+        assert!(NodeRoute::Health.allows("HEAD") && !NodeRoute::Health.allows("POST"));
+        assert!(!NodeRoute::Unknown.allows("GET"));
     }
 
     #[test]

@@ -30,7 +30,7 @@
 //! engine, and at the drain deadline `main` cuts whatever still runs (`Drain`).
 //!
 //! Timing is kept per connection by a watchdog beside hyper's connection future: it sees the
-//! bytes read (through [`Watched`]) and the requests in flight (through the service wrapper),
+//! bytes read and written (through its socket wrapper, `Watched`) and the requests in flight (through the service wrapper),
 //! and drops the connection, which closes the socket, when a limit passes.
 
 use crate::telemetry;

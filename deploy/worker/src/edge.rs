@@ -6,7 +6,7 @@
 
 use crate::config::NodesConfig;
 use crate::EdgeError;
-use edgerun_protocol::{model_from_path, run_route_tail, ApiError, TokenSet, ValidatedRequest};
+use edgerun_protocol::{model_from_path, ApiError, NodeRoute, TokenSet, ValidatedRequest};
 
 /// What the Worker knows of a request before reading its body.
 #[derive(Debug, Clone, Copy)]
@@ -26,52 +26,6 @@ pub fn authenticate(authorization: Option<&str>, tokens: &TokenSet) -> Result<()
         Ok(())
     } else {
         Err(ApiError::authentication())
-    }
-}
-
-/// The methods of the run routes (their `Allow`).
-const RUN_METHODS: &str = "POST";
-
-/// A path as the node's router sees it (`crates/edgerun-server/src/routes/mod.rs`).
-///
-/// This belongs in `edgerun-protocol` next to [`run_route_tail`], so that the node's router and
-/// the Worker cannot disagree on it; it lives here until it moves there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeRoute<'a> {
-    /// `/run/{model}` or `/client/v4/accounts/{id}/ai/run/{model}` (the tail as sent): `POST`.
-    Run(&'a str),
-    /// `/health`: `GET` (and `HEAD`), no credentials at the node.
-    Health,
-    /// `/metrics`: the node's Prometheus text, for the operator's scraper.
-    Metrics,
-    /// Anything else: the node answers 400/7000 whatever the method.
-    Unknown,
-}
-
-impl<'a> NodeRoute<'a> {
-    /// Classifies a path (no query string).
-    pub fn of(path: &'a str) -> Self {
-        if let Some(tail) = run_route_tail(path) {
-            return NodeRoute::Run(tail);
-        }
-        match path {
-            "/health" => NodeRoute::Health,
-            "/metrics" => NodeRoute::Metrics,
-            _ => NodeRoute::Unknown,
-        }
-    }
-
-    /// The methods the node serves on this route, as its `Allow` header lists them.
-    pub fn allow(&self) -> &'static str {
-        match self {
-            NodeRoute::Run(_) => RUN_METHODS,
-            NodeRoute::Health | NodeRoute::Metrics => "GET, HEAD",
-            NodeRoute::Unknown => "",
-        }
-    }
-
-    fn allows(&self, method: &str) -> bool {
-        self.allow().split(", ").any(|m| m == method)
     }
 }
 
@@ -169,7 +123,7 @@ pub fn check_run_body(body: &[u8], body_limit: usize) -> Result<(), EdgeError> {
     ValidatedRequest::from_json_bytes(body)
         .map(|_| ())
         .map_err(|error| EdgeError {
-            allow: (error.status == 405).then_some(RUN_METHODS),
+            allow: (error.status == 405).then_some(NodeRoute::RUN_METHODS),
             ..error.into()
         })
 }
@@ -267,23 +221,6 @@ mod tests {
     fn only_run_routes_carry_the_node_token() {
         assert!(Admitted::Run { model: "m".into() }.sends_node_token());
         assert!(!Admitted::Health.sends_node_token());
-    }
-
-    #[test]
-    fn node_routes_match_the_nodes_router() {
-        assert_eq!(
-            NodeRoute::of("/run/@cf/meta/x"),
-            NodeRoute::Run("@cf/meta/x")
-        );
-        assert_eq!(
-            NodeRoute::of("/client/v4/accounts/a/ai/run/m"),
-            NodeRoute::Run("m")
-        );
-        assert_eq!(NodeRoute::of("/health"), NodeRoute::Health);
-        assert_eq!(NodeRoute::of("/metrics"), NodeRoute::Metrics);
-        for other in ["", "/", "/health/", "/metrics/x", "/run/", "/ai/run/m"] {
-            assert_eq!(NodeRoute::of(other), NodeRoute::Unknown, "{other}");
-        }
     }
 
     #[test]

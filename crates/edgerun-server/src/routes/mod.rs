@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use edgerun_engine::Health;
-use edgerun_protocol::{request_id as choose_request_id, ApiError, JSON_CONTENT_TYPE};
+use edgerun_protocol::{request_id as choose_request_id, ApiError, NodeRoute, JSON_CONTENT_TYPE};
 use std::time::{Duration, Instant};
 
 /// Workers AI's request-id header, kept when the caller (or the edge Worker) sent one that
@@ -81,16 +81,20 @@ async fn no_route() -> Response {
 /// The 405 envelope for the run routes, with `Allow` as RFC 9110 asks.
 async fn method_not_allowed() -> Response {
     let mut resp = ApiError::method_not_allowed().into_http();
-    resp.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    resp.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static(NodeRoute::RUN_METHODS),
+    );
     resp
 }
 
 /// The 405 envelope for the open GET routes, with `Allow` as RFC 9110 asks.
 async fn get_only() -> Response {
     let mut resp = ApiError::method_not_allowed().into_http();
-    resp.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    resp.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static(NodeRoute::OPEN_METHODS),
+    );
     resp
 }
 
