@@ -622,6 +622,20 @@ async fn only_requests_that_certainly_did_not_start_go_to_another_region() {
         assert_eq!(answer["success"], true);
         assert_eq!(asked(), (before.0 + 1, before.1 + 1), "{behaviour:?}");
     }
+    // A stream fails over the same way: nothing was sent before the switch.
+    eu.set(not_started_503());
+    let start = Instant::now();
+    let resp = run(&greedy("Once upon a time", 8, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-edgerun-region"), "us");
+    let events = read_sse(resp, start).await;
+    assert!(
+        matches!(events.last().unwrap().event, SseEvent::Done),
+        "{events:?}"
+    );
     let line = worker
         .wait_for_output("answered by us after skipping")
         .await;
