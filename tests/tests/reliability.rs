@@ -32,8 +32,9 @@ impl Rng {
 }
 
 /// Each test loads a node to its limits and measures its memory and timing, so they run one
-/// at a time: two of them sharing the 2 cores CI has made each other's figures meaningless (a
-/// 3 s drain deadline met tokens 600 ms apart while the overload test ran).
+/// at a time even under a plain `cargo test` (`scripts/test.sh` passes `--test-threads=1`):
+/// two of them sharing 2 cores made each other's figures meaningless (a 3 s drain deadline met
+/// tokens 600 ms apart while the overload test ran).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Waits until the node has no active or queued sequence.
