@@ -8,10 +8,14 @@
 //!
 //! | weight                  | device | kernel                                              |
 //! |-------------------------|--------|-----------------------------------------------------|
-//! | Q4_1, 2-D, `k % 32 == 0` | CPU    | ours ([`q4_1`]: AVX2/FMA/F16C, portable fallback)   |
-//! | Q8_0, 2-D, `k % 32 == 0` | CPU    | ours ([`q8_0`], read in place, tied or not)          |
-//! | Q6_K                    | CPU    | candle's for now; ours ([`q6_k`]) is written and tested but slower at large batches |
-//! | anything else           | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
+//! | Q4_1, 2-D, `k % 32 == 0`  | CPU    | ours ([`q4_1`]: AVX2/FMA/F16C, portable fallback)   |
+//! | Q8_0, 2-D, `k % 32 == 0`  | CPU    | ours ([`q8_0`], read in place, tied or not)          |
+//! | Q4_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q4_k`], read in place, tied or not)          |
+//! | Q6_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q6_k`], read in place, tied or not)          |
+//! | anything else             | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
+//!
+//! So every tensor of a `Q4_K_M` file's matmuls (Q4_K and Q6_K) runs a row-invariant kernel of
+//! ours on the CPU. Q5_K (the `Q5_K_M` files) is still candle's.
 //!
 //! [`Kernels::CandleOnly`] forces candle's everywhere (the reference the parity tests compare
 //! against).
@@ -100,12 +104,14 @@ pub(crate) use avx2_tile_driver;
 
 pub mod cpu;
 pub mod q4_1;
+pub mod q4_k;
 pub mod q6_k;
 pub mod q8_0;
 mod q8_1;
 mod q8_k;
 
 pub use q4_1::{matmul_q4_1, BlockQ4_1, Q4_1Matrix};
+pub use q4_k::Q4KMatrix;
 pub use q6_k::Q6KMatrix;
 pub use q8_0::{BlockQ8_0, Q8_0Matrix};
 
@@ -287,7 +293,7 @@ pub(crate) enum Activations {
 /// Which matmul kernels a model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
-    /// Our own where we have a faster one (Q4_1 and Q8_0 on the CPU), candle's elsewhere.
+    /// Our own where we have one (Q4_1, Q8_0, Q4_K and Q6_K on the CPU), candle's elsewhere.
     #[default]
     Fastest,
     /// Candle's everywhere: the numerics of candle-transformers' `quantized_llama`, against
@@ -303,9 +309,12 @@ pub enum QLinear {
     /// Q8_0 on the CPU: our kernel, which reads each weight row once for the whole batch
     /// (candle's re-reads the matrix for every token of the step).
     Q8_0Cpu(Q8_0Matrix),
+    /// Q4_K on the CPU: our kernel, row-invariant and reading the file's blocks in place
+    /// (candle's keeps a repacked second copy of the weights).
+    Q4KCpu(Q4KMatrix),
     /// Q6_K on the CPU: our kernel, row-invariant (candle's switches kernel between one token
     /// and several, so a sequence's logits depend on the batch) and without candle's repacked
-    /// second copy. Not chosen by [`QLinear::new`] yet: see `q6_k.rs` for why.
+    /// second copy.
     Q6KCpu(Q6KMatrix),
     /// Candle's quantized matmul: every other format, and every device kernel.
     Candle(QMatMul),
@@ -316,6 +325,7 @@ impl std::fmt::Debug for QLinear {
         match self {
             Self::Q4_1Cpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q8_0Cpu(m) => write!(f, "QLinear::{m:?}"),
+            Self::Q4KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q6KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Candle(_) => write!(f, "QLinear::Candle"),
         }
@@ -334,12 +344,18 @@ impl QLinear {
     }
 
     /// A tensor that may also be used elsewhere (tied input/output embeddings, whose lookup is
-    /// candle's). Only kernels that read the tensor in place serve it (Q8_0's), so the
-    /// weights are never held twice.
+    /// candle's). Only kernels that read the tensor in place serve it (Q8_0's, Q4_K's,
+    /// Q6_K's), so the weights are never held twice.
     pub fn shared(t: Arc<QTensor>, kernels: Kernels) -> Result<Self> {
         if kernels == Kernels::Fastest {
             if let Some(m) = Q8_0Matrix::from_qtensor(&t)? {
                 return Ok(Self::Q8_0Cpu(m));
+            }
+            if let Some(m) = Q4KMatrix::from_qtensor(&t)? {
+                return Ok(Self::Q4KCpu(m));
+            }
+            if let Some(m) = Q6KMatrix::from_qtensor(&t)? {
+                return Ok(Self::Q6KCpu(m));
             }
         }
         Ok(Self::Candle(QMatMul::from_arc(t)?))
@@ -350,6 +366,7 @@ impl QLinear {
         match self {
             Self::Q4_1Cpu(m) => m.forward(xs),
             Self::Q8_0Cpu(m) => m.forward(xs),
+            Self::Q4KCpu(m) => m.forward(xs),
             Self::Q6KCpu(m) => m.forward(xs),
             Self::Candle(m) => m.forward(xs),
         }

@@ -10,16 +10,14 @@
 //! operations whatever the batch, reads the weights in place (no repacked copy), and reads each
 //! weight row once per call for every lhs row.
 //!
-//! # Status: written, tested, not dispatched
+//! # Status: dispatched (since the Q4_K kernel made `Q4_K_M` files row-invariant end to end)
 //!
-//! [`QLinear::new`](super::QLinear::new) does not choose it yet. Measured on the development
-//! machine (2 threads, `kernel_bench q6_k`, 128256 x 1024): 0.92x candle at m = 1, 1.68x at
-//! m = 2, 1.39x at 4, 1.15x at 8, but 0.49x at m = 32, where candle runs repacked AVX-512 VNNI
-//! tiles; on a Llama-3-shaped Q4_K_M model that cost 15-25% of prompt throughput (its Q6_K
-//! `ffn_down` layers see 128-token chunks). Before it replaces candle's: a 512-bit VNNI tile
-//! (`dpbusd`, 16 lanes) for m >= 8, keeping this per-output operation sequence (the integer
-//! sums are the same, so the results stay bitwise equal). Then batch invariance holds for
-//! `_M` files' Q6_K tensors.
+//! Measured 2026-12-01 on a 2-core AMD EPYC with AVX2 only (no AVX-512), 2 threads,
+//! `kernel_bench q6_k`, 128256 x 1024: 0.89x candle at m = 1, 1.30x at m = 2, 1.17x at 4,
+//! 1.04x at 8, 1.03x at 32, 0.97x at 128. An earlier session's machine had AVX-512 VNNI, where
+//! candle's repacked tiles ran 2x ours at m = 32 (0.49x): there a 512-bit VNNI tile (`dpbusd`,
+//! 16 lanes) keeping this per-output operation sequence is what this kernel still needs (the
+//! integer sums would be the same, so the results would stay bitwise equal).
 //!
 //! # Layout
 //!

@@ -1,0 +1,432 @@
+//! Q4_K weights x Q8_K activations on the CPU, batched over all of a step's tokens; and the
+//! tile every "scale and min" K-quant (Q4_K, Q5_K) shares.
+//!
+//! # Why
+//!
+//! Q4_K is most of a `Q4_K_M` file (every `attn_q/k/o`, `ffn_gate/up`, and `attn_v`/`ffn_down`
+//! in two thirds of the layers): the format most users download. Candle 0.11 repacks each
+//! Q4_K tensor into interleaved tiles when a `QMatMul` is made, and keeps the repacked copy
+//! beside the file's blocks, so the weights sit in memory twice. This kernel reads the file's
+//! blocks in place, reads each weight row once per call for every lhs row, and gives every
+//! output the same sequence of operations whatever the batch (bitwise row invariance).
+//!
+//! # Layout
+//!
+//! * Weights: GGML's 144-byte super-block of 256 values (`d`, `dmin`: f16; `scales: [u8; 12]`,
+//!   eight 6-bit scales and eight 6-bit mins packed; `qs: [u8; 128]`, 4-bit quants). Value
+//!   `l` of sub-block `s` (32 values) is `d * sc[s] * q - dmin * m[s]`. In `qs`, the 32 bytes
+//!   of group `g` hold sub-block `2g` in their low nibbles and `2g + 1` in their high ones.
+//! * Activations: Q8_K (`q8_k.rs`): `d`, 256 `i8`, and `bsums` (sums per 16 values).
+//!
+//! # Numerics (per output, whatever the batch)
+//!
+//! Per super-block: `sumi = Σ_s madd(maddubs(q_s, x_s), sc[s])` (exact i32 lanes of
+//! `q * x * sc`), `summ = madd(m, Σ_32 x)` (4 exact i32 lanes from `bsums`), then
+//! `acc = fma(d_w * d_x, f32(sumi), acc)` then `acc = fma(-dmin_w * d_x, f32(summ), acc)`
+//! (`summ`'s upper 4 lanes zero); at the end `hsum(acc)` in a fixed order. Only the float
+//! operations need a fixed order: the integer sums of a super-block are exact however they
+//! are interleaved, so tiles of any shape (1 x 4 weight rows when decoding, 4 lhs rows x 2
+//! weight rows when batching) give every output the same bits. The portable path is candle's own
+//! `vec_dot` per output (deterministic per output too).
+
+use super::q8_k::Q8KBlock;
+use super::{cpu, forward_cpu, matmul_with, Activations, CpuMatrix, Ctx, InPlaceMatrix, QK_K};
+use candle_core::quantized::k_quants::{BlockQ4K as CandleQ4K, BlockQ8K as CandleQ8K, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Result, Tensor};
+use std::sync::Arc;
+
+/// GGML's Q4_K super-block, the layout of candle's `BlockQ4K`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4K {
+    /// f16 bits.
+    d: u16,
+    /// f16 bits.
+    dmin: u16,
+    scales: [u8; 12],
+    qs: [u8; QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == std::mem::size_of::<CandleQ4K>());
+
+/// A Q4_K weight matrix (n rows of k values, k % 256 == 0) on the CPU, read in place.
+pub type Q4KMatrix = InPlaceMatrix<BlockQ4K>;
+
+impl Q4KMatrix {
+    /// `Some(..)` when `t` is a 2-D Q4_K tensor on the CPU with rows of a multiple of 256;
+    /// `None` otherwise. Takes the tensor itself (no copy of the weights).
+    pub fn from_qtensor(t: &Arc<QTensor>) -> Result<Option<Self>> {
+        Self::new(t, GgmlDType::Q4K)
+    }
+
+    /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`; equivalent to
+    /// `QMatMul::forward` on the same weights (to float rounding).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        forward_cpu(self, xs)
+    }
+}
+
+/// The eight 6-bit scales and eight 6-bit mins of a Q4_K / Q5_K super-block, unpacked to bytes
+/// `[sc0..sc7, m0..m7]`.
+#[inline]
+pub(super) fn scales_and_mins(packed: &[u8; 12]) -> [u8; 16] {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([packed[i], packed[i + 1], packed[i + 2], packed[i + 3]]);
+    let (a, b, c) = (w(0), w(4), w(8));
+    // Sub-blocks 0..3 keep their scale and min in the low 6 bits of bytes 0..3 and 4..7;
+    // sub-blocks 4..7 take 4 bits from bytes 8..11 and their top 2 from the top of bytes 0..7.
+    let sc_lo = a & LOW6;
+    let sc_hi = (c & LOW4) | (((a >> 6) & TOP2) << 4);
+    let m_lo = b & LOW6;
+    let m_hi = ((c >> 4) & LOW4) | (((b >> 6) & TOP2) << 4);
+    let mut out = [0u8; 16];
+    for (o, v) in out.chunks_exact_mut(4).zip([sc_lo, sc_hi, m_lo, m_hi]) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The raw kernel: `out[i * n + j] = dot(lhs row i, weight row j)`.
+pub fn matmul_q4_k(lhs: &[f32], m: usize, w: &Q4KMatrix, out: &mut [f32]) {
+    matmul_with(cpu::isa(), lhs, m, w, out)
+}
+
+impl CpuMatrix for Q4KMatrix {
+    const NAME: &'static str = "Q4KMatrix";
+    const ACTIVATIONS: Activations = Activations::Q8K;
+
+    fn dims(&self) -> (usize, usize) {
+        (self.rows(), self.cols())
+    }
+
+    fn blocks_addr(&self) -> usize {
+        self.addr
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        avx2::rows::<BlockQ4K>(ctx, rows)
+    }
+
+    unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        // SAFETY: the mirror has candle's layout (asserted above).
+        scalar_rows::<CandleQ4K>(ctx, rows)
+    }
+}
+
+/// Portable kernel: candle's own dot product for the block type `C`, one output at a time.
+///
+/// # Safety
+/// `ctx` must describe live buffers of `C` blocks and `rows` lie within `0..ctx.n`.
+pub(super) unsafe fn scalar_rows<C: GgmlType<VecDotType = CandleQ8K>>(
+    ctx: &Ctx,
+    rows: std::ops::Range<usize>,
+) {
+    let (nb, m) = (ctx.nb, ctx.m);
+    // SAFETY: `Q8KBlock` mirrors candle's `BlockQ8K` (asserted in `q8_k.rs`).
+    let x = std::slice::from_raw_parts(ctx.qs as *const CandleQ8K, m * nb);
+    let w = std::slice::from_raw_parts(ctx.w as *const C, ctx.n * nb);
+    let out = ctx.out as *mut f32;
+    for j in rows {
+        let wrow = &w[j * nb..(j + 1) * nb];
+        for i in 0..m {
+            *out.add(i * ctx.n + j) = C::vec_dot(nb * QK_K, wrow, &x[i * nb..(i + 1) * nb]);
+        }
+    }
+}
+
+/// A K-quant super-block whose values are `d * sc * q - dmin * m` per 32-value sub-block with
+/// 6-bit packed scales and mins (Q4_K, Q5_K): what the shared AVX2 tile needs from it.
+#[cfg(target_arch = "x86_64")]
+pub(super) trait ScaleMinBlock {
+    /// `d`, `dmin` as f16 bits.
+    fn d_dmin(&self) -> (u16, u16);
+    fn packed_scales(&self) -> &[u8; 12];
+    /// Sub-block `s`'s 32 unsigned quants (`s < 8`), in value order.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    unsafe fn quants(&self, s: usize) -> std::arch::x86_64::__m256i;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ScaleMinBlock for BlockQ4K {
+    #[inline]
+    fn d_dmin(&self) -> (u16, u16) {
+        (self.d, self.dmin)
+    }
+
+    #[inline]
+    fn packed_scales(&self) -> &[u8; 12] {
+        &self.scales
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quants(&self, s: usize) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // Group s / 2's 32 bytes: sub-block 2g in the low nibbles, 2g + 1 in the high ones.
+        let bits = _mm256_loadu_si256(self.qs.as_ptr().add(32 * (s / 2)) as *const __m256i);
+        let bits = if s.is_multiple_of(2) {
+            bits
+        } else {
+            _mm256_srli_epi16::<4>(bits)
+        };
+        _mm256_and_si256(bits, _mm256_set1_epi8(0x0f))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    use super::super::cpu::avx2::hsum;
+    use super::super::cpu::f16_to_f32;
+    use super::{scales_and_mins, Ctx, Q8KBlock, ScaleMinBlock};
+    use std::arch::x86_64::*;
+
+    /// Lhs rows per tile when batching (each weight vector is reused for all of them).
+    const TALL: usize = 4;
+    /// Weight rows per tile when batching (each activation vector is reused for all of them).
+    const PAIR: usize = 2;
+    /// Weight rows per tile when decoding one row.
+    const WIDE: usize = 4;
+    /// Lhs rows whose quants stay in cache while a work item's weight rows pass over them.
+    const LHS_CHUNK: usize = 64;
+    // The tail dispatch in `rows` covers up to TALL - 1 = 3 rows and PAIR = 2 columns.
+    const _: () = assert!(LHS_CHUNK.is_multiple_of(TALL) && TALL == 4 && PAIR == 2);
+
+    /// Weight rows `rows` against every lhs row, in tiles of lhs rows x weight rows.
+    ///
+    /// Every tile computes each of its outputs with the same float operations in the same
+    /// order (see the module docs); only the integer sums inside a super-block are
+    /// interleaved differently, and those are exact. So an output does not depend on the tile
+    /// that computed it, nor on the batch.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `ctx` must describe live buffers of `B` blocks
+    /// and `rows` lie within `0..ctx.n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in super::super) unsafe fn rows<B: ScaleMinBlock>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        if ctx.m == 1 {
+            let mut j = rows.start;
+            while j + WIDE <= rows.end {
+                tile::<B, 1, WIDE>(ctx, 0, j);
+                j += WIDE;
+            }
+            for j in j..rows.end {
+                tile::<B, 1, 1>(ctx, 0, j);
+            }
+            return;
+        }
+        for i0 in (0..ctx.m).step_by(LHS_CHUNK) {
+            let i1 = ctx.m.min(i0 + LHS_CHUNK);
+            let mut j = rows.start;
+            while j < rows.end {
+                let c = PAIR.min(rows.end - j);
+                let mut i = i0;
+                while i + TALL <= i1 {
+                    match c {
+                        1 => tile::<B, TALL, 1>(ctx, i, j),
+                        _ => tile::<B, TALL, PAIR>(ctx, i, j),
+                    }
+                    i += TALL;
+                }
+                match (i1 - i, c) {
+                    (0, _) => {}
+                    (1, 1) => tile::<B, 1, 1>(ctx, i, j),
+                    (1, _) => tile::<B, 1, PAIR>(ctx, i, j),
+                    (2, 1) => tile::<B, 2, 1>(ctx, i, j),
+                    (2, _) => tile::<B, 2, PAIR>(ctx, i, j),
+                    (_, 1) => tile::<B, 3, 1>(ctx, i, j),
+                    (_, _) => tile::<B, 3, PAIR>(ctx, i, j),
+                }
+                j += c;
+            }
+        }
+    }
+
+    /// Lhs rows `i..i + R` against weight rows `j..j + C`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<B: ScaleMinBlock, const R: usize, const C: usize>(
+        ctx: &Ctx,
+        i: usize,
+        j: usize,
+    ) {
+        let nb = ctx.nb;
+        let x = ctx.qs as *const Q8KBlock;
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for b in 0..nb {
+            let mut scales = [_mm256_setzero_si256(); C];
+            let mut mins = [_mm256_setzero_si256(); C];
+            let mut dw = [0f32; C];
+            let mut dminw = [0f32; C];
+            for c in 0..C {
+                let blk = &*(ctx.w as *const B).add((j + c) * nb + b);
+                let (d, dmin) = blk.d_dmin();
+                (dw[c], dminw[c]) = (f16_to_f32(d), f16_to_f32(dmin));
+                let sm = scales_and_mins(blk.packed_scales());
+                // 16 i16 lanes: the 8 scales, then the 8 mins.
+                let sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
+                let sc128 = _mm256_castsi256_si128(sm16);
+                scales[c] = _mm256_set_m128i(sc128, sc128);
+                mins[c] = _mm256_castsi128_si256(_mm256_extracti128_si256::<1>(sm16));
+            }
+            let mut sumi = [[_mm256_setzero_si256(); C]; R];
+            for s in 0..8 {
+                // Sub-block s's scale in every i16 lane.
+                let pick = _mm256_set1_epi16(((2 * s) | ((2 * s + 1) << 8)) as i16);
+                // (A loop, not `array::from_fn`: a closure does not inherit the target
+                // features, so the intrinsic in it would be an out-of-line call.)
+                let mut sc = [_mm256_setzero_si256(); C];
+                let mut q = [_mm256_setzero_si256(); C];
+                for c in 0..C {
+                    sc[c] = _mm256_shuffle_epi8(scales[c], pick);
+                    q[c] = (*(ctx.w as *const B).add((j + c) * nb + b)).quants(s);
+                }
+                for (r, sumi) in sumi.iter_mut().enumerate() {
+                    let xb = &*x.add((i + r) * nb + b);
+                    let xv = _mm256_loadu_si256(xb.qs.as_ptr().add(32 * s) as *const __m256i);
+                    for c in 0..C {
+                        sumi[c] = _mm256_add_epi32(
+                            sumi[c],
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], xv), sc[c]),
+                        );
+                    }
+                }
+            }
+            for (r, (acc, sumi)) in acc.iter_mut().zip(sumi).enumerate() {
+                let xb = &*x.add((i + r) * nb + b);
+                // Σ x per 32 values (8 i16 lanes): times the mins, 4 exact i32 lanes.
+                let bsums = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let sums32 = _mm256_castsi128_si256(_mm_hadd_epi16(
+                    _mm256_castsi256_si128(bsums),
+                    _mm256_extracti128_si256::<1>(bsums),
+                ));
+                for c in 0..C {
+                    // The upper 4 lanes of `summ` are zero: exactly +0 added to `acc`.
+                    let summ = _mm256_madd_epi16(mins[c], sums32);
+                    let summ = _mm256_blend_epi32::<0x0f>(_mm256_setzero_si256(), summ);
+                    let a = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dw[c] * xb.d),
+                        _mm256_cvtepi32_ps(sumi[c]),
+                        acc[c],
+                    );
+                    acc[c] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(-dminw[c] * xb.d),
+                        _mm256_cvtepi32_ps(summ),
+                        a,
+                    );
+                }
+            }
+        }
+        let out = ctx.out as *mut f32;
+        for (r, acc) in acc.into_iter().enumerate() {
+            for (c, a) in acc.into_iter().enumerate() {
+                *out.add((i + r) * ctx.n + j + c) = hsum(a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{assert_rows_batch_invariant, isas, lcg, max_abs_diff};
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn weights(n: usize, k: usize, seed: u64) -> Arc<QTensor> {
+        let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
+        Arc::new(QTensor::quantize(&t, GgmlDType::Q4K).unwrap())
+    }
+
+    const SHAPES: [(usize, usize); 3] = [(1024, 256), (300, 1024), (7, 3584)];
+
+    /// Candle's `BlockQ4K::vec_dot` over its own Q8_K activations, for every output.
+    fn candle_vec_dots(qt: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = qt.shape().dims2().unwrap();
+        let nb = k / QK_K;
+        let data = qt.data().unwrap();
+        // SAFETY: `data` is the storage of candle's blocks.
+        let blocks: &[CandleQ4K] =
+            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const CandleQ4K, n * nb) };
+        let mut xq = vec![CandleQ8K::zeros(); nb];
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            CandleQ8K::from_float(&x[i * k..(i + 1) * k], &mut xq);
+            for j in 0..n {
+                out[i * n + j] = CandleQ4K::vec_dot(k, &blocks[j * nb..(j + 1) * nb], &xq);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn scales_and_mins_unpack_as_ggml_documents() {
+        // get_scale_min_k4, written out per sub-block.
+        let mut seed = 7u32;
+        for _ in 0..1000 {
+            let mut q = [0u8; 12];
+            for b in q.iter_mut() {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                *b = (seed >> 24) as u8;
+            }
+            let got = scales_and_mins(&q);
+            for j in 0..8 {
+                let (sc, m) = if j < 4 {
+                    (q[j] & 63, q[j + 4] & 63)
+                } else {
+                    (
+                        (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+                        (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+                    )
+                };
+                assert_eq!((got[j], got[8 + j]), (sc, m), "{q:?} sub-block {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn matches_candles_dot_products_without_copying_the_weights() {
+        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+            let qt = weights(n, k, 40 + si as u64);
+            let ours = Q4KMatrix::from_qtensor(&qt).unwrap().unwrap();
+            assert_eq!(
+                ours.addr,
+                qt.data().unwrap().as_ptr() as usize,
+                "a copy was made"
+            );
+            for m in [1usize, 2, 5, 9, 37] {
+                let x = lcg(400 + m as u64, m * k);
+                let want = candle_vec_dots(&qt, &x, m);
+                let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let tol = 1e-4 * max_ref + 1e-5;
+                for isa in isas() {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_with(isa, &x, m, &ours, &mut got);
+                    let diff = max_abs_diff(&got, &want);
+                    assert!(diff <= tol, "({n}, {k}, m={m}, {isa:?}): {diff} > {tol}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_bitwise_independent_of_batch() {
+        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+            let ours = Q4KMatrix::from_qtensor(&weights(n, k, 50 + si as u64))
+                .unwrap()
+                .unwrap();
+            assert_rows_batch_invariant(&ours, &lcg(65 + si as u64, 70 * k), &[2, 3, 4, 5, 9, 70]);
+        }
+    }
+
+    #[test]
+    fn other_dtypes_and_short_rows_are_not_taken() {
+        let t = Tensor::from_vec(lcg(5, 64 * 512), (64, 512), &Device::Cpu).unwrap();
+        let q6 = Arc::new(QTensor::quantize(&t, GgmlDType::Q6K).unwrap());
+        assert!(Q4KMatrix::from_qtensor(&q6).unwrap().is_none());
+    }
+}
