@@ -7,14 +7,14 @@
 //! shape, `cold [m]` streams 80 distinct 1536x576 matrices (44 MB, past the L3) like a decode
 //! step, `model=<file.gguf> [m]` runs every Q4_1 weight of a model once (checking ours
 //! against candle), `q8_0 [m]` times the Q8_0 kernel on SmolLM2's tied output layer
-//! (49152x576) `q6_k [m]` the Q6_K kernel on Llama-3-mini's output layer (128256x1024) and `q4_k [m]` the
-//! Q4_K kernel on Llama-3-8B's ffn_up (14336x4096); `candle=<Q4K|Q5K|Q6K|Q8_0> NxK` times candle's own kernel for a format (no kernel
+//! (49152x576) `q6_k [m]` the Q6_K kernel on Llama-3-mini's output layer (128256x1024) `q4_k [m]` / `q5_k [m]`
+//! the Q4_K / Q5_K kernel on Llama-3-8B's ffn_up (14336x4096); `candle=<Q4K|Q5K|Q6K|Q8_0> NxK` times candle's own kernel for a format (no kernel
 //! of ours yet) at m = 1, 2, 4, 8, 32, with its effective bandwidth. Thread count:
 //! CANDLE_NUM_THREADS (both paths use candle's pool).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use edgerun_engine::kernels::{Q4KMatrix, Q4_1Matrix, Q6KMatrix, Q8_0Matrix};
+use edgerun_engine::kernels::{Q4KMatrix, Q4_1Matrix, Q5KMatrix, Q6KMatrix, Q8_0Matrix};
 use std::time::{Duration, Instant};
 
 fn lcg(seed: u64, len: usize) -> Vec<f32> {
@@ -152,7 +152,7 @@ fn ours_vs_candle(budget: Duration, dtype: GgmlDType, only_m: Option<usize>) {
     let (n, k) = match dtype {
         GgmlDType::Q8_0 => (49152, 576),
         // Llama-3-8B's ffn_up / ffn_gate.
-        GgmlDType::Q4K => (14336, 4096),
+        GgmlDType::Q4K | GgmlDType::Q5K => (14336, 4096),
         _ => (128256, 1024),
     };
     let w = Tensor::from_vec(lcg(3, n * k), (n, k), &Device::Cpu).unwrap();
@@ -165,6 +165,10 @@ fn ours_vs_candle(budget: Duration, dtype: GgmlDType, only_m: Option<usize>) {
         }
         GgmlDType::Q4K => {
             let m = Q4KMatrix::from_qtensor(&qt).unwrap().unwrap();
+            Box::new(move |x| m.forward(x).unwrap())
+        }
+        GgmlDType::Q5K => {
+            let m = Q5KMatrix::from_qtensor(&qt).unwrap().unwrap();
             Box::new(move |x| m.forward(x).unwrap())
         }
         _ => {
@@ -248,6 +252,10 @@ fn main() {
     }
     if only_shape.as_deref() == Some("q4_k") {
         ours_vs_candle(budget, GgmlDType::Q4K, only_m);
+        return;
+    }
+    if only_shape.as_deref() == Some("q5_k") {
+        ours_vs_candle(budget, GgmlDType::Q5K, only_m);
         return;
     }
     if only_shape.as_deref() == Some("q6_k") {

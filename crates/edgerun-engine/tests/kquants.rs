@@ -1,8 +1,8 @@
-//! Generated `Q4_K_M` and `Q8_0` models (random weights in a shape whose matrices are all
+//! Generated `Q4_K_M`, `Q5_K_M` and `Q8_0` models (random weights in a shape whose matrices are all
 //! multiples of 256 wide, so llama-quantize's K-quant mix applies to every tensor; SmolLM2's
 //! tokenizer) through our kernels: the forward pass agrees with candle's kernels, a sequence's
 //! logits are bitwise the same alone or batched with others (the row invariance of the Q4_K,
-//! Q6_K and Q8_0 kernels, through the whole model), and the engine generates the same tokens
+//! Q5_K, Q6_K and Q8_0 kernels, through the whole model), and the engine generates the same tokens
 //! alone or in a batch.
 
 mod common;
@@ -70,7 +70,7 @@ fn our_kernels_agree_with_candles_on_generated_k_quant_and_q8_0_models() {
     let tokens = tokenizer
         .encode("The lighthouse keeper counted the ships: one, two, three, four.")
         .unwrap();
-    for scheme in [Scheme::Q4KM, Scheme::Q8_0] {
+    for scheme in [Scheme::Q4KM, Scheme::Q5KM, Scheme::Q8_0] {
         let path = generated(scheme);
         let ours = logits(&path, Kernels::Fastest, &tokens);
         let reference = logits(&path, Kernels::CandleOnly, &tokens);
@@ -85,9 +85,9 @@ fn our_kernels_agree_with_candles_on_generated_k_quant_and_q8_0_models() {
             );
             assert!(o.iter().all(|v| v.is_finite()));
         }
-        // Our Q4_K / Q6_K kernels were used: their float sums run in another order than
+        // Our K-quant kernels were used: their float sums run in another order than
         // candle's, so the bits differ somewhere. (Our Q8_0 kernel gives candle's bits.)
-        if scheme == Scheme::Q4KM {
+        if scheme != Scheme::Q8_0 {
             assert!(
                 ours != reference,
                 "{scheme}: the same bits as candle's kernels"
@@ -107,7 +107,7 @@ fn a_sequences_logits_are_bitwise_the_same_alone_and_batched() {
     let a = enc("Once upon a time there was a lighthouse");
     let others = [enc("Seventeen times three is"), enc("Red, orange, yellow")];
     let next = [enc(" keeper"), enc(" who"), enc(" lived")].concat();
-    for scheme in [Scheme::Q4KM, Scheme::Q8_0] {
+    for scheme in [Scheme::Q4KM, Scheme::Q5KM, Scheme::Q8_0] {
         let loaded = LoadedModel::load(&generated(scheme), None, &Device::Cpu).unwrap();
         let model = &loaded.model;
         let cache = |n: usize| KvCache::new(&model.kv_layout(), n, model.device()).unwrap();
@@ -193,7 +193,7 @@ fn a_sequence_generates_the_same_alone_or_in_a_batch_on_generated_models() {
         "Tell me a very short story about a robot who learns to paint, with a twist.",
         "Hi",
     ];
-    for scheme in [Scheme::Q4KM, Scheme::Q8_0] {
+    for scheme in [Scheme::Q4KM, Scheme::Q5KM, Scheme::Q8_0] {
         let loaded = LoadedModel::load(&generated(scheme), None, &Device::Cpu).unwrap();
         let engine = Engine::start(
             loaded,

@@ -11,11 +11,13 @@
 //! | Q4_1, 2-D, `k % 32 == 0`  | CPU    | ours ([`q4_1`]: AVX2/FMA/F16C, portable fallback)   |
 //! | Q8_0, 2-D, `k % 32 == 0`  | CPU    | ours ([`q8_0`], read in place, tied or not)          |
 //! | Q4_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q4_k`], read in place, tied or not)          |
+//! | Q5_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q5_k`], Q4_K's tiles, read in place)         |
 //! | Q6_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q6_k`], read in place, tied or not)          |
 //! | anything else             | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
 //!
-//! So every tensor of a `Q4_K_M` file's matmuls (Q4_K and Q6_K) runs a row-invariant kernel of
-//! ours on the CPU. Q5_K (the `Q5_K_M` files) is still candle's.
+//! So every matmul of a `Q4_K_M`, `Q5_K_M`, `Q6_K`, `Q8_0` or `Q4_1` file runs a row-invariant
+//! kernel of ours on the CPU (the fallbacks llama-quantize picks for rows that are no multiple of
+//! 256, Q5_0/Q5_1, are still candle's).
 //!
 //! [`Kernels::CandleOnly`] forces candle's everywhere (the reference the parity tests compare
 //! against).
@@ -105,6 +107,7 @@ pub(crate) use avx2_tile_driver;
 pub mod cpu;
 pub mod q4_1;
 pub mod q4_k;
+pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
 mod q8_1;
@@ -112,6 +115,7 @@ mod q8_k;
 
 pub use q4_1::{matmul_q4_1, BlockQ4_1, Q4_1Matrix};
 pub use q4_k::Q4KMatrix;
+pub use q5_k::Q5KMatrix;
 pub use q6_k::Q6KMatrix;
 pub use q8_0::{BlockQ8_0, Q8_0Matrix};
 
@@ -293,7 +297,7 @@ pub(crate) enum Activations {
 /// Which matmul kernels a model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
-    /// Our own where we have one (Q4_1, Q8_0, Q4_K and Q6_K on the CPU), candle's elsewhere.
+    /// Our own where we have one (Q4_1, Q8_0, Q4_K, Q5_K and Q6_K on the CPU), candle's elsewhere.
     #[default]
     Fastest,
     /// Candle's everywhere: the numerics of candle-transformers' `quantized_llama`, against
@@ -312,6 +316,8 @@ pub enum QLinear {
     /// Q4_K on the CPU: our kernel, row-invariant and reading the file's blocks in place
     /// (candle's keeps a repacked second copy of the weights).
     Q4KCpu(Q4KMatrix),
+    /// Q5_K on the CPU: the Q4_K kernel's tiles with a fifth bit per quant.
+    Q5KCpu(Q5KMatrix),
     /// Q6_K on the CPU: our kernel, row-invariant (candle's switches kernel between one token
     /// and several, so a sequence's logits depend on the batch) and without candle's repacked
     /// second copy.
@@ -326,6 +332,7 @@ impl std::fmt::Debug for QLinear {
             Self::Q4_1Cpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q8_0Cpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q4KCpu(m) => write!(f, "QLinear::{m:?}"),
+            Self::Q5KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q6KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Candle(_) => write!(f, "QLinear::Candle"),
         }
@@ -344,8 +351,8 @@ impl QLinear {
     }
 
     /// A tensor that may also be used elsewhere (tied input/output embeddings, whose lookup is
-    /// candle's). Only kernels that read the tensor in place serve it (Q8_0's, Q4_K's,
-    /// Q6_K's), so the weights are never held twice.
+    /// candle's). Only kernels that read the tensor in place serve it (Q8_0's and the
+    /// K-quants'), so the weights are never held twice.
     pub fn shared(t: Arc<QTensor>, kernels: Kernels) -> Result<Self> {
         if kernels == Kernels::Fastest {
             if let Some(m) = Q8_0Matrix::from_qtensor(&t)? {
@@ -353,6 +360,9 @@ impl QLinear {
             }
             if let Some(m) = Q4KMatrix::from_qtensor(&t)? {
                 return Ok(Self::Q4KCpu(m));
+            }
+            if let Some(m) = Q5KMatrix::from_qtensor(&t)? {
+                return Ok(Self::Q5KCpu(m));
             }
             if let Some(m) = Q6KMatrix::from_qtensor(&t)? {
                 return Ok(Self::Q6KCpu(m));
@@ -367,6 +377,7 @@ impl QLinear {
             Self::Q4_1Cpu(m) => m.forward(xs),
             Self::Q8_0Cpu(m) => m.forward(xs),
             Self::Q4KCpu(m) => m.forward(xs),
+            Self::Q5KCpu(m) => m.forward(xs),
             Self::Q6KCpu(m) => m.forward(xs),
             Self::Candle(m) => m.forward(xs),
         }

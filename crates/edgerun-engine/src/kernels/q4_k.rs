@@ -25,7 +25,7 @@
 //! `acc = fma(d_w * d_x, f32(sumi), acc)` then `acc = fma(-dmin_w * d_x, f32(summ), acc)`
 //! (`summ`'s upper 4 lanes zero); at the end `hsum(acc)` in a fixed order. Only the float
 //! operations need a fixed order: the integer sums of a super-block are exact however they
-//! are interleaved, so tiles of any shape (1 x 4 weight rows when decoding, 4 lhs rows x 2
+//! are interleaved, so tiles of any shape (one weight row when decoding, 4 lhs rows x 2
 //! weight rows when batching) give every output the same bits. The portable path is candle's own
 //! `vec_dot` per output (deterministic per output too).
 
@@ -190,8 +190,6 @@ pub(super) mod avx2 {
     const TALL: usize = 4;
     /// Weight rows per tile when batching (each activation vector is reused for all of them).
     const PAIR: usize = 2;
-    /// Weight rows per tile when decoding one row.
-    const WIDE: usize = 4;
     /// Lhs rows whose quants stay in cache while a work item's weight rows pass over them.
     const LHS_CHUNK: usize = 64;
     // The tail dispatch in `rows` covers up to TALL - 1 = 3 rows and PAIR = 2 columns.
@@ -210,12 +208,9 @@ pub(super) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(in super::super) unsafe fn rows<B: ScaleMinBlock>(ctx: &Ctx, rows: std::ops::Range<usize>) {
         if ctx.m == 1 {
-            let mut j = rows.start;
-            while j + WIDE <= rows.end {
-                tile::<B, 1, WIDE>(ctx, 0, j);
-                j += WIDE;
-            }
-            for j in j..rows.end {
+            // One weight row at a time: 1 x 2 and 1 x 4 tiles measured 1.7x slower here
+            // (`kernel_bench q4_k 1`: the unpacked scales of several rows spill).
+            for j in rows {
                 tile::<B, 1, 1>(ctx, 0, j);
             }
             return;
