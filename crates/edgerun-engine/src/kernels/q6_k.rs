@@ -13,8 +13,8 @@
 //! # Status: dispatched (since the Q4_K kernel made `Q4_K_M` files row-invariant end to end)
 //!
 //! Measured 2026-12-01 on a 2-core AMD EPYC with AVX2 only (no AVX-512), 2 threads,
-//! `kernel_bench q6_k`, 128256 x 1024: 0.89x candle at m = 1, 1.30x at m = 2, 1.17x at 4,
-//! 1.04x at 8, 1.03x at 32, 0.97x at 128. An earlier session's machine had AVX-512 VNNI, where
+//! `kernel_bench q6_k`, 128256 x 1024, two runs: 1.01-1.30x candle at m = 1, 1.44-1.59x at
+//! m = 2, 1.26-1.30x at 4, 1.21-1.49x at 8, 0.85-0.97x at 32, 0.91-1.10x at 128. An earlier session's machine had AVX-512 VNNI, where
 //! candle's repacked tiles ran 2x ours at m = 32 (0.49x): there a 512-bit VNNI tile (`dpbusd`,
 //! 16 lanes) keeping this per-output operation sequence is what this kernel still needs (the
 //! integer sums would be the same, so the results would stay bitwise equal).
@@ -171,12 +171,51 @@ mod avx2 {
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), high(4));
             q[4 * h + 3] =
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), high(6));
+            // Scales 8h..8h + 8 as i16, in both 128-bit lanes; vector 4h + k takes scale
+            // 8h + 2k in every i16 of its low lane and 8h + 2k + 1 in its high lane (one
+            // in-lane byte shuffle each, instead of two scalar broadcasts).
+            let half = _mm_cvtepi8_epi16(_mm_loadl_epi64(
+                blk.scales.as_ptr().add(8 * h) as *const __m128i
+            ));
+            let both = _mm256_set_m128i(half, half);
             for k in 0..4 {
-                let s = 8 * h + 2 * k;
-                sc[4 * h + k] = _mm256_set_m128i(
-                    _mm_set1_epi16(blk.scales[s + 1] as i16),
-                    _mm_set1_epi16(blk.scales[s] as i16),
+                let lo = (4 * k) as i8;
+                let hi = (4 * k + 2) as i8;
+                let pick = _mm256_setr_epi8(
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
                 );
+                sc[4 * h + k] = _mm256_shuffle_epi8(both, pick);
             }
         }
         (q, sc)
