@@ -134,10 +134,13 @@ pub(crate) struct Ctx {
     m: usize,
     /// `*const Q8Quants`, `m * nb`, row-major.
     qs: usize,
-    /// `*const f32`, `m * nb` (+ pad), block-major.
+    /// `*const f32`, `m * nb` (+ pad), block-major: the activation blocks' scales.
     d8: usize,
-    /// `*const f32`, `m * nb` (+ pad), block-major.
+    /// `*const f32`, `m * nb` (+ pad), block-major: Q8_1's `d * Σq` (unused for Q8_K).
     s8: usize,
+    /// `*const i16`, Q8_K only: per block, per pair of 32-value sub-blocks, per row, the two
+    /// sub-blocks' sums of quants (`q8_k.rs`), block-major; 0 for Q8_1.
+    sums: usize,
     /// `*const` weight blocks of the format, `n * nb`.
     w: usize,
     /// `*mut f32`, `m * n`.
@@ -221,18 +224,20 @@ pub(crate) fn matmul_with<W: CpuMatrix>(isa: Isa, lhs: &[f32], m: usize, w: &W, 
                 qs: scratch.qs.as_ptr() as usize,
                 d8: scratch.d8.as_ptr() as usize,
                 s8: scratch.s8.as_ptr() as usize,
+                sums: 0,
                 w: w_addr,
                 out: out_addr,
             })
         }),
-        Activations::Q8K => q8_k::with_quantized(lhs, m, k, |blocks| {
+        Activations::Q8K => q8_k::with_quantized(lhs, m, k, |scratch| {
             run(Ctx {
                 nb: k / QK_K,
                 n,
                 m,
-                qs: blocks,
-                d8: 0,
+                qs: scratch.blocks,
+                d8: scratch.d,
                 s8: 0,
+                sums: scratch.sums,
                 w: w_addr,
                 out: out_addr,
             })
@@ -290,7 +295,8 @@ pub const QK_K: usize = 256;
 pub(crate) enum Activations {
     /// Q8_1 blocks of 32 (`q8_1.rs`): `Ctx::qs`, `Ctx::d8`, `Ctx::s8`.
     Q8_1,
-    /// Q8_K blocks of 256 (`q8_k.rs`): `Ctx::qs` points at `[row][block]` blocks.
+    /// Q8_K blocks of 256 (`q8_k.rs`): `Ctx::qs` points at `[row][block]` blocks, `Ctx::d8`
+    /// and `Ctx::sums` at their scales and sub-block sums, block-major.
     Q8K,
 }
 

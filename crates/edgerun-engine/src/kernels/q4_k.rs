@@ -21,13 +21,12 @@
 //! # Numerics (per output, whatever the batch)
 //!
 //! Per super-block: `sumi = Σ_s madd(maddubs(q_s, x_s), sc[s])` (exact i32 lanes of
-//! `q * x * sc`), `summ = madd(m, Σ_32 x)` (4 exact i32 lanes from `bsums`), then
-//! `acc = fma(d_w * d_x, f32(sumi), acc)` then `acc = fma(-dmin_w * d_x, f32(summ), acc)`
-//! (`summ`'s upper 4 lanes zero); at the end `hsum(acc)` in a fixed order. Only the float
-//! operations need a fixed order: the integer sums of a super-block are exact however they
-//! are interleaved, so tiles of any shape (1 or up to 8 lhs rows against a weight row; the tile
-//! code also takes several weight rows) give every output the same bits. The portable path is candle's own
-//! `vec_dot` per output (deterministic per output too).
+//! `q * x * sc`) and `acc = fma(d_w * d_x, f32(sumi), acc)` (8 lanes); the min term
+//! `summ = Σ_s m[s] Σ x_s` (an exact integer, from the activations' sub-block sums) goes into
+//! `acc_m = fma(-dmin_w * d_x, f32(summ), acc_m)`, one lane per output. The output is
+//! `hsum(acc) + acc_m`. Only the float operations need a fixed order: the integer sums are
+//! exact however they are interleaved, so tiles of 1 to 8 lhs rows give every output the same
+//! bits. The portable path is candle's own `vec_dot` per output (deterministic per output too).
 
 use super::q8_k::Q8KBlock;
 use super::{cpu, forward_cpu, matmul_with, Activations, CpuMatrix, Ctx, InPlaceMatrix, QK_K};
@@ -181,7 +180,7 @@ impl ScaleMinBlock for BlockQ4K {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
-    use super::super::cpu::avx2::hsum;
+    use super::super::cpu::avx2::{hsum, Lanes};
     use super::super::cpu::f16_to_f32;
     use super::{scales_and_mins, Ctx, Q8KBlock, ScaleMinBlock};
     use std::arch::x86_64::*;
@@ -211,7 +210,7 @@ pub(super) mod avx2 {
             // One weight row at a time: 1 x 2 and 1 x 4 tiles measured 1.7x slower here
             // (`kernel_bench q4_k 1`: the unpacked scales of several rows spill).
             for j in rows {
-                tile::<B, 1, 1>(ctx, 0, j);
+                tile::<B, 1>(ctx, 0, j);
             }
             return;
         }
@@ -220,103 +219,108 @@ pub(super) mod avx2 {
             for j in rows.clone() {
                 let mut i = i0;
                 while i + TALL <= i1 {
-                    tile::<B, TALL, 1>(ctx, i, j);
+                    tile::<B, TALL>(ctx, i, j);
                     i += TALL;
                 }
                 match i1 - i {
                     0 => {}
-                    1 => tile::<B, 1, 1>(ctx, i, j),
-                    2 => tile::<B, 2, 1>(ctx, i, j),
-                    3 => tile::<B, 3, 1>(ctx, i, j),
-                    4 => tile::<B, 4, 1>(ctx, i, j),
-                    5 => tile::<B, 5, 1>(ctx, i, j),
-                    6 => tile::<B, 6, 1>(ctx, i, j),
-                    _ => tile::<B, 7, 1>(ctx, i, j),
+                    1 => tile::<B, 1>(ctx, i, j),
+                    2 => tile::<B, 2>(ctx, i, j),
+                    3 => tile::<B, 3>(ctx, i, j),
+                    4 => tile::<B, 4>(ctx, i, j),
+                    5 => tile::<B, 5>(ctx, i, j),
+                    6 => tile::<B, 6>(ctx, i, j),
+                    _ => tile::<B, 7>(ctx, i, j),
                 }
             }
         }
     }
 
-    /// Lhs rows `i..i + R` against weight rows `j..j + C`.
+    /// Lhs rows `i..i + R` (`R <= 8`) against weight row `j`.
+    ///
+    /// Per output, per super-block: `acc = fma(d_w * d_x, f32(sumi), acc)` (8 lanes), and the
+    /// min term `acc_m = fma(-dmin_w * d_x, f32(summ), acc_m)` in the output's own lane of an
+    /// 8-lane vector (lane r for lhs row i + r), `summ` the exact integer `Σ_s m[s] Σ x_s`.
+    /// The output is `hsum(acc) + acc_m`. Lanes past `R` compute on neighbouring rows or the
+    /// scratch's padding and are dropped.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<B: ScaleMinBlock, const R: usize, const C: usize>(
-        ctx: &Ctx,
-        i: usize,
-        j: usize,
-    ) {
-        let nb = ctx.nb;
+    unsafe fn tile<B: ScaleMinBlock, const R: usize>(ctx: &Ctx, i: usize, j: usize) {
+        let (nb, m) = (ctx.nb, ctx.m);
         let x = ctx.qs as *const Q8KBlock;
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let dx = ctx.d8 as *const f32;
+        let sums = ctx.sums as *const i16;
+        let wrow = (ctx.w as *const B).add(j * nb);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_m = _mm256_setzero_ps();
+        // R = 1 (decoding): the same min-term chain as lane 0 of `acc_m`, as a scalar.
+        let mut acc_m1 = 0f32;
         for b in 0..nb {
-            let mut scales = [_mm256_setzero_si256(); C];
-            let mut mins = [_mm256_setzero_si256(); C];
-            let mut dw = [0f32; C];
-            let mut dminw = [0f32; C];
-            for c in 0..C {
-                let blk = &*(ctx.w as *const B).add((j + c) * nb + b);
-                let (d, dmin) = blk.d_dmin();
-                (dw[c], dminw[c]) = (f16_to_f32(d), f16_to_f32(dmin));
-                let sm = scales_and_mins(blk.packed_scales());
-                // 16 i16 lanes: the 8 scales, then the 8 mins.
-                let sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-                let sc128 = _mm256_castsi256_si128(sm16);
-                scales[c] = _mm256_set_m128i(sc128, sc128);
-                mins[c] = _mm256_castsi128_si256(_mm256_extracti128_si256::<1>(sm16));
-            }
-            let mut sumi = [[_mm256_setzero_si256(); C]; R];
+            let blk = &*wrow.add(b);
+            let (d, dmin) = blk.d_dmin();
+            let (dw, dminw) = (f16_to_f32(d), f16_to_f32(dmin));
+            let sm = scales_and_mins(blk.packed_scales());
+            // The 8 scales as i16, in both 128-bit lanes.
+            let sc128 = _mm_cvtepu8_epi16(_mm_loadl_epi64(sm.as_ptr() as *const __m128i));
+            let scales = _mm256_set_m128i(sc128, sc128);
+            let mut sumi = [_mm256_setzero_si256(); R];
             for s in 0..8 {
                 // Sub-block s's scale in every i16 lane.
                 let pick = _mm256_set1_epi16(((2 * s) | ((2 * s + 1) << 8)) as i16);
-                // (A loop, not `array::from_fn`: a closure does not inherit the target
-                // features, so the intrinsic in it would be an out-of-line call.)
-                let mut sc = [_mm256_setzero_si256(); C];
-                let mut q = [_mm256_setzero_si256(); C];
-                for c in 0..C {
-                    sc[c] = _mm256_shuffle_epi8(scales[c], pick);
-                    q[c] = (*(ctx.w as *const B).add((j + c) * nb + b)).quants(s);
-                }
+                let sc = _mm256_shuffle_epi8(scales, pick);
+                let q = blk.quants(s);
                 for (r, sumi) in sumi.iter_mut().enumerate() {
                     let xb = &*x.add((i + r) * nb + b);
                     let xv = _mm256_loadu_si256(xb.qs.as_ptr().add(32 * s) as *const __m256i);
-                    for c in 0..C {
-                        sumi[c] = _mm256_add_epi32(
-                            sumi[c],
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], xv), sc[c]),
-                        );
-                    }
+                    *sumi =
+                        _mm256_add_epi32(*sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), sc));
                 }
             }
+            let dxb = dx.add(b * m + i);
             for (r, (acc, sumi)) in acc.iter_mut().zip(sumi).enumerate() {
-                let xb = &*x.add((i + r) * nb + b);
-                // Σ x per 32 values (8 i16 lanes): times the mins, 4 exact i32 lanes.
+                *acc = _mm256_fmadd_ps(
+                    _mm256_set1_ps(dw * *dxb.add(r)),
+                    _mm256_cvtepi32_ps(sumi),
+                    *acc,
+                );
+            }
+            if R == 1 {
+                // The block's bsums give the 8 sub-block sums; times the mins, 4 exact i32
+                // lanes, summed exactly.
+                let xb = &*x.add(i * nb + b);
                 let bsums = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
-                let sums32 = _mm256_castsi128_si256(_mm_hadd_epi16(
+                let sums32 = _mm_hadd_epi16(
                     _mm256_castsi256_si128(bsums),
                     _mm256_extracti128_si256::<1>(bsums),
-                ));
-                for c in 0..C {
-                    // The upper 4 lanes of `summ` are zero: exactly +0 added to `acc`.
-                    let summ = _mm256_madd_epi16(mins[c], sums32);
-                    let summ = _mm256_blend_epi32::<0x0f>(_mm256_setzero_si256(), summ);
-                    let a = _mm256_fmadd_ps(
-                        _mm256_set1_ps(dw[c] * xb.d),
-                        _mm256_cvtepi32_ps(sumi[c]),
-                        acc[c],
-                    );
-                    acc[c] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(-dminw[c] * xb.d),
-                        _mm256_cvtepi32_ps(summ),
-                        a,
-                    );
-                }
+                );
+                let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i));
+                let p = _mm_madd_epi16(mins, sums32);
+                let p = _mm_add_epi32(p, _mm_unpackhi_epi64(p, p));
+                let p = _mm_add_epi32(p, _mm_shuffle_epi32::<1>(p));
+                let summ = _mm_cvtsi128_si32(p) as f32;
+                acc_m1 = (-dminw * *dxb).mul_add(summ, acc_m1);
+                continue;
             }
+            // The min terms of 8 rows at once: per pair of sub-blocks, one madd of the rows'
+            // (Σ x_2p, Σ x_2p+1) against (m[2p], m[2p + 1]).
+            let mut summ = _mm256_setzero_si256();
+            for p in 0..4 {
+                let pair = sm[8 + 2 * p] as i32 | (sm[8 + 2 * p + 1] as i32) << 16;
+                let rows =
+                    _mm256_loadu_si256(sums.add(((b * 4 + p) * m + i) * 2) as *const __m256i);
+                summ = _mm256_add_epi32(summ, _mm256_madd_epi16(rows, _mm256_set1_epi32(pair)));
+            }
+            let scale_m = _mm256_mul_ps(_mm256_set1_ps(-dminw), _mm256_loadu_ps(dxb));
+            acc_m = _mm256_fmadd_ps(scale_m, _mm256_cvtepi32_ps(summ), acc_m);
+        }
+        let mut mins = Lanes([0.0; 8]);
+        _mm256_store_ps(mins.0.as_mut_ptr(), acc_m);
+        if R == 1 {
+            mins.0[0] = acc_m1;
         }
         let out = ctx.out as *mut f32;
-        for (r, acc) in acc.into_iter().enumerate() {
-            for (c, a) in acc.into_iter().enumerate() {
-                *out.add((i + r) * ctx.n + j + c) = hsum(a);
-            }
+        for (r, a) in acc.into_iter().enumerate() {
+            *out.add((i + r) * ctx.n + j) = hsum(a) + mins.0[r];
         }
     }
 }

@@ -22,22 +22,74 @@ pub(crate) struct Q8KBlock {
 const _: () = assert!(std::mem::size_of::<Q8KBlock>() == std::mem::size_of::<CandleQ8K>());
 const _: () = assert!(std::mem::align_of::<Q8KBlock>() == std::mem::align_of::<CandleQ8K>());
 
+/// Rows of padding after the block-major arrays, so a tile may read 8 rows from any row.
+pub(crate) const ROW_PAD: usize = 8;
+
+/// Where a call's quantized activations are (addresses, for `Ctx`).
+pub(crate) struct Quantized {
+    /// `[row][block]` blocks.
+    pub(crate) blocks: usize,
+    /// `d[b * m + i]`: block `b` of row `i`'s scale (f32), then [`ROW_PAD`] rows of zeros.
+    pub(crate) d: usize,
+    /// `sums[((b * 4 + p) * m + i) * 2 + t]`: the sum of the quants of 32-value sub-block
+    /// `2p + t` of block `b` of row `i` (i16; at most 32 * 127 in magnitude), then
+    /// [`ROW_PAD`] rows of zeros. Pairs of sub-blocks sit together so one `madd` against
+    /// the weights' `(min[2p], min[2p + 1])` gives 8 rows' partial min terms at once.
+    pub(crate) sums: usize,
+}
+
+#[derive(Default)]
+struct Scratch {
+    blocks: Vec<CandleQ8K>,
+    d: Vec<f32>,
+    sums: Vec<i16>,
+}
+
 thread_local! {
-    static SCRATCH: RefCell<Vec<CandleQ8K>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Quantizes the `m` rows of `lhs` (`m * k` values, `k % 256 == 0`) into this thread's scratch
-/// and hands `f` the address of the `m * k / 256` blocks.
-pub(crate) fn with_quantized<R>(lhs: &[f32], m: usize, k: usize, f: impl FnOnce(usize) -> R) -> R {
+/// and hands `f` where the blocks, their scales and their sub-block sums are.
+pub(crate) fn with_quantized<R>(
+    lhs: &[f32],
+    m: usize,
+    k: usize,
+    f: impl FnOnce(Quantized) -> R,
+) -> R {
     let nb = k / QK_K;
     SCRATCH.with(|cell| {
-        let mut blocks = cell.borrow_mut();
-        if blocks.len() < m * nb {
-            blocks.resize(m * nb, CandleQ8K::zeros());
+        let mut s = cell.borrow_mut();
+        let s = &mut *s;
+        if s.blocks.len() < m * nb {
+            s.blocks.resize(m * nb, CandleQ8K::zeros());
         }
-        for (row, out) in lhs.chunks_exact(k).zip(blocks.chunks_exact_mut(nb)) {
+        let padded = (m + ROW_PAD) * nb;
+        s.d.clear();
+        s.d.resize(padded, 0.0);
+        s.sums.clear();
+        s.sums.resize(padded * 8, 0);
+        for (i, (row, out)) in lhs
+            .chunks_exact(k)
+            .zip(s.blocks.chunks_exact_mut(nb))
+            .enumerate()
+        {
             CandleQ8K::from_float(row, out);
+            for (b, blk) in out.iter().enumerate() {
+                // SAFETY: `Q8KBlock` mirrors candle's `BlockQ8K` (asserted above).
+                let blk = unsafe { &*(blk as *const CandleQ8K as *const Q8KBlock) };
+                s.d[b * m + i] = blk.d;
+                for sub in 0..8 {
+                    let (p, t) = (sub / 2, sub % 2);
+                    s.sums[((b * 4 + p) * m + i) * 2 + t] =
+                        blk.bsums[2 * sub] + blk.bsums[2 * sub + 1];
+                }
+            }
         }
-        f(blocks.as_ptr() as usize)
+        f(Quantized {
+            blocks: s.blocks.as_ptr() as usize,
+            d: s.d.as_ptr() as usize,
+            sums: s.sums.as_ptr() as usize,
+        })
     })
 }
