@@ -50,7 +50,11 @@
 //! * A dropped [`TokenStream`] cancels its sequence before the next step, including while its
 //!   prompt is still being read.
 //! * A sequence's output depends only on its prompt, parameters and seed, never on what else
-//!   is in the batch.
+//!   is in the batch. This rests on the matmul kernels being bitwise row-invariant: ours are
+//!   (Q4_1, Q8_0, Q4_K, Q5_K, Q6_K on the CPU: every tensor of the `Q4_K_M`, `Q5_K_M`,
+//!   `Q6_K`, `Q8_0` and `Q4_1` files llama-quantize writes for 256-multiple rows); formats
+//!   served by candle's kernels (Q4_0, Q5_0, Q5_1, and every GPU kernel) do not promise it
+//!   (`tests/kquants.rs` shows candle's Q6_K breaking it).
 //! * Nothing on the hot path is optional: [`SamplingConfig`] and [`StopCriteria`] arrive
 //!   resolved, [`SchedulerConfig`] arrives validated.
 //!
