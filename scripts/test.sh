@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, unit tests, the engine's tests on the real model, the
-# end-to-end tests against the real binary and model over loopback HTTP, and the edge tests (the
-# Worker built to wasm, in workerd, in front of two nodes).
+# end-to-end tests against the real binary and model over loopback HTTP (the OpenAI-compatible
+# routes also through the official Python and Node SDKs), and the edge tests (the Worker built to
+# wasm, in workerd, in front of two nodes).
 # Idempotent: the model is fetched once (models/cache/), the wasm toolchain is installed once per
-# machine (~25 min the first time, then skipped), builds are incremental.
+# machine (~25 min the first time, then skipped), the SDKs once (~/.cache/edgerun/sdk), builds
+# are incremental.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -11,6 +13,9 @@ WORKER=(--manifest-path deploy/worker/Cargo.toml)
 
 models/fetch-default.sh >/dev/null
 scripts/install-wasm-toolchain.sh
+# The official OpenAI SDKs (Python and npm `openai`, pinned) that tests/tests/openai.rs drives
+# the node with; the tests fail, not skip, without them.
+scripts/install-sdk-clients.sh
 cargo fmt --all -- --check
 cargo fmt "${WORKER[@]}" -- --check
 cargo clippy --release --locked --workspace --all-targets -- -D warnings

@@ -224,7 +224,7 @@ pub fn text_of(events: &[Received]) -> String {
         .collect()
 }
 
-/// Resident memory of process `pid` (Linux: `VmRSS` of /proc/<pid>/status), in bytes.
+/// Resident memory of process `pid` (Linux: `VmRSS` of `/proc/<pid>/status`), in bytes.
 pub fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
     status

@@ -12,8 +12,9 @@
 //! |---|---|
 //! | a model architecture | `models/<arch>.rs`, one [`CausalLm`] impl, one line in [`models::ARCHITECTURES`] |
 //! | a block format or a device kernel | `kernels/<format>.rs`, one arm in [`kernels::QLinear::new`] |
-//! | a stop rule | a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`] |
+//! | a stop rule | a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`] (stop strings: `Sequence::release`) |
 //! | a sampling parameter | a field of [`SamplingConfig`], applied in [`Sampler`] |
+//! | something reported per token | a field of the `Token` event ([`GenerationEvent`]); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]) |
 //! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
 //! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
 //!
@@ -28,9 +29,10 @@
 //!       each admitted request becomes a Sequence with its KvCache (prompt + max_tokens)
 //!     plan_step: Decode for decoding sequences, Prefill { start, len } prompt chunks
 //!     execute: one CausalLm::forward over every planned segment
-//!     update_from_output: sample per sequence; Sequence::accept detokenizes, applies its stop
-//!       rules, emits GenerationEvents; finished sequences leave the batch
-//!   TokenStream ◀── PromptProcessed / Token / Finished { usage, StopReason } / Failed
+//!     update_from_output: sample per sequence (with its log-probabilities, when asked for);
+//!       Sequence::accept detokenizes, applies its stop rules (end of turn, stop strings,
+//!       max_tokens, context), emits GenerationEvents; finished sequences leave the batch
+//!   TokenStream ◀── PromptProcessed / Token { text, logprobs } / Finished { usage, StopReason } / Failed
 //! ```
 //!
 //! One OS thread owns the model. Callers talk to it only through channels, so an async server
@@ -88,9 +90,10 @@ pub use kernels::Kernels;
 pub use kv_cache::{KvCache, KvLayout};
 pub use models::{CausalLm, ModelConfig, Segment};
 pub use request::{
-    ChatMessage, GenerationRequest, PromptInput, QueuePolicy, SamplingConfig, StopCriteria, Usage,
+    ChatMessage, GenerationRequest, LogprobEntry, Logprobs, PromptInput, QueuePolicy,
+    SamplingConfig, StopCriteria, TokenLogprob, Usage,
 };
-pub use sampling::{argmax, Sampler};
+pub use sampling::{argmax, step_logprobs, Sampler, StepLogprobs, MIN_LOGPROB};
 pub use scheduler::admission::KvReservation;
 pub use scheduler::plan::{plan_step, Planned, SeqProgress, Work};
 pub use scheduler::{
@@ -312,7 +315,7 @@ impl Engine {
         let request = GenerationRequest {
             prompt: self.tokenizer.encode("Hello")?,
             sampling: SamplingConfig::GREEDY,
-            stopping: StopCriteria { max_tokens: 2 },
+            stopping: StopCriteria::max_tokens(2),
         };
         let mut stream = self.submit(request, QueuePolicy::Wait)?;
         while let Some(ev) = stream.blocking_recv() {
@@ -397,6 +400,11 @@ impl Engine {
         if max_tokens == 0 {
             return Err(EngineError::InvalidRequest(
                 "max_tokens must be at least 1".into(),
+            ));
+        }
+        if request.stopping.stop.iter().any(String::is_empty) {
+            return Err(EngineError::InvalidRequest(
+                "stop strings must not be empty".into(),
             ));
         }
         check_context(prompt_len, max_tokens, self.context_window)?;

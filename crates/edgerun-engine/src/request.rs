@@ -73,6 +73,23 @@ pub struct SamplingConfig {
     pub frequency_penalty: f32,
     /// Subtracted once from every token present in the output; `0`: off.
     pub presence_penalty: f32,
+    /// Whether each generated token's log-probability (and the most likely alternatives) is
+    /// reported with its text. Reporting never changes which token is chosen.
+    pub logprobs: Logprobs,
+}
+
+/// Log-probabilities to report with each generated token ([`crate::TokenLogprob`]).
+///
+/// They are the model's own distribution: a log-softmax over the raw logits of the step,
+/// before penalties, temperature, top-k and top-p (vLLM's default, `raw_logprobs`), so they do
+/// not depend on the sampling parameters and are always `<= 0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Logprobs {
+    /// Nothing reported (no work done).
+    #[default]
+    Off,
+    /// The chosen token's log-probability, and the `top` most likely tokens of the step.
+    Report { top: usize },
 }
 
 impl SamplingConfig {
@@ -85,6 +102,7 @@ impl SamplingConfig {
         repetition_penalty: 1.0,
         frequency_penalty: 0.0,
         presence_penalty: 0.0,
+        logprobs: Logprobs::Off,
     };
 
     /// Whether the choice is the argmax of the (penalised) logits.
@@ -105,13 +123,26 @@ impl Default for SamplingConfig {
 }
 
 /// When a sequence stops, besides the model's own end-of-turn tokens and the end of the context
-/// window (which every sequence applies). Stop strings, when an API needs them, are one more
-/// field here and one more rule in `Sequence` (`sequence.rs`). Not `Copy`, so such a field can
-/// be added without touching its users.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// window (which every sequence applies). Each field is one rule of `Sequence` (`sequence.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StopCriteria {
     /// Tokens to generate at most (at least 1).
     pub max_tokens: usize,
+    /// Stop strings: generation ends as soon as the text contains one of them, and the text
+    /// released ends just before it (the stop string itself is never sent). Text that could be
+    /// the start of one is held back until it is known not to be. Each must be non-empty;
+    /// empty: no stop strings.
+    pub stop: Vec<String>,
+}
+
+impl StopCriteria {
+    /// Only `max_tokens` (and the rules every sequence applies).
+    pub fn max_tokens(max_tokens: usize) -> Self {
+        Self {
+            max_tokens,
+            stop: Vec::new(),
+        }
+    }
 }
 
 /// One generation, ready for [`crate::Engine::submit`].
@@ -131,6 +162,25 @@ pub enum QueuePolicy {
     Wait,
     /// Refuse at once (Workers AI's `options.rejectIfBusy`).
     RejectIfBusy,
+}
+
+/// A token and its log-probability (see [`Logprobs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogprobEntry {
+    pub id: u32,
+    /// What the token stands for ([`crate::TextTokenizer::token_bytes`]): possibly part of a
+    /// UTF-8 character.
+    pub bytes: Vec<u8>,
+    /// `<= 0`; at least [`crate::MIN_LOGPROB`].
+    pub logprob: f32,
+}
+
+/// A generated token's log-probability and the step's most likely tokens (most likely first),
+/// sent with the text the token completed ([`crate::GenerationEvent::Token`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub chosen: LogprobEntry,
+    pub top: Vec<LogprobEntry>,
 }
 
 /// Tokens read and written by one generation.

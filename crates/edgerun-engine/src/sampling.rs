@@ -1,6 +1,7 @@
-//! Per-sequence token sampling over a resolved [`SamplingConfig`].
+//! Per-sequence token sampling over a resolved [`SamplingConfig`], and the log-probabilities
+//! reported with a chosen token ([`step_logprobs`]).
 
-use crate::request::SamplingConfig;
+use crate::request::{Logprobs, SamplingConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -37,6 +38,11 @@ impl Sampler {
             output_counts: HashMap::new(),
             prompt_tokens,
         }
+    }
+
+    /// What to report with each chosen token.
+    pub fn logprobs(&self) -> Logprobs {
+        self.params.logprobs
     }
 
     /// Records a token that was generated (the penalties look at it from then on).
@@ -158,6 +164,68 @@ impl Sampler {
                 }
             }
         }
+    }
+}
+
+/// A token id with its log-probability.
+pub type IdLogprob = (u32, f32);
+
+/// The log-probabilities of one step, by token id: the chosen token's and the `top` most likely
+/// tokens' (most likely first; ties to the lower id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLogprobs {
+    pub chosen: IdLogprob,
+    pub top: Vec<IdLogprob>,
+}
+
+/// The floor reported for a token the model gives no chance (a non-finite log-probability
+/// cannot be written as JSON; OpenAI reports such tokens as -9999).
+pub const MIN_LOGPROB: f32 = -9999.0;
+
+/// Log-softmax of the raw `logits` at `chosen` and at the `top` largest logits. O(vocab).
+pub fn step_logprobs(logits: &[f32], chosen: u32, top: usize) -> StepLogprobs {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|l| (l - max).exp())
+        .sum();
+    let log_total = max + sum.ln();
+    let logprob = |l: f32| {
+        let lp = l - log_total;
+        if lp.is_finite() {
+            lp.clamp(MIN_LOGPROB, 0.0)
+        } else {
+            MIN_LOGPROB
+        }
+    };
+    let chosen_logit = logits
+        .get(chosen as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    let top = top.min(logits.len());
+    if top > 0 {
+        best = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, if l.is_nan() { f32::NEG_INFINITY } else { l }))
+            .collect();
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if top < best.len() {
+            best.select_nth_unstable_by(top - 1, by_logit_desc);
+            best.truncate(top);
+        }
+        best.sort_unstable_by(by_logit_desc);
+    }
+    StepLogprobs {
+        chosen: (chosen, logprob(chosen_logit)),
+        top: best.into_iter().map(|(i, l)| (i, logprob(l))).collect(),
     }
 }
 
@@ -289,6 +357,34 @@ mod tests {
             seen.insert(t);
         }
         assert!(seen.len() > 400, "{}", seen.len());
+    }
+
+    #[test]
+    fn step_logprobs_are_a_log_softmax_with_the_top_sorted() {
+        // Probabilities 0.5, 0.25, 0.125, 0.125.
+        let logits = [2f32.ln() * 3.0, 2f32.ln() * 2.0, 2f32.ln(), 2f32.ln()];
+        let lp = step_logprobs(&logits, 1, 3);
+        assert_eq!(lp.chosen.0, 1);
+        assert!((lp.chosen.1 - 0.25f32.ln()).abs() < 1e-5, "{lp:?}");
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        // Ties go to the lower id.
+        assert_eq!(ids, [0, 1, 2]);
+        assert!((lp.top[0].1 - 0.5f32.ln()).abs() < 1e-5);
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        let total: f32 = logits
+            .iter()
+            .map(|&l| step_logprobs(&logits, 0, 0).chosen.1 - logits[0] + l)
+            .map(f32::exp)
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        // No alternatives asked for; more asked for than there are tokens.
+        assert!(step_logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(step_logprobs(&logits, 0, 10).top.len(), 4);
+        // Impossible tokens get the floor, never a non-finite number.
+        let lp = step_logprobs(&[0.0, f32::NEG_INFINITY, f32::NAN], 1, 3);
+        assert_eq!(lp.chosen.1, MIN_LOGPROB);
+        assert!(lp.top.iter().all(|t| t.1.is_finite() && t.1 <= 0.0));
+        assert_eq!(lp.top[0], (0, 0.0));
     }
 
     #[test]

@@ -297,10 +297,51 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The bytes token `id` stands for, as OpenAI's logprobs report them: a byte-level BPE
+    /// piece may be part of a UTF-8 character, so these need not be valid UTF-8. Special and
+    /// added tokens are their text. Unknown ids are empty.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(added) = self.inner.get_added_vocabulary().simple_id_to_token(id) {
+            return added.into_bytes();
+        }
+        if let Some(bytes) = self
+            .inner
+            .id_to_token(id)
+            .and_then(|piece| byte_level_bytes(&piece))
+        {
+            return bytes;
+        }
+        self.inner
+            .decode(&[id], false)
+            .map(String::into_bytes)
+            .unwrap_or_default()
+    }
+
     /// The underlying Hugging Face tokenizer (for example to save it as `tokenizer.json`).
     pub fn hf_tokenizer(&self) -> &Tokenizer {
         &self.inner
     }
+}
+
+/// Whether GPT-2's byte-level alphabet writes byte `b` as the character of the same code.
+fn byte_is_printable(b: u8) -> bool {
+    matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
+/// The bytes of a byte-level BPE piece (GPT-2's `bytes_to_unicode` read backwards: printable
+/// bytes are their own character, the others are 256 + their rank among the others), or
+/// `None` when `piece` is not written in that alphabet.
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    piece
+        .chars()
+        .map(|c| match u32::from(c) {
+            code @ 0..=255 => u8::try_from(code).ok().filter(|&b| byte_is_printable(b)),
+            code @ 256..=511 => (0..=255u8)
+                .filter(|&b| !byte_is_printable(b))
+                .nth((code - 256) as usize),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Turns a stream of token ids into a stream of text deltas.
@@ -390,6 +431,35 @@ mod tests {
     #[test]
     fn smollm_splits_every_digit() {
         assert_eq!(pieces("smollm", "a 2024"), ["a", "Ġ", "2", "0", "2", "4"]);
+    }
+
+    #[test]
+    fn byte_level_pieces_read_back_as_bytes() {
+        assert_eq!(byte_level_bytes("Hello").unwrap(), b"Hello");
+        // 'Ġ' is a space, 'Ċ' a newline.
+        assert_eq!(byte_level_bytes("Ġworld").unwrap(), b" world");
+        assert_eq!(byte_level_bytes("Ċ").unwrap(), b"\n");
+        // "é" is the bytes C3 A9, written 'Ã' '©'; half of it alone is not UTF-8.
+        assert_eq!(byte_level_bytes("Ã©").unwrap(), "é".as_bytes());
+        assert_eq!(byte_level_bytes("Ã").unwrap(), [0xC3]);
+        // Not the byte-level alphabet.
+        assert_eq!(byte_level_bytes("▁the"), None);
+        // Every byte round-trips through the alphabet.
+        let alphabet: Vec<char> = (0..=255u8)
+            .map(|b| {
+                if byte_is_printable(b) {
+                    char::from(b)
+                } else {
+                    let rank = (0..b).filter(|&x| !byte_is_printable(x)).count() as u32;
+                    char::from_u32(256 + rank).unwrap()
+                }
+            })
+            .collect();
+        let all: String = alphabet.iter().collect();
+        assert_eq!(
+            byte_level_bytes(&all).unwrap(),
+            (0..=255u8).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -36,9 +36,7 @@ fn request(engine: &Engine, prompt: &str, params: Params) -> GenerationRequest {
     GenerationRequest {
         prompt: engine.prepare(&input, None).unwrap(),
         sampling: params.sampling,
-        stopping: StopCriteria {
-            max_tokens: params.max_tokens,
-        },
+        stopping: StopCriteria::max_tokens(params.max_tokens),
     }
 }
 
@@ -53,7 +51,7 @@ fn collect(mut stream: TokenStream) -> (String, usize) {
     let mut text = String::new();
     while let Some(ev) = stream.blocking_recv() {
         match ev {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Finished { usage, .. } => return (text, usage.completion_tokens),
             GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
             GenerationEvent::PromptProcessed { .. } => {}

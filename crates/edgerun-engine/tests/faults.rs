@@ -28,7 +28,7 @@ fn request(engine: &Engine, prompt: &str, max_tokens: usize) -> GenerationReques
     GenerationRequest {
         prompt: engine.prepare(&input, None).unwrap(),
         sampling: SamplingConfig::GREEDY,
-        stopping: StopCriteria { max_tokens },
+        stopping: StopCriteria::max_tokens(max_tokens),
     }
 }
 
@@ -43,7 +43,7 @@ fn outcome(mut stream: TokenStream) -> Result<String, String> {
     let mut text = String::new();
     while let Some(ev) = stream.blocking_recv() {
         match ev {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Finished { .. } => return Ok(text),
             GenerationEvent::Failed(e) => return Err(e),
             GenerationEvent::PromptProcessed { .. } => {}

@@ -56,13 +56,13 @@ fn answer(path: &Path, prompt: &str, max_tokens: usize) -> (String, usize) {
     let request = GenerationRequest {
         prompt: engine.prepare(&input, None).unwrap(),
         sampling: SamplingConfig::GREEDY,
-        stopping: StopCriteria { max_tokens },
+        stopping: StopCriteria::max_tokens(max_tokens),
     };
     let mut stream = engine.submit(request, QueuePolicy::Wait).unwrap();
     let mut text = String::new();
     while let Some(ev) = stream.blocking_recv() {
         match ev {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Finished { usage, .. } => return (text, usage.completion_tokens),
             GenerationEvent::Failed(e) => panic!("{e}"),
             GenerationEvent::PromptProcessed { .. } => {}

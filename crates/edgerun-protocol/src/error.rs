@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 /// Code Cloudflare uses for schema violations ("AiError: Bad input: ...").
 pub const CODE_BAD_INPUT: u32 = 5006;
+/// Code Cloudflare uses for a model it does not serve.
+pub const CODE_NO_SUCH_MODEL: u32 = 5007;
 
 /// A client-visible failure: HTTP status, Cloudflare internal code, message.
 ///
@@ -59,7 +61,27 @@ impl ApiError {
 
     /// 400 / 5007: the model in the URL is not served here.
     pub fn no_such_model(model: &str) -> Self {
-        Self::new(400, 5007, format!("No such model {model} or task"))
+        Self::new(
+            400,
+            CODE_NO_SUCH_MODEL,
+            format!("No such model {model} or task"),
+        )
+    }
+
+    /// 400 / 5006 in the OpenAI dialect's words: `detail` is the whole message (no
+    /// `AiError: Bad input:` prefix).
+    pub fn invalid_request(detail: impl Display) -> Self {
+        Self::new(400, CODE_BAD_INPUT, detail.to_string())
+    }
+
+    /// 404 / 5007: the model named in an OpenAI `/v1` request body is not served here (OpenAI's
+    /// status and wording for `model_not_found`).
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            CODE_NO_SUCH_MODEL,
+            format!("The model `{model}` does not exist"),
+        )
     }
 
     /// 401 / 10000: missing or wrong credentials (Cloudflare's exact text).

@@ -21,6 +21,11 @@
 //!   `tools`, `response_format`).
 //! * [`response`]: the non-streaming output ([`TextGenerationOutput`],
 //!   [`Usage`]) and the success envelope ([`SuccessEnvelope`]).
+//! * [`openai`]: the OpenAI-compatible dialect (reference §4): validation of
+//!   `chat/completions` and `completions` bodies into an [`OpenAiRequest`]
+//!   (what the node cannot do yet is refused, never ignored), the
+//!   `chat.completion` / `text_completion` answers and stream chunks, the
+//!   model list, and OpenAI's `{"error":{..}}` body.
 //! * [`sse`]: the native `/ai/run` server-sent-event framing
 //!   (`data: {"response":..}\n\n` ... `data: [DONE]\n\n`) and an incremental
 //!   parser for it ([`SseParser`]).
@@ -28,7 +33,8 @@
 //!   node and the Worker both check callers with.
 //! * [`route`]: reading the model name out of a URL path, accepting both the
 //!   raw (`@cf/meta/...`) and the SDKs' percent-encoded (`@cf%2Fmeta%2F...`)
-//!   forms, and the request-id rule ([`request_id`]).
+//!   forms, the node's route table ([`NodeRoute`], with the OpenAI-compatible
+//!   routes, [`OpenAiRoute`]), and the request-id rule ([`request_id`]).
 //!
 //! ## Policies the node and the Worker share
 //!
@@ -85,6 +91,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod openai;
 pub mod request;
 pub mod response;
 pub mod route;
@@ -92,14 +99,15 @@ pub mod sse;
 
 pub use auth::{bearer_token, TokenSet};
 pub use error::{ApiError, ErrorEnvelope, ErrorItem};
+pub use openai::{OpenAiInput, OpenAiRequest};
 pub use request::{
     ChatMessage, PromptInput, Role, SamplingParams, ValidatedRequest, DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS,
 };
 pub use response::{SuccessEnvelope, TextGenerationOutput, Usage, JSON_CONTENT_TYPE};
 pub use route::{
-    accepted_request_id, model_from_path, request_id, run_route_tail, NodeRoute,
-    NOT_STARTED_HEADER, REQUEST_ID_HEADER,
+    accepted_request_id, model_from_path, request_id, run_route_tail, NodeRoute, OpenAiBase,
+    OpenAiEndpoint, OpenAiRoute, NOT_STARTED_HEADER, REQUEST_ID_HEADER,
 };
 pub use sse::{
     error_event, heartbeat, token_event, usage_event, SseEvent, SseParser, DONE_EVENT,

@@ -56,6 +56,64 @@ pub fn run_route_tail(path: &str) -> Option<&str> {
     (!tail.is_empty()).then_some(tail)
 }
 
+/// Which of the node's OpenAI-compatible route families a path is under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenAiBase {
+    /// `/v1/...`, the base URL OpenAI's SDKs, vLLM and llama-server use. Errors are OpenAI's
+    /// `{"error":{..}}`.
+    V1,
+    /// `/client/v4/accounts/{id}/ai/v1/...`, Workers AI's own (reference §4): only
+    /// `chat/completions` exists there. Errors stay Cloudflare's v4 envelope, as the service's do.
+    WorkersAi,
+}
+
+/// An OpenAI-compatible endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenAiEndpoint {
+    /// `POST chat/completions`.
+    ChatCompletions,
+    /// `POST completions` (legacy text completions; `/v1` only).
+    Completions,
+    /// `GET models` (`/v1` only).
+    Models,
+}
+
+/// An OpenAI-compatible route: its family and endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenAiRoute {
+    /// The family (base URL).
+    pub base: OpenAiBase,
+    /// The endpoint under it.
+    pub endpoint: OpenAiEndpoint,
+}
+
+impl OpenAiRoute {
+    /// The OpenAI-compatible route at `path`, if it is one: `/v1/chat/completions`,
+    /// `/v1/completions`, `/v1/models`, and `/client/v4/accounts/{id}/ai/v1/chat/completions`
+    /// (one non-empty account segment). Workers AI documents no `completions` there and answers
+    /// `models` with 405 (reference §4), so those are not routes of this family.
+    pub fn of(path: &str) -> Option<Self> {
+        let (base, tail) = match path.strip_prefix("/v1/") {
+            Some(tail) => (OpenAiBase::V1, tail),
+            None => {
+                let rest = path.strip_prefix("/client/v4/accounts/")?;
+                let (account, rest) = rest.split_once('/')?;
+                if account.is_empty() {
+                    return None;
+                }
+                (OpenAiBase::WorkersAi, rest.strip_prefix("ai/v1/")?)
+            }
+        };
+        let endpoint = match (base, tail) {
+            (_, "chat/completions") => OpenAiEndpoint::ChatCompletions,
+            (OpenAiBase::V1, "completions") => OpenAiEndpoint::Completions,
+            (OpenAiBase::V1, "models") => OpenAiEndpoint::Models,
+            _ => return None,
+        };
+        Some(Self { base, endpoint })
+    }
+}
+
 /// A path as the node's router sees it. The node answers `405` with [`NodeRoute::allow`] for
 /// a method a route does not serve; the Worker forwards only what the node would answer, with
 /// the same `Allow`, so the two cannot disagree on the route table.
@@ -63,6 +121,9 @@ pub fn run_route_tail(path: &str) -> Option<&str> {
 pub enum NodeRoute<'a> {
     /// `/run/{model}` or `/client/v4/accounts/{id}/ai/run/{model}` (the tail as sent): `POST`.
     Run(&'a str),
+    /// An OpenAI-compatible route ([`OpenAiRoute::of`]): `POST`, or `GET` (and `HEAD`) for
+    /// `models`. The model is in the body (or, for `models`, there is none).
+    OpenAi(OpenAiRoute),
     /// `/health`: `GET` (and `HEAD`), no credentials at the node.
     Health,
     /// `/metrics`: the node's Prometheus text, for the operator's scraper.
@@ -74,13 +135,16 @@ pub enum NodeRoute<'a> {
 impl<'a> NodeRoute<'a> {
     /// The `Allow` value of the run routes.
     pub const RUN_METHODS: &'static str = "POST";
-    /// The `Allow` value of `/health` and `/metrics`.
+    /// The `Allow` value of `/health`, `/metrics` and `/v1/models`.
     pub const OPEN_METHODS: &'static str = "GET, HEAD";
 
     /// Classifies a path (no query string).
     pub fn of(path: &'a str) -> Self {
         if let Some(tail) = run_route_tail(path) {
             return NodeRoute::Run(tail);
+        }
+        if let Some(route) = OpenAiRoute::of(path) {
+            return NodeRoute::OpenAi(route);
         }
         match path {
             "/health" => NodeRoute::Health,
@@ -94,6 +158,10 @@ impl<'a> NodeRoute<'a> {
     pub fn allow(&self) -> &'static str {
         match self {
             NodeRoute::Run(_) => Self::RUN_METHODS,
+            NodeRoute::OpenAi(route) => match route.endpoint {
+                OpenAiEndpoint::ChatCompletions | OpenAiEndpoint::Completions => Self::RUN_METHODS,
+                OpenAiEndpoint::Models => Self::OPEN_METHODS,
+            },
             NodeRoute::Health | NodeRoute::Metrics => Self::OPEN_METHODS,
             NodeRoute::Unknown => "",
         }
@@ -210,6 +278,41 @@ mod tests {
         assert!(NodeRoute::Run("m").allows("POST") && !NodeRoute::Run("m").allows("GET"));
         assert!(NodeRoute::Health.allows("HEAD") && !NodeRoute::Health.allows("POST"));
         assert!(!NodeRoute::Unknown.allows("GET"));
+    }
+
+    #[test]
+    fn openai_routes_and_their_methods() {
+        let route = |base, endpoint| NodeRoute::OpenAi(OpenAiRoute { base, endpoint });
+        use OpenAiBase::*;
+        use OpenAiEndpoint::*;
+        assert_eq!(
+            NodeRoute::of("/v1/chat/completions"),
+            route(V1, ChatCompletions)
+        );
+        assert_eq!(NodeRoute::of("/v1/completions"), route(V1, Completions));
+        assert_eq!(NodeRoute::of("/v1/models"), route(V1, Models));
+        assert_eq!(
+            NodeRoute::of("/client/v4/accounts/acc/ai/v1/chat/completions"),
+            route(WorkersAi, ChatCompletions)
+        );
+        for other in [
+            "/v1/",
+            "/v1/chat/completions/",
+            "/v1/embeddings",
+            "/v1/models/x",
+            "/v2/chat/completions",
+            "/client/v4/accounts/acc/ai/v1/completions",
+            "/client/v4/accounts/acc/ai/v1/models",
+            "/client/v4/accounts//ai/v1/chat/completions",
+            "/client/v4/accounts/a/b/ai/v1/chat/completions",
+        ] {
+            assert_eq!(NodeRoute::of(other), NodeRoute::Unknown, "{other}");
+        }
+        let chat = route(V1, ChatCompletions);
+        assert!(chat.allows("POST") && !chat.allows("GET"));
+        let models = route(V1, Models);
+        assert!(models.allows("GET") && models.allows("HEAD") && !models.allows("POST"));
+        assert_eq!(route(WorkersAi, ChatCompletions).allow(), "POST");
     }
 
     #[test]

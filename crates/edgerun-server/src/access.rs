@@ -95,7 +95,7 @@
 //!   check is tens of microseconds of CPU and runs inline);
 //! * leak the token, claims or key material in responses (logs get the identity at debug).
 
-use crate::error::IntoHttp;
+use crate::error::{respond, ErrorStyle};
 use crate::AppState;
 use axum::extract::{Request, State};
 use axum::http::HeaderName;
@@ -824,6 +824,7 @@ pub async fn require_access(
     let Some(verifier) = state.access.clone() else {
         return next.run(req).await;
     };
+    let style = ErrorStyle::of_path(req.uri().path());
     let result = match req.headers().get(&ACCESS_JWT_HEADER) {
         None => Err(AccessError::Missing),
         Some(v) => match v.to_str() {
@@ -840,11 +841,11 @@ pub async fn require_access(
         Err(e) if e.is_unavailable() => {
             tracing::debug!(reason = %e, "request refused: Access tokens cannot be checked");
             // Turned away before anything started: the Worker may retry on another node.
-            crate::error::not_started(e.api_error())
+            respond(e.api_error(), style, true)
         }
         Err(e) => {
             tracing::debug!(reason = %e, "request refused by the Access check");
-            e.api_error().into_http()
+            respond(e.api_error(), style, false)
         }
     }
 }

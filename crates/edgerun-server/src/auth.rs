@@ -1,6 +1,6 @@
 //! Bearer-token authentication, compared in constant time.
 
-use crate::error::IntoHttp;
+use crate::error::{respond, ErrorStyle};
 use crate::AppState;
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -13,7 +13,8 @@ use edgerun_protocol::ApiError;
 /// both parse `Authorization` identically.
 pub use edgerun_protocol::TokenSet;
 
-/// Rejects requests without a valid `Authorization: Bearer <token>` with Workers AI's 401.
+/// Rejects requests without a valid `Authorization: Bearer <token>` with Workers AI's 401 (in
+/// OpenAI's error shape on `/v1/...`).
 pub async fn require_bearer(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if state.tokens.is_empty() {
         return next.run(req).await;
@@ -25,6 +26,10 @@ pub async fn require_bearer(State(state): State<AppState>, req: Request, next: N
     if state.tokens.accepts_authorization(authorization) {
         next.run(req).await
     } else {
-        ApiError::authentication().into_http()
+        respond(
+            ApiError::authentication(),
+            ErrorStyle::of_path(req.uri().path()),
+            false,
+        )
     }
 }

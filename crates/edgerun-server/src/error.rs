@@ -1,4 +1,9 @@
 //! The server's one error type, and the one place errors become HTTP responses.
+//!
+//! [`ServerError::api_error`] maps every failure to an [`ApiError`] (status, code, message);
+//! [`respond`] turns an `ApiError` into a response. The status, `Retry-After` and the
+//! not-started header are decided once, whatever the dialect; only the body differs by
+//! [`ErrorStyle`]: Cloudflare's v4 envelope, or OpenAI's `{"error":{..}}` on `/v1/...`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -74,46 +79,86 @@ impl ServerError {
     }
 }
 
+impl ServerError {
+    /// The response for this error with its body in `style`.
+    pub fn into_response_as(self, style: ErrorStyle) -> Response {
+        let not_started = self.not_started();
+        respond(self.api_error(), style, not_started)
+    }
+}
+
 impl IntoResponse for ServerError {
     fn into_response(self) -> Response {
-        if self.not_started() {
-            not_started(self.api_error())
+        self.into_response_as(ErrorStyle::Cloudflare)
+    }
+}
+
+/// How a route family writes an error's body. Everything else about the response is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorStyle {
+    /// Cloudflare's v4 envelope (`{"errors":[..],"success":false,..}`): the Workers AI routes,
+    /// Workers AI's own OpenAI-compatible route (as the service answers), everything else.
+    Cloudflare,
+    /// OpenAI's `{"error":{"message","type","param","code"}}`: every path under `/v1/`.
+    OpenAi,
+}
+
+impl ErrorStyle {
+    /// The style of the route family `path` belongs to (also for unknown paths under `/v1/`).
+    pub fn of_path(path: &str) -> Self {
+        if path.starts_with("/v1/") {
+            Self::OpenAi
         } else {
-            self.api_error().into_http()
+            Self::Cloudflare
+        }
+    }
+
+    /// The error's body in this style.
+    pub fn body(self, error: &ApiError) -> String {
+        match self {
+            Self::Cloudflare => error.to_json(),
+            Self::OpenAi => edgerun_protocol::openai::error_body(error),
         }
     }
 }
 
-/// The response for a request the node turned away before starting it (loading, draining,
-/// over the connection cap, busy, Access keys too stale): the error's envelope plus
+/// The one renderer of errors: `error`'s status, its body in `style`, `Retry-After` when
+/// [`ApiError::retry_after`] says so, and, for a request the node turned away before starting
+/// it (loading, draining, over the connection cap, busy, Access keys too stale),
 /// `edgerun-not-started: 1` ([`edgerun_protocol::NOT_STARTED_HEADER`]), which tells the Worker
 /// it may send the request to another node without risking a double generation.
-pub fn not_started(error: ApiError) -> Response {
-    let mut resp = error.into_http();
-    resp.headers_mut().insert(
-        header::HeaderName::from_static(edgerun_protocol::NOT_STARTED_HEADER),
-        HeaderValue::from_static("1"),
+pub fn respond(error: ApiError, style: ErrorStyle, not_started: bool) -> Response {
+    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, style.body(&error)).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(JSON_CONTENT_TYPE),
     );
+    if let Some(secs) = error.retry_after() {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+    }
+    if not_started {
+        headers.insert(
+            header::HeaderName::from_static(edgerun_protocol::NOT_STARTED_HEADER),
+            HeaderValue::from_static("1"),
+        );
+    }
     resp
 }
 
-/// Renders an [`ApiError`] as its HTTP response.
+/// [`respond`] for a request turned away before it started, in Cloudflare's envelope.
+pub fn not_started(error: ApiError) -> Response {
+    respond(error, ErrorStyle::Cloudflare, true)
+}
+
+/// Renders an [`ApiError`] as its HTTP response, in Cloudflare's envelope ([`respond`]).
 pub trait IntoHttp {
     fn into_http(self) -> Response;
 }
 
 impl IntoHttp for ApiError {
     fn into_http(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut resp = (status, self.to_json()).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(JSON_CONTENT_TYPE),
-        );
-        if let Some(secs) = self.retry_after() {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
-        }
-        resp
+        respond(self, ErrorStyle::Cloudflare, false)
     }
 }

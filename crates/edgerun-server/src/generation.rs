@@ -19,7 +19,7 @@ use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
 use edgerun_engine::{
     GenerationEvent, GenerationRequest, PromptInput, QueuePolicy, SamplingConfig, StopCriteria,
-    StopReason, TokenStream, Usage,
+    StopReason, TokenLogprob, TokenStream, Usage,
 };
 use edgerun_protocol::{sse, ApiError};
 use std::convert::Infallible;
@@ -57,6 +57,8 @@ pub struct Generation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     pub text: String,
+    /// One per generated token when log-probabilities were asked for, else empty.
+    pub logprobs: Vec<TokenLogprob>,
     pub usage: Usage,
     pub reason: StopReason,
 }
@@ -120,8 +122,9 @@ pub async fn start(
 
 /// How one dialect frames a streamed generation. Each method returns the bytes to send.
 pub trait Framing: Send + 'static {
-    /// The text of the newest token(s).
-    fn token(&mut self, text: &str) -> String;
+    /// The text of the newest token(s), with their log-probabilities when the request asked
+    /// for them (then `text` may be empty).
+    fn token(&mut self, text: &str, logprobs: &[TokenLogprob]) -> String;
     /// The end of a successful generation (final usage, terminator).
     fn finish(&mut self, usage: &Usage, reason: StopReason) -> String;
     /// A failure after the stream has started; the stream ends after it.
@@ -137,6 +140,7 @@ impl Generation {
     /// Waits for the whole generation (or the drain deadline's cut: 503).
     pub async fn collect(mut self) -> Result<Completion, ServerError> {
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         let cut = self.drain.cut_signal();
         tokio::pin!(cut);
         loop {
@@ -148,15 +152,20 @@ impl Generation {
                 }
             };
             match event {
-                Some(GenerationEvent::Token { text: t }) => {
+                Some(GenerationEvent::Token {
+                    text: t,
+                    logprobs: l,
+                }) => {
                     self.timer.token();
                     text.push_str(&t);
+                    logprobs.extend(l);
                 }
                 Some(GenerationEvent::PromptProcessed { .. }) => {}
                 Some(GenerationEvent::Finished { usage, reason }) => {
                     self.timer.finish();
                     return Ok(Completion {
                         text,
+                        logprobs,
                         usage,
                         reason,
                     });
@@ -222,9 +231,9 @@ fn sse_response<F: Framing>(
                 let (frame, keep) = match next {
                     Err(_) => (framing.heartbeat(), true),
                     Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
-                    Ok(Some(GenerationEvent::Token { text })) => {
+                    Ok(Some(GenerationEvent::Token { text, logprobs })) => {
                         timer.token();
-                        (framing.token(&text), true)
+                        (framing.token(&text, &logprobs), true)
                     }
                     Ok(Some(GenerationEvent::Finished { usage, reason })) => {
                         timer.finish();

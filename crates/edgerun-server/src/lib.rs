@@ -1,8 +1,8 @@
 //! # edgerun-server
 //!
-//! The HTTP face of an edgerun node: Workers-AI-compatible routes in front of one
-//! [`edgerun_engine::Engine`], and the `edgerun` binary that wires configuration, model loading
-//! and the listener together.
+//! The HTTP face of an edgerun node: Workers-AI-compatible routes (and OpenAI-compatible ones)
+//! in front of one [`edgerun_engine::Engine`], and the `edgerun` binary that wires
+//! configuration, model loading and the listener together.
 //!
 //! ## Request flow
 //!
@@ -23,6 +23,15 @@
 //!                     │          (Workers AI: `data: {"response":..}` per token, usage,
 //!                     │          [DONE]); comment heartbeats while queued or prefilling
 //!                     └─ JSON:   Generation::collect, then the dialect's envelope
+//!
+//! POST /v1/chat/completions | /v1/completions | /client/v4/accounts/{id}/ai/v1/chat/completions,
+//! GET /v1/models                                                          (routes/openai.rs)
+//!   └─ the same request id, Access and bearer layers (errors in OpenAI's shape under /v1/)
+//!      └─ body limits ─ OpenAiRequest (400, from edgerun-protocol) ─ the model in the body
+//!         (404 model_not_found on /v1, 400 / 5007 on Workers AI's route)
+//!         └─ GenerationInput (stop strings in StopCriteria, logprobs in SamplingConfig)
+//!            └─ generation::start, then collect or stream as above, framed as
+//!               chat.completion(.chunk) / text_completion
 //! ```
 //!
 //! Below the router, [`serve`] owns connections: a cap on open connections, header-read and
@@ -34,9 +43,11 @@
 //! [`generation::GenerationInput`], calls [`generation::start`], and implements
 //! [`generation::Framing`] for its stream; nothing else changes.
 //!
-//! Errors before the first byte are JSON envelopes with their HTTP status; an error after it
-//! ends the stream with the framing's error event. All error bodies come from
-//! [`error::ServerError::api_error`], the one place engine failures are mapped to the wire.
+//! Errors before the first byte are JSON bodies with their HTTP status; an error after it
+//! ends the stream with the framing's error event. All errors come from
+//! [`error::ServerError::api_error`], the one place engine failures are mapped to the wire
+//! (status, code, message), and are rendered by [`error::respond`], in the route family's
+//! [`error::ErrorStyle`] (Cloudflare's envelope, or OpenAI's `{"error":{..}}` under `/v1/`).
 //!
 //! ## Must never
 //!

@@ -167,9 +167,14 @@ async fn wrong_method_and_unknown_route() {
     assert_eq!(status, 405);
     assert_eq!(headers["allow"], "POST");
     assert_eq!(code(&body), 7001);
-    let (status, _, body) = send(app(&["t"]), post("/v1/chat/nope", Some("t"), "{}")).await;
+    let (status, _, body) = send(app(&["t"]), post("/v2/chat/nope", Some("t"), "{}")).await;
     assert_eq!(status, 400);
     assert_eq!(code(&body), 7000);
+    // Under /v1/ no route is said in OpenAI's shape.
+    let (status, _, body) = send(app(&["t"]), post("/v1/chat/nope", Some("t"), "{}")).await;
+    assert_eq!(status, 400);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["message"], "No route for that URI", "{body}");
     // An empty account segment is no route, as the shared rule (and the Worker) says.
     let path = format!("/client/v4/accounts//ai/run/{MODEL}");
     let (status, _, body) = send(app(&["t"]), post(&path, Some("t"), "{}")).await;
@@ -206,4 +211,89 @@ async fn without_tokens_configured_requests_are_not_authenticated() {
     )
     .await;
     assert_eq!(status, 503);
+}
+
+fn openai_error(body: &str) -> Value {
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert!(v.get("errors").is_none(), "{body}");
+    v["error"].clone()
+}
+
+#[tokio::test]
+async fn openai_routes_answer_errors_in_their_familys_shape() {
+    let chat = r#"{"model":"tiny-model","messages":[{"role":"user","content":"hi"}]}"#;
+    // Auth first, on every OpenAI route.
+    for (method, path) in [
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("GET", "/v1/models"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let (status, headers, body) = send(app(&["t"]), req).await;
+        assert_eq!(status, 401, "{path}");
+        assert_eq!(headers["content-type"], "application/json");
+        let e = openai_error(&body);
+        assert_eq!(e["type"], "authentication_error", "{body}");
+        assert_eq!(e["code"], "invalid_api_key", "{body}");
+    }
+    let cf = "/client/v4/accounts/a/ai/v1/chat/completions";
+    let (status, _, body) = send(app(&["t"]), post(cf, Some("x"), chat)).await;
+    assert_eq!((status.as_u16(), code(&body)), (401, 10000));
+
+    // The model is checked against the served names: 404 on /v1, 400 / 5007 on Workers AI's.
+    let unknown = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, _, body) = send(
+        app(&["t"]),
+        post("/v1/chat/completions", Some("t"), unknown),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(openai_error(&body)["code"], "model_not_found");
+    let (status, _, body) = send(app(&["t"]), post(cf, Some("t"), unknown)).await;
+    assert_eq!((status.as_u16(), code(&body)), (400, 5007));
+
+    // A served model while the engine is still loading: 503, not started, Retry-After.
+    let (status, headers, body) =
+        send(app(&["t"]), post("/v1/chat/completions", Some("t"), chat)).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["edgerun-not-started"], "1");
+    assert_eq!(openai_error(&body)["type"], "service_unavailable_error");
+    let (status, _, body) = send(app(&["t"]), post(cf, Some("t"), chat)).await;
+    assert_eq!((status.as_u16(), code(&body)), (503, 3040));
+
+    // Bad bodies: OpenAI's 400.
+    let (status, _, body) = send(
+        app(&["t"]),
+        post("/v1/completions", Some("t"), r#"{"model":"tiny-model"}"#),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(openai_error(&body)["message"], "'prompt' is required");
+    let big = format!(
+        r#"{{"model":"tiny-model","prompt":"{}"}}"#,
+        "x".repeat(2000)
+    );
+    let (status, _, body) = send(app(&["t"]), post("/v1/completions", Some("t"), big)).await;
+    assert_eq!(status, 413);
+    assert_eq!(openai_error(&body)["type"], "invalid_request_error");
+
+    // The model list needs no engine.
+    let req = Request::get("/v1/models")
+        .header("authorization", "Bearer t")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, body) = send(app(&["t"]), req).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"][1]["id"], "tiny-model", "{body}");
+
+    // An empty account segment is no route, as the shared rule says.
+    let path = "/client/v4/accounts//ai/v1/chat/completions";
+    let (status, _, body) = send(app(&["t"]), post(path, Some("t"), chat)).await;
+    assert_eq!((status.as_u16(), code(&body)), (400, 7000), "{body}");
 }

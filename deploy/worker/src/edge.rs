@@ -64,7 +64,10 @@ pub fn admit(
 ) -> Result<Admitted, EdgeError> {
     let route = NodeRoute::of(head.path);
     let admitted = match route {
-        NodeRoute::Unknown | NodeRoute::Metrics => return Err(ApiError::no_route().into()),
+        // The OpenAI-compatible routes are not forwarded (yet): answered as before, no route.
+        NodeRoute::Unknown | NodeRoute::Metrics | NodeRoute::OpenAi(_) => {
+            return Err(ApiError::no_route().into())
+        }
         _ if !route.allows(head.method) => {
             return Err(EdgeError::method_not_allowed(route.allow()))
         }

@@ -50,8 +50,8 @@ use tokio::sync::mpsc::{Receiver, Sender};
 
 /// Events one sequence's channel holds before its client counts as not reading.
 pub const EVENT_BUFFER: usize = 64;
-/// Events one step can send a sequence: prompt processed, the new token's text, the text the
-/// detokenizer still held when a length limit ends it, and its end. A sequence is planned only
+/// Events one step can send a sequence: prompt processed, the new token's text (with what the
+/// detokenizer and the stop strings still held when a rule ends it), and its end (one spare). A sequence is planned only
 /// with room for these plus one, kept for the error that ends a stalled stream.
 pub(crate) const EVENTS_PER_STEP: usize = 4;
 /// Consecutive device failures (failed probes, see the module docs) after which the engine
@@ -129,8 +129,15 @@ impl SchedulerConfig {
 pub enum GenerationEvent {
     /// The prompt has been read; the first token follows.
     PromptProcessed { prompt_tokens: usize },
-    /// Text completed by the newest token (empty deltas are never sent).
-    Token { text: String },
+    /// Text completed by the newest token(s), and, when [`crate::Logprobs::Report`] was asked
+    /// for, the log-probabilities of the tokens generated since the last such event (the
+    /// end-of-turn token excepted). `text` may be empty only when `logprobs` is not (text held
+    /// back by a stop string's partial match, or a token that ends inside a character);
+    /// events with neither are never sent.
+    Token {
+        text: String,
+        logprobs: Vec<crate::request::TokenLogprob>,
+    },
     /// The last event of a successful generation.
     Finished { usage: Usage, reason: StopReason },
     /// The last event of a failed generation.

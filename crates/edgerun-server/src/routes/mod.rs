@@ -6,17 +6,23 @@
 //! [`crate::generation`]'s, for every dialect.
 //!
 //! * [`workers_ai`]: `POST /run/{model}` and `POST /client/v4/accounts/{id}/ai/run/{model}`.
+//! * [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` and
+//!   `POST /client/v4/accounts/{id}/ai/v1/chat/completions`.
+//!
+//! Every error these routes and their fallbacks answer goes through
+//! [`crate::error::respond`], in the path's [`ErrorStyle`] (OpenAI's shape under `/v1/`).
 
+mod openai;
 mod workers_ai;
 
 use crate::access::require_access;
 use crate::auth::require_bearer;
-use crate::error::IntoHttp;
+use crate::error::{respond, ErrorStyle, IntoHttp};
 use crate::telemetry;
 use crate::{AppState, BodyLimits};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,13 +36,26 @@ use std::time::{Duration, Instant};
 pub const REQUEST_ID_HEADER: HeaderName =
     HeaderName::from_static(edgerun_protocol::REQUEST_ID_HEADER);
 
-/// The node's routes. Run routes need the Access JWT (when configured), then the bearer token;
-/// `/health` and `/metrics` need neither, so health checks and scrapers keep working.
+/// The node's routes. Run routes (and the OpenAI-compatible ones) need the Access JWT (when
+/// configured), then the bearer token; `/health` and `/metrics` need neither, so health checks
+/// and scrapers keep working.
 pub fn router(state: AppState) -> Router {
+    openai::note_start();
     let run = post(workers_ai::run).fallback(method_not_allowed);
+    let chat = post(openai::chat_completions).fallback(method_not_allowed);
     let authed = Router::new()
         .route("/run/{*model}", run.clone())
         .route("/client/v4/accounts/{account_id}/ai/run/{*model}", run)
+        .route("/v1/chat/completions", chat.clone())
+        .route(
+            "/client/v4/accounts/{account_id}/ai/v1/chat/completions",
+            chat,
+        )
+        .route(
+            "/v1/completions",
+            post(openai::completions).fallback(method_not_allowed),
+        )
+        .route("/v1/models", get(openai::models).fallback(get_only))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer,
@@ -74,27 +93,25 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     resp
 }
 
-async fn no_route() -> Response {
-    ApiError::no_route().into_http()
+async fn no_route(uri: Uri) -> Response {
+    respond(ApiError::no_route(), ErrorStyle::of_path(uri.path()), false)
 }
 
-/// The 405 envelope for the run routes, with `Allow` as RFC 9110 asks.
-async fn method_not_allowed() -> Response {
-    let mut resp = ApiError::method_not_allowed().into_http();
-    resp.headers_mut().insert(
-        header::ALLOW,
-        HeaderValue::from_static(NodeRoute::RUN_METHODS),
-    );
-    resp
+/// The 405 for the POST routes, with `Allow` as RFC 9110 asks.
+async fn method_not_allowed(uri: Uri) -> Response {
+    not_allowed(&uri, NodeRoute::RUN_METHODS)
 }
 
-/// The 405 envelope for the open GET routes, with `Allow` as RFC 9110 asks.
-async fn get_only() -> Response {
-    let mut resp = ApiError::method_not_allowed().into_http();
-    resp.headers_mut().insert(
-        header::ALLOW,
-        HeaderValue::from_static(NodeRoute::OPEN_METHODS),
-    );
+/// The 405 for the GET routes, with `Allow` as RFC 9110 asks.
+async fn get_only(uri: Uri) -> Response {
+    not_allowed(&uri, NodeRoute::OPEN_METHODS)
+}
+
+fn not_allowed(uri: &Uri, allow: &'static str) -> Response {
+    let style = ErrorStyle::of_path(uri.path());
+    let mut resp = respond(ApiError::method_not_allowed(), style, false);
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     resp
 }
 

@@ -11,7 +11,8 @@ use axum::extract::State;
 use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use edgerun_engine::{
-    ChatMessage, PromptInput, QueuePolicy, SamplingConfig, StopCriteria, StopReason, Usage,
+    ChatMessage, Logprobs, PromptInput, QueuePolicy, SamplingConfig, StopCriteria, StopReason,
+    TokenLogprob, Usage,
 };
 use edgerun_protocol::{
     model_from_path, run_route_tail, sse, ApiError, SuccessEnvelope, TextGenerationOutput,
@@ -94,10 +95,9 @@ pub(crate) fn generation_input(request: ValidatedRequest) -> GenerationInput {
             repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
             frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
             presence_penalty: p.presence_penalty.unwrap_or(0.0),
+            logprobs: Logprobs::Off,
         },
-        stopping: StopCriteria {
-            max_tokens: p.max_tokens as usize,
-        },
+        stopping: StopCriteria::max_tokens(p.max_tokens as usize),
         policy: if request.reject_if_busy {
             QueuePolicy::RejectIfBusy
         } else {
@@ -116,7 +116,11 @@ fn wire_usage(usage: &Usage) -> edgerun_protocol::Usage {
 struct WorkersAiStream;
 
 impl Framing for WorkersAiStream {
-    fn token(&mut self, text: &str) -> String {
+    fn token(&mut self, text: &str, _logprobs: &[TokenLogprob]) -> String {
+        // This dialect never asks for log-probabilities, so there is always text.
+        if text.is_empty() {
+            return String::new();
+        }
         sse::token_event(text)
     }
 
@@ -202,6 +206,7 @@ mod tests {
                 repetition_penalty: 1.1,
                 frequency_penalty: 0.5,
                 presence_penalty: 0.25,
+                logprobs: Logprobs::Off,
             }
         );
         assert_eq!(input.stopping.max_tokens, 7);
