@@ -166,7 +166,7 @@ fn submit(engine: &Engine, prompt: &str, max_tokens: usize) -> TokenStream {
     let request = GenerationRequest {
         prompt: engine.prepare(&input, None).unwrap(),
         sampling: SamplingConfig::GREEDY,
-        stopping: StopCriteria { max_tokens },
+        stopping: StopCriteria::max_tokens(max_tokens),
     };
     engine.submit(request, QueuePolicy::Wait).unwrap()
 }
@@ -175,7 +175,7 @@ fn tokens_of(mut stream: TokenStream) -> (String, usize) {
     let mut text = String::new();
     while let Some(ev) = stream.blocking_recv() {
         match ev {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Finished { usage, .. } => return (text, usage.completion_tokens),
             GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
             GenerationEvent::PromptProcessed { .. } => {}
