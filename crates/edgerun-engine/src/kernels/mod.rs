@@ -15,9 +15,11 @@
 //! | Q6_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q6_k`], read in place, tied or not)          |
 //! | anything else             | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
 //!
-//! So every matmul of a `Q4_K_M`, `Q5_K_M`, `Q6_K`, `Q8_0` or `Q4_1` file runs a row-invariant
-//! kernel of ours on the CPU (the fallbacks llama-quantize picks for rows that are no multiple of
-//! 256, Q5_0/Q5_1, are still candle's).
+//! So on the CPU every matmul of a `Q4_K_M`, `Q5_K_M`, `Q6_K`, `Q8_0` or `Q4_1` file whose
+//! matrices are all multiples of 256 wide (Llama-3-8B, Llama-3-mini) runs a row-invariant
+//! kernel of ours. Where rows are not (SmolLM2's 576), llama-quantize falls back to Q5_0/Q5_1
+//! for most matrices, and those still run candle's kernels, whose row invariance is not
+//! promised.
 //!
 //! [`Kernels::CandleOnly`] forces candle's everywhere (the reference the parity tests compare
 //! against).
@@ -27,12 +29,14 @@
 //! * [`cpu`]: instruction-set detection (once, at run time), the check that the CPU has what
 //!   the build assumed, and the thread pool; every CPU kernel dispatches on `cpu::isa()` and
 //!   nothing else.
-//! * one file per **block format**: [`q4_1`] and [`q8_0`] (weights) and `q8_1` (activations,
-//!   quantized once per call for every weight format here). The tiling (`avx2_tile_driver!`),
-//!   the thread-pool driver (`matmul_with`) and the tensor plumbing (`forward_cpu`) are shared:
-//!   a format supplies its block type, its `wide`/`tall` tiles and a scalar loop. A new format (say Q4_K) is a new file with its
-//!   block type, a matrix type holding the GGUF bytes as they are, and its kernels per ISA,
-//!   plus one arm in [`QLinear::new`].
+//! * one file per **block format**: weights [`q4_1`], [`q8_0`] (with Q8_1 activations,
+//!   `q8_1`) and [`q4_k`], [`q5_k`], [`q6_k`] (with Q8_K activations, `q8_k`); activations are
+//!   quantized once per call. The thread-pool driver (`matmul_with`) and the tensor plumbing
+//!   (`forward_cpu`) are shared by all; the `*_1` formats share a tiling
+//!   (`avx2_tile_driver!`), Q4_K and Q5_K share theirs (`q4_k::avx2::rows`, over a
+//!   `ScaleMinBlock`). A new format is a new file with its block type, a matrix type holding
+//!   the GGUF bytes as they are, its `CpuMatrix` impl (activation format, kernels per ISA),
+//!   and one arm in [`QLinear::new`].
 //! * **device kernels** (CUDA, Metal) are candle's today, through `QMatMul`. One of our own goes
 //!   in a file here too (`cuda_*.rs`, compiled only with its feature) and gets its own
 //!   [`QLinear`] variant; nothing outside this module changes.
@@ -132,7 +136,8 @@ pub(crate) struct Ctx {
     nb: usize,
     n: usize,
     m: usize,
-    /// `*const Q8Quants`, `m * nb`, row-major.
+    /// The activation blocks, `m * nb`, row-major: `*const Q8Quants` (Q8_1) or
+    /// `*const Q8KBlock` (Q8_K).
     qs: usize,
     /// `*const f32`, `m * nb` (+ pad), block-major: the activation blocks' scales.
     d8: usize,
@@ -147,16 +152,18 @@ pub(crate) struct Ctx {
     out: usize,
 }
 
-/// A CPU weight matrix whose kernels take Q8_1-quantized activations: what the shared driver
-/// ([`matmul_with`], [`forward_cpu`]) needs from a block format.
+/// A CPU weight matrix whose kernels take quantized activations (Q8_1 or Q8_K, per
+/// [`CpuMatrix::ACTIVATIONS`]): what the shared driver ([`matmul_with`], [`forward_cpu`])
+/// needs from a block format.
 pub(crate) trait CpuMatrix: Sync {
     /// For error messages.
     const NAME: &'static str;
     /// The activation format its kernels read.
     const ACTIVATIONS: Activations = Activations::Q8_1;
-    /// `(n, k)`: weight rows (output features) and columns (input features, `k % 32 == 0`).
+    /// `(n, k)`: weight rows (output features) and columns (input features, a multiple of the
+    /// block size: 32, or 256 for the K-quants).
     fn dims(&self) -> (usize, usize);
-    /// Address of the first block; rows of `k / 32` blocks follow one another.
+    /// Address of the first block; rows of `k / block size` blocks follow one another.
     fn blocks_addr(&self) -> usize;
     /// The AVX2 kernel: weight rows `rows` against every lhs row, writing `out[i * n + j]`.
     ///

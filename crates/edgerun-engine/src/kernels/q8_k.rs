@@ -1,5 +1,5 @@
 //! Activations quantized to Q8_K (256 values per block: `d: f32`, `qs: [i8; 256]`,
-//! `bsums: [i16; 16]`), the left-hand side of the K-quant weight formats (`q6_k.rs`).
+//! `bsums: [i16; 16]`), the left-hand side of the K-quant weight formats (`q4_k.rs`, `q5_k.rs`, `q6_k.rs`).
 //!
 //! Every row is quantized by candle's own `BlockQ8K::from_float` (`d = max / -127` for the
 //! value of largest magnitude, `q = round(x / d)`), so the integers and scales are those of
@@ -22,18 +22,21 @@ pub(crate) struct Q8KBlock {
 const _: () = assert!(std::mem::size_of::<Q8KBlock>() == std::mem::size_of::<CandleQ8K>());
 const _: () = assert!(std::mem::align_of::<Q8KBlock>() == std::mem::align_of::<CandleQ8K>());
 
-/// Rows of padding after the block-major arrays, so a tile may read 8 rows from any row.
+/// Padding of the block-major arrays: `ROW_PAD * nb` zero entries (times 8 for `sums`) at the
+/// very end, so that a tile reading 8 rows from any row `i <= m - 2` of any block (or pair)
+/// stays in bounds (reads past a block's `m` rows land in the next block's entries or the
+/// padding; those lanes are dropped).
 pub(crate) const ROW_PAD: usize = 8;
 
 /// Where a call's quantized activations are (addresses, for `Ctx`).
 pub(crate) struct Quantized {
     /// `[row][block]` blocks.
     pub(crate) blocks: usize,
-    /// `d[b * m + i]`: block `b` of row `i`'s scale (f32), then [`ROW_PAD`] rows of zeros.
+    /// `d[b * m + i]`: block `b` of row `i`'s scale (f32), then the padding.
     pub(crate) d: usize,
     /// `sums[((b * 4 + p) * m + i) * 2 + t]`: the sum of the quants of 32-value sub-block
-    /// `2p + t` of block `b` of row `i` (i16; at most 32 * 127 in magnitude), then
-    /// [`ROW_PAD`] rows of zeros. Pairs of sub-blocks sit together so one `madd` against
+    /// `2p + t` of block `b` of row `i` (i16; at most 32 * 127 in magnitude), then the
+    /// padding. Pairs of sub-blocks sit together so one `madd` against
     /// the weights' `(min[2p], min[2p + 1])` gives 8 rows' partial min terms at once.
     pub(crate) sums: usize,
 }
