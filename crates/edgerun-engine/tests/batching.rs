@@ -46,25 +46,11 @@ fn submit(engine: &Engine, prompt: &str, params: Params) -> TokenStream {
         .unwrap()
 }
 
-/// Drains a stream: the text and the completion token count.
-fn collect(mut stream: TokenStream) -> (String, usize) {
-    let mut text = String::new();
-    while let Some(ev) = stream.blocking_recv() {
-        match ev {
-            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
-            GenerationEvent::Finished { usage, .. } => return (text, usage.completion_tokens),
-            GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
-            GenerationEvent::PromptProcessed { .. } => {}
-        }
-    }
-    panic!("stream ended without Finished");
-}
-
 fn alone(engine: &Engine, params: &[Params]) -> Vec<(String, usize)> {
     PROMPTS
         .iter()
         .zip(params)
-        .map(|(p, &params)| collect(submit(engine, p, params)))
+        .map(|(p, &params)| common::collect(submit(engine, p, params)))
         .collect()
 }
 
@@ -74,7 +60,7 @@ fn together(engine: &Engine, params: &[Params]) -> Vec<(String, usize)> {
         .zip(params)
         .map(|(p, &params)| submit(engine, p, params))
         .collect();
-    streams.into_iter().map(collect).collect()
+    streams.into_iter().map(common::collect).collect()
 }
 
 fn config() -> SchedulerConfig {
@@ -165,7 +151,7 @@ fn cancelling_one_sequence_leaves_the_others_unchanged() {
     for (i, s) in streams.into_iter().enumerate() {
         if let Some(s) = s {
             assert_eq!(
-                collect(s),
+                common::collect(s),
                 solo[i],
                 "prompt {i} changed after a cancellation"
             );
@@ -207,7 +193,7 @@ fn cancelling_during_prefill_frees_the_sequence() {
         engine.stats()
     );
     // The engine still serves.
-    let (_, n) = collect(submit(&engine, "Hi", greedy(3)));
+    let (_, n) = common::collect(submit(&engine, "Hi", greedy(3)));
     assert!(n >= 1);
 }
 
@@ -227,8 +213,8 @@ fn kv_cache_budget_queues_what_does_not_fit_and_refuses_what_never_will() {
     .unwrap();
     let a = submit(&engine, PROMPTS[0], greedy(100));
     let b = submit(&engine, PROMPTS[1], greedy(100));
-    let (ta, _) = collect(a);
-    let (tb, _) = collect(b);
+    let (ta, _) = common::collect(a);
+    let (tb, _) = common::collect(b);
     assert!(!ta.is_empty() && !tb.is_empty());
     assert_eq!(
         engine.stats().peak_batch_size,

@@ -10,8 +10,8 @@ mod common;
 use candle_core::Device;
 use edgerun_engine::gguf::{self, ModelShape, Scheme};
 use edgerun_engine::{
-    Engine, GenerationEvent, GenerationRequest, Kernels, KvCache, LoadedModel, PromptInput,
-    QueuePolicy, SamplingConfig, SchedulerConfig, Segment, StopCriteria, TokenStream,
+    Engine, GenerationRequest, Kernels, KvCache, LoadedModel, PromptInput, QueuePolicy,
+    SamplingConfig, SchedulerConfig, Segment, StopCriteria, TokenStream,
 };
 use std::path::{Path, PathBuf};
 
@@ -171,19 +171,6 @@ fn submit(engine: &Engine, prompt: &str, max_tokens: usize) -> TokenStream {
     engine.submit(request, QueuePolicy::Wait).unwrap()
 }
 
-fn tokens_of(mut stream: TokenStream) -> (String, usize) {
-    let mut text = String::new();
-    while let Some(ev) = stream.blocking_recv() {
-        match ev {
-            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
-            GenerationEvent::Finished { usage, .. } => return (text, usage.completion_tokens),
-            GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
-            GenerationEvent::PromptProcessed { .. } => {}
-        }
-    }
-    panic!("stream ended without Finished");
-}
-
 #[test]
 fn a_sequence_generates_the_same_alone_or_in_a_batch_on_generated_models() {
     let prompts = [
@@ -208,11 +195,11 @@ fn a_sequence_generates_the_same_alone_or_in_a_batch_on_generated_models() {
         .unwrap();
         let alone: Vec<_> = prompts
             .iter()
-            .map(|p| tokens_of(submit(&engine, p, 24)))
+            .map(|p| common::collect(submit(&engine, p, 24)))
             .collect();
         assert_eq!(engine.stats().peak_batch_size, 1);
         let streams: Vec<_> = prompts.iter().map(|p| submit(&engine, p, 24)).collect();
-        let together: Vec<_> = streams.into_iter().map(tokens_of).collect();
+        let together: Vec<_> = streams.into_iter().map(common::collect).collect();
         assert_eq!(engine.stats().peak_batch_size, prompts.len(), "{scheme}");
         for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
             assert_eq!(a.1, 24, "{scheme} prompt {i} stopped early: {a:?}");

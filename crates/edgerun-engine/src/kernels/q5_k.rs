@@ -112,82 +112,15 @@ impl super::q4_k::ScaleMinBlock for BlockQ5K {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{assert_rows_batch_invariant, isas, lcg, max_abs_diff};
+    use super::super::test_util::check_k_quant_kernel;
     use super::*;
-    use candle_core::quantized::k_quants::{BlockQ8K as CandleQ8K, GgmlType};
-    use candle_core::{Device, Tensor};
-
-    fn weights(n: usize, k: usize, seed: u64) -> Arc<QTensor> {
-        let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
-        Arc::new(QTensor::quantize(&t, GgmlDType::Q5K).unwrap())
-    }
-
-    const SHAPES: [(usize, usize); 3] = [(1024, 256), (300, 1024), (7, 3584)];
-
-    /// Candle's `BlockQ5K::vec_dot` over its own Q8_K activations, for every output.
-    fn candle_vec_dots(qt: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = qt.shape().dims2().unwrap();
-        let nb = k / QK_K;
-        let data = qt.data().unwrap();
-        // SAFETY: `data` is the storage of candle's blocks.
-        let blocks: &[CandleQ5K] =
-            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const CandleQ5K, n * nb) };
-        let mut xq = vec![CandleQ8K::zeros(); nb];
-        let mut out = vec![0f32; m * n];
-        for i in 0..m {
-            CandleQ8K::from_float(&x[i * k..(i + 1) * k], &mut xq);
-            for j in 0..n {
-                out[i * n + j] = CandleQ5K::vec_dot(k, &blocks[j * nb..(j + 1) * nb], &xq);
-            }
-        }
-        out
-    }
 
     #[test]
-    fn matches_candles_dot_products_without_copying_the_weights() {
-        for (si, &(n, k)) in SHAPES.iter().enumerate() {
-            let qt = weights(n, k, 40 + si as u64);
-            let ours = Q5KMatrix::from_qtensor(&qt).unwrap().unwrap();
-            assert_eq!(
-                ours.addr,
-                qt.data().unwrap().as_ptr() as usize,
-                "a copy was made"
-            );
-            for m in [1usize, 2, 5, 7, 9, 37] {
-                let x = lcg(400 + m as u64, m * k);
-                let want = candle_vec_dots(&qt, &x, m);
-                let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let tol = 1e-4 * max_ref + 1e-5;
-                // (`Isa::Scalar` is candle's own `vec_dot` per output: there this checks the
-                // driver and the activation quantization, not a kernel of ours.)
-                for isa in isas() {
-                    let mut got = vec![f32::NAN; m * n];
-                    matmul_with(isa, &x, m, &ours, &mut got);
-                    let diff = max_abs_diff(&got, &want);
-                    assert!(diff <= tol, "({n}, {k}, m={m}, {isa:?}): {diff} > {tol}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn rows_are_bitwise_independent_of_batch() {
-        for (si, &(n, k)) in SHAPES.iter().enumerate() {
-            let ours = Q5KMatrix::from_qtensor(&weights(n, k, 50 + si as u64))
-                .unwrap()
-                .unwrap();
-            assert_rows_batch_invariant(
-                &ours,
-                &lcg(65 + si as u64, 72 * k),
-                &[2, 3, 4, 5, 7, 9, 15, 70, 71],
-            );
-        }
-    }
-
-    #[test]
-    fn other_dtypes_are_not_taken() {
-        let t = Tensor::from_vec(lcg(5, 64 * 512), (64, 512), &Device::Cpu).unwrap();
-        let q4 = Arc::new(QTensor::quantize(&t, GgmlDType::Q4K).unwrap());
-        assert!(Q5KMatrix::from_qtensor(&q4).unwrap().is_none());
+    fn matches_candle_in_place_and_row_invariant() {
+        check_k_quant_kernel::<CandleQ5K, _>(
+            GgmlDType::Q5K,
+            |t| Q5KMatrix::from_qtensor(t).unwrap(),
+            |w| w.addr,
+        );
     }
 }

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use edgerun_engine::{Engine, LoadedModel, SchedulerConfig};
+use edgerun_engine::{Engine, GenerationEvent, LoadedModel, SchedulerConfig, TokenStream};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -35,4 +35,18 @@ pub fn load() -> LoadedModel {
 
 pub fn engine(config: SchedulerConfig) -> Engine {
     Engine::start(load(), config, None).expect("start the engine")
+}
+
+/// Drains a stream: the text and the completion token count (panics on a failure).
+pub fn collect(mut stream: TokenStream) -> (String, usize) {
+    let mut text = String::new();
+    while let Some(ev) = stream.blocking_recv() {
+        match ev {
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
+            GenerationEvent::Finished { usage, .. } => return (text, usage.completion_tokens),
+            GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
+            GenerationEvent::PromptProcessed { .. } => {}
+        }
+    }
+    panic!("stream ended without Finished");
 }
