@@ -40,6 +40,21 @@ pub struct GenerationInput {
     pub policy: QueuePolicy,
 }
 
+/// The queue policy a dialect's `rejectIfBusy`-style flag asks for.
+pub fn queue_policy(reject_if_busy: bool) -> QueuePolicy {
+    if reject_if_busy {
+        QueuePolicy::RejectIfBusy
+    } else {
+        QueuePolicy::Wait
+    }
+}
+
+/// The engine's token counts in the wire's shape (saturating at `u32::MAX`).
+pub fn wire_usage(usage: &Usage) -> edgerun_protocol::Usage {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    edgerun_protocol::Usage::new(count(usage.prompt_tokens), count(usage.completion_tokens))
+}
+
 /// The seed for a request: the caller's, or a fresh random one (decided once, here, so the
 /// engine never sees "no seed").
 pub fn resolve_seed(seed: Option<u64>) -> u64 {

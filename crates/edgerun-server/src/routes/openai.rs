@@ -26,8 +26,8 @@ use axum::extract::State;
 use axum::http::Uri;
 use axum::response::Response;
 use edgerun_engine::{
-    ChatMessage, Logprobs, PromptInput, QueuePolicy, SamplingConfig, StopCriteria, StopReason,
-    TokenLogprob, Usage,
+    ChatMessage, Logprobs, PromptInput, SamplingConfig, StopCriteria, StopReason, TokenLogprob,
+    Usage,
 };
 use edgerun_protocol::openai::{
     self, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs,
@@ -163,17 +163,8 @@ pub(crate) fn generation_input(endpoint: OpenAiEndpoint, r: OpenAiRequest) -> Ge
             max_tokens: r.max_tokens.unwrap_or(default_max_tokens) as usize,
             stop: r.stop,
         },
-        policy: if r.reject_if_busy {
-            QueuePolicy::RejectIfBusy
-        } else {
-            QueuePolicy::Wait
-        },
+        policy: generation::queue_policy(r.reject_if_busy),
     }
-}
-
-fn wire_usage(usage: &Usage) -> edgerun_protocol::Usage {
-    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    edgerun_protocol::Usage::new(count(usage.prompt_tokens), count(usage.completion_tokens))
 }
 
 /// OpenAI's name for why a choice ended.
@@ -261,7 +252,7 @@ impl Shape {
     /// The non-streamed answer.
     fn whole(&self, done: Completion) -> String {
         let finish_reason = finish_reason(done.reason);
-        let usage = wire_usage(&done.usage);
+        let usage = generation::wire_usage(&done.usage);
         match self.endpoint {
             OpenAiEndpoint::Completions => openai::to_json(&TextCompletion {
                 id: self.id.clone(),
@@ -310,7 +301,9 @@ impl Shape {
             created: self.created,
             model: self.model.clone(),
             choices,
-            usage: self.include_usage.then(|| usage.as_ref().map(wire_usage)),
+            usage: self
+                .include_usage
+                .then(|| usage.as_ref().map(generation::wire_usage)),
         })
     }
 }
@@ -421,6 +414,7 @@ impl Framing for OpenAiStream {
 mod tests {
     use super::*;
     use edgerun_engine::LogprobEntry;
+    use edgerun_engine::QueuePolicy;
     use serde_json::{json, Value};
 
     fn request(endpoint: OpenAiEndpoint, body: Value) -> OpenAiRequest {

@@ -11,8 +11,8 @@ use axum::extract::State;
 use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use edgerun_engine::{
-    ChatMessage, Logprobs, PromptInput, QueuePolicy, SamplingConfig, StopCriteria, StopReason,
-    TokenLogprob, Usage,
+    ChatMessage, Logprobs, PromptInput, SamplingConfig, StopCriteria, StopReason, TokenLogprob,
+    Usage,
 };
 use edgerun_protocol::{
     model_from_path, run_route_tail, sse, ApiError, SuccessEnvelope, TextGenerationOutput,
@@ -59,7 +59,7 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
         let out = TextGenerationOutput {
             response: done.text,
             tool_calls: Vec::new(),
-            usage: wire_usage(&done.usage),
+            usage: generation::wire_usage(&done.usage),
         };
         Ok(json_response(SuccessEnvelope::new(out).to_json()))
     }
@@ -98,17 +98,8 @@ pub(crate) fn generation_input(request: ValidatedRequest) -> GenerationInput {
             logprobs: Logprobs::Off,
         },
         stopping: StopCriteria::max_tokens(p.max_tokens as usize),
-        policy: if request.reject_if_busy {
-            QueuePolicy::RejectIfBusy
-        } else {
-            QueuePolicy::Wait
-        },
+        policy: generation::queue_policy(request.reject_if_busy),
     }
-}
-
-fn wire_usage(usage: &Usage) -> edgerun_protocol::Usage {
-    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    edgerun_protocol::Usage::new(count(usage.prompt_tokens), count(usage.completion_tokens))
 }
 
 /// `data: {"response":"<text>"}` per delta; `data: {"response":"","usage":{..}}` then
@@ -127,7 +118,7 @@ impl Framing for WorkersAiStream {
     fn finish(&mut self, usage: &Usage, _reason: StopReason) -> String {
         format!(
             "{}{}",
-            sse::usage_event(&wire_usage(usage)),
+            sse::usage_event(&generation::wire_usage(usage)),
             sse::DONE_EVENT
         )
     }
@@ -140,6 +131,7 @@ impl Framing for WorkersAiStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgerun_engine::QueuePolicy;
 
     fn validated(body: &str) -> ValidatedRequest {
         ValidatedRequest::from_json_bytes(body.as_bytes()).unwrap()
