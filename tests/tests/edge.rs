@@ -404,9 +404,11 @@ async fn bad_bodies_get_the_nodes_answer_from_the_worker_without_reaching_a_node
     )
     .await;
     assert_eq!(status, 405);
-    // Paths the node has no route for, and a wrong method on /health.
+    // Paths the node has no route for, and a wrong method on /health. (`/v1/chat/completions`
+    // is a node route now, the OpenAI-compatible one, which the Worker does not forward yet:
+    // its own test below.)
     for (method, path) in [
-        (reqwest::Method::POST, "/v1/chat/completions"),
+        (reqwest::Method::POST, "/v2/chat/completions"),
         (reqwest::Method::GET, "/nothing/here"),
         (reqwest::Method::POST, "/health"),
     ] {
@@ -757,6 +759,7 @@ async fn only_requests_that_certainly_did_not_start_go_to_another_region() {
     let before = asked();
     for (method, path, status, allow) in [
         ("GET", "/metrics", 400, None),
+        // The node's OpenAI-compatible routes are not forwarded yet (issue 10, item 6).
         ("POST", "/v1/chat/completions", 400, None),
         ("GET", "/", 400, None),
         ("DELETE", "/health/x", 400, None),
