@@ -707,6 +707,8 @@ async fn auth_probes_over_every_route_and_method_never_generate() {
                 let text = resp.text().await.unwrap();
                 let open = path == "/health" || path == "/metrics";
                 let run = path.starts_with("/run/@") || path.contains("/ai/run/@");
+                // OpenAI-compatible paths answer errors in OpenAI's shape.
+                let openai = path.starts_with("/v1/");
                 if run && method == "POST" && token == Some(TOKEN) {
                     assert_eq!(status, 200, "{method} {path}: {text}");
                     continue;
@@ -716,17 +718,24 @@ async fn auth_probes_over_every_route_and_method_never_generate() {
                     continue;
                 }
                 assert!(status >= 400, "{method} {path} {token:?}: {status}");
-                if run && token != Some(TOKEN) && method == "POST" {
+                if (run || openai) && token != Some(TOKEN) && method == "POST" {
                     assert_eq!(status, 401, "{method} {path} {token:?}");
                 }
                 if method != "HEAD" {
                     assert_eq!(ct.as_deref(), Some("application/json"), "{method} {path}");
-                    envelope_code(&text);
+                    if openai {
+                        let v: Value = serde_json::from_str(&text).unwrap();
+                        assert!(v["error"]["message"].is_string(), "{method} {path}: {text}");
+                        assert!(v["error"]["type"].is_string(), "{method} {path}: {text}");
+                    } else {
+                        envelope_code(&text);
+                    }
                 }
             }
         }
     }
-    // Only the right token's POSTs generated: 2 run routes x 4 tokens each at most.
+    // Only the right token's POSTs generated: 2 run routes x 4 tokens each at most (the
+    // OpenAI route refuses this body: it names no model).
     let generated = node.health().await["stats"]["generated_tokens_total"]
         .as_u64()
         .unwrap()
