@@ -21,6 +21,9 @@ pub enum EngineError {
     /// The chat template failed to parse or render (for example `raise_exception` fired).
     #[error("chat template error: {0}")]
     Template(String),
+    /// The requested output format (a JSON schema or grammar) cannot be compiled.
+    #[error("invalid output format: {0}")]
+    InvalidFormat(String),
     /// The prompt plus `max_tokens` does not fit in the model's context window.
     #[error("prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}; together they exceed the context window of {context_window} tokens")]
     ContextWindowExceeded {

@@ -71,6 +71,7 @@
 //! * load a model leniently: a tensor or metadata key that is present but unreadable is an
 //!   error naming it, never a silent default.
 
+mod constraint;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
@@ -85,6 +86,7 @@ mod sequence;
 mod template;
 mod tokenizer;
 
+pub use constraint::{Constraint, GrammarCompiler, OutputFormat};
 pub use error::{EngineError, Result};
 pub use kernels::Kernels;
 pub use kv_cache::{KvCache, KvLayout};
@@ -224,6 +226,9 @@ pub struct Engine {
     model: Arc<dyn CausalLm>,
     tokenizer: Arc<TextTokenizer>,
     template: Arc<ChatTemplate>,
+    /// Built on first use (a 128k vocabulary's token trie costs tens of milliseconds).
+    grammars: Arc<std::sync::OnceLock<std::result::Result<GrammarCompiler, String>>>,
+    stop_ids: Arc<std::collections::BTreeSet<u32>>,
     stats: Arc<EngineStats>,
     config: SchedulerConfig,
     context_window: usize,
@@ -282,7 +287,7 @@ impl Engine {
         let scheduler = Scheduler {
             model: model.clone(),
             tokenizer: tokenizer.clone(),
-            stop_ids,
+            stop_ids: stop_ids.clone(),
             config,
             stats: stats.clone(),
             rx,
@@ -298,6 +303,8 @@ impl Engine {
             model,
             tokenizer,
             template: Arc::new(template),
+            grammars: Arc::default(),
+            stop_ids,
             stats,
             config,
             context_window,
@@ -312,11 +319,11 @@ impl Engine {
     }
 
     fn warm_up(&self) -> Result<()> {
-        let request = GenerationRequest {
-            prompt: self.tokenizer.encode("Hello")?,
-            sampling: SamplingConfig::GREEDY,
-            stopping: StopCriteria::max_tokens(2),
-        };
+        let request = GenerationRequest::new(
+            self.tokenizer.encode("Hello")?,
+            SamplingConfig::GREEDY,
+            StopCriteria::max_tokens(2),
+        );
         let mut stream = self.submit(request, QueuePolicy::Wait)?;
         while let Some(ev) = stream.blocking_recv() {
             match ev {
@@ -345,6 +352,34 @@ impl Engine {
             ));
         }
         Ok(tokens)
+    }
+
+    /// Compiles an output format for [`GenerationRequest::constraint`]: a JSON schema or
+    /// grammar llguidance cannot compile is [`EngineError::InvalidFormat`]. CPU work (the first
+    /// call also builds the vocabulary's token trie): call it off the async runtime's workers.
+    pub fn constrain(&self, format: &OutputFormat) -> Result<Constraint> {
+        if *format == OutputFormat::Text {
+            return Ok(Constraint::Free);
+        }
+        let compiler = self.grammars.get_or_init(|| {
+            let started = std::time::Instant::now();
+            // The logits' width where the metadata gives it; ids past the tokenizer's
+            // vocabulary have no bytes and are never allowed.
+            let vocab =
+                (self.model.config().vocab_size.unwrap_or(0)).max(self.tokenizer.vocab_size());
+            let compiler = GrammarCompiler::new(self.tokenizer.clone(), vocab, &self.stop_ids)
+                .map_err(|e| e.to_string());
+            tracing::info!(
+                vocab,
+                ms = started.elapsed().as_millis() as u64,
+                "grammar engine ready"
+            );
+            compiler
+        });
+        match compiler {
+            Ok(c) => c.compile(format),
+            Err(e) => Err(EngineError::Tokenizer(e.clone())),
+        }
     }
 
     /// Queues a generation: [`Engine::reserve`] then [`Engine::submit_reserved`].

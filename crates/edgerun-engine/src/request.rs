@@ -4,6 +4,7 @@
 //! and every "not given" once, there), so nothing on the engine's hot path looks at an `Option`
 //! or knows which API a request came from. The engine does not depend on `edgerun-protocol`.
 
+use crate::constraint::Constraint;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -146,12 +147,27 @@ impl StopCriteria {
 }
 
 /// One generation, ready for [`crate::Engine::submit`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct GenerationRequest {
     /// The prompt's token ids (what [`crate::Engine::prepare`] returns).
     pub prompt: Vec<u32>,
     pub sampling: SamplingConfig,
     pub stopping: StopCriteria,
+    /// What the output must look like (what [`crate::Engine::constrain`] returns), or
+    /// [`Constraint::Free`].
+    pub constraint: Constraint,
+}
+
+impl GenerationRequest {
+    /// Free text from `prompt`.
+    pub fn new(prompt: Vec<u32>, sampling: SamplingConfig, stopping: StopCriteria) -> Self {
+        Self {
+            prompt,
+            sampling,
+            stopping,
+            constraint: Constraint::Free,
+        }
+    }
 }
 
 /// What [`crate::Engine::submit`] does when no batch slot is free.

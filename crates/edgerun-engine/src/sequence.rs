@@ -15,6 +15,7 @@
 //! the log-probabilities of the tokens generated since the last one (when asked for:
 //! [`Sequence::sample`] computes them from the raw logits).
 
+use crate::constraint::{Constraint, Grammar};
 use crate::kv_cache::KvCache;
 use crate::models::Segment;
 use crate::request::{LogprobEntry, Logprobs, StopCriteria, TokenLogprob, Usage};
@@ -72,6 +73,9 @@ pub(crate) struct Sequence {
     pub(crate) kv_bytes: usize,
     cache: KvCache,
     sampler: Sampler,
+    /// The output format's grammar, if any: masks each step's logits, ends the sequence when
+    /// complete.
+    constraint: Constraint,
     decoder: IncrementalDecoder,
     /// Released text that could be the start of a stop string (only with stop strings).
     held: String,
@@ -95,6 +99,7 @@ pub(crate) struct SequenceParts {
     pub kv_bytes: usize,
     pub cache: KvCache,
     pub sampler: Sampler,
+    pub constraint: Constraint,
     pub tx: Sender<GenerationEvent>,
 }
 
@@ -111,6 +116,7 @@ impl Sequence {
             kv_bytes: p.kv_bytes,
             cache: p.cache,
             sampler: p.sampler,
+            constraint: p.constraint,
             decoder: IncrementalDecoder::new(),
             held: String::new(),
             out: String::new(),
@@ -151,16 +157,18 @@ impl Sequence {
         }
     }
 
-    /// Its share of a step doing `work`: the tokens to feed and the cache they extend.
-    pub fn segment(&mut self, work: Work) -> Segment<'_> {
+    /// Its share of a step doing `work`: the tokens to feed and the cache they extend, and its
+    /// grammar (when it has one) to compute the next mask while the model runs.
+    pub fn segment(&mut self, work: Work) -> (Segment<'_>, Option<&mut Grammar>) {
         let tokens: &[u32] = match work {
             Work::Decode => &self.input,
             Work::Prefill { start, len } => &self.prompt[start..start + len],
         };
-        Segment {
+        let segment = Segment {
             tokens,
             cache: &mut self.cache,
-        }
+        };
+        (segment, self.constraint.grammar())
     }
 
     /// Records that a prefill step ran; returns the prompt length once the whole prompt is in
@@ -170,26 +178,41 @@ impl Sequence {
         (start + len == self.prompt.len()).then_some(self.prompt.len())
     }
 
-    /// Chooses the next token from the model's logits, noting its log-probabilities when they
-    /// are to be reported (from the logits as the model gave them, before any penalty).
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
-        match self.sampler.logprobs() {
-            Logprobs::Off => self.sampler.sample(logits),
-            Logprobs::Report { top } => {
-                let raw = logits.to_vec();
-                let token = self.sampler.sample(logits);
-                self.sampled = Some(step_logprobs(&raw, token, top));
-                token
-            }
+    /// Chooses the next token from the model's logits, among those its output format allows,
+    /// noting its log-probabilities when they are to be reported (from the logits as the model
+    /// gave them, before the format's mask and any penalty). Fails when the format's mask
+    /// could not be computed.
+    pub fn sample(&mut self, logits: &mut [f32]) -> Result<u32, String> {
+        let raw = match self.sampler.logprobs() {
+            Logprobs::Off => None,
+            Logprobs::Report { top } => Some((logits.to_vec(), top)),
+        };
+        if let Some(grammar) = self.constraint.grammar() {
+            grammar.apply(logits)?;
         }
+        let token = self.sampler.sample(logits);
+        if let Some((raw, top)) = raw {
+            self.sampled = Some(step_logprobs(&raw, token, top));
+        }
+        Ok(token)
     }
 
     /// Takes a sampled token: counts it, shows its text, and applies the stop rules. Returns
-    /// why the sequence stops, if it does; otherwise the token is fed back next step.
-    pub fn accept(&mut self, token: u32, tokenizer: &TextTokenizer) -> Option<StopReason> {
+    /// why the sequence stops, if it does; otherwise the token is fed back next step. Fails
+    /// when its output format rejects the token (which the mask should make impossible).
+    pub fn accept(
+        &mut self,
+        token: u32,
+        tokenizer: &TextTokenizer,
+    ) -> Result<Option<StopReason>, String> {
         self.sampler.observe(token);
         self.generated += 1;
         let sampled = self.sampled.take();
+        if !self.ends_turn(token) {
+            if let Some(grammar) = self.constraint.grammar() {
+                grammar.consume(token)?;
+            }
+        }
         let reason = if self.ends_turn(token) {
             // The terminator is counted (it was generated) but neither shown nor reported.
             Some(self.flush(tokenizer).unwrap_or(StopReason::EndOfTurn))
@@ -205,6 +228,9 @@ impl Sequence {
                     None
                 }
             };
+            if reason.is_none() && self.format_complete() {
+                reason = Some(self.flush(tokenizer).unwrap_or(StopReason::EndOfTurn));
+            }
             if reason.is_none() {
                 if let Some(limit) = self.out_of_room() {
                     reason = Some(self.flush(tokenizer).unwrap_or(limit));
@@ -217,7 +243,13 @@ impl Sequence {
             self.phase = Phase::Decode;
             self.input = [token];
         }
-        reason
+        Ok(reason)
+    }
+
+    /// Stop rule: the output format's grammar is complete (only an end-of-turn token could
+    /// follow, so none is sampled: it ends like one).
+    fn format_complete(&mut self) -> bool {
+        self.constraint.grammar().is_some_and(|g| g.is_complete())
     }
 
     /// Stop rule: the model's end-of-turn tokens.
@@ -384,6 +416,7 @@ mod tests {
             kv_bytes: 0,
             cache: KvCache::new(&layout, context_length, &Device::Cpu).unwrap(),
             sampler: Sampler::new(SamplingConfig::GREEDY, &[]),
+            constraint: Constraint::Free,
             tx,
         })
     }
@@ -553,7 +586,8 @@ mod tests {
                 blocked: false,
             }
         );
-        let seg = s.segment(Work::Prefill { start: 4, len: 3 });
+        let (seg, grammar) = s.segment(Work::Prefill { start: 4, len: 3 });
+        assert!(grammar.is_none());
         assert_eq!(seg.tokens, &[4, 5, 6]);
         assert_eq!(s.prefilled(0, 8), None);
         assert_eq!(s.progress().prefilled, 8);

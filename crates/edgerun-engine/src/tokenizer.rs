@@ -271,6 +271,22 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Tokenizes text as it is: no BOS, but special tokens written in it are still recognised.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids of the special (control) tokens: dropped from decoded text, never text themselves.
+    pub fn special_ids(&self) -> BTreeSet<u32> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// Decodes ids to text, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)

@@ -37,6 +37,7 @@ fn request(engine: &Engine, prompt: &str, params: Params) -> GenerationRequest {
         prompt: engine.prepare(&input, None).unwrap(),
         sampling: params.sampling,
         stopping: StopCriteria::max_tokens(params.max_tokens),
+        constraint: edgerun_engine::Constraint::Free,
     }
 }
 

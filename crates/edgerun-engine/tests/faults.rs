@@ -29,6 +29,7 @@ fn request(engine: &Engine, prompt: &str, max_tokens: usize) -> GenerationReques
         prompt: engine.prepare(&input, None).unwrap(),
         sampling: SamplingConfig::GREEDY,
         stopping: StopCriteria::max_tokens(max_tokens),
+        constraint: edgerun_engine::Constraint::Free,
     }
 }
 

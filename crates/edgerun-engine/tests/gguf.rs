@@ -57,6 +57,7 @@ fn answer(path: &Path, prompt: &str, max_tokens: usize) -> (String, usize) {
         prompt: engine.prepare(&input, None).unwrap(),
         sampling: SamplingConfig::GREEDY,
         stopping: StopCriteria::max_tokens(max_tokens),
+        constraint: edgerun_engine::Constraint::Free,
     };
     let mut stream = engine.submit(request, QueuePolicy::Wait).unwrap();
     let mut text = String::new();

@@ -167,6 +167,7 @@ fn submit(engine: &Engine, prompt: &str, max_tokens: usize) -> TokenStream {
         prompt: engine.prepare(&input, None).unwrap(),
         sampling: SamplingConfig::GREEDY,
         stopping: StopCriteria::max_tokens(max_tokens),
+        constraint: edgerun_engine::Constraint::Free,
     };
     engine.submit(request, QueuePolicy::Wait).unwrap()
 }

@@ -170,13 +170,19 @@ impl ApiError {
         Self::new(405, 5005, "This model does not support LoRa inference")
     }
 
-    /// 400 / 5023: `response_format` (JSON mode) together with `stream: true`.
+    /// 400 / 5023: a `json_schema` `response_format` together with `stream: true`.
     pub fn json_mode_with_stream() -> Self {
         Self::new(
             400,
             5023,
             "AiError: JSON Schema mode is not supported with stream mode",
         )
+    }
+
+    /// 400 / 5006: JSON mode's answer is not a complete JSON value (it reached `max_tokens`
+    /// first). Workers AI's text starts the same way.
+    pub fn json_mode_not_met(detail: impl Display) -> Self {
+        Self::bad_input(format_args!("JSON Mode couldn't be met: {detail}"))
     }
 
     /// The `{code, message}` item of this error.

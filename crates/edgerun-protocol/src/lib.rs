@@ -101,8 +101,8 @@ pub use auth::{bearer_token, TokenSet};
 pub use error::{ApiError, ErrorEnvelope, ErrorItem};
 pub use openai::{OpenAiInput, OpenAiRequest};
 pub use request::{
-    ChatMessage, PromptInput, Role, SamplingParams, ValidatedRequest, DEFAULT_MAX_TOKENS,
-    DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS,
+    ChatMessage, PromptInput, ResponseFormat, Role, SamplingParams, ValidatedRequest,
+    DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS,
 };
 pub use response::{SuccessEnvelope, TextGenerationOutput, Usage, JSON_CONTENT_TYPE};
 pub use route::{

@@ -4,7 +4,7 @@
 //!
 //! Requests become an [`OpenAiRequest`]: every field either reaches the engine or is refused.
 //! What this node cannot do yet is refused with a 400 that says so, never ignored: `n` other
-//! than 1, `response_format` other than `{"type":"text"}`, non-empty `tools` / `functions`, a
+//! than 1, non-empty `tools` / `functions`, a
 //! `tool_choice` that asks for a call, `logit_bias`, `echo`, `suffix`, `best_of` above 1,
 //! audio, predicted outputs, web search, roles other than `system` / `user` / `assistant`,
 //! content parts other than text, token-id prompts and more than one prompt. Unknown top-level
@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 use crate::error::ApiError;
-use crate::request::ChatMessage;
+use crate::request::{ChatMessage, ResponseFormat};
 use crate::response::Usage;
 use crate::route::OpenAiEndpoint;
 
@@ -77,6 +77,8 @@ pub struct OpenAiRequest {
     /// Log-probabilities: `None` when not asked for, else how many alternatives per token
     /// (`top_logprobs` of a chat completion, `logprobs` of a legacy completion).
     pub logprobs: Option<u32>,
+    /// `response_format` (JSON mode and structured outputs).
+    pub response_format: ResponseFormat,
     /// `options.rejectIfBusy` (Workers AI): 429 instead of queueing.
     pub reject_if_busy: bool,
 }
@@ -203,8 +205,75 @@ impl OpenAiRequest {
                 p => p,
             },
             logprobs,
+            response_format: response_format(body)?,
             reject_if_busy,
         })
+    }
+}
+
+/// `response_format`: `{"type":"text"}`, `{"type":"json_object"}` or `{"type":"json_schema",
+/// "json_schema":{"name","schema","strict","description"}}` (the schema is always enforced, so
+/// `strict` changes nothing; a missing `schema` means any JSON object).
+fn response_format(body: &Map<String, Value>) -> Result<ResponseFormat, ApiError> {
+    let format = match field(body, "response_format") {
+        None => return Ok(ResponseFormat::Text),
+        Some(Value::Object(f)) => f,
+        Some(other) => return Err(type_error("response_format", other, "an object")),
+    };
+    match field(format, "type") {
+        Some(Value::String(t)) if t == "text" => Ok(ResponseFormat::Text),
+        Some(Value::String(t)) if t == "json_object" => Ok(ResponseFormat::JsonObject),
+        Some(Value::String(t)) if t == "json_schema" => {
+            let spec =
+                match field(format, "json_schema") {
+                    Some(Value::Object(spec)) => spec,
+                    Some(other) => {
+                        return Err(type_error(
+                            "response_format.json_schema",
+                            other,
+                            "an object",
+                        ))
+                    }
+                    None => return Err(ApiError::invalid_request(
+                        "'response_format.json_schema' is required when its type is 'json_schema'",
+                    )),
+                };
+            match field(spec, "name") {
+                Some(Value::String(name))
+                    if !name.is_empty()
+                        && name.len() <= 64
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
+                Some(Value::String(_)) | None => {
+                    return Err(ApiError::invalid_request(
+                        "'response_format.json_schema.name' is required: 1 to 64 of a-z, A-Z, 0-9, '_' and '-'",
+                    ))
+                }
+                Some(other) => {
+                    return Err(type_error("response_format.json_schema.name", other, "a string"))
+                }
+            }
+            boolean(spec, "strict")?;
+            match field(spec, "schema") {
+                None => Ok(ResponseFormat::JsonObject),
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    Ok(ResponseFormat::JsonSchema(schema.clone()))
+                }
+                Some(other) => Err(type_error(
+                    "response_format.json_schema.schema",
+                    other,
+                    "an object",
+                )),
+            }
+        }
+        Some(Value::String(t)) => Err(ApiError::invalid_request(format_args!(
+            "'response_format.type' must be 'text', 'json_object' or 'json_schema', got '{t}'"
+        ))),
+        Some(other) => Err(type_error("response_format.type", other, "a string")),
+        None => Err(ApiError::invalid_request(
+            "'response_format.type' is required",
+        )),
     }
 }
 
@@ -483,23 +552,6 @@ fn unsupported_fields(body: &Map<String, Value>) -> Result<(), ApiError> {
         Value::Object(o) => o.is_empty(),
         _ => false,
     };
-    match field(body, "response_format") {
-        None => {}
-        Some(Value::Object(f)) => match f.get("type") {
-            Some(Value::String(t)) if t == "text" => {}
-            Some(Value::String(t)) => {
-                return Err(not_supported(format_args!(
-                    "'response_format' of type '{t}' (JSON mode and structured outputs)"
-                )))
-            }
-            _ => {
-                return Err(ApiError::invalid_request(
-                    "'response_format.type' is required",
-                ))
-            }
-        },
-        Some(other) => return Err(type_error("response_format", other, "an object")),
-    }
     for key in ["tools", "functions"] {
         if field(body, key).is_some_and(|v| !empty(v)) {
             return Err(not_supported(format_args!("'{key}' (tool calling)")));
@@ -901,6 +953,63 @@ mod tests {
     }
 
     #[test]
+    fn response_formats() {
+        let format =
+            |f: Value| chat(with(json!({"response_format": f}))).map(|r| r.response_format);
+        assert_eq!(
+            format(json!({"type": "text"})).unwrap(),
+            ResponseFormat::Text
+        );
+        assert_eq!(
+            format(json!({"type": "json_object"})).unwrap(),
+            ResponseFormat::JsonObject
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            format(json!({"type": "json_schema", "json_schema": {"name": "a_b-1", "schema": schema, "strict": true}}))
+                .unwrap(),
+            ResponseFormat::JsonSchema(schema)
+        );
+        assert_eq!(
+            format(json!({"type": "json_schema", "json_schema": {"name": "n"}})).unwrap(),
+            ResponseFormat::JsonObject
+        );
+        assert_eq!(
+            chat(with(json!({}))).unwrap().response_format,
+            ResponseFormat::Text
+        );
+        for (bad, needle) in [
+            (json!("json"), "'response_format' must be an object"),
+            (json!({}), "'response_format.type' is required"),
+            (json!({"type": "xml"}), "got 'xml'"),
+            (
+                json!({"type": "json_schema"}),
+                "'response_format.json_schema' is required",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"schema": {}}}),
+                "name' is required",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "a b"}}),
+                "name' is required",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "n", "schema": 3}}),
+                "must be an object",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "n", "strict": "yes"}}),
+                "strict",
+            ),
+        ] {
+            let e = format(bad.clone()).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(e.message.contains(needle), "{bad}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn content_parts_are_joined() {
         let r = chat(json!({"model": "m", "messages": [
             {"role": "system", "content": "s"},
@@ -920,14 +1029,6 @@ mod tests {
     fn what_is_not_supported_is_refused_not_ignored() {
         for (extra, needle) in [
             (json!({"n": 2}), "'n' must be 1"),
-            (
-                json!({"response_format": {"type": "json_object"}}),
-                "json_object",
-            ),
-            (
-                json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
-                "json_schema",
-            ),
             (
                 json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
                 "tool calling",

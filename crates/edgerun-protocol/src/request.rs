@@ -8,8 +8,9 @@
 //! of the offending field, worded like Cloudflare's validator, e.g.
 //! `Type mismatch of '/temperature', 'string' not in 'number'` or
 //! `'/temperature' must be <= 5, got 7`. The exceptions are `lora`
-//! ([`ApiError::lora_unsupported`], 405 / 5005) and `response_format` together
-//! with `stream: true` ([`ApiError::json_mode_with_stream`], 400 / 5023).
+//! ([`ApiError::lora_unsupported`], 405 / 5005) and a `json_schema`
+//! `response_format` together with `stream: true` ([`ApiError::json_mode_with_stream`],
+//! 400 / 5023, as Workers AI answers it; `json_object` streams).
 //!
 //! Leniency choices (the real validator's behaviour is unverified):
 //!
@@ -184,9 +185,38 @@ pub struct ValidatedRequest {
     pub reject_if_busy: bool,
     /// `tools`, an array of objects, kept verbatim.
     pub tools: Option<Value>,
-    /// `response_format`, an object whose `type` is `json_object` or
-    /// `json_schema`, kept verbatim.
-    pub response_format: Option<Value>,
+    /// `response_format` (JSON mode); [`ResponseFormat::Text`] when absent.
+    pub response_format: ResponseFormat,
+}
+
+/// What the answer must be (JSON mode), in either dialect: Workers AI's
+/// `{"type":"json_object"}` / `{"type":"json_schema","json_schema":<bare schema>}`, OpenAI's
+/// `{"type":"json_object"}` / `{"type":"json_schema","json_schema":{"name","schema","strict"}}`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum ResponseFormat {
+    /// Free text.
+    #[default]
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// A JSON value valid against this schema.
+    JsonSchema(Value),
+}
+
+impl ResponseFormat {
+    /// The JSON schema the output must satisfy, or `None` for free text.
+    pub fn schema(&self) -> Option<Value> {
+        match self {
+            Self::Text => None,
+            Self::JsonObject => Some(serde_json::json!({"type": "object"})),
+            Self::JsonSchema(schema) => Some(schema.clone()),
+        }
+    }
+
+    /// Whether the answer is JSON.
+    pub fn is_json(&self) -> bool {
+        !matches!(self, Self::Text)
+    }
 }
 
 impl ValidatedRequest {
@@ -260,12 +290,13 @@ impl ValidatedRequest {
             check_array_of_objects("/functions", functions)?;
         }
 
-        let response_format = take_non_null(&mut body, "response_format");
-        if let Some(format) = &response_format {
-            validate_response_format(format)?;
-            if stream {
-                return Err(ApiError::json_mode_with_stream());
-            }
+        let response_format = match take_non_null(&mut body, "response_format") {
+            Some(format) => response_format(format)?,
+            None => ResponseFormat::Text,
+        };
+        // Workers AI streams `json_object` but not a schema (reference §3.3).
+        if stream && matches!(response_format, ResponseFormat::JsonSchema(_)) {
+            return Err(ApiError::json_mode_with_stream());
         }
 
         let reject_if_busy = match non_null(&body, "options") {
@@ -549,11 +580,11 @@ fn join_parts(pointer: &str, parts: Vec<Value>) -> Result<String, ApiError> {
     Ok(texts.join("\n"))
 }
 
-fn validate_response_format(format: &Value) -> Result<(), ApiError> {
+fn response_format(format: Value) -> Result<ResponseFormat, ApiError> {
     let Value::Object(map) = format else {
-        return Err(type_mismatch("/response_format", format, "object"));
+        return Err(type_mismatch("/response_format", &format, "object"));
     };
-    let kind = match non_null(map, "type") {
+    let kind = match non_null(&map, "type") {
         None => {
             return Err(ApiError::bad_input(
                 "required properties at '/response_format' are 'type'",
@@ -567,16 +598,22 @@ fn validate_response_format(format: &Value) -> Result<(), ApiError> {
             "'/response_format/type' must be one of 'json_object', 'json_schema', got '{kind}'"
         )));
     }
-    if let Some(schema) = non_null(map, "json_schema") {
-        if !schema.is_object() {
-            return Err(type_mismatch(
-                "/response_format/json_schema",
-                schema,
-                "object",
-            ));
-        }
+    match (kind.as_str(), non_null(&map, "json_schema")) {
+        (_, Some(schema)) if !schema.is_object() => Err(type_mismatch(
+            "/response_format/json_schema",
+            schema,
+            "object",
+        )),
+        ("json_object", None) => Ok(ResponseFormat::JsonObject),
+        // A schema sent with `json_object` would be silently ignored: refused instead.
+        ("json_object", Some(_)) => Err(ApiError::bad_input(
+            "'/response_format/json_schema' is read only with type 'json_schema'",
+        )),
+        (_, None) => Err(ApiError::bad_input(
+            "required properties at '/response_format' are 'type' and 'json_schema' when type is 'json_schema'",
+        )),
+        (_, Some(schema)) => Ok(ResponseFormat::JsonSchema(schema.clone())),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -628,7 +665,7 @@ mod tests {
                 params: SamplingParams::default(),
                 reject_if_busy: false,
                 tools: None,
-                response_format: None,
+                response_format: ResponseFormat::Text,
             }
         );
         assert_eq!(req.params.max_tokens, 256);
@@ -1158,15 +1195,19 @@ mod tests {
             "response_format",
             json!({"type": "json_object"}),
         ));
-        assert_eq!(req.response_format, Some(json!({"type": "json_object"})));
-        let fmt = json!({"type": "json_schema", "json_schema": {"type": "object"}});
+        assert_eq!(req.response_format, ResponseFormat::JsonObject);
         assert_eq!(
-            ok(prompt_with("response_format", fmt.clone())).response_format,
-            Some(fmt)
+            req.response_format.schema(),
+            Some(json!({"type": "object"}))
+        );
+        let fmt = json!({"type": "json_schema", "json_schema": {"type": "array"}});
+        assert_eq!(
+            ok(prompt_with("response_format", fmt)).response_format,
+            ResponseFormat::JsonSchema(json!({"type": "array"}))
         );
         assert_eq!(
             ok(prompt_with("response_format", json!(null))).response_format,
-            None
+            ResponseFormat::Text
         );
         assert_eq!(
             bad(prompt_with("response_format", json!("json"))),
@@ -1191,16 +1232,29 @@ mod tests {
             )),
             "Type mismatch of '/response_format/json_schema', 'string' not in 'object'"
         );
+        assert_eq!(
+            bad(prompt_with("response_format", json!({"type": "json_schema"}))),
+            "required properties at '/response_format' are 'type' and 'json_schema' when type is 'json_schema'"
+        );
+        assert_eq!(
+            bad(prompt_with(
+                "response_format",
+                json!({"type": "json_object", "json_schema": {"type": "object"}})
+            )),
+            "'/response_format/json_schema' is read only with type 'json_schema'"
+        );
     }
 
     #[test]
-    fn json_mode_with_stream_is_rejected() {
-        let e = err(json!({
-            "prompt": "x", "stream": true, "response_format": {"type": "json_object"}
-        }));
+    fn a_schema_does_not_stream_but_json_object_does() {
+        let schema = json!({"type": "json_schema", "json_schema": {"type": "object"}});
+        let e = err(json!({"prompt": "x", "stream": true, "response_format": schema}));
         assert_eq!(e, ApiError::json_mode_with_stream());
         assert_eq!((e.status, e.code), (400, 5023));
-        ok(json!({"prompt": "x", "stream": false, "response_format": {"type": "json_object"}}));
+        ok(json!({"prompt": "x", "stream": false, "response_format": schema}));
+        let streamed =
+            ok(json!({"prompt": "x", "stream": true, "response_format": {"type": "json_object"}}));
+        assert_eq!(streamed.response_format, ResponseFormat::JsonObject);
         ok(json!({"prompt": "x", "stream": true, "response_format": null}));
     }
 

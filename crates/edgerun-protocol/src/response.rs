@@ -40,8 +40,9 @@ impl Usage {
 /// `response`, `tool_calls` (always present, empty when none), `usage`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct TextGenerationOutput {
-    /// The generated text.
-    pub response: String,
+    /// The generated text; in JSON mode the JSON value it is (Workers AI answers an object
+    /// there, not a string).
+    pub response: serde_json::Value,
     /// Tool calls the model made (legacy `{name, arguments}` objects).
     pub tool_calls: Vec<serde_json::Value>,
     /// Token accounting.
@@ -111,6 +112,19 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&out).unwrap(),
             r#"{"response":"","tool_calls":[{"arguments":{"city":"Paris"},"name":"getWeather"}],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}"#
+        );
+    }
+
+    #[test]
+    fn json_mode_response_is_a_value() {
+        let out = TextGenerationOutput {
+            response: json!({"hello": "world"}),
+            tool_calls: vec![],
+            usage: Usage::new(1, 2),
+        };
+        assert_eq!(
+            serde_json::to_string(&out).unwrap(),
+            r#"{"response":{"hello":"world"},"tool_calls":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#
         );
     }
 

@@ -57,6 +57,9 @@ impl ServerError {
                 EngineError::Tokenizer(m) => ApiError::bad_input(format!("tokenizer: {m}")),
                 EngineError::KvCacheBudgetExceeded { .. } => ApiError::bad_input(e),
                 EngineError::InvalidRequest(m) => ApiError::bad_input(m),
+                EngineError::InvalidFormat(m) => {
+                    ApiError::bad_input(format!("response_format: the schema cannot be used: {m}"))
+                }
                 EngineError::Busy => ApiError::capacity(),
                 EngineError::Stopped => ApiError::unavailable("the engine is not running"),
                 EngineError::Load(m) | EngineError::Config(m) => ApiError::internal(m),

@@ -18,10 +18,10 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
 use edgerun_engine::{
-    GenerationEvent, GenerationRequest, PromptInput, QueuePolicy, SamplingConfig, StopCriteria,
-    StopReason, TokenLogprob, TokenStream, Usage,
+    GenerationEvent, GenerationRequest, OutputFormat, PromptInput, QueuePolicy, SamplingConfig,
+    StopCriteria, StopReason, TokenLogprob, TokenStream, Usage,
 };
-use edgerun_protocol::{sse, ApiError};
+use edgerun_protocol::{sse, ApiError, ResponseFormat};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +37,17 @@ pub struct GenerationInput {
     pub tools: Option<serde_json::Value>,
     pub sampling: SamplingConfig,
     pub stopping: StopCriteria,
+    /// What the output must look like (JSON mode), compiled with the prompt.
+    pub format: OutputFormat,
     pub policy: QueuePolicy,
+}
+
+/// A dialect's `response_format` in the engine's terms (the same for both dialects).
+pub fn output_format(format: &ResponseFormat) -> OutputFormat {
+    match format.schema() {
+        None => OutputFormat::Text,
+        Some(schema) => OutputFormat::JsonSchema(schema),
+    }
 }
 
 /// The queue policy a dialect's `rejectIfBusy`-style flag asks for.
@@ -94,6 +104,7 @@ pub async fn start(
         tools,
         sampling,
         stopping,
+        format,
         policy,
     } = input;
     // Busy is decided here, before any work that grows with the prompt.
@@ -106,17 +117,19 @@ pub async fn start(
             .await
             .map_err(|e| ServerError::Task(e.to_string()))?;
         let engine = engine.clone();
-        // The permit goes with the work: a client that hangs up does not free it early.
+        // The permit goes with the work: a client that hangs up does not free it early. The
+        // output format compiles here too (a bad schema is a 400 before the request queues).
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            engine.prepare(&prompt, tools.as_ref())
+            let prompt = engine.prepare(&prompt, tools.as_ref())?;
+            Ok::<_, edgerun_engine::EngineError>((prompt, engine.constrain(&format)?))
         })
         .await
         .map_err(|e| ServerError::Task(e.to_string()))?
         .map_err(ServerError::from)
     };
-    let prompt = tokio::select! {
-        prompt = prepare => prompt?,
+    let (prompt, constraint) = tokio::select! {
+        prepared = prepare => prepared?,
         _ = state.drain.cut_signal() => {
             state.drain.note_cut();
             return Err(ServerError::Cut);
@@ -126,6 +139,7 @@ pub async fn start(
         prompt,
         sampling,
         stopping,
+        constraint,
     };
     let stream = engine.submit_reserved(request, slot)?;
     Ok(Generation {

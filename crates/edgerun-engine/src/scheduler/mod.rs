@@ -449,6 +449,7 @@ impl Scheduler {
                     sampler: Sampler::new(sub.request.sampling, &sub.request.prompt),
                     prompt: sub.request.prompt,
                     stopping: sub.request.stopping,
+                    constraint: sub.request.constraint,
                     stop_ids: self.stop_ids.clone(),
                     context_length: self.model.config().context_length,
                     kv_bytes: sub.reservation.bytes,
@@ -568,16 +569,43 @@ impl Scheduler {
         // The plan is in sequence order with each sequence at most once, so the segments can
         // borrow the sequences one after the other.
         let mut segments = Vec::with_capacity(plan.len());
+        let mut grammars = Vec::new();
         let mut rest: &mut [Sequence] = running;
         let mut offset = 0;
         for p in plan {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(p.seq - offset);
             let (seq, tail) = tail.split_first_mut().expect("a planned sequence exists");
-            segments.push(seq.segment(p.work));
+            let (segment, grammar) = seq.segment(p.work);
+            segments.push(segment);
+            if let Some(grammar) = grammar.filter(|_| p.samples) {
+                grammars.push(grammar);
+            }
             rest = tail;
             offset = p.seq + 1;
         }
-        self.forward(&mut segments, &want)
+        if grammars.is_empty() {
+            return self.forward(&mut segments, &want);
+        }
+        // The masks of the tokens about to be sampled depend only on what each grammar has
+        // consumed: compute them beside the forward pass, not after it.
+        std::thread::scope(|scope| {
+            let masks = std::thread::Builder::new()
+                .name("edgerun-grammar".into())
+                .spawn_scoped(scope, move || {
+                    for grammar in grammars {
+                        grammar.prepare_mask();
+                    }
+                });
+            let logits = self.forward(&mut segments, &want);
+            match masks {
+                // `prepare_mask` catches panics; a mask still missing is computed when sampled.
+                Ok(handle) => drop(handle.join()),
+                Err(e) => tracing::warn!(
+                    "cannot start a grammar thread ({e}); masks computed when sampling"
+                ),
+            }
+            logits
+        })
     }
 
     /// The model's forward pass with its failures (errors and panics) as messages, the logits
@@ -638,10 +666,17 @@ impl Scheduler {
         let sampling = plan.iter().filter(|p| p.samples);
         for (p, mut row) in sampling.zip(logits) {
             let seq = &mut running[p.seq];
-            let token = seq.sample(&mut row);
-            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            if let Some(reason) = seq.accept(token, &self.tokenizer) {
-                outcomes.push((p.seq, Outcome::Finished(reason)));
+            let accepted = seq.sample(&mut row).and_then(|token| {
+                self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                seq.accept(token, &self.tokenizer)
+            });
+            match accepted {
+                Ok(None) => {}
+                Ok(Some(reason)) => outcomes.push((p.seq, Outcome::Finished(reason))),
+                Err(why) => outcomes.push((
+                    p.seq,
+                    Outcome::Failed(format!("the output format could not be met: {why}")),
+                )),
             }
         }
     }

@@ -163,6 +163,7 @@ pub(crate) fn generation_input(endpoint: OpenAiEndpoint, r: OpenAiRequest) -> Ge
             max_tokens: r.max_tokens.unwrap_or(default_max_tokens) as usize,
             stop: r.stop,
         },
+        format: generation::output_format(&r.response_format),
         policy: generation::queue_policy(r.reject_if_busy),
     }
 }

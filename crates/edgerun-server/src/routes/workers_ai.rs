@@ -18,6 +18,7 @@ use edgerun_protocol::{
     model_from_path, run_route_tail, sse, ApiError, SuccessEnvelope, TextGenerationOutput,
     ValidatedRequest,
 };
+use serde_json::Value;
 use std::time::Instant;
 
 /// The run route's handler.
@@ -44,25 +45,39 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
     }
     let bytes = read_body(body, &state.body).await?;
     let request = ValidatedRequest::from_json_bytes(&bytes)?;
-    if request.response_format.is_some() {
-        return Err(ApiError::bad_input(
-            "response_format (JSON mode) is not supported by this node yet",
-        )
-        .into());
-    }
     let stream = request.stream;
+    let json_mode = request.response_format.is_json();
     let generation = generation::start(state, generation_input(request), started).await?;
     if stream {
+        // JSON mode streams only `json_object` (validation refused a schema): as text deltas.
         generation.stream(WorkersAiStream, state.heartbeat).await
     } else {
         let done = generation.collect().await?;
+        let response = if json_mode {
+            json_response_value(&done.text, done.reason)?
+        } else {
+            Value::String(done.text)
+        };
         let out = TextGenerationOutput {
-            response: done.text,
+            response,
             tool_calls: Vec::new(),
             usage: generation::wire_usage(&done.usage),
         };
         Ok(json_response(SuccessEnvelope::new(out).to_json()))
     }
+}
+
+/// JSON mode's `response`: the JSON value the constrained output is (an object, as Workers AI
+/// answers). Output cut at `max_tokens` is not a value: an error saying so, never a string.
+fn json_response_value(text: &str, reason: StopReason) -> Result<Value, ServerError> {
+    serde_json::from_str(text).map_err(|e| {
+        let why = if reason.is_length() {
+            "the answer reached max_tokens before the JSON was complete; raise max_tokens".into()
+        } else {
+            format!("the answer is not JSON ({e})")
+        };
+        ApiError::json_mode_not_met(why).into()
+    })
 }
 
 /// A validated Workers AI request in the engine's terms, with the schema's defaults and the
@@ -98,6 +113,7 @@ pub(crate) fn generation_input(request: ValidatedRequest) -> GenerationInput {
             logprobs: Logprobs::Off,
         },
         stopping: StopCriteria::max_tokens(p.max_tokens as usize),
+        format: generation::output_format(&request.response_format),
         policy: generation::queue_policy(request.reject_if_busy),
     }
 }

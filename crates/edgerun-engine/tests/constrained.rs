@@ -1,0 +1,154 @@
+//! Constrained decoding on the real test model: output formats compile, the output follows
+//! them, and a constrained sequence changes nothing for the others in its batch.
+
+mod common;
+
+use edgerun_engine::{
+    Engine, EngineError, GenerationRequest, OutputFormat, PromptInput, QueuePolicy, SamplingConfig,
+    SchedulerConfig, StopCriteria,
+};
+use serde_json::{json, Value};
+
+fn request(
+    engine: &Engine,
+    prompt: &str,
+    format: &OutputFormat,
+    max_tokens: usize,
+) -> GenerationRequest {
+    let input = PromptInput::Prompt {
+        text: prompt.to_string(),
+        raw: false,
+    };
+    let mut request = GenerationRequest::new(
+        engine.prepare(&input, None).unwrap(),
+        SamplingConfig::GREEDY,
+        StopCriteria::max_tokens(max_tokens),
+    );
+    request.constraint = engine.constrain(format).unwrap();
+    request
+}
+
+fn run(engine: &Engine, prompt: &str, format: &OutputFormat, max_tokens: usize) -> String {
+    let stream = engine
+        .submit(
+            request(engine, prompt, format, max_tokens),
+            QueuePolicy::Wait,
+        )
+        .unwrap();
+    common::collect(stream).0
+}
+
+fn person_schema() -> OutputFormat {
+    OutputFormat::JsonSchema(json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "city": {"enum": ["Paris", "London", "Tokyo"]}
+        },
+        "required": ["name", "age", "city"],
+        "additionalProperties": false
+    }))
+}
+
+#[test]
+fn json_schema_output_parses_and_follows_the_schema() {
+    let engine = common::engine(SchedulerConfig::default());
+    let text = run(
+        &engine,
+        "Describe a person who lives in a big city, as JSON.",
+        &person_schema(),
+        120,
+    );
+    let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    let obj = value.as_object().unwrap();
+    assert_eq!(obj.len(), 3, "{text}");
+    assert!(
+        obj["name"].as_str().unwrap().chars().count() <= 20,
+        "{text}"
+    );
+    assert!((0..=120).contains(&obj["age"].as_i64().unwrap()), "{text}");
+    assert!(["Paris", "London", "Tokyo"].contains(&obj["city"].as_str().unwrap()));
+    // Compact separators, no stray whitespace.
+    assert!(
+        !text.starts_with(char::is_whitespace) && !text.contains('\n'),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn lark_grammar_output_is_in_the_language() {
+    let engine = common::engine(SchedulerConfig::default());
+    let yes_no = OutputFormat::Lark(r#"start: "yes" | "no""#.into());
+    for prompt in ["Is the sky blue?", "Is fire cold?"] {
+        let text = run(&engine, prompt, &yes_no, 10);
+        assert!(text == "yes" || text == "no", "{text:?}");
+    }
+}
+
+#[test]
+fn a_constrained_neighbour_changes_nothing_for_the_others() {
+    let engine = common::engine(SchedulerConfig::default());
+    let free_prompt = "Write a sentence about the sea.";
+    let json_prompt = "Describe a person as JSON.";
+    let free_alone = run(&engine, free_prompt, &OutputFormat::Text, 24);
+    let json_alone = run(&engine, json_prompt, &person_schema(), 80);
+    // Together, in one batch: submitted before either is admitted.
+    let a = engine
+        .submit(
+            request(&engine, free_prompt, &OutputFormat::Text, 24),
+            QueuePolicy::Wait,
+        )
+        .unwrap();
+    let b = engine
+        .submit(
+            request(&engine, json_prompt, &person_schema(), 80),
+            QueuePolicy::Wait,
+        )
+        .unwrap();
+    let c = engine
+        .submit(
+            request(&engine, json_prompt, &person_schema(), 80),
+            QueuePolicy::Wait,
+        )
+        .unwrap();
+    assert_eq!(common::collect(a).0, free_alone);
+    assert_eq!(common::collect(b).0, json_alone);
+    assert_eq!(common::collect(c).0, json_alone);
+    assert!(engine.stats().peak_batch_size >= 2);
+}
+
+#[test]
+fn a_format_that_cannot_compile_is_refused_before_queueing() {
+    let engine = common::engine(SchedulerConfig::default());
+    for bad in [
+        OutputFormat::JsonSchema(
+            json!({"type": "object", "properties": {"a": {"$ref": "#/nope"}}, "required": ["a"]}),
+        ),
+        OutputFormat::JsonSchema(json!({"type": "integer", "minimum": 5, "maximum": 1})),
+        OutputFormat::Lark("start: undefined_rule".into()),
+    ] {
+        match engine.constrain(&bad) {
+            Err(EngineError::InvalidFormat(why)) => assert!(!why.is_empty()),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    assert_eq!(engine.stats().queued_requests, 0);
+}
+
+#[test]
+fn max_tokens_still_ends_a_constrained_sequence() {
+    let engine = common::engine(SchedulerConfig::default());
+    let long = OutputFormat::JsonSchema(json!({
+        "type": "array", "items": {"type": "string"}, "minItems": 50
+    }));
+    let stream = engine
+        .submit(
+            request(&engine, "List fifty words.", &long, 12),
+            QueuePolicy::Wait,
+        )
+        .unwrap();
+    let (text, tokens) = common::collect(stream);
+    assert_eq!(tokens, 12);
+    assert!(text.starts_with("[\""), "{text:?}");
+}
