@@ -172,6 +172,9 @@ pub struct AppState {
     /// Model names this node answers to (Workers AI names such as
     /// `@cf/meta/llama-3-8b-instruct`, and the model's own name).
     pub served_names: Arc<Vec<String>>,
+    /// What the model is, for the model catalogue (`models/search`): the catalog's
+    /// description, or the model file's name.
+    pub model_description: Arc<String>,
     pub tokens: TokenSet,
     /// How request bodies must arrive.
     pub body: BodyLimits,
@@ -192,6 +195,7 @@ impl AppState {
         Self {
             engine: Arc::new(OnceLock::new()),
             served_names: Arc::new(served_names),
+            model_description: Arc::new("Text generation model served by edgerun".into()),
             tokens,
             body: BodyLimits::default(),
             prepare: Arc::new(Semaphore::new(2)),
