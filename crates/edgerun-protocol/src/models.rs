@@ -333,6 +333,9 @@ pub fn input_schema() -> Value {
     messages["functions"] = json!({"type": "array", "items": {"type": "object"}});
     json!({
         "type": "object",
+        "description": "A prompt (`raw` for no chat template) or a conversation, and the sampling fields",
+        // Unknown fields are ignored, not refused (crate::request's leniency).
+        "additionalProperties": true,
         "oneOf": [
             {"title": "Prompt", "properties": prompt, "required": ["prompt"]},
             {"title": "Messages", "properties": messages, "required": ["messages"]},
@@ -344,6 +347,8 @@ pub fn input_schema() -> Value {
 pub fn output_schema() -> Value {
     json!({
         "type": "object",
+        "description": "The generated text, the tool calls made, and the tokens used",
+        "additionalProperties": false,
         "contentType": "application/json",
         "properties": {
             "response": {"type": "string", "description": "The generated text response from the model"},
