@@ -1,6 +1,8 @@
 //! The edge in front of the nodes, on loopback: the Worker (`deploy/worker`, built to wasm) in
 //! the real Workers runtime (`workerd` from npm), and a stand-in for what Cloudflare puts between
-//! the Worker and a node — the Tunnel plus its Access application.
+//! the Worker and a node — the Tunnel plus its Access application. The same workerd harness runs
+//! a Worker written for Workers AI with its `AI` binding pointed at edgerun
+//! ([`EdgeWorker::binding_client`]).
 //!
 //! [`AccessGate`] plays Cloudflare Access: it refuses requests without the right service-token
 //! headers (`CF-Access-Client-Id`/`-Secret`) with 403, otherwise signs a
@@ -461,7 +463,9 @@ pub fn workerd_bin() -> PathBuf {
 /// `request.cf`.
 pub const CF_BLOB_HEADER: &str = "x-edgerun-test-cf";
 
-/// The Worker running in workerd on a free loopback port. Killed on drop.
+/// workerd on a free loopback port, running the edge Worker ([`EdgeWorker::start`]), a Workers AI
+/// Worker whose `AI` binding points at edgerun ([`EdgeWorker::binding_client`]) or any config
+/// ([`EdgeWorker::start_config`]). Killed on drop.
 pub struct EdgeWorker {
     child: Child,
     pub base: String,
