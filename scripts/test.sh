@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, unit tests, the engine's tests on the real model, the
 # end-to-end tests against the real binary and model over loopback HTTP (the OpenAI-compatible
-# routes also through the official Python and Node SDKs), and the edge tests (the Worker built to
-# wasm, in workerd, in front of two nodes).
+# routes also through the official Python and Node `openai` SDKs, the model catalogue through the
+# official `cloudflare` SDKs, the Workers binding from a Worker in workerd calling env.AI and
+# @cloudflare/ai), and the edge tests (the Worker built to wasm, in workerd, in front of two nodes).
 # Idempotent: the model is fetched once (models/cache/), the wasm toolchain is installed once per
 # machine (~25 min the first time, then skipped), the SDKs once (~/.cache/edgerun/sdk), builds
 # are incremental.
@@ -13,8 +14,8 @@ WORKER=(--manifest-path deploy/worker/Cargo.toml)
 
 models/fetch-default.sh >/dev/null
 scripts/install-wasm-toolchain.sh
-# The official OpenAI SDKs (Python and npm `openai`, pinned) that tests/tests/openai.rs drives
-# the node with; the tests fail, not skip, without them.
+# The official client packages (Python and npm `openai` and `cloudflare`, npm `@cloudflare/ai`,
+# pinned) the compatibility tests drive the node with; the tests fail, not skip, without them.
 scripts/install-sdk-clients.sh
 cargo fmt --all -- --check
 cargo fmt "${WORKER[@]}" -- --check

@@ -1,6 +1,8 @@
 //! The edge in front of the nodes, on loopback: the Worker (`deploy/worker`, built to wasm) in
 //! the real Workers runtime (`workerd` from npm), and a stand-in for what Cloudflare puts between
-//! the Worker and a node — the Tunnel plus its Access application.
+//! the Worker and a node — the Tunnel plus its Access application. The same workerd harness runs
+//! a Worker written for Workers AI with its `AI` binding pointed at edgerun
+//! ([`EdgeWorker::binding_client`]).
 //!
 //! [`AccessGate`] plays Cloudflare Access: it refuses requests without the right service-token
 //! headers (`CF-Access-Client-Id`/`-Secret`) with 403, otherwise signs a
@@ -461,7 +463,9 @@ pub fn workerd_bin() -> PathBuf {
 /// `request.cf`.
 pub const CF_BLOB_HEADER: &str = "x-edgerun-test-cf";
 
-/// The Worker running in workerd on a free loopback port. Killed on drop.
+/// workerd on a free loopback port, running the edge Worker ([`EdgeWorker::start`]), a Workers AI
+/// Worker whose `AI` binding points at edgerun ([`EdgeWorker::binding_client`]) or any config
+/// ([`EdgeWorker::start_config`]). Killed on drop.
 pub struct EdgeWorker {
     child: Child,
     pub base: String,
@@ -482,22 +486,18 @@ impl EdgeWorker {
                 build.join(file).display()
             );
         }
-        let port = crate::free_port();
-        let dir = TempDir::new("edgerun-workerd");
-        let binding = |kind: &str, (name, value): &(&str, String)| {
-            format!(
-                "(name = {}, {kind} = {})",
-                capnp_string(name),
-                capnp_string(value)
-            )
-        };
         let bindings: Vec<String> = text
             .iter()
             .map(|b| binding("text", b))
             .chain(json.iter().map(|b| binding("json", b)))
             .collect();
-        let config = format!(
-            r#"using Workerd = import "/workerd/workerd.capnp";
+        let files = [
+            ("index.js", build.join("index.js")),
+            ("index_bg.wasm", build.join("index_bg.wasm")),
+        ];
+        Self::start_config(&files, |port| {
+            format!(
+                r#"using Workerd = import "/workerd/workerd.capnp";
 const config :Workerd.Config = (
   services = [
     (name = "main", worker = .edge),
@@ -517,15 +517,97 @@ const edge :Workerd.Worker = (
   bindings = [{bindings}],
 );
 "#,
-            bindings = bindings.join(", "),
-        );
+                bindings = bindings.join(", "),
+            )
+        })
+        .await
+    }
+
+    /// A Worker written for Workers AI (`tests/workers/binding-client.js`: `env.AI.run`, whole
+    /// and streamed, `env.AI.models()`, and `new Ai(env.AI)` of the npm `@cloudflare/ai`
+    /// package), its `AI` binding wired as the README shows: workerd's own AI binding module
+    /// around the fetcher `deploy/binding/edgerun-ai.js`, which sends its requests to
+    /// `edgerun_url` (a node, or the edgerun Worker) with `token`. `@cloudflare/ai` comes from
+    /// `scripts/install-sdk-clients.sh` (`cf_ai_modules`: its `EDGERUN_SDK_CF_AI`).
+    pub async fn binding_client(
+        edgerun_url: &str,
+        token: &str,
+        model: &str,
+        cf_ai_modules: &std::path::Path,
+    ) -> EdgeWorker {
+        let root = crate::workspace_root();
+        let files = [
+            ("client.js", root.join("tests/workers/binding-client.js")),
+            ("edgerun-ai.js", root.join("deploy/binding/edgerun-ai.js")),
+            (
+                "cloudflare-ai.js",
+                cf_ai_modules.join("@cloudflare/ai/dist/index.js"),
+            ),
+            ("mustache.mjs", cf_ai_modules.join("mustache/mustache.mjs")),
+            ("base64-js.js", cf_ai_modules.join("base64-js/index.js")),
+        ];
+        let text = |name: &str, value: &str| binding("text", &(name, value.to_string()));
+        let shim_bindings = [
+            text("EDGERUN_URL", edgerun_url),
+            text("EDGERUN_TOKEN", token),
+        ];
+        let model = text("MODEL", model);
+        Self::start_config(&files, |port| {
+            // workerd resolves a bare import relative to the importing module's name, so the two
+            // packages @cloudflare/ai imports sit under `@cloudflare/`.
+            format!(
+                r#"using Workerd = import "/workerd/workerd.capnp";
+const config :Workerd.Config = (
+  services = [
+    (name = "main", worker = .client),
+    (name = "edgerun-ai", worker = .shim),
+    (name = "internet", network = (allow = ["public", "private", "local"])),
+  ],
+  sockets = [(name = "http", address = "127.0.0.1:{port}", service = "main")],
+);
+const client :Workerd.Worker = (
+  modules = [
+    (name = "client.js", esModule = embed "client.js"),
+    (name = "@cloudflare/ai", esModule = embed "cloudflare-ai.js"),
+    (name = "@cloudflare/mustache", esModule = embed "mustache.mjs"),
+    (name = "@cloudflare/base64-js", commonJsModule = embed "base64-js.js",
+     namedExports = ["byteLength", "toByteArray", "fromByteArray"]),
+  ],
+  compatibilityDate = "2026-04-01",
+  bindings = [
+    {model},
+    (name = "AI", wrapped = (moduleName = "cloudflare-internal:ai-api",
+                             innerBindings = [(name = "fetcher", service = "edgerun-ai")])),
+  ],
+);
+const shim :Workerd.Worker = (
+  modules = [(name = "edgerun-ai.js", esModule = embed "edgerun-ai.js")],
+  compatibilityDate = "2026-04-01",
+  bindings = [{shim}],
+);
+"#,
+                shim = shim_bindings.join(", "),
+            )
+        })
+        .await
+    }
+
+    /// Starts workerd with the config `config(port)` makes (listening on `port`), the `files`
+    /// it embeds (name in the config, file to copy) beside it, and waits until it answers.
+    pub async fn start_config(
+        files: &[(&str, PathBuf)],
+        config: impl FnOnce(u16) -> String,
+    ) -> EdgeWorker {
+        let port = crate::free_port();
+        let dir = TempDir::new("edgerun-workerd");
         // capnp resolves `embed` paths relative to the config file (a leading `/` means the
-        // import path, not the file system root): copy the build next to it.
-        for file in ["index.js", "index_bg.wasm"] {
-            std::fs::copy(build.join(file), dir.path.join(file)).expect("copy the Worker build");
+        // import path, not the file system root): copy the files next to it.
+        for (name, from) in files {
+            std::fs::copy(from, dir.path.join(name))
+                .unwrap_or_else(|e| panic!("copy {} for workerd: {e}", from.display()));
         }
         let config_path = dir.path.join("config.capnp");
-        std::fs::write(&config_path, config).expect("write workerd config");
+        std::fs::write(&config_path, config(port)).expect("write workerd config");
         let mut child = Command::new(workerd_bin())
             .arg("serve")
             .arg(&config_path)
@@ -604,6 +686,15 @@ impl Drop for EdgeWorker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A binding of `kind` (`text`, `json`) in workerd's config.
+fn binding(kind: &str, (name, value): &(&str, String)) -> String {
+    format!(
+        "(name = {}, {kind} = {})",
+        capnp_string(name),
+        capnp_string(value)
+    )
 }
 
 /// A capnp text literal.

@@ -235,3 +235,34 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .expect("VmRSS")
         * 1024
 }
+
+/// Runs `scripts/install-sdk-clients.sh --check` (which installs nothing) and returns the
+/// variables it prints (`EDGERUN_SDK_*`); a missing SDK fails the test, it is never skipped.
+pub fn sdk_env() -> Vec<(String, String)> {
+    let out = Command::new("bash")
+        .arg(workspace_root().join("scripts/install-sdk-clients.sh"))
+        .arg("--check")
+        .output()
+        .expect("run scripts/install-sdk-clients.sh");
+    assert!(
+        out.status.success(),
+        "the client SDKs are missing (scripts/test.sh installs them): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// One variable of [`sdk_env`].
+pub fn sdk_var(name: &str) -> String {
+    sdk_env()
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("install-sdk-clients.sh printed no {name}"))
+}

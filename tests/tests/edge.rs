@@ -5,10 +5,11 @@ use edgerun_e2e::edge::{
     chunks_with_times, AccessGate, Behaviour, EdgeWorker, FakeOrigin, ACCESS_CLIENT_ID,
     ACCESS_CLIENT_SECRET, CF_BLOB_HEADER,
 };
-use edgerun_e2e::{read_sse, text_of, Node, MODEL_ALIAS, TOKEN};
+use edgerun_e2e::{read_sse, sdk_var, text_of, workspace_root, Node, MODEL_ALIAS, TOKEN};
 use edgerun_protocol::sse::SseEvent;
 use edgerun_protocol::ApiError;
 use serde_json::{json, Value};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const CALLER_TOKEN: &str = "caller-token-2";
@@ -404,13 +405,20 @@ async fn bad_bodies_get_the_nodes_answer_from_the_worker_without_reaching_a_node
     )
     .await;
     assert_eq!(status, 405);
-    // Paths the node has no route for, and a wrong method on /health. (`/v1/chat/completions`
-    // is a node route now, the OpenAI-compatible one, which the Worker does not forward yet:
-    // its own test below.)
+    // Paths the node has no route for, and wrong methods, in each route family's error shape.
     for (method, path) in [
         (reqwest::Method::POST, "/v2/chat/completions"),
         (reqwest::Method::GET, "/nothing/here"),
         (reqwest::Method::POST, "/health"),
+        (reqwest::Method::POST, "/v1/embeddings"),
+        (reqwest::Method::GET, "/v1/chat/completions"),
+        (reqwest::Method::POST, "/v1/models"),
+        (reqwest::Method::GET, "/run?version=3"),
+        (reqwest::Method::GET, "/ai-api/nothing"),
+        (
+            reqwest::Method::DELETE,
+            "/client/v4/accounts/acc/ai/models/search",
+        ),
     ] {
         edge_answers_like_the_node(
             &d,
@@ -421,6 +429,243 @@ async fn bad_bodies_get_the_nodes_answer_from_the_worker_without_reaching_a_node
             &format!("{method} {path}"),
         )
         .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_openai_and_binding_requests_get_the_nodes_answer_from_the_worker() {
+    let d = Deployment::start().await;
+    let chat = |extra: Value| {
+        let mut body =
+            json!({"model": MODEL_ALIAS, "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body.to_string()
+    };
+    // OpenAI bodies: OpenAI's shape under /v1, the envelope on Workers AI's route.
+    for path in [
+        "/v1/chat/completions",
+        "/client/v4/accounts/acc/ai/v1/chat/completions",
+    ] {
+        for body in [
+            chat(json!({"n": 2})),
+            chat(json!({"temperature": 3})),
+            chat(json!({"messages": []})),
+            "not json".to_string(),
+        ] {
+            let status = edge_answers_like_the_node(
+                &d,
+                d.eu.direct(reqwest::Method::POST, path).body(body.clone()),
+                d.client
+                    .post(d.worker.url(path))
+                    .bearer_auth(CALLER_TOKEN)
+                    .body(body.clone()),
+                &format!("{path} {body}"),
+            )
+            .await;
+            assert_eq!(status, 400);
+        }
+    }
+    let completion = json!({"model": MODEL_ALIAS, "prompt": "x", "echo": true}).to_string();
+    edge_answers_like_the_node(
+        &d,
+        d.eu.direct(reqwest::Method::POST, "/v1/completions")
+            .body(completion.clone()),
+        d.client
+            .post(d.worker.url("/v1/completions"))
+            .bearer_auth(CALLER_TOKEN)
+            .body(completion),
+        "completions with echo",
+    )
+    .await;
+    // The binding's run: version, model header, body, each in the binding's error shape.
+    let body = |inputs: Value| json!({"inputs": inputs, "options": {}}).to_string();
+    for (query, model, body) in [
+        (
+            "?version=2",
+            Some(MODEL_ALIAS),
+            body(json!({"prompt": "hi"})),
+        ),
+        ("?version=3", None, body(json!({"prompt": "hi"}))),
+        ("?version=3", Some(MODEL_ALIAS), body(json!({"prompt": ""}))),
+        (
+            "?version=3",
+            Some(MODEL_ALIAS),
+            json!({"prompt": "hi"}).to_string(),
+        ),
+        (
+            "?version=3",
+            Some(MODEL_ALIAS),
+            body(json!({"prompt": "hi", "lora": "x"})),
+        ),
+    ] {
+        let path = format!("/run{query}");
+        let with_model = |req: reqwest::RequestBuilder| match model {
+            Some(m) => req.header("cf-consn-model-id", m),
+            None => req,
+        };
+        let status = edge_answers_like_the_node(
+            &d,
+            with_model(d.eu.direct(reqwest::Method::POST, &path).body(body.clone())),
+            with_model(
+                d.client
+                    .post(d.worker.url(&path))
+                    .bearer_auth(CALLER_TOKEN)
+                    .body(body.clone()),
+            ),
+            &format!("binding {path} {model:?} {body}"),
+        )
+        .await;
+        assert!(status == 400 || status == 405, "{status}");
+    }
+    // A wrong token on each family: 401 in its shape, from the Worker.
+    for (path, shape) in [
+        ("/v1/chat/completions", "error"),
+        ("/run?version=3", "internalCode"),
+        ("/client/v4/accounts/acc/ai/models/search", "errors"),
+    ] {
+        let resp = d
+            .client
+            .post(d.worker.url(path))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert!(v.get(shape).is_some(), "{path}: {v}");
+    }
+}
+
+/// Runs `tests/sdk/client.py` (the official `openai` Python SDK: chat whole and streamed,
+/// logprobs, stop strings, completions, the model list, typed errors) against `base_url`.
+async fn run_openai_sdk(base_url: &str, family: &str) {
+    let out = tokio::process::Command::new(sdk_var("EDGERUN_SDK_PYTHON"))
+        .arg(workspace_root().join("tests/sdk/client.py"))
+        .env("EDGERUN_BASE_URL", base_url)
+        .env("EDGERUN_API_KEY", CALLER_TOKEN)
+        .env("EDGERUN_MODEL", MODEL_ALIAS)
+        .env("EDGERUN_FAMILY", family)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), out)
+        .await
+        .expect("the SDK client timed out")
+        .expect("run the SDK client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("all ok"),
+        "client.py via {base_url} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_binding_and_catalogue_go_through_the_worker() {
+    let d = Deployment::start().await;
+
+    // The official OpenAI SDK, through both of the Worker's OpenAI base URLs.
+    let before = d.eu.gate.forwarded();
+    run_openai_sdk(&d.worker.url("/v1"), "v1").await;
+    run_openai_sdk(
+        &d.worker.url("/client/v4/accounts/acct123/ai/v1"),
+        "workers-ai",
+    )
+    .await;
+    assert!(
+        d.eu.gate.forwarded() >= before + 8,
+        "the SDK's calls reached the default region's node"
+    );
+
+    // A Worker written for Workers AI, its AI binding pointed at the edgerun Worker.
+    let modules = PathBuf::from(sdk_var("EDGERUN_SDK_CF_AI"));
+    let client =
+        EdgeWorker::binding_client(&d.worker.base, CALLER_TOKEN, MODEL_ALIAS, &modules).await;
+    let body = json!({"messages": [{"role": "user", "content": "Name three fruits."}],
+                      "max_tokens": 24, "temperature": 0});
+    let direct: Value =
+        d.eu.direct(reqwest::Method::POST, &format!("/run/{MODEL_ALIAS}"))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    for path in ["/run", "/legacy"] {
+        let got: Value = d
+            .client
+            .post(client.url(path))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(got["out"], direct["result"], "{path}: {got}");
+    }
+    let start = Instant::now();
+    let resp = d
+        .client
+        .post(client.url("/stream"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = read_sse(resp, start).await;
+    assert!(matches!(events.last().unwrap().event, SseEvent::Done));
+    assert_eq!(text_of(&events), direct["result"]["response"]);
+    let models: Value = reqwest::get(client.url("/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models.as_array().map(Vec::len), Some(2), "{models}");
+    let (_, v) = {
+        let resp = d
+            .client
+            .post(client.url("/run?model=@cf/meta/nope"))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.json::<Value>().await.unwrap())
+    };
+    assert_eq!(
+        v["thrown"]["message"],
+        "5007: No such model @cf/meta/nope or task"
+    );
+
+    // The catalogue: what the node lists, through the Worker, query and all.
+    for path in [
+        "/client/v4/accounts/acc/ai/models/search?per_page=1&page=2",
+        "/client/v4/accounts/acc/ai/models/schema?model=%40cf%2Fmeta%2Fllama-3-8b-instruct",
+        "/v1/models",
+        "/v1/models/@cf%2Fmeta%2Fllama-3-8b-instruct",
+        "/ai-api/models/search?search=llama",
+    ] {
+        let via_worker = d
+            .client
+            .get(d.worker.url(path))
+            .bearer_auth(CALLER_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(via_worker.status(), 200, "{path}");
+        assert_eq!(header(&via_worker, "x-edgerun-region"), "eu");
+        let via_worker: Value = via_worker.json().await.unwrap();
+        let direct: Value =
+            d.eu.direct(reqwest::Method::GET, path)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        assert_eq!(via_worker, direct, "{path}");
     }
 }
 
@@ -759,8 +1004,6 @@ async fn only_requests_that_certainly_did_not_start_go_to_another_region() {
     let before = asked();
     for (method, path, status, allow) in [
         ("GET", "/metrics", 400, None),
-        // The node's OpenAI-compatible routes are not forwarded yet (issue 10, item 6).
-        ("POST", "/v1/chat/completions", 400, None),
         ("GET", "/", 400, None),
         ("DELETE", "/health/x", 400, None),
         ("POST", "/health", 405, Some("GET, HEAD")),

@@ -26,6 +26,12 @@
 //!   (what the node cannot do yet is refused, never ignored), the
 //!   `chat.completion` / `text_completion` answers and stream chunks, the
 //!   model list, and OpenAI's `{"error":{..}}` body.
+//! * [`binding`]: the Workers binding protocol (reference §6.1) — `POST /run?version=3`
+//!   with the model in `cf-consn-model-id` and the body `{inputs, options}`, answered with the
+//!   bare output — and the error body the runtime turns into a useful thrown error.
+//! * [`models`]: Workers AI's model catalogue (reference §5) for the names a node serves: the
+//!   `models/search` entries and list envelope (with pagination), and the `models/schema`
+//!   input and output schemas (the schema validation enforces).
 //! * [`sse`]: the native `/ai/run` server-sent-event framing
 //!   (`data: {"response":..}\n\n` ... `data: [DONE]\n\n`) and an incremental
 //!   parser for it ([`SseParser`]).
@@ -34,12 +40,15 @@
 //! * [`route`]: reading the model name out of a URL path, accepting both the
 //!   raw (`@cf/meta/...`) and the SDKs' percent-encoded (`@cf%2Fmeta%2F...`)
 //!   forms, the node's route table ([`NodeRoute`], with the OpenAI-compatible
-//!   routes, [`OpenAiRoute`]), and the request-id rule ([`request_id`]).
+//!   routes, [`OpenAiRoute`], the binding's, [`BindingEndpoint`], and the catalogue's,
+//!   [`ModelsEndpoint`]), the error style of each route family ([`ErrorStyle`]), and the
+//!   request-id rule ([`request_id`]).
 //!
 //! ## Policies the node and the Worker share
 //!
 //! Anything both sides of the edge decide lives here once, so they cannot fork: which paths
-//! are model runs ([`run_route_tail`]) and which routes exist with which methods ([`NodeRoute`]), whether a caller's `cf-ai-req-id` is kept
+//! are model runs ([`run_route_tail`]) and which routes exist with which methods ([`NodeRoute`]),
+//! which error body each route family gets ([`ErrorStyle`]), whether a caller's `cf-ai-req-id` is kept
 //! ([`accepted_request_id`]), which errors carry `Retry-After` ([`ApiError::retry_after`]),
 //! request validation, the error envelope and bearer-token checks.
 //!
@@ -90,7 +99,9 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod binding;
 pub mod error;
+pub mod models;
 pub mod openai;
 pub mod request;
 pub mod response;
@@ -106,8 +117,9 @@ pub use request::{
 };
 pub use response::{SuccessEnvelope, TextGenerationOutput, Usage, JSON_CONTENT_TYPE};
 pub use route::{
-    accepted_request_id, model_from_path, request_id, run_route_tail, NodeRoute, OpenAiBase,
-    OpenAiEndpoint, OpenAiRoute, NOT_STARTED_HEADER, REQUEST_ID_HEADER,
+    accepted_request_id, model_from_path, openai_model_id, query_param, request_id, run_route_tail,
+    BindingEndpoint, ErrorStyle, ModelsEndpoint, NodeRoute, OpenAiBase, OpenAiEndpoint,
+    OpenAiRoute, NOT_STARTED_HEADER, REQUEST_ID_HEADER,
 };
 pub use sse::{
     error_event, heartbeat, token_event, usage_event, SseEvent, SseParser, DONE_EVENT,

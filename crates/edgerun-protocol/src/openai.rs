@@ -115,7 +115,7 @@ impl OpenAiRequest {
                 completion_only_fields(body)?;
                 OpenAiInput::Prompt(prompt(body)?)
             }
-            OpenAiEndpoint::Models => {
+            OpenAiEndpoint::Models | OpenAiEndpoint::Model => {
                 return Err(ApiError::invalid_request("models takes no request body"))
             }
         };

@@ -51,11 +51,11 @@ pub const DEFAULT_TEMPERATURE: f32 = 0.6;
 /// Longest `prompt` / message `content`, in characters (Unicode scalar values).
 pub const MAX_PROMPT_CHARS: usize = 131_072;
 
-const MAX_TEMPERATURE: f64 = 5.0;
-const MAX_TOP_P: f64 = 2.0;
-const MAX_PENALTY: f64 = 2.0;
-const MAX_TOP_K: i128 = 50;
-const MAX_SEED: i128 = 9_999_999_999;
+pub(crate) const MAX_TEMPERATURE: f64 = 5.0;
+pub(crate) const MAX_TOP_P: f64 = 2.0;
+pub(crate) const MAX_PENALTY: f64 = 2.0;
+pub(crate) const MAX_TOP_K: i128 = 50;
+pub(crate) const MAX_SEED: i128 = 9_999_999_999;
 
 /// The role of a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

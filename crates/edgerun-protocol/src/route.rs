@@ -7,6 +7,8 @@
 
 use percent_encoding::percent_decode_str;
 
+use crate::error::ApiError;
+
 /// Workers AI's request-id header. Every answer carries it, the node's and the Worker's.
 pub const REQUEST_ID_HEADER: &str = "cf-ai-req-id";
 
@@ -76,6 +78,8 @@ pub enum OpenAiEndpoint {
     Completions,
     /// `GET models` (`/v1` only).
     Models,
+    /// `GET models/{id}` (`/v1` only; the id is [`openai_model_id`]).
+    Model,
 }
 
 /// An OpenAI-compatible route: its family and endpoint.
@@ -108,9 +112,49 @@ impl OpenAiRoute {
             (_, "chat/completions") => OpenAiEndpoint::ChatCompletions,
             (OpenAiBase::V1, "completions") => OpenAiEndpoint::Completions,
             (OpenAiBase::V1, "models") => OpenAiEndpoint::Models,
+            (OpenAiBase::V1, tail) if tail.starts_with("models/") => {
+                openai_model_id(path)?;
+                OpenAiEndpoint::Model
+            }
             _ => return None,
         };
         Some(Self { base, endpoint })
+    }
+}
+
+/// The Workers binding's routes (reference §6.1): what workerd's `env.AI` sends to the service
+/// bound as its `fetcher`, at the root of that service's origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindingEndpoint {
+    /// `POST /run?version=3`: the model in the `cf-consn-model-id` header, the body
+    /// `{"inputs":{..},"options":{..}}` ([`crate::binding`]), the bare output as the answer.
+    Run,
+    /// `GET /ai-api/models/search` (`env.AI.models()`): `{"result":[..]}`.
+    ModelsSearch,
+}
+
+/// Workers AI's model catalogue (reference §5), under `/client/v4/accounts/{id}/ai/models/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelsEndpoint {
+    /// `GET .../ai/models/search`: the v4 list envelope of the models served ([`crate::models`]).
+    Search,
+    /// `GET .../ai/models/schema?model=<name>`: the model's input and output JSON schemas.
+    Schema,
+}
+
+impl ModelsEndpoint {
+    /// The catalogue route at `path`, if it is one (one non-empty account segment).
+    pub fn of(path: &str) -> Option<Self> {
+        let rest = path.strip_prefix("/client/v4/accounts/")?;
+        let (account, rest) = rest.split_once('/')?;
+        if account.is_empty() {
+            return None;
+        }
+        match rest {
+            "ai/models/search" => Some(Self::Search),
+            "ai/models/schema" => Some(Self::Schema),
+            _ => None,
+        }
     }
 }
 
@@ -122,8 +166,13 @@ pub enum NodeRoute<'a> {
     /// `/run/{model}` or `/client/v4/accounts/{id}/ai/run/{model}` (the tail as sent): `POST`.
     Run(&'a str),
     /// An OpenAI-compatible route ([`OpenAiRoute::of`]): `POST`, or `GET` (and `HEAD`) for
-    /// `models`. The model is in the body (or, for `models`, there is none).
+    /// `models` and `models/{id}`. The model is in the body (or, for `models`, there is none;
+    /// for `models/{id}`, it is the path's tail, [`openai_model_id`]).
     OpenAi(OpenAiRoute),
+    /// The Workers binding's `/run` (`POST`) and `/ai-api/models/search` (`GET`, `HEAD`).
+    Binding(BindingEndpoint),
+    /// Workers AI's model catalogue: `GET` (and `HEAD`).
+    Models(ModelsEndpoint),
     /// `/health`: `GET` (and `HEAD`), no credentials at the node.
     Health,
     /// `/metrics`: the node's Prometheus text, for the operator's scraper.
@@ -135,7 +184,7 @@ pub enum NodeRoute<'a> {
 impl<'a> NodeRoute<'a> {
     /// The `Allow` value of the run routes.
     pub const RUN_METHODS: &'static str = "POST";
-    /// The `Allow` value of `/health`, `/metrics` and `/v1/models`.
+    /// The `Allow` value of `/health`, `/metrics` and the model listings.
     pub const OPEN_METHODS: &'static str = "GET, HEAD";
 
     /// Classifies a path (no query string).
@@ -146,7 +195,12 @@ impl<'a> NodeRoute<'a> {
         if let Some(route) = OpenAiRoute::of(path) {
             return NodeRoute::OpenAi(route);
         }
+        if let Some(endpoint) = ModelsEndpoint::of(path) {
+            return NodeRoute::Models(endpoint);
+        }
         match path {
+            "/run" => NodeRoute::Binding(BindingEndpoint::Run),
+            "/ai-api/models/search" => NodeRoute::Binding(BindingEndpoint::ModelsSearch),
             "/health" => NodeRoute::Health,
             "/metrics" => NodeRoute::Metrics,
             _ => NodeRoute::Unknown,
@@ -157,12 +211,15 @@ impl<'a> NodeRoute<'a> {
     /// [`NodeRoute::Unknown`]).
     pub fn allow(&self) -> &'static str {
         match self {
-            NodeRoute::Run(_) => Self::RUN_METHODS,
+            NodeRoute::Run(_) | NodeRoute::Binding(BindingEndpoint::Run) => Self::RUN_METHODS,
             NodeRoute::OpenAi(route) => match route.endpoint {
                 OpenAiEndpoint::ChatCompletions | OpenAiEndpoint::Completions => Self::RUN_METHODS,
-                OpenAiEndpoint::Models => Self::OPEN_METHODS,
+                OpenAiEndpoint::Models | OpenAiEndpoint::Model => Self::OPEN_METHODS,
             },
-            NodeRoute::Health | NodeRoute::Metrics => Self::OPEN_METHODS,
+            NodeRoute::Binding(BindingEndpoint::ModelsSearch)
+            | NodeRoute::Models(_)
+            | NodeRoute::Health
+            | NodeRoute::Metrics => Self::OPEN_METHODS,
             NodeRoute::Unknown => "",
         }
     }
@@ -171,6 +228,80 @@ impl<'a> NodeRoute<'a> {
     pub fn allows(&self, method: &str) -> bool {
         self.allow().split(", ").any(|m| m == method)
     }
+
+    /// Whether the node wants its bearer token on this route (every route but `/health` and
+    /// `/metrics`, and no route at all).
+    pub fn needs_token(&self) -> bool {
+        !matches!(
+            self,
+            NodeRoute::Health | NodeRoute::Metrics | NodeRoute::Unknown
+        )
+    }
+}
+
+/// The model id of `/v1/models/{id}`, percent-decoded (the SDKs send `@cf%2Fmeta%2F...`), or
+/// `None` when `path` is not that route.
+pub fn openai_model_id(path: &str) -> Option<String> {
+    let tail = path.strip_prefix("/v1/models/")?;
+    model_from_path(tail)
+}
+
+/// How a route family writes an error's body; the status, `Retry-After` and the not-started
+/// header do not depend on it. The node renders every error in its path's style, and the
+/// Worker renders its own answers (401, 405, 413, 502, 503, ...) the same way, so a caller
+/// cannot tell which of the two answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorStyle {
+    /// Cloudflare's v4 envelope (`{"errors":[..],"success":false,..}`): the Workers AI routes,
+    /// Workers AI's own OpenAI-compatible route (as the service answers), everything else.
+    Cloudflare,
+    /// OpenAI's `{"error":{"message","type","param","code"}}`: every path under `/v1/`.
+    OpenAi,
+    /// The Workers binding's `{"internalCode","name","message","description","errors"}`
+    /// ([`crate::binding::error_body`]): `/run` and `/ai-api/...`, so that `env.AI.run` throws
+    /// an error naming the code and the cause.
+    Binding,
+}
+
+impl ErrorStyle {
+    /// The style of the route family `path` belongs to (also for unknown paths under `/v1/` and
+    /// `/ai-api/`).
+    pub fn of_path(path: &str) -> Self {
+        if path.starts_with("/v1/") {
+            Self::OpenAi
+        } else if path == "/run" || path.starts_with("/ai-api/") {
+            Self::Binding
+        } else {
+            Self::Cloudflare
+        }
+    }
+
+    /// The error's body in this style.
+    pub fn body(self, error: &ApiError) -> String {
+        match self {
+            Self::Cloudflare => error.to_json(),
+            Self::OpenAi => crate::openai::error_body(error),
+            Self::Binding => crate::binding::error_body(error),
+        }
+    }
+}
+
+/// The value of the first `name` parameter of a query string (`a=1&b=2`, without the `?`),
+/// form-decoded (`+` is a space, `%XX` a byte); `None` when absent or not UTF-8.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = form_decode(key)?;
+        (key == name).then(|| form_decode(value)).flatten()
+    })
+}
+
+fn form_decode(s: &str) -> Option<String> {
+    let spaced = s.replace('+', " ");
+    percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 /// The model name from the path tail after `/run/` or `/ai/run/`.
@@ -299,7 +430,8 @@ mod tests {
             "/v1/",
             "/v1/chat/completions/",
             "/v1/embeddings",
-            "/v1/models/x",
+            "/v1/models/",
+            "/v1/models/%FF",
             "/v2/chat/completions",
             "/client/v4/accounts/acc/ai/v1/completions",
             "/client/v4/accounts/acc/ai/v1/models",
@@ -313,6 +445,95 @@ mod tests {
         let models = route(V1, Models);
         assert!(models.allows("GET") && models.allows("HEAD") && !models.allows("POST"));
         assert_eq!(route(WorkersAi, ChatCompletions).allow(), "POST");
+        // /v1/models/{id}: the id percent-decoded, slashes and all.
+        for path in [
+            "/v1/models/@cf/meta/llama-3-8b-instruct",
+            "/v1/models/@cf%2Fmeta%2Fllama-3-8b-instruct",
+        ] {
+            assert_eq!(NodeRoute::of(path), route(V1, Model), "{path}");
+            assert_eq!(
+                openai_model_id(path).as_deref(),
+                Some("@cf/meta/llama-3-8b-instruct")
+            );
+            assert_eq!(NodeRoute::of(path).allow(), "GET, HEAD");
+        }
+        assert_eq!(openai_model_id("/v1/models"), None);
+    }
+
+    #[test]
+    fn binding_and_catalogue_routes_and_their_methods() {
+        assert_eq!(
+            NodeRoute::of("/run"),
+            NodeRoute::Binding(BindingEndpoint::Run)
+        );
+        assert_eq!(
+            NodeRoute::of("/ai-api/models/search"),
+            NodeRoute::Binding(BindingEndpoint::ModelsSearch)
+        );
+        assert_eq!(
+            NodeRoute::of("/client/v4/accounts/a/ai/models/search"),
+            NodeRoute::Models(ModelsEndpoint::Search)
+        );
+        assert_eq!(
+            NodeRoute::of("/client/v4/accounts/a/ai/models/schema"),
+            NodeRoute::Models(ModelsEndpoint::Schema)
+        );
+        for other in [
+            "/run/",
+            "/ai-api/models",
+            "/ai-api/models/search/",
+            "/client/v4/accounts//ai/models/search",
+            "/client/v4/accounts/a/ai/models",
+            "/client/v4/accounts/a/b/ai/models/search",
+        ] {
+            assert_eq!(NodeRoute::of(other), NodeRoute::Unknown, "{other}");
+        }
+        assert_eq!(NodeRoute::Binding(BindingEndpoint::Run).allow(), "POST");
+        for route in [
+            NodeRoute::Binding(BindingEndpoint::ModelsSearch),
+            NodeRoute::Models(ModelsEndpoint::Search),
+            NodeRoute::Models(ModelsEndpoint::Schema),
+        ] {
+            assert_eq!(route.allow(), "GET, HEAD");
+            assert!(route.needs_token());
+        }
+        assert!(!NodeRoute::Health.needs_token() && !NodeRoute::Unknown.needs_token());
+        assert!(NodeRoute::Run("m").needs_token());
+    }
+
+    #[test]
+    fn each_route_family_has_its_error_style() {
+        use ErrorStyle::*;
+        for (path, style) in [
+            ("/v1/chat/completions", OpenAi),
+            ("/v1/models/x", OpenAi),
+            ("/v1/nothing", OpenAi),
+            ("/run", Binding),
+            ("/ai-api/models/search", Binding),
+            ("/ai-api/other", Binding),
+            ("/run/@cf/meta/x", Cloudflare),
+            ("/client/v4/accounts/a/ai/models/search", Cloudflare),
+            ("/client/v4/accounts/a/ai/v1/chat/completions", Cloudflare),
+            ("/health", Cloudflare),
+        ] {
+            assert_eq!(ErrorStyle::of_path(path), style, "{path}");
+        }
+        let e = ApiError::capacity();
+        assert_eq!(Cloudflare.body(&e), e.to_json());
+        assert_eq!(OpenAi.body(&e), crate::openai::error_body(&e));
+        assert_eq!(Binding.body(&e), crate::binding::error_body(&e));
+    }
+
+    #[test]
+    fn query_parameters_are_form_decoded() {
+        let q = Some("model=%40cf%2Fmeta%2Fx&search=text+generation&flag&e=");
+        assert_eq!(query_param(q, "model").as_deref(), Some("@cf/meta/x"));
+        assert_eq!(query_param(q, "search").as_deref(), Some("text generation"));
+        assert_eq!(query_param(q, "flag").as_deref(), Some(""));
+        assert_eq!(query_param(q, "e").as_deref(), Some(""));
+        assert_eq!(query_param(q, "missing"), None);
+        assert_eq!(query_param(None, "model"), None);
+        assert_eq!(query_param(Some("m=%FF"), "m"), None);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! [`ServerError::api_error`] maps every failure to an [`ApiError`] (status, code, message);
 //! [`respond`] turns an `ApiError` into a response. The status, `Retry-After` and the
 //! not-started header are decided once, whatever the dialect; only the body differs by
-//! [`ErrorStyle`]: Cloudflare's v4 envelope, or OpenAI's `{"error":{..}}` on `/v1/...`.
+//! [`ErrorStyle`]: Cloudflare's v4 envelope, OpenAI's `{"error":{..}}` on `/v1/...`, or the
+//! Workers binding's `{"internalCode",..}` on `/run` and `/ai-api/...`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -96,34 +97,10 @@ impl IntoResponse for ServerError {
     }
 }
 
-/// How a route family writes an error's body. Everything else about the response is the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorStyle {
-    /// Cloudflare's v4 envelope (`{"errors":[..],"success":false,..}`): the Workers AI routes,
-    /// Workers AI's own OpenAI-compatible route (as the service answers), everything else.
-    Cloudflare,
-    /// OpenAI's `{"error":{"message","type","param","code"}}`: every path under `/v1/`.
-    OpenAi,
-}
-
-impl ErrorStyle {
-    /// The style of the route family `path` belongs to (also for unknown paths under `/v1/`).
-    pub fn of_path(path: &str) -> Self {
-        if path.starts_with("/v1/") {
-            Self::OpenAi
-        } else {
-            Self::Cloudflare
-        }
-    }
-
-    /// The error's body in this style.
-    pub fn body(self, error: &ApiError) -> String {
-        match self {
-            Self::Cloudflare => error.to_json(),
-            Self::OpenAi => edgerun_protocol::openai::error_body(error),
-        }
-    }
-}
+/// How a route family writes an error's body (Cloudflare's envelope, OpenAI's shape under
+/// `/v1/`, the binding's under `/run` and `/ai-api/`). A policy the Worker shares, so it lives in
+/// `edgerun-protocol`.
+pub use edgerun_protocol::ErrorStyle;
 
 /// The one renderer of errors: `error`'s status, its body in `style`, `Retry-After` when
 /// [`ApiError::retry_after`] says so, and, for a request the node turned away before starting

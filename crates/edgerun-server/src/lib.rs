@@ -32,6 +32,17 @@
 //!         └─ GenerationInput (stop strings in StopCriteria, logprobs in SamplingConfig)
 //!            └─ generation::start, then collect or stream as above, framed as
 //!               chat.completion(.chunk) / text_completion
+//!
+//! POST /run?version=3 (the Workers binding: what a Worker's env.AI sends)  (routes/binding.rs)
+//!   └─ the same layers (errors in the binding's {"internalCode",..} shape, which the runtime
+//!      throws as `InferenceUpstreamError` "<code>: <cause>")
+//!      └─ version 3 (400 / 7000) ─ cf-consn-model-id (400 / 3003; unknown: 400 / 5007)
+//!         └─ body limits ─ {inputs, options} (inputs validated as a run body, 400 / 5006)
+//!            └─ workers_ai::answer, the run route's own path, answering bare (no envelope)
+//!
+//! GET /client/v4/accounts/{id}/ai/models/search | .../ai/models/schema,
+//! GET /ai-api/models/search (binding), GET /v1/models/{id}        (routes/models.rs, binding.rs,
+//!   └─ the same layers; edgerun_protocol::models: entries, pages, schemas        openai.rs)
 //! ```
 //!
 //! Below the router, [`serve`] owns connections: a cap on open connections, header-read and
@@ -172,6 +183,9 @@ pub struct AppState {
     /// Model names this node answers to (Workers AI names such as
     /// `@cf/meta/llama-3-8b-instruct`, and the model's own name).
     pub served_names: Arc<Vec<String>>,
+    /// What the model is, for the model catalogue (`models/search`): the catalog's
+    /// description, or the model file's name.
+    pub model_description: Arc<String>,
     pub tokens: TokenSet,
     /// How request bodies must arrive.
     pub body: BodyLimits,
@@ -192,6 +206,7 @@ impl AppState {
         Self {
             engine: Arc::new(OnceLock::new()),
             served_names: Arc::new(served_names),
+            model_description: Arc::new("Text generation model served by edgerun".into()),
             tokens,
             body: BodyLimits::default(),
             prepare: Arc::new(Semaphore::new(2)),

@@ -487,6 +487,18 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     served.extend(args.served_as.iter().filter(|s| !s.is_empty()).cloned());
     served.dedup();
     let mut state = AppState::new(served.clone(), tokens);
+    let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned());
+    let description = match resolved
+        .catalog_name
+        .as_ref()
+        .and_then(|n| catalog.models.get(n))
+    {
+        Some(entry) if entry.description.is_some() => entry.description.clone(),
+        _ => file_name.map(|f| format!("{f}, served by edgerun")),
+    };
+    if let Some(description) = description {
+        state.model_description = Arc::new(description);
+    }
     state.body = edgerun_server::BodyLimits {
         max_bytes: args.max_body_bytes,
         timeout: Duration::from_secs(args.body_timeout_secs),

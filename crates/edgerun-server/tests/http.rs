@@ -297,3 +297,127 @@ async fn openai_routes_answer_errors_in_their_familys_shape() {
     let (status, _, body) = send(app(&["t"]), post(path, Some("t"), chat)).await;
     assert_eq!((status.as_u16(), code(&body)), (400, 7000), "{body}");
 }
+
+fn binding_run(token: Option<&str>, query: &str, model: Option<&str>, body: &str) -> Request<Body> {
+    let mut b = Request::post(format!("/run{query}"));
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(m) = model {
+        b = b.header("cf-consn-model-id", m);
+    }
+    b.body(Body::from(body.to_string())).unwrap()
+}
+
+#[tokio::test]
+async fn binding_run_answers_errors_the_runtime_can_throw() {
+    let inputs = r#"{"inputs":{"prompt":"hi"},"options":{"rejectIfBusy":true}}"#;
+    for (req, status, code) in [
+        (
+            binding_run(None, "?version=3", Some(MODEL), inputs),
+            401,
+            10000,
+        ),
+        (
+            binding_run(Some("t"), "?version=2", Some(MODEL), inputs),
+            400,
+            7000,
+        ),
+        (
+            binding_run(Some("t"), "?version=3", None, inputs),
+            400,
+            3003,
+        ),
+        (
+            binding_run(Some("t"), "?version=3", Some("nope"), inputs),
+            400,
+            5007,
+        ),
+        (
+            binding_run(Some("t"), "?version=3", Some(MODEL), r#"{"inputs":{}}"#),
+            400,
+            5006,
+        ),
+        (
+            binding_run(Some("t"), "?version=3", Some(MODEL), &"x".repeat(2000)),
+            413,
+            3006,
+        ),
+        // Valid: it reaches the (still loading) engine.
+        (
+            binding_run(Some("t"), "?version=3", Some(MODEL), inputs),
+            503,
+            3040,
+        ),
+    ] {
+        let (got, headers, body) = send(app(&["t"]), req).await;
+        assert_eq!(got, status, "{body}");
+        assert_eq!(headers["content-type"], "application/json");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["internalCode"], code, "{body}");
+        assert_eq!(v["errors"][0]["code"], code, "{body}");
+        assert!(
+            v["name"].is_string() && v["description"].is_string(),
+            "{body}"
+        );
+    }
+    let (status, headers, _) = send(
+        app(&["t"]),
+        Request::get("/run?version=3")
+            .header("authorization", "Bearer t")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "POST");
+}
+
+#[tokio::test]
+async fn the_catalogue_answers_while_the_model_loads() {
+    let get = |uri: &str, token: Option<&str>| {
+        let mut b = Request::get(uri);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Body::empty()).unwrap()
+    };
+    for uri in [
+        "/client/v4/accounts/a/ai/models/search",
+        "/ai-api/models/search",
+    ] {
+        let (status, _, body) = send(app(&["t"]), get(uri, Some("t"))).await;
+        assert_eq!(status, 200, "{uri}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let names: Vec<&str> = v["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [MODEL, "tiny-model"]);
+        // No context window until the model has loaded and says what it is.
+        assert_eq!(
+            v["result"][0]["properties"][0]["property_id"], "info",
+            "{body}"
+        );
+        let (status, _, _) = send(app(&["t"]), get(uri, None)).await;
+        assert_eq!(status, 401);
+    }
+    let (status, _, body) = send(
+        app(&["t"]),
+        get(
+            "/client/v4/accounts/a/ai/models/schema?model=tiny-model",
+            Some("t"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["result"]["input"]["oneOf"].is_array(), "{body}");
+    let (status, _, body) = send(app(&["t"]), get("/v1/models/tiny-model", Some("t"))).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = send(app(&["t"]), get("/v1/models/other", Some("t"))).await;
+    assert_eq!(status, 404);
+    assert_eq!(openai_error(&body)["code"], "model_not_found");
+}

@@ -1,12 +1,15 @@
-//! Deciding at the edge, before any region is asked: the caller's token, the route (only the
-//! node's run routes and `/health` are forwarded), the method, and for run routes the model
-//! (when `NODES.models` lists them), the body size and the body itself — with the node's own
-//! code (`edgerun-protocol`) and in the node's order, so that a bad request gets byte for byte
-//! the answer the node would have given, without a round trip to a region.
+//! Deciding at the edge, before any region is asked: the caller's token, the route (the node's
+//! API routes and `/health` are forwarded), the method, and for requests that generate the model
+//! (when `NODES.models` lists them), the body size and the body itself — with the node's own code
+//! (`edgerun-protocol`) and in the node's order, so that a bad request gets byte for byte the
+//! answer the node would have given, without a round trip to a region.
 
 use crate::config::NodesConfig;
 use crate::EdgeError;
-use edgerun_protocol::{model_from_path, ApiError, NodeRoute, TokenSet, ValidatedRequest};
+use edgerun_protocol::{
+    binding, model_from_path, ApiError, BindingEndpoint, NodeRoute, OpenAiBase, OpenAiEndpoint,
+    OpenAiRequest, OpenAiRoute, TokenSet, ValidatedRequest,
+};
 
 /// What the Worker knows of a request before reading its body.
 #[derive(Debug, Clone, Copy)]
@@ -14,8 +17,12 @@ pub struct RequestHead<'a> {
     pub method: &'a str,
     /// The path only (no query).
     pub path: &'a str,
+    /// The query string (without `?`), when there is one.
+    pub query: Option<&'a str>,
     /// The `content-length` header, when sent and numeric.
     pub content_length: Option<u64>,
+    /// The Workers binding's model header (`cf-consn-model-id`), when sent.
+    pub binding_model: Option<&'a str>,
 }
 
 /// The caller's token, checked before anything else — before the configuration is even read, so
@@ -32,30 +39,44 @@ pub fn authenticate(authorization: Option<&str>, tokens: &TokenSet) -> Result<()
 /// A request the Worker will pass on: only the node's routes the Worker's callers may use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admitted {
-    /// A model run: its body must pass [`check_run_body`] first.
+    /// A Workers AI run (`/run/{model}`, `.../ai/run/{model}`): its body must pass
+    /// [`check_body`] first.
     Run { model: String },
+    /// The Workers binding's `POST /run?version=3`, the model from `cf-consn-model-id`: its body
+    /// (`{inputs, options}`) must pass [`check_body`] first.
+    BindingRun { model: String },
+    /// An OpenAI-compatible generation (`chat/completions`, `completions`): the model is in the
+    /// body, checked by [`check_body`].
+    OpenAi(OpenAiRoute),
+    /// A `GET` of the node's model listings (`/v1/models`, `/v1/models/{id}`, Workers AI's
+    /// `models/search` and `models/schema`, the binding's `/ai-api/models/search`): passed
+    /// through, query string and all.
+    Listing,
     /// `GET`/`HEAD /health`: passed through, query string and all.
     Health,
 }
 
 impl Admitted {
-    /// Whether the node's bearer token goes with the request. Run routes need it; `/health` is
-    /// open at the node and gets only the Access service token (without which it would not pass
-    /// Access at all): no credential travels where it is not needed.
+    /// Whether the node's bearer token goes with the request. Every API route needs it;
+    /// `/health` is open at the node and gets only the Access service token (without which it
+    /// would not pass Access at all): no credential travels where it is not needed.
     pub fn sends_node_token(&self) -> bool {
-        matches!(self, Admitted::Run { .. })
+        !matches!(self, Admitted::Health)
     }
 }
 
 /// Checks what does not need the body, once the caller is authenticated, in the node's order:
 ///
-/// * the route: only the node's run routes and `/health` are forwarded. Any other path gets the
+/// * the route: the node's API routes ([`NodeRoute`]: Workers AI's runs and catalogue, the
+///   Workers binding's, the OpenAI-compatible ones) and `/health`. Any other path gets the
 ///   node's 400/7000 (`No route for that URI`) from the Worker, whatever the method, so nothing
-///   but those two routes ever leaves with the node's credentials. `/metrics` is among them: it
-///   is the operator's, scraped on each node, and a Worker caller holds an API token, not an
+///   else ever leaves with the node's credentials. `/metrics` is among them: it is the
+///   operator's, scraped on each node, and a Worker caller holds an API token, not an
 ///   operator's credential (nor could a scraper tell which region's counters it got).
-/// * the method: 405/7001 with `Allow` (`POST` on run routes, `GET, HEAD` on `/health`);
-/// * for run routes, the model (400/5007, only when `NODES.models` is set);
+/// * the method: 405/7001 with `Allow` (`POST` on runs, `GET, HEAD` on listings and `/health`);
+/// * for the binding's run, the protocol version (400/7000) and the model header (400/3003);
+/// * for runs that name the model in the path or a header, the model (400/5007, only when
+///   `NODES.models` is set);
 /// * a declared length over `body_limit` (413/3006).
 pub fn admit(
     head: &RequestHead<'_>,
@@ -64,10 +85,7 @@ pub fn admit(
 ) -> Result<Admitted, EdgeError> {
     let route = NodeRoute::of(head.path);
     let admitted = match route {
-        // The OpenAI-compatible routes are not forwarded (yet): answered as before, no route.
-        NodeRoute::Unknown | NodeRoute::Metrics | NodeRoute::OpenAi(_) => {
-            return Err(ApiError::no_route().into())
-        }
+        NodeRoute::Unknown | NodeRoute::Metrics => return Err(ApiError::no_route().into()),
         _ if !route.allows(head.method) => {
             return Err(EdgeError::method_not_allowed(route.allow()))
         }
@@ -79,6 +97,23 @@ pub fn admit(
             }
             Admitted::Run { model }
         }
+        NodeRoute::Binding(BindingEndpoint::Run) => {
+            binding::check_version(head.query)?;
+            let model = binding::model_from_header(head.binding_model)?;
+            if !nodes.serves(&model) {
+                return Err(ApiError::no_such_model(&model).into());
+            }
+            Admitted::BindingRun { model }
+        }
+        NodeRoute::Binding(BindingEndpoint::ModelsSearch) | NodeRoute::Models(_) => {
+            Admitted::Listing
+        }
+        NodeRoute::OpenAi(route) => match route.endpoint {
+            OpenAiEndpoint::Models | OpenAiEndpoint::Model => Admitted::Listing,
+            OpenAiEndpoint::ChatCompletions | OpenAiEndpoint::Completions => {
+                Admitted::OpenAi(route)
+            }
+        },
     };
     if head.content_length.is_some_and(|n| n > body_limit as u64) {
         return Err(ApiError::request_too_large(body_limit).into());
@@ -117,18 +152,40 @@ impl LimitedBody {
     }
 }
 
-/// Validates a run request's body exactly as the node does (size, then the input schema). The
-/// node's one 405 about a body (5005, `lora`) gets `Allow: POST`, as every 405 should.
-pub fn check_run_body(body: &[u8], body_limit: usize) -> Result<(), EdgeError> {
+/// Validates a body exactly as the node does, for what the request is (size, then the input
+/// schema of its dialect; for OpenAI requests, then the model named in the body, when
+/// `NODES.models` is set: 404 `model_not_found` on `/v1`, 400/5007 on Workers AI's route). The
+/// node's one 405 about a body (5005, `lora`) gets `Allow: POST`, as every 405 should. Listings
+/// and `/health` have no body to check.
+pub fn check_body(
+    admitted: &Admitted,
+    body: &[u8],
+    nodes: &NodesConfig,
+    body_limit: usize,
+) -> Result<(), EdgeError> {
     if body.len() > body_limit {
         return Err(ApiError::request_too_large(body_limit).into());
     }
-    ValidatedRequest::from_json_bytes(body)
-        .map(|_| ())
-        .map_err(|error| EdgeError {
-            allow: (error.status == 405).then_some(NodeRoute::RUN_METHODS),
-            ..error.into()
-        })
+    let checked = match admitted {
+        Admitted::Run { .. } => ValidatedRequest::from_json_bytes(body).map(|_| ()),
+        Admitted::BindingRun { .. } => binding::parse_body(body).map(|_| ()),
+        Admitted::OpenAi(route) => {
+            OpenAiRequest::from_json_bytes(route.endpoint, body).and_then(|request| {
+                if nodes.serves(&request.model) {
+                    Ok(())
+                } else if route.base == OpenAiBase::V1 {
+                    Err(ApiError::model_not_found(&request.model))
+                } else {
+                    Err(ApiError::no_such_model(&request.model))
+                }
+            })
+        }
+        Admitted::Listing | Admitted::Health => Ok(()),
+    };
+    checked.map_err(|error| EdgeError {
+        allow: (error.status == 405).then_some(NodeRoute::RUN_METHODS),
+        ..error.into()
+    })
 }
 
 #[cfg(test)]
@@ -141,7 +198,9 @@ mod tests {
         RequestHead {
             method,
             path,
+            query: None,
             content_length: None,
+            binding_model: None,
         }
     }
 
@@ -162,7 +221,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_nodes_routes_are_forwarded() {
+    fn the_nodes_api_routes_are_forwarded() {
         let nodes = NodesConfig::parse(NODES).unwrap();
         let ok = |m, p| admit(&head(m, p), &nodes, 10);
         let run = Ok(Admitted::Run {
@@ -172,6 +231,45 @@ mod tests {
         assert_eq!(ok("POST", "/client/v4/accounts/acc/ai/run/@cf/meta/x"), run);
         assert_eq!(ok("GET", "/health"), Ok(Admitted::Health));
         assert_eq!(ok("HEAD", "/health"), Ok(Admitted::Health));
+        let openai = |base, endpoint| Ok(Admitted::OpenAi(OpenAiRoute { base, endpoint }));
+        assert_eq!(
+            ok("POST", "/v1/chat/completions"),
+            openai(OpenAiBase::V1, OpenAiEndpoint::ChatCompletions)
+        );
+        assert_eq!(
+            ok("POST", "/v1/completions"),
+            openai(OpenAiBase::V1, OpenAiEndpoint::Completions)
+        );
+        assert_eq!(
+            ok("POST", "/client/v4/accounts/acc/ai/v1/chat/completions"),
+            openai(OpenAiBase::WorkersAi, OpenAiEndpoint::ChatCompletions)
+        );
+        for listing in [
+            "/v1/models",
+            "/v1/models/@cf%2Fmeta%2Fx",
+            "/client/v4/accounts/acc/ai/models/search",
+            "/client/v4/accounts/acc/ai/models/schema",
+            "/ai-api/models/search",
+        ] {
+            assert_eq!(ok("GET", listing), Ok(Admitted::Listing), "{listing}");
+            assert_eq!(ok("HEAD", listing), Ok(Admitted::Listing), "{listing}");
+        }
+        let mut binding = head("POST", "/run");
+        binding.query = Some("version=3");
+        binding.binding_model = Some("@cf/meta/x");
+        assert_eq!(
+            admit(&binding, &nodes, 10),
+            Ok(Admitted::BindingRun {
+                model: "@cf/meta/x".into()
+            })
+        );
+        for admitted in [
+            Admitted::Run { model: "m".into() },
+            Admitted::BindingRun { model: "m".into() },
+            Admitted::Listing,
+        ] {
+            assert!(admitted.sends_node_token(), "{admitted:?}");
+        }
         // Everything else is answered at the edge with the node's 400/7000, whatever the method:
         // nothing else ever leaves with the node's credentials.
         for (method, path) in [
@@ -183,11 +281,12 @@ mod tests {
             ("GET", "/HEALTH"),
             ("GET", "/healthz"),
             ("POST", "/run/"),
-            ("POST", "/run"),
             ("POST", "/client/v4/accounts//ai/run/x"),
             ("GET", "/cdn-cgi/access/certs"),
             ("PROPFIND", "/anything"),
-            ("DELETE", "/v1/chat/completions"),
+            ("POST", "/v1/models/"),
+            ("GET", "/ai-api/models"),
+            ("POST", "/run/"),
         ] {
             let e = ok(method, path).unwrap_err();
             assert_eq!(e, EdgeError::from(ApiError::no_route()), "{method} {path}");
@@ -206,10 +305,22 @@ mod tests {
             assert_eq!(e.error, ApiError::method_not_allowed(), "{method}");
             assert_eq!(e.allow, Some("POST"));
         }
-        for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
-            let e = ok(method, "/health").unwrap_err();
-            assert_eq!(e.error, ApiError::method_not_allowed(), "{method}");
-            assert_eq!(e.allow, Some("GET, HEAD"));
+        for path in [
+            "/health",
+            "/v1/models",
+            "/v1/models/x",
+            "/ai-api/models/search",
+            "/client/v4/accounts/a/ai/models/search",
+        ] {
+            for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
+                let e = ok(method, path).unwrap_err();
+                assert_eq!(e.error, ApiError::method_not_allowed(), "{method} {path}");
+                assert_eq!(e.allow, Some("GET, HEAD"));
+            }
+        }
+        for path in ["/run", "/v1/chat/completions", "/v1/completions"] {
+            let e = ok("GET", path).unwrap_err();
+            assert_eq!((e.error.status, e.allow), (405, Some("POST")), "{path}");
         }
         // The method is checked before the model, as the node does.
         let nodes = NodesConfig::parse(
@@ -221,9 +332,44 @@ mod tests {
     }
 
     #[test]
-    fn only_run_routes_carry_the_node_token() {
-        assert!(Admitted::Run { model: "m".into() }.sends_node_token());
+    fn health_alone_goes_without_the_node_token() {
         assert!(!Admitted::Health.sends_node_token());
+    }
+
+    #[test]
+    fn binding_runs_are_checked_like_the_node_checks_them() {
+        let nodes = NodesConfig::parse(
+            r#"{"models":["@cf/meta/x"],"regions":[{"name":"a","origin":"https://a"}]}"#,
+        )
+        .unwrap();
+        let run = |query, model| {
+            let mut h = head("POST", "/run");
+            h.query = query;
+            h.binding_model = model;
+            admit(&h, &nodes, 10)
+        };
+        for (query, model, code) in [
+            (None, Some("@cf/meta/x"), 7000),
+            (Some("version=2"), Some("@cf/meta/x"), 7000),
+            (Some("version=3"), None, 3003),
+            (Some("version=3"), Some("@cf/meta/y"), 5007),
+        ] {
+            let e = run(query, model).unwrap_err().error;
+            assert_eq!((e.status, e.code), (400, code), "{query:?} {model:?}");
+            // The node's error, exactly.
+            let node = binding::check_version(query)
+                .and_then(|_| binding::model_from_header(model))
+                .and_then(|m| {
+                    if m == "@cf/meta/x" {
+                        Ok(())
+                    } else {
+                        Err(ApiError::no_such_model(&m))
+                    }
+                })
+                .unwrap_err();
+            assert_eq!(e, node);
+        }
+        assert!(run(Some("version=3"), Some("@cf/meta/x")).is_ok());
     }
 
     #[test]
@@ -276,25 +422,79 @@ mod tests {
 
     #[test]
     fn bodies_get_the_nodes_errors() {
+        let nodes = NodesConfig::parse(NODES).unwrap();
+        let run = Admitted::Run { model: "m".into() };
+        let check = |admitted: &Admitted, body: &[u8]| check_body(admitted, body, &nodes, 1 << 20);
         assert_eq!(
-            check_run_body(&[b' '; 11], 10),
+            check_body(&run, &[b' '; 11], &nodes, 10),
             Err(ApiError::request_too_large(10).into())
         );
-        assert_eq!(check_run_body(br#"{"prompt":"hi"}"#, 100), Ok(()));
+        assert_eq!(check(&run, br#"{"prompt":"hi"}"#), Ok(()));
         for body in [
             &b"not json"[..],
             br#"{"prompt":"a","messages":[{"role":"user","content":"b"}]}"#,
             br#"{"prompt":"a","temperature":7}"#,
             br#"{}"#,
         ] {
-            let edge = check_run_body(body, 1 << 20).unwrap_err();
+            let edge = check(&run, body).unwrap_err();
             let node = ValidatedRequest::from_json_bytes(body).unwrap_err();
             assert_eq!(edge, node.into());
             assert_eq!((edge.error.status, edge.allow), (400, None));
         }
         // The node's 405 about a body (LoRA): the same envelope, with Allow.
-        let edge = check_run_body(br#"{"prompt":"hi","lora":"x"}"#, 1 << 20).unwrap_err();
+        let edge = check(&run, br#"{"prompt":"hi","lora":"x"}"#).unwrap_err();
         assert_eq!(edge.error, ApiError::lora_unsupported());
         assert_eq!(edge.allow, Some("POST"));
+
+        // The binding's body: {inputs, options}, with the run body's errors inside.
+        let binding = Admitted::BindingRun { model: "m".into() };
+        assert_eq!(
+            check(&binding, br#"{"inputs":{"prompt":"hi"},"options":{}}"#),
+            Ok(())
+        );
+        for body in [&br#"{"prompt":"hi"}"#[..], br#"{"inputs":{"prompt":""}}"#] {
+            let edge = check(&binding, body).unwrap_err();
+            assert_eq!(edge, binding::parse_body(body).unwrap_err().into());
+        }
+
+        // OpenAI bodies: the dialect's validation.
+        let chat = Admitted::OpenAi(OpenAiRoute {
+            base: OpenAiBase::V1,
+            endpoint: OpenAiEndpoint::ChatCompletions,
+        });
+        let ok_chat = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(check(&chat, ok_chat), Ok(()));
+        let bad = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":2}"#;
+        assert_eq!(
+            check(&chat, bad).unwrap_err(),
+            OpenAiRequest::from_json_bytes(OpenAiEndpoint::ChatCompletions, bad)
+                .unwrap_err()
+                .into()
+        );
+        assert_eq!(check(&Admitted::Listing, b"anything"), Ok(()));
+    }
+
+    #[test]
+    fn openai_models_in_the_body_are_checked_when_listed() {
+        let nodes = NodesConfig::parse(
+            r#"{"models":["@cf/meta/x"],"regions":[{"name":"a","origin":"https://a"}]}"#,
+        )
+        .unwrap();
+        let body = br#"{"model":"@cf/meta/y","messages":[{"role":"user","content":"hi"}]}"#;
+        for (base, expected) in [
+            (OpenAiBase::V1, ApiError::model_not_found("@cf/meta/y")),
+            (OpenAiBase::WorkersAi, ApiError::no_such_model("@cf/meta/y")),
+        ] {
+            let admitted = Admitted::OpenAi(OpenAiRoute {
+                base,
+                endpoint: OpenAiEndpoint::ChatCompletions,
+            });
+            assert_eq!(
+                check_body(&admitted, body, &nodes, 1 << 20),
+                Err(expected.into())
+            );
+            let listed = br#"{"model":"@cf/meta/x","messages":[{"role":"user","content":"hi"}]}"#;
+            assert_eq!(check_body(&admitted, listed, &nodes, 1 << 20), Ok(()));
+        }
     }
 }

@@ -35,7 +35,7 @@
 //! upstream and the Worker with `fetch`.
 
 use crate::config::Region;
-use edgerun_protocol::{ApiError, ErrorEnvelope, NOT_STARTED_HEADER};
+use edgerun_protocol::{ApiError, NOT_STARTED_HEADER};
 
 /// Largest 429 body read to look for code 3040; a node's error envelope is far smaller.
 pub const MAX_PEEK_BYTES: usize = 16 * 1024;
@@ -199,9 +199,14 @@ fn is_json(content_type: Option<&str>) -> bool {
     })
 }
 
-/// Whether a 429 body is the Workers AI capacity error (code 3040).
+/// Whether a 429 body is the Workers AI capacity error (code 3040): an `errors` item with that
+/// code, as the node's envelope and its binding-style body both carry.
 pub fn is_capacity_error(body: &[u8]) -> bool {
-    serde_json::from_slice::<ErrorEnvelope>(body)
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<edgerun_protocol::ErrorItem>,
+    }
+    serde_json::from_slice::<Errors>(body)
         .map(|e| e.errors.iter().any(|item| item.code == 3040))
         .unwrap_or(false)
 }
@@ -756,6 +761,8 @@ mod tests {
         assert!(is_capacity_error(BUSY.as_bytes()));
         assert!(is_capacity_error(ApiError::capacity().to_json().as_bytes()));
         assert!(!is_capacity_error(RATE.as_bytes()));
+        let binding_style = edgerun_protocol::binding::error_body(&ApiError::capacity());
+        assert!(is_capacity_error(binding_style.as_bytes()));
         assert!(!is_capacity_error(b""));
         assert!(!is_capacity_error(b"{\"errors\":3040}"));
     }

@@ -135,10 +135,17 @@ pub fn upstream_url(region: &Region, path_and_query: &str) -> String {
     }
 }
 
+/// `cf-*` request headers that are part of an API's request rather than Cloudflare's: the
+/// Workers binding's model and SDK version (reference §6.1). Every other `cf-*` header stays.
+const FORWARDED_CF: &[&str] = &[
+    edgerun_protocol::binding::MODEL_HEADER,
+    "cf-consn-sdk-version",
+];
+
 /// The headers for the node: the caller's, minus [`DROPPED`], the headers the caller's
 /// `Connection` header names, and every `cf-*` header the caller or Cloudflare set (the runtime
-/// adds its own); plus the request id, the caller's address in `x-forwarded-for`, the Access
-/// service token and, when `node_token` is set, the node's bearer token (run routes need it;
+/// adds its own) except the binding's own ([`FORWARDED_CF`]); plus the request id, the caller's address in `x-forwarded-for`, the Access
+/// service token and, when `node_token` is set, the node's bearer token (API routes need it;
 /// `/health` does not, and gets no more credentials than it needs).
 pub fn upstream_headers(
     incoming: &[(String, String)],
@@ -152,7 +159,7 @@ pub fn upstream_headers(
         .filter(|(name, _)| {
             let name = name.to_ascii_lowercase();
             !DROPPED.contains(&name.as_str())
-                && !name.starts_with("cf-")
+                && (!name.starts_with("cf-") || FORWARDED_CF.contains(&name.as_str()))
                 && !connection_options.contains(&name)
         })
         .cloned()
@@ -223,6 +230,9 @@ mod tests {
             ("cf-connecting-ip", "203.0.113.7"),
             ("cf-ai-req-id", "caller-id"),
             ("cf-ray", "abc"),
+            ("cf-consn-model-id", "@cf/meta/x"),
+            ("CF-Consn-Sdk-Version", "2.0.0"),
+            ("cf-consn-other", "dropped"),
             ("Host", "worker.example.com"),
             ("Connection", "keep-alive"),
             ("Content-Length", "12"),
@@ -240,6 +250,8 @@ mod tests {
             h(&[
                 ("Content-Type", "application/json"),
                 ("Accept", "text/event-stream"),
+                ("cf-consn-model-id", "@cf/meta/x"),
+                ("CF-Consn-Sdk-Version", "2.0.0"),
                 ("x-custom", "kept"),
                 ("cf-ai-req-id", "rid-1"),
                 ("x-forwarded-for", "203.0.113.7"),

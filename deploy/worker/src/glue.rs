@@ -3,14 +3,14 @@
 //! response into the caller's. Nothing here decides anything the core could.
 
 use crate::config::{parse_body_limit, Location, NodesConfig, Region};
-use crate::edge::{admit, authenticate, check_run_body, Admitted, LimitedBody, RequestHead};
+use crate::edge::{admit, authenticate, check_body, LimitedBody, RequestHead};
 use crate::failover::{forward, no_region_error, Forwarded, Upstream, MAX_PEEK_BYTES};
 use crate::forward::{
     keep_response_header, request_id, upstream_headers, upstream_url, NodeCredentials,
     REGION_HEADER, REQUEST_ID_HEADER,
 };
 use crate::{error_response_parts, EdgeError, WorkerError};
-use edgerun_protocol::{ApiError, TokenSet};
+use edgerun_protocol::{binding, ApiError, ErrorStyle, TokenSet};
 use futures_util::StreamExt;
 use worker::js_sys::{self, Reflect, Uint8Array};
 use worker::wasm_bindgen::{JsCast, JsValue};
@@ -28,9 +28,14 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
             .as_deref(),
         random_uuid,
     );
+    // The Worker's own answers take the shape of the route family the caller called.
+    let style = req
+        .url()
+        .map(|url| ErrorStyle::of_path(url.path()))
+        .unwrap_or(ErrorStyle::Cloudflare);
     let answer = match handle(&mut req, &env, &id).await {
         Ok((response, region)) => Ok((response, Some(region))),
-        Err(e) => error_response(&e).map(|response| (response, e.region)),
+        Err(e) => error_response(&e, style).map(|response| (response, e.region)),
     };
     let finished = answer.and_then(|(response, region)| finish(response, &id, region.as_deref()));
     finished.or_else(|e| {
@@ -38,7 +43,7 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         // envelope, never workerd's own plain-text 500.
         worker::console_error!("{id}: could not build the answer: {e}");
         let e = EdgeError::from(ApiError::internal("the Worker could not build its answer"));
-        finish(error_response(&e)?, &id, None)
+        finish(error_response(&e, style)?, &id, None)
     })
 }
 
@@ -67,7 +72,9 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
     let head = RequestHead {
         method: &method,
         path: url.path(),
+        query: url.query(),
         content_length: header("content-length").and_then(|v| v.trim().parse().ok()),
+        binding_model: header(binding::MODEL_HEADER),
     };
     let admitted = admit(&head, &nodes, body_limit)?;
 
@@ -76,9 +83,12 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
     } else {
         Some(read_body(req, body_limit).await?)
     };
-    if let Admitted::Run { .. } = admitted {
-        check_run_body(body.as_deref().unwrap_or_default(), body_limit)?;
-    }
+    check_body(
+        &admitted,
+        body.as_deref().unwrap_or_default(),
+        &nodes,
+        body_limit,
+    )?;
 
     let regions = nodes.regions_for(&location(req));
     // Every region's credentials before the first fetch: a missing secret is a 500 naming it.
@@ -135,7 +145,7 @@ struct FetchUpstream<'a> {
     headers: Vec<(String, String)>,
     body: Option<Vec<u8>>,
     request_id: &'a str,
-    /// Whether the node's bearer token goes along (run routes only).
+    /// Whether the node's bearer token goes along (every API route; not `/health`).
     node_token: bool,
 }
 
@@ -207,8 +217,8 @@ fn finish(response: Response, id: &str, region: Option<&str>) -> worker::Result<
     Ok(response.with_headers(headers))
 }
 
-fn error_response(e: &EdgeError) -> worker::Result<Response> {
-    let (status, headers, body) = error_response_parts(e);
+fn error_response(e: &EdgeError, style: ErrorStyle) -> worker::Result<Response> {
+    let (status, headers, body) = error_response_parts(e, style);
     let h = Headers::new();
     for (name, value) in headers {
         h.set(name, &value)?;

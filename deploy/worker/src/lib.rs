@@ -9,10 +9,12 @@
 //!   each serves, a default, optionally the served models) and `MAX_BODY_BYTES`.
 //! * [`edge`]: what is decided before any region is asked — the caller's token (`API_TOKENS`,
 //!   checked with `edgerun-protocol`'s constant-time `TokenSet`, like the node's; 401/10000), the
-//!   route (only the node's run routes and `/health` are forwarded; anything else gets the node's
-//!   400/7000, a wrong method its 405/7001 with `Allow`), and for run routes the model, size and
-//!   body, using `edgerun-protocol`'s validation so that the Worker's answer to a bad request is
-//!   the node's, byte for byte.
+//!   route (the node's API routes — Workers AI's runs and model catalogue, the Workers binding's
+//!   `/run` and `/ai-api/models/search`, the OpenAI-compatible routes — and `/health` are
+//!   forwarded; anything else gets the node's 400/7000, a wrong method its 405/7001 with
+//!   `Allow`), and for generations the model, size and body, using `edgerun-protocol`'s
+//!   validation of each dialect so that the Worker's answer to a bad request is the node's, byte
+//!   for byte, in the route family's error shape (`ErrorStyle`).
 //! * [`forward`]: the upstream URL and headers — the caller's credentials, cookies, hop-by-hop
 //!   and `cf-*` headers out; the Access service token (`CF-Access-Client-Id`/`-Secret`), the
 //!   node's bearer token (run routes only) and the request id (`cf-ai-req-id`, kept when the
@@ -26,7 +28,7 @@
 //!
 //! ```text
 //! request ─▶ edge::admit (token, route, method, model, declared size) ──▶ EdgeError ─▶ caller
-//!          ─▶ read body ─▶ edge::check_run_body (size, schema) ─────────▶ EdgeError ─▶ caller
+//!          ─▶ read body ─▶ edge::check_body (size, schema, body model) ─▶ EdgeError ─▶ caller
 //!          ─▶ config::regions_for(request.cf) ─▶ failover::forward ─▶ fetch(origin + path), no redirects
 //!                 could not connect / 521-523 / 530 / edgerun-not-started: 1 / 429+3040 ─▶ next region
 //!                 every region skipped ─▶ failover::no_region_error (503, or 429 if busy)
@@ -42,9 +44,10 @@
 //!   (see [`failover`]): a 502, a 504, a 503 without `edgerun-not-started`, a connection lost
 //!   after sending may all come after tokens were generated. A fortiori, never retry after a
 //!   byte reached the caller.
-//! * **Never answer outside the Workers AI envelope**: every answer the Worker makes itself (401,
-//!   400/7000, 405 with `Allow`, 413, 429, 502, 503, 500) is the node's envelope, and a region's
-//!   redirect or non-node error page is replaced by a 502 in it.
+//! * **Never answer outside the node's error shapes**: every answer the Worker makes itself (401,
+//!   400/7000, 405 with `Allow`, 413, 429, 502, 503, 500) is what the node would answer on that
+//!   path (the Workers AI envelope; OpenAI's shape under `/v1/`; the binding's under `/run` and
+//!   `/ai-api/`), and a region's redirect or non-node error page is replaced by a 502 in it.
 //! * **Never pass the caller's credentials to a node, nor a node's credentials to the caller.**
 //! * **Never panic**: a panic aborts the isolate and every request in it; configuration errors
 //!   are answered as a 500 in the envelope naming the variable.
@@ -58,7 +61,7 @@ pub mod forward;
 #[cfg(target_arch = "wasm32")]
 mod glue;
 
-use edgerun_protocol::ApiError;
+use edgerun_protocol::{ApiError, ErrorStyle};
 
 /// The Worker's one error type. Every variant reaches the caller through `From<WorkerError> for
 /// ApiError`, the one place where the Worker's own failures get a status and code.
@@ -129,9 +132,13 @@ impl From<WorkerError> for EdgeError {
 }
 
 /// Status, headers and body of an answer the Worker makes itself: the node's (`content-type:
-/// application/json`, `retry-after: 1` on 429 and 503, `allow` on 405), plus `x-edgerun-region`
-/// when it replaces a region's answer.
-pub fn error_response_parts(e: &EdgeError) -> (u16, Vec<(&'static str, String)>, String) {
+/// application/json`, `retry-after: 1` on 429 and 503, `allow` on 405, the body in the route
+/// family's `style`: OpenAI's shape under `/v1/`, the binding's under `/run` and `/ai-api/`,
+/// the envelope elsewhere), plus `x-edgerun-region` when it replaces a region's answer.
+pub fn error_response_parts(
+    e: &EdgeError,
+    style: ErrorStyle,
+) -> (u16, Vec<(&'static str, String)>, String) {
     let mut headers = vec![(
         "content-type",
         edgerun_protocol::JSON_CONTENT_TYPE.to_string(),
@@ -145,7 +152,7 @@ pub fn error_response_parts(e: &EdgeError) -> (u16, Vec<(&'static str, String)>,
     if let Some(region) = &e.region {
         headers.push((forward::REGION_HEADER, region.clone()));
     }
-    (e.error.status, headers, e.error.to_json())
+    (e.error.status, headers, style.body(&e.error))
 }
 
 #[cfg(test)]
@@ -167,17 +174,22 @@ mod tests {
         let h = |pairs: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
             pairs.iter().map(|(n, v)| (*n, v.to_string())).collect()
         };
-        let (status, headers, body) = error_response_parts(&ApiError::capacity().into());
+        let (status, headers, body) =
+            error_response_parts(&ApiError::capacity().into(), ErrorStyle::Cloudflare);
         assert_eq!(status, 429);
         assert_eq!(
             headers,
             h(&[("content-type", "application/json"), ("retry-after", "1")])
         );
         assert_eq!(body, ApiError::capacity().to_json());
-        let (_, headers, _) = error_response_parts(&ApiError::authentication().into());
+        let (_, headers, _) =
+            error_response_parts(&ApiError::authentication().into(), ErrorStyle::Cloudflare);
         assert_eq!(headers, h(&[("content-type", "application/json")]));
 
-        let (status, headers, body) = error_response_parts(&EdgeError::method_not_allowed("POST"));
+        let (status, headers, body) = error_response_parts(
+            &EdgeError::method_not_allowed("POST"),
+            ErrorStyle::Cloudflare,
+        );
         assert_eq!(status, 405);
         assert_eq!(
             headers,
@@ -186,7 +198,7 @@ mod tests {
         assert_eq!(body, ApiError::method_not_allowed().to_json());
 
         let e = EdgeError::from_region(ApiError::new(502, 3000, "Bad gateway: x"), "eu");
-        let (status, headers, body) = error_response_parts(&e);
+        let (status, headers, body) = error_response_parts(&e, ErrorStyle::Cloudflare);
         assert_eq!(status, 502);
         assert_eq!(
             headers,
@@ -199,5 +211,10 @@ mod tests {
             body,
             r#"{"errors":[{"code":3000,"message":"Bad gateway: x"}],"success":false,"result":null,"messages":[]}"#
         );
+        // Each route family's callers get its own shape.
+        for style in [ErrorStyle::OpenAi, ErrorStyle::Binding] {
+            let (status, _, body) = error_response_parts(&e, style);
+            assert_eq!((status, body), (502, style.body(&e.error)));
+        }
     }
 }

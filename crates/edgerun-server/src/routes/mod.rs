@@ -6,12 +6,18 @@
 //! [`crate::generation`]'s, for every dialect.
 //!
 //! * [`workers_ai`]: `POST /run/{model}` and `POST /client/v4/accounts/{id}/ai/run/{model}`.
-//! * [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` and
-//!   `POST /client/v4/accounts/{id}/ai/v1/chat/completions`.
+//! * [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+//!   `GET /v1/models/{id}` and `POST /client/v4/accounts/{id}/ai/v1/chat/completions`.
+//! * [`binding`]: the Workers binding's `POST /run?version=3` and `GET /ai-api/models/search`.
+//! * [`models`]: Workers AI's catalogue, `GET /client/v4/accounts/{id}/ai/models/search` and
+//!   `.../ai/models/schema`.
 //!
 //! Every error these routes and their fallbacks answer goes through
-//! [`crate::error::respond`], in the path's [`ErrorStyle`] (OpenAI's shape under `/v1/`).
+//! [`crate::error::respond`], in the path's [`ErrorStyle`] (OpenAI's shape under `/v1/`, the
+//! binding's under `/run` and `/ai-api/`).
 
+mod binding;
+pub(crate) mod models;
 mod openai;
 mod workers_ai;
 
@@ -56,6 +62,20 @@ pub fn router(state: AppState) -> Router {
             post(openai::completions).fallback(method_not_allowed),
         )
         .route("/v1/models", get(openai::models).fallback(get_only))
+        .route("/v1/models/{*id}", get(openai::model).fallback(get_only))
+        .route("/run", post(binding::run).fallback(method_not_allowed))
+        .route(
+            "/ai-api/models/search",
+            get(binding::models_search).fallback(get_only),
+        )
+        .route(
+            "/client/v4/accounts/{account_id}/ai/models/search",
+            get(models::search).fallback(get_only),
+        )
+        .route(
+            "/client/v4/accounts/{account_id}/ai/models/schema",
+            get(models::schema).fallback(get_only),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer,
@@ -124,7 +144,7 @@ async fn request_id(req: Request, next: Next) -> Response {
     let id = HeaderValue::from_str(&choose_request_id(presented, new_request_id))
         .expect("accepted ids are visible ASCII, fresh ones hex");
     let started = Instant::now();
-    let is_run = req.uri().path().contains("/run/");
+    let is_run = req.uri().path().contains("/run/") || req.uri().path() == "/run";
     let mut resp = next.run(req).await;
     if is_run {
         let status = resp.status().as_u16().to_string();

@@ -1,5 +1,5 @@
 //! The OpenAI-compatible dialect (reference §4): `POST /v1/chat/completions`,
-//! `POST /v1/completions`, `GET /v1/models`, and Workers AI's own
+//! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`, and Workers AI's own
 //! `POST /client/v4/accounts/{id}/ai/v1/chat/completions`.
 //!
 //! Validation is `edgerun-protocol`'s ([`OpenAiRequest`]); the model comes from the body and
@@ -78,6 +78,21 @@ pub(super) async fn completions(State(state): State<AppState>, uri: Uri, body: B
 pub(super) async fn models(State(state): State<AppState>) -> Response {
     let since = *SERVING_SINCE.get_or_init(unix_now);
     json_response(openai::to_json(&ModelList::new(&state.served_names, since)))
+}
+
+/// `GET /v1/models/{id}`: one name the node answers to (the id percent-decoded), or 404
+/// `model_not_found` in OpenAI's shape.
+pub(super) async fn model(State(state): State<AppState>, uri: Uri) -> Response {
+    let since = *SERVING_SINCE.get_or_init(unix_now);
+    match edgerun_protocol::openai_model_id(uri.path()) {
+        Some(id) if state.serves(&id) => {
+            json_response(openai::to_json(&ModelList::new(&[id], since).data[0]))
+        }
+        Some(id) => {
+            ServerError::from(ApiError::model_not_found(&id)).into_response_as(ErrorStyle::OpenAi)
+        }
+        None => ServerError::from(ApiError::no_route()).into_response_as(ErrorStyle::OpenAi),
+    }
 }
 
 async fn answer(state: &AppState, uri: &Uri, body: Body, endpoint: OpenAiEndpoint) -> Response {

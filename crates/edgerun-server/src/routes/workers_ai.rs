@@ -45,6 +45,27 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
     }
     let bytes = read_body(body, &state.body).await?;
     let request = ValidatedRequest::from_json_bytes(&bytes)?;
+    answer(state, request, started, Envelope::V4).await
+}
+
+/// How a whole (non-streamed) answer is wrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Envelope {
+    /// `{"result":<output>,"success":true,"errors":[],"messages":[]}`: the REST routes.
+    V4,
+    /// The output alone: the Workers binding (`routes/binding.rs`).
+    Bare,
+}
+
+/// Generates the answer to a validated Workers AI request: streamed as `data:
+/// {"response":..}` events, or whole in `envelope`. The binding's route answers through this
+/// too, so both give the same output for the same input.
+pub(super) async fn answer(
+    state: &AppState,
+    request: ValidatedRequest,
+    started: Instant,
+    envelope: Envelope,
+) -> Result<Response, ServerError> {
     let stream = request.stream;
     let json_mode = request.response_format.is_json();
     let generation = generation::start(state, generation_input(request), started).await?;
@@ -63,7 +84,12 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
             tool_calls: Vec::new(),
             usage: generation::wire_usage(&done.usage),
         };
-        Ok(json_response(SuccessEnvelope::new(out).to_json()))
+        Ok(json_response(match envelope {
+            Envelope::V4 => SuccessEnvelope::new(out).to_json(),
+            Envelope::Bare => serde_json::to_string(&out).map_err(|e| {
+                ApiError::internal(format_args!("failed to serialize the answer: {e}"))
+            })?,
+        }))
     }
 }
 

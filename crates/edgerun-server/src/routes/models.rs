@@ -1,0 +1,52 @@
+//! Workers AI's model catalogue (reference §5): `GET /client/v4/accounts/{id}/ai/models/search`
+//! and `GET /client/v4/accounts/{id}/ai/models/schema?model=<name>`, what the official
+//! `cloudflare` SDKs' `client.ai.models.list()` and `client.ai.models.schema.get()` call.
+//!
+//! The entries, the list envelope, pagination and the schemas are `edgerun-protocol`'s
+//! ([`edgerun_protocol::models`]); this file says what the node serves: every name it answers
+//! to, with its description and, once the model has loaded, its context window.
+
+use super::json_response;
+use crate::error::ServerError;
+use crate::AppState;
+use axum::extract::State;
+use axum::http::Uri;
+use axum::response::{IntoResponse, Response};
+use edgerun_protocol::models::{self, ModelList, SearchQuery, ServedModel};
+use edgerun_protocol::ApiError;
+
+/// Every name the node answers to, as catalogue facts.
+pub(crate) fn served_models(state: &AppState) -> Vec<ServedModel> {
+    let context_window = state.engine.get().map(|e| e.context_window());
+    state
+        .served_names
+        .iter()
+        .map(|name| ServedModel {
+            name: name.clone(),
+            description: state.model_description.to_string(),
+            context_window,
+        })
+        .collect()
+}
+
+/// `GET .../ai/models/search`: the v4 list envelope (filters `search`, `task`, `author`; pages
+/// `page`, `per_page`).
+pub(super) async fn search(State(state): State<AppState>, uri: Uri) -> Response {
+    match SearchQuery::parse(uri.query()) {
+        Ok(query) => json_response(ModelList::search(&served_models(&state), &query).to_json()),
+        Err(e) => ServerError::from(e).into_response(),
+    }
+}
+
+/// `GET .../ai/models/schema?model=<name>`: the input and output schemas of a served model;
+/// 400/5006 without `model`, 400/5007 for a model the node does not serve.
+pub(super) async fn schema(State(state): State<AppState>, uri: Uri) -> Response {
+    let result = models::schema_model(uri.query()).and_then(|model| {
+        if state.serves(&model) {
+            Ok(json_response(models::schema_envelope()))
+        } else {
+            Err(ApiError::no_such_model(&model))
+        }
+    });
+    result.unwrap_or_else(|e| ServerError::from(e).into_response())
+}
