@@ -85,6 +85,7 @@ mod scheduler;
 mod sequence;
 mod template;
 mod tokenizer;
+mod tools;
 
 pub use constraint::{Constraint, GrammarCompiler, OutputFormat};
 pub use error::{EngineError, Result};
@@ -105,6 +106,7 @@ pub use scheduler::{
 pub use sequence::StopReason;
 pub use template::{ChatTemplate, CHATML_TEMPLATE};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
+pub use tools::{Tool, ToolCall, ToolCallFormat, ToolCallSplitter, ToolCalling, ToolChoice};
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
@@ -339,12 +341,8 @@ impl Engine {
 
     /// Applies the chat template and tokenizes. CPU work proportional to the prompt: call it
     /// off the async runtime's workers.
-    pub fn prepare(
-        &self,
-        input: &PromptInput,
-        tools: Option<&serde_json::Value>,
-    ) -> Result<Vec<u32>> {
-        let text = self.template.render_input(input, tools)?;
+    pub fn prepare(&self, input: &PromptInput, tools: &[Tool]) -> Result<Vec<u32>> {
+        let text = self.template.render_with_tools(input, tools)?;
         let tokens = self.tokenizer.encode(&text)?;
         if tokens.is_empty() {
             return Err(EngineError::Tokenizer(
@@ -507,5 +505,10 @@ impl Engine {
 
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
+    }
+
+    /// How the model writes tool calls (read off its chat template).
+    pub fn tool_calling(&self) -> ToolCalling {
+        self.template.tool_calling()
     }
 }

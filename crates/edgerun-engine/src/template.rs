@@ -2,6 +2,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::request::{ChatMessage, PromptInput};
+use crate::tools::{Tool, ToolCalling};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 
 /// ChatML, used when a GGUF carries no `tokenizer.chat_template`.
@@ -16,6 +17,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    tool_calling: ToolCalling,
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, JinjaError> {
@@ -52,7 +54,35 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
+            tool_calling: ToolCalling::detect(source),
         })
+    }
+
+    /// How this model writes tool calls, and whether the template shows it the tools.
+    pub fn tool_calling(&self) -> ToolCalling {
+        self.tool_calling
+    }
+
+    /// [`ChatTemplate::render_input`] with tools: given to a template that renders them,
+    /// otherwise described in the system message (`tools.rs`). No tools: the plain rendering.
+    pub fn render_with_tools(&self, input: &PromptInput, tools: &[Tool]) -> Result<String> {
+        if tools.is_empty() {
+            return self.render_input(input, None);
+        }
+        if self.tool_calling.native {
+            return self.render_input(input, Some(&ToolCalling::template_tools(tools)));
+        }
+        let messages = match input {
+            PromptInput::Prompt { text, raw: true } => return Ok(text.clone()),
+            PromptInput::Prompt { text, raw: false } => {
+                vec![ChatMessage::new("user", text.clone())]
+            }
+            PromptInput::Messages(messages) => messages.clone(),
+        };
+        self.render(
+            &ToolCalling::rewrite_for_plain_template(tools, &messages),
+            None,
+        )
     }
 
     /// The text the model reads for an input: the template applied to messages (a bare prompt

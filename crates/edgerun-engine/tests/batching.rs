@@ -34,7 +34,7 @@ fn request(engine: &Engine, prompt: &str, params: Params) -> GenerationRequest {
         raw: false,
     };
     GenerationRequest {
-        prompt: engine.prepare(&input, None).unwrap(),
+        prompt: engine.prepare(&input, &[]).unwrap(),
         sampling: params.sampling,
         stopping: StopCriteria::max_tokens(params.max_tokens),
         constraint: edgerun_engine::Constraint::Free,

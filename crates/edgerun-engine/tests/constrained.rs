@@ -20,7 +20,7 @@ fn request(
         raw: false,
     };
     let mut request = GenerationRequest::new(
-        engine.prepare(&input, None).unwrap(),
+        engine.prepare(&input, &[]).unwrap(),
         SamplingConfig::GREEDY,
         StopCriteria::max_tokens(max_tokens),
     );

@@ -26,7 +26,7 @@ fn request(engine: &Engine, prompt: &str, max_tokens: usize) -> GenerationReques
         raw: false,
     };
     GenerationRequest {
-        prompt: engine.prepare(&input, None).unwrap(),
+        prompt: engine.prepare(&input, &[]).unwrap(),
         sampling: SamplingConfig::GREEDY,
         stopping: StopCriteria::max_tokens(max_tokens),
         constraint: edgerun_engine::Constraint::Free,

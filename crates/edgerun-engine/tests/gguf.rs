@@ -54,7 +54,7 @@ fn answer(path: &Path, prompt: &str, max_tokens: usize) -> (String, usize) {
         raw: false,
     };
     let request = GenerationRequest {
-        prompt: engine.prepare(&input, None).unwrap(),
+        prompt: engine.prepare(&input, &[]).unwrap(),
         sampling: SamplingConfig::GREEDY,
         stopping: StopCriteria::max_tokens(max_tokens),
         constraint: edgerun_engine::Constraint::Free,

@@ -164,7 +164,7 @@ fn submit(engine: &Engine, prompt: &str, max_tokens: usize) -> TokenStream {
         raw: true,
     };
     let request = GenerationRequest {
-        prompt: engine.prepare(&input, None).unwrap(),
+        prompt: engine.prepare(&input, &[]).unwrap(),
         sampling: SamplingConfig::GREEDY,
         stopping: StopCriteria::max_tokens(max_tokens),
         constraint: edgerun_engine::Constraint::Free,

@@ -107,6 +107,7 @@ pub mod request;
 pub mod response;
 pub mod route;
 pub mod sse;
+pub mod tools;
 
 pub use auth::{bearer_token, TokenSet};
 pub use error::{ApiError, ErrorEnvelope, ErrorItem};
@@ -125,3 +126,4 @@ pub use sse::{
     error_event, heartbeat, token_event, usage_event, SseEvent, SseParser, DONE_EVENT,
     EVENT_STREAM_CONTENT_TYPE,
 };
+pub use tools::{ToolChoice, ToolDefinition};

@@ -28,6 +28,9 @@ use crate::error::ApiError;
 use crate::request::{ChatMessage, ResponseFormat};
 use crate::response::Usage;
 use crate::route::OpenAiEndpoint;
+use crate::tools::{
+    normalize_tool_calls, parse_tool_choice, parse_tools, ToolChoice, ToolDefinition,
+};
 
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -79,6 +82,10 @@ pub struct OpenAiRequest {
     pub logprobs: Option<u32>,
     /// `response_format` (JSON mode and structured outputs).
     pub response_format: ResponseFormat,
+    /// `tools` (chat completions; empty when none).
+    pub tools: Vec<ToolDefinition>,
+    /// `tool_choice`; `auto` when not given.
+    pub tool_choice: ToolChoice,
     /// `options.rejectIfBusy` (Workers AI): 429 instead of queueing.
     pub reject_if_busy: bool,
 }
@@ -176,6 +183,26 @@ impl OpenAiRequest {
             }
         };
 
+        let tools = match field(body, "tools") {
+            None => Vec::new(),
+            Some(_) if endpoint == OpenAiEndpoint::Completions => {
+                return Err(ApiError::invalid_request(
+                    "'tools' are for chat completions, not completions",
+                ))
+            }
+            Some(tools) => parse_tools(tools, "tools").map_err(ApiError::invalid_request)?,
+        };
+        let tool_choice = parse_tool_choice(field(body, "tool_choice"), &tools)
+            .map_err(ApiError::invalid_request)?;
+        if tool_choice != ToolChoice::Auto
+            && tool_choice != ToolChoice::None
+            && response_format(body)?.is_json()
+        {
+            return Err(ApiError::invalid_request(
+                "'tool_choice' that forces a call and 'response_format' cannot be combined",
+            ));
+        }
+
         let reject_if_busy = match field(body, "options") {
             None => false,
             Some(Value::Object(options)) => boolean(options, "rejectIfBusy")?.unwrap_or(false),
@@ -206,6 +233,8 @@ impl OpenAiRequest {
             },
             logprobs,
             response_format: response_format(body)?,
+            tools,
+            tool_choice,
             reject_if_busy,
         })
     }
@@ -427,24 +456,48 @@ fn message(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
         }
     };
     match role {
-        "system" | "user" | "assistant" => {}
-        "tool" | "function" => {
+        "system" | "user" | "assistant" | "tool" => {}
+        "function" => {
             return Err(not_supported(format_args!(
-                "'{at}.role' is '{role}': tool calling"
+                "'{at}.role' is 'function' (deprecated): use 'tool'"
             )))
         }
         other => {
             return Err(ApiError::invalid_request(format_args!(
-                "'{at}.role' must be 'system', 'user' or 'assistant', got '{other}'"
+                "'{at}.role' must be 'system', 'user', 'assistant' or 'tool', got '{other}'"
             )))
         }
     }
-    for calls in ["tool_calls", "function_call"] {
-        if field(m, calls).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(not_supported(format_args!("'{at}.{calls}': tool calling")));
-        }
+    if field(m, "function_call").is_some() {
+        return Err(not_supported(format_args!(
+            "'{at}.function_call' (deprecated): use 'tool_calls'"
+        )));
     }
+    let tool_calls = match field(m, "tool_calls") {
+        None => None,
+        Some(_) if role != "assistant" => {
+            return Err(ApiError::invalid_request(format_args!(
+                "'{at}.tool_calls' is only allowed on an assistant message"
+            )))
+        }
+        Some(calls) => Some(
+            normalize_tool_calls(calls, &format!("{at}.tool_calls"))
+                .map_err(ApiError::invalid_request)?,
+        ),
+    };
+    let tool_call_id = match field(m, "tool_call_id") {
+        None if role == "tool" => {
+            return Err(ApiError::invalid_request(format_args!(
+                "'{at}.tool_call_id' is required on a tool message"
+            )))
+        }
+        None => None,
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(other) => return Err(type_error(&format!("{at}.tool_call_id"), other, "a string")),
+    };
     let content = match field(m, "content") {
+        // An assistant message that only calls tools has no content.
+        None if tool_calls.is_some() => String::new(),
         None => {
             return Err(ApiError::invalid_request(format_args!(
                 "'{at}.content' is required"
@@ -504,8 +557,8 @@ fn message(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
     Ok(ChatMessage {
         role: role.to_string(),
         content,
-        tool_call_id: None,
-        tool_calls: None,
+        tool_call_id,
+        tool_calls,
         name,
     })
 }
@@ -552,17 +605,16 @@ fn unsupported_fields(body: &Map<String, Value>) -> Result<(), ApiError> {
         Value::Object(o) => o.is_empty(),
         _ => false,
     };
-    for key in ["tools", "functions"] {
-        if field(body, key).is_some_and(|v| !empty(v)) {
-            return Err(not_supported(format_args!("'{key}' (tool calling)")));
-        }
+    if field(body, "functions").is_some_and(|v| !empty(v)) {
+        return Err(not_supported("'functions' (deprecated): use 'tools'"));
     }
-    for key in ["tool_choice", "function_call"] {
-        match field(body, key) {
-            None => {}
-            // With no tools, "none" and "auto" both mean: answer in text.
-            Some(Value::String(c)) if c == "none" || c == "auto" => {}
-            Some(_) => return Err(not_supported(format_args!("'{key}' (tool calling)"))),
+    match field(body, "function_call") {
+        None => {}
+        Some(Value::String(c)) if c == "none" || c == "auto" => {}
+        Some(_) => {
+            return Err(not_supported(
+                "'function_call' (deprecated): use 'tool_choice'",
+            ))
         }
     }
     if field(body, "logit_bias").is_some_and(|v| !empty(v)) {
@@ -638,10 +690,38 @@ pub struct CompletionLogprobs {
 pub struct AssistantMessage {
     /// Always `"assistant"`.
     pub role: &'static str,
-    /// The generated text.
-    pub content: String,
+    /// The generated text; `null` when the answer is only tool calls.
+    pub content: Option<String>,
     /// Always `null` (no refusals).
     pub refusal: Option<String>,
+    /// The tool calls made, when any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A tool call in an answer: `{"id","type":"function","function":{"name","arguments"}}`; in a
+/// stream chunk also its `index`.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct ToolCallOut {
+    /// Position among the answer's calls (stream chunks only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    /// `call_` and 24 hex digits.
+    pub id: String,
+    /// Always `"function"`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The function and its arguments.
+    pub function: FunctionCallOut,
+}
+
+/// The function of a [`ToolCallOut`].
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct FunctionCallOut {
+    /// The tool's name.
+    pub name: String,
+    /// The arguments object as JSON text (OpenAI's shape).
+    pub arguments: String,
 }
 
 /// One choice of a `chat.completion`.
@@ -683,6 +763,9 @@ pub struct ChatDelta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool calls (each sent whole, with its index).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
 /// One choice of a `chat.completion.chunk`.
@@ -1029,16 +1112,8 @@ mod tests {
     fn what_is_not_supported_is_refused_not_ignored() {
         for (extra, needle) in [
             (json!({"n": 2}), "'n' must be 1"),
-            (
-                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-                "tool calling",
-            ),
-            (json!({"tool_choice": "required"}), "tool calling"),
-            (
-                json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
-                "tool calling",
-            ),
-            (json!({"functions": [{"name": "f"}]}), "tool calling"),
+            (json!({"functions": [{"name": "f"}]}), "use 'tools'"),
+            (json!({"function_call": {"name": "f"}}), "use 'tool_choice'"),
             (json!({"logit_bias": {"1": 5}}), "logit_bias"),
             (json!({"audio": {"voice": "x"}}), "audio"),
             (json!({"modalities": ["text", "audio"]}), "modalities"),
@@ -1046,17 +1121,69 @@ mod tests {
             let message = refused(with(extra.clone()));
             assert!(message.contains(needle), "{extra}: {message}");
         }
-        for m in [
-            json!({"role": "tool", "content": "x", "tool_call_id": "1"}),
-            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "1"}]}),
-            json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}),
+        let message = refused(json!({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}));
+        assert!(
+            message.contains("not supported by this node yet"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn tools_tool_choice_and_tool_messages() {
+        let tools = json!([{"type": "function", "function": {"name": "f", "description": "d",
+                            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]);
+        let r = chat(with(json!({"tools": tools, "tool_choice": "required"}))).unwrap();
+        assert_eq!(r.tools.len(), 1);
+        assert_eq!(r.tools[0].name, "f");
+        assert_eq!(r.tool_choice, ToolChoice::Required);
+        let r = chat(json!({"model": "m", "tools": tools, "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+            {"role": "tool", "content": "42", "tool_call_id": "call_1"}
+        ]}))
+        .unwrap();
+        let OpenAiInput::Chat(m) = r.input else {
+            panic!()
+        };
+        assert_eq!(m[1].content, "");
+        assert_eq!(
+            m[1].tool_calls.as_ref().unwrap()[0]["function"]["arguments"],
+            json!({"a": 1})
+        );
+        assert_eq!(m[2].tool_call_id.as_deref(), Some("call_1"));
+        for (body, needle) in [
+            (with(json!({"tool_choice": "required"})), "no 'tools'"),
+            (
+                with(
+                    json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+                ),
+                "not one of",
+            ),
+            (
+                with(json!({"tools": [{"type": "function"}]})),
+                "'tools[0].function' is required",
+            ),
+            (
+                with(
+                    json!({"tools": tools, "tool_choice": "required", "response_format": {"type": "json_object"}}),
+                ),
+                "cannot be combined",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}),
+                "tool_call_id' is required",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x", "tool_calls": []}]}),
+                "only allowed on an assistant",
+            ),
         ] {
-            let message = refused(json!({"model": "m", "messages": [m]}));
-            assert!(
-                message.contains("not supported by this node yet"),
-                "{message}"
-            );
+            let message = refused(body.clone());
+            assert!(message.contains(needle), "{body}: {message}");
         }
+        assert!(completion(json!({"model": "m", "prompt": "x", "tools": tools})).is_err());
     }
 
     #[test]

@@ -43,6 +43,9 @@ use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
 use crate::error::ApiError;
+use crate::tools::{
+    normalize_tool_calls, parse_tool_choice, parse_tools, ToolChoice, ToolDefinition,
+};
 
 /// `max_tokens` when the request does not say.
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
@@ -183,8 +186,10 @@ pub struct ValidatedRequest {
     pub params: SamplingParams,
     /// `options.rejectIfBusy`: fail with 429 / 3040 instead of queueing.
     pub reject_if_busy: bool,
-    /// `tools`, an array of objects, kept verbatim.
-    pub tools: Option<Value>,
+    /// `tools`, in either shape (empty when none).
+    pub tools: Vec<ToolDefinition>,
+    /// `tool_choice` (an extension here: OpenAI's values), `auto` when not given.
+    pub tool_choice: ToolChoice,
     /// `response_format` (JSON mode); [`ResponseFormat::Text`] when absent.
     pub response_format: ResponseFormat,
 }
@@ -282,10 +287,15 @@ impl ValidatedRequest {
         params.frequency_penalty = get_number(&body, "frequency_penalty", MAX_PENALTY)?;
         params.presence_penalty = get_number(&body, "presence_penalty", MAX_PENALTY)?;
 
-        let tools = take_non_null(&mut body, "tools");
-        if let Some(tools) = &tools {
-            check_array_of_objects("/tools", tools)?;
-        }
+        let tools = match take_non_null(&mut body, "tools") {
+            Some(tools) => {
+                check_array_of_objects("/tools", &tools)?;
+                parse_tools(&tools, "tools").map_err(ApiError::bad_input)?
+            }
+            None => Vec::new(),
+        };
+        let tool_choice = parse_tool_choice(non_null(&body, "tool_choice"), &tools)
+            .map_err(ApiError::bad_input)?;
         if let Some(functions) = non_null(&body, "functions") {
             check_array_of_objects("/functions", functions)?;
         }
@@ -313,6 +323,7 @@ impl ValidatedRequest {
             params,
             reject_if_busy,
             tools,
+            tool_choice,
             response_format,
         })
     }
@@ -493,12 +504,20 @@ fn validate_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> 
         )));
     };
 
-    let tool_calls = take_non_null(&mut msg, "tool_calls");
-    if let Some(calls) = &tool_calls {
-        if !calls.is_array() {
-            return Err(type_mismatch(&format!("{base}/tool_calls"), calls, "array"));
+    let tool_calls = match take_non_null(&mut msg, "tool_calls") {
+        Some(calls) if !calls.is_array() => {
+            return Err(type_mismatch(
+                &format!("{base}/tool_calls"),
+                &calls,
+                "array",
+            ))
         }
-    }
+        Some(calls) => Some(
+            normalize_tool_calls(&calls, &format!("{base}/tool_calls"))
+                .map_err(ApiError::bad_input)?,
+        ),
+        None => None,
+    };
     let tool_call_id = take_string(&mut msg, "tool_call_id", &base)?;
     let name = take_string(&mut msg, "name", &base)?;
 
@@ -664,7 +683,8 @@ mod tests {
                 stream: false,
                 params: SamplingParams::default(),
                 reject_if_busy: false,
-                tools: None,
+                tools: Vec::new(),
+                tool_choice: ToolChoice::Auto,
                 response_format: ResponseFormat::Text,
             }
         );
@@ -1264,7 +1284,18 @@ mod tests {
                            {"type": "function", "function": {"name": "x"}}]);
         let req =
             ok(json!({"messages": [{"role": "user", "content": "x"}], "tools": tools.clone()}));
-        assert_eq!(req.tools, Some(tools));
+        assert_eq!(req.tools.len(), 2);
+        assert_eq!(
+            (req.tools[0].name.as_str(), req.tools[1].name.as_str()),
+            ("w", "x")
+        );
+        assert_eq!(req.tool_choice, ToolChoice::Auto);
+        assert!(bad(json!({"prompt": "x", "tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}))
+            .contains("not one of the 'tools'"));
+        assert!(
+            bad(prompt_with("tools", json!([{"description": "no name"}])))
+                .contains("'tools[0].name' is required")
+        );
         ok(json!({"messages": [{"role": "user", "content": "x"}],
                   "functions": [{"name": "f", "code": "return 1"}]}));
         ok(prompt_with("tools", json!(null)));

@@ -70,6 +70,12 @@ pub fn usage_event(usage: &Usage) -> String {
     })
 }
 
+/// `data: {"response":"","tool_calls":[{"name":..,"arguments":{..}},..]}\n\n`: the calls an
+/// answer made, sent once before the usage event.
+pub fn tool_calls_event(calls: &[serde_json::Value]) -> String {
+    frame(&serde_json::json!({"response": "", "tool_calls": calls}))
+}
+
 /// `data: {"error":{"code":..,"message":..},"errors":[{"code":..,"message":..}]}\n\n`
 ///
 /// For failures after the response headers went out. `error` suits

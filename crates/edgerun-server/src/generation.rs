@@ -19,7 +19,8 @@ use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
 use edgerun_engine::{
     GenerationEvent, GenerationRequest, OutputFormat, PromptInput, QueuePolicy, SamplingConfig,
-    StopCriteria, StopReason, TokenLogprob, TokenStream, Usage,
+    StopCriteria, StopReason, TokenLogprob, TokenStream, Tool, ToolCall, ToolCalling, ToolChoice,
+    Usage,
 };
 use edgerun_protocol::{sse, ApiError, ResponseFormat};
 use std::convert::Infallible;
@@ -33,13 +34,38 @@ const FIRST_EVENT_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct GenerationInput {
     pub prompt: PromptInput,
-    /// Tool definitions for the chat template, verbatim.
-    pub tools: Option<serde_json::Value>,
+    /// Tools the model may call (empty: none, also for `tool_choice: "none"`).
+    pub tools: Vec<Tool>,
+    /// Whether a call is forced (only read with tools).
+    pub tool_choice: ToolChoice,
     pub sampling: SamplingConfig,
     pub stopping: StopCriteria,
     /// What the output must look like (JSON mode), compiled with the prompt.
     pub format: OutputFormat,
     pub policy: QueuePolicy,
+}
+
+/// A dialect's tools in the engine's terms; `tool_choice: "none"` hides them from the model.
+pub fn engine_tools(
+    tools: Vec<edgerun_protocol::ToolDefinition>,
+    choice: edgerun_protocol::ToolChoice,
+) -> (Vec<Tool>, ToolChoice) {
+    use edgerun_protocol::ToolChoice as Wire;
+    let choice = match choice {
+        Wire::None => return (Vec::new(), ToolChoice::Auto),
+        Wire::Auto => ToolChoice::Auto,
+        Wire::Required => ToolChoice::Required,
+        Wire::Function(name) => ToolChoice::Function(name),
+    };
+    let tools = tools
+        .into_iter()
+        .map(|t| Tool {
+            name: t.name,
+            description: t.description,
+            parameters: t.parameters,
+        })
+        .collect();
+    (tools, choice)
 }
 
 /// A dialect's `response_format` in the engine's terms (the same for both dialects).
@@ -76,12 +102,17 @@ pub struct Generation {
     stream: TokenStream,
     timer: TokenTimer,
     drain: Arc<Drain>,
+    /// How to read tool calls out of the answer, when the request gave tools.
+    tool_calling: Option<ToolCalling>,
 }
 
 /// A finished generation's whole answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
+    /// The answer's text, without the tool calls.
     pub text: String,
+    /// The tool calls the model made (only when the request gave tools).
+    pub tool_calls: Vec<ToolCall>,
     /// One per generated token when log-probabilities were asked for, else empty.
     pub logprobs: Vec<TokenLogprob>,
     pub usage: Usage,
@@ -102,11 +133,25 @@ pub async fn start(
     let GenerationInput {
         prompt,
         tools,
+        tool_choice,
         sampling,
         stopping,
         format,
         policy,
     } = input;
+    let tool_calling = engine.tool_calling();
+    // A forced call is a grammar over the functions' parameters (`tools.rs`).
+    let format = match (tool_calling.grammar(&tools, &tool_choice), format) {
+        (None, format) => format,
+        (Some(grammar), OutputFormat::Text) => grammar,
+        (Some(_), _) => {
+            return Err(ApiError::bad_input(
+                "tool_choice that forces a call and response_format cannot be combined",
+            )
+            .into())
+        }
+    };
+    let tool_calling = (!tools.is_empty()).then_some(tool_calling);
     // Busy is decided here, before any work that grows with the prompt.
     let slot = engine.reserve(policy)?;
     let prepare = async {
@@ -121,7 +166,7 @@ pub async fn start(
         // output format compiles here too (a bad schema is a 400 before the request queues).
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let prompt = engine.prepare(&prompt, tools.as_ref())?;
+            let prompt = engine.prepare(&prompt, &tools)?;
             Ok::<_, edgerun_engine::EngineError>((prompt, engine.constrain(&format)?))
         })
         .await
@@ -146,6 +191,7 @@ pub async fn start(
         stream,
         timer: TokenTimer::new(started),
         drain: state.drain.clone(),
+        tool_calling,
     })
 }
 
@@ -154,6 +200,8 @@ pub trait Framing: Send + 'static {
     /// The text of the newest token(s), with their log-probabilities when the request asked
     /// for them (then `text` may be empty).
     fn token(&mut self, text: &str, logprobs: &[TokenLogprob]) -> String;
+    /// The tool calls the answer made (sent once, at the end, before [`Framing::finish`]).
+    fn tool_calls(&mut self, calls: &[ToolCall]) -> String;
     /// The end of a successful generation (final usage, terminator).
     fn finish(&mut self, usage: &Usage, reason: StopReason) -> String;
     /// A failure after the stream has started; the stream ends after it.
@@ -192,8 +240,13 @@ impl Generation {
                 Some(GenerationEvent::PromptProcessed { .. }) => {}
                 Some(GenerationEvent::Finished { usage, reason }) => {
                     self.timer.finish();
+                    let (text, tool_calls) = match self.tool_calling {
+                        Some(calling) => calling.parse(&text),
+                        None => (text, Vec::new()),
+                    };
                     return Ok(Completion {
                         text,
+                        tool_calls,
                         logprobs,
                         usage,
                         reason,
@@ -237,13 +290,15 @@ fn sse_response<F: Framing>(
         stream,
         timer,
         drain,
+        tool_calling,
     } = generation;
     let cut = Box::pin(drain.cut_signal());
-    let state = Some((stream, first, timer, framing, cut));
+    let calls = tool_calling.map(|c| c.splitter());
+    let state = Some((stream, first, timer, (framing, calls), cut));
     let events = futures::stream::unfold(state, move |state| {
         let drain = drain.clone();
         async move {
-            let (mut stream, mut pending, mut timer, mut framing, mut cut) = state?;
+            let (mut stream, mut pending, mut timer, (mut framing, mut calls), mut cut) = state?;
             loop {
                 let next = match pending.take() {
                     Some(event) => Ok(Some(event)),
@@ -262,11 +317,30 @@ fn sse_response<F: Framing>(
                     Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
                     Ok(Some(GenerationEvent::Token { text, logprobs })) => {
                         timer.token();
+                        // With tools, what may be a call is held back until the end.
+                        let text = match calls.as_mut() {
+                            Some(splitter) => splitter.push(&text),
+                            None => text,
+                        };
+                        if text.is_empty() && logprobs.is_empty() {
+                            continue;
+                        }
                         (framing.token(&text, &logprobs), true)
                     }
                     Ok(Some(GenerationEvent::Finished { usage, reason })) => {
                         timer.finish();
-                        (framing.finish(&usage, reason), false)
+                        let mut frame = String::new();
+                        if let Some(splitter) = calls.take() {
+                            let (tail, found) = splitter.finish();
+                            if !tail.is_empty() {
+                                frame.push_str(&framing.token(&tail, &[]));
+                            }
+                            if !found.is_empty() {
+                                frame.push_str(&framing.tool_calls(&found));
+                            }
+                        }
+                        frame.push_str(&framing.finish(&usage, reason));
+                        (frame, false)
                     }
                     Ok(Some(GenerationEvent::Failed(e))) => (
                         framing.error(&ServerError::Generation(e).api_error()),
@@ -278,7 +352,10 @@ fn sse_response<F: Framing>(
                     }
                 };
                 let frame = Ok::<_, Infallible>(Bytes::from(frame));
-                return Some((frame, keep.then_some((stream, None, timer, framing, cut))));
+                return Some((
+                    frame,
+                    keep.then_some((stream, None, timer, (framing, calls), cut)),
+                ));
             }
         }
     });

@@ -27,12 +27,12 @@ use axum::http::Uri;
 use axum::response::Response;
 use edgerun_engine::{
     ChatMessage, Logprobs, PromptInput, SamplingConfig, StopCriteria, StopReason, TokenLogprob,
-    Usage,
+    ToolCall, Usage,
 };
 use edgerun_protocol::openai::{
     self, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs,
-    ChatTokenLogprob, Chunk, CompletionChoice, CompletionLogprobs, FinishReason, ModelList,
-    TextCompletion, TopLogprob,
+    ChatTokenLogprob, Chunk, CompletionChoice, CompletionLogprobs, FinishReason, FunctionCallOut,
+    ModelList, TextCompletion, ToolCallOut, TopLogprob,
 };
 use edgerun_protocol::{
     sse, ApiError, OpenAiBase, OpenAiEndpoint, OpenAiInput, OpenAiRequest, OpenAiRoute,
@@ -146,6 +146,8 @@ pub(crate) fn generation_input(endpoint: OpenAiEndpoint, r: OpenAiRequest) -> Ge
                     .into_iter()
                     .map(|m| ChatMessage {
                         name: m.name,
+                        tool_call_id: m.tool_call_id,
+                        tool_calls: m.tool_calls,
                         ..ChatMessage::new(m.role, m.content)
                     })
                     .collect(),
@@ -158,9 +160,11 @@ pub(crate) fn generation_input(endpoint: OpenAiEndpoint, r: OpenAiRequest) -> Ge
         ),
     };
     debug_assert!(endpoint != OpenAiEndpoint::Models);
+    let (tools, tool_choice) = generation::engine_tools(r.tools, r.tool_choice);
     GenerationInput {
         prompt,
-        tools: None,
+        tools,
+        tool_choice,
         sampling: SamplingConfig {
             temperature: r.temperature.unwrap_or(DEFAULT_TEMPERATURE),
             top_k: r.top_k.map_or(0, |k| k as usize),
@@ -183,13 +187,32 @@ pub(crate) fn generation_input(endpoint: OpenAiEndpoint, r: OpenAiRequest) -> Ge
     }
 }
 
-/// OpenAI's name for why a choice ended.
-fn finish_reason(reason: StopReason) -> FinishReason {
+/// OpenAI's name for why a choice ended (`tool_calls` when it made calls).
+fn finish_reason(reason: StopReason, called: bool) -> FinishReason {
     if reason.is_length() {
         "length"
+    } else if called {
+        "tool_calls"
     } else {
         "stop"
     }
+}
+
+/// The calls in OpenAI's shape, with fresh ids (`index` set for stream chunks).
+fn tool_calls_out(calls: &[ToolCall], indexed: bool) -> Vec<ToolCallOut> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ToolCallOut {
+            index: indexed.then_some(i as u32),
+            id: format!("call_{:024x}", rand::random::<u128>() >> 32),
+            kind: "function",
+            function: FunctionCallOut {
+                name: c.name.clone(),
+                arguments: c.arguments.to_string(),
+            },
+        })
+        .collect()
 }
 
 /// A token's text as OpenAI reports it: its bytes, lossily when they end inside a character.
@@ -267,7 +290,7 @@ impl Shape {
 
     /// The non-streamed answer.
     fn whole(&self, done: Completion) -> String {
-        let finish_reason = finish_reason(done.reason);
+        let finish_reason = finish_reason(done.reason, !done.tool_calls.is_empty());
         let usage = generation::wire_usage(&done.usage);
         match self.endpoint {
             OpenAiEndpoint::Completions => openai::to_json(&TextCompletion {
@@ -294,8 +317,11 @@ impl Shape {
                     index: 0,
                     message: AssistantMessage {
                         role: "assistant",
-                        content: done.text,
+                        content: (done.tool_calls.is_empty() || !done.text.is_empty())
+                            .then_some(done.text),
                         refusal: None,
+                        tool_calls: (!done.tool_calls.is_empty())
+                            .then(|| tool_calls_out(&done.tool_calls, false)),
                     },
                     logprobs: self.logprobs.then(|| chat_logprobs(&done.logprobs)),
                     finish_reason,
@@ -331,6 +357,8 @@ struct OpenAiStream {
     opened: bool,
     /// Where the next token starts in the text (legacy completion logprobs).
     offset: usize,
+    /// Tool calls went out (the finish reason is `tool_calls`).
+    called: bool,
 }
 
 impl OpenAiStream {
@@ -339,6 +367,7 @@ impl OpenAiStream {
             shape,
             opened: false,
             offset: 0,
+            called: false,
         }
     }
 
@@ -354,6 +383,7 @@ impl OpenAiStream {
                 delta: ChatDelta {
                     role: Some("assistant"),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 logprobs: None,
                 finish_reason: None,
@@ -390,6 +420,7 @@ impl OpenAiStream {
                     delta: ChatDelta {
                         role: None,
                         content: text.map(str::to_string),
+                        tool_calls: None,
                     },
                     logprobs: with_logprobs.then(|| chat_logprobs(logprobs)),
                     finish_reason: finish,
@@ -407,9 +438,28 @@ impl Framing for OpenAiStream {
         out
     }
 
+    fn tool_calls(&mut self, calls: &[ToolCall]) -> String {
+        self.called = true;
+        let mut out = self.open();
+        out.push_str(&self.shape.chunk(
+            vec![ChatChunkChoice {
+                index: 0,
+                delta: ChatDelta {
+                    role: None,
+                    content: None,
+                    tool_calls: Some(tool_calls_out(calls, true)),
+                },
+                logprobs: None,
+                finish_reason: None,
+            }],
+            None,
+        ));
+        out
+    }
+
     fn finish(&mut self, usage: &Usage, reason: StopReason) -> String {
         let mut out = self.open();
-        out.push_str(&self.delta(None, &[], Some(finish_reason(reason))));
+        out.push_str(&self.delta(None, &[], Some(finish_reason(reason, self.called))));
         if self.shape.include_usage {
             out.push_str(
                 &self
@@ -573,6 +623,7 @@ mod tests {
     fn whole_answers_have_openais_shape() {
         let done = Completion {
             text: "hi".into(),
+            tool_calls: Vec::new(),
             logprobs: vec![logprob(b"h", -0.1), logprob(&[0xC3], -2.0)],
             usage: Usage {
                 prompt_tokens: 4,

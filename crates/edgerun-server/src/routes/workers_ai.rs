@@ -12,7 +12,7 @@ use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use edgerun_engine::{
     ChatMessage, Logprobs, PromptInput, SamplingConfig, StopCriteria, StopReason, TokenLogprob,
-    Usage,
+    ToolCall, Usage,
 };
 use edgerun_protocol::{
     model_from_path, run_route_tail, sse, ApiError, SuccessEnvelope, TextGenerationOutput,
@@ -81,7 +81,7 @@ pub(super) async fn answer(
         };
         let out = TextGenerationOutput {
             response,
-            tool_calls: Vec::new(),
+            tool_calls: done.tool_calls.iter().map(legacy_call).collect(),
             usage: generation::wire_usage(&done.usage),
         };
         Ok(json_response(match envelope {
@@ -91,6 +91,11 @@ pub(super) async fn answer(
             })?,
         }))
     }
+}
+
+/// A call in Workers AI's (legacy) shape: `{"name", "arguments": {..}}` (reference §2.2).
+fn legacy_call(call: &ToolCall) -> Value {
+    serde_json::json!({"name": call.name, "arguments": call.arguments})
 }
 
 /// JSON mode's `response`: the JSON value the constrained output is (an object, as Workers AI
@@ -125,9 +130,11 @@ pub(crate) fn generation_input(request: ValidatedRequest) -> GenerationInput {
                 .collect(),
         ),
     };
+    let (tools, tool_choice) = generation::engine_tools(request.tools, request.tool_choice);
     GenerationInput {
         prompt,
-        tools: request.tools,
+        tools,
+        tool_choice,
         sampling: SamplingConfig {
             temperature: p.temperature,
             top_k: p.top_k.map_or(0, |k| k as usize),
@@ -155,6 +162,10 @@ impl Framing for WorkersAiStream {
             return String::new();
         }
         sse::token_event(text)
+    }
+
+    fn tool_calls(&mut self, calls: &[ToolCall]) -> String {
+        sse::tool_calls_event(&calls.iter().map(legacy_call).collect::<Vec<_>>())
     }
 
     fn finish(&mut self, usage: &Usage, _reason: StopReason) -> String {
@@ -245,6 +256,6 @@ mod tests {
         );
         assert_eq!(input.stopping.max_tokens, 7);
         assert_eq!(input.policy, QueuePolicy::RejectIfBusy);
-        assert!(input.tools.is_some());
+        assert_eq!(input.tools.len(), 1);
     }
 }
