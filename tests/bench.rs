@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! edgerun-bench [--url http://127.0.0.1:8080 --token T | --spawn] [--llama-server PATH] [--runs 5]
+//! edgerun-bench [--url .. | --spawn] --format-cost [--runs 5]   # free text vs a JSON schema
 //! ```
 
 use edgerun_e2e::{model_path, Node, MODEL_ALIAS, TOKEN};
@@ -240,6 +241,103 @@ async fn wait_healthy(url: &str) {
     }
 }
 
+/// One streamed `/v1/completions` request (`extra` fields added to the body).
+async fn openai_stream(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    extra: &Value,
+) -> Observed {
+    let mut body = json!({"model": MODEL_ALIAS, "prompt": counting_prompt(), "stream": true,
+                          "stream_options": {"include_usage": true}, "max_tokens": 128,
+                          "temperature": 0});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
+    let start = Instant::now();
+    let resp = client
+        .post(format!("{url}/v1/completions"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let mut stream = resp.bytes_stream();
+    let mut parser = SseParser::new();
+    let (mut first, mut last, mut completion, mut prompt_tokens) = (None, None, 0, 0);
+    while let Some(chunk) = stream.next().await {
+        let now = Instant::now();
+        for ev in parser.push(&chunk.expect("chunk")) {
+            let SseEvent::Data(v) = ev else { continue };
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                completion = u["completion_tokens"].as_u64().unwrap_or(0);
+                prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
+            } else if v["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+            {
+                first.get_or_insert(now);
+                last = Some(now);
+            }
+        }
+    }
+    let first = first.expect("no token arrived");
+    Observed {
+        ttft: first - start,
+        first_token_at: first,
+        last_token_at: last.unwrap(),
+        completion_tokens: completion,
+        prompt_tokens,
+    }
+}
+
+/// `--format-cost`: what a JSON schema costs per token. Single-stream decode speed and the
+/// aggregate of 4 concurrent streams, free text against the same prompt constrained by a
+/// schema (128 tokens each; the schema cannot end sooner).
+async fn format_cost(url: &str, token: &str, runs: usize) {
+    let client = reqwest::Client::new();
+    let schema = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "numbers",
+        "schema": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100000},
+                   "minItems": 500}}}});
+    let variants = [("free text", json!({})), ("JSON schema", schema)];
+    // Warm up both paths (the first schema also builds the grammar engine's token trie).
+    for (_, extra) in &variants {
+        openai_stream(&client, url, token, extra).await;
+    }
+    println!("\n| decode | free text | JSON schema | ratio |\n|---|---:|---:|---:|");
+    let mut rows: Vec<(String, Vec<f64>)> = vec![
+        ("1 stream, tok/s".into(), vec![]),
+        ("4 streams, tok/s".into(), vec![]),
+    ];
+    for (_, extra) in &variants {
+        let mut single = Vec::new();
+        let mut aggregate = Vec::new();
+        for _ in 0..runs {
+            let o = openai_stream(&client, url, token, extra).await;
+            let secs = (o.last_token_at - o.first_token_at).as_secs_f64();
+            single.push(o.completion_tokens.saturating_sub(1) as f64 / secs);
+            let start = Instant::now();
+            let all = futures::future::join_all(
+                (0..4).map(|_| openai_stream(&client, url, token, extra)),
+            )
+            .await;
+            let tokens: u64 = all.iter().map(|o| o.completion_tokens).sum();
+            aggregate.push(tokens as f64 / start.elapsed().as_secs_f64());
+        }
+        rows[0].1.push(median(single));
+        rows[1].1.push(median(aggregate));
+    }
+    for (name, v) in rows {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2}x |",
+            v[0],
+            v[1],
+            v[1] / v[0]
+        );
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -268,6 +366,15 @@ async fn main() {
                 .unwrap_or_default(),
         }
     };
+    if args.iter().any(|a| a == "--format-cost") {
+        let Target::Edgerun { url, token } = &edgerun else {
+            unreachable!()
+        };
+        eprintln!("measuring the cost of a JSON schema ({runs} runs per figure)...");
+        format_cost(url, token, runs).await;
+        drop(node);
+        return;
+    }
     let mut targets = vec![edgerun];
     let mut peer = None;
     if let Some(bin) = flag("--llama-server") {

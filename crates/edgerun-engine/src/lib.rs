@@ -14,6 +14,8 @@
 //! | a block format or a device kernel | `kernels/<format>.rs`, one arm in [`kernels::QLinear::new`] |
 //! | a stop rule | a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`] (stop strings: `Sequence::release`) |
 //! | a sampling parameter | a field of [`SamplingConfig`], applied in [`Sampler`] |
+//! | an output format (JSON schema, Lark grammar) | an [`OutputFormat`] variant, compiled by llguidance in `constraint.rs` ([`Engine::constrain`]) |
+//! | a tool-call family | `tools.rs`: [`ToolCalling::detect`], its parser and its forcing grammar |
 //! | something reported per token | a field of the `Token` event ([`GenerationEvent`]); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]) |
 //! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
 //! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
@@ -21,17 +23,20 @@
 //! ## Data flow
 //!
 //! ```text
-//! PromptInput ──Engine::prepare──▶ prompt tokens        (caller's thread: template + tokenize)
-//! GenerationRequest { prompt, sampling, stopping } ──Engine::submit──▶ channel ──▶ engine thread
+//! PromptInput (+ tools) ──Engine::prepare──▶ prompt tokens   (caller's thread: template + tokenize)
+//! OutputFormat ──Engine::constrain──▶ Constraint         (caller's thread: schema → grammar, first mask)
+//! GenerationRequest { prompt, sampling, stopping, constraint } ──Engine::submit──▶ channel ──▶ engine thread
 //!   engine thread, each turn:
 //!     take submissions, drop cancelled sequences
 //!     admit from the queue (admission: batch slots, KV budget, first come first served);
 //!       each admitted request becomes a Sequence with its KvCache (prompt + max_tokens)
 //!     plan_step: Decode for decoding sequences, Prefill { start, len } prompt chunks
-//!     execute: one CausalLm::forward over every planned segment
-//!     update_from_output: sample per sequence (with its log-probabilities, when asked for);
-//!       Sequence::accept detokenizes, applies its stop rules (end of turn, stop strings,
-//!       max_tokens, context), emits GenerationEvents; finished sequences leave the batch
+//!     execute: one CausalLm::forward over every planned segment; the token masks of the
+//!       constrained sequences about to sample are computed on a side thread meanwhile
+//!     update_from_output: sample per sequence (its format's mask applied first; with its
+//!       log-probabilities, when asked for); Sequence::accept feeds the grammar, detokenizes,
+//!       applies its stop rules (end of turn, a complete format, stop strings, max_tokens,
+//!       context), emits GenerationEvents; finished sequences leave the batch
 //!   TokenStream ◀── PromptProcessed / Token { text, logprobs } / Finished { usage, StopReason } / Failed
 //! ```
 //!
@@ -57,6 +62,10 @@
 //!   `Q6_K`, `Q8_0` and `Q4_1` files llama-quantize writes for 256-multiple rows); formats
 //!   served by candle's kernels (Q4_0, Q5_0, Q5_1, and every GPU kernel) do not promise it
 //!   (`tests/kquants.rs` shows candle's Q6_K breaking it).
+//! * A constrained sequence never holds the batch back by more than its mask's excess over the
+//!   forward pass: masks depend only on tokens already consumed and are computed beside it.
+//! * Tool calls are read from text only after generation (or held back while streaming, by the
+//!   server with [`ToolCallSplitter`]); the engine's events are always plain text.
 //! * Nothing on the hot path is optional: [`SamplingConfig`] and [`StopCriteria`] arrive
 //!   resolved, [`SchedulerConfig`] arrives validated.
 //!

@@ -18,14 +18,17 @@
 //! * [`request`]: request-body validation against the model's published
 //!   input schema, producing a [`ValidatedRequest`] (prompt or messages,
 //!   sampling parameters with defaults applied, `stream`, `rejectIfBusy`,
-//!   `tools`, `response_format`).
+//!   `tools` and `tool_choice`, `response_format` as a [`ResponseFormat`] shared with the
+//!   OpenAI dialect; a schema with `stream` is Workers AI's 5023, `json_object` streams).
+//! * [`tools`]: tool definitions in Workers AI's legacy shape or OpenAI's, `tool_choice`, and
+//!   assistant `tool_calls` sent back, normalised to one shape for chat templates.
 //! * [`response`]: the non-streaming output ([`TextGenerationOutput`],
 //!   [`Usage`]) and the success envelope ([`SuccessEnvelope`]).
 //! * [`openai`]: the OpenAI-compatible dialect (reference §4): validation of
 //!   `chat/completions` and `completions` bodies into an [`OpenAiRequest`]
-//!   (what the node cannot do yet is refused, never ignored), the
-//!   `chat.completion` / `text_completion` answers and stream chunks, the
-//!   model list, and OpenAI's `{"error":{..}}` body.
+//!   (structured outputs, tools, tool messages; what the node cannot do yet is refused,
+//!   never ignored), the `chat.completion` / `text_completion` answers and stream chunks
+//!   (tool calls with ids), the model list, and OpenAI's `{"error":{..}}` body.
 //! * [`binding`]: the Workers binding protocol (reference §6.1) — `POST /run?version=3`
 //!   with the model in `cf-consn-model-id` and the body `{inputs, options}`, answered with the
 //!   bare output — and the error body the runtime turns into a useful thrown error.

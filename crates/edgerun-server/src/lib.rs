@@ -13,16 +13,25 @@
 //!      └─ model name (literal or %2F slashes; unknown: 400 / 5007)
 //!         └─ body ≤ limit (413 / 3006), within its deadline and minimum rate (408 / 3007)
 //!            └─ ValidatedRequest (400 / 5006, from edgerun-protocol)
-//!               └─ GenerationInput: the engine's PromptInput, SamplingConfig, StopCriteria
+//!               └─ GenerationInput: the engine's PromptInput, SamplingConfig, StopCriteria,
+//!                  tools and tool choice, OutputFormat (response_format's JSON schema)
 //!                  └─ generation::start                                  (generation.rs)
 //!                     ├─ draining? 503 ─ Engine::reserve: a queue place or 429 / 3040,
 //!                     │  decided before any work proportional to the prompt
-//!                     ├─ Engine::prepare on the bounded prepare pool (template + tokenize)
+//!                     ├─ a forced tool call becomes the format (the engine's grammar for the
+//!                     │  model's tool-call family; with a response_format too: 400)
+//!                     ├─ on the bounded prepare pool: Engine::prepare (template with the tools
+//!                     │  + tokenize) and Engine::constrain (schema → grammar; bad: 400 / 5006)
 //!                     └─ Engine::submit_reserved (context window 400)
+//!                     ├─ with tools, text that may be a call is held back (ToolCallSplitter)
+//!                     │  and the calls go out once, at the end (Framing::tool_calls)
 //!                     ├─ stream: Generation::stream with the dialect's Framing
 //!                     │          (Workers AI: `data: {"response":..}` per token, usage,
 //!                     │          [DONE]); comment heartbeats while queued or prefilling
-//!                     └─ JSON:   Generation::collect, then the dialect's envelope
+//!                     └─ JSON:   Generation::collect (text and parsed tool calls), then the
+//!                                dialect's envelope; JSON mode: `response` is the JSON value
+//!                                (not JSON, i.e. cut at max_tokens: 400 "JSON Mode couldn't
+//!                                be met")
 //!
 //! POST /v1/chat/completions | /v1/completions | /client/v4/accounts/{id}/ai/v1/chat/completions,
 //! GET /v1/models                                                          (routes/openai.rs)
