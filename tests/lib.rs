@@ -125,6 +125,17 @@ impl Node {
             .body(body)
     }
 
+    /// POSTs JSON to any `path` with the right token.
+    pub async fn post_json_to(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// POSTs a body to the run route and parses the JSON answer (success or error envelope).
     pub async fn run_json(&self, body: impl Into<reqwest::Body>) -> serde_json::Value {
         self.post(body).send().await.unwrap().json().await.unwrap()

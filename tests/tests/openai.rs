@@ -1,7 +1,7 @@
 //! The OpenAI-compatible routes end to end: the real binary, the real model, real HTTP, and
 //! the official SDKs (Python `openai`, npm `openai`) driving it (`tests/sdk/`).
 
-use edgerun_e2e::{read_sse, workspace_root, Node, Received, MODEL_ALIAS, TOKEN};
+use edgerun_e2e::{read_sse, sdk_env, workspace_root, Node, Received, MODEL_ALIAS, TOKEN};
 use edgerun_protocol::sse::SseEvent;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -31,13 +31,7 @@ fn chat(content: &str, max_tokens: u32, extra: Value) -> Value {
 const FRUITS: &str = "Name three fruits.";
 
 async fn post(node: &Node, path: &str, body: &Value) -> reqwest::Response {
-    node.client
-        .post(node.url(path))
-        .bearer_auth(TOKEN)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    node.post_json_to(path, body).await
 }
 
 /// POSTs and returns the status, the `content-type` and the JSON body.
@@ -583,28 +577,6 @@ async fn busy_and_cut_streams_are_reported() {
     let last = chunks.last().unwrap();
     openai_error(last, "service_unavailable_error", "shut down");
     assert!(chunks.len() > 2, "{chunks:?}");
-}
-
-/// Runs `scripts/install-sdk-clients.sh --check` (which installs nothing) and returns the
-/// variables it prints; a missing SDK fails the test.
-fn sdk_env() -> Vec<(String, String)> {
-    let out = std::process::Command::new("bash")
-        .arg(workspace_root().join("scripts/install-sdk-clients.sh"))
-        .arg("--check")
-        .output()
-        .expect("run scripts/install-sdk-clients.sh");
-    assert!(
-        out.status.success(),
-        "the OpenAI SDKs are missing (scripts/test.sh installs them): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// Runs an SDK client script against `node` through both base URLs; fails with its output.

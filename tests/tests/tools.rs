@@ -3,7 +3,7 @@
 //! Workers AI's and OpenAI's shapes, whole and streamed, forced calls whose arguments always
 //! validate against the function's parameters, and tool results sent back.
 
-use edgerun_e2e::{read_sse, Node, MODEL_ALIAS, TOKEN};
+use edgerun_e2e::{read_sse, Node, MODEL_ALIAS};
 use edgerun_protocol::sse::SseEvent;
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -23,13 +23,7 @@ fn valid_arguments(arguments: &Value) {
 const QUESTION: &str = "What is the weather like in Paris right now?";
 
 async fn post(node: &Node, path: &str, body: &Value) -> reqwest::Response {
-    node.client
-        .post(node.url(path))
-        .bearer_auth(TOKEN)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    node.post_json_to(path, body).await
 }
 
 fn data(events: Vec<edgerun_e2e::Received>) -> Vec<Value> {
