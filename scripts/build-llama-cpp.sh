@@ -12,38 +12,19 @@ set -euo pipefail
 
 VERSION=0.3.36
 COMMIT=0c1e570
-SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CACHE="${EDGERUN_CACHE_DIR:-$HOME/.cache/edgerun}"
 DEST="$CACHE/llama.cpp-$COMMIT"
 SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
 
 log() { echo "build-llama-cpp: $*" >&2; }
 
-verify() { [ -f "$SDIST" ] && echo "$SHA256  $SDIST" | sha256sum --check --status; }
-
 mkdir -p "$CACHE"
 # One build at a time (bench.sh and check-quant-layouts.sh both call this).
 exec 9>"$CACHE/.llama.cpp-$COMMIT.lock"
 flock 9
 
-if ! verify; then
-    # `pip download` of an sdist would try to build it; take the file the simple index lists.
-    log "fetching llama-cpp-python==$VERSION (sdist, 77 MB) from PyPI"
-    python3 - "$VERSION" "$SDIST.partial" <<'PY'
-import re, sys, urllib.request
-version, dest = sys.argv[1], sys.argv[2]
-index = urllib.request.Request("https://pypi.org/simple/llama-cpp-python/", headers={"Accept": "text/html"})
-with urllib.request.urlopen(index, timeout=120) as r:
-    page = r.read().decode()
-name = re.escape(f"llama_cpp_python-{version}.tar.gz")
-url = re.search(r'href="([^"#]*' + name + r')[^"]*"', page).group(1)
-with urllib.request.urlopen(url, timeout=600) as r, open(dest, "wb") as out:
-    while chunk := r.read(1 << 20):
-        out.write(chunk)
-PY
-    mv "$SDIST.partial" "$SDIST"
-    verify || { log "sha256 mismatch for $SDIST"; rm -f "$SDIST"; exit 1; }
-fi
+scripts_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+"$scripts_dir/fetch-llama-cpp-sdist.sh" >/dev/null
 
 if [ -x "$DEST/bin/llama-server" ] && [ -x "$DEST/bin/llama-quantize" ]; then
     echo "$DEST/bin"

@@ -13,6 +13,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WORKER=(--manifest-path deploy/worker/Cargo.toml)
 
 models/fetch-default.sh >/dev/null
+# llama.cpp's real chat templates (from the pinned llama-cpp-python sdist, cached, sha256-checked):
+# the tool-calling tests render each family's (crates/edgerun-engine/tests/tool_templates.rs).
+scripts/fetch-llama-cpp-sdist.sh --templates >/dev/null
 scripts/install-wasm-toolchain.sh
 # The official client packages (Python and npm `openai` and `cloudflare`, npm `@cloudflare/ai`,
 # pinned) the compatibility tests drive the node with; the tests fail, not skip, without them.

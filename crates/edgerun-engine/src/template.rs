@@ -79,10 +79,17 @@ impl ChatTemplate {
             }
             PromptInput::Messages(messages) => messages.clone(),
         };
+        // Templates that refuse a system role (Gemma's) get the tools in the first user turn.
         self.render(
-            &ToolCalling::rewrite_for_plain_template(tools, &messages),
+            &ToolCalling::rewrite_for_plain_template(tools, &messages, true),
             None,
         )
+        .or_else(|_| {
+            self.render(
+                &ToolCalling::rewrite_for_plain_template(tools, &messages, false),
+                None,
+            )
+        })
     }
 
     /// The text the model reads for an input: the template applied to messages (a bare prompt

@@ -119,10 +119,12 @@ impl ToolCalling {
     }
 
     /// For a template that does not render tools: the conversation with the tools described in
-    /// the system message, calls and results written as Hermes blocks.
+    /// the system message (or, for a template without a system role, such as Gemma's, at the
+    /// start of the first user message), calls and results written as Hermes blocks.
     pub fn rewrite_for_plain_template(
         tools: &[Tool],
         messages: &[ChatMessage],
+        system_role: bool,
     ) -> Vec<ChatMessage> {
         let mut listing = String::new();
         for t in Self::template_tools(tools).as_array().into_iter().flatten() {
@@ -138,15 +140,28 @@ impl ToolCalling {
              <tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
         );
         let mut out = Vec::with_capacity(messages.len() + 1);
-        match messages.first() {
-            Some(first) if first.role == "system" => out.push(ChatMessage::new(
-                "system",
-                format!("{}\n\n{prompt}", first.content),
-            )),
-            _ => out.push(ChatMessage::new("system", prompt)),
-        }
+        let system = match messages.first() {
+            Some(first) if first.role == "system" => format!("{}\n\n{prompt}", first.content),
+            _ => prompt,
+        };
         let skip = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+        let mut pending = Some(system);
+        if system_role {
+            out.push(ChatMessage::new(
+                "system",
+                pending.take().unwrap_or_default(),
+            ));
+        }
         for m in &messages[skip..] {
+            if m.role == "user" {
+                if let Some(system) = pending.take() {
+                    out.push(ChatMessage::new(
+                        "user",
+                        format!("{system}\n\n{}", m.content),
+                    ));
+                    continue;
+                }
+            }
             match m.role.as_str() {
                 "assistant" if m.tool_calls.is_some() => {
                     let mut content = m.content.clone();
@@ -544,7 +559,7 @@ mod tests {
                 ..ChatMessage::new("tool", "sunny")
             },
         ];
-        let out = ToolCalling::rewrite_for_plain_template(&tools(), &messages);
+        let out = ToolCalling::rewrite_for_plain_template(&tools(), &messages, true);
         assert_eq!(out.len(), 4);
         assert!(out[0].content.starts_with("Be brief.\n\n# Tools"));
         assert!(out[0].content.contains("\"name\":\"get_weather\""));
@@ -562,6 +577,14 @@ mod tests {
             (out[3].role.as_str(), out[3].content.as_str()),
             ("user", "<tool_response>\nsunny\n</tool_response>")
         );
+        // Without a system role, the first user turn carries it.
+        let out = ToolCalling::rewrite_for_plain_template(&tools(), &messages, false);
+        assert_eq!(out.len(), 3);
+        assert!(out[0].content.starts_with("Be brief.\n\n# Tools"));
+        assert!(out[0]
+            .content
+            .ends_with("</tool_call>\n\nWeather in Paris?"));
+        assert_eq!(out[0].role, "user");
     }
 
     #[test]
