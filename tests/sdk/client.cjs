@@ -69,11 +69,27 @@ async function main() {
   await expectError('a wrong key is refused', OpenAI.AuthenticationError, 401,
     () => new OpenAI({ baseURL: BASE, apiKey: 'wrong', maxRetries: 0 })
       .chat.completions.create({ model: MODEL, messages }));
-  await expectError('tools are refused', OpenAI.BadRequestError, 400,
-    () => client.chat.completions.create({
-      model: MODEL, messages,
-      tools: [{ type: 'function', function: { name: 'f', parameters: { type: 'object' } } }],
-    }));
+  // A forced tool call: the arguments are JSON that matches the parameters.
+  const called = await client.chat.completions.create({
+    model: MODEL, messages: [{ role: 'user', content: 'What is the weather in Paris?' }],
+    temperature: 0, max_tokens: 60, tool_choice: 'required',
+    tools: [{ type: 'function', function: { name: 'get_weather', description: 'Weather in a city',
+      parameters: { type: 'object', properties: { city: { type: 'string', maxLength: 30 } }, required: ['city'] } } }],
+  });
+  assert.equal(called.choices[0].finish_reason, 'tool_calls');
+  const call = called.choices[0].message.tool_calls[0];
+  assert.equal(call.function.name, 'get_weather');
+  assert.equal(typeof JSON.parse(call.function.arguments).city, 'string');
+  ok('tool call');
+  // Structured output.
+  const structured = await client.chat.completions.create({
+    model: MODEL, messages: [{ role: 'user', content: 'Name a colour.' }], temperature: 0, max_tokens: 40,
+    response_format: { type: 'json_schema', json_schema: { name: 'colour', strict: true,
+      schema: { type: 'object', properties: { colour: { enum: ['red', 'green', 'blue'] } },
+        required: ['colour'], additionalProperties: false } } },
+  });
+  assert.ok(['red', 'green', 'blue'].includes(JSON.parse(structured.choices[0].message.content).colour));
+  ok('structured output');
 
   if (V1) {
     const e = await expectError('an unknown model is refused', OpenAI.NotFoundError, 404,

@@ -10,6 +10,7 @@ non-zero at the first failure.
 import os
 import sys
 
+import json
 import openai
 
 BASE = os.environ["EDGERUN_BASE_URL"]
@@ -90,6 +91,37 @@ stopped = client.chat.completions.create(
 assert stopped.choices[0].finish_reason == "stop", stopped
 assert "Oranges" not in stopped.choices[0].message.content, stopped
 ok("chat stop")
+
+# A forced tool call: the arguments are JSON that matches the parameters.
+called = client.chat.completions.create(
+    model=MODEL,
+    messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+    temperature=0,
+    max_tokens=60,
+    tool_choice="required",
+    tools=[{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                       "required": ["city"]}}}],
+)
+assert called.choices[0].finish_reason == "tool_calls", called
+call = called.choices[0].message.tool_calls[0]
+assert call.function.name == "get_weather" and call.id.startswith("call_"), call
+assert isinstance(json.loads(call.function.arguments)["city"], str), call
+ok("tool call")
+
+# Structured output.
+structured = client.chat.completions.create(
+    model=MODEL,
+    messages=[{"role": "user", "content": "Name a colour."}],
+    temperature=0,
+    max_tokens=40,
+    response_format={"type": "json_schema", "json_schema": {"name": "colour", "strict": True, "schema": {
+        "type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+        "required": ["colour"], "additionalProperties": False}}},
+)
+assert json.loads(structured.choices[0].message.content)["colour"] in ("red", "green", "blue"), structured
+ok("structured output")
 
 # Errors raise the SDK's typed errors.
 expect_error(
