@@ -227,10 +227,10 @@ async fn bad_inputs_get_errors_and_a_concurrent_stream_is_undisturbed() {
             "context window",
         ),
         (
-            "json mode",
+            "json mode without its schema",
             c.post(&url)
                 .bearer_auth(TOKEN)
-                .body(r#"{"prompt":"a","response_format":{"type":"json_object"}}"#),
+                .body(r#"{"prompt":"a","response_format":{"type":"json_schema"}}"#),
             400,
             5006,
             "response_format",

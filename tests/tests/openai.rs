@@ -414,19 +414,13 @@ async fn errors_have_each_familys_shape_and_status() {
     let unsupported = [
         (json!({"n": 2}), "'n' must be 1"),
         (json!({"stream": true, "n": 3}), "'n' must be 1"),
-        (
-            json!({"response_format": {"type": "json_object"}}),
-            "not supported",
-        ),
-        (
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "not supported",
-        ),
-        (json!({"tool_choice": "required"}), "not supported"),
+        (json!({"functions": [{"name": "f"}]}), "not supported"),
+        (json!({"tool_choice": "required"}), "no 'tools'"),
         (json!({"logit_bias": {"42": 10}}), "not supported"),
         (
-            json!({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}),
-            "not supported",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "n",
+                   "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}}),
+            "response_format",
         ),
         (
             json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
@@ -434,7 +428,7 @@ async fn errors_have_each_familys_shape_and_status() {
         ),
         (
             json!({"messages": [{"role": "robot", "content": "x"}]}),
-            "must be 'system', 'user' or 'assistant'",
+            "must be 'system', 'user', 'assistant' or 'tool'",
         ),
         (json!({"temperature": 2.5}), "'temperature'"),
         (json!({"stop": ["a", "b", "c", "d", "e"]}), "at most 4"),

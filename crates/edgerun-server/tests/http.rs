@@ -149,8 +149,8 @@ async fn oversized_body_is_413() {
 }
 
 #[tokio::test]
-async fn json_mode_is_refused_clearly_rather_than_ignored() {
-    let body = r#"{"prompt":"a","response_format":{"type":"json_object"}}"#;
+async fn json_mode_without_its_schema_is_refused_clearly() {
+    let body = r#"{"prompt":"a","response_format":{"type":"json_schema"}}"#;
     let (status, _, resp) =
         send(app(&["t"]), post(&format!("/run/{MODEL}"), Some("t"), body)).await;
     assert_eq!(status, 400);
