@@ -247,6 +247,26 @@ pub fn rss_bytes(pid: u32) -> u64 {
         * 1024
 }
 
+/// Runs an SDK client script from `tests/sdk/` with `program` (a Python or Node from the SDK
+/// cache) and `env`, and fails, with its output, unless it exits 0 having printed `all ok`.
+pub async fn run_sdk_script(program: &str, script: &str, env: &[(&str, String)]) {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg(workspace_root().join("tests/sdk").join(script));
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .expect("the SDK client timed out")
+        .expect("run the SDK client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("all ok"),
+        "{script} with {env:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `scripts/install-sdk-clients.sh --check` (which installs nothing) and returns the
 /// variables it prints (`EDGERUN_SDK_*`); a missing SDK fails the test, it is never skipped.
 pub fn sdk_env() -> Vec<(String, String)> {

@@ -5,7 +5,7 @@ use edgerun_e2e::edge::{
     chunks_with_times, AccessGate, Behaviour, EdgeWorker, FakeOrigin, ACCESS_CLIENT_ID,
     ACCESS_CLIENT_SECRET, CF_BLOB_HEADER,
 };
-use edgerun_e2e::{read_sse, sdk_var, text_of, workspace_root, Node, MODEL_ALIAS, TOKEN};
+use edgerun_e2e::{read_sse, run_sdk_script, sdk_var, text_of, Node, MODEL_ALIAS, TOKEN};
 use edgerun_protocol::sse::SseEvent;
 use edgerun_protocol::ApiError;
 use serde_json::{json, Value};
@@ -541,23 +541,13 @@ async fn bad_openai_and_binding_requests_get_the_nodes_answer_from_the_worker() 
 /// Runs `tests/sdk/client.py` (the official `openai` Python SDK: chat whole and streamed,
 /// logprobs, stop strings, completions, the model list, typed errors) against `base_url`.
 async fn run_openai_sdk(base_url: &str, family: &str) {
-    let out = tokio::process::Command::new(sdk_var("EDGERUN_SDK_PYTHON"))
-        .arg(workspace_root().join("tests/sdk/client.py"))
-        .env("EDGERUN_BASE_URL", base_url)
-        .env("EDGERUN_API_KEY", CALLER_TOKEN)
-        .env("EDGERUN_MODEL", MODEL_ALIAS)
-        .env("EDGERUN_FAMILY", family)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), out)
-        .await
-        .expect("the SDK client timed out")
-        .expect("run the SDK client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("all ok"),
-        "client.py via {base_url} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = [
+        ("EDGERUN_BASE_URL", base_url.to_string()),
+        ("EDGERUN_API_KEY", CALLER_TOKEN.to_string()),
+        ("EDGERUN_MODEL", MODEL_ALIAS.to_string()),
+        ("EDGERUN_FAMILY", family.to_string()),
+    ];
+    run_sdk_script(&sdk_var("EDGERUN_SDK_PYTHON"), "client.py", &env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

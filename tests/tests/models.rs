@@ -3,9 +3,8 @@
 //! official `cloudflare` SDKs (Python and npm: `client.ai.models.list()`,
 //! `client.ai.models.schema.get()`, `client.ai.run()`; `tests/sdk/cloudflare_client.*`).
 
-use edgerun_e2e::{sdk_var, workspace_root, Node, MODEL_ALIAS, TOKEN};
+use edgerun_e2e::{run_sdk_script, sdk_var, Node, MODEL_ALIAS, TOKEN};
 use serde_json::{json, Value};
-use std::time::Duration;
 
 async fn get(node: &Node, path: &str) -> (u16, Value) {
     let resp = node
@@ -141,23 +140,14 @@ async fn the_catalogue_lists_and_describes_what_the_node_serves() {
 /// Runs an SDK client script against `node`'s `/client/v4`; fails with its output.
 async fn run_cloudflare_sdk(node: &Node, program: &str, script: &str) {
     let context = node.health().await["context_window"].to_string();
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.arg(workspace_root().join("tests/sdk").join(script))
-        .env("NODE_PATH", sdk_var("EDGERUN_SDK_NODE_PATH"))
-        .env("EDGERUN_BASE_URL", node.url("/client/v4"))
-        .env("EDGERUN_API_KEY", TOKEN)
-        .env("EDGERUN_MODEL", MODEL_ALIAS)
-        .env("EDGERUN_CONTEXT_WINDOW", context);
-    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
-        .await
-        .expect("the SDK client timed out")
-        .expect("run the SDK client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("all ok"),
-        "{script} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = [
+        ("NODE_PATH", sdk_var("EDGERUN_SDK_NODE_PATH")),
+        ("EDGERUN_BASE_URL", node.url("/client/v4")),
+        ("EDGERUN_API_KEY", TOKEN.to_string()),
+        ("EDGERUN_MODEL", MODEL_ALIAS.to_string()),
+        ("EDGERUN_CONTEXT_WINDOW", context),
+    ];
+    run_sdk_script(program, script, &env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! The OpenAI-compatible routes end to end: the real binary, the real model, real HTTP, and
 //! the official SDKs (Python `openai`, npm `openai`) driving it (`tests/sdk/`).
 
-use edgerun_e2e::{read_sse, sdk_env, workspace_root, Node, Received, MODEL_ALIAS, TOKEN};
+use edgerun_e2e::{read_sse, run_sdk_script, sdk_env, Node, Received, MODEL_ALIAS, TOKEN};
 use edgerun_protocol::sse::SseEvent;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -589,23 +589,14 @@ async fn run_sdk_client(node: &Node, program: &str, script: &str) {
         ("v1", node.url("/v1")),
         ("workers-ai", node.url("/client/v4/accounts/acct123/ai/v1")),
     ] {
-        let mut cmd = tokio::process::Command::new(&program);
-        cmd.arg(workspace_root().join("tests/sdk").join(script))
-            .env("NODE_PATH", get("EDGERUN_SDK_NODE_PATH"))
-            .env("EDGERUN_BASE_URL", &base)
-            .env("EDGERUN_API_KEY", TOKEN)
-            .env("EDGERUN_MODEL", MODEL_ALIAS)
-            .env("EDGERUN_FAMILY", family);
-        let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
-            .await
-            .expect("the SDK client timed out")
-            .expect("run the SDK client");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && stdout.contains("all ok"),
-            "{script} via {base} failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let env = [
+            ("NODE_PATH", get("EDGERUN_SDK_NODE_PATH")),
+            ("EDGERUN_BASE_URL", base),
+            ("EDGERUN_API_KEY", TOKEN.to_string()),
+            ("EDGERUN_MODEL", MODEL_ALIAS.to_string()),
+            ("EDGERUN_FAMILY", family.to_string()),
+        ];
+        run_sdk_script(&program, script, &env).await;
     }
 }
 
