@@ -52,8 +52,15 @@ async fn rss_after_warm_up(node: &Node) -> u64 {
     rss_bytes(node.pid())
 }
 
-fn assert_rss_within(node: &Node, before: u64, what: &str) {
-    let after = rss_bytes(node.pid());
+/// Asserts the node's RSS is back within 10% of `before`. The engine hands freed memory back
+/// to the OS when it goes idle, just after it reports no active sequence: allow it a moment.
+async fn assert_rss_within(node: &Node, before: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut after = rss_bytes(node.pid());
+    while after as f64 / before as f64 > 1.10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = rss_bytes(node.pid());
+    }
     let ratio = after as f64 / before as f64;
     println!("{what}: RSS {} MiB -> {} MiB", before >> 20, after >> 20);
     assert!(
@@ -169,6 +176,17 @@ async fn fuzzed_bodies_all_get_an_answer_in_the_envelope() {
             .collect::<Vec<(u16, String, String)>>()
     };
     let mut results = fire(bodies[..200].to_vec()).await;
+    // JSON mode builds the vocabulary's token trie on first use (a one-time cost that stays):
+    // make sure the warm-up has used it, whatever the fuzzer drew.
+    let json_mode = json!({"prompt": "Say hi.", "max_tokens": 16,
+        "response_format": {"type": "json_object"}});
+    let resp = node.post(json_mode.to_string()).send().await.unwrap();
+    let status = resp.status().as_u16();
+    assert!(
+        status == 200 || status == 400,
+        "{status}: {}",
+        resp.text().await.unwrap()
+    );
     let before = rss_after_warm_up(&node).await;
     results.extend(fire(bodies[200..].to_vec()).await);
     let mut by_status = std::collections::BTreeMap::new();
@@ -193,7 +211,7 @@ async fn fuzzed_bodies_all_get_an_answer_in_the_envelope() {
     println!("600 fuzzed bodies: {by_status:?}");
     assert!(by_status.get(&400).copied().unwrap_or(0) > 100);
     settled(&node).await;
-    assert_rss_within(&node, before, "fuzzed bodies");
+    assert_rss_within(&node, before, "fuzzed bodies").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,7 +260,7 @@ async fn random_disconnects_free_every_sequence() {
         .run_json(json!({"prompt": "Say hi.", "max_tokens": 4}).to_string())
         .await;
     assert_eq!(v["success"], true, "{v}");
-    assert_rss_within(&node, before, "random disconnects");
+    assert_rss_within(&node, before, "random disconnects").await;
 }
 
 /// Requests that their clients abandon after the given milliseconds (streaming or not).
@@ -350,7 +368,7 @@ async fn overload_at_ten_times_capacity_is_shed_cheaply_and_nothing_admitted_is_
     assert!(ok >= 8, "{ok} answered");
     assert!(shed.len() >= 40, "{} shed", shed.len());
     settled(&node).await;
-    assert_rss_within(&node, before, "overload");
+    assert_rss_within(&node, before, "overload").await;
 }
 
 /// Reads from `conn` until it is closed (EOF or reset); how long that took, or `None` if it

@@ -22,6 +22,14 @@
 //! failing engine with nothing to do probes itself every [`IDLE_PROBE`], so it recovers even
 //! when a load balancer has stopped sending it traffic.
 //!
+//! ## Memory after a burst
+//!
+//! A long prompt's KV cache is tens of allocations of a few MiB; glibc serves those from its
+//! arenas once a large block has been freed (its mmap threshold adapts upwards) and keeps them
+//! when they are freed, so a node's RSS would stay at the high-water mark of its busiest
+//! moment. Each time the engine goes idle after work it hands freed memory back to the OS
+//! ([`release_freed_memory`], `malloc_trim`): a few milliseconds, only when nothing is running.
+//!
 //! ## Slow readers
 //!
 //! Each sequence's event channel holds [`EVENT_BUFFER`] events. A sequence whose client has
@@ -59,6 +67,16 @@ pub(crate) const EVENTS_PER_STEP: usize = 4;
 pub const FAILING_AFTER: usize = 3;
 /// How often a failing engine with nothing to do probes the device.
 pub const IDLE_PROBE: Duration = Duration::from_secs(5);
+
+/// Returns the memory the allocator holds free to the OS (see the module docs); a no-op where
+/// the C library has no `malloc_trim`.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only releases free pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// Limits that shape the batch. [`SchedulerConfig::validate`] refuses nonsensical values; the
 /// engine never clamps them.
@@ -332,8 +350,13 @@ impl Scheduler {
         let _guard = NotReadyOnExit(self.stats.clone());
         let mut waiting: VecDeque<Submission> = VecDeque::new();
         let mut running: Vec<Sequence> = Vec::new();
+        // Whether anything ran since memory was last handed back.
+        let mut worked = false;
         loop {
             if running.is_empty() && waiting.is_empty() {
+                if std::mem::take(&mut worked) {
+                    release_freed_memory();
+                }
                 let failing =
                     self.stats.consecutive_failures.load(Ordering::Relaxed) >= FAILING_AFTER;
                 let next = if failing {
@@ -361,6 +384,7 @@ impl Scheduler {
             while let Ok(s) = self.rx.try_recv() {
                 waiting.push_back(s);
             }
+            worked = true;
             self.drop_cancelled(&mut waiting, &mut running);
             self.drop_stalled(&mut running);
             self.admit(&mut waiting, &mut running);
