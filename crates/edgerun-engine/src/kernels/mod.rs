@@ -236,7 +236,7 @@ pub(crate) fn matmul_with<W: CpuMatrix>(isa: Isa, lhs: &[f32], m: usize, w: &W, 
                 out: out_addr,
             })
         }),
-        Activations::Q8K => q8_k::with_quantized(lhs, m, k, |scratch| {
+        Activations::Q8K => q8_k::with_quantized(isa, lhs, m, k, |scratch| {
             run(Ctx {
                 nb: k / QK_K,
                 n,
