@@ -54,31 +54,32 @@
 //! switches kernel between batch 1 and larger batches); formats served by candle inherit those
 //! choices, row invariance included or not.
 
-/// The AVX2 tiling every `*_1`-activation kernel shares: for `m = 1` (decoding one sequence)
-/// `wide::<WIDE>` serves WIDE weight rows per activation block; for `m > 1` `tall::<TALL>`
-/// serves TALL lhs rows per unpacked weight block, lhs rows taken LHS_CHUNK at a time so they
-/// stay in L2. Expands to `rows(ctx, rows)` in a module that defines `wide`, `tall`, `WIDE`,
+/// The AVX2 tiling the Q8_1- and Q8_0-activation kernels share: for `m = 1` (decoding one
+/// sequence) `wide::<D, WIDE>` serves WIDE weight rows per activation block; for `m > 1`
+/// `tall::<D, TALL>` serves TALL lhs rows per unpacked weight block, lhs rows taken LHS_CHUNK
+/// at a time so they stay in L2. Expands to `rows::<D>(ctx, rows)` in a module that defines
+/// `wide`, `tall` (both `#[inline(always)]`, generic over the [`cpu::avx2::Dot`] `D`), `WIDE`,
 /// `TALL` and `LHS_CHUNK`.
 #[cfg(target_arch = "x86_64")]
 macro_rules! avx2_tile_driver {
     () => {
-        /// Computes weight rows `rows` against every lhs row.
+        /// Computes weight rows `rows` against every lhs row, with `D`'s dot products.
         ///
         /// # Safety
-        /// AVX2, FMA and F16C must be available; `ctx` must describe live buffers and `rows`
-        /// lie within `0..ctx.n`.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        /// Only called inside `CpuMatrix::rows`' entry point for `D` (AVX2, FMA and F16C, plus
+        /// what `D` needs); `ctx` must describe live buffers and `rows` lie within `0..ctx.n`.
+        #[inline(always)]
+        pub(super) unsafe fn rows<D: Dot>(ctx: &Ctx, rows: std::ops::Range<usize>) {
             // The tail dispatch below covers tiles of up to 8 rows.
             const _: () = assert!(TALL <= 8 && TALL >= 1);
             if ctx.m == 1 {
                 let mut j = rows.start;
                 while j + WIDE <= rows.end {
-                    wide::<WIDE>(ctx, 0, j);
+                    wide::<D, WIDE>(ctx, 0, j);
                     j += WIDE;
                 }
                 for j in j..rows.end {
-                    wide::<1>(ctx, 0, j);
+                    wide::<D, 1>(ctx, 0, j);
                 }
             } else {
                 for i0 in (0..ctx.m).step_by(LHS_CHUNK) {
@@ -86,18 +87,18 @@ macro_rules! avx2_tile_driver {
                     for j in rows.clone() {
                         let mut i = i0;
                         while i + TALL <= i1 {
-                            tall::<TALL>(ctx, i, j);
+                            tall::<D, TALL>(ctx, i, j);
                             i += TALL;
                         }
                         match i1 - i {
                             0 => {}
-                            1 => tall::<1>(ctx, i, j),
-                            2 => tall::<2>(ctx, i, j),
-                            3 => tall::<3>(ctx, i, j),
-                            4 => tall::<4>(ctx, i, j),
-                            5 => tall::<5>(ctx, i, j),
-                            6 => tall::<6>(ctx, i, j),
-                            _ => tall::<7>(ctx, i, j),
+                            1 => tall::<D, 1>(ctx, i, j),
+                            2 => tall::<D, 2>(ctx, i, j),
+                            3 => tall::<D, 3>(ctx, i, j),
+                            4 => tall::<D, 4>(ctx, i, j),
+                            5 => tall::<D, 5>(ctx, i, j),
+                            6 => tall::<D, 6>(ctx, i, j),
+                            _ => tall::<D, 7>(ctx, i, j),
                         }
                     }
                 }
@@ -165,13 +166,15 @@ pub(crate) trait CpuMatrix: Sync {
     fn dims(&self) -> (usize, usize);
     /// Address of the first block; rows of `k / block size` blocks follow one another.
     fn blocks_addr(&self) -> usize;
-    /// The AVX2 kernel: weight rows `rows` against every lhs row, writing `out[i * n + j]`.
+    /// The AVX2 kernel with `D`'s integer dot products: weight rows `rows` against every lhs
+    /// row, writing `out[i * n + j]`. `#[inline(always)]` and only called from the entry
+    /// points below, so each `D` gets a copy compiled with its instructions.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available; `ctx` must describe live buffers of this matrix
-    /// and `rows` lie within `0..n`.
+    /// AVX2, FMA and F16C and what `D` needs must be available; `ctx` must describe live
+    /// buffers of this matrix and `rows` lie within `0..n`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>);
+    unsafe fn simd_rows<D: cpu::avx2::Dot>(ctx: &Ctx, rows: std::ops::Range<usize>);
 
     /// The portable kernel, same contract.
     ///
@@ -183,13 +186,38 @@ pub(crate) trait CpuMatrix: Sync {
     ///
     /// # Safety
     /// `isa` must be one the CPU has; otherwise as [`CpuMatrix::scalar_rows`].
-    unsafe fn rows(isa: Isa, ctx: &Ctx, rows: std::ops::Range<usize>) {
+    unsafe fn rows(isa: Isa, ctx: &Ctx, rows: std::ops::Range<usize>)
+    where
+        Self: Sized,
+    {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => Self::avx2_rows(ctx, rows),
+            Isa::Avx2 => avx2_entry::<Self>(ctx, rows),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Vnni => vnni_entry::<Self>(ctx, rows),
             Isa::Scalar => Self::scalar_rows(ctx, rows),
         }
     }
+}
+
+/// [`Isa::Avx2`]'s entry point: every format's AVX2 kernel is compiled here.
+///
+/// # Safety
+/// As [`CpuMatrix::simd_rows`], on a CPU with AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_entry<W: CpuMatrix>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+    W::simd_rows::<cpu::avx2::Avx2>(ctx, rows)
+}
+
+/// [`Isa::Avx2Vnni`]'s entry point: the same kernels with VNNI's dot products.
+///
+/// # Safety
+/// As [`CpuMatrix::simd_rows`], on a CPU that also has AVX-512 VNNI and VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn vnni_entry<W: CpuMatrix>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+    W::simd_rows::<cpu::avx2::Vnni>(ctx, rows)
 }
 
 /// `out[i * n + j] = dot(lhs row i, weight row j)` for `lhs` of `m * k` f32, row-major: the lhs
@@ -497,21 +525,22 @@ pub(crate) mod test_util {
     use candle_core::quantized::QTensor;
     use std::sync::Arc;
 
-    /// The scalar path, and the SIMD one when the CPU has it.
+    /// The scalar path and every SIMD one the CPU has.
     pub fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
-        if isa() != Isa::Scalar {
-            v.push(isa());
-        }
+        let v = Isa::available();
+        assert_eq!(v.last(), Some(&isa()), "the best path is the one chosen");
         v
     }
 
     /// Asserts that every output row of `w` is bitwise the same computed alone (m = 1) and in
     /// batches of every size in `batches` (each at two offsets, so a row also sits at different
     /// tile positions), on every ISA. `x` holds `max_m` random rows.
+    /// Also asserts that every SIMD path gives the same bits as the first (AVX2 and AVX2 with
+    /// VNNI's dot products compute the same integers and the same float operations).
     pub fn assert_rows_batch_invariant<W: CpuMatrix>(w: &W, x: &[f32], batches: &[usize]) {
         let (n, k) = w.dims();
         let max_m = x.len() / k;
+        let mut first_simd: Option<(Isa, Vec<Vec<f32>>)> = None;
         for isa in isas() {
             let solo: Vec<Vec<f32>> = (0..max_m)
                 .map(|i| {
@@ -520,6 +549,18 @@ pub(crate) mod test_util {
                     out
                 })
                 .collect();
+            if isa != Isa::Scalar {
+                match &first_simd {
+                    None => first_simd = Some((isa, solo.clone())),
+                    Some((first, want)) => {
+                        let mut same = want.iter().flatten().zip(solo.iter().flatten());
+                        assert!(
+                            same.all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} and {first:?} give different bits for ({n}, {k})"
+                        );
+                    }
+                }
+            }
             for &m in batches {
                 for start in [0, 3] {
                     if start + m > max_m {

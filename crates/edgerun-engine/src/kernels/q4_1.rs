@@ -170,8 +170,9 @@ impl CpuMatrix for Q4_1Matrix {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
-        avx2::rows(ctx, rows)
+    #[inline(always)]
+    unsafe fn simd_rows<D: super::cpu::avx2::Dot>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        avx2::rows::<D>(ctx, rows)
     }
 
     unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
@@ -219,7 +220,7 @@ unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
 /// they interleave and in which vector lanes `d4 * d8` and `acc_m` live.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::cpu::avx2::{bcast_mem, hsum, Lanes};
+    use super::super::cpu::avx2::{bcast_mem, hsum, Dot, Lanes};
     use super::{BlockQ4_1, Ctx, Q8Quants};
     use std::arch::x86_64::*;
 
@@ -252,11 +253,9 @@ mod avx2 {
     }
 
     /// Σ q4 * q8 of one block pair as 8 f32 lanes (each an exact integer).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_lanes(q4: __m256i, q8: __m256i) -> __m256 {
-        let p = _mm256_maddubs_epi16(q4, q8);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    #[inline(always)]
+    unsafe fn dot_lanes<D: Dot>(q4: __m256i, q8: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(D::dot4(_mm256_setzero_si256(), q4, q8))
     }
 
     /// Lhs row `i` against weight rows `j..j + C` (`C <= 4`).
@@ -264,9 +263,8 @@ mod avx2 {
     /// Per block the `C` weight blocks' `[d, m]` are widened together into
     /// `dm = [d0, m0, d1, m1, ..]`; `dm * d8` has weight row `c`'s scale in lane `2c`, and
     /// `acc_m = fma(dm, s8, acc_m)` keeps its `m` term in lane `2c + 1`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn wide<const C: usize>(ctx: &Ctx, i: usize, j: usize) {
+    #[inline(always)]
+    unsafe fn wide<D: Dot, const C: usize>(ctx: &Ctx, i: usize, j: usize) {
         let (nb, m) = (ctx.nb, ctx.m);
         let w = ctx.w as *const BlockQ4_1;
         let q8row = (ctx.qs as *const Q8Quants).add(i * nb);
@@ -300,7 +298,7 @@ mod avx2 {
             _mm256_store_ps(sc.0.as_mut_ptr(), scales);
             for c in 0..C {
                 let scale = bcast_mem(&sc.0[2 * c]);
-                acc[c] = _mm256_fmadd_ps(dot_lanes(q4[c], y), scale, acc[c]);
+                acc[c] = _mm256_fmadd_ps(dot_lanes::<D>(q4[c], y), scale, acc[c]);
             }
         }
         let mut m_terms = [0f32; 8];
@@ -316,9 +314,8 @@ mod avx2 {
     /// Per block `d4` and `m4` are broadcast; row `r`'s scale is `d4 * d8[r]` and
     /// `acc_m = fma(m4, s8[i..i + 8], acc_m)` keeps row `r`'s `m` term in lane `r` (the block-major
     /// `s8` makes the `R` rows' values contiguous; lanes past `R` are ignored).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tall<const R: usize>(ctx: &Ctx, i: usize, j: usize) {
+    #[inline(always)]
+    unsafe fn tall<D: Dot, const R: usize>(ctx: &Ctx, i: usize, j: usize) {
         let (nb, m) = (ctx.nb, ctx.m);
         let wrow = (ctx.w as *const BlockQ4_1).add(j * nb);
         let q8 = ctx.qs as *const Q8Quants;
@@ -341,7 +338,7 @@ mod avx2 {
                 // A broadcast load and a multiply: measured faster here than one shuffle of
                 // a vector of 8 products, or a store and 8 broadcast loads.
                 let scale = _mm256_mul_ps(d4, _mm256_broadcast_ss(&*d8.add(b * m + r)));
-                acc[r] = _mm256_fmadd_ps(dot_lanes(q4, y), scale, acc[r]);
+                acc[r] = _mm256_fmadd_ps(dot_lanes::<D>(q4, y), scale, acc[r]);
             }
         }
         let mut m_terms = [0f32; 8];

@@ -106,8 +106,9 @@ impl CpuMatrix for Q4KMatrix {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
-        avx2::rows::<BlockQ4K>(ctx, rows)
+    #[inline(always)]
+    unsafe fn simd_rows<D: super::cpu::avx2::Dot>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        avx2::rows::<BlockQ4K, D>(ctx, rows)
     }
 
     unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
@@ -180,7 +181,7 @@ impl ScaleMinBlock for BlockQ4K {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
-    use super::super::cpu::avx2::{hsum, Lanes};
+    use super::super::cpu::avx2::{hsum, Dot, Lanes};
     use super::super::cpu::f16_to_f32;
     use super::{scales_and_mins, Ctx, Q8KBlock, ScaleMinBlock};
     use std::arch::x86_64::*;
@@ -204,13 +205,16 @@ pub(super) mod avx2 {
     /// # Safety
     /// AVX2, FMA and F16C must be available; `ctx` must describe live buffers of `B` blocks
     /// and `rows` lie within `0..ctx.n`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in super::super) unsafe fn rows<B: ScaleMinBlock>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+    #[inline(always)]
+    pub(in super::super) unsafe fn rows<B: ScaleMinBlock, D: Dot>(
+        ctx: &Ctx,
+        rows: std::ops::Range<usize>,
+    ) {
         if ctx.m == 1 {
             // One weight row at a time: 1 x 2 and 1 x 4 tiles measured 1.7x slower here
             // (`kernel_bench q4_k 1`: the unpacked scales of several rows spill).
             for j in rows {
-                tile::<B, 1>(ctx, 0, j);
+                tile::<B, D, 1>(ctx, 0, j);
             }
             return;
         }
@@ -219,18 +223,18 @@ pub(super) mod avx2 {
             for j in rows.clone() {
                 let mut i = i0;
                 while i + TALL <= i1 {
-                    tile::<B, TALL>(ctx, i, j);
+                    tile::<B, D, TALL>(ctx, i, j);
                     i += TALL;
                 }
                 match i1 - i {
                     0 => {}
-                    1 => tile::<B, 1>(ctx, i, j),
-                    2 => tile::<B, 2>(ctx, i, j),
-                    3 => tile::<B, 3>(ctx, i, j),
-                    4 => tile::<B, 4>(ctx, i, j),
-                    5 => tile::<B, 5>(ctx, i, j),
-                    6 => tile::<B, 6>(ctx, i, j),
-                    _ => tile::<B, 7>(ctx, i, j),
+                    1 => tile::<B, D, 1>(ctx, i, j),
+                    2 => tile::<B, D, 2>(ctx, i, j),
+                    3 => tile::<B, D, 3>(ctx, i, j),
+                    4 => tile::<B, D, 4>(ctx, i, j),
+                    5 => tile::<B, D, 5>(ctx, i, j),
+                    6 => tile::<B, D, 6>(ctx, i, j),
+                    _ => tile::<B, D, 7>(ctx, i, j),
                 }
             }
         }
@@ -243,9 +247,8 @@ pub(super) mod avx2 {
     /// 8-lane vector (lane r for lhs row i + r), `summ` the exact integer `Σ_s m[s] Σ x_s`.
     /// The output is `hsum(acc) + acc_m`. Lanes past `R` compute on neighbouring rows or the
     /// scratch's padding and are dropped.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<B: ScaleMinBlock, const R: usize>(ctx: &Ctx, i: usize, j: usize) {
+    #[inline(always)]
+    unsafe fn tile<B: ScaleMinBlock, D: Dot, const R: usize>(ctx: &Ctx, i: usize, j: usize) {
         let (nb, m) = (ctx.nb, ctx.m);
         let x = ctx.qs as *const Q8KBlock;
         let dx = ctx.d8 as *const f32;
@@ -272,8 +275,7 @@ pub(super) mod avx2 {
                 for (r, sumi) in sumi.iter_mut().enumerate() {
                     let xb = &*x.add((i + r) * nb + b);
                     let xv = _mm256_loadu_si256(xb.qs.as_ptr().add(32 * s) as *const __m256i);
-                    *sumi =
-                        _mm256_add_epi32(*sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), sc));
+                    *sumi = D::dot4_scaled(*sumi, q, xv, sc);
                 }
             }
             let dxb = dx.add(b * m + i);

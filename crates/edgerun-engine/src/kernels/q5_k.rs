@@ -66,8 +66,9 @@ impl CpuMatrix for Q5KMatrix {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
-        super::q4_k::avx2::rows::<BlockQ5K>(ctx, rows)
+    #[inline(always)]
+    unsafe fn simd_rows<D: super::cpu::avx2::Dot>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        super::q4_k::avx2::rows::<BlockQ5K, D>(ctx, rows)
     }
 
     unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {

@@ -90,8 +90,9 @@ impl CpuMatrix for Q6KMatrix {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
-        avx2::rows(ctx, rows)
+    #[inline(always)]
+    unsafe fn simd_rows<D: super::cpu::avx2::Dot>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        avx2::rows::<D>(ctx, rows)
     }
 
     unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
@@ -119,7 +120,7 @@ unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::cpu::avx2::hsum;
+    use super::super::cpu::avx2::{hsum, Dot};
     use super::super::cpu::f16_to_f32;
     use super::{BlockQ6K, Ctx, Q8KBlock};
     use std::arch::x86_64::*;
@@ -136,11 +137,10 @@ mod avx2 {
 
     /// Lhs row `i` against weight rows `j..j + C`, one row at a time (the same sequence per
     /// output as `tall`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn wide<const C: usize>(ctx: &Ctx, i: usize, j: usize) {
+    #[inline(always)]
+    unsafe fn wide<D: Dot, const C: usize>(ctx: &Ctx, i: usize, j: usize) {
         for c in 0..C {
-            tall::<1>(ctx, i, j + c);
+            tall::<D, 1>(ctx, i, j + c);
         }
     }
 
@@ -223,9 +223,8 @@ mod avx2 {
     }
 
     /// Lhs rows `i..i + R` (`R <= TALL`) against weight row `j`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tall<const R: usize>(ctx: &Ctx, i: usize, j: usize) {
+    #[inline(always)]
+    unsafe fn tall<D: Dot, const R: usize>(ctx: &Ctx, i: usize, j: usize) {
         let nb = ctx.nb;
         let wrow = (ctx.w as *const BlockQ6K).add(j * nb);
         let x = ctx.qs as *const Q8KBlock;
@@ -243,10 +242,7 @@ mod avx2 {
                 let mut sumi = _mm256_setzero_si256();
                 for v in 0..8 {
                     let xv = _mm256_loadu_si256(xb.qs.as_ptr().add(32 * v) as *const __m256i);
-                    sumi = _mm256_add_epi32(
-                        sumi,
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(q[v], xv), sc[v]),
-                    );
+                    sumi = D::dot4_scaled(sumi, q[v], xv, sc[v]);
                 }
                 let bsums = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
                 let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(bsums, scales16));

@@ -77,8 +77,9 @@ impl CpuMatrix for Q8_0Matrix {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
-        avx2::rows(ctx, rows)
+    #[inline(always)]
+    unsafe fn simd_rows<D: super::cpu::avx2::Dot>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        avx2::rows::<D>(ctx, rows)
     }
 
     unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
@@ -120,7 +121,7 @@ unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
 /// acc)`; at the end `hsum(acc)`. The kernels differ only in how many outputs they interleave.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::cpu::avx2::hsum;
+    use super::super::cpu::avx2::{hsum, Dot};
     use super::{BlockQ8_0, Ctx, Q8Quants};
     use std::arch::x86_64::*;
 
@@ -135,11 +136,9 @@ mod avx2 {
     super::super::avx2_tile_driver!();
 
     /// Σ w * x of one block pair as 8 f32 lanes (each an exact integer); `aw = |w|`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_lanes(aw: __m256i, w: __m256i, x: __m256i) -> __m256 {
-        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    #[inline(always)]
+    unsafe fn dot_lanes<D: Dot>(aw: __m256i, w: __m256i, x: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(D::dot4(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x, w)))
     }
 
     #[inline]
@@ -152,18 +151,16 @@ mod avx2 {
     /// activation block across several weight rows costs more (gathering their f16 scales)
     /// than it saves; measured 1.18 ms against 0.8 ms for SmolLM2's 49152 x 576 output layer
     /// at m = 1 (`kernel_bench q8_0`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn wide<const C: usize>(ctx: &Ctx, i: usize, j: usize) {
+    #[inline(always)]
+    unsafe fn wide<D: Dot, const C: usize>(ctx: &Ctx, i: usize, j: usize) {
         for c in 0..C {
-            tall::<1>(ctx, i, j + c);
+            tall::<D, 1>(ctx, i, j + c);
         }
     }
 
     /// Lhs rows `i..i + R` (`R <= 8`) against weight row `j`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tall<const R: usize>(ctx: &Ctx, i: usize, j: usize) {
+    #[inline(always)]
+    unsafe fn tall<D: Dot, const R: usize>(ctx: &Ctx, i: usize, j: usize) {
         let (nb, m) = (ctx.nb, ctx.m);
         let wrow = (ctx.w as *const BlockQ8_0).add(j * nb);
         let q8 = ctx.qs as *const Q8Quants;
@@ -181,7 +178,7 @@ mod avx2 {
             for r in 0..R {
                 let x = _mm256_load_si256(xrows[r].add(b) as *const __m256i);
                 let scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*d8.add(b * m + r)));
-                acc[r] = _mm256_fmadd_ps(dot_lanes(aw, qw, x), scale, acc[r]);
+                acc[r] = _mm256_fmadd_ps(dot_lanes::<D>(aw, qw, x), scale, acc[r]);
             }
         }
         let out = ctx.out as *mut f32;
