@@ -8,13 +8,13 @@
 //! step, `model=<file.gguf> [m]` runs every Q4_1 weight of a model once (checking ours
 //! against candle), `q8_0 [m]` times the Q8_0 kernel on SmolLM2's tied output layer
 //! (49152x576) `q6_k [m]` the Q6_K kernel on Llama-3-mini's output layer (128256x1024) `q4_k [m]` / `q5_k [m]`
-//! the Q4_K / Q5_K kernel on Llama-3-8B's ffn_up (14336x4096); `candle=<Q4K|Q5K|Q6K|Q8_0> NxK` times candle's own kernel for a format (no kernel
+//! the Q4_K (tiled; `q4_k_in_place [m]`: the in-place kernel) / Q5_K kernel on Llama-3-8B's ffn_up (14336x4096); `candle=<Q4K|Q5K|Q6K|Q8_0> NxK` times candle's own kernel for a format (no kernel
 //! of ours yet) at m = 1, 2, 4, 8, 32, with its effective bandwidth. Thread count:
 //! CANDLE_NUM_THREADS (both paths use candle's pool).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use edgerun_engine::kernels::{Q4KMatrix, Q4_1Matrix, Q5KMatrix, Q6KMatrix, Q8_0Matrix};
+use edgerun_engine::kernels::{Q4KMatrix, Q4KTiled, Q4_1Matrix, Q5KMatrix, Q6KMatrix, Q8_0Matrix};
 use std::time::{Duration, Instant};
 
 fn lcg(seed: u64, len: usize) -> Vec<f32> {
@@ -148,7 +148,7 @@ fn model(path: &str, budget: Duration, m: usize) {
 
 /// Our Q8_0 (SmolLM2's tied output layer, 49152x576) or Q6_K (Llama-3-mini's output layer,
 /// 128256x1024) kernel against candle's, at several batch sizes.
-fn ours_vs_candle(budget: Duration, dtype: GgmlDType, only_m: Option<usize>) {
+fn ours_vs_candle(budget: Duration, dtype: GgmlDType, only_m: Option<usize>, in_place: bool) {
     let (n, k) = match dtype {
         GgmlDType::Q8_0 => (49152, 576),
         // Llama-3-8B's ffn_up / ffn_gate.
@@ -163,8 +163,12 @@ fn ours_vs_candle(budget: Duration, dtype: GgmlDType, only_m: Option<usize>) {
             let m = Q8_0Matrix::from_qtensor(&qt).unwrap().unwrap();
             Box::new(move |x| m.forward(x).unwrap())
         }
-        GgmlDType::Q4K => {
+        GgmlDType::Q4K if in_place => {
             let m = Q4KMatrix::from_qtensor(&qt).unwrap().unwrap();
+            Box::new(move |x| m.forward(x).unwrap())
+        }
+        GgmlDType::Q4K => {
+            let m = Q4KTiled::from_qtensor(&qt).unwrap().unwrap();
             Box::new(move |x| m.forward(x).unwrap())
         }
         GgmlDType::Q5K => {
@@ -247,19 +251,23 @@ fn main() {
         return;
     }
     if only_shape.as_deref() == Some("q8_0") {
-        ours_vs_candle(budget, GgmlDType::Q8_0, only_m);
+        ours_vs_candle(budget, GgmlDType::Q8_0, only_m, true);
         return;
     }
     if only_shape.as_deref() == Some("q4_k") {
-        ours_vs_candle(budget, GgmlDType::Q4K, only_m);
+        ours_vs_candle(budget, GgmlDType::Q4K, only_m, false);
+        return;
+    }
+    if only_shape.as_deref() == Some("q4_k_in_place") {
+        ours_vs_candle(budget, GgmlDType::Q4K, only_m, true);
         return;
     }
     if only_shape.as_deref() == Some("q5_k") {
-        ours_vs_candle(budget, GgmlDType::Q5K, only_m);
+        ours_vs_candle(budget, GgmlDType::Q5K, only_m, true);
         return;
     }
     if only_shape.as_deref() == Some("q6_k") {
-        ours_vs_candle(budget, GgmlDType::Q6K, only_m);
+        ours_vs_candle(budget, GgmlDType::Q6K, only_m, true);
         return;
     }
     if only_shape.as_deref() == Some("cold") {

@@ -10,6 +10,7 @@
 //! |-------------------------|--------|-----------------------------------------------------|
 //! | Q4_1, 2-D, `k % 32 == 0`  | CPU    | ours ([`q4_1`]: AVX2/FMA/F16C, portable fallback)   |
 //! | Q8_0, 2-D, `k % 32 == 0`  | CPU    | ours ([`q8_0`], read in place, tied or not)          |
+//! | Q4_K, `n % 16 == 0`, `k % 256 == 0`, not tied | CPU | ours ([`q4_k_tiled`], repacked into 16-row tiles) |
 //! | Q4_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q4_k`], read in place, tied or not)          |
 //! | Q5_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q5_k`], Q4_K's tiles, read in place)         |
 //! | Q6_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q6_k`], read in place, tied or not)          |
@@ -112,6 +113,7 @@ pub(crate) use avx2_tile_driver;
 pub mod cpu;
 pub mod q4_1;
 pub mod q4_k;
+pub mod q4_k_tiled;
 pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
@@ -120,6 +122,7 @@ mod q8_k;
 
 pub use q4_1::{matmul_q4_1, BlockQ4_1, Q4_1Matrix};
 pub use q4_k::Q4KMatrix;
+pub use q4_k_tiled::Q4KTiled;
 pub use q5_k::Q5KMatrix;
 pub use q6_k::Q6KMatrix;
 pub use q8_0::{BlockQ8_0, Q8_0Matrix};
@@ -129,8 +132,9 @@ use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use cpu::Isa;
 use std::sync::Arc;
 
-/// Weight rows per work item handed to the thread pool (a multiple of every tile width).
-const GROUP: usize = 4;
+/// Weight rows per work item handed to the thread pool (a multiple of every tile width), unless
+/// a format says otherwise ([`CpuMatrix::GROUP`]).
+const DEFAULT_GROUP: usize = 4;
 
 /// Everything a worker needs, as plain addresses so the closure is `Sync`.
 pub(crate) struct Ctx {
@@ -161,6 +165,8 @@ pub(crate) trait CpuMatrix: Sync {
     const NAME: &'static str;
     /// The activation format its kernels read.
     const ACTIVATIONS: Activations = Activations::Q8_1;
+    /// Weight rows per work item; work items start at multiples of it.
+    const GROUP: usize = DEFAULT_GROUP;
     /// `(n, k)`: weight rows (output features) and columns (input features, a multiple of the
     /// block size: 32, or 256 for the K-quants).
     fn dims(&self) -> (usize, usize);
@@ -222,7 +228,7 @@ unsafe fn vnni_entry<W: CpuMatrix>(ctx: &Ctx, rows: std::ops::Range<usize>) {
 
 /// `out[i * n + j] = dot(lhs row i, weight row j)` for `lhs` of `m * k` f32, row-major: the lhs
 /// is quantized once on the calling thread, then weight rows are split over the thread pool,
-/// `GROUP` per work item, each item computing its rows against all `m` lhs rows (so each
+/// `W::GROUP` per work item, each item computing its rows against all `m` lhs rows (so each
 /// weight row is read from memory once per call however many tokens are batched).
 pub(crate) fn matmul_with<W: CpuMatrix>(isa: Isa, lhs: &[f32], m: usize, w: &W, out: &mut [f32]) {
     let (n, k) = w.dims();
@@ -242,8 +248,8 @@ pub(crate) fn matmul_with<W: CpuMatrix>(isa: Isa, lhs: &[f32], m: usize, w: &W, 
         return;
     }
     let run = |ctx: Ctx| {
-        cpu::parallel_chunks(n.div_ceil(GROUP), |groups| {
-            let rows = groups.start * GROUP..n.min(groups.end * GROUP);
+        cpu::parallel_chunks(n.div_ceil(W::GROUP), |groups| {
+            let rows = groups.start * W::GROUP..n.min(groups.end * W::GROUP);
             // SAFETY: the pointers in `ctx` outlive the pool call; each output element
             // (i, j) is written only by the work item owning weight row j.
             unsafe { W::rows(isa, &ctx, rows) }
@@ -354,8 +360,11 @@ pub enum QLinear {
     /// Q8_0 on the CPU: our kernel, which reads each weight row once for the whole batch
     /// (candle's re-reads the matrix for every token of the step).
     Q8_0Cpu(Q8_0Matrix),
-    /// Q4_K on the CPU: our kernel, row-invariant and reading the file's blocks in place
-    /// (candle's keeps a repacked second copy of the weights).
+    /// Q4_K on the CPU, not shared, 16k rows: repacked into 16-row tiles that replace the
+    /// file's blocks (the fast kernel for batches).
+    Q4KTiledCpu(Q4KTiled),
+    /// Q4_K on the CPU otherwise (tied embeddings): our kernel, row-invariant and reading the
+    /// file's blocks in place (candle's keeps a repacked second copy of the weights).
     Q4KCpu(Q4KMatrix),
     /// Q5_K on the CPU: the Q4_K kernel's tiles with a fifth bit per quant.
     Q5KCpu(Q5KMatrix),
@@ -372,6 +381,7 @@ impl std::fmt::Debug for QLinear {
         match self {
             Self::Q4_1Cpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q8_0Cpu(m) => write!(f, "QLinear::{m:?}"),
+            Self::Q4KTiledCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q4KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q5KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q6KCpu(m) => write!(f, "QLinear::{m:?}"),
@@ -386,6 +396,10 @@ impl QLinear {
         if kernels == Kernels::Fastest {
             if let Some(m) = Q4_1Matrix::from_qtensor(&t)? {
                 return Ok(Self::Q4_1Cpu(m));
+            }
+            if let Some(m) = Q4KTiled::from_qtensor(&t)? {
+                // `t` is dropped here: the tiles are the only copy.
+                return Ok(Self::Q4KTiledCpu(m));
             }
         }
         Self::shared(Arc::new(t), kernels)
@@ -417,6 +431,7 @@ impl QLinear {
         match self {
             Self::Q4_1Cpu(m) => m.forward(xs),
             Self::Q8_0Cpu(m) => m.forward(xs),
+            Self::Q4KTiledCpu(m) => m.forward(xs),
             Self::Q4KCpu(m) => m.forward(xs),
             Self::Q5KCpu(m) => m.forward(xs),
             Self::Q6KCpu(m) => m.forward(xs),
