@@ -182,6 +182,17 @@ pub(crate) trait CpuMatrix: Sync {
     #[cfg(target_arch = "x86_64")]
     unsafe fn simd_rows<D: cpu::avx2::Dot>(ctx: &Ctx, rows: std::ops::Range<usize>);
 
+    /// The kernel for [`Isa::Avx512`]: by default the 256-bit one with VNNI's dot products;
+    /// a format with a 512-bit kernel overrides it (same bits, same contract).
+    ///
+    /// # Safety
+    /// As [`CpuMatrix::simd_rows`], on a CPU with AVX-512 F, BW, VL and VNNI.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn avx512_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        Self::simd_rows::<cpu::avx2::Vnni>(ctx, rows)
+    }
+
     /// The portable kernel, same contract.
     ///
     /// # Safety
@@ -201,6 +212,8 @@ pub(crate) trait CpuMatrix: Sync {
             Isa::Avx2 => avx2_entry::<Self>(ctx, rows),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Vnni => vnni_entry::<Self>(ctx, rows),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512_entry::<Self>(ctx, rows),
             Isa::Scalar => Self::scalar_rows(ctx, rows),
         }
     }
@@ -224,6 +237,16 @@ unsafe fn avx2_entry<W: CpuMatrix>(ctx: &Ctx, rows: std::ops::Range<usize>) {
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 unsafe fn vnni_entry<W: CpuMatrix>(ctx: &Ctx, rows: std::ops::Range<usize>) {
     W::simd_rows::<cpu::avx2::Vnni>(ctx, rows)
+}
+
+/// [`Isa::Avx512`]'s entry point.
+///
+/// # Safety
+/// As [`CpuMatrix::simd_rows`], on a CPU with AVX-512 F, BW, VL and VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn avx512_entry<W: CpuMatrix>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+    W::avx512_rows(ctx, rows)
 }
 
 /// `out[i * n + j] = dot(lhs row i, weight row j)` for `lhs` of `m * k` f32, row-major: the lhs

@@ -174,6 +174,12 @@ impl CpuMatrix for Q4KTiled {
         avx2::rows::<D>(ctx, rows)
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn avx512_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        avx512::rows(ctx, rows)
+    }
+
     unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
         scalar_rows(ctx, rows)
     }
@@ -365,6 +371,109 @@ mod avx2 {
         let j = t * TILE_ROWS + 8 * h;
         for (r, a) in acc.into_iter().enumerate() {
             _mm256_storeu_ps(out.add((i + r) * ctx.n + j), a);
+        }
+    }
+}
+
+/// The 512-bit kernel: a whole tile (16 weight rows) per vector, otherwise `avx2`'s.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Ctx, Lhs, TileQ4K, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    /// Lhs rows per call of the tile kernel.
+    const TALL: usize = 4;
+    /// Lhs rows whose quants stay in cache while a work item's tiles pass over them.
+    const LHS_CHUNK: usize = 64;
+
+    /// Weight rows `rows` (whole tiles) against every lhs row.
+    ///
+    /// # Safety
+    /// Only called inside the AVX-512 entry point (`kernels/mod.rs`); `ctx` must describe live
+    /// buffers of this format and `rows` lie within `0..ctx.n`, starting at a multiple of 16.
+    #[inline(always)]
+    pub(super) unsafe fn rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        let lhs = Lhs::new(ctx);
+        for i0 in (0..ctx.m).step_by(LHS_CHUNK) {
+            let i1 = ctx.m.min(i0 + LHS_CHUNK);
+            for t in (rows.start / TILE_ROWS)..rows.end.div_ceil(TILE_ROWS) {
+                let mut i = i0;
+                while i + TALL <= i1 {
+                    tile::<TALL>(ctx, &lhs, i, t);
+                    i += TALL;
+                }
+                match i1 - i {
+                    0 => {}
+                    1 => tile::<1>(ctx, &lhs, i, t),
+                    2 => tile::<2>(ctx, &lhs, i, t),
+                    _ => tile::<3>(ctx, &lhs, i, t),
+                }
+            }
+        }
+    }
+
+    /// 4 bytes of `p`, broadcast.
+    #[inline(always)]
+    unsafe fn bcast4(p: *const i8) -> __m512i {
+        _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))
+    }
+
+    /// Lhs rows `i..i + R` against tile `t` (weight rows `16t..16t + 16`).
+    #[inline(always)]
+    unsafe fn tile<const R: usize>(ctx: &Ctx, lhs: &Lhs, i: usize, t: usize) {
+        let nb = ctx.nb;
+        let tiles = (ctx.w as *const TileQ4K).add(t * nb);
+        let low = _mm512_set1_epi8(0x0f);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let tile = &*tiles.add(b);
+            let xq: [*const i8; R] = std::array::from_fn(|r| lhs.block(i + r, b).qs.as_ptr());
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for s in 0..8 {
+                let mut isum = [_mm512_setzero_si512(); R];
+                for g in 0..4 {
+                    let w = _mm512_loadu_si512(tile.qs[s][g].as_ptr() as *const __m512i);
+                    let lo = _mm512_and_si512(w, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                    for r in 0..R {
+                        let x = xq[r].add(32 * s + 8 * g);
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], lo, bcast4(x));
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], hi, bcast4(x.add(4)));
+                    }
+                }
+                let sc =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(tile.sc[s].as_ptr() as *const __m128i));
+                for r in 0..R {
+                    sumi[r] = _mm512_add_epi32(sumi[r], _mm512_mullo_epi32(isum[r], sc));
+                }
+            }
+            let mut summ = [_mm512_setzero_si512(); R];
+            for p in 0..4 {
+                let mins =
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(tile.mn[p].as_ptr() as *const __m256i));
+                for (r, summ) in summ.iter_mut().enumerate() {
+                    let [s0, s1] = lhs.sums(i + r, b, p);
+                    let pair = (s0 as u16 as u32 | (s1 as u16 as u32) << 16) as i32;
+                    *summ =
+                        _mm512_add_epi32(*summ, _mm512_madd_epi16(mins, _mm512_set1_epi32(pair)));
+                }
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const __m256i));
+            let dminw = _mm512_cvtph_ps(_mm256_loadu_si256(tile.dmin.as_ptr() as *const __m256i));
+            for r in 0..R {
+                let dx = _mm512_set1_ps(lhs.d(i + r, b));
+                acc[r] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[r]), _mm512_mul_ps(dw, dx), acc[r]);
+                acc[r] = _mm512_fnmadd_ps(
+                    _mm512_cvtepi32_ps(summ[r]),
+                    _mm512_mul_ps(dminw, dx),
+                    acc[r],
+                );
+            }
+        }
+        let out = ctx.out as *mut f32;
+        for (r, a) in acc.into_iter().enumerate() {
+            _mm512_storeu_ps(out.add((i + r) * ctx.n + t * TILE_ROWS), a);
         }
     }
 }

@@ -80,7 +80,7 @@ fn quantize_lhs(isa: Isa, lhs: &[f32], m: usize, k: usize, s: &mut LhsScratch) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA and F16C; the slices
         // have the lengths `quantize` expects.
-        Isa::Avx2 | Isa::Avx2Vnni => unsafe {
+        Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512 => unsafe {
             avx2::quantize(lhs, m, k, &mut s.qs, &mut s.d8, &mut s.s8)
         },
         Isa::Scalar => {

@@ -105,7 +105,7 @@ pub(crate) fn with_quantized<R>(
 fn quantize_row(isa: Isa, row: &[f32], out: &mut [CandleQ8K]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx2Vnni => {
+        Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512 => {
             for (x, blk) in row.chunks_exact(QK_K).zip(out.iter_mut()) {
                 // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA and F16C;
                 // `x` holds one block's values; `Q8KBlock` mirrors candle's block.
