@@ -7,14 +7,16 @@
 //! shape, `cold [m]` streams 80 distinct 1536x576 matrices (44 MB, past the L3) like a decode
 //! step, `model=<file.gguf> [m]` runs every Q4_1 weight of a model once (checking ours
 //! against candle), `q8_0 [m]` times the Q8_0 kernel on SmolLM2's tied output layer
-//! (49152x576) `q6_k [m]` the Q6_K kernel on Llama-3-mini's output layer (128256x1024) `q4_k [m]` / `q5_k [m]`
+//! (49152x576) `q6_k [m]` the Q6_K kernel (tiled; `q6_k_in_place [m]`: the in-place one) on Llama-3-mini's output layer (128256x1024) `q4_k [m]` / `q5_k [m]`
 //! the Q4_K (tiled; `q4_k_in_place [m]`: the in-place kernel) / Q5_K kernel on Llama-3-8B's ffn_up (14336x4096); `candle=<Q4K|Q5K|Q6K|Q8_0> NxK` times candle's own kernel for a format (no kernel
 //! of ours yet) at m = 1, 2, 4, 8, 32, with its effective bandwidth. Thread count:
 //! CANDLE_NUM_THREADS (both paths use candle's pool).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use edgerun_engine::kernels::{Q4KMatrix, Q4KTiled, Q4_1Matrix, Q5KMatrix, Q6KMatrix, Q8_0Matrix};
+use edgerun_engine::kernels::{
+    Q4KMatrix, Q4KTiled, Q4_1Matrix, Q5KMatrix, Q6KMatrix, Q6KTiled, Q8_0Matrix,
+};
 use std::time::{Duration, Instant};
 
 fn lcg(seed: u64, len: usize) -> Vec<f32> {
@@ -175,8 +177,12 @@ fn ours_vs_candle(budget: Duration, dtype: GgmlDType, only_m: Option<usize>, in_
             let m = Q5KMatrix::from_qtensor(&qt).unwrap().unwrap();
             Box::new(move |x| m.forward(x).unwrap())
         }
-        _ => {
+        _ if in_place => {
             let m = Q6KMatrix::from_qtensor(&qt).unwrap().unwrap();
+            Box::new(move |x| m.forward(x).unwrap())
+        }
+        _ => {
+            let m = Q6KTiled::from_qtensor(&qt).unwrap().unwrap();
             Box::new(move |x| m.forward(x).unwrap())
         }
     };
@@ -267,6 +273,10 @@ fn main() {
         return;
     }
     if only_shape.as_deref() == Some("q6_k") {
+        ours_vs_candle(budget, GgmlDType::Q6K, only_m, false);
+        return;
+    }
+    if only_shape.as_deref() == Some("q6_k_in_place") {
         ours_vs_candle(budget, GgmlDType::Q6K, only_m, true);
         return;
     }

@@ -13,6 +13,7 @@
 //! | Q4_K, `n % 16 == 0`, `k % 256 == 0`, not tied | CPU | ours ([`q4_k_tiled`], repacked into 16-row tiles) |
 //! | Q4_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q4_k`], read in place, tied or not)          |
 //! | Q5_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q5_k`], Q4_K's tiles, read in place)         |
+//! | Q6_K, `n % 16 == 0`, `k % 256 == 0`, not tied | CPU | ours ([`q6_k_tiled`], repacked into 16-row tiles) |
 //! | Q6_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q6_k`], read in place, tied or not)          |
 //! | anything else             | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
 //!
@@ -116,6 +117,7 @@ pub mod q4_k;
 pub mod q4_k_tiled;
 pub mod q5_k;
 pub mod q6_k;
+pub mod q6_k_tiled;
 pub mod q8_0;
 mod q8_1;
 mod q8_k;
@@ -125,6 +127,7 @@ pub use q4_k::Q4KMatrix;
 pub use q4_k_tiled::Q4KTiled;
 pub use q5_k::Q5KMatrix;
 pub use q6_k::Q6KMatrix;
+pub use q6_k_tiled::Q6KTiled;
 pub use q8_0::{BlockQ8_0, Q8_0Matrix};
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -391,7 +394,10 @@ pub enum QLinear {
     Q4KCpu(Q4KMatrix),
     /// Q5_K on the CPU: the Q4_K kernel's tiles with a fifth bit per quant.
     Q5KCpu(Q5KMatrix),
-    /// Q6_K on the CPU: our kernel, row-invariant (candle's switches kernel between one token
+    /// Q6_K on the CPU, not shared, 16k rows: repacked into 16-row tiles that replace the
+    /// file's blocks.
+    Q6KTiledCpu(Q6KTiled),
+    /// Q6_K on the CPU otherwise: our kernel, row-invariant (candle's switches kernel between one token
     /// and several, so a sequence's logits depend on the batch) and without candle's repacked
     /// second copy.
     Q6KCpu(Q6KMatrix),
@@ -407,6 +413,7 @@ impl std::fmt::Debug for QLinear {
             Self::Q4KTiledCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q4KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q5KCpu(m) => write!(f, "QLinear::{m:?}"),
+            Self::Q6KTiledCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q6KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Candle(_) => write!(f, "QLinear::Candle"),
         }
@@ -423,6 +430,9 @@ impl QLinear {
             if let Some(m) = Q4KTiled::from_qtensor(&t)? {
                 // `t` is dropped here: the tiles are the only copy.
                 return Ok(Self::Q4KTiledCpu(m));
+            }
+            if let Some(m) = Q6KTiled::from_qtensor(&t)? {
+                return Ok(Self::Q6KTiledCpu(m));
             }
         }
         Self::shared(Arc::new(t), kernels)
@@ -457,6 +467,7 @@ impl QLinear {
             Self::Q4KTiledCpu(m) => m.forward(xs),
             Self::Q4KCpu(m) => m.forward(xs),
             Self::Q5KCpu(m) => m.forward(xs),
+            Self::Q6KTiledCpu(m) => m.forward(xs),
             Self::Q6KCpu(m) => m.forward(xs),
             Self::Candle(m) => m.forward(xs),
         }
@@ -692,6 +703,79 @@ pub(crate) mod test_util {
             if other != dtype {
                 assert!(
                     ours(&quantize(64, 512, 5, other)).is_none(),
+                    "{other:?} taken"
+                );
+            }
+        }
+    }
+
+    /// The tests every tiled K-quant kernel shares, for the block type `C` whose candle mirror
+    /// is the reference and `ours` which repacks candle's tensor: on three shapes, against
+    /// candle's own `vec_dot` over candle's Q8_K activations, for every ISA and lhs-row count
+    /// (tails included), every ISA giving the same bits as the portable path; rows bitwise
+    /// independent of the batch; row counts that are not a multiple of 16 and other dtypes
+    /// not taken.
+    pub fn check_tiled_kernel<C, W>(
+        dtype: candle_core::quantized::GgmlDType,
+        ours: impl Fn(&QTensor) -> Option<W>,
+    ) where
+        C: candle_core::quantized::k_quants::GgmlType<
+            VecDotType = candle_core::quantized::k_quants::BlockQ8K,
+        >,
+        W: CpuMatrix,
+    {
+        use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
+        use candle_core::quantized::GgmlDType;
+        use candle_core::{Device, Tensor};
+        let quantize = |n: usize, k: usize, seed: u64, dtype: GgmlDType| {
+            let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
+            QTensor::quantize(&t, dtype).unwrap()
+        };
+        for (si, (n, k)) in [(64, 256), (48, 1024), (16, 3584)].into_iter().enumerate() {
+            let qt = quantize(n, k, 70 + si as u64, dtype);
+            let w = ours(&qt).expect("tiled");
+            let nb = k / QK_K;
+            let data = qt.data().unwrap();
+            // SAFETY: `data` is the storage of candle's blocks of type `C`.
+            let blocks: &[C] =
+                unsafe { std::slice::from_raw_parts(data.as_ptr() as *const C, n * nb) };
+            for m in [1usize, 2, 3, 5, 9, 37, 70] {
+                let x = lcg(500 + m as u64, m * k);
+                let mut xq = vec![BlockQ8K::zeros(); nb];
+                let mut want = vec![0f32; m * n];
+                for i in 0..m {
+                    BlockQ8K::from_float(&x[i * k..(i + 1) * k], &mut xq);
+                    for j in 0..n {
+                        want[i * n + j] = C::vec_dot(k, &blocks[j * nb..(j + 1) * nb], &xq);
+                    }
+                }
+                let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let tol = 1e-4 * max_ref + 1e-5;
+                let mut first: Option<Vec<f32>> = None;
+                for isa in isas() {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_with(isa, &x, m, &w, &mut got);
+                    let diff = max_abs_diff(&got, &want);
+                    assert!(diff <= tol, "({n}, {k}, m={m}, {isa:?}): {diff} > {tol}");
+                    match &first {
+                        None => first = Some(got),
+                        Some(f) => assert!(
+                            f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "({n}, {k}, m={m}): {isa:?} differs from the portable path"
+                        ),
+                    }
+                }
+            }
+            assert_rows_batch_invariant(&w, &lcg(80 + si as u64, 72 * k), &[2, 3, 4, 5, 7, 9, 70]);
+        }
+        assert!(
+            ours(&quantize(24, 256, 1, dtype)).is_none(),
+            "24 rows taken"
+        );
+        for other in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            if other != dtype {
+                assert!(
+                    ours(&quantize(32, 256, 2, other)).is_none(),
                     "{other:?} taken"
                 );
             }

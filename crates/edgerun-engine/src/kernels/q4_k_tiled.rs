@@ -485,67 +485,11 @@ pub fn matmul_q4_k_tiled(lhs: &[f32], m: usize, w: &Q4KTiled, out: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{assert_rows_batch_invariant, isas, lcg, max_abs_diff};
-    use super::super::{matmul_with, QK_K};
+    use super::super::test_util::check_tiled_kernel;
     use super::*;
-    use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
-    use candle_core::Device;
 
-    fn quantize(n: usize, k: usize, seed: u64) -> QTensor {
-        let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
-        QTensor::quantize(&t, GgmlDType::Q4K).unwrap()
-    }
-
-    /// Against candle's own Q4_K `vec_dot` over candle's Q8_K activations, for every ISA and
-    /// lhs-row count (tails included); every ISA gives the same bits, alone or in a batch.
     #[test]
     fn matches_candle_and_every_path_gives_the_same_bits() {
-        for (si, (n, k)) in [(64, 256), (48, 1024), (16, 3584)].into_iter().enumerate() {
-            let qt = quantize(n, k, 70 + si as u64);
-            let w = Q4KTiled::from_qtensor(&qt).unwrap().expect("tiled");
-            let nb = k / QK_K;
-            let data = qt.data().unwrap();
-            // SAFETY: `data` is the storage of candle's Q4_K blocks.
-            let blocks: &[CandleQ4K] =
-                unsafe { std::slice::from_raw_parts(data.as_ptr() as *const CandleQ4K, n * nb) };
-            for m in [1usize, 2, 3, 5, 9, 37, 70] {
-                let x = lcg(500 + m as u64, m * k);
-                let mut xq = vec![BlockQ8K::zeros(); nb];
-                let mut want = vec![0f32; m * n];
-                for i in 0..m {
-                    BlockQ8K::from_float(&x[i * k..(i + 1) * k], &mut xq);
-                    for j in 0..n {
-                        want[i * n + j] = CandleQ4K::vec_dot(k, &blocks[j * nb..(j + 1) * nb], &xq);
-                    }
-                }
-                let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let tol = 1e-4 * max_ref + 1e-5;
-                let mut first: Option<Vec<f32>> = None;
-                for isa in isas() {
-                    let mut got = vec![f32::NAN; m * n];
-                    matmul_with(isa, &x, m, &w, &mut got);
-                    let diff = max_abs_diff(&got, &want);
-                    assert!(diff <= tol, "({n}, {k}, m={m}, {isa:?}): {diff} > {tol}");
-                    match &first {
-                        None => first = Some(got),
-                        Some(f) => assert!(
-                            f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "({n}, {k}, m={m}): {isa:?} differs from the portable path"
-                        ),
-                    }
-                }
-            }
-            assert_rows_batch_invariant(&w, &lcg(80 + si as u64, 72 * k), &[2, 3, 4, 5, 7, 9, 70]);
-        }
-    }
-
-    #[test]
-    fn other_shapes_and_dtypes_are_not_taken() {
-        assert!(Q4KTiled::from_qtensor(&quantize(24, 256, 1))
-            .unwrap()
-            .is_none());
-        let t = Tensor::from_vec(lcg(2, 32 * 256), (32, 256), &Device::Cpu).unwrap();
-        let q6 = QTensor::quantize(&t, GgmlDType::Q6K).unwrap();
-        assert!(Q4KTiled::from_qtensor(&q6).unwrap().is_none());
+        check_tiled_kernel::<CandleQ4K, _>(GgmlDType::Q4K, |t| Q4KTiled::from_qtensor(t).unwrap());
     }
 }
