@@ -104,7 +104,7 @@ impl LlamaModel {
         // Absent: tied embeddings (SmolLM2 and other small models). Present but unreadable: an
         // error (from `optional_tensor`), never silently tied.
         let output = match optional_tensor(ct, file, "output.weight", device)? {
-            Some(t) => QLinear::new(t, kernels)?,
+            Some(t) => QLinear::head(t, kernels)?,
             None => QLinear::shared(embeddings.clone(), kernels)?,
         };
         // Llama-3.1 and later carry per-frequency RoPE divisors (their long-context scaling).
