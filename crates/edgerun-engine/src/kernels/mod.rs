@@ -10,11 +10,11 @@
 //! |-------------------------|--------|-----------------------------------------------------|
 //! | Q4_1, 2-D, `k % 32 == 0`  | CPU    | ours ([`q4_1`]: AVX2/FMA/F16C, portable fallback)   |
 //! | Q8_0, 2-D, `k % 32 == 0`  | CPU    | ours ([`q8_0`], read in place, tied or not)          |
-//! | Q4_K, `n % 16 == 0`, `k % 256 == 0`, not tied | CPU | ours ([`q4_k_tiled`], repacked into 16-row tiles) |
-//! | Q4_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q4_k`], read in place, tied or not)          |
-//! | Q5_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q5_k`], Q4_K's tiles, read in place)         |
-//! | Q6_K, `n % 16 == 0`, `k % 256 == 0`, not tied | CPU | ours ([`q6_k_tiled`], repacked into 16-row tiles) |
-//! | Q6_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q6_k`], read in place, tied or not)          |
+//! | Q4_K, `n % 16 == 0`, `k % 256 == 0`, [`QLinear::new`] | CPU | ours ([`q4_k_tiled`], repacked into 16-row tiles that replace the blocks) |
+//! | Q4_K, 2-D, `k % 256 == 0`, otherwise (tied, the head) | CPU | ours ([`q4_k`], read in place) |
+//! | Q5_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q5_k`], Q4_K's in-place tiles)               |
+//! | Q6_K, `n % 16 == 0`, `k % 256 == 0`, [`QLinear::new`] | CPU | ours ([`q6_k_tiled`], repacked into 16-row tiles) |
+//! | Q6_K, 2-D, `k % 256 == 0`, otherwise (tied, the head) | CPU | ours ([`q6_k`], read in place) |
 //! | anything else             | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
 //!
 //! So on the CPU every matmul of a `Q4_K_M`, `Q5_K_M`, `Q6_K`, `Q8_0` or `Q4_1` file whose
@@ -22,6 +22,9 @@
 //! kernel of ours. Where rows are not (SmolLM2's 576), llama-quantize falls back to Q5_0/Q5_1
 //! for most matrices, and those still run candle's kernels, whose row invariance is not
 //! promised.
+//!
+//! The tiles pay off where a matrix meets many rows per step (every prompt token); the output
+//! head meets one row per sequence, so [`QLinear::head`] keeps it in place.
 //!
 //! [`Kernels::CandleOnly`] forces candle's everywhere (the reference the parity tests compare
 //! against).
