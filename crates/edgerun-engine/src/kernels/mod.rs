@@ -583,6 +583,84 @@ impl<B> std::fmt::Debug for InPlaceMatrix<B> {
     }
 }
 
+/// Weight rows per tile of the tiled formats ([`q4_k_tiled`], [`q6_k_tiled`]).
+pub const TILE_ROWS: usize = 16;
+
+/// A weight matrix repacked once, at load, into tiles of [`TILE_ROWS`] rows x one 256-value
+/// super-block (`tiles[t * nb + b]`: rows `16t..16t + 16`, super-block `b`) that replace the
+/// file's blocks: what the tiled formats share (each gives it a tile type, a `pack` and a
+/// `CpuMatrix` impl).
+pub struct TiledMatrix<T> {
+    n: usize,
+    k: usize,
+    tiles: Vec<T>,
+}
+
+impl<T> TiledMatrix<T> {
+    /// `Some(..)` when `t` is a 2-D `dtype` tensor on the CPU with a multiple of 16 rows of a
+    /// multiple of 256 values (GGML blocks `B` of 256 values): each tile is `pack` of its 16
+    /// rows' blocks. `None` for anything else. The caller drops `t` afterwards: the tiles are
+    /// the only copy of the weights.
+    fn repack<B: Copy>(
+        t: &QTensor,
+        dtype: candle_core::quantized::GgmlDType,
+        pack: impl Fn(&[B; TILE_ROWS]) -> T,
+    ) -> Result<Option<Self>> {
+        if t.dtype() != dtype || !t.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = match t.shape().dims() {
+            &[n, k] => (n, k),
+            _ => return Ok(None),
+        };
+        if !n.is_multiple_of(TILE_ROWS) || !k.is_multiple_of(QK_K) || k == 0 {
+            return Ok(None);
+        }
+        let data = t.data()?;
+        let nb = k / QK_K;
+        let want = n * nb * std::mem::size_of::<B>();
+        if data.len() != want {
+            candle_core::bail!(
+                "{dtype:?} tensor {:?}: {} bytes, expected {want}",
+                t.shape(),
+                data.len()
+            );
+        }
+        let block = |row: usize, b: usize| -> B {
+            let at = (row * nb + b) * std::mem::size_of::<B>();
+            // SAFETY: `at` is in bounds (checked length); blocks are plain bytes.
+            unsafe { std::ptr::read_unaligned(data.as_ptr().add(at) as *const B) }
+        };
+        let mut tiles = Vec::with_capacity(n / TILE_ROWS * nb);
+        for t0 in (0..n).step_by(TILE_ROWS) {
+            for b in 0..nb {
+                tiles.push(pack(&std::array::from_fn(|r| block(t0 + r, b))));
+            }
+        }
+        Ok(Some(Self { n, k, tiles }))
+    }
+
+    /// Weight rows (output features).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+}
+
+impl<T> std::fmt::Debug for TiledMatrix<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tile = std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("?");
+        write!(f, "TiledMatrix<{tile}>({} x {})", self.n, self.k)
+    }
+}
+
 /// Helpers the kernels' tests share.
 #[cfg(test)]
 pub(crate) mod test_util {

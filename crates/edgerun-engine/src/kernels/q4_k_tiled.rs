@@ -35,13 +35,10 @@
 use super::cpu::f16_to_f32;
 use super::q4_k::scales_and_mins;
 use super::q8_k::Q8KBlock;
-use super::{cpu, forward_cpu, Activations, CpuMatrix, Ctx, QK_K};
+use super::{cpu, forward_cpu, Activations, CpuMatrix, Ctx, TiledMatrix, QK_K, TILE_ROWS};
 use candle_core::quantized::k_quants::BlockQ4K as CandleQ4K;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
-
-/// Weight rows per tile.
-pub const TILE_ROWS: usize = 16;
 
 /// 16 weight rows x one super-block of Q4_K, repacked (see the module docs).
 #[derive(Clone, Copy)]
@@ -61,6 +58,7 @@ pub struct TileQ4K {
 const _: () = assert!(std::mem::size_of::<TileQ4K>() == 2368);
 
 /// GGML's Q4_K super-block (candle's `BlockQ4K`), read while packing.
+#[derive(Clone, Copy)]
 #[repr(C)]
 struct BlockQ4K {
     d: u16,
@@ -71,81 +69,15 @@ struct BlockQ4K {
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == std::mem::size_of::<CandleQ4K>());
 
 /// A Q4_K weight matrix (n rows of k values, `n % 16 == 0`, `k % 256 == 0`) repacked into
-/// tiles: `tiles[t * nb + b]` holds rows `16t..16t + 16`, super-block `b`.
-pub struct Q4KTiled {
-    n: usize,
-    k: usize,
-    tiles: Vec<TileQ4K>,
-}
-
-impl std::fmt::Debug for Q4KTiled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q4KTiled({} x {})", self.n, self.k)
-    }
-}
+/// tiles.
+pub type Q4KTiled = TiledMatrix<TileQ4K>;
 
 impl Q4KTiled {
     /// `Some(..)` when `t` is a 2-D Q4_K tensor on the CPU with a multiple of 16 rows of a
     /// multiple of 256 values; `None` otherwise. The caller drops `t` afterwards: the tiles
     /// are the only copy of the weights.
     pub fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
-        if t.dtype() != GgmlDType::Q4K || !t.device().is_cpu() {
-            return Ok(None);
-        }
-        let (n, k) = match t.shape().dims() {
-            &[n, k] => (n, k),
-            _ => return Ok(None),
-        };
-        if !n.is_multiple_of(TILE_ROWS) || !k.is_multiple_of(QK_K) || k == 0 {
-            return Ok(None);
-        }
-        let data = t.data()?;
-        let nb = k / QK_K;
-        let want = n * nb * std::mem::size_of::<BlockQ4K>();
-        if data.len() != want {
-            candle_core::bail!(
-                "Q4_K tensor {:?}: {} bytes, expected {want}",
-                t.shape(),
-                data.len()
-            );
-        }
-        let block = |row: usize, b: usize| -> BlockQ4K {
-            let at = (row * nb + b) * std::mem::size_of::<BlockQ4K>();
-            // SAFETY: `at` is in bounds (checked length); the block is plain bytes.
-            unsafe { std::ptr::read_unaligned(data.as_ptr().add(at) as *const BlockQ4K) }
-        };
-        let mut tiles = Vec::with_capacity(n / TILE_ROWS * nb);
-        for t0 in (0..n).step_by(TILE_ROWS) {
-            for b in 0..nb {
-                let mut tile = TileQ4K {
-                    d: [0; TILE_ROWS],
-                    dmin: [0; TILE_ROWS],
-                    sc: [[0; TILE_ROWS]; 8],
-                    mn: [[[0; 2]; TILE_ROWS]; 4],
-                    qs: [[[[0; 4]; TILE_ROWS]; 4]; 8],
-                };
-                for r in 0..TILE_ROWS {
-                    let blk = block(t0 + r, b);
-                    tile.d[r] = blk.d;
-                    tile.dmin[r] = blk.dmin;
-                    let sm = scales_and_mins(&blk.scales);
-                    for s in 0..8 {
-                        tile.sc[s][r] = sm[s];
-                        tile.mn[s / 2][r][s % 2] = sm[8 + s];
-                    }
-                    let q = |s: usize, l: usize| (blk.qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0xf;
-                    for s in 0..8 {
-                        for g in 0..4 {
-                            for j in 0..4 {
-                                tile.qs[s][g][r][j] = q(s, 8 * g + j) | q(s, 8 * g + j + 4) << 4;
-                            }
-                        }
-                    }
-                }
-                tiles.push(tile);
-            }
-        }
-        Ok(Some(Self { n, k, tiles }))
+        Self::repack(t, GgmlDType::Q4K, pack)
     }
 
     /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`; equivalent to
@@ -153,6 +85,35 @@ impl Q4KTiled {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         forward_cpu(self, xs)
     }
+}
+
+/// One tile from its 16 rows' blocks (see the module docs for the layout).
+fn pack(rows: &[BlockQ4K; TILE_ROWS]) -> TileQ4K {
+    let mut tile = TileQ4K {
+        d: [0; TILE_ROWS],
+        dmin: [0; TILE_ROWS],
+        sc: [[0; TILE_ROWS]; 8],
+        mn: [[[0; 2]; TILE_ROWS]; 4],
+        qs: [[[[0; 4]; TILE_ROWS]; 4]; 8],
+    };
+    for (r, blk) in rows.iter().enumerate() {
+        tile.d[r] = blk.d;
+        tile.dmin[r] = blk.dmin;
+        let sm = scales_and_mins(&blk.scales);
+        for s in 0..8 {
+            tile.sc[s][r] = sm[s];
+            tile.mn[s / 2][r][s % 2] = sm[8 + s];
+        }
+        let q = |s: usize, l: usize| (blk.qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0xf;
+        for s in 0..8 {
+            for g in 0..4 {
+                for j in 0..4 {
+                    tile.qs[s][g][r][j] = q(s, 8 * g + j) | q(s, 8 * g + j + 4) << 4;
+                }
+            }
+        }
+    }
+    tile
 }
 
 impl CpuMatrix for Q4KTiled {

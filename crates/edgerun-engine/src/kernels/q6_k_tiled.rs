@@ -30,13 +30,10 @@
 
 use super::cpu::f16_to_f32;
 use super::q8_k::Q8KBlock;
-use super::{cpu, forward_cpu, Activations, CpuMatrix, Ctx, QK_K};
+use super::{cpu, forward_cpu, Activations, CpuMatrix, Ctx, TiledMatrix, QK_K, TILE_ROWS};
 use candle_core::quantized::k_quants::BlockQ6K as CandleQ6K;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
-
-/// Weight rows per tile.
-pub const TILE_ROWS: usize = 16;
 
 /// 16 weight rows x one super-block of Q6_K, repacked (see the module docs).
 #[derive(Clone, Copy)]
@@ -54,6 +51,7 @@ pub struct TileQ6K {
 const _: () = assert!(std::mem::size_of::<TileQ6K>() == 16 * 210);
 
 /// GGML's Q6_K super-block (candle's `BlockQ6K`), read while packing.
+#[derive(Clone, Copy)]
 #[repr(C)]
 struct BlockQ6K {
     ql: [u8; QK_K / 2],
@@ -76,79 +74,14 @@ impl BlockQ6K {
 }
 
 /// A Q6_K weight matrix (n rows of k values, `n % 16 == 0`, `k % 256 == 0`) repacked into
-/// tiles: `tiles[t * nb + b]` holds rows `16t..16t + 16`, super-block `b`.
-pub struct Q6KTiled {
-    n: usize,
-    k: usize,
-    tiles: Vec<TileQ6K>,
-}
-
-impl std::fmt::Debug for Q6KTiled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q6KTiled({} x {})", self.n, self.k)
-    }
-}
+/// tiles.
+pub type Q6KTiled = TiledMatrix<TileQ6K>;
 
 impl Q6KTiled {
     /// `Some(..)` when `t` is a 2-D Q6_K tensor on the CPU with a multiple of 16 rows of a
     /// multiple of 256 values; `None` otherwise. The caller drops `t` afterwards.
     pub fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
-        if t.dtype() != GgmlDType::Q6K || !t.device().is_cpu() {
-            return Ok(None);
-        }
-        let (n, k) = match t.shape().dims() {
-            &[n, k] => (n, k),
-            _ => return Ok(None),
-        };
-        if !n.is_multiple_of(TILE_ROWS) || !k.is_multiple_of(QK_K) || k == 0 {
-            return Ok(None);
-        }
-        let data = t.data()?;
-        let nb = k / QK_K;
-        let want = n * nb * std::mem::size_of::<BlockQ6K>();
-        if data.len() != want {
-            candle_core::bail!(
-                "Q6_K tensor {:?}: {} bytes, expected {want}",
-                t.shape(),
-                data.len()
-            );
-        }
-        let block = |row: usize, b: usize| -> BlockQ6K {
-            let at = (row * nb + b) * std::mem::size_of::<BlockQ6K>();
-            // SAFETY: `at` is in bounds (checked length); the block is plain bytes.
-            unsafe { std::ptr::read_unaligned(data.as_ptr().add(at) as *const BlockQ6K) }
-        };
-        let mut tiles = Vec::with_capacity(n / TILE_ROWS * nb);
-        for t0 in (0..n).step_by(TILE_ROWS) {
-            for b in 0..nb {
-                let mut tile = TileQ6K {
-                    d: [0; TILE_ROWS],
-                    sc: [[[0; 2]; TILE_ROWS]; 8],
-                    ql: [[[[0; 4]; TILE_ROWS]; 4]; 8],
-                    qh: [[[[0; 4]; TILE_ROWS]; 4]; 4],
-                };
-                for r in 0..TILE_ROWS {
-                    let blk = block(t0 + r, b);
-                    tile.d[r] = blk.d;
-                    for t in 0..16 {
-                        tile.sc[t / 2][r][t % 2] = blk.scales[t];
-                    }
-                    for s in 0..8 {
-                        for g in 0..4 {
-                            for j in 0..4 {
-                                let (a, c) =
-                                    (blk.q(32 * s + 8 * g + j), blk.q(32 * s + 8 * g + j + 4));
-                                tile.ql[s][g][r][j] = (a & 0xf) | (c & 0xf) << 4;
-                                let shift = 4 * (s % 2);
-                                tile.qh[s / 2][g][r][j] |= ((a >> 4) | (c >> 4) << 2) << shift;
-                            }
-                        }
-                    }
-                }
-                tiles.push(tile);
-            }
-        }
-        Ok(Some(Self { n, k, tiles }))
+        Self::repack(t, GgmlDType::Q6K, pack)
     }
 
     /// `xs @ W^T`: `xs` of shape `(..., k)` on the CPU gives `(..., n)`; equivalent to
@@ -156,6 +89,32 @@ impl Q6KTiled {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         forward_cpu(self, xs)
     }
+}
+
+/// One tile from its 16 rows' blocks (see the module docs for the layout).
+fn pack(rows: &[BlockQ6K; TILE_ROWS]) -> TileQ6K {
+    let mut tile = TileQ6K {
+        d: [0; TILE_ROWS],
+        sc: [[[0; 2]; TILE_ROWS]; 8],
+        ql: [[[[0; 4]; TILE_ROWS]; 4]; 8],
+        qh: [[[[0; 4]; TILE_ROWS]; 4]; 4],
+    };
+    for (r, blk) in rows.iter().enumerate() {
+        tile.d[r] = blk.d;
+        for t in 0..16 {
+            tile.sc[t / 2][r][t % 2] = blk.scales[t];
+        }
+        for s in 0..8 {
+            for g in 0..4 {
+                for j in 0..4 {
+                    let (a, c) = (blk.q(32 * s + 8 * g + j), blk.q(32 * s + 8 * g + j + 4));
+                    tile.ql[s][g][r][j] = (a & 0xf) | (c & 0xf) << 4;
+                    tile.qh[s / 2][g][r][j] |= ((a >> 4) | (c >> 4) << 2) << (4 * (s % 2));
+                }
+            }
+        }
+    }
+    tile
 }
 
 impl CpuMatrix for Q6KTiled {
