@@ -7,7 +7,7 @@
 //! the integers and scales are those of candle's path. Blocks are row-major (`[row][block]`) in
 //! a thread-local scratch reused across calls; scales and sub-block sums are also laid out
 //! block-major for the batched tiles. (Vectorized because it runs on the calling thread while
-//! the pool waits: scalar, it was ~10% of a prefill step.)
+//! the pool waits; even so it was 2.8% of the samples of a 522-token Llama-3-mini prefill.)
 
 use super::cpu::Isa;
 use super::QK_K;
