@@ -207,6 +207,48 @@ pub(crate) mod avx2 {
         v
     }
 
+    /// `(y.round()).clamp(-128.0, 127.0) as i8` per lane, as i32 lanes: `f32::round` (half
+    /// away from zero) then Rust's saturating `as i8` (NaN gives 0). What both activation
+    /// quantizers (`q8_1.rs`, `q8_k.rs`) need to match candle's scalar code bit for bit.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn round_to_i8(y: __m256) -> __m256i {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        // Truncate |y|, add 1 if the (exact) fraction is >= 0.5, put the sign back.
+        let ay = _mm256_and_ps(y, abs_mask);
+        let tr = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(ay);
+        let up = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_sub_ps(ay, tr), _mm256_set1_ps(0.5)),
+            _mm256_set1_ps(1.0),
+        );
+        let r = _mm256_or_ps(_mm256_add_ps(tr, up), _mm256_andnot_ps(abs_mask, y));
+        let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+        _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+    }
+
+    /// 32 i32 lanes in `-128..=127` packed into 32 bytes, in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn pack_i8(q: [__m256i; 4]) -> __m256i {
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        // packs leave the 4-lane groups as [a0 b0 c0 d0 a1 b1 c1 d1]; this restores a b c d.
+        _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    }
+
+    /// Sum of the 8 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn hsum_epi32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
     /// Sum of the 8 lanes, in a fixed order.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -105,6 +105,7 @@ fn quantize_lhs(isa: Isa, lhs: &[f32], m: usize, k: usize, s: &mut LhsScratch) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::cpu::avx2::{hsum_epi32, pack_i8, round_to_i8};
     use super::{Q8Quants, QK};
     use std::arch::x86_64::*;
 
@@ -132,11 +133,6 @@ mod avx2 {
             lhs.len() == m * k && qs.len() >= m * nb && d8.len() >= m * nb && s8.len() >= m * nb
         );
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-        let half = _mm256_set1_ps(0.5);
-        let one = _mm256_set1_ps(1.0);
-        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
-        // packs leave the 4-lane groups as [a0 b0 c0 d0 a1 b1 c1 d1]; this restores a b c d.
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for i in 0..m {
             for b in 0..nb {
                 let x = lhs.as_ptr().add(i * k + b * QK);
@@ -148,37 +144,11 @@ mod avx2 {
                 let amax = _mm_cvtss_f32(_mm_max_ss(mx, _mm_movehdup_ps(mx)));
                 let d = amax / 127.0;
                 let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-                let q: [__m256i; 4] = std::array::from_fn(|t| {
-                    let y = _mm256_mul_ps(v[t], id);
-                    // f32::round: truncate |y|, add 1 if the (exact) fraction is >= 0.5.
-                    let ay = _mm256_and_ps(y, abs_mask);
-                    let tr = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(ay);
-                    let up = _mm256_and_ps(
-                        _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_sub_ps(ay, tr), half),
-                        one,
-                    );
-                    let r = _mm256_or_ps(_mm256_add_ps(tr, up), _mm256_andnot_ps(abs_mask, y));
-                    // `as i8`: NaN -> 0, saturate to -128..=127.
-                    let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
-                    _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
-                });
+                let q: [__m256i; 4] = std::array::from_fn(|t| round_to_i8(_mm256_mul_ps(v[t], id)));
                 let sum =
                     _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-                let sum = _mm_add_epi32(
-                    _mm256_castsi256_si128(sum),
-                    _mm256_extracti128_si256::<1>(sum),
-                );
-                let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
-                let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum));
-                let sum = _mm_cvtsi128_si32(sum);
-                let packed = _mm256_packs_epi16(
-                    _mm256_packs_epi32(q[0], q[1]),
-                    _mm256_packs_epi32(q[2], q[3]),
-                );
-                _mm256_store_si256(
-                    qs.as_mut_ptr().add(i * nb + b) as *mut __m256i,
-                    _mm256_permutevar8x32_epi32(packed, order),
-                );
+                let sum = hsum_epi32(sum);
+                _mm256_store_si256(qs.as_mut_ptr().add(i * nb + b) as *mut __m256i, pack_i8(q));
                 let d16 = f16_round(d);
                 let s16 = f16_round(f16_round(sum as f32) * d16);
                 d8[b * m + i] = d16;

@@ -123,6 +123,7 @@ fn quantize_row(isa: Isa, row: &[f32], out: &mut [CandleQ8K]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::cpu::avx2::{hsum_epi32, pack_i8, round_to_i8};
     use super::{Q8KBlock, QK_K};
     use std::arch::x86_64::*;
 
@@ -175,47 +176,17 @@ mod avx2 {
         }
         let iscale = -127f32 / max;
         let is = _mm256_set1_ps(iscale);
-        let half = _mm256_set1_ps(0.5);
-        let one = _mm256_set1_ps(1.0);
-        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
-        // packs leave the 4-lane groups as [a0 b0 c0 d0 a1 b1 c1 d1]; this restores a b c d.
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for g in 0..QK_K / 32 {
             let q: [__m256i; 4] = std::array::from_fn(|t| {
-                let y = _mm256_mul_ps(is, _mm256_loadu_ps(p.add(32 * g + 8 * t)));
-                // f32::round: truncate |y|, add 1 if the (exact) fraction is >= 0.5.
-                let ay = _mm256_and_ps(y, abs_mask);
-                let tr = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(ay);
-                let up = _mm256_and_ps(
-                    _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_sub_ps(ay, tr), half),
-                    one,
-                );
-                let r = _mm256_or_ps(_mm256_add_ps(tr, up), _mm256_andnot_ps(abs_mask, y));
-                // `as i8` after the clamp: NaN (0 * inf, when 1 / max overflows) -> 0.
-                let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
-                _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+                round_to_i8(_mm256_mul_ps(is, _mm256_loadu_ps(p.add(32 * g + 8 * t))))
             });
-            // The two 16-value sums: lanes 0..1 of q[0] + q[1] and of q[2] + q[3].
-            let w01 = _mm256_packs_epi32(q[0], q[1]);
-            let w23 = _mm256_packs_epi32(q[2], q[3]);
-            let packed = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), order);
-            _mm256_storeu_si256(out.qs.as_mut_ptr().add(32 * g) as *mut __m256i, packed);
-            let s01 = _mm256_add_epi32(q[0], q[1]);
-            let s23 = _mm256_add_epi32(q[2], q[3]);
-            out.bsums[2 * g] = hsum_epi32(s01) as i16;
-            out.bsums[2 * g + 1] = hsum_epi32(s23) as i16;
+            _mm256_storeu_si256(out.qs.as_mut_ptr().add(32 * g) as *mut __m256i, pack_i8(q));
+            // The two 16-value sums.
+            out.bsums[2 * g] = hsum_epi32(_mm256_add_epi32(q[0], q[1])) as i16;
+            out.bsums[2 * g + 1] = hsum_epi32(_mm256_add_epi32(q[2], q[3])) as i16;
         }
         out.d = 1.0 / iscale;
         true
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum_epi32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
-        _mm_cvtsi128_si32(s)
     }
 }
 
