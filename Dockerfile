@@ -9,8 +9,6 @@
 
 ARG RUST_IMAGE=rust:1-bookworm
 ARG CPU_RUNTIME_IMAGE=debian:bookworm-slim
-ARG CUDA_BUILD_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu22.04
-ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu22.04
 
 # ---- CPU build -------------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS build-cpu
@@ -25,19 +23,26 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/edgerun /usr/local/bin/edgerun
 
 # ---- CUDA build ------------------------------------------------------------------------------
-FROM ${CUDA_BUILD_IMAGE} AS build-cuda
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl build-essential pkg-config \
-    && rm -rf /var/lib/apt/lists/* \
-    && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
-ENV PATH=/root/.cargo/bin:${PATH}
+# The same steps as CI and scripts/gpu-check.sh: a CUDA 13.4 toolkit assembled from NVIDIA's
+# PyPI wheels by scripts/install-cuda-toolkit.sh (sha256-pinned; no GPU needed to build).
+FROM ${RUST_IMAGE} AS build-cuda
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip \
+    && rm -rf /var/lib/apt/lists/*
 ARG CUDA_COMPUTE_CAP=90
-ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} EDGERUN_CACHE_DIR=/cache
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/root/.cargo/registry \
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p edgerun-server --bin edgerun --features cuda \
-    && cp target/release/edgerun /usr/local/bin/edgerun
+    --mount=type=cache,target=/cache \
+    cargo fetch --locked \
+    && . "$(scripts/install-cuda-toolkit.sh)" \
+    && cargo build --release --locked -p edgerun-server --bin edgerun --features cuda \
+    && cp target/release/edgerun /usr/local/bin/edgerun \
+    && mkdir -p /opt/edgerun-cuda \
+    && cp -L "$CUDA_ROOT"/lib/libcublas.so.13 "$CUDA_ROOT"/lib/libcublasLt.so.13 \
+       "$CUDA_ROOT"/lib/libcudart.so.13 "$CUDA_ROOT"/lib/libcurand.so.10 \
+       "$CUDA_ROOT"/lib/libnvrtc.so.13 "$CUDA_ROOT"/lib/libnvrtc-builtins.so.13.4 /opt/edgerun-cuda/
 
 # ---- runtime images --------------------------------------------------------------------------
 FROM ${CPU_RUNTIME_IMAGE} AS cpu
@@ -53,11 +58,16 @@ EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10m --retries=3 CMD ["edgerun", "health"]
 ENTRYPOINT ["edgerun", "serve"]
 
-FROM ${CUDA_RUNTIME_IMAGE} AS cuda
+# CUDA 13 libraries from the build (the ones it linked against); the driver's libcuda.so.1 is
+# mounted by the NVIDIA container toolkit (`docker run --gpus all`).
+FROM ${CPU_RUNTIME_IMAGE} AS cuda
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /models --shell /usr/sbin/nologin edgerun \
     && mkdir -p /models && chown edgerun /models
+COPY --from=build-cuda /opt/edgerun-cuda /opt/edgerun-cuda
+RUN echo /opt/edgerun-cuda > /etc/ld.so.conf.d/edgerun-cuda.conf && ldconfig
+ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=build-cuda /usr/local/bin/edgerun /usr/local/bin/edgerun
 ENV HF_HOME=/models EDGERUN_LISTEN=0.0.0.0:8080 EDGERUN_DEVICE=cuda:0
 VOLUME ["/models"]

@@ -4,9 +4,10 @@
 # routes also through the official Python and Node `openai` SDKs, the model catalogue through the
 # official `cloudflare` SDKs, the Workers binding from a Worker in workerd calling env.AI and
 # @cloudflare/ai), and the edge tests (the Worker built to wasm, in workerd, in front of two nodes).
-# Idempotent: the model is fetched once (models/cache/), the wasm toolchain is installed once per
-# machine (~25 min the first time, then skipped), the SDKs once (~/.cache/edgerun/sdk), builds
-# are incremental.
+# Also builds the CUDA binary (--features cuda, with a toolkit from PyPI wheels; nothing runs it
+# here). Idempotent: the model is fetched once (models/cache/), the wasm toolchain is installed
+# once per machine (~25 min the first time, then skipped), the CUDA toolkit once (~1 min), the
+# SDKs once (~/.cache/edgerun/sdk), builds are incremental (the CUDA one: ~10 min from scratch).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,6 +28,11 @@ cargo clippy --locked "${WORKER[@]}" --all-targets -- -D warnings
 # The e2e tests run target/release/edgerun and the Worker's wasm build: build them first.
 cargo build --release --locked --workspace --all-targets
 scripts/build-worker.sh --locked
+# The CUDA build, every run, so the GPU path cannot rot: a CUDA 13.4 toolkit assembled from
+# NVIDIA's PyPI wheels (cached, ~600 MB once), no GPU needed. Its own target dir: the features
+# differ. Nothing here runs it (scripts/gpu-check.sh does, on a GPU machine).
+( . "$(scripts/install-cuda-toolkit.sh)" \
+    && cargo build --release --locked -p edgerun-server --features cuda --target-dir target/cuda )
 # The Worker's routing, failover, header and validation logic, on the host.
 cargo test --locked "${WORKER[@]}"
 # One test at a time: tests that run the model each use both cores, and timing-sensitive

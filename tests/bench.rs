@@ -6,6 +6,7 @@
 //! ```text
 //! edgerun-bench [--url http://127.0.0.1:8080 --token T | --spawn] [--llama-server PATH] [--runs 5]
 //! edgerun-bench [--url .. | --spawn] --format-cost [--runs 5]   # free text vs a JSON schema
+//! edgerun-bench --url .. --streams 1,8,32,64                        # other concurrency levels
 //! ```
 
 use edgerun_e2e::{model_path, Node, MODEL_ALIAS, TOKEN};
@@ -132,13 +133,15 @@ fn counting_prompt() -> String {
 struct Figures {
     prompt_tps: f64,
     prompt_tokens: u64,
+    /// Time to first token of the long prompt (the prompt-processing requests).
+    ttft_long_ms: f64,
     decode_tps: f64,
     ttft_30_ms: f64,
     ttft_30_tokens: u64,
     aggregate: Vec<(usize, f64)>,
 }
 
-async fn measure(target: &Target, runs: usize) -> Figures {
+async fn measure(target: &Target, runs: usize, stream_counts: &[usize]) -> Figures {
     // A fresh connection per request for both systems: llama-server closes idle keep-alive
     // connections, which a pooled client would trip over.
     let client = reqwest::Client::builder()
@@ -154,10 +157,12 @@ async fn measure(target: &Target, runs: usize) -> Figures {
 
     let mut prompt_tps = Vec::new();
     let mut prompt_tokens = 0;
+    let mut ttft_long = Vec::new();
     for _ in 0..runs {
         let o = target.generate(&client, &long_prompt, 1).await;
         prompt_tokens = o.prompt_tokens;
         prompt_tps.push(o.prompt_tokens as f64 / o.ttft.as_secs_f64());
+        ttft_long.push(o.ttft.as_secs_f64() * 1e3);
     }
     let mut ttft = Vec::new();
     let mut ttft_tokens = 0;
@@ -173,7 +178,7 @@ async fn measure(target: &Target, runs: usize) -> Figures {
         decode.push((o.completion_tokens.saturating_sub(1)) as f64 / span);
     }
     let mut aggregate = Vec::new();
-    for streams in [1usize, 4, 8] {
+    for &streams in stream_counts {
         let mut rates = Vec::new();
         for _ in 0..runs {
             let futs = (0..streams).map(|_| target.generate(&client, &count, 96));
@@ -191,6 +196,7 @@ async fn measure(target: &Target, runs: usize) -> Figures {
     Figures {
         prompt_tps: median(prompt_tps),
         prompt_tokens,
+        ttft_long_ms: median(ttft_long),
         decode_tps: median(decode),
         ttft_30_ms: median(ttft),
         ttft_30_tokens: ttft_tokens,
@@ -347,6 +353,15 @@ async fn main() {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let runs: usize = flag("--runs").map_or(5, |r| r.parse().unwrap());
+    let stream_counts: Vec<usize> = flag("--streams").map_or(vec![1, 4, 8], |s| {
+        s.split(',')
+            .map(|n| n.trim().parse().expect("--streams: a list like 1,8,32,64"))
+            .collect()
+    });
+    assert!(
+        !stream_counts.is_empty() && !stream_counts.contains(&0),
+        "--streams: counts of at least 1"
+    );
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     let mut node = None;
@@ -388,7 +403,7 @@ async fn main() {
     for t in &targets {
         eprintln!("measuring {} ({runs} runs per figure)...", t.name());
         // Measure one system at a time: each uses every core.
-        results.push((t.name(), measure(t, runs).await));
+        results.push((t.name(), measure(t, runs, &stream_counts).await));
     }
     drop(node);
     if let Some(mut c) = peer {
@@ -429,6 +444,14 @@ async fn main() {
         &|f| f.prompt_tps,
         &tps,
     );
+    row(
+        format!(
+            "time to first token ({}-token prompt)",
+            results[0].1.prompt_tokens
+        ),
+        &|f| f.ttft_long_ms,
+        &|x| format!("{x:.0} ms"),
+    );
     row("decode, 1 stream".into(), &|f| f.decode_tps, &tps);
     row(
         format!(
@@ -438,7 +461,7 @@ async fn main() {
         &|f| f.ttft_30_ms,
         &|x| format!("{x:.0} ms"),
     );
-    for (i, streams) in [1usize, 4, 8].iter().enumerate() {
+    for (i, streams) in stream_counts.iter().enumerate() {
         row(
             format!("aggregate decode, {streams} streams"),
             &move |f| f.aggregate[i].1,
@@ -446,13 +469,17 @@ async fn main() {
         );
     }
     for (name, fig) in &results {
-        println!(
-            "\n{name}: 4 streams = {:.2}x one stream, 8 streams = {:.2}x one stream \
-             (against the single-stream decode figure: {:.2}x, {:.2}x)",
-            fig.aggregate[1].1 / fig.aggregate[0].1,
-            fig.aggregate[2].1 / fig.aggregate[0].1,
-            fig.aggregate[1].1 / fig.decode_tps,
-            fig.aggregate[2].1 / fig.decode_tps
-        );
+        let scaling: Vec<String> = fig
+            .aggregate
+            .iter()
+            .skip(1)
+            .map(|(n, tps)| {
+                let (base_n, base) = fig.aggregate[0];
+                format!("{n} streams = {:.2}x {base_n}", tps / base)
+            })
+            .collect();
+        if !scaling.is_empty() {
+            println!("\n{name}: {}", scaling.join(", "));
+        }
     }
 }

@@ -1,6 +1,57 @@
-//! Per-sequence key/value cache, and the one formula for what it costs.
+//! Key/value caches, and the one formula for what they cost.
+//!
+//! Two storages behind one type, [`KvCache`], chosen per engine by [`KvStorage`]:
+//!
+//! * **Contiguous** (the CPU's): each sequence owns per-layer buffers sized for everything it
+//!   may ever hold, written in place; attention reads them in place, with no copy.
+//! * **Paged** (GPUs'): one [`KvPool`] per engine, allocated once, holds every layer's keys and
+//!   values as fixed-size blocks of positions; a sequence holds a table of block ids. A step
+//!   writes all its new keys (and values) of a layer with one scatter, and reads any number of
+//!   sequences' histories with one gather over their block tables, so the number of device
+//!   operations per layer does not grow with the batch. Blocks go back to the pool when the
+//!   cache is dropped, however the sequence ends.
+//!
+//! [`BlockAllocator`] is the pool's bookkeeping, pure and tested without a model.
 
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// How an engine stores KV caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvStorage {
+    /// Per-sequence buffers (the CPU's fast path).
+    Contiguous,
+    /// One pool of blocks of `block_size` positions, sized by the KV budget.
+    Paged { block_size: usize },
+}
+
+impl KvStorage {
+    /// Positions per block on GPUs.
+    pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+    /// The granularity the storage hands positions out in (1 when contiguous).
+    pub fn granularity(&self) -> usize {
+        match self {
+            KvStorage::Contiguous => 1,
+            KvStorage::Paged { block_size } => *block_size,
+        }
+    }
+}
+
+impl std::str::FromStr for KvStorage {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "contiguous" => Ok(Self::Contiguous),
+            "paged" => Ok(Self::Paged {
+                block_size: Self::DEFAULT_BLOCK_SIZE,
+            }),
+            _ => Err(format!(
+                "unknown KV storage `{s}` (expected contiguous or paged)"
+            )),
+        }
+    }
+}
 
 /// The shape of a model's KV cache: what a model reports ([`crate::CausalLm::kv_layout`]) and
 /// the only place the bytes a position takes are computed, for allocation, admission and the
@@ -23,6 +74,176 @@ impl KvLayout {
     pub fn bytes_for(&self, positions: usize) -> usize {
         positions.saturating_mul(self.bytes_per_position())
     }
+
+    /// Bytes `positions` positions take in `storage`: whole blocks when paged.
+    pub fn bytes_in(&self, storage: KvStorage, positions: usize) -> usize {
+        let g = storage.granularity();
+        self.bytes_for(positions.div_ceil(g).saturating_mul(g))
+    }
+
+    /// Values per position per layer in the keys (or the values): `kv_heads * head_dim`.
+    pub fn row_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// The free list of a [`KvPool`]: which blocks are taken. All-or-nothing allocation, so a
+/// sequence never holds part of what it asked for.
+#[derive(Debug)]
+pub struct BlockAllocator {
+    /// Free block ids; the next allocation takes from the end (lowest ids first).
+    free: Vec<u32>,
+    /// Per block: whether it is in `free` (O(1) checks on release).
+    is_free: Vec<bool>,
+    total: usize,
+}
+
+impl BlockAllocator {
+    pub fn new(total: usize) -> Self {
+        Self {
+            free: (0..total as u32).rev().collect(),
+            is_free: vec![true; total],
+            total,
+        }
+    }
+
+    /// `n` blocks, or `None` (and nothing taken) when fewer are free.
+    pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
+        if n > self.free.len() {
+            return None;
+        }
+        let at = self.free.len() - n;
+        let mut blocks = self.free.split_off(at);
+        blocks.reverse();
+        for &b in &blocks {
+            self.is_free[b as usize] = false;
+        }
+        Some(blocks)
+    }
+
+    /// Gives blocks back. A block given back twice, or one the pool never had, is a bug in
+    /// the caller: it is logged and ignored rather than handed out twice.
+    pub fn release(&mut self, blocks: &[u32]) {
+        for &b in blocks {
+            if self.is_free.get(b as usize) == Some(&false) {
+                self.is_free[b as usize] = true;
+                self.free.push(b);
+            } else {
+                tracing::error!(block = b, "KV block released twice or never allocated");
+            }
+        }
+    }
+
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+/// Every layer's keys and values for all sequences of an engine, as blocks of positions.
+/// Cheap to clone (the tensors and the free list are shared).
+#[derive(Clone)]
+pub struct KvPool {
+    layout: KvLayout,
+    block_size: usize,
+    /// Per layer: keys and values, each `(blocks * block_size, kv_heads * head_dim)`; the row
+    /// of position `p` of a sequence is `table[p / block_size] * block_size + p % block_size`.
+    layers: Arc<Vec<(Tensor, Tensor)>>,
+    allocator: Arc<Mutex<BlockAllocator>>,
+}
+
+impl std::fmt::Debug for KvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvPool")
+            .field("block_size", &self.block_size)
+            .field("blocks", &self.total_blocks())
+            .field("free", &self.available())
+            .finish()
+    }
+}
+
+impl KvPool {
+    /// Allocates the whole pool on `device` now: `blocks` blocks of `block_size` positions.
+    pub fn new(
+        layout: &KvLayout,
+        blocks: usize,
+        block_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if blocks == 0 || block_size == 0 || blocks > u32::MAX as usize / block_size {
+            candle_core::bail!("a KV pool of {blocks} blocks of {block_size} positions");
+        }
+        let shape = (blocks * block_size, layout.row_width());
+        let layers = (0..layout.layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, layout.dtype, device)?,
+                    Tensor::zeros(shape, layout.dtype, device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layout: *layout,
+            block_size,
+            layers: Arc::new(layers),
+            allocator: Arc::new(Mutex::new(BlockAllocator::new(blocks))),
+        })
+    }
+
+    /// The most blocks `budget` bytes hold.
+    pub fn blocks_in(layout: &KvLayout, block_size: usize, budget: usize) -> usize {
+        budget / layout.bytes_for(block_size).max(1)
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Layer `layer`'s keys and values, `(slots, kv_heads * head_dim)` each.
+    pub fn layer(&self, layer: usize) -> &(Tensor, Tensor) {
+        &self.layers[layer]
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    /// Free blocks now.
+    pub fn available(&self) -> usize {
+        self.lock().available()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.lock().total()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BlockAllocator> {
+        self.allocator.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A cache for up to `capacity` positions, its blocks taken now; an error when the pool
+    /// has too few free.
+    pub fn cache(&self, capacity: usize) -> Result<KvCache> {
+        let n = capacity.max(1).div_ceil(self.block_size);
+        let Some(blocks) = self.lock().allocate(n) else {
+            candle_core::bail!(
+                "the KV pool has {} free blocks of {} positions, {n} needed",
+                self.available(),
+                self.block_size
+            );
+        };
+        Ok(KvCache {
+            storage: Storage::Paged {
+                pool: self.clone(),
+                blocks,
+            },
+            len: 0,
+            capacity: n * self.block_size,
+        })
+    }
 }
 
 /// The attention keys and values of one sequence, for every layer.
@@ -32,10 +253,24 @@ impl KvLayout {
 /// `max_tokens`, never more than the context window), and written in place: no step re-copies
 /// the history the way a `Tensor::cat` cache does.
 pub struct KvCache {
-    /// Per layer: keys and values, each `(n_kv_heads, capacity, head_dim)`.
-    layers: Vec<(Tensor, Tensor)>,
+    storage: Storage,
     len: usize,
     capacity: usize,
+}
+
+enum Storage {
+    /// Per layer: keys and values, each `(n_kv_heads, capacity, head_dim)`.
+    Contiguous(Vec<(Tensor, Tensor)>),
+    /// Blocks of a pool, in position order.
+    Paged { pool: KvPool, blocks: Vec<u32> },
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        if let Storage::Paged { pool, blocks } = &mut self.storage {
+            pool.lock().release(blocks);
+        }
+    }
 }
 
 impl KvCache {
@@ -50,9 +285,29 @@ impl KvCache {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            layers,
+            storage: Storage::Contiguous(layers),
             len: 0,
             capacity,
+        })
+    }
+
+    /// The pool and block table of a paged cache; `None` for a contiguous one.
+    pub fn paged(&self) -> Option<(&KvPool, &[u32])> {
+        match &self.storage {
+            Storage::Paged { pool, blocks } => Some((pool, blocks)),
+            Storage::Contiguous(_) => None,
+        }
+    }
+
+    /// Pool rows of positions `start..start + n` of a paged cache (empty for a contiguous
+    /// one).
+    pub fn slots(&self, start: usize, n: usize) -> impl Iterator<Item = u32> + '_ {
+        let table = self
+            .paged()
+            .map(|(pool, blocks)| (pool.block_size(), blocks));
+        (start..start + n).filter_map(move |p| {
+            let (bs, blocks) = table?;
+            Some(blocks[p / bs] * bs as u32 + (p % bs) as u32)
         })
     }
 
@@ -69,11 +324,27 @@ impl KvCache {
         self.capacity
     }
 
-    /// Writes `k`, `v` (`(n_kv_heads, t, head_dim)`) for `layer` after the stored positions and
+    /// Writes `k`, `v` (`(n_kv_heads, t, head_dim)`, any float dtype) for `layer` after the stored positions and
     /// returns views of the whole history including them. `commit` must follow once every layer
     /// has been written.
     pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(1)?;
+        self.check_room(t)?;
+        let Storage::Contiguous(layers) = &self.storage else {
+            candle_core::bail!("a paged cache is written through its pool");
+        };
+        let (kc, vc) = &layers[layer];
+        // Stored in the cache's dtype (f16 on GPUs), converted once here.
+        kc.slice_set(&k.to_dtype(kc.dtype())?.contiguous()?, 1, self.len)?;
+        vc.slice_set(&v.to_dtype(vc.dtype())?.contiguous()?, 1, self.len)?;
+        Ok((
+            kc.narrow(1, 0, self.len + t)?,
+            vc.narrow(1, 0, self.len + t)?,
+        ))
+    }
+
+    /// An error unless `t` more positions fit.
+    pub(crate) fn check_room(&self, t: usize) -> Result<()> {
         if self.len + t > self.capacity {
             candle_core::bail!(
                 "kv cache overflow: {} + {t} positions > capacity {}",
@@ -81,13 +352,7 @@ impl KvCache {
                 self.capacity
             );
         }
-        let (kc, vc) = &self.layers[layer];
-        kc.slice_set(&k.contiguous()?, 1, self.len)?;
-        vc.slice_set(&v.contiguous()?, 1, self.len)?;
-        Ok((
-            kc.narrow(1, 0, self.len + t)?,
-            vc.narrow(1, 0, self.len + t)?,
-        ))
+        Ok(())
     }
 
     /// Marks `t` more positions as stored.
@@ -99,5 +364,141 @@ impl KvCache {
     /// committed): the next write overwrites them.
     pub(crate) fn roll_back_to(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_is_all_or_nothing_and_reuses_released_blocks() {
+        let mut a = BlockAllocator::new(8);
+        assert_eq!(a.allocate(3), Some(vec![0, 1, 2]));
+        assert_eq!(a.allocate(4), Some(vec![3, 4, 5, 6]));
+        assert_eq!(a.available(), 1);
+        // Not enough: nothing taken.
+        assert_eq!(a.allocate(2), None);
+        assert_eq!(a.available(), 1);
+        a.release(&[3, 4, 5, 6]);
+        assert_eq!(a.available(), 5);
+        let again = a.allocate(5).unwrap();
+        let mut sorted = again.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![3, 4, 5, 6, 7]);
+        assert_eq!(a.allocate(0), Some(vec![]));
+        assert_eq!(a.available(), 0);
+        assert_eq!(a.total(), 8);
+    }
+
+    #[test]
+    fn a_block_released_twice_is_not_handed_out_twice() {
+        let mut a = BlockAllocator::new(2);
+        let blocks = a.allocate(1).unwrap();
+        a.release(&blocks);
+        a.release(&blocks);
+        a.release(&[7]);
+        assert_eq!(a.available(), 2);
+        let all = a.allocate(2).unwrap();
+        assert_ne!(all[0], all[1]);
+    }
+
+    /// A paged cache maps positions to pool rows through its block table, and gives its blocks
+    /// back when dropped.
+    #[test]
+    fn paged_caches_map_positions_and_free_their_blocks() -> Result<()> {
+        let layout = KvLayout {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            dtype: DType::F32,
+        };
+        assert_eq!(
+            KvPool::blocks_in(&layout, 4, layout.bytes_for(4) * 5 + 7),
+            5
+        );
+        let pool = KvPool::new(&layout, 5, 4, &Device::Cpu)?;
+        assert_eq!(pool.layer(0).0.dims(), &[20, 2]);
+        let a = pool.cache(6)?; // blocks 0, 1
+        let b = pool.cache(1)?; // block 2
+        assert_eq!(a.capacity(), 8);
+        assert_eq!(pool.available(), 2);
+        assert_eq!(a.slots(3, 3).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(b.slots(0, 2).collect::<Vec<_>>(), vec![8, 9]);
+        assert!(pool.cache(9).is_err(), "3 blocks from 2 free");
+        assert_eq!(pool.available(), 2, "a failed allocation takes nothing");
+        drop(a);
+        assert_eq!(pool.available(), 4);
+        let c = pool.cache(16)?;
+        // The freed blocks are reused: positions 0..8 land in rows of blocks 0 and 1 again.
+        let rows: Vec<u32> = c.slots(0, 16).collect();
+        assert_eq!(rows.len(), 16);
+        assert!(
+            rows.iter().all(|&r| !(8..12).contains(&r)),
+            "block 2 is b's"
+        );
+        assert!(c.check_room(16).is_ok() && c.check_room(17).is_err());
+        drop((b, c));
+        assert_eq!(pool.available(), 5);
+        // Contiguous caches have no slots.
+        let contiguous = KvCache::new(&layout, 4, &Device::Cpu)?;
+        assert!(contiguous.paged().is_none());
+        assert_eq!(contiguous.slots(0, 4).count(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn storage_parses_and_rounds() {
+        assert_eq!("contiguous".parse::<KvStorage>(), Ok(KvStorage::Contiguous));
+        assert_eq!(
+            "paged".parse::<KvStorage>(),
+            Ok(KvStorage::Paged { block_size: 16 })
+        );
+        assert!("pages".parse::<KvStorage>().is_err());
+        let layout = KvLayout {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 1,
+            dtype: DType::F32,
+        };
+        assert_eq!(layout.bytes_in(KvStorage::Contiguous, 17), 2 * 17 * 4);
+        assert_eq!(
+            layout.bytes_in(KvStorage::Paged { block_size: 16 }, 17),
+            2 * 32 * 4
+        );
+    }
+
+    /// A cache in another dtype (f16, as on GPUs) stores what it is given converted, and gives
+    /// views of everything written so far.
+    #[test]
+    fn f16_cache_stores_converted_history() -> Result<()> {
+        let layout = KvLayout {
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 4,
+            dtype: DType::F16,
+        };
+        assert_eq!(layout.bytes_per_position(), 2 * 2 * 2 * 4 * 2);
+        let mut cache = KvCache::new(&layout, 8, &Device::Cpu)?;
+        let k = Tensor::arange(0f32, 24., &Device::Cpu)?.reshape((2, 3, 4))?;
+        let v = (&k * 0.5)?;
+        let (k_all, v_all) = cache.write(1, &k, &v)?;
+        cache.commit(3);
+        assert_eq!(k_all.dtype(), DType::F16);
+        assert_eq!(k_all.dims(), &[2, 3, 4]);
+        let back = k_all
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert_eq!(back, k.flatten_all()?.to_vec1::<f32>()?);
+        let (_, v_all2) = cache.write(1, &k.narrow(1, 0, 1)?, &v.narrow(1, 0, 1)?)?;
+        assert_eq!(v_all2.dims(), &[2, 4, 4]);
+        let first = v_all
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let again = v_all2.narrow(1, 0, 3)?.to_dtype(DType::F32)?;
+        assert_eq!(first, again.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
     }
 }

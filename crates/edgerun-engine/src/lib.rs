@@ -18,6 +18,7 @@
 //! | a tool-call family | `tools.rs`: [`ToolCalling::detect`], its parser and its forcing grammar |
 //! | something reported per token | a field of the `Token` event ([`GenerationEvent`]); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]) |
 //! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
+//! | checking a device against the CPU (`edgerun check-device`, `scripts/gpu-check.sh`) | `device_check.rs` |
 //! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
 //!
 //! ## Data flow
@@ -29,7 +30,8 @@
 //!   engine thread, each turn:
 //!     take submissions, drop cancelled sequences
 //!     admit from the queue (admission: batch slots, KV budget, first come first served);
-//!       each admitted request becomes a Sequence with its KvCache (prompt + max_tokens)
+//!       each admitted request becomes a Sequence with its KvCache (prompt + max_tokens):
+//!       its own buffers (contiguous, the CPU's) or blocks of the engine's KvPool (paged, GPUs')
 //!     plan_step: Decode for decoding sequences, Prefill { start, len } prompt chunks
 //!     execute: one CausalLm::forward over every planned segment; the token masks of the
 //!       constrained sequences about to sample are computed on a side thread meanwhile
@@ -51,17 +53,25 @@
 //!
 //! ## Invariants
 //!
-//! * Each sequence owns its [`KvCache`]; the model holds no per-request state.
+//! * Each sequence owns its [`KvCache`] (its buffers, or its blocks of the engine's [`KvPool`],
+//!   given back when it is dropped, before its last event is sent); the model holds no
+//!   per-request state.
+//! * On a GPU a step's device work per layer does not grow with the batch: with paged caches
+//!   all keys and values are written with one scatter and all decoding sequences attend in one
+//!   batched attention over one gather (`models/attention.rs`).
 //! * Every weight is applied once per step for the whole batch (one quantized matmul over the
 //!   concatenated tokens of all sequences); only attention is per sequence.
 //! * A dropped [`TokenStream`] cancels its sequence before the next step, including while its
 //!   prompt is still being read.
 //! * A sequence's output depends only on its prompt, parameters and seed, never on what else
-//!   is in the batch. This rests on the matmul kernels being bitwise row-invariant: ours are
+//!   is in the batch, on the CPU with contiguous caches (its default). This rests on the
+//!   matmul kernels being bitwise row-invariant, and on attention running per sequence: ours are
 //!   (Q4_1, Q8_0, Q4_K, Q5_K, Q6_K on the CPU: every tensor of the `Q4_K_M`, `Q5_K_M`,
 //!   `Q6_K`, `Q8_0` and `Q4_1` files llama-quantize writes for 256-multiple rows); formats
 //!   served by candle's kernels (Q4_0, Q5_0, Q5_1, and every GPU kernel) do not promise it
-//!   (`tests/kquants.rs` shows candle's Q6_K breaking it).
+//!   (`tests/kquants.rs` shows candle's Q6_K breaking it), nor does paged storage's batched
+//!   attention (padding to the batch's longest history changes the length of its sums):
+//!   there, outputs agree with a sequence alone but at near ties (`tests/paged.rs`).
 //! * A constrained sequence never holds the batch back by more than its mask's excess over the
 //!   forward pass: masks depend only on tokens already consumed and are computed beside it.
 //! * Tool calls are read from text only after generation (or held back while streaming, by the
@@ -81,6 +91,7 @@
 //!   error naming it, never a silent default.
 
 mod constraint;
+pub mod device_check;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
@@ -99,7 +110,7 @@ mod tools;
 pub use constraint::{Constraint, GrammarCompiler, OutputFormat};
 pub use error::{EngineError, Result};
 pub use kernels::Kernels;
-pub use kv_cache::{KvCache, KvLayout};
+pub use kv_cache::{BlockAllocator, KvCache, KvLayout, KvPool, KvStorage};
 pub use models::{CausalLm, ModelConfig, Segment};
 pub use request::{
     ChatMessage, GenerationRequest, LogprobEntry, Logprobs, PromptInput, QueuePolicy,
@@ -171,6 +182,24 @@ impl DeviceSpec {
             }
         }
     }
+}
+
+/// Free and total bytes of a GPU's own memory, as its driver reports them now; `None` on the
+/// CPU and on Metal (unified memory: RAM is the budget there).
+pub fn device_memory(device: &Device) -> Option<(usize, usize)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => dev.cuda_stream().context().mem_get_info().ok(),
+        _ => None,
+    }
+}
+
+/// The KV cache budget a GPU gets when none is set: `fraction` of its memory in all, less what
+/// is in use once the weights are loaded (by us or anyone else), never below zero.
+pub fn gpu_kv_budget(free: usize, total: usize, fraction: f64) -> usize {
+    let allowed = (total as f64 * fraction) as usize;
+    let used = total.saturating_sub(free);
+    allowed.saturating_sub(used)
 }
 
 /// A model with everything needed to turn requests into tokens.
@@ -291,11 +320,41 @@ impl Engine {
         let model: Arc<dyn CausalLm> = Arc::from(model);
         let stop_ids = Arc::new(tokenizer.stop_ids().clone());
         let tokenizer = Arc::new(tokenizer);
-        let stats = Arc::new(EngineStats::default());
+        // A paged pool is allocated whole, now: a budget the device cannot hold fails here, at
+        // start-up, not under load.
+        let pool = match (config.kv_storage, config.kv_cache_budget) {
+            (KvStorage::Paged { block_size }, Some(budget)) => {
+                let layout = model.kv_layout();
+                let blocks = KvPool::blocks_in(&layout, block_size, budget);
+                let pool =
+                    KvPool::new(&layout, blocks, block_size, model.device()).map_err(|e| {
+                        EngineError::Config(format!(
+                        "cannot allocate a KV pool of {blocks} blocks of {block_size} positions \
+                         ({} MiB budget): {e}",
+                        budget >> 20
+                    ))
+                    })?;
+                tracing::info!(
+                    blocks,
+                    block_size,
+                    positions = blocks * block_size,
+                    mib = layout.bytes_for(blocks * block_size) >> 20,
+                    dtype = ?layout.dtype,
+                    "paged KV pool allocated"
+                );
+                Some(pool)
+            }
+            _ => None,
+        };
+        let stats = Arc::new(EngineStats {
+            pool: pool.clone(),
+            ..EngineStats::default()
+        });
         let (tx, rx) = mpsc::channel();
         #[cfg(feature = "fault-injection")]
         let faults = Arc::new(std::sync::Mutex::new(faults::Faults::default()));
         let scheduler = Scheduler {
+            pool,
             model: model.clone(),
             tokenizer: tokenizer.clone(),
             stop_ids: stop_ids.clone(),
@@ -452,6 +511,7 @@ impl Engine {
         check_context(prompt_len, max_tokens, self.context_window)?;
         let reservation = KvReservation::new(
             &self.model.kv_layout(),
+            self.config.kv_storage,
             prompt_len,
             max_tokens,
             self.model.config().context_length,

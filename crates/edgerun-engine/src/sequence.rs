@@ -339,15 +339,29 @@ impl Sequence {
         }
     }
 
-    /// Ends the sequence successfully.
+    /// Ends the sequence successfully. Its cache is freed first (paged blocks back in the
+    /// pool), so whoever sees the last event sees the memory free.
     pub fn finish(self, reason: StopReason) {
         let usage = self.usage();
-        self.emit(GenerationEvent::Finished { usage, reason });
+        let tx = self.into_sender();
+        Self::send_last(&tx, GenerationEvent::Finished { usage, reason });
     }
 
-    /// Ends the sequence with an error.
+    /// Ends the sequence with an error (its cache freed first, as in [`Sequence::finish`]).
     pub fn fail(self, why: &str) {
-        self.emit(GenerationEvent::Failed(why.to_string()));
+        let tx = self.into_sender();
+        Self::send_last(&tx, GenerationEvent::Failed(why.to_string()));
+    }
+
+    /// Drops everything but the event channel.
+    fn into_sender(self) -> Sender<GenerationEvent> {
+        self.tx
+    }
+
+    fn send_last(tx: &Sender<GenerationEvent>, event: GenerationEvent) {
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(event)) = tx.try_send(event) {
+            tracing::error!(?event, "event channel full; event dropped");
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use edgerun_engine::gguf::Scheme;
-use edgerun_engine::{DeviceSpec, Engine, LoadedModel, SchedulerConfig};
+use edgerun_engine::{DeviceSpec, Engine, KvStorage, LoadedModel, SchedulerConfig};
 use edgerun_server::access::{AccessConfig, AccessVerifier};
 use edgerun_server::models::{self, Catalog};
 use edgerun_server::serve::{self, ConnectionLimits};
@@ -46,6 +46,33 @@ enum Command {
         /// Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0 or Q4_1.
         scheme: Scheme,
     },
+    /// Check a device's forward pass against the CPU's on one GGUF (scripts/gpu-check.sh):
+    /// logits within a tolerance, greedy tokens equal but at near ties, a batch equal to each
+    /// prompt alone. Exits 1 when a check fails.
+    CheckDevice {
+        /// The GGUF to run on both (a small generated one will do).
+        model: PathBuf,
+        /// The device checked: cuda:N, metal, or cpu (cpu checks our kernels against candle's).
+        #[arg(long, env = "EDGERUN_DEVICE", default_value = "cuda:0")]
+        device: DeviceSpec,
+        /// Greedy tokens per prompt.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Prompts decoded together in the batching check.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Largest logit difference accepted (over every logit of every step), as a fraction of
+        /// the largest |logit| of the CPU's run.
+        #[arg(long, default_value_t = 0.05)]
+        logit_tolerance: f32,
+        /// Top-2 margin, as the same fraction, below which a flipped token is a near tie.
+        #[arg(long, default_value_t = 0.03)]
+        tie_margin: f32,
+        /// How the checked device stores KV caches: contiguous or paged; by default what it
+        /// serves with (paged on CUDA).
+        #[arg(long)]
+        kv_storage: Option<KvStorage>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -85,7 +112,7 @@ struct GenerateArgs {
     tied: bool,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct ServeArgs {
     /// The model: a GGUF path, `hf:owner/repo/file.gguf`, or a catalog name such as
     /// `@cf/meta/llama-3-8b-instruct`.
@@ -144,18 +171,20 @@ struct ServeArgs {
     /// Prompt plus max_tokens allowed; defaults to the catalog's window or the model's own.
     #[arg(long, env = "EDGERUN_CONTEXT_WINDOW")]
     context_window: Option<usize>,
-    /// Sequences decoded together at most.
-    #[arg(long, env = "EDGERUN_MAX_BATCH", default_value_t = 16)]
-    max_batch: usize,
-    /// Requests allowed to wait for a slot before new ones get 429.
-    #[arg(long, env = "EDGERUN_MAX_QUEUE", default_value_t = 64)]
-    max_queue: usize,
+    /// Sequences decoded together at most. Default: 16 on the CPU, 64 on a GPU.
+    #[arg(long, env = "EDGERUN_MAX_BATCH")]
+    max_batch: Option<usize>,
+    /// Requests allowed to wait for a slot before new ones get 429. Default: 64 on the CPU, 256
+    /// on a GPU.
+    #[arg(long, env = "EDGERUN_MAX_QUEUE")]
+    max_queue: Option<usize>,
     /// Prompt tokens read per sequence per step (smaller keeps other streams smoother).
-    #[arg(long, env = "EDGERUN_PREFILL_CHUNK", default_value_t = 128)]
-    prefill_chunk: usize,
-    /// Tokens per step across all sequences.
-    #[arg(long, env = "EDGERUN_MAX_STEP_TOKENS", default_value_t = 256)]
-    max_step_tokens: usize,
+    /// Default: 128 on the CPU, 2048 on a GPU.
+    #[arg(long, env = "EDGERUN_PREFILL_CHUNK")]
+    prefill_chunk: Option<usize>,
+    /// Tokens per step across all sequences. Default: 256 on the CPU, 4096 on a GPU.
+    #[arg(long, env = "EDGERUN_MAX_STEP_TOKENS")]
+    max_step_tokens: Option<usize>,
     /// Largest request body, in bytes.
     #[arg(long, env = "EDGERUN_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     max_body_bytes: usize,
@@ -163,9 +192,19 @@ struct ServeArgs {
     #[arg(long, env = "EDGERUN_HEARTBEAT_SECS", default_value_t = 15)]
     heartbeat_secs: u64,
     /// KV cache memory all running sequences may reserve together, in MiB; requests beyond it
-    /// wait. Default on CPU: half the memory available at start; on GPUs: no limit.
+    /// wait. Default on CPU: half the memory available at start; on a GPU: what
+    /// --gpu-memory-fraction leaves once the weights are loaded.
     #[arg(long, env = "EDGERUN_KV_CACHE_MIB")]
     kv_cache_mib: Option<usize>,
+    /// On a GPU without --kv-cache-mib: the share of the device's memory the node may use in
+    /// all (weights, KV caches, activations are taken from what remains after the KV budget).
+    #[arg(long, env = "EDGERUN_GPU_MEMORY_FRACTION", default_value_t = 0.9)]
+    gpu_memory_fraction: f64,
+    /// How KV caches are stored: `contiguous` (per sequence; the CPU's default) or `paged`
+    /// (one pool of 16-position blocks, sized by the KV budget and allocated at start; the
+    /// default on CUDA).
+    #[arg(long, env = "EDGERUN_KV_STORAGE")]
+    kv_storage: Option<KvStorage>,
     /// CPU threads for model compute; defaults to the number of physical cores.
     #[arg(long, env = "EDGERUN_THREADS")]
     threads: Option<usize>,
@@ -215,6 +254,36 @@ fn main() -> anyhow::Result<()> {
         } => {
             let summary = edgerun_engine::gguf::requantize(&input, scheme, &output)?;
             println!("{}: {summary}", output.display());
+            return Ok(());
+        }
+        Command::CheckDevice {
+            model,
+            device,
+            steps,
+            batch,
+            logit_tolerance,
+            tie_margin,
+            kv_storage,
+        } => {
+            let subject = device.open()?;
+            let check = edgerun_engine::device_check::DeviceCheck {
+                steps,
+                batch,
+                logit_tolerance,
+                tie_margin,
+                storage: kv_storage.unwrap_or(SchedulerConfig::default_for(&subject).kv_storage),
+            };
+            let started = std::time::Instant::now();
+            let report = edgerun_engine::device_check::compare(&model, &subject, check)?;
+            println!(
+                "{} on {device:?} ({:?} KV) against the CPU ({:.1}s):\n{report}",
+                model.display(),
+                check.storage,
+                started.elapsed().as_secs_f32()
+            );
+            if !report.passed() {
+                std::process::exit(1);
+            }
             return Ok(());
         }
         Command::Serve(args) => *args,
@@ -389,8 +458,16 @@ fn load_access(args: &ServeArgs) -> anyhow::Result<Option<Arc<AccessVerifier>>> 
 }
 
 /// Checks every numeric setting before anything starts (refused, never clamped) and returns
-/// the scheduler's, validated by the engine's own rule.
+/// the scheduler's over the CPU defaults, validated by the engine's own rule (the loader
+/// applies the same flags again over the defaults of the device it opens:
+/// [`scheduler_config`]).
 fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
+    if !(args.gpu_memory_fraction > 0.0 && args.gpu_memory_fraction <= 1.0) {
+        bail!(
+            "--gpu-memory-fraction (EDGERUN_GPU_MEMORY_FRACTION) must be more than 0 and at most 1, got {}",
+            args.gpu_memory_fraction
+        );
+    }
     if args.context_window == Some(0) {
         bail!("--context-window (EDGERUN_CONTEXT_WINDOW) must be at least 1");
     }
@@ -439,6 +516,33 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
     if args.prepare_threads == Some(0) {
         bail!("--prepare-threads (EDGERUN_PREPARE_THREADS) must be at least 1");
     }
+    let mut config = scheduler_config(args, SchedulerConfig::default())?;
+    if config.kv_cache_budget.is_none() {
+        // A pool's budget may come from the device, known once it is open (the loader
+        // validates again then); everything else is checked now.
+        config.kv_cache_budget = Some(usize::MAX);
+    }
+    validate_scheduler(&config)?;
+    Ok(config)
+}
+
+/// Refuses scheduler settings the engine cannot run with, naming the flags.
+fn validate_scheduler(config: &SchedulerConfig) -> anyhow::Result<()> {
+    config.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (flags --max-batch, --prefill-chunk, --max-step-tokens, --kv-cache-mib, \
+             --kv-storage; EDGERUN_MAX_BATCH, EDGERUN_PREFILL_CHUNK, EDGERUN_MAX_STEP_TOKENS, \
+             EDGERUN_KV_CACHE_MIB, EDGERUN_KV_STORAGE)"
+        )
+    })
+}
+
+/// The scheduler's settings: the flags given, over `defaults` (the device's); not validated
+/// (the KV budget may still be the device's to set).
+fn scheduler_config(
+    args: &ServeArgs,
+    defaults: SchedulerConfig,
+) -> anyhow::Result<SchedulerConfig> {
     let kv_cache_budget = match args.kv_cache_mib {
         None => None,
         Some(mib) => Some(mib.checked_mul(1 << 20).with_context(|| {
@@ -446,24 +550,19 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
         })?),
     };
     let config = SchedulerConfig {
-        max_batch_size: args.max_batch,
-        max_queue: args.max_queue,
-        prefill_chunk: args.prefill_chunk,
-        max_step_tokens: args.max_step_tokens,
+        max_batch_size: args.max_batch.unwrap_or(defaults.max_batch_size),
+        max_queue: args.max_queue.unwrap_or(defaults.max_queue),
+        prefill_chunk: args.prefill_chunk.unwrap_or(defaults.prefill_chunk),
+        max_step_tokens: args.max_step_tokens.unwrap_or(defaults.max_step_tokens),
         kv_cache_budget,
         stalled_stream_timeout: Duration::from_secs(args.stalled_stream_secs),
+        kv_storage: args.kv_storage.unwrap_or(defaults.kv_storage),
     };
-    config.validate().map_err(|e| {
-        anyhow::anyhow!(
-            "{e} (flags --max-batch, --prefill-chunk, --max-step-tokens, --kv-cache-mib; \
-             EDGERUN_MAX_BATCH, EDGERUN_PREFILL_CHUNK, EDGERUN_MAX_STEP_TOKENS, EDGERUN_KV_CACHE_MIB)"
-        )
-    })?;
     Ok(config)
 }
 
 fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
-    let mut scheduler = validate_settings(&args)?;
+    validate_settings(&args)?;
     let tokens = load_tokens(&args)?;
     let access = load_access(&args)?;
     if tokens.is_empty() {
@@ -536,18 +635,49 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         // Load on a blocking thread while the listener already answers /health with 503.
         let engine_slot = state.engine.clone();
         let device = args.device.clone();
+        let settings = args.clone();
         let tokenizer = args.tokenizer.clone();
         let window = args.context_window.or(resolved.context_window);
         let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let device = device.open()?;
+            let mut scheduler =
+                scheduler_config(&settings, SchedulerConfig::default_for(&device))?;
             let loaded = LoadedModel::load(&path, tokenizer.as_deref(), &device)?;
-            if scheduler.kv_cache_budget.is_none() && device.is_cpu() {
-                // On the CPU, KV caches share RAM with everything else: by default let them
-                // reserve at most half of what is available now, so a burst of long requests
-                // queues instead of getting the process killed.
-                scheduler.kv_cache_budget = mem_available_bytes().map(|b| b / 2);
+            let paged = matches!(scheduler.kv_storage, KvStorage::Paged { .. });
+            if scheduler.kv_cache_budget.is_none() {
+                if device.is_cpu() && paged {
+                    // A pool is allocated whole: half the RAM would be taken at start.
+                    bail!(
+                        "--kv-storage paged on the CPU needs --kv-cache-mib (EDGERUN_KV_CACHE_MIB): \
+                         the pool is allocated whole at start"
+                    );
+                } else if device.is_cpu() {
+                    // On the CPU, KV caches share RAM with everything else: by default let them
+                    // reserve at most half of what is available now, so a burst of long
+                    // requests queues instead of getting the process killed.
+                    scheduler.kv_cache_budget = mem_available_bytes().map(|b| b / 2);
+                } else if let Some((free, total)) = edgerun_engine::device_memory(&device) {
+                    let budget = edgerun_engine::gpu_kv_budget(
+                        free,
+                        total,
+                        settings.gpu_memory_fraction,
+                    );
+                    if budget == 0 {
+                        bail!(
+                            "no GPU memory left for the KV cache: {} MiB free of {} MiB once \
+                             the weights are loaded, and --gpu-memory-fraction {} allows {} MiB \
+                             in all",
+                            free >> 20,
+                            total >> 20,
+                            settings.gpu_memory_fraction,
+                            ((total as f64 * settings.gpu_memory_fraction) as usize) >> 20
+                        );
+                    }
+                    scheduler.kv_cache_budget = Some(budget);
+                }
             }
+            validate_scheduler(&scheduler)?;
             let cfg = loaded.model.config().clone();
             tracing::info!(architecture = %cfg.architecture, "model weights loaded");
             let engine = Engine::start(loaded, scheduler, window)?;
@@ -557,6 +687,8 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
                 layers = cfg.block_count,
                 context_window = engine.context_window(),
                 kv_cache_budget_mib = scheduler.kv_cache_budget.map(|b| b >> 20),
+                max_batch = scheduler.max_batch_size,
+                max_step_tokens = scheduler.max_step_tokens,
                 threads,
                 secs = started.elapsed().as_secs_f32(),
                 "model loaded and warmed up"

@@ -123,6 +123,18 @@ pub fn render(
             s.kv_cache_reserved_bytes,
         ),
         (
+            "edgerun_kv_pool_free_blocks",
+            "gauge",
+            "free blocks of the paged KV pool (0 with contiguous caches)",
+            s.kv_pool_free_blocks,
+        ),
+        (
+            "edgerun_kv_pool_blocks",
+            "gauge",
+            "blocks of the paged KV pool (0 with contiguous caches)",
+            s.kv_pool_total_blocks,
+        ),
+        (
             "edgerun_generated_tokens_total",
             "counter",
             "tokens generated",

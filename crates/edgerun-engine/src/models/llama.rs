@@ -8,6 +8,7 @@
 //! `quantized_llama` rebuilt for serving: per-sequence caches instead of one inside the model,
 //! positions past 4096, per-token RoPE positions, and logits only where a token will be sampled.
 
+use super::attention::{attention, causal_mask, PagedStep};
 use super::{optional_tensor, required_tensor, CausalLm, ModelConfig, Segment};
 use crate::error::{EngineError, Result};
 use crate::kernels::{Kernels, QLinear};
@@ -130,6 +131,16 @@ impl LlamaModel {
     }
 }
 
+impl LlamaModel {
+    /// The feed-forward half of a layer, residual included.
+    fn mlp(&self, layer: &Layer, x1: &Tensor) -> candle_core::Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x1, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
+        let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+        let up = layer.w_up.forward(&h)?;
+        layer.w_down.forward(&(gate * up)?)? + x1
+    }
+}
+
 impl CausalLm for LlamaModel {
     fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -139,13 +150,19 @@ impl CausalLm for LlamaModel {
         &self.device
     }
 
-    /// Activations and caches are f32.
+    /// Activations are f32. Caches are f32 on the CPU (attention reads them in place there)
+    /// and f16 on a GPU: half the memory per position, and attention copies each history to a
+    /// contiguous f32 tensor anyway, so the conversion rides on a copy already made.
     fn kv_layout(&self) -> KvLayout {
         KvLayout {
             layers: self.cfg.block_count,
             kv_heads: self.cfg.head_count_kv,
             head_dim: self.cfg.head_dim,
-            dtype: DType::F32,
+            dtype: if self.device.is_cpu() {
+                DType::F32
+            } else {
+                DType::F16
+            },
         }
     }
 
@@ -184,15 +201,25 @@ impl CausalLm for LlamaModel {
         let positions = Tensor::from_vec(positions, total, &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
-        // Causal masks for segments of more than one token, `(t, kv_len)`, additive.
-        let masks = bounds
-            .iter()
-            .map(|&(_, t, start)| {
-                (t > 1)
-                    .then(|| causal_mask(t, start, &self.device))
-                    .transpose()
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        // Paged caches (GPUs): one plan of pool rows for the step, used by every layer.
+        let paged = match segments[0].cache.paged() {
+            Some((pool, _)) => Some(PagedStep::new(pool, segments, &bounds, &self.device)?),
+            None => None,
+        };
+        // Contiguous caches: causal masks for segments of more than one token, `(t, kv_len)`,
+        // additive.
+        let masks = if paged.is_some() {
+            Vec::new()
+        } else {
+            bounds
+                .iter()
+                .map(|&(_, t, start)| {
+                    (t > 1)
+                        .then(|| causal_mask(t, start, &self.device))
+                        .transpose()
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
 
         let mut x = self.embeddings.embedding(&ids)?; // (total, hidden)
         for (li, layer) in self.layers.iter().enumerate() {
@@ -210,9 +237,15 @@ impl CausalLm for LlamaModel {
                 .reshape((1, total, n_kv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let v = v.reshape((total, n_kv, hd))?.transpose(0, 1)?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?.squeeze(0)?;
+            if let Some(paged) = &paged {
+                let y = paged.attend(li, &q, &k, &v, groups, scale)?;
+                let x1 = (layer.wo.forward(&y)? + residual)?;
+                x = self.mlp(layer, &x1)?;
+                continue;
+            }
+            let v = v.reshape((total, n_kv, hd))?.transpose(0, 1)?;
 
             let mut ys = Vec::with_capacity(segments.len());
             for (si, seg) in segments.iter().enumerate() {
@@ -236,11 +269,7 @@ impl CausalLm for LlamaModel {
                 Tensor::cat(&ys, 0)?
             };
             let x1 = (layer.wo.forward(&y)? + residual)?;
-
-            let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, cfg.rms_norm_eps as f32)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (layer.w_down.forward(&(gate * up)?)? + x1)?;
+            x = self.mlp(layer, &x1)?;
         }
         for seg in segments.iter_mut() {
             seg.cache.commit(seg.tokens.len());
@@ -259,58 +288,6 @@ impl CausalLm for LlamaModel {
         let logits = self.output.forward(&x)?.to_dtype(DType::F32)?;
         Ok(Some(logits))
     }
-}
-
-/// Grouped-query attention of one segment over its cache.
-/// `q`: `(n_head, t, hd)`; `k`, `v`: `(n_kv, kv_len, hd)`; returns `(t, n_head * hd)`.
-fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    groups: usize,
-    scale: f64,
-) -> candle_core::Result<Tensor> {
-    let (n_head, t, hd) = q.dims3()?;
-    let (n_kv, kv_len, _) = k.dims3()?;
-    // Query heads sharing a kv head are adjacent, so grouping them turns GQA into one batched
-    // matmul per kv head without materialising repeated keys.
-    let q = q.reshape((n_kv, groups * t, hd))?;
-    let (k, v) = if k.device().is_cpu() {
-        (k.clone(), v.clone())
-    } else {
-        (k.contiguous()?, v.contiguous()?)
-    };
-    let att = (q.matmul(&k.t()?)? * scale)?;
-    let att = match mask {
-        Some(mask) => att
-            .reshape((n_kv, groups, t, kv_len))?
-            .broadcast_add(mask)?
-            .reshape((n_kv, groups * t, kv_len))?,
-        None => att,
-    };
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
-    att.matmul(&v)?
-        .reshape((n_head, t, hd))?
-        .transpose(0, 1)?
-        .reshape((t, n_head * hd))
-}
-
-/// Additive causal mask for `t` new tokens after `start` cached ones: `(t, start + t)`.
-fn causal_mask(t: usize, start: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let kv_len = start + t;
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..kv_len).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(data, (t, kv_len), device)
 }
 
 /// cos/sin of `position * inv_freq` for every position of the context window, with llama.cpp's

@@ -26,6 +26,7 @@
 //! line to [`ARCHITECTURES`] with its `general.architecture` name. Shared metadata parsing is in
 //! [`ModelConfig`]; anything the new file cannot run it refuses at load with a clear error.
 
+mod attention;
 mod config;
 pub mod llama;
 

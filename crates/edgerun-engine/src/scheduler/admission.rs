@@ -2,7 +2,7 @@
 //! Pure functions over counts and sizes; the engine handle and the scheduler call them.
 
 use super::SchedulerConfig;
-use crate::kv_cache::KvLayout;
+use crate::kv_cache::{KvLayout, KvStorage};
 use crate::request::QueuePolicy;
 
 /// The KV cache a request reserves when it starts: a position for every prompt token and every
@@ -14,8 +14,10 @@ pub struct KvReservation {
 }
 
 impl KvReservation {
+    /// What a request reserves in `storage` (whole blocks when paged).
     pub fn new(
         layout: &KvLayout,
+        storage: KvStorage,
         prompt_len: usize,
         max_tokens: usize,
         context_length: usize,
@@ -23,7 +25,7 @@ impl KvReservation {
         let positions = prompt_len.saturating_add(max_tokens).min(context_length);
         Self {
             positions,
-            bytes: layout.bytes_for(positions),
+            bytes: layout.bytes_in(storage, positions),
         }
     }
 }
@@ -109,7 +111,22 @@ mod tests {
 
     /// A fake waiting request: prompt and max_tokens.
     fn req(prompt: usize, max_tokens: usize) -> KvReservation {
-        KvReservation::new(&LAYOUT, prompt, max_tokens, 100)
+        KvReservation::new(&LAYOUT, KvStorage::Contiguous, prompt, max_tokens, 100)
+    }
+
+    /// Paged, a reservation is whole blocks: what the pool will hand out, so admission's sum
+    /// of reservations never exceeds the pool.
+    #[test]
+    fn paged_reservations_round_up_to_blocks() {
+        let paged = KvStorage::Paged { block_size: 16 };
+        let r = KvReservation::new(&LAYOUT, paged, 10, 7, 100);
+        assert_eq!(r.positions, 17);
+        assert_eq!(r.bytes, 32 << 10);
+        let r = KvReservation::new(&LAYOUT, paged, 16, 0, 100);
+        assert_eq!(r.bytes, 16 << 10);
+        // Capped by the context first, then rounded.
+        let r = KvReservation::new(&LAYOUT, paged, 90, 50, 100);
+        assert_eq!((r.positions, r.bytes), (100, 112 << 10));
     }
 
     /// Admits from a FIFO queue the way the scheduler does; returns how many started.

@@ -41,7 +41,7 @@ pub mod admission;
 pub mod plan;
 
 use crate::error::{EngineError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvPool, KvStorage};
 use crate::models::CausalLm;
 use crate::request::{GenerationRequest, Usage};
 use crate::sampling::Sampler;
@@ -98,6 +98,9 @@ pub struct SchedulerConfig {
     /// How long a sequence whose client stopped reading its events is kept (paused, not
     /// computed) before it is dropped.
     pub stalled_stream_timeout: Duration,
+    /// How KV caches are stored: per sequence (the CPU's default) or in one paged pool of
+    /// `kv_cache_budget` bytes, allocated at start (GPUs' default; needs a budget).
+    pub kv_storage: KvStorage,
 }
 
 impl Default for SchedulerConfig {
@@ -109,11 +112,43 @@ impl Default for SchedulerConfig {
             max_step_tokens: 256,
             kv_cache_budget: None,
             stalled_stream_timeout: Duration::from_secs(30),
+            kv_storage: KvStorage::Contiguous,
         }
     }
 }
 
 impl SchedulerConfig {
+    /// Defaults sized for a GPU: many sequences per step and long prompts read in few steps,
+    /// where the CPU defaults ([`SchedulerConfig::default`]) keep a 2-core box's steps short.
+    /// A decode step's cost on a GPU is mostly reading the weights once, so batching 64
+    /// sequences costs little more than one; prompts are read 2048 tokens at a time.
+    pub fn gpu_default() -> Self {
+        Self {
+            max_batch_size: 64,
+            max_queue: 256,
+            prefill_chunk: 2048,
+            max_step_tokens: 4096,
+            kv_storage: KvStorage::Paged {
+                block_size: KvStorage::DEFAULT_BLOCK_SIZE,
+            },
+            ..Self::default()
+        }
+    }
+
+    /// [`SchedulerConfig::default`] on the CPU, [`SchedulerConfig::gpu_default`] on CUDA; on
+    /// Metal the GPU's sizes over contiguous caches (its memory is the system's: no device
+    /// budget to size a pool from).
+    pub fn default_for(device: &candle_core::Device) -> Self {
+        match device {
+            candle_core::Device::Cpu => Self::default(),
+            candle_core::Device::Cuda(_) => Self::gpu_default(),
+            candle_core::Device::Metal(_) => Self {
+                kv_storage: KvStorage::Contiguous,
+                ..Self::gpu_default()
+            },
+        }
+    }
+
     /// Refuses settings the scheduler cannot run with, naming the setting. Called by
     /// [`crate::Engine::start`]; the server calls it before it listens, so a bad flag stops
     /// the node at start-up.
@@ -132,6 +167,18 @@ impl SchedulerConfig {
             return Err(EngineError::Config(
                 "kv_cache_budget must be more than 0 bytes".into(),
             ));
+        }
+        if let KvStorage::Paged { block_size } = self.kv_storage {
+            if block_size == 0 {
+                return Err(EngineError::Config(
+                    "the KV pool's block size must be at least 1".into(),
+                ));
+            }
+            if self.kv_cache_budget.is_none() {
+                return Err(EngineError::Config(
+                    "paged KV storage needs a KV cache budget to size its pool".into(),
+                ));
+            }
         }
         if self.stalled_stream_timeout.is_zero() {
             return Err(EngineError::Config(
@@ -212,6 +259,8 @@ pub struct EngineStats {
     pub(crate) stopped: AtomicBool,
     /// KV cache bytes reserved by running sequences.
     pub(crate) kv_reserved: AtomicUsize,
+    /// The paged KV pool, read live (its free count changes as caches drop).
+    pub(crate) pool: Option<KvPool>,
     /// Sequences failed by a step that could not run them (alone).
     pub(crate) failed_sequences: AtomicUsize,
     /// Sequences dropped because their client stopped reading.
@@ -250,6 +299,10 @@ pub struct StatsSnapshot {
     pub peak_batch_size: usize,
     /// KV cache bytes reserved by running sequences.
     pub kv_cache_reserved_bytes: usize,
+    /// Free blocks of the paged KV pool (0 with contiguous caches).
+    pub kv_pool_free_blocks: usize,
+    /// Blocks of the paged KV pool in all (0 with contiguous caches).
+    pub kv_pool_total_blocks: usize,
     /// Sequences failed because a step could not run them (alone).
     pub sequences_failed_total: usize,
     /// Sequences dropped because their client stopped reading.
@@ -272,6 +325,8 @@ impl EngineStats {
             requests_cancelled_total: self.cancelled.load(Ordering::Relaxed),
             peak_batch_size: self.peak_batch.load(Ordering::Relaxed),
             kv_cache_reserved_bytes: self.kv_reserved.load(Ordering::Relaxed),
+            kv_pool_free_blocks: self.pool.as_ref().map_or(0, KvPool::available),
+            kv_pool_total_blocks: self.pool.as_ref().map_or(0, KvPool::total_blocks),
             sequences_failed_total: self.failed_sequences.load(Ordering::Relaxed),
             sequences_stalled_total: self.stalled.load(Ordering::Relaxed),
             device_failures_total: self.device_failures.load(Ordering::Relaxed),
@@ -324,6 +379,8 @@ pub(crate) struct Scheduler {
     pub config: SchedulerConfig,
     pub stats: Arc<EngineStats>,
     pub rx: mpsc::Receiver<Submission>,
+    /// The paged pool every cache is taken from, when [`SchedulerConfig::kv_storage`] is paged.
+    pub pool: Option<KvPool>,
     #[cfg(feature = "fault-injection")]
     pub faults: Arc<Mutex<crate::faults::Faults>>,
 }
@@ -468,7 +525,12 @@ impl Scheduler {
         );
         let layout = self.model.kv_layout();
         for sub in waiting.drain(..n) {
-            match KvCache::new(&layout, sub.reservation.positions, self.model.device()) {
+            let cache = match &self.pool {
+                // Admission keeps the reservations within the pool: this only fails on a bug.
+                Some(pool) => pool.cache(sub.reservation.positions),
+                None => KvCache::new(&layout, sub.reservation.positions, self.model.device()),
+            };
+            match cache {
                 Ok(cache) => running.push(Sequence::new(SequenceParts {
                     sampler: Sampler::new(sub.request.sampling, &sub.request.prompt),
                     prompt: sub.request.prompt,

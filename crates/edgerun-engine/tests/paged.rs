@@ -1,0 +1,351 @@
+//! The paged KV pool (GPUs' storage) on the CPU with the real model: the same forward pass as
+//! contiguous caches, batch-invariant generation, blocks returned however a sequence ends, and
+//! admission within the pool.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use edgerun_engine::{
+    Engine, GenerationEvent, GenerationRequest, KvCache, KvPool, KvStorage, QueuePolicy,
+    SamplingConfig, SchedulerConfig, Segment, StopCriteria, TokenStream,
+};
+
+const PROMPTS: [&str; 4] = [
+    "Write a haiku about the sea.",
+    "What is 17 times 3? Explain briefly.",
+    "List three colours of the rainbow, then describe each one in a sentence.",
+    "Tell me a very short story about a robot who learns to paint.",
+];
+
+fn paged(budget_mib: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        prefill_chunk: 8,
+        kv_cache_budget: Some(budget_mib << 20),
+        kv_storage: KvStorage::Paged { block_size: 16 },
+        ..SchedulerConfig::default()
+    }
+}
+
+fn submit(
+    engine: &Engine,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: SamplingConfig,
+) -> TokenStream {
+    let input = edgerun_engine::PromptInput::Prompt {
+        text: prompt.to_string(),
+        raw: false,
+    };
+    let request = GenerationRequest {
+        prompt: engine.prepare(&input, &[]).unwrap(),
+        sampling,
+        stopping: StopCriteria::max_tokens(max_tokens),
+        constraint: edgerun_engine::Constraint::Free,
+    };
+    engine.submit(request, QueuePolicy::Wait).unwrap()
+}
+
+fn rows(t: Option<Tensor>) -> Vec<Vec<f32>> {
+    t.unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// The same math: logits within a few tenths (what activation quantization moves them by
+/// when two paths round differently), and the same argmax but at near ties.
+fn close(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
+    for (i, (ra, rb)) in a.iter().zip(b).enumerate() {
+        let diff = ra
+            .iter()
+            .zip(rb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1.0, "{what}, sequence {i}: logits differ by {diff}");
+        let (ta, tb) = (edgerun_engine::argmax(ra), edgerun_engine::argmax(rb));
+        if ta != tb {
+            let mut sorted = ra.clone();
+            sorted.sort_by(|x, y| y.total_cmp(x));
+            assert!(
+                sorted[0] - sorted[1] < NEAR_TIE,
+                "{what}, sequence {i}: argmax {ta} vs {tb}"
+            );
+        }
+    }
+}
+
+/// The model's forward pass over paged caches gives the logits contiguous caches give: prompts
+/// read in chunks that cross block boundaries, then a step mixing decoding sequences with a
+/// prompt chunk (the batched decode attention and the reordering of outputs), then decodes.
+#[test]
+fn paged_forward_matches_contiguous_caches() {
+    let loaded = common::load();
+    let model = &loaded.model;
+    let layout = model.kv_layout();
+    let pool = KvPool::new(&layout, 64, 16, &Device::Cpu).unwrap();
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| loaded.tokenizer.encode(p).unwrap())
+        .collect();
+    let contiguous = |n: usize| KvCache::new(&layout, n, &Device::Cpu).unwrap();
+    let mut c_caches: Vec<KvCache> = prompts.iter().map(|p| contiguous(p.len() + 8)).collect();
+    let mut p_caches: Vec<KvCache> = prompts
+        .iter()
+        .map(|p| pool.cache(p.len() + 8).unwrap())
+        .collect();
+    assert!(pool.available() < 64);
+
+    // Step 1: sequences 0-2 read their prompts, 17 tokens at most (crossing a block).
+    let chunk = |p: &Vec<u32>| p[..p.len().min(17)].to_vec();
+    let step1: Vec<Vec<u32>> = prompts[..3].iter().map(chunk).collect();
+    let run = |caches: &mut [KvCache], inputs: &[Vec<u32>], want: &[usize]| {
+        let mut segs: Vec<Segment<'_>> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(tokens, cache)| Segment { tokens, cache })
+            .collect();
+        rows(model.forward(&mut segs, want).unwrap())
+    };
+    let a = run(&mut c_caches[..3], &step1, &[0, 1, 2]);
+    let b = run(&mut p_caches[..3], &step1, &[0, 1, 2]);
+    close(&a, &b, "prefill");
+
+    // Then three sequences decode (their argmax) while the fourth reads its prompt, and all
+    // four decode.
+    let mut inputs: Vec<Vec<u32>> = a
+        .iter()
+        .map(|row| vec![edgerun_engine::argmax(row)])
+        .collect();
+    inputs.push(prompts[3].clone());
+    for step in 0..6 {
+        let want: Vec<usize> = (0..inputs.len()).collect();
+        let a = run(&mut c_caches, &inputs, &want);
+        let b = run(&mut p_caches, &inputs, &want);
+        close(&a, &b, &format!("step {step}"));
+        // Both continue from the contiguous run's tokens (teacher forcing).
+        inputs = a
+            .iter()
+            .map(|row| vec![edgerun_engine::argmax(row)])
+            .collect();
+    }
+    for (c, p) in c_caches.iter().zip(&p_caches) {
+        assert_eq!(c.len(), p.len());
+    }
+    drop(p_caches);
+    assert_eq!(pool.available(), 64, "every block back in the pool");
+}
+
+/// A greedy generation as the engine reports it: each token's id and its step's top-2 margin.
+fn greedy_steps(engine: &Engine, prompt: &str, max_tokens: usize) -> Vec<(u32, f32)> {
+    collect_steps(submit(engine, prompt, max_tokens, greedy_with_margins()))
+}
+
+fn greedy_with_margins() -> SamplingConfig {
+    SamplingConfig {
+        logprobs: edgerun_engine::Logprobs::Report { top: 2 },
+        ..SamplingConfig::GREEDY
+    }
+}
+
+fn collect_steps(mut stream: TokenStream) -> Vec<(u32, f32)> {
+    let mut steps = Vec::new();
+    while let Some(ev) = stream.blocking_recv() {
+        match ev {
+            GenerationEvent::Token { logprobs, .. } => {
+                for lp in logprobs {
+                    let margin =
+                        lp.top[0].logprob - lp.top.get(1).map_or(f32::NEG_INFINITY, |t| t.logprob);
+                    steps.push((lp.chosen.id, margin));
+                }
+            }
+            GenerationEvent::Finished { .. } => return steps,
+            GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
+            GenerationEvent::PromptProcessed { .. } => {}
+        }
+    }
+    panic!("stream ended without Finished");
+}
+
+/// The fidelity rule: `got` is `reference` token for token, or leaves it only where the
+/// reference's top-2 margin was a near tie (activation quantization moves logits by tenths).
+fn same_but_near_ties(reference: &[(u32, f32)], got: &[(u32, f32)], what: &str) {
+    match reference.iter().zip(got).position(|(a, b)| a.0 != b.0) {
+        None => assert_eq!(reference.len(), got.len(), "{what}: lengths differ"),
+        Some(step) => assert!(
+            reference[step].1 < NEAR_TIE,
+            "{what}: differs at step {step}, where the margin was {} (not a near tie)",
+            reference[step].1
+        ),
+    }
+}
+
+/// A top-2 logit margin under which two implementations of the same math may pick either.
+const NEAR_TIE: f32 = 0.5;
+
+/// Greedy generations through the engine over a paged pool are those of contiguous caches
+/// (but at near ties), alone or four at once, and every block comes back.
+#[test]
+fn paged_engine_generates_what_contiguous_caches_do() {
+    let contiguous = common::engine(SchedulerConfig {
+        prefill_chunk: 8,
+        ..SchedulerConfig::default()
+    });
+    let engine = common::engine(paged(64));
+    let stats = engine.stats();
+    assert!(stats.kv_pool_total_blocks > 0);
+    assert_eq!(stats.kv_pool_free_blocks, stats.kv_pool_total_blocks);
+    let reference: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| greedy_steps(&contiguous, p, 40))
+        .collect();
+    let alone: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| greedy_steps(&engine, p, 40))
+        .collect();
+    let streams: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| submit(&engine, p, 40, greedy_with_margins()))
+        .collect();
+    let together: Vec<_> = streams.into_iter().map(collect_steps).collect();
+    assert_eq!(engine.stats().peak_batch_size, 4, "never batched");
+    for i in 0..PROMPTS.len() {
+        assert!(
+            reference[i].len() >= 5,
+            "prompt {i}: {} tokens",
+            reference[i].len()
+        );
+        same_but_near_ties(
+            &reference[i],
+            &alone[i],
+            &format!("prompt {i}, paged alone"),
+        );
+        same_but_near_ties(
+            &reference[i],
+            &together[i],
+            &format!("prompt {i}, paged in a batch"),
+        );
+    }
+    // Seeded sampling is reproducible over the pool.
+    let seeded = SamplingConfig {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: 7,
+        ..SamplingConfig::default()
+    };
+    let first = common::collect(submit(&engine, PROMPTS[3], 30, seeded));
+    assert_eq!(
+        first,
+        common::collect(submit(&engine, PROMPTS[3], 30, seeded))
+    );
+    let stats = engine.stats();
+    assert_eq!(
+        stats.kv_pool_free_blocks, stats.kv_pool_total_blocks,
+        "{stats:?}"
+    );
+}
+
+/// Cancelled sequences, while reading the prompt or decoding, give their blocks back.
+#[test]
+fn cancelled_sequences_return_their_blocks() {
+    let engine = common::engine(paged(64));
+    let total = engine.stats().kv_pool_total_blocks;
+    let mut stream = submit(&engine, PROMPTS[0], 200, SamplingConfig::GREEDY);
+    let long = submit(&engine, &"word ".repeat(500), 5, SamplingConfig::GREEDY);
+    let mut seen = 0;
+    while seen < 3 {
+        match stream.blocking_recv() {
+            Some(GenerationEvent::Token { .. }) => seen += 1,
+            Some(GenerationEvent::Finished { .. }) | None => panic!("finished early"),
+            _ => {}
+        }
+    }
+    assert!(engine.stats().kv_pool_free_blocks < total);
+    drop(stream);
+    drop(long);
+    let started = std::time::Instant::now();
+    while engine.stats().kv_pool_free_blocks != total || engine.stats().active_sequences != 0 {
+        assert!(started.elapsed().as_secs() < 10, "{:?}", engine.stats());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // And the engine still serves.
+    let (_, n) = common::collect(submit(&engine, "Hi", 3, SamplingConfig::GREEDY));
+    assert!(n >= 1);
+}
+
+/// Admission keeps reservations within the pool: what does not fit now waits, what never
+/// fits is refused, and a full pool never fails a sequence.
+#[test]
+fn the_pool_bounds_admission() {
+    let loaded = common::load();
+    let per_block = loaded.model.kv_layout().bytes_for(16);
+    // Ten blocks: 160 positions, one request of 100 at a time.
+    let engine = Engine::start(
+        loaded,
+        SchedulerConfig {
+            kv_cache_budget: Some(10 * per_block),
+            kv_storage: KvStorage::Paged { block_size: 16 },
+            ..SchedulerConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(engine.stats().kv_pool_total_blocks, 10);
+    let a = submit(&engine, PROMPTS[0], 80, SamplingConfig::GREEDY);
+    let b = submit(&engine, PROMPTS[1], 80, SamplingConfig::GREEDY);
+    let (ta, _) = common::collect(a);
+    let (tb, _) = common::collect(b);
+    assert!(!ta.is_empty() && !tb.is_empty());
+    assert_eq!(
+        engine.stats().peak_batch_size,
+        1,
+        "both ran at once over the pool"
+    );
+    let input = edgerun_engine::PromptInput::Prompt {
+        text: PROMPTS[0].into(),
+        raw: false,
+    };
+    let too_big = GenerationRequest {
+        prompt: engine.prepare(&input, &[]).unwrap(),
+        sampling: SamplingConfig::GREEDY,
+        stopping: StopCriteria::max_tokens(200),
+        constraint: edgerun_engine::Constraint::Free,
+    };
+    match engine.submit(too_big, QueuePolicy::Wait) {
+        Err(edgerun_engine::EngineError::KvCacheBudgetExceeded { .. }) => {}
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a request larger than the pool was accepted"),
+    }
+}
+
+/// A paged configuration without a budget to size the pool is refused at start.
+#[test]
+fn paged_storage_needs_a_budget() {
+    let config = SchedulerConfig {
+        kv_storage: KvStorage::Paged { block_size: 16 },
+        ..SchedulerConfig::default()
+    };
+    assert!(config.validate().is_err());
+    assert!(SchedulerConfig::gpu_default().validate().is_err());
+    let with_budget = SchedulerConfig {
+        kv_cache_budget: Some(1 << 30),
+        ..SchedulerConfig::gpu_default()
+    };
+    assert!(with_budget.validate().is_ok());
+}
+
+/// The device check `scripts/gpu-check.sh` runs, on the CPU: our kernels over a paged pool
+/// against candle's over contiguous caches, on the real model.
+#[test]
+fn device_check_passes_on_the_cpu() {
+    let check = edgerun_engine::device_check::DeviceCheck {
+        steps: 12,
+        batch: 4,
+        storage: KvStorage::Paged { block_size: 16 },
+        ..Default::default()
+    };
+    let report =
+        edgerun_engine::device_check::compare(&common::model_path(), &Device::Cpu, check).unwrap();
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.steps, 12);
+    assert!(
+        report.max_logit_diff > 0.0,
+        "our kernels and candle's round differently"
+    );
+}
