@@ -22,11 +22,18 @@
 #      for a ~520-token prompt, single-stream decode, aggregate decode at 1/8/32/64 streams; peak
 #      device memory from nvidia-smi while it runs. Prints the table.
 # Exit status: 0 when every check passed, 1 when one failed, 2 when the machine lacks something.
+#
+# A dry run of the second half on a CPU-only machine (the script's own logic, small shapes):
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_BIN=target/release/edgerun GPU_CHECK_SHAPE=llama-3-mini \
+#     GPU_CHECK_STREAMS=1,4 scripts/gpu-check.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PACK=target/gpu-check
 WORK="${GPU_CHECK_WORK:-/tmp/edgerun-gpu-check}"
+DEVICE="${GPU_CHECK_DEVICE:-cuda:0}"
+SHAPE="${GPU_CHECK_SHAPE:-llama-3-8b}"
+STREAMS="${GPU_CHECK_STREAMS:-1,8,32,64}"
 
 log() { echo "gpu-check: $*" >&2; }
 
@@ -56,15 +63,20 @@ for f in edgerun edgerun-bench ggml-vocab-llama-bpe.gguf; do
     fi
 done
 chmod +x "$WORK/edgerun" "$WORK/edgerun-bench"
-BIN="$WORK/edgerun"
-echo "== build: $(head -1 "$PACK/BUILD"), $(sed -n 2p "$PACK/BUILD")"
+BIN="${GPU_CHECK_BIN:-$WORK/edgerun}"
+echo "== build: $(head -1 "$PACK/BUILD"), $(sed -n 2p "$PACK/BUILD"); device $DEVICE; $BIN"
+gpu=1
+[ "$DEVICE" = cpu ] && gpu=0
 
 echo "== nvidia-smi"
-if ! nvidia-smi; then
+if [ $gpu = 0 ]; then
+    echo "(skipped: a dry run on the CPU)"
+elif ! nvidia-smi; then
     log "nvidia-smi failed: no driver or no GPU"
     exit 2
+else
+    nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader || true
 fi
-nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader || true
 
 # Libraries: the driver's libcuda, and CUDA 13 libraries wherever this machine keeps them.
 missing() { ldd "$BIN" | awk '/not found/ {print $1}'; }
@@ -81,29 +93,32 @@ if [ -n "$(missing)" ]; then
     exit 2
 fi
 echo "== libraries"
-ldd "$BIN" | grep -E 'cuda|cublas|curand|nvrtc'
+ldd "$BIN" | grep -E 'cuda|cublas|curand|nvrtc' || echo "(no CUDA libraries: a CPU build)"
 
 status=0
-echo "== 1. GPU against CPU (small generated model)"
+echo "== 1. $DEVICE against the CPU (small generated model)"
 small="$WORK/llama-3-mini-Q4_K_M.gguf"
 [ -f "$small" ] || "$BIN" generate --shape llama-3-mini --quant Q4_K_M \
     --vocab-from "$WORK/ggml-vocab-llama-bpe.gguf" "$small"
-if ! "$BIN" check-device "$small" --device cuda:0 --steps 32 --batch 8; then
+if ! "$BIN" check-device "$small" --device "$DEVICE" --kv-storage paged --steps 32 --batch 8; then
     log "check-device FAILED"
     status=1
 fi
 
-echo "== 2. Llama-3-8B shape, Q4_K_M, on the GPU over HTTP"
-big="$WORK/llama-3-8b-Q4_K_M.gguf"
+echo "== 2. $SHAPE shape, Q4_K_M, on $DEVICE over HTTP"
+big="$WORK/$SHAPE-Q4_K_M.gguf"
 if [ ! -f "$big" ]; then
     started=$(date +%s)
-    "$BIN" generate --shape llama-3-8b --quant Q4_K_M \
+    "$BIN" generate --shape "$SHAPE" --quant Q4_K_M \
         --vocab-from "$WORK/ggml-vocab-llama-bpe.gguf" "$big"
     echo "generated in $(( $(date +%s) - started )) s"
 fi
 port=18093
 token=gpu-check-token
-EDGERUN_API_TOKENS=$token "$BIN" serve --model "$big" --device cuda:0 \
+extra=()
+# A dry run on the CPU serves from a paged pool too (it needs a budget there).
+[ $gpu = 0 ] && extra=(--kv-storage paged --kv-cache-mib 512)
+EDGERUN_API_TOKENS=$token "$BIN" serve --model "$big" --device "$DEVICE" "${extra[@]}" \
     --listen "127.0.0.1:$port" --served-as @cf/meta/llama-3-8b-instruct > "$WORK/serve.log" 2>&1 &
 server=$!
 sampler=""
@@ -119,11 +134,16 @@ for _ in $(seq 1 300); do
 done
 curl -sf "http://127.0.0.1:$port/health" > /dev/null || { log "not healthy after 300 s"; tail -20 "$WORK/serve.log"; exit 1; }
 grep -m1 'model loaded' "$WORK/serve.log" || true
-(while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0; sleep 0.5; done) \
-    > "$WORK/memory.log" 2>/dev/null &
-sampler=$!
+if [ $gpu = 1 ]; then
+    (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0; sleep 0.5; done) \
+        > "$WORK/memory.log" 2>/dev/null &
+    sampler=$!
+fi
 EDGERUN_TEST_MODEL="$big" "$WORK/edgerun-bench" --url "http://127.0.0.1:$port" --token "$token" \
-    --runs "${RUNS:-3}" --streams 1,8,32,64 || status=1
-echo "peak device memory: $(sort -n "$WORK/memory.log" | tail -1) MiB (nvidia-smi, whole device)"
+    --runs "${RUNS:-3}" --streams "$STREAMS" || status=1
+curl -sf "http://127.0.0.1:$port/metrics" -H "Authorization: Bearer $token" | grep -E '^edgerun_(kv_pool|peak_batch)' || true
+if [ $gpu = 1 ]; then
+    echo "peak device memory: $(sort -n "$WORK/memory.log" | tail -1) MiB (nvidia-smi, whole device)"
+fi
 echo "== done: $([ $status = 0 ] && echo 'all checks passed' || echo 'a check FAILED')"
 exit $status

@@ -520,7 +520,7 @@ fn bad_settings_are_refused_at_start_up_never_clamped() {
         std::env::temp_dir().join(format!("edgerun-comments-{}.tokens", std::process::id()));
     std::fs::write(&comments, "# no token here\n\n   \n").unwrap();
     let comments = comments.display().to_string();
-    let cases: [Case; 9] = [
+    let cases: [Case; 13] = [
         (&["--max-batch", "0"], &[], "max_batch_size"),
         (&["--prefill-chunk", "0"], &[], "prefill_chunk"),
         (&["--max-step-tokens", "0"], &[], "max_step_tokens"),
@@ -536,6 +536,19 @@ fn bad_settings_are_refused_at_start_up_never_clamped() {
         (&["--api-token-file", &comments], &[], "holds no token"),
         // The environment variable is held to the same rule as its flag.
         (&[], &[("EDGERUN_THREADS", "0")], "--threads"),
+        (&["--kv-storage", "pages"], &[], "unknown KV storage"),
+        (
+            &["--gpu-memory-fraction", "0"],
+            &[],
+            "--gpu-memory-fraction",
+        ),
+        (
+            &["--gpu-memory-fraction", "1.5"],
+            &[],
+            "--gpu-memory-fraction",
+        ),
+        // A pool on the CPU without a budget would take half the RAM at once.
+        (&["--kv-storage", "paged"], &[], "needs --kv-cache-mib"),
     ];
     for (flags, env, needle) in cases {
         let out = std::process::Command::new(edgerun_e2e::binary())
@@ -555,4 +568,78 @@ fn bad_settings_are_refused_at_start_up_never_clamped() {
             "{flags:?} {env:?}: refused only after listening: {stderr}"
         );
     }
+}
+
+/// A node on a paged KV pool (GPUs' storage, here on the CPU): concurrent requests decode in
+/// one batch, a client that goes away mid-stream gives its blocks back, /metrics shows the
+/// pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_pool_serves_concurrent_streams_and_gets_its_blocks_back() {
+    let node = Node::start(&["--kv-storage", "paged", "--kv-cache-mib", "64"]).await;
+    let stats = node.health().await["stats"].clone();
+    let total = stats["kv_pool_total_blocks"].as_u64().unwrap();
+    assert!(total > 0, "{stats}");
+    assert_eq!(stats["kv_pool_free_blocks"], total);
+
+    let prompts = [
+        "Write a haiku about the sea.",
+        "What is 17 times 3?",
+        "Name three colours.",
+        "Tell me about robots.",
+    ];
+    let answers =
+        futures::future::join_all(prompts.iter().map(|p| node.run_json(greedy(p, 24, false))))
+            .await;
+    for (p, v) in prompts.iter().zip(&answers) {
+        let text = v["result"]["response"].as_str().unwrap_or_default();
+        assert!(!text.is_empty(), "{p}: {v}");
+        assert!(v["result"]["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    }
+    assert!(
+        node.health().await["stats"]["peak_batch_size"]
+            .as_u64()
+            .unwrap()
+            >= 2,
+        "the requests never shared a step"
+    );
+
+    // A stream dropped after a few events: its blocks come back.
+    let body = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "raw": true, "stream": true, "max_tokens": 500, "temperature": 0});
+    let resp = node.post(body.to_string()).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    use futures::StreamExt;
+    let mut parser = edgerun_protocol::sse::SseParser::new();
+    let mut events = 0;
+    while events < 3 {
+        let chunk = stream.next().await.expect("stream ended early").unwrap();
+        events += parser.push(&chunk).len();
+    }
+    let during = node.health().await["stats"]["kv_pool_free_blocks"]
+        .as_u64()
+        .unwrap();
+    assert!(during < total, "a running stream holds no blocks");
+    drop(stream);
+    let h = node
+        .wait_for_stat("active_sequences", 0, Duration::from_secs(5))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.health().await["stats"]["kv_pool_free_blocks"] != total {
+        assert!(Instant::now() < deadline, "blocks not given back: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = node
+        .client
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == format!("edgerun_kv_pool_blocks {total}")),
+        "{text}"
+    );
 }

@@ -165,6 +165,19 @@ impl std::str::FromStr for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// Whether this spec opens the CPU in this build, known without opening anything (`auto`
+    /// is the CPU when neither CUDA nor Metal is compiled in).
+    pub fn is_cpu(&self) -> bool {
+        match self {
+            Self::Cpu => true,
+            Self::Auto => {
+                !candle_core::utils::cuda_is_available()
+                    && !candle_core::utils::metal_is_available()
+            }
+            Self::Cuda(_) | Self::Metal => false,
+        }
+    }
+
     pub fn open(&self) -> Result<Device> {
         let err = |e: candle_core::Error| EngineError::Load(format!("device {self:?}: {e}"));
         match self {

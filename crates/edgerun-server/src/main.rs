@@ -517,6 +517,12 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
         bail!("--prepare-threads (EDGERUN_PREPARE_THREADS) must be at least 1");
     }
     let mut config = scheduler_config(args, SchedulerConfig::default())?;
+    if args.device.is_cpu()
+        && config.kv_cache_budget.is_none()
+        && matches!(config.kv_storage, KvStorage::Paged { .. })
+    {
+        bail!(PAGED_CPU_NEEDS_BUDGET);
+    }
     if config.kv_cache_budget.is_none() {
         // A pool's budget may come from the device, known once it is open (the loader
         // validates again then); everything else is checked now.
@@ -525,6 +531,11 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
     validate_scheduler(&config)?;
     Ok(config)
 }
+
+/// A pool is allocated whole at start: on the CPU the default budget (half the RAM) would all
+/// be taken at once.
+const PAGED_CPU_NEEDS_BUDGET: &str = "--kv-storage paged (EDGERUN_KV_STORAGE) on the CPU needs \
+     --kv-cache-mib (EDGERUN_KV_CACHE_MIB): the pool is allocated whole at start";
 
 /// Refuses scheduler settings the engine cannot run with, naming the flags.
 fn validate_scheduler(config: &SchedulerConfig) -> anyhow::Result<()> {
@@ -647,11 +658,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
             let paged = matches!(scheduler.kv_storage, KvStorage::Paged { .. });
             if scheduler.kv_cache_budget.is_none() {
                 if device.is_cpu() && paged {
-                    // A pool is allocated whole: half the RAM would be taken at start.
-                    bail!(
-                        "--kv-storage paged on the CPU needs --kv-cache-mib (EDGERUN_KV_CACHE_MIB): \
-                         the pool is allocated whole at start"
-                    );
+                    bail!(PAGED_CPU_NEEDS_BUDGET);
                 } else if device.is_cpu() {
                     // On the CPU, KV caches share RAM with everything else: by default let them
                     // reserve at most half of what is available now, so a burst of long
