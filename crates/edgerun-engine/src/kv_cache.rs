@@ -224,6 +224,23 @@ impl KvPool {
         self.allocator.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A cache holding no block yet: it takes them as it grows ([`KvCache::grow_to`]).
+    pub fn empty_cache(&self) -> KvCache {
+        KvCache {
+            storage: Storage::Paged {
+                pool: self.clone(),
+                blocks: Vec::new(),
+            },
+            len: 0,
+            capacity: 0,
+        }
+    }
+
+    /// Blocks `positions` positions take.
+    pub fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block_size)
+    }
+
     /// A cache for up to `capacity` positions, its blocks taken now; an error when the pool
     /// has too few free.
     pub fn cache(&self, capacity: usize) -> Result<KvCache> {
@@ -343,6 +360,32 @@ impl KvCache {
         ))
     }
 
+    /// Makes room for `positions` positions in all, taking blocks from the pool as needed (all
+    /// or nothing). `false` when the pool has too few free blocks; a contiguous cache never
+    /// grows (it was sized for everything at the start).
+    pub fn grow_to(&mut self, positions: usize) -> bool {
+        if positions <= self.capacity {
+            return true;
+        }
+        let Storage::Paged { pool, blocks } = &mut self.storage else {
+            return false;
+        };
+        let more = pool.blocks_for(positions) - blocks.len();
+        match pool.lock().allocate(more) {
+            Some(new) => {
+                blocks.extend(new);
+                self.capacity = blocks.len() * pool.block_size();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Blocks of the pool this cache holds (0 when contiguous).
+    pub fn blocks_held(&self) -> usize {
+        self.paged().map_or(0, |(_, blocks)| blocks.len())
+    }
+
     /// An error unless `t` more positions fit.
     pub(crate) fn check_room(&self, t: usize) -> Result<()> {
         if self.len + t > self.capacity {
@@ -444,6 +487,32 @@ mod tests {
         let contiguous = KvCache::new(&layout, 4, &Device::Cpu)?;
         assert!(contiguous.paged().is_none());
         assert_eq!(contiguous.slots(0, 4).count(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn paged_caches_grow_block_by_block_all_or_nothing() -> Result<()> {
+        let layout = KvLayout {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            dtype: DType::F32,
+        };
+        let pool = KvPool::new(&layout, 3, 4, &Device::Cpu)?;
+        let mut a = pool.empty_cache();
+        assert_eq!((a.capacity(), a.blocks_held()), (0, 0));
+        assert!(a.grow_to(5));
+        assert_eq!((a.capacity(), a.blocks_held()), (8, 2));
+        assert!(a.grow_to(8), "within capacity: nothing taken");
+        assert_eq!(pool.available(), 1);
+        let mut b = pool.cache(1)?;
+        assert!(!b.grow_to(5), "a second block is not free");
+        assert_eq!((b.capacity(), pool.available()), (4, 0));
+        drop(a);
+        assert!(b.grow_to(12));
+        assert_eq!(b.slots(4, 1).count(), 1);
+        let mut contiguous = KvCache::new(&layout, 4, &Device::Cpu)?;
+        assert!(contiguous.grow_to(4) && !contiguous.grow_to(5));
         Ok(())
     }
 

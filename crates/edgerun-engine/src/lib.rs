@@ -32,7 +32,9 @@
 //!     admit from the queue (admission: batch slots, KV budget, first come first served);
 //!       each admitted request becomes a Sequence with its KvCache (prompt + max_tokens):
 //!       its own buffers (contiguous, the CPU's) or blocks of the engine's KvPool (paged, GPUs')
-//!     plan_step: Decode for decoding sequences, Prefill { start, len } prompt chunks
+//!     plan_step: Decode for decoding sequences, Prefill { start, len } prompt chunks; paged:
+//!       each planned sequence takes the blocks its step needs, oldest first, and the newest is
+//!       preempted (blocks back, its context read again later) when the pool runs out
 //!     execute: one CausalLm::forward over every planned segment; the token masks of the
 //!       constrained sequences about to sample are computed on a side thread meanwhile
 //!     update_from_output: sample per sequence (its format's mask applied first; with its
@@ -368,6 +370,8 @@ impl Engine {
         let faults = Arc::new(std::sync::Mutex::new(faults::Faults::default()));
         let scheduler = Scheduler {
             pool,
+            next_order: std::cell::Cell::new(0),
+            preempted: std::cell::RefCell::default(),
             model: model.clone(),
             tokenizer: tokenizer.clone(),
             stop_ids: stop_ids.clone(),

@@ -52,7 +52,8 @@ impl StopReason {
 /// Where the sequence is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Reading the prompt; this many tokens are in the cache.
+    /// Reading its context (the prompt; after a preemption, the prompt and every token
+    /// generated so far); this many tokens are in the cache.
     Prefill { done: usize },
     /// The prompt is read; the newest sampled token (`input`) is fed to the model next step.
     Decode,
@@ -61,6 +62,15 @@ enum Phase {
 /// A generation the scheduler is running.
 pub(crate) struct Sequence {
     prompt: Vec<u32>,
+    /// What the cache holds, or will once read: the prompt, then each generated token that the
+    /// sequence goes on from (the newest is the pending decode input). A preempted sequence
+    /// reads it all again.
+    context: Vec<u32>,
+    /// Its prompt has been read once (announced with `PromptProcessed`, counted): reading its
+    /// context again after a preemption announces nothing.
+    announced: bool,
+    /// Admission order (older first): preemption takes the newest.
+    pub(crate) order: u64,
     phase: Phase,
     /// The decode input: `[last]`, kept here so a step can borrow it next to the cache.
     input: [u32; 1],
@@ -101,12 +111,16 @@ pub(crate) struct SequenceParts {
     pub sampler: Sampler,
     pub constraint: Constraint,
     pub tx: Sender<GenerationEvent>,
+    pub order: u64,
 }
 
 impl Sequence {
     pub fn new(p: SequenceParts) -> Self {
         Self {
+            context: p.prompt.clone(),
             prompt: p.prompt,
+            announced: false,
+            order: p.order,
             phase: Phase::Prefill { done: 0 },
             input: [0],
             generated: 0,
@@ -131,10 +145,10 @@ impl Sequence {
     pub fn progress(&self) -> SeqProgress {
         let (prefilled, decoding) = match self.phase {
             Phase::Prefill { done } => (done, false),
-            Phase::Decode => (self.prompt.len(), true),
+            Phase::Decode => (self.context.len(), true),
         };
         SeqProgress {
-            prompt_len: self.prompt.len(),
+            prompt_len: self.context.len(),
             prefilled,
             decoding,
             blocked: self.blocked_since.is_some(),
@@ -162,7 +176,7 @@ impl Sequence {
     pub fn segment(&mut self, work: Work) -> (Segment<'_>, Option<&mut Grammar>) {
         let tokens: &[u32] = match work {
             Work::Decode => &self.input,
-            Work::Prefill { start, len } => &self.prompt[start..start + len],
+            Work::Prefill { start, len } => &self.context[start..start + len],
         };
         let segment = Segment {
             tokens,
@@ -172,10 +186,46 @@ impl Sequence {
     }
 
     /// Records that a prefill step ran; returns the prompt length once the whole prompt is in
-    /// the cache.
+    /// the cache for the first time (not when a preempted sequence has read it again).
     pub fn prefilled(&mut self, start: usize, len: usize) -> Option<usize> {
         self.phase = Phase::Prefill { done: start + len };
-        (start + len == self.prompt.len()).then_some(self.prompt.len())
+        if start + len < self.context.len() {
+            return None;
+        }
+        (!std::mem::replace(&mut self.announced, true)).then_some(self.prompt.len())
+    }
+
+    /// Makes room in a paged cache for what `work` feeds; `false` when the pool is short.
+    pub fn grow_for(&mut self, work: Work) -> bool {
+        let t = match work {
+            Work::Decode => 1,
+            Work::Prefill { len, .. } => len,
+        };
+        self.cache.grow_to(self.cache.len() + t)
+    }
+
+    /// Blocks of the pool it holds.
+    pub fn blocks_held(&self) -> usize {
+        self.cache.blocks_held()
+    }
+
+    /// Positions it needs to go on after a preemption: its whole context and the next token.
+    pub fn positions_to_resume(&self) -> usize {
+        self.context.len() + 1
+    }
+
+    /// Takes the blocks to read its whole context again and sample the next token; `false`
+    /// (nothing taken) when the pool is short.
+    pub fn reserve_to_resume(&mut self) -> bool {
+        self.cache.grow_to(self.positions_to_resume())
+    }
+
+    /// Gives its cache back (`empty` takes its place) and starts reading its context again:
+    /// when that is done it samples the token it would have sampled next, as if nothing had
+    /// happened (the sampler, the grammar, the text sent are untouched).
+    pub fn preempt(&mut self, empty: KvCache) {
+        self.cache = empty;
+        self.phase = Phase::Prefill { done: 0 };
     }
 
     /// Chooses the next token from the model's logits, among those its output format allows,
@@ -242,6 +292,7 @@ impl Sequence {
         if reason.is_none() {
             self.phase = Phase::Decode;
             self.input = [token];
+            self.context.push(token);
         }
         Ok(reason)
     }
@@ -432,6 +483,7 @@ mod tests {
             sampler: Sampler::new(SamplingConfig::GREEDY, &[]),
             constraint: Constraint::Free,
             tx,
+            order: 0,
         })
     }
 
@@ -607,5 +659,59 @@ mod tests {
         assert_eq!(s.progress().prefilled, 8);
         assert_eq!(s.prefilled(8, 2), Some(10));
         assert_eq!(s.usage().prompt_tokens, 10);
+    }
+
+    /// A preempted sequence reads its prompt and what it generated again, announces nothing,
+    /// and then samples on as before.
+    #[test]
+    fn a_preempted_sequence_reads_its_whole_context_again() {
+        let mut s = sequence(4, 10, 100);
+        assert_eq!(s.prefilled(0, 4), Some(4));
+        // As `accept` leaves it after two tokens: the cache holds the prompt and 20, and 21
+        // waits to be fed.
+        s.cache.commit(5);
+        s.context.extend([20, 21]);
+        s.generated = 2;
+        s.input = [21];
+        s.phase = Phase::Decode;
+        assert!(s.progress().decoding);
+        let layout = KvLayout {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            dtype: DType::F32,
+        };
+        let pool = crate::KvPool::new(&layout, 4, 4, &Device::Cpu).unwrap();
+        s.preempt(pool.empty_cache());
+        assert_eq!(s.positions_to_resume(), 7);
+        assert_eq!(
+            s.progress(),
+            SeqProgress {
+                prompt_len: 6,
+                prefilled: 0,
+                decoding: false,
+                blocked: false,
+            }
+        );
+        assert!(s.grow_for(Work::Prefill { start: 0, len: 6 }));
+        assert_eq!(s.blocks_held(), 2);
+        let (seg, _) = s.segment(Work::Prefill { start: 2, len: 4 });
+        assert_eq!(seg.tokens, &[2, 3, 20, 21]);
+        assert_eq!(s.prefilled(0, 3), None);
+        assert_eq!(s.prefilled(3, 3), None, "the prompt is not announced twice");
+        assert_eq!(
+            s.usage(),
+            Usage {
+                prompt_tokens: 4,
+                completion_tokens: 2
+            }
+        );
+
+        // Preempted before its prompt was read: announced when it is, once.
+        let mut s = sequence(4, 10, 100);
+        assert_eq!(s.prefilled(0, 2), None);
+        s.preempt(pool.empty_cache());
+        assert_eq!(s.progress().prefilled, 0);
+        assert_eq!(s.prefilled(0, 4), Some(4));
     }
 }

@@ -269,13 +269,13 @@ fn cancelled_sequences_return_their_blocks() {
     assert!(n >= 1);
 }
 
-/// Admission keeps reservations within the pool: what does not fit now waits, what never
-/// fits is refused, and a full pool never fails a sequence.
+/// A request that could never fit the pool is refused at once; ones that fit alone all
+/// complete, however little room they leave each other, and a full pool fails none.
 #[test]
 fn the_pool_bounds_admission() {
     let loaded = common::load();
     let per_block = loaded.model.kv_layout().bytes_for(16);
-    // Ten blocks: 160 positions, one request of 100 at a time.
+    // Ten blocks: 160 positions, not two requests of ~110 positions each at once.
     let engine = Engine::start(
         loaded,
         SchedulerConfig {
@@ -292,11 +292,9 @@ fn the_pool_bounds_admission() {
     let (ta, _) = common::collect(a);
     let (tb, _) = common::collect(b);
     assert!(!ta.is_empty() && !tb.is_empty());
-    assert_eq!(
-        engine.stats().peak_batch_size,
-        1,
-        "both ran at once over the pool"
-    );
+    let stats = engine.stats();
+    assert_eq!(stats.sequences_failed_total, 0, "{stats:?}");
+    assert_eq!(stats.kv_pool_free_blocks, 10, "{stats:?}");
     let input = edgerun_engine::PromptInput::Prompt {
         text: PROMPTS[0].into(),
         raw: false,
@@ -348,4 +346,80 @@ fn device_check_passes_on_the_cpu() {
         report.max_logit_diff > 0.0,
         "our kernels and candle's round differently"
     );
+}
+
+/// A pool too small for everyone's whole generation: sequences take blocks as they grow, the
+/// newest gives its blocks back when the pool runs out and reads its prompt and output again
+/// later. Every generation completes with what it generates alone (but at near ties), and
+/// every block comes back.
+#[test]
+fn a_full_pool_preempts_the_newest_and_recomputes_it() {
+    let contiguous = common::engine(SchedulerConfig {
+        prefill_chunk: 8,
+        ..SchedulerConfig::default()
+    });
+    let reference: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| greedy_steps(&contiguous, p, 60))
+        .collect();
+    drop(contiguous);
+
+    let loaded = common::load();
+    let per_block = loaded.model.kv_layout().bytes_for(16);
+    let prompt_blocks: Vec<usize> = PROMPTS
+        .iter()
+        .map(|p| {
+            let input = edgerun_engine::PromptInput::Prompt {
+                text: p.to_string(),
+                raw: false,
+            };
+            let n = edgerun_engine::Engine::start(common::load(), SchedulerConfig::default(), None)
+                .unwrap()
+                .prepare(&input, &[])
+                .unwrap()
+                .len();
+            (n + 60).div_ceil(16)
+        })
+        .collect();
+    // Room for the largest generation alone and a little more: not for all four at once.
+    let blocks = prompt_blocks.iter().max().unwrap() + 3;
+    assert!(prompt_blocks.iter().sum::<usize>() > blocks + 4);
+    let engine = Engine::start(
+        loaded,
+        SchedulerConfig {
+            prefill_chunk: 8,
+            kv_cache_budget: Some(blocks * per_block),
+            kv_storage: KvStorage::Paged { block_size: 16 },
+            ..SchedulerConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    let streams: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| submit(&engine, p, 60, greedy_with_margins()))
+        .collect();
+    let got: Vec<_> = streams.into_iter().map(collect_steps).collect();
+    let stats = engine.stats();
+    assert!(
+        stats.preemptions_total > 0,
+        "nothing was preempted: {stats:?}"
+    );
+    for i in 0..PROMPTS.len() {
+        same_but_near_ties(
+            &reference[i],
+            &got[i],
+            &format!("prompt {i}, preempted pool"),
+        );
+    }
+    assert_eq!(stats.active_sequences, 0);
+    assert_eq!(stats.preempted_sequences, 0);
+    assert_eq!(
+        stats.kv_pool_free_blocks, stats.kv_pool_total_blocks,
+        "{stats:?}"
+    );
+    // Prompt tokens are counted once, however often they were read.
+    let prompt_total: usize = stats.prompt_tokens_total;
+    let (_, _) = common::collect(submit(&engine, "Hi", 2, SamplingConfig::GREEDY));
+    assert!(engine.stats().prompt_tokens_total > prompt_total);
 }

@@ -135,6 +135,18 @@ pub fn render(
             s.kv_pool_total_blocks,
         ),
         (
+            "edgerun_preemptions_total",
+            "counter",
+            "sequences that gave their KV blocks back to let older ones go on (paged KV)",
+            s.preemptions_total,
+        ),
+        (
+            "edgerun_preempted_sequences",
+            "gauge",
+            "preempted sequences waiting to read their context again",
+            s.preempted_sequences,
+        ),
+        (
             "edgerun_generated_tokens_total",
             "counter",
             "tokens generated",

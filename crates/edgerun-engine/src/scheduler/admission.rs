@@ -87,6 +87,31 @@ pub fn can_start(
             .is_none_or(|budget| reserved.saturating_add(reservation.bytes) <= budget)
 }
 
+/// Paged storage: how many requests from the front of `queue` start now, each needing
+/// `blocks` to read its prompt and take its first token, next to `running` sequences, with
+/// `free` blocks in the pool. Blocks are taken as sequences grow, and when the pool runs out
+/// the newest sequence gives its blocks back (the scheduler's preemption), so admission only
+/// keeps a block of headroom per running sequence (for its next token). A lone request always
+/// starts ([`could_ever_fit`] let it in). First come, first served, as [`startable`].
+pub fn startable_paged(
+    cfg: &SchedulerConfig,
+    mut running: usize,
+    mut free: usize,
+    queue: impl IntoIterator<Item = usize>,
+) -> usize {
+    let mut started = 0;
+    for blocks in queue {
+        let headroom = running;
+        if running >= cfg.max_batch_size || free < blocks.saturating_add(headroom) {
+            break;
+        }
+        free -= blocks;
+        running += 1;
+        started += 1;
+    }
+    started
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +132,23 @@ mod tests {
             kv_cache_budget: budget_kib.map(|k| k << 10),
             ..SchedulerConfig::default()
         }
+    }
+
+    #[test]
+    fn paged_admission_keeps_a_block_per_running_sequence() {
+        let cfg = cfg(4, 8, None);
+        // Alone, a request may take every block.
+        assert_eq!(startable_paged(&cfg, 0, 5, [5]), 1);
+        assert_eq!(startable_paged(&cfg, 0, 4, [5]), 0);
+        // Next to two running: 3 blocks + 2 of headroom.
+        assert_eq!(startable_paged(&cfg, 2, 5, [3]), 1);
+        assert_eq!(startable_paged(&cfg, 2, 4, [3]), 0);
+        // FIFO: the head that does not fit holds the rest back.
+        assert_eq!(startable_paged(&cfg, 0, 10, [2, 9, 1]), 1);
+        // Batch slots bound it too.
+        assert_eq!(startable_paged(&cfg, 3, 100, [1, 1]), 1);
+        // Each admitted one counts as running for the next one's headroom.
+        assert_eq!(startable_paged(&cfg, 0, 7, [2, 2, 2]), 2);
     }
 
     /// A fake waiting request: prompt and max_tokens.

@@ -9,6 +9,18 @@
 //! 3. **update from the output**: advance prefills, sample, let each [`Sequence`] apply its stop
 //!    rules, emit events, retire finished sequences.
 //!
+//! ## Paged KV: growth and preemption
+//!
+//! With [`KvStorage::Paged`] a sequence is admitted with the blocks for its prompt and first
+//! token ([`admission::startable_paged`] keeps a block of headroom per running sequence) and
+//! takes more as each step's plan needs them, oldest sequence first. When the pool cannot give
+//! a planned sequence its blocks, the newest running sequence is **preempted**: it gives all its
+//! blocks back and waits, holding its sampler, grammar and the text already sent, until the
+//! pool has room for its whole context; then, before anything new is admitted, it reads its
+//! prompt and what it generated again (as a prefill, announcing nothing) and samples on as if
+//! nothing had happened. Nobody fails because the pool is full: a request that could not fit
+//! alone is refused at submission ([`admission::could_ever_fit`]).
+//!
 //! ## Faults
 //!
 //! A step that fails (an error or a panic in the forward pass) is retried with each of its
@@ -265,6 +277,10 @@ pub struct EngineStats {
     pub(crate) failed_sequences: AtomicUsize,
     /// Sequences dropped because their client stopped reading.
     pub(crate) stalled: AtomicUsize,
+    /// Times a sequence gave its KV blocks back to let older ones go on (paged storage).
+    pub(crate) preemptions: AtomicUsize,
+    /// Sequences waiting, preempted, to read their context again.
+    pub(crate) preempted: AtomicUsize,
     /// Device failures: steps where no sequence could run and the probe failed too.
     pub(crate) device_failures: AtomicUsize,
     /// Device failures since the last successful step.
@@ -307,6 +323,11 @@ pub struct StatsSnapshot {
     pub sequences_failed_total: usize,
     /// Sequences dropped because their client stopped reading.
     pub sequences_stalled_total: usize,
+    /// Preemptions: a sequence gave its KV blocks back to let older ones go on, to read its
+    /// prompt and output again once there is room (paged storage).
+    pub preemptions_total: usize,
+    /// Preempted sequences waiting for room (counted in `active_sequences` too).
+    pub preempted_sequences: usize,
     /// Steps where no sequence could run and a probe on a scratch cache failed too.
     pub device_failures_total: usize,
     /// Device failures since the last successful step.
@@ -329,6 +350,8 @@ impl EngineStats {
             kv_pool_total_blocks: self.pool.as_ref().map_or(0, KvPool::total_blocks),
             sequences_failed_total: self.failed_sequences.load(Ordering::Relaxed),
             sequences_stalled_total: self.stalled.load(Ordering::Relaxed),
+            preemptions_total: self.preemptions.load(Ordering::Relaxed),
+            preempted_sequences: self.preempted.load(Ordering::Relaxed),
             device_failures_total: self.device_failures.load(Ordering::Relaxed),
             consecutive_device_failures: self.consecutive_failures.load(Ordering::Relaxed),
         }
@@ -381,6 +404,11 @@ pub(crate) struct Scheduler {
     pub rx: mpsc::Receiver<Submission>,
     /// The paged pool every cache is taken from, when [`SchedulerConfig::kv_storage`] is paged.
     pub pool: Option<KvPool>,
+    /// The next admission's order number.
+    pub next_order: std::cell::Cell<u64>,
+    /// Preempted sequences (oldest first), holding no blocks, waiting for room to read their
+    /// context again; they go back into the batch before anything new is admitted.
+    pub preempted: std::cell::RefCell<Vec<Sequence>>,
     #[cfg(feature = "fault-injection")]
     pub faults: Arc<Mutex<crate::faults::Faults>>,
 }
@@ -388,10 +416,18 @@ pub(crate) struct Scheduler {
 impl Scheduler {
     /// Updates the shared counters that describe the running batch.
     fn publish(&self, running: &[Sequence]) {
-        self.stats.active.store(running.len(), Ordering::Relaxed);
+        let preempted = self.preempted.borrow().len();
         self.stats
-            .kv_reserved
-            .store(reserved(running), Ordering::Relaxed);
+            .active
+            .store(running.len() + preempted, Ordering::Relaxed);
+        self.stats.preempted.store(preempted, Ordering::Relaxed);
+        let reserved = match &self.pool {
+            Some(pool) => pool.layout().bytes_for(
+                pool.block_size() * running.iter().map(Sequence::blocks_held).sum::<usize>(),
+            ),
+            None => reserved(running),
+        };
+        self.stats.kv_reserved.store(reserved, Ordering::Relaxed);
     }
 
     pub fn run(self) {
@@ -410,7 +446,7 @@ impl Scheduler {
         // Whether anything ran since memory was last handed back.
         let mut worked = false;
         loop {
-            if running.is_empty() && waiting.is_empty() {
+            if running.is_empty() && waiting.is_empty() && self.preempted.borrow().is_empty() {
                 if std::mem::take(&mut worked) {
                     release_freed_memory();
                 }
@@ -509,7 +545,11 @@ impl Scheduler {
         }
         let before = running.len();
         running.retain(|s| !s.is_cancelled());
-        let cancelled = dropped_waiting + before - running.len();
+        let mut preempted = self.preempted.borrow_mut();
+        let before_preempted = preempted.len();
+        preempted.retain(|s| !s.is_cancelled());
+        let cancelled =
+            dropped_waiting + before - running.len() + before_preempted - preempted.len();
         if cancelled > 0 {
             self.stats.cancelled.fetch_add(cancelled, Ordering::Relaxed);
             tracing::debug!(cancelled, "dropped cancelled sequences");
@@ -517,19 +557,38 @@ impl Scheduler {
     }
 
     fn admit(&self, waiting: &mut VecDeque<Submission>, running: &mut Vec<Sequence>) {
-        let n = admission::startable(
-            &self.config,
-            running.len(),
-            reserved(running),
-            waiting.iter().map(|s| &s.reservation),
-        );
+        let n = match &self.pool {
+            None => admission::startable(
+                &self.config,
+                running.len(),
+                reserved(running),
+                waiting.iter().map(|s| &s.reservation),
+            ),
+            Some(pool) => {
+                if !self.resume_preempted(pool, running) {
+                    // First come, first served: nothing new while a preempted one waits.
+                    return;
+                }
+                admission::startable_paged(
+                    &self.config,
+                    running.len(),
+                    pool.available(),
+                    waiting
+                        .iter()
+                        .map(|s| pool.blocks_for(s.request.prompt.len() + 1)),
+                )
+            }
+        };
         let layout = self.model.kv_layout();
         for sub in waiting.drain(..n) {
             let cache = match &self.pool {
-                // Admission keeps the reservations within the pool: this only fails on a bug.
-                Some(pool) => pool.cache(sub.reservation.positions),
+                // Its prompt and first token now; more blocks as it grows. Admission counted
+                // them free: this only fails on a bug.
+                Some(pool) => pool.cache(sub.request.prompt.len() + 1),
                 None => KvCache::new(&layout, sub.reservation.positions, self.model.device()),
             };
+            let order = self.next_order.get();
+            self.next_order.set(order + 1);
             match cache {
                 Ok(cache) => running.push(Sequence::new(SequenceParts {
                     sampler: Sampler::new(sub.request.sampling, &sub.request.prompt),
@@ -541,6 +600,7 @@ impl Scheduler {
                     kv_bytes: sub.reservation.bytes,
                     cache,
                     tx: sub.tx,
+                    order,
                 })),
                 Err(e) => {
                     let _ = sub.tx.try_send(GenerationEvent::Failed(format!(
@@ -555,11 +615,77 @@ impl Scheduler {
         }
     }
 
+    /// Paged storage: puts preempted sequences back into the batch, oldest first, each with
+    /// the blocks to read its whole context again, while the pool has them (and a block of
+    /// headroom per running sequence). `true` when none is left waiting.
+    fn resume_preempted(&self, pool: &KvPool, running: &mut Vec<Sequence>) -> bool {
+        let mut preempted = self.preempted.borrow_mut();
+        while let Some(seq) = preempted.first_mut() {
+            let need = pool.blocks_for(seq.positions_to_resume());
+            if running.len() >= self.config.max_batch_size
+                || pool.available() < need + running.len()
+                || !seq.reserve_to_resume()
+            {
+                break;
+            }
+            running.push(preempted.remove(0));
+        }
+        preempted.is_empty()
+    }
+
+    /// Paged storage: the pool cannot give every planned sequence the blocks its step needs.
+    /// The newest running sequence gives its blocks back and waits to read its context again
+    /// ([`Sequence::preempt`]); `false` when it is the only one (then nothing can make room:
+    /// admission never lets that happen, so it is failed rather than preempted forever).
+    fn preempt_newest(&self, pool: &KvPool, running: &mut Vec<Sequence>) -> bool {
+        let Some(newest) = (0..running.len()).max_by_key(|&i| running[i].order) else {
+            return false;
+        };
+        if running.len() == 1 {
+            let seq = running.swap_remove(newest);
+            self.stats.failed_sequences.fetch_add(1, Ordering::Relaxed);
+            seq.fail("the KV pool cannot hold this sequence");
+            return false;
+        }
+        let mut seq = running.swap_remove(newest);
+        seq.preempt(pool.empty_cache());
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            free_blocks = pool.available(),
+            running = running.len(),
+            "KV pool full: preempted the newest sequence"
+        );
+        let mut preempted = self.preempted.borrow_mut();
+        let at = preempted.partition_point(|s| s.order < seq.order);
+        preempted.insert(at, seq);
+        true
+    }
+
+    /// The step's plan, with (paged) the blocks every planned sequence needs taken, oldest
+    /// first, preempting the newest sequences until they fit.
+    fn plan(&self, running: &mut Vec<Sequence>) -> Vec<Planned> {
+        loop {
+            let progress: Vec<_> = running.iter().map(Sequence::progress).collect();
+            let plan = plan_step(&progress, &self.config);
+            let Some(pool) = &self.pool else {
+                return plan;
+            };
+            let mut by_age: Vec<&Planned> = plan.iter().collect();
+            by_age.sort_by_key(|p| running[p.seq].order);
+            if by_age.into_iter().all(|p| running[p.seq].grow_for(p.work)) {
+                return plan;
+            }
+            if !self.preempt_newest(pool, running) {
+                return Vec::new();
+            }
+            self.publish(running);
+        }
+    }
+
     /// One step: plan, execute, update from the output. `false` when nothing could be planned
     /// (every running sequence waits for its client).
     fn step(&self, running: &mut Vec<Sequence>) -> bool {
-        let progress: Vec<_> = running.iter().map(Sequence::progress).collect();
-        let plan = plan_step(&progress, &self.config);
+        let plan = self.plan(running);
         if plan.is_empty() {
             return false;
         }
