@@ -491,6 +491,99 @@ impl QLinear {
     }
 }
 
+/// Weight matrices applied to the same input (a layer's q, k and v; its gate and up), as one
+/// matrix when the format allows: their rows stacked, so a step reads the input once and runs
+/// one matmul (one kernel launch on a GPU, one thread-pool dispatch on the CPU) instead of one
+/// per matrix. Matrices of different formats or widths stay separate.
+pub struct FusedLinear {
+    parts: FusedParts,
+}
+
+enum FusedParts {
+    /// One matrix; the output columns of each part, in order.
+    Stacked {
+        linear: QLinear,
+        rows: Vec<usize>,
+    },
+    Separate(Vec<QLinear>),
+}
+
+impl FusedLinear {
+    /// Stacks `ts` (read on the CPU: the stacked bytes go to `device` once) when they share a
+    /// format and a width, else keeps them apart, each on `device`.
+    pub fn new(ts: Vec<QTensor>, device: &candle_core::Device, kernels: Kernels) -> Result<Self> {
+        let same = ts.windows(2).all(|w| {
+            w[0].dtype() == w[1].dtype()
+                && w[0].shape().dims().len() == 2
+                && w[0].shape().dims()[1..] == w[1].shape().dims()[1..]
+        });
+        if ts.len() < 2 || !same || ts[0].shape().dims().len() != 2 {
+            let parts = ts
+                .into_iter()
+                .map(|t| QLinear::new(to_device(t, device)?, kernels))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Self {
+                parts: FusedParts::Separate(parts),
+            });
+        }
+        let dtype = ts[0].dtype();
+        let k = ts[0].shape().dims()[1];
+        let rows: Vec<usize> = ts.iter().map(|t| t.shape().dims()[0]).collect();
+        let mut bytes = Vec::new();
+        for t in &ts {
+            bytes.extend_from_slice(&t.data()?);
+        }
+        drop(ts);
+        let n: usize = rows.iter().sum();
+        let storage = candle_core::quantized::QStorage::from_data(
+            std::borrow::Cow::Owned(bytes),
+            device,
+            dtype,
+        )?;
+        let stacked = QTensor::new(storage, (n, k))?;
+        Ok(Self {
+            parts: FusedParts::Stacked {
+                linear: QLinear::new(stacked, kernels)?,
+                rows,
+            },
+        })
+    }
+
+    /// Whether the matrices run as one.
+    pub fn is_stacked(&self) -> bool {
+        matches!(self.parts, FusedParts::Stacked { .. })
+    }
+
+    /// `xs @ W_i^T` for each matrix, in the order given to [`FusedLinear::new`].
+    pub fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.parts {
+            FusedParts::Separate(parts) => parts.iter().map(|p| p.forward(xs)).collect(),
+            FusedParts::Stacked { linear, rows } => {
+                let y = linear.forward(xs)?;
+                let last = y.rank() - 1;
+                let mut at = 0;
+                rows.iter()
+                    .map(|&n| {
+                        let part = y.narrow(last, at, n);
+                        at += n;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// `t` on `device` (a copy of its blocks when it is elsewhere).
+fn to_device(t: QTensor, device: &candle_core::Device) -> Result<QTensor> {
+    if t.device().same_device(device) {
+        return Ok(t);
+    }
+    let shape = t.shape().clone();
+    let storage = candle_core::quantized::QStorage::from_data(t.data()?, device, t.dtype())?;
+    QTensor::new(storage, shape)
+}
+
 /// A weight matrix read in place from candle's CPU tensor of `B` blocks (rows of `k / block`
 /// blocks, one after the other): no copy of the weights, and the tensor may stay shared with
 /// others (tied embeddings). Each format's file gives it a `from_qtensor` and a `CpuMatrix`

@@ -11,7 +11,7 @@
 use super::attention::{attention, causal_mask, PagedStep};
 use super::{optional_tensor, required_tensor, CausalLm, ModelConfig, Segment};
 use crate::error::{EngineError, Result};
-use crate::kernels::{Kernels, QLinear};
+use crate::kernels::{FusedLinear, Kernels, QLinear};
 use crate::kv_cache::KvLayout;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -20,13 +20,12 @@ use std::sync::Arc;
 
 struct Layer {
     attn_norm: Tensor,
-    wq: QLinear,
-    wk: QLinear,
-    wv: QLinear,
+    /// q, k and v: one matmul when their formats match.
+    qkv: FusedLinear,
     wo: QLinear,
     ffn_norm: Tensor,
-    w_gate: QLinear,
-    w_up: QLinear,
+    /// gate and up: one matmul when their formats match.
+    gate_up: FusedLinear,
     w_down: QLinear,
 }
 
@@ -74,31 +73,41 @@ impl LlamaModel {
                 "mixture-of-experts llama models are not supported yet".into(),
             ));
         }
-        let mut tensor = |name: &str| required_tensor(ct, file, name, device);
-        let embeddings = Arc::new(tensor("token_embd.weight")?);
-        let norm = tensor("output_norm.weight")?.dequantize(device)?;
+        let embeddings = Arc::new(required_tensor(ct, file, "token_embd.weight", device)?);
+        let norm = required_tensor(ct, file, "output_norm.weight", device)?.dequantize(device)?;
         let mut layers = Vec::with_capacity(cfg.block_count);
         for i in 0..cfg.block_count {
             let p = format!("blk.{i}");
             let mut qm = |n: &str| -> Result<QLinear> {
-                Ok(QLinear::new(tensor(&format!("{p}.{n}.weight"))?, kernels)?)
+                let t = required_tensor(ct, file, &format!("{p}.{n}.weight"), device)?;
+                Ok(QLinear::new(t, kernels)?)
             };
-            let wq = qm("attn_q")?;
-            let wk = qm("attn_k")?;
-            let wv = qm("attn_v")?;
             let wo = qm("attn_output")?;
-            let w_gate = qm("ffn_gate")?;
-            let w_up = qm("ffn_up")?;
             let w_down = qm("ffn_down")?;
+            // Matrices applied to the same input are read on the host and stacked there, so
+            // the device gets each stacked matrix once.
+            let mut fused = |names: &[&str]| -> Result<FusedLinear> {
+                let ts = names
+                    .iter()
+                    .map(|n| required_tensor(ct, file, &format!("{p}.{n}.weight"), &Device::Cpu))
+                    .collect::<Result<Vec<_>>>()?;
+                FusedLinear::new(ts, device, kernels)
+                    .map_err(|e| EngineError::Load(format!("{p}: stacking {names:?}: {e}")))
+            };
+            let qkv = fused(&["attn_q", "attn_k", "attn_v"])?;
+            let gate_up = fused(&["ffn_gate", "ffn_up"])?;
+            let mut norm = |n: &str| -> Result<Tensor> {
+                Ok(
+                    required_tensor(ct, file, &format!("{p}.{n}.weight"), device)?
+                        .dequantize(device)?,
+                )
+            };
             layers.push(Layer {
-                attn_norm: tensor(&format!("{p}.attn_norm.weight"))?.dequantize(device)?,
-                ffn_norm: tensor(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?,
-                wq,
-                wk,
-                wv,
+                attn_norm: norm("attn_norm")?,
+                ffn_norm: norm("ffn_norm")?,
+                qkv,
                 wo,
-                w_gate,
-                w_up,
+                gate_up,
                 w_down,
             });
         }
@@ -135,9 +144,15 @@ impl LlamaModel {
     /// The feed-forward half of a layer, residual included.
     fn mlp(&self, layer: &Layer, x1: &Tensor) -> candle_core::Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x1, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-        let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-        let up = layer.w_up.forward(&h)?;
-        layer.w_down.forward(&(gate * up)?)? + x1
+        let [gate, up]: [Tensor; 2] = layer
+            .gate_up
+            .forward(&h)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("gate, up: two outputs".into()))?;
+        layer
+            .w_down
+            .forward(&(candle_nn::ops::silu(&gate)? * up)?)?
+            + x1
     }
 }
 
@@ -225,9 +240,11 @@ impl CausalLm for LlamaModel {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps as f32)?;
-            let q = layer.wq.forward(&h)?;
-            let k = layer.wk.forward(&h)?;
-            let v = layer.wv.forward(&h)?;
+            let [q, k, v]: [Tensor; 3] = layer
+                .qkv
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("q, k, v: three outputs".into()))?;
             // (total, heads * hd) -> (1, heads, total, hd) for RoPE.
             let q = q
                 .reshape((1, total, n_head, hd))?
