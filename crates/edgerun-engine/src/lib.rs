@@ -38,7 +38,8 @@
 //!     execute: one CausalLm::forward over every planned segment; the token masks of the
 //!       constrained sequences about to sample are computed on a side thread meanwhile
 //!     update_from_output: sample per sequence (its format's mask applied first; with its
-//!       log-probabilities, when asked for); Sequence::accept feeds the grammar, detokenizes,
+//!       log-probabilities, when asked for; paged: a plain greedy sequence's token is picked
+//!       on the device and only its id is copied back); Sequence::accept feeds the grammar, detokenizes,
 //!       applies its stop rules (end of turn, a complete format, stop strings, max_tokens,
 //!       context), emits GenerationEvents; finished sequences leave the batch
 //!   TokenStream ◀── PromptProcessed / Token { text, logprobs } / Finished { usage, StopReason } / Failed
@@ -372,6 +373,7 @@ impl Engine {
             pool,
             next_order: std::cell::Cell::new(0),
             preempted: std::cell::RefCell::default(),
+            argmax_weights: std::cell::OnceCell::new(),
             model: model.clone(),
             tokenizer: tokenizer.clone(),
             stop_ids: stop_ids.clone(),

@@ -2,6 +2,7 @@
 //! reported with a chosen token ([`step_logprobs`]).
 
 use crate::request::{Logprobs, SamplingConfig};
+use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -43,6 +44,16 @@ impl Sampler {
     /// What to report with each chosen token.
     pub fn logprobs(&self) -> Logprobs {
         self.params.logprobs
+    }
+
+    /// Whether sampling is the argmax of the raw logits (greedy, no penalty, no
+    /// log-probabilities): then [`device_argmax`] may pick the token where the logits are.
+    pub fn is_plain_argmax(&self) -> bool {
+        self.params.is_greedy()
+            && !self.params.has_repetition_penalty()
+            && self.params.frequency_penalty == 0.0
+            && self.params.presence_penalty == 0.0
+            && self.params.logprobs == Logprobs::Off
     }
 
     /// Records a token that was generated (the penalties look at it from then on).
@@ -229,6 +240,28 @@ pub fn step_logprobs(logits: &[f32], chosen: u32, top: usize) -> StepLogprobs {
     }
 }
 
+/// [`argmax`] of each row of `logits` (`(rows, vocab)`), computed where the logits are so
+/// only the ids cross to the host (a GPU's step copies 4 bytes per sequence, not the
+/// vocabulary). Ties go to the lowest index, as in [`argmax`]: among the positions equal to
+/// the row's maximum, the one with the largest `lowest_first[i] = vocab - i` wins, which is
+/// unique. `lowest_first` is [`argmax_weights`] for the vocabulary, built once.
+pub fn device_argmax(logits: &Tensor, lowest_first: &Tensor) -> candle_core::Result<Vec<u32>> {
+    let max = logits.max_keepdim(1)?;
+    let at_max = logits.broadcast_eq(&max)?.to_dtype(DType::F32)?;
+    at_max
+        .broadcast_mul(lowest_first)?
+        .argmax(1)?
+        .to_vec1::<u32>()
+}
+
+/// `(1, vocab)`: `vocab - i` at position `i` (exact in f32 for any vocabulary under 2^24).
+pub fn argmax_weights(vocab: usize, device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::arange(0u32, vocab as u32, device)?
+        .to_dtype(DType::F32)?
+        .affine(-1.0, vocab as f64)?
+        .reshape((1, vocab))
+}
+
 /// Index of the largest logit; ties go to the lowest index.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -243,6 +276,34 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The device argmax is the host's, ties and all.
+    #[test]
+    fn device_argmax_is_argmax_with_ties_to_the_lowest_index() {
+        let vocab = 1000;
+        let mut rows: Vec<Vec<f32>> = (0..6)
+            .map(|r| {
+                (0..vocab)
+                    .map(|i| ((i * 37 + r * 11) % 101) as f32 * 0.25 - 7.0)
+                    .collect()
+            })
+            .collect();
+        // Planted ties at the maximum, and a row of one value.
+        rows[1][10] = 100.0;
+        rows[1][900] = 100.0;
+        rows[2][999] = 50.0;
+        rows[3].iter_mut().for_each(|x| *x = -3.0);
+        rows[4][0] = f32::INFINITY;
+        rows[4][5] = f32::INFINITY;
+        rows[5][500] = f32::NEG_INFINITY;
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let t = Tensor::from_vec(flat, (rows.len(), vocab), &Device::Cpu).unwrap();
+        let w = argmax_weights(vocab, &Device::Cpu).unwrap();
+        let got = device_argmax(&t, &w).unwrap();
+        let want: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
+        assert_eq!(got, want);
+        assert_eq!(&want[1..4], &[10, 999, 0]);
+    }
 
     fn params(temperature: f32) -> SamplingConfig {
         SamplingConfig {

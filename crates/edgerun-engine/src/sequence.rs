@@ -228,6 +228,13 @@ impl Sequence {
         self.phase = Phase::Prefill { done: 0 };
     }
 
+    /// Whether its next token is the plain argmax of the logits (greedy, no penalty, no
+    /// log-probabilities, no output format): then the step may pick it on the device
+    /// ([`crate::sampling::device_argmax`]) and hand it to [`Sequence::accept`] directly.
+    pub fn argmax_suffices(&self) -> bool {
+        matches!(self.constraint, Constraint::Free) && self.sampler.is_plain_argmax()
+    }
+
     /// Chooses the next token from the model's logits, among those its output format allows,
     /// noting its log-probabilities when they are to be reported (from the logits as the model
     /// gave them, before the format's mask and any penalty). Fails when the format's mask

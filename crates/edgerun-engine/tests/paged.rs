@@ -423,3 +423,34 @@ fn a_full_pool_preempts_the_newest_and_recomputes_it() {
     let (_, _) = common::collect(submit(&engine, "Hi", 2, SamplingConfig::GREEDY));
     assert!(engine.stats().prompt_tokens_total > prompt_total);
 }
+
+/// On the device-first path a plain greedy sequence's token is picked where the logits are
+/// (only its id crosses to the host); it is the token the host's argmax picks from the same
+/// logits (a sequence asking for log-probabilities takes the host path).
+#[test]
+fn argmax_on_the_device_picks_what_the_host_picks() {
+    let engine = common::engine(paged(64));
+    for prompt in PROMPTS {
+        let on_device = common::collect(submit(&engine, prompt, 30, SamplingConfig::GREEDY));
+        let on_host = common::collect(submit(&engine, prompt, 30, greedy_with_margins()));
+        assert!(!on_device.0.is_empty());
+        assert_eq!(on_device, on_host, "{prompt}");
+    }
+    // Both paths in one step.
+    let streams: Vec<_> = PROMPTS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let sampling = if i % 2 == 0 {
+                SamplingConfig::GREEDY
+            } else {
+                greedy_with_margins()
+            };
+            submit(&engine, p, 30, sampling)
+        })
+        .collect();
+    for (s, p) in streams.into_iter().zip(PROMPTS) {
+        let (text, n) = common::collect(s);
+        assert!(!text.is_empty() && n > 0, "{p}");
+    }
+}

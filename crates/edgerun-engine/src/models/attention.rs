@@ -60,21 +60,20 @@ fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Additive causal mask for `t` new tokens after `start` cached ones: `(t, start + t)`.
+/// Additive causal mask for `t` new tokens after `start` cached ones: `(t, start + t)`, 0
+/// where a token may look and -inf where it may not. Built on `device` from two position
+/// vectors (`t + start + t` values cross to it, not the `t * (start + t)` mask).
 pub(crate) fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Tensor> {
     let kv_len = start + t;
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..kv_len).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(data, (t, kv_len), device)
+    // Positions are exact in f32 up to 2^24, past any context window.
+    let query = Tensor::arange(start as f32, kv_len as f32, device)?.reshape((t, 1))?;
+    let key = Tensor::arange(0f32, kv_len as f32, device)?.reshape((1, kv_len))?;
+    let hidden = key.broadcast_gt(&query)?;
+    let shape = (t, kv_len);
+    hidden.where_cond(
+        &Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as(shape)?,
+        &Tensor::new(0f32, device)?.broadcast_as(shape)?,
+    )
 }
 
 /// The indices one step over a paged pool needs, built once and used by every layer.
@@ -264,5 +263,30 @@ impl PagedStep {
             Some(order) => y.index_select(order, 0),
             None => Ok(y),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_masks_hide_exactly_the_later_positions() -> Result<()> {
+        for (t, start) in [(1, 0), (1, 5), (3, 0), (4, 7), (17, 33)] {
+            let mask = causal_mask(t, start, &Device::Cpu)?.to_vec2::<f32>()?;
+            assert_eq!(mask.len(), t);
+            for (i, row) in mask.iter().enumerate() {
+                assert_eq!(row.len(), start + t);
+                for (j, &m) in row.iter().enumerate() {
+                    let expected = if j > start + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(m, expected, "t {t}, start {start}, row {i}, column {j}");
+                }
+            }
+        }
+        Ok(())
     }
 }

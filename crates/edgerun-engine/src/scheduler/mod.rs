@@ -386,6 +386,13 @@ pub(crate) fn token_channel() -> (Sender<GenerationEvent>, TokenStream) {
     (tx, TokenStream { rx })
 }
 
+/// What a step gives one sampling sequence: its logits, or (when its sampling is the plain
+/// argmax and the step ran on the device path) the token already chosen there.
+pub(crate) enum Row {
+    Logits(Vec<f32>),
+    Token(u32),
+}
+
 /// How a sequence leaves the running batch.
 enum Outcome {
     Finished(StopReason),
@@ -409,6 +416,8 @@ pub(crate) struct Scheduler {
     /// Preempted sequences (oldest first), holding no blocks, waiting for room to read their
     /// context again; they go back into the batch before anything new is admitted.
     pub preempted: std::cell::RefCell<Vec<Sequence>>,
+    /// [`crate::sampling::argmax_weights`] for the vocabulary, on the device, once needed.
+    pub argmax_weights: std::cell::OnceCell<candle_core::Tensor>,
     #[cfg(feature = "fault-injection")]
     pub faults: Arc<Mutex<crate::faults::Faults>>,
 }
@@ -762,7 +771,7 @@ impl Scheduler {
             tokens: &tokens,
             cache: &mut cache,
         }];
-        self.forward(&mut segments, &[0]).map(|_| ())
+        self.forward(&mut segments, &[0], &[false]).map(|_| ())
     }
 
     /// Runs the model over the planned segments; returns the logits of the sampling entries,
@@ -771,12 +780,19 @@ impl Scheduler {
         &self,
         running: &mut [Sequence],
         plan: &[Planned],
-    ) -> std::result::Result<Vec<Vec<f32>>, String> {
+    ) -> std::result::Result<Vec<Row>, String> {
         let want: Vec<usize> = plan
             .iter()
             .enumerate()
             .filter(|(_, p)| p.samples)
             .map(|(k, _)| k)
+            .collect();
+        // The device-first path (paged storage) picks plain-argmax tokens where the logits
+        // are; the CPU's copies every row (a copy costs nothing there).
+        let on_device: Vec<bool> = plan
+            .iter()
+            .filter(|p| p.samples)
+            .map(|p| self.pool.is_some() && running[p.seq].argmax_suffices())
             .collect();
         // The plan is in sequence order with each sequence at most once, so the segments can
         // borrow the sequences one after the other.
@@ -796,7 +812,7 @@ impl Scheduler {
             offset = p.seq + 1;
         }
         if grammars.is_empty() {
-            return self.forward(&mut segments, &want);
+            return self.forward(&mut segments, &want, &on_device);
         }
         // The masks of the tokens about to be sampled depend only on what each grammar has
         // consumed: compute them beside the forward pass, not after it.
@@ -808,7 +824,7 @@ impl Scheduler {
                         grammar.prepare_mask();
                     }
                 });
-            let logits = self.forward(&mut segments, &want);
+            let logits = self.forward(&mut segments, &want, &on_device);
             match masks {
                 // `prepare_mask` catches panics; a mask still missing is computed when sampled.
                 Ok(handle) => drop(handle.join()),
@@ -826,7 +842,8 @@ impl Scheduler {
         &self,
         segments: &mut [crate::models::Segment<'_>],
         want: &[usize],
-    ) -> std::result::Result<Vec<Vec<f32>>, String> {
+        on_device: &[bool],
+    ) -> std::result::Result<Vec<Row>, String> {
         let lens: Vec<usize> = segments.iter().map(|s| s.cache.len()).collect();
         let result = catch_unwind(AssertUnwindSafe(|| {
             #[cfg(feature = "fault-injection")]
@@ -838,7 +855,7 @@ impl Scheduler {
         }));
         let logits = match result {
             Ok(Ok(logits)) => logits
-                .map(|t| t.to_vec2::<f32>())
+                .map(|t| self.rows(&t, on_device))
                 .transpose()
                 .map_err(|e| e.to_string()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -858,13 +875,58 @@ impl Scheduler {
         }
     }
 
+    /// The step's logits as rows for the host: the tokens of the `on_device` rows picked where
+    /// the logits are ([`crate::sampling::device_argmax`]), the others copied whole.
+    fn rows(
+        &self,
+        logits: &candle_core::Tensor,
+        on_device: &[bool],
+    ) -> candle_core::Result<Vec<Row>> {
+        if !on_device.contains(&true) {
+            return Ok(logits
+                .to_vec2::<f32>()?
+                .into_iter()
+                .map(Row::Logits)
+                .collect());
+        }
+        let device = logits.device();
+        let pick = |want: bool| -> candle_core::Result<candle_core::Tensor> {
+            let idx: Vec<u32> = (0..on_device.len() as u32)
+                .filter(|&i| on_device[i as usize] == want)
+                .collect();
+            let n = idx.len();
+            logits.index_select(&candle_core::Tensor::from_vec(idx, n, device)?, 0)
+        };
+        let weights = match self.argmax_weights.get() {
+            Some(w) => w,
+            None => {
+                let w = crate::sampling::argmax_weights(logits.dim(1)?, device)?;
+                self.argmax_weights.get_or_init(|| w)
+            }
+        };
+        let mut tokens = crate::sampling::device_argmax(&pick(true)?, weights)?.into_iter();
+        let mut full = if on_device.contains(&false) {
+            pick(false)?.to_vec2::<f32>()?
+        } else {
+            Vec::new()
+        }
+        .into_iter();
+        Ok(on_device
+            .iter()
+            .map(|&d| match d {
+                true => Row::Token(tokens.next().expect("one token per device row")),
+                false => Row::Logits(full.next().expect("one row per host row")),
+            })
+            .collect())
+    }
+
     /// Advances prefills, samples a token for every sampling entry and notes the sequences that
     /// stop in `outcomes` (`retire` removes them).
     fn update_from_output(
         &self,
         running: &mut [Sequence],
         plan: &[Planned],
-        logits: Vec<Vec<f32>>,
+        logits: Vec<Row>,
         outcomes: &mut Vec<(usize, Outcome)>,
     ) {
         for p in plan {
@@ -876,9 +938,13 @@ impl Scheduler {
             }
         }
         let sampling = plan.iter().filter(|p| p.samples);
-        for (p, mut row) in sampling.zip(logits) {
+        for (p, row) in sampling.zip(logits) {
             let seq = &mut running[p.seq];
-            let accepted = seq.sample(&mut row).and_then(|token| {
+            let sampled = match row {
+                Row::Logits(mut logits) => seq.sample(&mut logits),
+                Row::Token(token) => Ok(token),
+            };
+            let accepted = sampled.and_then(|token| {
                 self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
                 seq.accept(token, &self.tokenizer)
             });
