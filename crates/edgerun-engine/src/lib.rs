@@ -119,7 +119,9 @@ pub use request::{
     ChatMessage, GenerationRequest, LogprobEntry, Logprobs, PromptInput, QueuePolicy,
     SamplingConfig, StopCriteria, TokenLogprob, Usage,
 };
-pub use sampling::{argmax, step_logprobs, Sampler, StepLogprobs, MIN_LOGPROB};
+pub use sampling::{
+    argmax, argmax_weights, device_argmax, step_logprobs, Sampler, StepLogprobs, MIN_LOGPROB,
+};
 pub use scheduler::admission::KvReservation;
 pub use scheduler::plan::{plan_step, Planned, SeqProgress, Work};
 pub use scheduler::{
