@@ -46,6 +46,11 @@ impl Sampler {
         self.params.logprobs
     }
 
+    /// Whether sampling is greedy (after penalties, the argmax).
+    pub fn is_greedy(&self) -> bool {
+        self.params.is_greedy()
+    }
+
     /// Whether sampling is the argmax of the raw logits (greedy, no penalty, no
     /// log-probabilities): then [`device_argmax`] may pick the token where the logits are.
     pub fn is_plain_argmax(&self) -> bool {

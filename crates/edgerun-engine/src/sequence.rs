@@ -235,6 +235,11 @@ impl Sequence {
         matches!(self.constraint, Constraint::Free) && self.sampler.is_plain_argmax()
     }
 
+    /// Whether its sampling draws at random (temperature above 0): the costly kind.
+    pub fn samples_at_random(&self) -> bool {
+        !self.sampler.is_greedy()
+    }
+
     /// Chooses the next token from the model's logits, among those its output format allows,
     /// noting its log-probabilities when they are to be reported (from the logits as the model
     /// gave them, before the format's mask and any penalty). Fails when the format's mask

@@ -230,3 +230,37 @@ fn kv_cache_budget_queues_what_does_not_fit_and_refuses_what_never_will() {
         Ok(_) => panic!("a request over the KV budget was accepted"),
     }
 }
+
+/// Sixteen sequences sampling at random in one step are sampled on several threads (see
+/// `PARALLEL_SAMPLING_ROWS`); each still gets exactly what it gets alone.
+#[test]
+fn a_full_batch_of_seeded_samplers_matches_each_alone() {
+    let engine = common::engine(config());
+    let jobs: Vec<(&str, Params)> = (0..16)
+        .map(|i| {
+            (
+                PROMPTS[i % PROMPTS.len()],
+                Params {
+                    max_tokens: 12,
+                    sampling: SamplingConfig {
+                        temperature: 0.8,
+                        top_p: 0.9,
+                        seed: 500 + i as u64,
+                        ..SamplingConfig::default()
+                    },
+                },
+            )
+        })
+        .collect();
+    let solo: Vec<_> = jobs
+        .iter()
+        .map(|(p, params)| common::collect(submit(&engine, p, *params)))
+        .collect();
+    let streams: Vec<_> = jobs
+        .iter()
+        .map(|(p, params)| submit(&engine, p, *params))
+        .collect();
+    let together: Vec<_> = streams.into_iter().map(common::collect).collect();
+    assert_eq!(engine.stats().peak_batch_size, 16, "never one step of 16");
+    assert_eq!(solo, together);
+}
