@@ -141,6 +141,18 @@ impl Node {
         self.post(body).send().await.unwrap().json().await.unwrap()
     }
 
+    /// The node's `/metrics` page (Prometheus text).
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn health(&self) -> serde_json::Value {
         self.client
             .get(self.url("/health"))

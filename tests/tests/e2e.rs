@@ -628,15 +628,7 @@ async fn a_paged_pool_serves_concurrent_streams_and_gets_its_blocks_back() {
         assert!(Instant::now() < deadline, "blocks not given back: {h}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let text = node
-        .client
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = node.metrics().await;
     assert!(
         text.lines()
             .any(|l| l == format!("edgerun_kv_pool_blocks {total}")),

@@ -232,15 +232,7 @@ async fn every_schema_is_met_on_the_real_model() {
         assert_eq!(v["result"]["tool_calls"], json!([]));
     }
     // They ran batched.
-    let metrics = node
-        .client
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     let peak: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("edgerun_peak_batch_size "))

@@ -87,6 +87,22 @@ impl KvLayout {
     }
 }
 
+/// Per layer of `layout`, zeroed keys and values of `shape`, in its dtype.
+fn zeroed_layers(
+    layout: &KvLayout,
+    shape: impl Into<candle_core::Shape> + Copy,
+    device: &Device,
+) -> Result<Vec<(Tensor, Tensor)>> {
+    (0..layout.layers)
+        .map(|_| {
+            Ok((
+                Tensor::zeros(shape, layout.dtype, device)?,
+                Tensor::zeros(shape, layout.dtype, device)?,
+            ))
+        })
+        .collect()
+}
+
 /// The free list of a [`KvPool`]: which blocks are taken. All-or-nothing allocation, so a
 /// sequence never holds part of what it asked for.
 #[derive(Debug)]
@@ -176,15 +192,7 @@ impl KvPool {
         if blocks == 0 || block_size == 0 || blocks > u32::MAX as usize / block_size {
             candle_core::bail!("a KV pool of {blocks} blocks of {block_size} positions");
         }
-        let shape = (blocks * block_size, layout.row_width());
-        let layers = (0..layout.layers)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(shape, layout.dtype, device)?,
-                    Tensor::zeros(shape, layout.dtype, device)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = zeroed_layers(layout, (blocks * block_size, layout.row_width()), device)?;
         Ok(Self {
             layout: *layout,
             block_size,
@@ -293,14 +301,7 @@ impl Drop for KvCache {
 impl KvCache {
     pub fn new(layout: &KvLayout, capacity: usize, device: &Device) -> Result<Self> {
         let shape = (layout.kv_heads, capacity, layout.head_dim);
-        let layers = (0..layout.layers)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(shape, layout.dtype, device)?,
-                    Tensor::zeros(shape, layout.dtype, device)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = zeroed_layers(layout, shape, device)?;
         Ok(Self {
             storage: Storage::Contiguous(layers),
             len: 0,
