@@ -415,6 +415,15 @@ impl KvCache {
 mod tests {
     use super::*;
 
+    fn layout(layers: usize, kv_heads: usize, head_dim: usize, dtype: DType) -> KvLayout {
+        KvLayout {
+            layers,
+            kv_heads,
+            head_dim,
+            dtype,
+        }
+    }
+
     #[test]
     fn allocator_is_all_or_nothing_and_reuses_released_blocks() {
         let mut a = BlockAllocator::new(8);
@@ -451,12 +460,7 @@ mod tests {
     /// back when dropped.
     #[test]
     fn paged_caches_map_positions_and_free_their_blocks() -> Result<()> {
-        let layout = KvLayout {
-            layers: 1,
-            kv_heads: 1,
-            head_dim: 2,
-            dtype: DType::F32,
-        };
+        let layout = layout(1, 1, 2, DType::F32);
         assert_eq!(
             KvPool::blocks_in(&layout, 4, layout.bytes_for(4) * 5 + 7),
             5
@@ -493,12 +497,7 @@ mod tests {
 
     #[test]
     fn paged_caches_grow_block_by_block_all_or_nothing() -> Result<()> {
-        let layout = KvLayout {
-            layers: 1,
-            kv_heads: 1,
-            head_dim: 2,
-            dtype: DType::F32,
-        };
+        let layout = layout(1, 1, 2, DType::F32);
         let pool = KvPool::new(&layout, 3, 4, &Device::Cpu)?;
         let mut a = pool.empty_cache();
         assert_eq!((a.capacity(), a.blocks_held()), (0, 0));
@@ -525,12 +524,7 @@ mod tests {
             Ok(KvStorage::Paged { block_size: 16 })
         );
         assert!("pages".parse::<KvStorage>().is_err());
-        let layout = KvLayout {
-            layers: 1,
-            kv_heads: 1,
-            head_dim: 1,
-            dtype: DType::F32,
-        };
+        let layout = layout(1, 1, 1, DType::F32);
         assert_eq!(layout.bytes_in(KvStorage::Contiguous, 17), 2 * 17 * 4);
         assert_eq!(
             layout.bytes_in(KvStorage::Paged { block_size: 16 }, 17),
@@ -542,12 +536,7 @@ mod tests {
     /// views of everything written so far.
     #[test]
     fn f16_cache_stores_converted_history() -> Result<()> {
-        let layout = KvLayout {
-            layers: 2,
-            kv_heads: 2,
-            head_dim: 4,
-            dtype: DType::F16,
-        };
+        let layout = layout(2, 2, 4, DType::F16);
         assert_eq!(layout.bytes_per_position(), 2 * 2 * 2 * 4 * 2);
         let mut cache = KvCache::new(&layout, 8, &Device::Cpu)?;
         let k = Tensor::arange(0f32, 24., &Device::Cpu)?.reshape((2, 3, 4))?;

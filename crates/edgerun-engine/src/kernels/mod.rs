@@ -841,11 +841,7 @@ pub(crate) mod test_util {
     {
         use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
         use candle_core::quantized::GgmlDType;
-        use candle_core::{Device, Tensor};
-        let quantize = |n: usize, k: usize, seed: u64, dtype: GgmlDType| {
-            let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
-            Arc::new(QTensor::quantize(&t, dtype).unwrap())
-        };
+        let quantize = |n, k, seed, dtype| Arc::new(quantized(n, k, seed, dtype));
         for (si, (n, k)) in [(1024, 256), (300, 1024), (7, 3584)]
             .into_iter()
             .enumerate()
@@ -916,11 +912,7 @@ pub(crate) mod test_util {
     {
         use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
         use candle_core::quantized::GgmlDType;
-        use candle_core::{Device, Tensor};
-        let quantize = |n: usize, k: usize, seed: u64, dtype: GgmlDType| {
-            let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
-            QTensor::quantize(&t, dtype).unwrap()
-        };
+        let quantize = quantized;
         for (si, (n, k)) in [(64, 256), (48, 1024), (16, 3584)].into_iter().enumerate() {
             let qt = quantize(n, k, 70 + si as u64, dtype);
             let w = ours(&qt).expect("tiled");
@@ -970,6 +962,18 @@ pub(crate) mod test_util {
                 );
             }
         }
+    }
+
+    /// An `(n, k)` matrix of [`lcg`] values quantized to `dtype` by candle.
+    pub fn quantized(
+        n: usize,
+        k: usize,
+        seed: u64,
+        dtype: candle_core::quantized::GgmlDType,
+    ) -> QTensor {
+        let t = candle_core::Tensor::from_vec(lcg(seed, n * k), (n, k), &candle_core::Device::Cpu)
+            .unwrap();
+        QTensor::quantize(&t, dtype).unwrap()
     }
 
     /// Deterministic uniform values in [-1, 1).
