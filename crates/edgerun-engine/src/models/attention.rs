@@ -76,6 +76,23 @@ pub(crate) fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Ten
     )
 }
 
+/// Additive mask over histories padded to `longest`: `(lens.len(), 1, 1, longest)`, 0 at the
+/// first `lens[i]` positions of row `i` and -inf after. Built on `device` from the lengths
+/// (`b + longest` values cross to it, not the `b * longest` mask).
+fn padding_mask(lens: &[f32], longest: usize, device: &Device) -> Result<Tensor> {
+    let b = lens.len();
+    let lens = Tensor::from_slice(lens, (b, 1), device)?;
+    let positions = Tensor::arange(0f32, longest as f32, device)?.reshape((1, longest))?;
+    let shape = (b, longest);
+    positions
+        .broadcast_ge(&lens)?
+        .where_cond(
+            &Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as(shape)?,
+            &Tensor::new(0f32, device)?.broadcast_as(shape)?,
+        )?
+        .reshape((b, 1, 1, longest))
+}
+
 /// The indices one step over a paged pool needs, built once and used by every layer.
 pub(crate) struct PagedStep {
     pool: KvPool,
@@ -132,7 +149,7 @@ impl PagedStep {
             let longest = decoding.iter().map(|&i| bounds[i].2 + 1).max().unwrap_or(1);
             let mut rows = Vec::with_capacity(b);
             let mut gather = Vec::with_capacity(b * longest);
-            let mut mask = Vec::with_capacity(b * longest);
+            let mut lens = Vec::with_capacity(b);
             for &i in &decoding {
                 let (off, _, start) = bounds[i];
                 let len = start + 1;
@@ -142,13 +159,12 @@ impl PagedStep {
                 // Padding reads the sequence's first row (any valid row will do: it is masked).
                 let pad = gather[first];
                 gather.extend(std::iter::repeat_n(pad, longest - len));
-                mask.extend(std::iter::repeat_n(0f32, len));
-                mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, longest - len));
+                lens.push(len as f32);
             }
             Some(DecodeBatch {
                 rows: Tensor::from_vec(rows, b, device)?,
                 gather: Tensor::from_vec(gather, b * longest, device)?,
-                mask: Tensor::from_vec(mask, (b, 1, 1, longest), device)?,
+                mask: padding_mask(&lens, longest, device)?,
                 b,
                 longest,
             })
@@ -269,6 +285,18 @@ impl PagedStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padding_masks_hide_exactly_the_padding() -> Result<()> {
+        let mask = padding_mask(&[1.0, 3.0, 4.0], 4, &Device::Cpu)?;
+        assert_eq!(mask.dims(), &[3, 1, 1, 4]);
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            mask.flatten_all()?.to_vec1::<f32>()?,
+            [[0.0, inf, inf, inf], [0.0, 0.0, 0.0, inf], [0.0; 4]].concat()
+        );
+        Ok(())
+    }
 
     #[test]
     fn causal_masks_hide_exactly_the_later_positions() -> Result<()> {
