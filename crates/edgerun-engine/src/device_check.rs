@@ -14,13 +14,18 @@
 //! 3. **Batching.** On the subject, `batch` different prompts decoded together for `steps` steps
 //!    must give each prompt the tokens it gets alone (again up to near ties; a sequence is
 //!    compared only up to its first near-tie flip, after which the histories differ).
+//! 4. **Sampling.** The subject's logits of those steps, sampled where they are by
+//!    [`DeviceSampler`] under several kinds of sampling (nucleus, top-k, both, the whole
+//!    vocabulary, penalties; seeded), must give exactly the tokens the host [`Sampler`] draws
+//!    from the same rows with the same seeds (rows the device hands back are counted).
 //!
 //! The report says what was measured; [`DeviceReport::passed`] applies the tolerance.
 
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, KvPool, KvStorage};
 use crate::models::{CausalLm, Segment};
-use crate::sampling::argmax;
+use crate::request::SamplingConfig;
+use crate::sampling::{argmax, DeviceSampler, Sampler};
 use crate::{Kernels, LoadedModel};
 use candle_core::Device;
 use std::path::Path;
@@ -81,6 +86,11 @@ pub struct DeviceReport {
     /// Prompts of the batching check that flipped at a near tie (compared up to there).
     pub batch_near_ties: usize,
     pub batch: usize,
+    /// Rows sampled in the sampling check, how many the device decided, and how many of those
+    /// differ from the host sampler's token.
+    pub sampled_rows: usize,
+    pub sampled_on_device: usize,
+    pub sampling_mismatches: usize,
 }
 
 impl DeviceReport {
@@ -88,6 +98,8 @@ impl DeviceReport {
         self.max_logit_diff <= self.logit_tolerance
             && self.greedy_mismatches.is_empty()
             && self.batch_mismatches.is_empty()
+            && self.sampling_mismatches == 0
+            && self.sampled_on_device > 0
     }
 }
 
@@ -113,13 +125,21 @@ impl std::fmt::Display for DeviceReport {
             self.greedy_near_ties,
             verdict(self.greedy_mismatches.is_empty())
         )?;
-        write!(
+        writeln!(
             f,
             "batch:   {} of {} prompts differ batched vs alone beyond a near tie ({} near-tie flips): {}",
             self.batch_mismatches.len(),
             self.batch,
             self.batch_near_ties,
             verdict(self.batch_mismatches.is_empty())
+        )?;
+        write!(
+            f,
+            "sample:  {} of {} rows decided on the device, {} differ from the host sampler: {}",
+            self.sampled_on_device,
+            self.sampled_rows,
+            self.sampling_mismatches,
+            verdict(self.sampling_mismatches == 0 && self.sampled_on_device > 0)
         )
     }
 }
@@ -134,6 +154,7 @@ pub fn compare(path: &Path, subject: &Device, check: DeviceCheck) -> Result<Devi
         Kernels::Fastest
     };
     let reference = (&Device::Cpu, reference_kernels);
+    let subject_device = subject.clone();
     let subject = (subject, Kernels::Fastest);
     let nonnegative = |x: f32| !x.is_nan() && x >= 0.0;
     if check.steps == 0
@@ -194,6 +215,9 @@ pub fn compare(path: &Path, subject: &Device, check: DeviceCheck) -> Result<Devi
 
     report.mean_logit_diff = (sum / count.max(1) as f64) as f32;
 
+    // 4: sampling where the logits are, against the host sampler.
+    sampling(&forced, &subject_device, &mut report)?;
+
     // 3: batched against alone, on the subject.
     let alone = prompts
         .iter()
@@ -210,6 +234,58 @@ pub fn compare(path: &Path, subject: &Device, check: DeviceCheck) -> Result<Devi
         }
     }
     Ok(report)
+}
+
+/// Samples `rows` (logits) on `device` under several kinds of sampling and seeds, and on the
+/// host from the same rows; counts what the device decided and where it differs.
+fn sampling(rows: &[Vec<f32>], device: &Device, report: &mut DeviceReport) -> Result<()> {
+    let vocab = rows.first().map_or(0, Vec::len);
+    let kinds = [
+        (0.7, 0, 0.9, 1.0, 0.0),
+        (1.0, 40, 1.0, 1.0, 0.0),
+        (0.5, 20, 0.8, 1.0, 0.0),
+        (1.0, 0, 1.0, 1.0, 0.0),
+        (0.3, 0, 1.0, 1.0, 0.0),
+        (0.8, 0, 0.95, 1.3, 0.4),
+        (0.0, 0, 1.0, 1.5, 0.5),
+    ];
+    let (mut host, mut batch, mut flat) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, &(temperature, top_k, top_p, repetition_penalty, frequency_penalty)) in
+        kinds.iter().enumerate()
+    {
+        for (r, row) in rows.iter().enumerate().take(8) {
+            let config = SamplingConfig {
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                frequency_penalty,
+                seed: (k * 100 + r) as u64,
+                ..SamplingConfig::default()
+            };
+            let seen = [argmax(row), 1, 2];
+            let (mut a, mut b) = (Sampler::new(config, &seen), Sampler::new(config, &seen));
+            for &t in &seen[..2] {
+                a.observe(t);
+                b.observe(t);
+            }
+            host.push(a.sample(&mut row.clone()));
+            batch.push(b.device_row());
+            flat.extend_from_slice(row);
+        }
+    }
+    let logits = candle_core::Tensor::from_vec(flat, (batch.len(), vocab), device)?;
+    let picked = DeviceSampler::new(vocab, device)?.sample(&logits, &batch)?;
+    report.sampled_rows = picked.len();
+    for (picked, want) in picked.into_iter().zip(host) {
+        if let Some(token) = picked {
+            report.sampled_on_device += 1;
+            if token != want {
+                report.sampling_mismatches += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The gap between the two largest logits.

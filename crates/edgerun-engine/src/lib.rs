@@ -13,7 +13,7 @@
 //! | a model architecture | `models/<arch>.rs`, one [`CausalLm`] impl, one line in [`models::ARCHITECTURES`] |
 //! | a block format or a device kernel | `kernels/<format>.rs`, one arm in [`kernels::QLinear::new`] |
 //! | a stop rule | a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`] (stop strings: `Sequence::release`) |
-//! | a sampling parameter | a field of [`SamplingConfig`], applied in [`Sampler`] |
+//! | a sampling parameter | a field of [`SamplingConfig`], applied in [`Sampler`] (host) and [`DeviceSampler`] (where the logits are; `sampling/device.rs`), held to each other by their tests |
 //! | an output format (JSON schema, Lark grammar) | an [`OutputFormat`] variant, compiled by llguidance in `constraint.rs` ([`Engine::constrain`]) |
 //! | a tool-call family | `tools.rs`: [`ToolCalling::detect`], its parser and its forcing grammar |
 //! | something reported per token | a field of the `Token` event ([`GenerationEvent`]); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]) |
@@ -38,8 +38,9 @@
 //!     execute: one CausalLm::forward over every planned segment; the token masks of the
 //!       constrained sequences about to sample are computed on a side thread meanwhile
 //!     update_from_output: sample per sequence (its format's mask applied first; with its
-//!       log-probabilities, when asked for; paged: a plain greedy sequence's token is picked
-//!       on the device and only its id is copied back); Sequence::accept feeds the grammar, detokenizes,
+//!       log-probabilities, when asked for; paged: every sequence without either is sampled
+//!       for the whole batch on the device by DeviceSampler and only ids are copied back, with
+//!       the uniform each sequence's own generator drew); Sequence::accept feeds the grammar, detokenizes,
 //!       applies its stop rules (end of turn, a complete format, stop strings, max_tokens,
 //!       context), emits GenerationEvents; finished sequences leave the batch
 //!   TokenStream ◀── PromptProcessed / Token { text, logprobs } / Finished { usage, StopReason } / Failed
@@ -120,7 +121,8 @@ pub use request::{
     SamplingConfig, StopCriteria, TokenLogprob, Usage,
 };
 pub use sampling::{
-    argmax, argmax_weights, device_argmax, step_logprobs, Sampler, StepLogprobs, MIN_LOGPROB,
+    argmax, argmax_weights, device_argmax, step_logprobs, DeviceRow, DeviceSampler, Penalty,
+    Sampler, StepLogprobs, MIN_LOGPROB,
 };
 pub use scheduler::admission::KvReservation;
 pub use scheduler::plan::{plan_step, Planned, SeqProgress, Work};
@@ -375,7 +377,7 @@ impl Engine {
             pool,
             next_order: std::cell::Cell::new(0),
             preempted: std::cell::RefCell::default(),
-            argmax_weights: std::cell::OnceCell::new(),
+            device_sampler: std::cell::OnceCell::new(),
             model: model.clone(),
             tokenizer: tokenizer.clone(),
             stop_ids: stop_ids.clone(),

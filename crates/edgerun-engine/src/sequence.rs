@@ -228,11 +228,17 @@ impl Sequence {
         self.phase = Phase::Prefill { done: 0 };
     }
 
-    /// Whether its next token is the plain argmax of the logits (greedy, no penalty, no
-    /// log-probabilities, no output format): then the step may pick it on the device
-    /// ([`crate::sampling::device_argmax`]) and hand it to [`Sequence::accept`] directly.
-    pub fn argmax_suffices(&self) -> bool {
-        matches!(self.constraint, Constraint::Free) && self.sampler.is_plain_argmax()
+    /// Whether its next token may be sampled where the logits are ([`crate::DeviceSampler`]):
+    /// no output format to mask by and no log-probabilities to report. Then the step takes
+    /// [`Sequence::device_row`] and hands the token to [`Sequence::accept`] directly.
+    pub fn device_samplable(&self) -> bool {
+        matches!(self.constraint, Constraint::Free) && self.sampler.logprobs() == Logprobs::Off
+    }
+
+    /// Its next token's sampling, resolved for [`crate::DeviceSampler`] (the uniform drawn
+    /// from its generator; a row handed back is finished by [`Sequence::sample`] with it).
+    pub fn device_row(&mut self) -> crate::DeviceRow {
+        self.sampler.device_row()
     }
 
     /// Whether its sampling draws at random (temperature above 0): the costly kind.

@@ -346,6 +346,10 @@ fn device_check_passes_on_the_cpu() {
         report.max_logit_diff > 0.0,
         "our kernels and candle's round differently"
     );
+    // 7 kinds of sampling over 8 rows each, nearly all decided by the device sampler.
+    assert_eq!(report.sampled_rows, 56);
+    assert!(report.sampled_on_device >= 48, "{report}");
+    println!("{report}");
 }
 
 /// A pool too small for everyone's whole generation: sequences take blocks as they grow, the
@@ -453,4 +457,109 @@ fn argmax_on_the_device_picks_what_the_host_picks() {
         let (text, n) = common::collect(s);
         assert!(!text.is_empty() && n > 0, "{p}");
     }
+}
+
+/// Sampling parameters of every kind the device sampler decides: nucleus, top-k, both, the
+/// whole vocabulary, penalties (greedy and sampled), each seeded.
+fn sampling_kinds() -> Vec<SamplingConfig> {
+    let seeded = |seed| SamplingConfig {
+        temperature: 0.8,
+        seed,
+        ..SamplingConfig::default()
+    };
+    vec![
+        SamplingConfig {
+            top_p: 0.9,
+            ..seeded(1)
+        },
+        SamplingConfig {
+            top_k: 40,
+            temperature: 1.2,
+            ..seeded(2)
+        },
+        SamplingConfig {
+            top_k: 20,
+            top_p: 0.8,
+            ..seeded(3)
+        },
+        SamplingConfig {
+            temperature: 1.0,
+            ..seeded(4)
+        },
+        SamplingConfig {
+            top_p: 0.95,
+            repetition_penalty: 1.3,
+            frequency_penalty: 0.4,
+            presence_penalty: 0.2,
+            ..seeded(5)
+        },
+        SamplingConfig {
+            repetition_penalty: 1.5,
+            presence_penalty: 0.5,
+            ..SamplingConfig::GREEDY
+        },
+    ]
+}
+
+/// Sampling where the logits are (only ids come back) picks, for each kind of sampling and
+/// seed, the tokens the host sampler picks from the same logits; and most rows are decided
+/// on the device (the rest are handed back and finished on the host with the same draw).
+#[test]
+fn sampling_on_the_device_is_the_host_sampler() {
+    let on_device = common::engine(paged(64));
+    let on_host = common::engine(SchedulerConfig {
+        device_sampling: false,
+        ..paged(64)
+    });
+    for (i, sampling) in sampling_kinds().into_iter().enumerate() {
+        for prompt in &PROMPTS[..2] {
+            let device = common::collect(submit(&on_device, prompt, 24, sampling));
+            let host = common::collect(submit(&on_host, prompt, 24, sampling));
+            assert!(device.1 > 0, "kind {i}");
+            assert_eq!(device, host, "kind {i}: {sampling:?}, {prompt}");
+        }
+    }
+    let stats = on_device.stats();
+    let returned = stats.device_sampling_host_rows_total;
+    assert!(
+        stats.device_sampled_tokens_total >= 10 * returned.max(1),
+        "{} sampled on the device, {returned} handed back",
+        stats.device_sampled_tokens_total
+    );
+    assert_eq!(on_host.stats().device_sampled_tokens_total, 0);
+}
+
+/// In one step, rows sampled on the device and rows copied to the host (log-probabilities
+/// asked for) get their own tokens: the same prompt and sampling twice in one batch, once on
+/// each path, gives one output (row-invariant kernels, equal histories).
+#[test]
+fn device_and_host_rows_share_a_step() {
+    let engine = common::engine(paged(64));
+    let kinds = sampling_kinds();
+    let requests: Vec<_> = PROMPTS
+        .iter()
+        .zip(&kinds)
+        .flat_map(|(prompt, &sampling)| {
+            let reported = SamplingConfig {
+                logprobs: edgerun_engine::Logprobs::Report { top: 1 },
+                ..sampling
+            };
+            [(prompt, sampling), (prompt, reported)]
+        })
+        .collect();
+    // A long prompt keeps the engine busy while the pairs are submitted, so that they are
+    // admitted at one step boundary.
+    let blocker = submit(&engine, &PROMPTS[2].repeat(8), 4, SamplingConfig::GREEDY);
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|(p, s)| submit(&engine, p, 24, *s))
+        .collect();
+    let outputs: Vec<_> = streams.into_iter().map(common::collect).collect();
+    common::collect(blocker);
+    for (pair, kind) in outputs.chunks(2).zip(&kinds) {
+        assert!(pair[0].1 > 0);
+        assert_eq!(pair[0], pair[1], "{kind:?}");
+    }
+    assert!(engine.stats().device_sampled_tokens_total > 0);
+    assert!(engine.stats().peak_batch_size >= 8);
 }

@@ -205,6 +205,11 @@ struct ServeArgs {
     /// default on CUDA).
     #[arg(long, env = "EDGERUN_KV_STORAGE")]
     kv_storage: Option<KvStorage>,
+    /// With paged KV storage, copy every sequence's logits to the host sampler instead of
+    /// sampling where they are (the device sampler returns only token ids; both pick the
+    /// same tokens). For diagnosis.
+    #[arg(long, env = "EDGERUN_HOST_SAMPLING")]
+    host_sampling: bool,
     /// CPU threads for model compute; defaults to the number of physical cores.
     #[arg(long, env = "EDGERUN_THREADS")]
     threads: Option<usize>,
@@ -568,6 +573,7 @@ fn scheduler_config(
         kv_cache_budget,
         stalled_stream_timeout: Duration::from_secs(args.stalled_stream_secs),
         kv_storage: args.kv_storage.unwrap_or(defaults.kv_storage),
+        device_sampling: !args.host_sampling,
     };
     Ok(config)
 }

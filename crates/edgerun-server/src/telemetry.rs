@@ -147,6 +147,18 @@ pub fn render(
             s.preempted_sequences,
         ),
         (
+            "edgerun_device_sampled_tokens_total",
+            "counter",
+            "tokens sampled where the logits are, only their ids copied to the host (paged KV)",
+            s.device_sampled_tokens_total,
+        ),
+        (
+            "edgerun_device_sampling_host_rows_total",
+            "counter",
+            "rows the device sampler handed to the host sampler (cut it could not decide exactly)",
+            s.device_sampling_host_rows_total,
+        ),
+        (
             "edgerun_generated_tokens_total",
             "counter",
             "tokens generated",

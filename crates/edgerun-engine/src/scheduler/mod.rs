@@ -56,7 +56,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, KvPool, KvStorage};
 use crate::models::CausalLm;
 use crate::request::{GenerationRequest, Usage};
-use crate::sampling::Sampler;
+use crate::sampling::{DeviceRow, Sampler};
 use crate::sequence::{Sequence, SequenceParts, StopReason};
 use crate::tokenizer::TextTokenizer;
 use admission::KvReservation;
@@ -113,6 +113,11 @@ pub struct SchedulerConfig {
     /// How KV caches are stored: per sequence (the CPU's default) or in one paged pool of
     /// `kv_cache_budget` bytes, allocated at start (GPUs' default; needs a budget).
     pub kv_storage: KvStorage,
+    /// With paged storage (the device-first path), sample where the logits are
+    /// ([`crate::DeviceSampler`]): only token ids come back to the host. `false` copies every
+    /// row to the host sampler (the reference the tests hold the device's against). Rows that
+    /// report log-probabilities or follow an output format are always sampled on the host.
+    pub device_sampling: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -125,6 +130,7 @@ impl Default for SchedulerConfig {
             kv_cache_budget: None,
             stalled_stream_timeout: Duration::from_secs(30),
             kv_storage: KvStorage::Contiguous,
+            device_sampling: true,
         }
     }
 }
@@ -281,6 +287,10 @@ pub struct EngineStats {
     pub(crate) preemptions: AtomicUsize,
     /// Sequences waiting, preempted, to read their context again.
     pub(crate) preempted: AtomicUsize,
+    /// Tokens sampled where the logits are (the device-first path).
+    pub(crate) device_sampled: AtomicUsize,
+    /// Rows the device sampler handed back to the host (it could not decide them exactly).
+    pub(crate) device_rows_returned: AtomicUsize,
     /// Device failures: steps where no sequence could run and the probe failed too.
     pub(crate) device_failures: AtomicUsize,
     /// Device failures since the last successful step.
@@ -328,6 +338,11 @@ pub struct StatsSnapshot {
     pub preemptions_total: usize,
     /// Preempted sequences waiting for room (counted in `active_sequences` too).
     pub preempted_sequences: usize,
+    /// Tokens sampled where the logits are, only their ids copied back (paged storage).
+    pub device_sampled_tokens_total: usize,
+    /// Rows the device sampler handed to the host sampler (a top-k above its candidate list,
+    /// a nucleus wider than it, a cut inside a tie): their logits were copied whole.
+    pub device_sampling_host_rows_total: usize,
     /// Steps where no sequence could run and a probe on a scratch cache failed too.
     pub device_failures_total: usize,
     /// Device failures since the last successful step.
@@ -352,6 +367,8 @@ impl EngineStats {
             sequences_stalled_total: self.stalled.load(Ordering::Relaxed),
             preemptions_total: self.preemptions.load(Ordering::Relaxed),
             preempted_sequences: self.preempted.load(Ordering::Relaxed),
+            device_sampled_tokens_total: self.device_sampled.load(Ordering::Relaxed),
+            device_sampling_host_rows_total: self.device_rows_returned.load(Ordering::Relaxed),
             device_failures_total: self.device_failures.load(Ordering::Relaxed),
             consecutive_device_failures: self.consecutive_failures.load(Ordering::Relaxed),
         }
@@ -416,8 +433,8 @@ pub(crate) struct Scheduler {
     /// Preempted sequences (oldest first), holding no blocks, waiting for room to read their
     /// context again; they go back into the batch before anything new is admitted.
     pub preempted: std::cell::RefCell<Vec<Sequence>>,
-    /// [`crate::sampling::argmax_weights`] for the vocabulary, on the device, once needed.
-    pub argmax_weights: std::cell::OnceCell<candle_core::Tensor>,
+    /// The batched sampler for the vocabulary, on the device, built when first needed.
+    pub device_sampler: std::cell::OnceCell<crate::DeviceSampler>,
     #[cfg(feature = "fault-injection")]
     pub faults: Arc<Mutex<crate::faults::Faults>>,
 }
@@ -771,7 +788,7 @@ impl Scheduler {
             tokens: &tokens,
             cache: &mut cache,
         }];
-        self.forward(&mut segments, &[0], &[false]).map(|_| ())
+        self.forward(&mut segments, &[0], &[None]).map(|_| ())
     }
 
     /// Runs the model over the planned segments; returns the logits of the sampling entries,
@@ -787,12 +804,16 @@ impl Scheduler {
             .filter(|(_, p)| p.samples)
             .map(|(k, _)| k)
             .collect();
-        // The device-first path (paged storage) picks plain-argmax tokens where the logits
-        // are; the CPU's copies every row (a copy costs nothing there).
-        let on_device: Vec<bool> = plan
+        // The device-first path (paged storage) samples where the logits are; the CPU's
+        // copies every row (a copy costs nothing there).
+        let device = self.pool.is_some() && self.config.device_sampling;
+        let on_device: Vec<Option<DeviceRow>> = plan
             .iter()
             .filter(|p| p.samples)
-            .map(|p| self.pool.is_some() && running[p.seq].argmax_suffices())
+            .map(|p| {
+                let seq = &mut running[p.seq];
+                (device && seq.device_samplable()).then(|| seq.device_row())
+            })
             .collect();
         // The plan is in sequence order with each sequence at most once, so the segments can
         // borrow the sequences one after the other.
@@ -842,7 +863,7 @@ impl Scheduler {
         &self,
         segments: &mut [crate::models::Segment<'_>],
         want: &[usize],
-        on_device: &[bool],
+        on_device: &[Option<DeviceRow>],
     ) -> std::result::Result<Vec<Row>, String> {
         let lens: Vec<usize> = segments.iter().map(|s| s.cache.len()).collect();
         let result = catch_unwind(AssertUnwindSafe(|| {
@@ -875,47 +896,58 @@ impl Scheduler {
         }
     }
 
-    /// The step's logits as rows for the host: the tokens of the `on_device` rows picked where
-    /// the logits are ([`crate::sampling::device_argmax`]), the others copied whole.
+    /// The step's logits as rows for the host: the tokens of the `on_device` rows sampled
+    /// where the logits are ([`crate::DeviceSampler`]), the others (and the rows the device
+    /// hands back) copied whole.
     fn rows(
         &self,
         logits: &candle_core::Tensor,
-        on_device: &[bool],
+        on_device: &[Option<DeviceRow>],
     ) -> candle_core::Result<Vec<Row>> {
-        if !on_device.contains(&true) {
-            return Ok(logits
-                .to_vec2::<f32>()?
-                .into_iter()
-                .map(Row::Logits)
-                .collect());
-        }
         let device = logits.device();
-        let pick = |want: bool| -> candle_core::Result<candle_core::Tensor> {
-            let idx: Vec<u32> = (0..on_device.len() as u32)
-                .filter(|&i| on_device[i as usize] == want)
-                .collect();
+        let pick = |idx: Vec<u32>| -> candle_core::Result<candle_core::Tensor> {
             let n = idx.len();
             logits.index_select(&candle_core::Tensor::from_vec(idx, n, device)?, 0)
         };
-        let weights = match self.argmax_weights.get() {
-            Some(w) => w,
-            None => {
-                let w = crate::sampling::argmax_weights(logits.dim(1)?, device)?;
-                self.argmax_weights.get_or_init(|| w)
+        let device_rows: Vec<u32> = (0..on_device.len() as u32)
+            .filter(|&i| on_device[i as usize].is_some())
+            .collect();
+        let mut tokens = vec![None; on_device.len()];
+        if !device_rows.is_empty() {
+            let sampler = match self.device_sampler.get() {
+                Some(s) => s,
+                None => {
+                    let s = crate::DeviceSampler::new(logits.dim(1)?, device)?;
+                    self.device_sampler.get_or_init(|| s)
+                }
+            };
+            let batch: Vec<DeviceRow> = on_device.iter().flatten().cloned().collect();
+            let picked = sampler.sample(&pick(device_rows.clone())?, &batch)?;
+            for (&i, t) in device_rows.iter().zip(picked) {
+                tokens[i as usize] = t;
             }
-        };
-        let mut tokens = crate::sampling::device_argmax(&pick(true)?, weights)?.into_iter();
-        let mut full = if on_device.contains(&false) {
-            pick(false)?.to_vec2::<f32>()?
-        } else {
-            Vec::new()
+            let sampled = tokens.iter().filter(|t| t.is_some()).count();
+            let stats = &self.stats;
+            stats.device_sampled.fetch_add(sampled, Ordering::Relaxed);
+            let back = device_rows.len() - sampled;
+            stats
+                .device_rows_returned
+                .fetch_add(back, Ordering::Relaxed);
+        }
+        let host_rows: Vec<u32> = (0..tokens.len() as u32)
+            .filter(|&i| tokens[i as usize].is_none())
+            .collect();
+        let mut full = match host_rows.len() {
+            0 => Vec::new(),
+            n if n == tokens.len() => logits.to_vec2::<f32>()?,
+            _ => pick(host_rows)?.to_vec2::<f32>()?,
         }
         .into_iter();
-        Ok(on_device
-            .iter()
-            .map(|&d| match d {
-                true => Row::Token(tokens.next().expect("one token per device row")),
-                false => Row::Logits(full.next().expect("one row per host row")),
+        Ok(tokens
+            .into_iter()
+            .map(|t| match t {
+                Some(t) => Row::Token(t),
+                None => Row::Logits(full.next().expect("one row per host row")),
             })
             .collect())
     }

@@ -1,5 +1,13 @@
 //! Per-sequence token sampling over a resolved [`SamplingConfig`], and the log-probabilities
 //! reported with a chosen token ([`step_logprobs`]).
+//!
+//! Two implementations of one definition: [`Sampler`] on the host, over a row of logits
+//! copied out, and [`DeviceSampler`] over a whole step's rows where the logits are (the GPU
+//! path), returning only token ids. Both take the same uniform draw from the sequence's own
+//! generator ([`Sampler::device_row`]), so a seeded request picks the same tokens on either,
+//! except where float rounding differs at a boundary (tested against each other).
+
+pub mod device;
 
 use crate::request::{Logprobs, SamplingConfig};
 use candle_core::{DType, Device, Tensor};
@@ -7,15 +15,31 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
+pub use device::{DeviceRow, DeviceSampler, Penalty};
+
 /// Chooses the next token of one sequence from its logits.
 ///
-/// Order of operations (as in vLLM / Hugging Face): repetition penalty over prompt and output
-/// tokens; frequency and presence penalties over output tokens (OpenAI's definition); then
-/// temperature, top-k and top-p; `temperature <= 0` is greedy. Each sampler owns its RNG, seeded
-/// from the config's seed, so a sequence's output does not depend on what else is in the batch.
+/// The definition (as in vLLM / Hugging Face), shared with [`DeviceSampler`]:
+/// 1. repetition penalty over prompt and output tokens, then frequency and presence penalties
+///    over output tokens (OpenAI's definition);
+/// 2. `temperature <= 0` (or `top_k == 1`): the argmax, ties to the lowest id;
+/// 3. otherwise the finite logits divided by the temperature, in the canonical order "most
+///    likely first" (larger scaled logit first, ties to the lower id) whenever a cut applies;
+///    top-k keeps the first `k`; weights are `exp(l - max)`; top-p keeps the shortest prefix
+///    whose share of the mass (of the top-k set, or of the whole vocabulary) reaches `top_p`;
+/// 4. one uniform `u` in `[0, 1)` from the sequence's generator picks the first candidate (in
+///    that order, or in vocabulary order when nothing was cut) whose running weight exceeds
+///    `u` times the candidates' total (running sums and totals in f64).
+///
+/// Each sampler owns its RNG, seeded from the config's seed, so a sequence's output does not
+/// depend on what else is in the batch or on which implementation sampled it.
 pub struct Sampler {
     params: SamplingConfig,
     rng: StdRng,
+    /// The uniform drawn for the next token by [`Sampler::device_row`] and not used yet: a
+    /// row the device hands back is finished with it, and a step that failed and is retried
+    /// draws nothing new, so neither changes the sequence's output.
+    pending: Option<f32>,
     /// Occurrences of each token generated so far.
     output_counts: HashMap<u32, u32>,
     /// Tokens of the prompt (for the repetition penalty).
@@ -36,6 +60,7 @@ impl Sampler {
         Self {
             params,
             rng,
+            pending: None,
             output_counts: HashMap::new(),
             prompt_tokens,
         }
@@ -51,26 +76,66 @@ impl Sampler {
         self.params.is_greedy()
     }
 
-    /// Whether sampling is the argmax of the raw logits (greedy, no penalty, no
-    /// log-probabilities): then [`device_argmax`] may pick the token where the logits are.
-    pub fn is_plain_argmax(&self) -> bool {
-        self.params.is_greedy()
-            && !self.params.has_repetition_penalty()
-            && self.params.frequency_penalty == 0.0
-            && self.params.presence_penalty == 0.0
-            && self.params.logprobs == Logprobs::Off
-    }
-
     /// Records a token that was generated (the penalties look at it from then on).
     pub fn observe(&mut self, token: u32) {
         *self.output_counts.entry(token).or_default() += 1;
+        self.pending = None;
     }
 
+    /// The uniform for the next token: drawn once, kept until a token is sampled or observed.
+    fn uniform(&mut self) -> f32 {
+        let rng = &mut self.rng;
+        *self.pending.get_or_insert_with(|| rng.random::<f32>())
+    }
+
+    /// The next token's sampling as [`DeviceSampler`] takes it: the parameters, the penalties
+    /// as per-token edits, and the uniform (drawn here, from this sequence's generator; a
+    /// row the device hands back is finished by [`Sampler::sample`] with the same uniform).
+    pub fn device_row(&mut self) -> DeviceRow {
+        let greedy = self.params.is_greedy();
+        DeviceRow {
+            temperature: if greedy { 0.0 } else { self.params.temperature },
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            u: if greedy { 0.0 } else { self.uniform() },
+            penalties: self.penalties(),
+        }
+    }
+
+    /// The penalties as one edit per token, by token: a divisor for the repetition penalty
+    /// (`1`: none) and an amount subtracted after it.
+    fn penalties(&self) -> Vec<Penalty> {
+        let rp = self.params.repetition_penalty;
+        let (freq, pres) = (self.params.frequency_penalty, self.params.presence_penalty);
+        let mut edits = std::collections::BTreeMap::<u32, Penalty>::new();
+        let none = |token| Penalty {
+            token,
+            divide: 1.0,
+            subtract: 0.0,
+        };
+        if self.params.has_repetition_penalty() {
+            for &token in self.prompt_tokens.iter().chain(self.output_counts.keys()) {
+                edits.entry(token).or_insert_with(|| none(token)).divide = rp;
+            }
+        }
+        if freq != 0.0 || pres != 0.0 {
+            for (&token, &n) in &self.output_counts {
+                edits.entry(token).or_insert_with(|| none(token)).subtract = freq * n as f32 + pres;
+            }
+        }
+        edits.into_values().collect()
+    }
+
+    /// Chooses the next token from the model's `logits` (penalties are applied in place).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
         if self.params.is_greedy() {
             return argmax(logits);
         }
+        let u = self
+            .pending
+            .take()
+            .unwrap_or_else(|| self.rng.random::<f32>());
         let temperature = self.params.temperature;
         // Work in O(vocab) where possible: a full sort of a 50k-128k vocabulary per token
         // costs milliseconds, a visible share of a decode step.
@@ -83,43 +148,48 @@ impl Sampler {
         if candidates.is_empty() {
             return argmax(logits);
         }
+        // The canonical order: most likely first, ties to the lower id.
         let by_logit_desc =
             |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.params.top_k;
-        if k > 0 && k < candidates.len() {
+        let cut_k = k > 0 && k < candidates.len();
+        if cut_k {
             candidates.select_nth_unstable_by(k - 1, by_logit_desc);
             candidates.truncate(k);
+            candidates.sort_unstable_by(by_logit_desc);
         }
         let max = candidates
             .iter()
             .map(|c| c.1)
             .fold(f32::NEG_INFINITY, f32::max);
         let weights: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
-        let total: f32 = weights.iter().sum();
+        let total = sum(&weights);
         let top_p = self.params.top_p;
         if top_p >= 1.0 {
-            return self.draw(&candidates, &weights, total);
+            return draw(&candidates, &weights, total, u);
         }
-        // Nucleus: the smallest set of most likely tokens whose mass reaches top_p. Sort only
-        // as many of the best candidates as needed, widening the window until it holds the
-        // nucleus.
+        // Nucleus: the shortest prefix of the most likely tokens whose mass reaches top_p.
+        // Sort only as many of the best candidates as needed (none when top-k sorted them),
+        // widening the window until it holds the nucleus.
         let mut order: Vec<usize> = (0..candidates.len()).collect();
-        let by_weight_desc = |a: &usize, b: &usize| {
-            weights[*b]
-                .total_cmp(&weights[*a])
-                .then(candidates[*a].0.cmp(&candidates[*b].0))
+        let by_rank = |a: &usize, b: &usize| by_logit_desc(&candidates[*a], &candidates[*b]);
+        let mut window = if cut_k {
+            order.len()
+        } else {
+            64.min(order.len())
         };
-        let mut window = 64.min(order.len());
         loop {
-            if window < order.len() {
-                order.select_nth_unstable_by(window - 1, by_weight_desc);
+            if !cut_k {
+                if window < order.len() {
+                    order.select_nth_unstable_by(window - 1, by_rank);
+                }
+                order[..window].sort_unstable_by(by_rank);
             }
-            order[..window].sort_unstable_by(by_weight_desc);
             let mut acc = 0.0;
             let mut keep = None;
             for (i, &j) in order[..window].iter().enumerate() {
-                acc += weights[j] / total;
-                if acc >= top_p {
+                acc += f64::from(weights[j]);
+                if acc / total >= f64::from(top_p) {
                     keep = Some(i + 1);
                     break;
                 }
@@ -127,30 +197,10 @@ impl Sampler {
             if let Some(keep) = keep.or((window == order.len()).then_some(window)) {
                 let kept: Vec<(u32, f32)> = order[..keep].iter().map(|&j| candidates[j]).collect();
                 let w: Vec<f32> = order[..keep].iter().map(|&j| weights[j]).collect();
-                let t = w.iter().sum();
-                return self.draw(&kept, &w, t);
+                return draw(&kept, &w, sum(&w), u);
             }
             window = (window * 4).min(order.len());
         }
-    }
-
-    /// Draws one candidate with probability proportional to its weight.
-    fn draw(&mut self, candidates: &[(u32, f32)], weights: &[f32], total: f32) -> u32 {
-        let r = self.rng.random::<f32>() * total;
-        let mut acc = 0.0;
-        for (c, w) in candidates.iter().zip(weights) {
-            acc += w;
-            if r < acc {
-                return c.0;
-            }
-        }
-        // Rounding left r at the very top: the last candidate with any weight.
-        candidates
-            .iter()
-            .zip(weights)
-            .rev()
-            .find(|(_, &w)| w > 0.0)
-            .map_or(candidates[0].0, |(c, _)| c.0)
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -181,6 +231,31 @@ impl Sampler {
             }
         }
     }
+}
+
+/// The weights' total, summed in f64: the device sums in another order, and f32 sums of 128k
+/// weights would differ between the two by more than a small token's weight.
+fn sum(weights: &[f32]) -> f64 {
+    weights.iter().map(|&w| f64::from(w)).sum()
+}
+
+/// The first candidate whose running weight (in f64) exceeds `u * total`; when rounding
+/// leaves that beyond the last, the last candidate with any weight.
+fn draw(candidates: &[(u32, f32)], weights: &[f32], total: f64, u: f32) -> u32 {
+    let r = f64::from(u) * total;
+    let mut acc = 0.0;
+    for (c, w) in candidates.iter().zip(weights) {
+        acc += f64::from(*w);
+        if r < acc {
+            return c.0;
+        }
+    }
+    candidates
+        .iter()
+        .zip(weights)
+        .rev()
+        .find(|(_, &w)| w > 0.0)
+        .map_or(candidates[0].0, |(c, _)| c.0)
 }
 
 /// A token id with its log-probability.
