@@ -141,7 +141,16 @@ if [ $gpu = 1 ]; then
 fi
 EDGERUN_TEST_MODEL="$big" "$WORK/edgerun-bench" --url "http://127.0.0.1:$port" --token "$token" \
     --runs "${RUNS:-3}" --streams "$STREAMS" || status=1
-curl -sf "http://127.0.0.1:$port/metrics" -H "Authorization: Bearer $token" | grep -E '^edgerun_(kv_pool|peak_batch)' || true
+# The same load sampling (llama.cpp's defaults: temperature 0.8, top-k 40, top-p 0.95; the
+# device sampler) at the most streams.
+most=${STREAMS##*,}
+echo "== sampled (temperature 0.8, top-k 40, top-p 0.95), $most streams"
+EDGERUN_TEST_MODEL="$big" "$WORK/edgerun-bench" --url "http://127.0.0.1:$port" --token "$token" \
+    --runs 1 --streams "$most" --sampled || status=1
+# Where the engine thread's time went (forward vs its own work between forwards), and how
+# many rows the device sampler decided.
+curl -sf "http://127.0.0.1:$port/metrics" -H "Authorization: Bearer $token" \
+    | grep -E '^edgerun_(kv_pool|peak_batch|steps_total|step_|device_sampl|preemptions)' || true
 if [ $gpu = 1 ]; then
     echo "peak device memory: $(sort -n "$WORK/memory.log" | tail -1) MiB (nvidia-smi, whole device)"
 fi

@@ -7,6 +7,7 @@
 //! edgerun-bench [--url http://127.0.0.1:8080 --token T | --spawn] [--llama-server PATH] [--runs 5]
 //! edgerun-bench [--url .. | --spawn] --format-cost [--runs 5]   # free text vs a JSON schema
 //! edgerun-bench --url .. --streams 1,8,32,64                        # other concurrency levels
+//! edgerun-bench --url .. --sampled                 # llama.cpp's default sampling, not greedy
 //! ```
 
 use edgerun_e2e::{model_path, Node, MODEL_ALIAS, TOKEN};
@@ -15,6 +16,9 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Whether requests sample (`--sampled`) rather than pick the argmax.
+static SAMPLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 #[derive(Clone)]
 enum Target {
@@ -40,18 +44,28 @@ impl Target {
     }
 
     async fn generate(&self, client: &reqwest::Client, prompt: &str, max_tokens: u32) -> Observed {
+        // Greedy unless --sampled: then llama.cpp's default sampling (temperature 0.8, top-k
+        // 40, top-p 0.95), the same on both servers. (A top-k keeps the draw on the device even
+        // for a random-weight model, whose flat distributions put nuclei of a top-p alone
+        // beyond the device sampler's 256 candidates.)
+        let (temperature, top_k, top_p) = match SAMPLED.get() {
+            Some(true) => (0.8, 40, 0.95),
+            _ => (0.0, 0, 1.0),
+        };
         let req = match self {
             Target::Edgerun { url, token } => client
                 .post(format!("{url}/run/{MODEL_ALIAS}"))
                 .bearer_auth(token)
                 .body(
-                    json!({"prompt": prompt, "raw": true, "stream": true, "max_tokens": max_tokens, "temperature": 0})
-                        .to_string(),
+                    json!({"prompt": prompt, "raw": true, "stream": true, "max_tokens": max_tokens,
+                           "temperature": temperature, "top_k": top_k.max(1), "top_p": top_p})
+                    .to_string(),
                 ),
             Target::LlamaServer { url } => client.post(format!("{url}/completion")).body(
-                json!({"prompt": prompt, "stream": true, "n_predict": max_tokens, "temperature": 0,
+                json!({"prompt": prompt, "stream": true, "n_predict": max_tokens,
+                       "temperature": temperature, "top_p": top_p, "top_k": top_k,
                        "cache_prompt": false, "ignore_eos": false})
-                    .to_string(),
+                .to_string(),
             ),
         };
         let start = Instant::now();
@@ -363,6 +377,7 @@ async fn main() {
         "--streams: counts of at least 1"
     );
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    SAMPLED.get_or_init(|| args.iter().any(|a| a == "--sampled"));
 
     let mut node = None;
     let edgerun = if args.iter().any(|a| a == "--spawn") {

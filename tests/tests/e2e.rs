@@ -634,4 +634,40 @@ async fn a_paged_pool_serves_concurrent_streams_and_gets_its_blocks_back() {
             .any(|l| l == format!("edgerun_kv_pool_blocks {total}")),
         "{text}"
     );
+
+    // Seeded sampling is sampled on the device (only ids come back) and picks what the host
+    // sampler picks: a node told to sample on the host answers the same.
+    let sampled = json!({"prompt": "Tell me about robots.", "max_tokens": 24, "temperature": 0.8,
+                         "top_p": 0.9, "top_k": 40, "seed": 11, "repetition_penalty": 1.1});
+    let on_device = node.run_json(sampled.to_string()).await;
+    let stats = node.health().await["stats"].clone();
+    assert!(
+        stats["device_sampled_tokens_total"].as_u64().unwrap() >= 24,
+        "{stats}"
+    );
+    let text = node.metrics().await;
+    for name in [
+        "edgerun_device_sampled_tokens_total",
+        "edgerun_device_sampling_host_rows_total",
+        "edgerun_steps_total",
+        "edgerun_step_forward_seconds_total",
+        "edgerun_step_host_seconds_total",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name}: {text}"
+        );
+    }
+    let host = Node::start(&[
+        "--kv-storage",
+        "paged",
+        "--kv-cache-mib",
+        "64",
+        "--host-sampling",
+    ])
+    .await;
+    let on_host = host.run_json(sampled.to_string()).await;
+    assert_eq!(on_device["result"], on_host["result"]);
+    let stats = host.health().await["stats"].clone();
+    assert_eq!(stats["device_sampled_tokens_total"], 0, "{stats}");
 }

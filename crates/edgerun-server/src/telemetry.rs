@@ -182,10 +182,33 @@ pub fn render(
             "sequences cancelled by their client",
             s.requests_cancelled_total,
         ),
+        (
+            "edgerun_steps_total",
+            "counter",
+            "engine steps run",
+            s.steps_total,
+        ),
     ];
     for (name, kind, help, value) in gauges {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    let seconds = [
+        (
+            "edgerun_step_forward_seconds_total",
+            "engine thread time in forward passes (device sampling and the copy back included)",
+            s.step_forward_nanos_total as f64 * 1e-9,
+        ),
+        (
+            "edgerun_step_host_seconds_total",
+            "engine thread time in steps outside the forward pass (planning, host sampling, detokenizing, stop rules, events)",
+            s.step_host_nanos_total as f64 * 1e-9,
+        ),
+    ];
+    for (name, help, value) in seconds {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value:.6}\n"
         ));
     }
     out

@@ -289,6 +289,12 @@ pub struct EngineStats {
     pub(crate) preempted: AtomicUsize,
     /// Tokens sampled where the logits are (the device-first path).
     pub(crate) device_sampled: AtomicUsize,
+    /// Steps run, and the engine thread's time in them: waiting for the forward pass (with
+    /// device sampling and reading back its ids or logits), and its own work around it
+    /// (planning, host sampling, detokenizing, stop rules, events).
+    pub(crate) steps: AtomicUsize,
+    pub(crate) step_forward_ns: AtomicUsize,
+    pub(crate) step_host_ns: AtomicUsize,
     /// Rows the device sampler handed back to the host (it could not decide them exactly).
     pub(crate) device_rows_returned: AtomicUsize,
     /// Device failures: steps where no sequence could run and the probe failed too.
@@ -340,6 +346,14 @@ pub struct StatsSnapshot {
     pub preempted_sequences: usize,
     /// Tokens sampled where the logits are, only their ids copied back (paged storage).
     pub device_sampled_tokens_total: usize,
+    /// Steps run.
+    pub steps_total: usize,
+    /// Nanoseconds the engine thread spent in steps' forward passes (device sampling and the
+    /// copy back included: on a GPU, waiting for it).
+    pub step_forward_nanos_total: usize,
+    /// Nanoseconds the engine thread spent in steps outside the forward pass: planning, host
+    /// sampling, detokenizing, stop rules, events. On a GPU the device idles meanwhile.
+    pub step_host_nanos_total: usize,
     /// Rows the device sampler handed to the host sampler (a top-k above its candidate list,
     /// a nucleus wider than it, a cut inside a tie): their logits were copied whole.
     pub device_sampling_host_rows_total: usize,
@@ -368,6 +382,9 @@ impl EngineStats {
             preemptions_total: self.preemptions.load(Ordering::Relaxed),
             preempted_sequences: self.preempted.load(Ordering::Relaxed),
             device_sampled_tokens_total: self.device_sampled.load(Ordering::Relaxed),
+            steps_total: self.steps.load(Ordering::Relaxed),
+            step_forward_nanos_total: self.step_forward_ns.load(Ordering::Relaxed),
+            step_host_nanos_total: self.step_host_ns.load(Ordering::Relaxed),
             device_sampling_host_rows_total: self.device_rows_returned.load(Ordering::Relaxed),
             device_failures_total: self.device_failures.load(Ordering::Relaxed),
             consecutive_device_failures: self.consecutive_failures.load(Ordering::Relaxed),
@@ -711,6 +728,7 @@ impl Scheduler {
     /// One step: plan, execute, update from the output. `false` when nothing could be planned
     /// (every running sequence waits for its client).
     fn step(&self, running: &mut Vec<Sequence>) -> bool {
+        let start = std::time::Instant::now();
         let plan = self.plan(running);
         if plan.is_empty() {
             return false;
@@ -721,7 +739,10 @@ impl Scheduler {
             .peak_batch
             .fetch_max(plan.len(), Ordering::Relaxed);
         let mut outcomes = Vec::new();
-        match self.execute(running, &plan) {
+        let forward_start = std::time::Instant::now();
+        let executed = self.execute(running, &plan);
+        let forward = forward_start.elapsed();
+        match executed {
             Ok(logits) => {
                 self.stats.step_succeeded();
                 self.update_from_output(running, &plan, logits, &mut outcomes);
@@ -729,6 +750,14 @@ impl Scheduler {
             Err(why) => self.isolate(running, &plan, why, &mut outcomes),
         }
         self.retire(running, outcomes);
+        let stats = &self.stats;
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        let nanos = |d: Duration| usize::try_from(d.as_nanos()).unwrap_or(usize::MAX);
+        stats
+            .step_forward_ns
+            .fetch_add(nanos(forward), Ordering::Relaxed);
+        let host = start.elapsed().saturating_sub(forward);
+        stats.step_host_ns.fetch_add(nanos(host), Ordering::Relaxed);
         true
     }
 
