@@ -22,6 +22,20 @@ pub struct Faults {
     /// A step whose tokens include this one fails after the model has run and committed its
     /// cache positions (as an asynchronous device error would surface).
     pub error_after_forward_on_token: Option<u32>,
+    /// The device sampler fails (its own operations, not the forward pass).
+    pub fail_device_sampling: bool,
+}
+
+/// Called before the device sampler runs.
+pub(crate) fn check_sampling(faults: &Mutex<Faults>) -> candle_core::Result<()> {
+    if faults
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .fail_device_sampling
+    {
+        candle_core::bail!("injected device sampling failure");
+    }
+    Ok(())
 }
 
 /// Called after each forward pass that succeeded, with its segments.

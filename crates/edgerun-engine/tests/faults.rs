@@ -243,3 +243,45 @@ fn queue_places_are_exact_and_given_back() {
     let stats = engine.stats();
     assert_eq!((stats.active_sequences, stats.queued_requests), (0, 0));
 }
+
+/// A device sampler that fails costs its steps the copies, not the sequences: every row is
+/// sampled on the host, with the same draws, so a seeded request's output does not change.
+#[test]
+fn a_failing_device_sampler_falls_back_to_the_host() {
+    let paged = SchedulerConfig {
+        kv_cache_budget: Some(64 << 20),
+        kv_storage: edgerun_engine::KvStorage::Paged { block_size: 16 },
+        ..SchedulerConfig::default()
+    };
+    let sampled = |engine: &Engine| {
+        let sampling = SamplingConfig {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: 3,
+            ..SamplingConfig::default()
+        };
+        let request = GenerationRequest {
+            sampling,
+            ..request(engine, GOOD[0], 24)
+        };
+        outcome(engine.submit(request, QueuePolicy::Wait).unwrap()).unwrap()
+    };
+    let engine = common::engine(paged);
+    let on_device = sampled(&engine);
+    assert!(engine.stats().device_sampled_tokens_total > 0);
+    let broken = common::engine(paged);
+    broken.inject_faults(Faults {
+        fail_device_sampling: true,
+        ..Faults::default()
+    });
+    let before = broken.stats();
+    assert_eq!(sampled(&broken), on_device);
+    let stats = broken.stats();
+    assert_eq!(
+        stats.device_sampled_tokens_total, before.device_sampled_tokens_total,
+        "{stats:?}"
+    );
+    assert!(stats.device_sampling_host_rows_total >= before.device_sampling_host_rows_total + 24);
+    assert_eq!(stats.sequences_failed_total, 0, "{stats:?}");
+    assert_eq!(broken.health(), Health::Ready);
+}

@@ -943,17 +943,29 @@ impl Scheduler {
             .collect();
         let mut tokens = vec![None; on_device.len()];
         if !device_rows.is_empty() {
-            let sampler = match self.device_sampler.get() {
-                Some(s) => s,
-                None => {
-                    let s = crate::DeviceSampler::new(logits.dim(1)?, device)?;
-                    self.device_sampler.get_or_init(|| s)
-                }
-            };
             let batch: Vec<DeviceRow> = on_device.iter().flatten().cloned().collect();
-            let picked = sampler.sample(&pick(device_rows.clone())?, &batch)?;
-            for (&i, t) in device_rows.iter().zip(picked) {
-                tokens[i as usize] = t;
+            let sample = || -> candle_core::Result<Vec<Option<u32>>> {
+                #[cfg(feature = "fault-injection")]
+                crate::faults::check_sampling(&self.faults)?;
+                let sampler = match self.device_sampler.get() {
+                    Some(s) => s,
+                    None => {
+                        let s = crate::DeviceSampler::new(logits.dim(1)?, device)?;
+                        self.device_sampler.get_or_init(|| s)
+                    }
+                };
+                sampler.sample(&pick(device_rows.clone())?, &batch)
+            };
+            // A failure of the device sampler's own operations costs this step its copies,
+            // not its sequences: the host samples every row (a device that is failing fails
+            // the copies too, and the step is isolated as any other failure).
+            match sample() {
+                Ok(picked) => {
+                    for (&i, t) in device_rows.iter().zip(picked) {
+                        tokens[i as usize] = t;
+                    }
+                }
+                Err(e) => tracing::warn!("device sampling failed ({e}); sampling on the host"),
             }
             let sampled = tokens.iter().filter(|t| t.is_some()).count();
             let stats = &self.stats;
