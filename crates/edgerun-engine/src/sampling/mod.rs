@@ -392,6 +392,31 @@ mod tests {
         }
     }
 
+    /// One uniform per token: a step that failed and is retried asks again and gets the same
+    /// one; a row the device hands back is finished with it; the next token draws anew, in
+    /// step with a sampler that never went through the device.
+    #[test]
+    fn each_token_draws_one_uniform_whichever_path_samples_it() {
+        let p = SamplingConfig {
+            seed: 5,
+            temperature: 1.0,
+            top_p: 0.9,
+            ..SamplingConfig::default()
+        };
+        let logits: Vec<f32> = (0..300).map(|i| (i as f32 * 0.61).sin() * 3.0).collect();
+        let (mut device, mut host) = (Sampler::new(p, &[]), Sampler::new(p, &[]));
+        for _ in 0..20 {
+            let first = device.device_row();
+            assert_eq!(device.device_row(), first, "a retry draws again");
+            let token = device.sample(&mut logits.clone());
+            assert_eq!(token, host.sample(&mut logits.clone()));
+            device.observe(token);
+            host.observe(token);
+        }
+        let next = device.device_row();
+        assert_eq!(next.u, host.device_row().u);
+    }
+
     #[test]
     fn zero_temperature_is_greedy() {
         let mut s = Sampler::new(params(0.0), &[]);
