@@ -144,21 +144,19 @@ impl DeviceSampler {
         let greedy = group(&|r| r.temperature <= 0.0);
         let whole = group(&|r| r.temperature > 0.0 && !self.cuts(r));
         let cut = group(&|r| r.temperature > 0.0 && self.cuts(r));
-        if !greedy.is_empty() {
-            let tokens = super::device_argmax(&self.select(&logits, &greedy)?, &self.lowest_first)?;
-            for (&i, t) in greedy.iter().zip(tokens) {
-                out[i] = Some(t);
-            }
-        }
-        if !whole.is_empty() {
-            let picked = self.draw_whole(&self.select(&logits, &whole)?, &pick(rows, &whole))?;
-            for (&i, t) in whole.iter().zip(picked) {
-                out[i] = t;
-            }
-        }
-        if !cut.is_empty() {
-            let picked = self.draw_cut(&self.select(&logits, &cut)?, &pick(rows, &cut))?;
-            for (&i, t) in cut.iter().zip(picked) {
+        type Draw<'a> = &'a dyn Fn(&Tensor, &[&DeviceRow]) -> Result<Vec<Option<u32>>>;
+        let argmax = |t: &Tensor, _: &[&DeviceRow]| -> Result<Vec<Option<u32>>> {
+            let tokens = super::device_argmax(t, &self.lowest_first)?;
+            Ok(tokens.into_iter().map(Some).collect())
+        };
+        let paths: [(Vec<usize>, Draw<'_>); 3] = [
+            (greedy, &argmax),
+            (whole, &|t, r| self.draw_whole(t, r)),
+            (cut, &|t, r| self.draw_cut(t, r)),
+        ];
+        for (which, draw) in paths.into_iter().filter(|(w, _)| !w.is_empty()) {
+            let picked = draw(&self.select(&logits, &which)?, &pick(rows, &which))?;
+            for (&i, t) in which.iter().zip(picked) {
                 out[i] = t;
             }
         }
@@ -226,7 +224,7 @@ impl DeviceSampler {
         flat.reshape(logits.shape())
     }
 
-    /// `(l / T - max)` for the finite logits, `-inf` elsewhere, and the row maxima `(n, 1)`.
+    /// `l / T` for the finite logits, `-inf` elsewhere, and the row maxima `(n, 1)`.
     fn scaled(&self, logits: &Tensor, rows: &[&DeviceRow]) -> Result<(Tensor, Tensor)> {
         let t = self.column(rows.iter().map(|r| r.temperature).collect())?;
         let scaled = logits.broadcast_div(&t)?;
