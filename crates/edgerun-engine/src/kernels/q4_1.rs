@@ -224,11 +224,13 @@ mod avx2 {
     use super::{BlockQ4_1, Ctx, Q8Quants};
     use std::arch::x86_64::*;
 
-    /// How many blocks ahead the wide (decode) kernel prefetches its weight rows: with the
-    /// hardware prefetcher alone, streaming weights from DRAM at m = 1 was ~20-30% slower. (The
-    /// tall kernel does enough work per weight byte not to need it; prefetching there measured
-    /// slightly worse.)
-    const PREFETCH: usize = 48;
+    /// How many blocks ahead (384 x 20 bytes, ~7.5 KiB: about 20 rows of a 576-wide matrix)
+    /// both kernels prefetch their weight rows. Decode streams every weight from DRAM once
+    /// per step, and SmolLM2's matrices are too small (576-wide rows, 0.1-1 MB each) for the
+    /// hardware prefetcher to ramp up: `kernel_bench model=SmolLM2 1` (every Q4_1 weight once,
+    /// in model order) took a median 4.9 ms at 48 blocks ahead, 3.6-3.7 ms from 256 to 768 (8
+    /// alternating runs each, 2026-12-02); the tall kernel at m = 4 and 8 gained 10-20% too.
+    const PREFETCH: usize = 384;
 
     /// Lhs rows per tile of the tall kernel.
     const TALL: usize = 8;
@@ -326,6 +328,7 @@ mod avx2 {
         let mut acc_m = _mm256_setzero_ps();
         for b in 0..nb {
             let blk = wrow.add(b);
+            _mm_prefetch::<_MM_HINT_T0>(wrow.wrapping_add(b + PREFETCH) as *const i8);
             let q4 = unpack(blk);
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
                 blk as *const i32,
