@@ -8,6 +8,7 @@
 # here). Idempotent: the model is fetched once (models/cache/), the wasm toolchain is installed
 # once per machine (~25 min the first time, then skipped), the CUDA toolkit once (~1 min), the
 # SDKs once (~/.cache/edgerun/sdk), builds are incremental (the CUDA one: ~10 min from scratch).
+# Also runs the engine's model-free tests for aarch64 under qemu-user (scripts/test-aarch64.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -35,6 +36,9 @@ scripts/build-worker.sh --locked
     && cargo build --release --locked -p edgerun-server --features cuda --target-dir target/cuda )
 # The Worker's routing, failover, header and validation logic, on the host.
 cargo test --locked "${WORKER[@]}"
+# The engine's model-free tests built for aarch64 and run under qemu-user: the NEON kernels
+# (installs the target's std, a cross linker and qemu once; ~8 min from scratch, then incremental).
+scripts/test-aarch64.sh
 # One test at a time: tests that run the model each use both cores, and timing-sensitive
 # checks (streaming, heartbeats) stay meaningful without six model servers competing.
 cargo test --release --locked --workspace -- --test-threads=1

@@ -46,8 +46,9 @@
 //!   TokenStream ◀── PromptProcessed / Token { text, logprobs } / Finished { usage, StopReason } / Failed
 //! ```
 //!
-//! One OS thread owns the model. Callers talk to it only through channels, so an async server
-//! never blocks on inference; the engine never blocks on a caller either: each sequence's event
+//! One OS thread owns the model (on the CPU it is also worker 0 of a rayon pool of its own, so
+//! candle-nn's parallel ops run on it instead of crossing threads). Callers talk to it only
+//! through channels, so an async server never blocks on inference; the engine never blocks on a caller either: each sequence's event
 //! channel is bounded, a sequence whose reader falls behind is paused (left out of steps) and,
 //! after [`SchedulerConfig::stalled_stream_timeout`], dropped.
 //!

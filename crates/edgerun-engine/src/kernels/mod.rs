@@ -8,14 +8,19 @@
 //!
 //! | weight                  | device | kernel                                              |
 //! |-------------------------|--------|-----------------------------------------------------|
-//! | Q4_1, 2-D, `k % 32 == 0`  | CPU    | ours ([`q4_1`]: AVX2/FMA/F16C, portable fallback)   |
-//! | Q8_0, 2-D, `k % 32 == 0`  | CPU    | ours ([`q8_0`], read in place, tied or not)          |
-//! | Q4_K, `n % 16 == 0`, `k % 256 == 0`, [`QLinear::new`] | CPU | ours ([`q4_k_tiled`], repacked into 16-row tiles that replace the blocks) |
-//! | Q4_K, 2-D, `k % 256 == 0`, otherwise (tied, the head) | CPU | ours ([`q4_k`], read in place) |
+//! | Q4_1, 2-D, `k % 32 == 0`  | CPU    | ours ([`q4_1`]: AVX2/VNNI, NEON, portable fallback)  |
+//! | Q8_0, 2-D, `k % 32 == 0`  | CPU    | ours ([`q8_0`], read in place, tied or not; AVX2/VNNI, NEON) |
+//! | Q4_K, `n % 16 == 0`, `k % 256 == 0`, [`QLinear::new`], x86-64 | CPU | ours ([`q4_k_tiled`], repacked into 16-row tiles that replace the blocks) |
+//! | Q4_K, 2-D, `k % 256 == 0`, otherwise (tied, the head, aarch64) | CPU | ours ([`q4_k`], read in place) |
 //! | Q5_K, 2-D, `k % 256 == 0` | CPU    | ours ([`q5_k`], Q4_K's in-place tiles)               |
-//! | Q6_K, `n % 16 == 0`, `k % 256 == 0`, [`QLinear::new`] | CPU | ours ([`q6_k_tiled`], repacked into 16-row tiles) |
-//! | Q6_K, 2-D, `k % 256 == 0`, otherwise (tied, the head) | CPU | ours ([`q6_k`], read in place) |
+//! | Q6_K, `n % 16 == 0`, `k % 256 == 0`, [`QLinear::new`], x86-64 | CPU | ours ([`q6_k_tiled`], repacked into 16-row tiles) |
+//! | Q6_K, 2-D, `k % 256 == 0`, otherwise (tied, the head, aarch64) | CPU | ours ([`q6_k`], read in place) |
 //! | anything else             | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
+//!
+//! On aarch64 ([`cpu::Isa`]'s `Neon`) Q4_1 and Q8_0 run NEON kernels of ours and the K-quants
+//! their in-place kernels' portable path, which is candle's NEON `vec_dot` per output (the
+//! tiles have no NEON kernel, so they are not made there). `scripts/test-aarch64.sh` runs the
+//! kernels' tests for aarch64 under qemu-user.
 //!
 //! So on the CPU every matmul of a `Q4_K_M`, `Q5_K_M`, `Q6_K`, `Q8_0` or `Q4_1` file whose
 //! matrices are all multiples of 256 wide (Llama-3-8B, Llama-3-mini) runs a row-invariant
@@ -202,8 +207,19 @@ pub(crate) trait CpuMatrix: Sync {
     /// The portable kernel, same contract.
     ///
     /// # Safety
-    /// As [`CpuMatrix::avx2_rows`], without the CPU requirement.
+    /// As [`CpuMatrix::simd_rows`], without the CPU requirement.
     unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>);
+
+    /// The kernel for [`Isa::Neon`]: by default the portable one (which for the K-quants in
+    /// place is candle's NEON dot product); a format with a NEON kernel overrides it.
+    ///
+    /// # Safety
+    /// As [`CpuMatrix::scalar_rows`], on a CPU with NEON.
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn neon_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        Self::scalar_rows(ctx, rows)
+    }
 
     /// Dispatches to the kernel for `isa`.
     ///
@@ -220,9 +236,21 @@ pub(crate) trait CpuMatrix: Sync {
             Isa::Avx2Vnni => vnni_entry::<Self>(ctx, rows),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => avx512_entry::<Self>(ctx, rows),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => neon_entry::<Self>(ctx, rows),
             Isa::Scalar => Self::scalar_rows(ctx, rows),
         }
     }
+}
+
+/// [`Isa::Neon`]'s entry point.
+///
+/// # Safety
+/// As [`CpuMatrix::neon_rows`].
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn neon_entry<W: CpuMatrix>(ctx: &Ctx, rows: std::ops::Range<usize>) {
+    W::neon_rows(ctx, rows)
 }
 
 /// [`Isa::Avx2`]'s entry point: every format's AVX2 kernel is compiled here.
@@ -430,12 +458,16 @@ impl QLinear {
             if let Some(m) = Q4_1Matrix::from_qtensor(&t)? {
                 return Ok(Self::Q4_1Cpu(m));
             }
-            if let Some(m) = Q4KTiled::from_qtensor(&t)? {
-                // `t` is dropped here: the tiles are the only copy.
-                return Ok(Self::Q4KTiledCpu(m));
-            }
-            if let Some(m) = Q6KTiled::from_qtensor(&t)? {
-                return Ok(Self::Q6KTiledCpu(m));
+            // Tiles only where they have SIMD kernels (x86-64). Elsewhere (aarch64) the
+            // in-place kernels are faster: their portable path is candle's NEON dot product.
+            if cfg!(target_arch = "x86_64") {
+                if let Some(m) = Q4KTiled::from_qtensor(&t)? {
+                    // `t` is dropped here: the tiles are the only copy.
+                    return Ok(Self::Q4KTiledCpu(m));
+                }
+                if let Some(m) = Q6KTiled::from_qtensor(&t)? {
+                    return Ok(Self::Q6KTiledCpu(m));
+                }
             }
         }
         Self::shared(Arc::new(t), kernels)

@@ -178,6 +178,12 @@ impl CpuMatrix for Q4_1Matrix {
     unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
         scalar_rows(ctx, rows)
     }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn neon_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        neon::rows(ctx, rows)
+    }
 }
 
 /// Portable kernel: same per-block formula, one output at a time.
@@ -349,6 +355,57 @@ mod avx2 {
         let out = ctx.out as *mut f32;
         for r in 0..R {
             *out.add((i + r) * ctx.n + j) = hsum(acc[r]) + m_terms[r];
+        }
+    }
+}
+
+/// The NEON kernel: the portable kernel's formula for each output `(i, j)` (so its rows are
+/// independent of the batch): per block the exact integer dot product (NEON's widening
+/// multiplies), `acc = fma(sumi, d4 * d8, acc)` and `acc_m = fma(m4, s8, acc_m)`; at the end
+/// `acc + acc_m`. Weight rows are prefetched as far ahead as the x86 kernels'.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::super::cpu::f16_to_f32;
+    use super::super::cpu::neon::{dot16, prefetch};
+    use super::{BlockQ4_1, Ctx, Q8Quants};
+    use std::arch::aarch64::*;
+
+    const PREFETCH: usize = 384;
+
+    /// # Safety
+    /// As `CpuMatrix::neon_rows`.
+    #[inline(always)]
+    pub(super) unsafe fn rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        let (nb, m) = (ctx.nb, ctx.m);
+        let w = ctx.w as *const BlockQ4_1;
+        let qs = ctx.qs as *const Q8Quants;
+        let (d8, s8) = (ctx.d8 as *const f32, ctx.s8 as *const f32);
+        let out = ctx.out as *mut f32;
+        for j in rows {
+            let wrow = w.add(j * nb);
+            for i in 0..m {
+                let x = qs.add(i * nb);
+                let (mut acc, mut acc_m) = (0f32, 0f32);
+                for b in 0..nb {
+                    if i == 0 {
+                        prefetch(wrow.wrapping_add(b + PREFETCH) as *const u8);
+                    }
+                    let blk = &*wrow.add(b);
+                    let bits = vld1q_u8(blk.qs.as_ptr());
+                    let lo = vreinterpretq_s8_u8(vandq_u8(bits, vdupq_n_u8(0x0f)));
+                    let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(bits));
+                    let q = (*x.add(b)).0.as_ptr();
+                    let sum = dot16(
+                        dot16(vdupq_n_s32(0), lo, vld1q_s8(q)),
+                        hi,
+                        vld1q_s8(q.add(16)),
+                    );
+                    let sumi = vaddvq_s32(sum);
+                    acc = (sumi as f32).mul_add(f16_to_f32(blk.d) * *d8.add(b * m + i), acc);
+                    acc_m = f16_to_f32(blk.m).mul_add(*s8.add(b * m + i), acc_m);
+                }
+                *out.add(i * ctx.n + j) = acc + acc_m;
+            }
         }
     }
 }

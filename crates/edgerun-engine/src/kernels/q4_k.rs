@@ -28,6 +28,7 @@
 //! exact however they are interleaved, so tiles of 1 to 8 lhs rows give every output the same
 //! bits. The portable path is candle's own `vec_dot` per output (deterministic per output too).
 
+#[cfg(target_arch = "x86_64")]
 use super::q8_k::Q8KBlock;
 use super::{cpu, forward_cpu, matmul_with, Activations, CpuMatrix, Ctx, InPlaceMatrix, QK_K};
 use candle_core::quantized::k_quants::{BlockQ4K as CandleQ4K, BlockQ8K as CandleQ8K, GgmlType};

@@ -35,6 +35,7 @@
 //! `acc = fma(broadcast(d_w * d_x), f32(sumi), acc)`; at the end `hsum(acc)` in a fixed order. Every tile runs exactly this per output, so rows are bitwise independent of the
 //! batch. The portable path is candle's own `vec_dot` per output (deterministic per output too).
 
+#[cfg(target_arch = "x86_64")]
 use super::q8_k::Q8KBlock;
 use super::{cpu, forward_cpu, matmul_with, Activations, CpuMatrix, Ctx, InPlaceMatrix, QK_K};
 use candle_core::quantized::k_quants::{BlockQ6K as CandleQ6K, BlockQ8K as CandleQ8K, GgmlType};

@@ -85,6 +85,12 @@ impl CpuMatrix for Q8_0Matrix {
     unsafe fn scalar_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
         scalar_rows(ctx, rows)
     }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn neon_rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        neon::rows(ctx, rows)
+    }
 }
 
 /// Portable kernel: the same per-block formula, one output at a time.
@@ -189,6 +195,49 @@ mod avx2 {
         let out = ctx.out as *mut f32;
         for (r, a) in acc.into_iter().enumerate() {
             *out.add((i + r) * ctx.n + j) = hsum(a);
+        }
+    }
+}
+
+/// The NEON kernel: the portable kernel's formula for each output `(i, j)` (so its rows are
+/// independent of the batch): per block the exact integer dot product (NEON's widening
+/// multiplies) and `acc = fma(sumi, d_w * d_x, acc)`. Weight rows are prefetched as far ahead
+/// as the x86 kernel's.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::super::cpu::f16_to_f32;
+    use super::super::cpu::neon::{dot16, prefetch};
+    use super::{BlockQ8_0, Ctx, Q8Quants};
+    use std::arch::aarch64::*;
+
+    const PREFETCH: usize = 240;
+
+    /// # Safety
+    /// As `CpuMatrix::neon_rows`.
+    #[inline(always)]
+    pub(super) unsafe fn rows(ctx: &Ctx, rows: std::ops::Range<usize>) {
+        let (nb, m) = (ctx.nb, ctx.m);
+        let w = ctx.w as *const BlockQ8_0;
+        let qs = ctx.qs as *const Q8Quants;
+        let d8 = ctx.d8 as *const f32;
+        let out = ctx.out as *mut f32;
+        for j in rows {
+            let wrow = w.add(j * nb);
+            for i in 0..m {
+                let x = qs.add(i * nb);
+                let mut acc = 0f32;
+                for b in 0..nb {
+                    if i == 0 {
+                        prefetch(wrow.wrapping_add(b + PREFETCH) as *const u8);
+                    }
+                    let blk = &*wrow.add(b);
+                    let (wq, q) = (blk.qs.as_ptr(), (*x.add(b)).0.as_ptr());
+                    let sum = dot16(vdupq_n_s32(0), vld1q_s8(wq), vld1q_s8(q));
+                    let sumi = vaddvq_s32(dot16(sum, vld1q_s8(wq.add(16)), vld1q_s8(q.add(16))));
+                    acc = (sumi as f32).mul_add(f16_to_f32(blk.d) * *d8.add(b * m + i), acc);
+                }
+                *out.add(i * ctx.n + j) = acc;
+            }
         }
     }
 }

@@ -83,7 +83,8 @@ fn quantize_lhs(isa: Isa, lhs: &[f32], m: usize, k: usize, s: &mut LhsScratch) {
         Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512 => unsafe {
             avx2::quantize(lhs, m, k, &mut s.qs, &mut s.d8, &mut s.s8)
         },
-        Isa::Scalar => {
+        // The portable quantizer, for NEON too.
+        _ => {
             if s.candle.len() < nb {
                 s.candle.resize(nb, CandleQ8_1::zeros());
             }

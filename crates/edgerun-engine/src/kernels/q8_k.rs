@@ -117,7 +117,8 @@ fn quantize_row(isa: Isa, row: &[f32], out: &mut [CandleQ8K]) {
                 }
             }
         }
-        Isa::Scalar => CandleQ8K::from_float(row, out),
+        // The portable quantizer (candle's), for NEON too.
+        _ => CandleQ8K::from_float(row, out),
     }
 }
 
