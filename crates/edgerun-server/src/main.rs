@@ -301,11 +301,18 @@ fn main() -> anyhow::Result<()> {
         Some(n) => n,
         None => num_cpus::get_physical().max(1),
     };
+    // Our kernels run on a pool of their own that parks when idle (kernels/cpu.rs); candle's
+    // barrier pool (its own ops) spins 25,000 times before parking, which against ours cost
+    // 10-27% on 2 cores: a short spin makes the two measure like one.
     // SAFETY: no other thread exists yet.
     unsafe {
-        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        for (var, value) in [
+            ("RAYON_NUM_THREADS", threads.to_string()),
+            ("CANDLE_NUM_THREADS", threads.to_string()),
+            ("CANDLE_BARRIER_POOL_SPIN_LIMIT", "500".to_string()),
+        ] {
             if std::env::var_os(var).is_none() {
-                std::env::set_var(var, threads.to_string());
+                std::env::set_var(var, value);
             }
         }
     }

@@ -120,12 +120,249 @@ pub fn missing_build_features() -> Vec<&'static str> {
     missing
 }
 
-/// Runs `f` over `0..n` split into chunks on candle's own `barrier_pool()`, so our matmuls and
-/// candle's ops share one set of workers and never compete for cores. (A pool of our own whose
-/// waiters spin briefly and then park measured 10-27% slower on 2 quiet cores: its idle
-/// workers and candle's then spin against each other.)
+/// Runs `f` over `0..n` split into chunks on the kernels' [`pool`]: the calling thread and the
+/// pool's workers take chunks from a shared cursor until none are left.
 pub(crate) fn parallel_chunks(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, f)
+    pool::get().run(n, &f)
+}
+
+/// The kernels' thread pool: candle's thread count (`RAYON_NUM_THREADS`, which the server sets
+/// from `--threads`), the caller being one of them.
+///
+/// Why not candle's `barrier_pool()`, which our kernels used before: its caller waits for every
+/// worker by spinning without end, even a worker that has not started. On a CPU shared with
+/// another busy process a descheduled worker then costs the caller its whole time slice at
+/// every matmul: a 200-token SmolLM2 decode took 17-35 s instead of 1.3 s beside one busy loop
+/// on 2 cores (1.5-2.8 s on this pool; 2026-12-02). Here:
+/// * a worker joins a call only while it is open; the caller closes it once the chunks are all
+///   taken and then waits only for workers that joined (each holding at most one chunk), so a
+///   worker that was not running costs nothing;
+/// * everyone waits by spinning briefly, then parking: idle workers spin [`pool::WORKER_SPIN`]
+///   (long enough to span the gaps between a step's matmuls), the caller spins
+///   [`pool::CALLER_SPIN`] for the last chunks before sleeping until the last worker wakes it.
+///
+/// Candle's own ops (large elementwise ones, formats it serves) still run on its barrier pool,
+/// whose idle workers spin 25,000 times before parking; against this pool's workers that cost
+/// 10-27% on 2 quiet cores, so the server shortens their spin (`CANDLE_BARRIER_POOL_SPIN_LIMIT`,
+/// unless set): then the two measured the same as one shared pool.
+pub(crate) mod pool {
+    use std::cell::UnsafeCell;
+    use std::ops::Range;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
+    use std::sync::{Mutex, OnceLock};
+    use std::thread::Thread;
+    use std::time::{Duration, Instant};
+
+    /// How long an idle worker spins before parking.
+    pub(crate) const WORKER_SPIN: Duration = Duration::from_micros(300);
+    /// How long the caller spins for the workers' last chunks before parking.
+    pub(crate) const CALLER_SPIN: Duration = Duration::from_micros(50);
+
+    /// `state`: the call's number from bit 17, CLOSED, and in the low bits how many workers
+    /// are inside the call.
+    const CLOSED: usize = 1 << 16;
+    const COUNT: usize = CLOSED - 1;
+    const GEN_SHIFT: u32 = 17;
+
+    /// One call's work, type-erased: `call(data, range)` runs the caller's closure.
+    #[derive(Clone, Copy)]
+    struct Job {
+        data: *const (),
+        call: unsafe fn(*const (), Range<usize>),
+        n: usize,
+        chunk: usize,
+    }
+
+    pub(crate) struct Pool {
+        state: AtomicUsize,
+        job: UnsafeCell<Job>,
+        cursor: AtomicUsize,
+        /// Set while the caller is (about to be) parked waiting for the workers inside.
+        caller_parked: AtomicBool,
+        caller: Mutex<Option<Thread>>,
+        workers: OnceLock<Vec<Thread>>,
+        /// One call at a time; callers from other threads queue here.
+        call: Mutex<()>,
+        panicked: AtomicBool,
+    }
+
+    // SAFETY: `job` is written only by the caller holding `call` while no worker is inside a
+    // call (the previous one closed with count 0), before the new call's state is published
+    // (Release); a worker reads it only after joining that state (AcqRel compare-exchange) and
+    // before leaving, which the caller waits for before returning.
+    unsafe impl Sync for Pool {}
+
+    thread_local! {
+        static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// The process's pool, started on first use.
+    pub(crate) fn get() -> &'static Pool {
+        static POOL: OnceLock<&'static Pool> = OnceLock::new();
+        POOL.get_or_init(|| Pool::start(candle_core::utils::get_num_threads().max(1) - 1))
+    }
+
+    unsafe fn trampoline<F: Fn(Range<usize>) + Sync>(data: *const (), r: Range<usize>) {
+        (*(data as *const F))(r)
+    }
+
+    impl Pool {
+        /// A pool of `workers` threads besides the caller; lives for the process.
+        pub(crate) fn start(workers: usize) -> &'static Pool {
+            let pool: &'static Pool = Box::leak(Box::new(Pool {
+                state: AtomicUsize::new(CLOSED),
+                job: UnsafeCell::new(Job {
+                    data: std::ptr::null(),
+                    call: trampoline::<fn(Range<usize>)>,
+                    n: 0,
+                    chunk: 1,
+                }),
+                cursor: AtomicUsize::new(0),
+                caller_parked: AtomicBool::new(false),
+                caller: Mutex::new(None),
+                workers: OnceLock::new(),
+                call: Mutex::new(()),
+                panicked: AtomicBool::new(false),
+            }));
+            let threads = (0..workers)
+                .filter_map(|i| {
+                    std::thread::Builder::new()
+                        .name(format!("edgerun-kernels-{i}"))
+                        .spawn(move || pool.work())
+                        .ok()
+                        .map(|h| h.thread().clone())
+                })
+                .collect();
+            let _ = pool.workers.set(threads);
+            pool
+        }
+
+        /// Runs `f` over `0..n` in chunks on the caller and the workers that join; returns when
+        /// all chunks are done. Panics (after every chunk has run) if a chunk panicked.
+        pub(crate) fn run<F: Fn(Range<usize>) + Sync>(&self, n: usize, f: &F) {
+            if n == 0 {
+                return;
+            }
+            let workers = self.workers.get().map_or(&[][..], Vec::as_slice);
+            // From a worker (nested) or without workers: run inline.
+            if workers.is_empty() || IN_POOL.with(|c| c.get()) {
+                f(0..n);
+                return;
+            }
+            let _guard = self.call.lock().unwrap_or_else(|e| e.into_inner());
+            // ~8 grabs per thread: little cursor contention, a small tail.
+            let chunk = n.div_ceil((workers.len() + 1) * 8).max(1);
+            // SAFETY: see `unsafe impl Sync`: the previous call closed with no worker inside.
+            unsafe {
+                *self.job.get() = Job {
+                    data: f as *const F as *const (),
+                    call: trampoline::<F>,
+                    n,
+                    chunk,
+                };
+            }
+            self.cursor.store(0, Relaxed);
+            *self.caller.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
+            let generation = (self.state.load(Relaxed) >> GEN_SHIFT).wrapping_add(1);
+            self.state.store(generation << GEN_SHIFT, Release);
+            for w in workers {
+                // Cheap when the worker is spinning (it only leaves a token).
+                w.unpark();
+            }
+            let caller_ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+                let start = self.cursor.fetch_add(chunk, Relaxed);
+                if start >= n {
+                    return;
+                }
+                f(start..n.min(start + chunk));
+            }));
+            // Every chunk is taken: no worker may join any more; wait for those inside.
+            self.state.fetch_or(CLOSED, AcqRel);
+            self.wait_for_workers();
+            if let Err(payload) = caller_ok {
+                std::panic::resume_unwind(payload);
+            }
+            if self.panicked.swap(false, Relaxed) {
+                panic!("a kernel chunk panicked on a pool worker");
+            }
+        }
+
+        fn wait_for_workers(&self) {
+            let began = Instant::now();
+            let mut spins = 0u32;
+            while self.state.load(Acquire) & COUNT != 0 {
+                spins = spins.wrapping_add(1);
+                if !spins.is_multiple_of(64) || began.elapsed() < CALLER_SPIN {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                self.caller_parked.store(true, SeqCst);
+                if self.state.load(SeqCst) & COUNT != 0 {
+                    std::thread::park();
+                }
+                self.caller_parked.store(false, SeqCst);
+            }
+        }
+
+        fn work(&'static self) {
+            IN_POOL.with(|c| c.set(true));
+            let mut seen = 0usize;
+            loop {
+                // Wait for a call newer than the last one seen.
+                let began = Instant::now();
+                let mut spins = 0u32;
+                let mut state = self.state.load(Acquire);
+                while state >> GEN_SHIFT == seen {
+                    spins = spins.wrapping_add(1);
+                    if !spins.is_multiple_of(64) || began.elapsed() < WORKER_SPIN {
+                        std::hint::spin_loop();
+                    } else {
+                        // The caller unparks every worker after publishing a call, so one
+                        // published after the load above leaves a token.
+                        std::thread::park();
+                    }
+                    state = self.state.load(Acquire);
+                }
+                seen = state >> GEN_SHIFT;
+                // Join it while it is open.
+                let joined = loop {
+                    if state & CLOSED != 0 || state >> GEN_SHIFT != seen {
+                        break false;
+                    }
+                    match self
+                        .state
+                        .compare_exchange_weak(state, state + 1, AcqRel, Acquire)
+                    {
+                        Ok(_) => break true,
+                        Err(now) => state = now,
+                    }
+                };
+                if !joined {
+                    continue;
+                }
+                // SAFETY: see `unsafe impl Sync`.
+                let job = unsafe { *self.job.get() };
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+                    let start = self.cursor.fetch_add(job.chunk, Relaxed);
+                    if start >= job.n {
+                        return;
+                    }
+                    // SAFETY: `data` points at the caller's closure, alive until every
+                    // worker inside has left.
+                    unsafe { (job.call)(job.data, start..job.n.min(start + job.chunk)) };
+                }));
+                if ran.is_err() {
+                    self.panicked.store(true, Relaxed);
+                }
+                let before = self.state.fetch_sub(1, SeqCst);
+                if before & COUNT == 1 && before & CLOSED != 0 && self.caller_parked.load(SeqCst) {
+                    if let Some(t) = &*self.caller.lock().unwrap_or_else(|e| e.into_inner()) {
+                        t.unpark();
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Exact IEEE half -> single conversion.
@@ -323,6 +560,66 @@ mod tests {
             if std::arch::is_x86_feature_detected!("f16c") {
                 assert_eq!(a.to_bits(), unsafe { hw_f16(h) }.to_bits(), "{h:#x}");
             }
+        }
+    }
+
+    /// Every index is run exactly once per call, by the caller and the workers, across many
+    /// calls of every size, from several threads at once.
+    #[test]
+    fn the_pool_runs_every_chunk_once() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let pool = pool::Pool::start(3);
+        std::thread::scope(|s| {
+            for t in 0..3 {
+                s.spawn(move || {
+                    for n in (0..300).chain([10_000]) {
+                        let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+                        pool.run(n, &|r: std::ops::Range<usize>| {
+                            for i in r {
+                                hits[i].fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                        assert!(
+                            hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                            "{t} {n}"
+                        );
+                    }
+                });
+            }
+        });
+    }
+
+    /// A chunk that panics, on the caller or on a worker, panics the call after every other
+    /// chunk ran, and the pool keeps working.
+    #[test]
+    fn a_panicking_chunk_fails_its_call_only() {
+        let pool = pool::Pool::start(2);
+        for bad in [0usize, 63] {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.run(64, &|r: std::ops::Range<usize>| {
+                    assert!(!r.contains(&bad), "chunk {r:?}");
+                })
+            }));
+            assert!(r.is_err());
+            let sum = std::sync::atomic::AtomicUsize::new(0);
+            pool.run(100, &|r: std::ops::Range<usize>| {
+                sum.fetch_add(r.sum::<usize>(), std::sync::atomic::Ordering::Relaxed);
+            });
+            assert_eq!(sum.into_inner(), 4950);
+        }
+    }
+
+    /// Idle workers park after spinning, and a call wakes them.
+    #[test]
+    fn parked_workers_wake_for_a_call() {
+        let pool = pool::Pool::start(2);
+        for _ in 0..3 {
+            std::thread::sleep(pool::WORKER_SPIN * 4);
+            let sum = std::sync::atomic::AtomicUsize::new(0);
+            pool.run(1000, &|r: std::ops::Range<usize>| {
+                sum.fetch_add(r.len(), std::sync::atomic::Ordering::Relaxed);
+            });
+            assert_eq!(sum.into_inner(), 1000);
         }
     }
 
