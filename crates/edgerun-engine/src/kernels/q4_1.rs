@@ -49,10 +49,11 @@
 //!   (nibbles to bytes, f16 scales to f32) once for 8 rows. Lhs rows are visited 64 at a time
 //!   to stay in L2.
 //!
-//! Other CPUs get a portable scalar loop with the same per-block formula.
+//! aarch64 gets a NEON kernel (the portable formula per output, integer dots in NEON); other
+//! CPUs a portable scalar loop with the same per-block formula.
 //!
-//! Work is split over weight rows (output columns), 4 rows per item, handed out by candle's own
-//! `barrier_pool()` (so our matmuls and candle's never compete for cores). An item computes its
+//! Work is split over weight rows (output columns), 4 rows per item, handed out by the kernels'
+//! own pool (`cpu::pool`, which parks when idle). An item computes its
 //! weight rows against *all* `m` lhs rows, so each weight row is read from memory once per call
 //! however many tokens are batched: a step decoding 30 sequences reads the weights once, not 30
 //! times. Every output element is written by exactly one item, through a raw pointer, as
