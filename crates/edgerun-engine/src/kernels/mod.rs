@@ -17,7 +17,7 @@
 //! | Q6_K, 2-D, `k % 256 == 0`, otherwise (tied, the head, aarch64) | CPU | ours ([`q6_k`], read in place) |
 //! | anything else             | any    | candle's `QMatMul` (its CPU, CUDA and Metal kernels) |
 //!
-//! On aarch64 ([`cpu::Isa`]'s `Neon`) Q4_1 and Q8_0 run NEON kernels of ours and the K-quants
+//! On aarch64 (`cpu::Isa::Neon`) Q4_1 and Q8_0 run NEON kernels of ours and the K-quants
 //! their in-place kernels' portable path, which is candle's NEON `vec_dot` per output (the
 //! tiles have no NEON kernel, so they are not made there). `scripts/test-aarch64.sh` runs the
 //! kernels' tests for aarch64 under qemu-user.
