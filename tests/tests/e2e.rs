@@ -372,9 +372,11 @@ async fn queueing_heartbeats_and_capacity() {
     ])
     .await;
     let start = Instant::now();
-    // A raw counting continuation: long enough (300 tokens, seconds) that the second request
-    // waits well past the 1 s heartbeat interval.
-    let counting = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "raw": true, "stream": true, "max_tokens": 300, "temperature": 0});
+    // A raw counting continuation: long enough that the second request waits well past its
+    // first heartbeat, which comes FIRST_EVENT_GRACE (1 s, the headers' wait) plus one 1 s
+    // interval after it is queued. 1000 tokens: ~5 s at the ~190 tok/s SmolLM2 decodes at on
+    // 2 cores (300 tokens, ~1.6 s, stopped being enough once decode got faster).
+    let counting = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "raw": true, "stream": true, "max_tokens": 1000, "temperature": 0});
     let first = node.post(counting.to_string()).send().await.unwrap();
     let first = tokio::spawn(read_sse(first, start));
     // Wait until the first one is running.
