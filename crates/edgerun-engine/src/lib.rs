@@ -12,11 +12,11 @@
 //! |---|---|
 //! | a model architecture | `models/<arch>.rs`, one [`CausalLm`] impl, one line in [`models::ARCHITECTURES`] |
 //! | a block format or a device kernel | `kernels/<format>.rs`, one arm in [`kernels::QLinear::new`] |
-//! | a stop rule | a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`] (stop strings: `Sequence::release`) |
+//! | a stop rule | on ids: a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`]; on text: the reader's side, `output.rs` (stop strings: `StopStrings::release`) |
 //! | a sampling parameter | a field of [`SamplingConfig`], applied in [`Sampler`] (host) and [`DeviceSampler`] (where the logits are; `sampling/device.rs`), held to each other by their tests |
 //! | an output format (JSON schema, Lark grammar) | an [`OutputFormat`] variant, compiled by llguidance in `constraint.rs` ([`Engine::constrain`]) |
 //! | a tool-call family | `tools.rs`: [`ToolCalling::detect`], its parser and its forcing grammar |
-//! | something reported per token | a field of the `Token` event ([`GenerationEvent`]); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]) |
+//! | something reported per token | computed on the engine thread into the engine's `Emitted::Token`, made readable by the [`TokenStream`] into a field of the `Token` event ([`GenerationEvent`], `output.rs`); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]), their tokens' bytes added by the stream |
 //! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
 //! | checking a device against the CPU (`edgerun check-device`, `scripts/gpu-check.sh`) | `device_check.rs` |
 //! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
@@ -40,10 +40,14 @@
 //!     update_from_output: sample per sequence (its format's mask applied first; with its
 //!       log-probabilities, when asked for; paged: every sequence without either is sampled
 //!       for the whole batch on the device by DeviceSampler and only ids are copied back, with
-//!       the uniform each sequence's own generator drew); Sequence::accept feeds the grammar, detokenizes,
-//!       applies its stop rules (end of turn, a complete format, stop strings, max_tokens,
-//!       context), emits GenerationEvents; finished sequences leave the batch
-//!   TokenStream ◀── PromptProcessed / Token { text, logprobs } / Finished { usage, StopReason } / Failed
+//!       the uniform each sequence's own generator drew); Sequence::accept feeds the grammar,
+//!       applies the stop rules on ids (end of turn, a complete format, max_tokens, context),
+//!       sends the token's id (and log-probabilities); finished sequences leave the batch;
+//!       sequences whose readers found a stop string are retired before the next step
+//!   channel ◀── ids: PromptProcessed / Token { id, logprobs } / Finished { usage, reason } / Failed
+//!   TokenStream (the reader's thread, output.rs): detokenizes, applies stop strings (a match
+//!     raises a flag the engine reads, as it notices a dropped stream), adds tokens' bytes
+//!     ──▶ PromptProcessed / Token { text, logprobs } / Finished { usage, StopReason } / Failed
 //! ```
 //!
 //! One OS thread owns the model (on the CPU it is also worker 0 of a rayon pool of its own, so
@@ -61,6 +65,9 @@
 //! * Each sequence owns its [`KvCache`] (its buffers, or its blocks of the engine's [`KvPool`],
 //!   given back when it is dropped, before its last event is sent); the model holds no
 //!   per-request state.
+//! * The engine thread never touches text: it sends ids, and each stream's reader turns them
+//!   into text (`output.rs`), so on a GPU the thread goes back to the next step at once and the
+//!   text work of many streams runs on the server's threads, beside the device.
 //! * On a GPU a step's device work per layer does not grow with the batch: with paged caches
 //!   all keys and values are written with one scatter and all decoding sequences attend in one
 //!   batched attention over one gather (`models/attention.rs`).
@@ -104,6 +111,7 @@ pub mod gguf;
 pub mod kernels;
 mod kv_cache;
 pub mod models;
+mod output;
 mod request;
 mod sampling;
 mod scheduler;
@@ -117,6 +125,7 @@ pub use error::{EngineError, Result};
 pub use kernels::Kernels;
 pub use kv_cache::{BlockAllocator, KvCache, KvLayout, KvPool, KvStorage};
 pub use models::{CausalLm, ModelConfig, Segment};
+pub use output::{GenerationEvent, TokenStream, EVENT_BUFFER};
 pub use request::{
     ChatMessage, GenerationRequest, LogprobEntry, Logprobs, PromptInput, QueuePolicy,
     SamplingConfig, StopCriteria, TokenLogprob, Usage,
@@ -128,8 +137,7 @@ pub use sampling::{
 pub use scheduler::admission::KvReservation;
 pub use scheduler::plan::{plan_step, Planned, SeqProgress, Work};
 pub use scheduler::{
-    EngineStats, GenerationEvent, Health, SchedulerConfig, StatsSnapshot, TokenStream,
-    EVENT_BUFFER, FAILING_AFTER, IDLE_PROBE,
+    EngineStats, Health, SchedulerConfig, StatsSnapshot, FAILING_AFTER, IDLE_PROBE,
 };
 pub use sequence::StopReason;
 pub use template::{ChatTemplate, CHATML_TEMPLATE};
@@ -138,7 +146,7 @@ pub use tools::{Tool, ToolCall, ToolCallFormat, ToolCallSplitter, ToolCalling, T
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-use scheduler::{admission, check_context, token_channel, Scheduler, Submission};
+use scheduler::{admission, check_context, Scheduler, Submission};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -404,7 +412,6 @@ impl Engine {
             preempted: std::cell::RefCell::default(),
             device_sampler: std::cell::OnceCell::new(),
             model: model.clone(),
-            tokenizer: tokenizer.clone(),
             stop_ids: stop_ids.clone(),
             config,
             stats: stats.clone(),
@@ -572,7 +579,7 @@ impl Engine {
                 budget_mib: self.config.kv_cache_budget.unwrap_or(usize::MAX) >> 20,
             });
         }
-        let (tx, stream) = token_channel();
+        let (tx, stream) = output::channel(self.tokenizer.clone(), request.stopping.stop.clone());
         let submission = Submission {
             request,
             reservation,

@@ -124,7 +124,8 @@ impl Default for SamplingConfig {
 }
 
 /// When a sequence stops, besides the model's own end-of-turn tokens and the end of the context
-/// window (which every sequence applies). Each field is one rule of `Sequence` (`sequence.rs`).
+/// window (which every sequence applies). `max_tokens` is a rule of `Sequence` (`sequence.rs`, on
+/// the engine thread); stop strings are applied to the text by the reader's stream (`output.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StopCriteria {
     /// Tokens to generate at most (at least 1).

@@ -1,32 +1,26 @@
-//! One running generation: its tokens, cache, sampler and detokenizer, and the rules that end
-//! it.
+//! One running generation: its tokens, cache and sampler, and the rules that end it.
 //!
 //! The scheduler decides *when* a sequence runs; the sequence decides what it feeds the model
 //! ([`Sequence::segment`]), what a sampled token means ([`Sequence::accept`]) and whether it is
-//! done. Each stop rule is a method here: the model's end-of-turn tokens
-//! ([`Sequence::ends_turn`]), `max_tokens` and the end of the context window
-//! ([`Sequence::out_of_room`]), and the caller's stop strings ([`Sequence::release`]). Every
-//! piece of text passes through [`Sequence::release`] before the caller sees it: text that could
-//! be the start of a stop string is held back until the next text shows whether it is one; at
-//! a full match the text is cut just before it, the rest (and whatever the detokenizer held) is
-//! dropped, and the sequence ends with [`StopReason::StopString`]. The detokenizer releases only
-//! whole characters, and held text is cut only at character boundaries, so no UTF-8 character
-//! is ever split. What one [`Sequence::accept`] releases goes out as one `Token` event, with
-//! the log-probabilities of the tokens generated since the last one (when asked for:
-//! [`Sequence::sample`] computes them from the raw logits).
+//! done. Each stop rule on ids is a method here: the model's end-of-turn tokens
+//! ([`Sequence::ends_turn`]), a complete output format ([`Sequence::format_complete`]),
+//! `max_tokens` and the end of the context window ([`Sequence::out_of_room`]). The sequence
+//! sends its reader ids, never text: each sampled token (but an end-of-turn one) goes out as
+//! one `Token` event with its log-probabilities when asked for ([`Sequence::sample`] computes
+//! them from the raw logits), and the reader's [`crate::TokenStream`] detokenizes and applies
+//! the caller's stop strings (`output.rs`); a stop string it finds ends the sequence through
+//! [`Sequence::ended_by_reader`].
 
 use crate::constraint::{Constraint, Grammar};
 use crate::kv_cache::KvCache;
 use crate::models::Segment;
-use crate::request::{LogprobEntry, Logprobs, StopCriteria, TokenLogprob, Usage};
+use crate::output::{Emitted, Outbox};
+use crate::request::{Logprobs, StopCriteria, Usage};
 use crate::sampling::{step_logprobs, Sampler, StepLogprobs};
 use crate::scheduler::plan::{SeqProgress, Work};
-use crate::scheduler::GenerationEvent;
-use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::Sender;
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +31,7 @@ pub enum StopReason {
     MaxTokens,
     /// The context window is full.
     ContextFull,
-    /// The text reached one of the caller's stop strings (not shown).
+    /// The text reached one of the caller's stop strings (not shown); found by the reader.
     StopString,
 }
 
@@ -86,16 +80,9 @@ pub(crate) struct Sequence {
     /// The output format's grammar, if any: masks each step's logits, ends the sequence when
     /// complete.
     constraint: Constraint,
-    decoder: IncrementalDecoder,
-    /// Released text that could be the start of a stop string (only with stop strings).
-    held: String,
-    /// Text to send at the end of the current [`Sequence::accept`].
-    out: String,
     /// Log-probabilities of the newest sampled token, by id (only when asked for).
     sampled: Option<StepLogprobs>,
-    /// Log-probabilities of the tokens not yet sent.
-    logprobs: Vec<TokenLogprob>,
-    tx: Sender<GenerationEvent>,
+    tx: Outbox,
     /// Since when its client has not made room for a step's events.
     blocked_since: Option<Instant>,
 }
@@ -110,7 +97,7 @@ pub(crate) struct SequenceParts {
     pub cache: KvCache,
     pub sampler: Sampler,
     pub constraint: Constraint,
-    pub tx: Sender<GenerationEvent>,
+    pub tx: Outbox,
     pub order: u64,
 }
 
@@ -131,11 +118,7 @@ impl Sequence {
             cache: p.cache,
             sampler: p.sampler,
             constraint: p.constraint,
-            decoder: IncrementalDecoder::new(),
-            held: String::new(),
-            out: String::new(),
             sampled: None,
-            logprobs: Vec::new(),
             tx: p.tx,
             blocked_since: None,
         }
@@ -265,48 +248,30 @@ impl Sequence {
         Ok(token)
     }
 
-    /// Takes a sampled token: counts it, shows its text, and applies the stop rules. Returns
-    /// why the sequence stops, if it does; otherwise the token is fed back next step. Fails
-    /// when its output format rejects the token (which the mask should make impossible).
-    pub fn accept(
-        &mut self,
-        token: u32,
-        tokenizer: &TextTokenizer,
-    ) -> Result<Option<StopReason>, String> {
+    /// Takes a sampled token: counts it, sends it to the reader, and applies the stop rules
+    /// on ids. Returns why the sequence stops, if it does; otherwise the token is fed back next
+    /// step. Fails when its output format rejects the token (which the mask should make
+    /// impossible).
+    pub fn accept(&mut self, token: u32) -> Result<Option<StopReason>, String> {
         self.sampler.observe(token);
         self.generated += 1;
-        let sampled = self.sampled.take();
-        if !self.ends_turn(token) {
-            if let Some(grammar) = self.constraint.grammar() {
-                grammar.consume(token)?;
-            }
-        }
-        let reason = if self.ends_turn(token) {
+        let logprobs = self.sampled.take();
+        if self.ends_turn(token) {
             // The terminator is counted (it was generated) but neither shown nor reported.
-            Some(self.flush(tokenizer).unwrap_or(StopReason::EndOfTurn))
+            return Ok(Some(StopReason::EndOfTurn));
+        }
+        if let Some(grammar) = self.constraint.grammar() {
+            grammar.consume(token)?;
+        }
+        self.emit(Emitted::Token {
+            id: token,
+            logprobs,
+        });
+        let reason = if self.format_complete() {
+            Some(StopReason::EndOfTurn)
         } else {
-            if let Some(step) = sampled {
-                self.logprobs.push(resolve(step, tokenizer));
-            }
-            let mut reason = match self.decoder.push(tokenizer, token) {
-                Ok(Some(text)) => self.release(&text),
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!("detokenization failed: {e}");
-                    None
-                }
-            };
-            if reason.is_none() && self.format_complete() {
-                reason = Some(self.flush(tokenizer).unwrap_or(StopReason::EndOfTurn));
-            }
-            if reason.is_none() {
-                if let Some(limit) = self.out_of_room() {
-                    reason = Some(self.flush(tokenizer).unwrap_or(limit));
-                }
-            }
-            reason
+            self.out_of_room()
         };
-        self.send();
         if reason.is_none() {
             self.phase = Phase::Decode;
             self.input = [token];
@@ -337,61 +302,17 @@ impl Sequence {
         }
     }
 
-    /// The generation ends: releases whatever the detokenizer still holds, then the text held
-    /// for a stop string (it was not one). A stop string completed by the detokenizer's last
-    /// text still counts: then that is why it stopped.
-    fn flush(&mut self, tokenizer: &TextTokenizer) -> Option<StopReason> {
-        if let Ok(Some(text)) = self.decoder.flush(tokenizer) {
-            if let Some(reason) = self.release(&text) {
-                return Some(reason);
-            }
-        }
-        let held = std::mem::take(&mut self.held);
-        self.out.push_str(&held);
-        None
-    }
-
-    /// The one way generated text reaches the caller (at the end of the step, [`Self::send`]).
-    /// Stop rule: the caller's stop strings. Text that could be the start of one is held back;
-    /// at a full match (the earliest, if several) the text before it goes out and the rest is
-    /// dropped.
-    fn release(&mut self, text: &str) -> Option<StopReason> {
-        if self.stopping.stop.is_empty() {
-            self.out.push_str(text);
-            return None;
-        }
-        self.held.push_str(text);
-        let stops = &self.stopping.stop;
-        if let Some(at) = stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
-            self.out.push_str(&self.held[..at]);
-            self.held.clear();
-            return Some(StopReason::StopString);
-        }
-        let cut = self.held.len() - partial_stop_len(&self.held, stops);
-        self.out.push_str(&self.held[..cut]);
-        self.held.drain(..cut);
-        None
-    }
-
-    /// Sends what this step released, if anything: one `Token` event.
-    fn send(&mut self) {
-        if self.out.is_empty() && self.logprobs.is_empty() {
-            return;
-        }
-        let text = std::mem::take(&mut self.out);
-        let logprobs = std::mem::take(&mut self.logprobs);
-        self.emit(GenerationEvent::Token { text, logprobs });
-    }
-
     pub fn usage(&self) -> Usage {
         Usage {
             prompt_tokens: self.prompt.len(),
             completion_tokens: self.generated,
         }
+    }
+
+    /// Stop rule: its reader found one of the caller's stop strings in the text (see
+    /// `output.rs`); it ends with [`StopReason::StopString`], before anything else is checked.
+    pub fn ended_by_reader(&self) -> bool {
+        self.tx.reader_ended()
     }
 
     /// Whoever asked for it is gone (its [`crate::TokenStream`] was dropped).
@@ -402,65 +323,25 @@ impl Sequence {
     /// Sends an event to the caller; a caller that is gone is noticed before the next step.
     /// Never blocks: only sequences with room for a step's events are planned, and one slot is
     /// kept for the error that ends a stalled stream.
-    pub fn emit(&self, event: GenerationEvent) {
-        if let Err(tokio::sync::mpsc::error::TrySendError::Full(event)) = self.tx.try_send(event) {
-            tracing::error!(?event, "event channel full; event dropped");
-        }
+    pub fn emit(&self, event: Emitted) {
+        self.tx.send(event);
     }
 
     /// Ends the sequence successfully. Its cache is freed first (paged blocks back in the
     /// pool), so whoever sees the last event sees the memory free.
     pub fn finish(self, reason: StopReason) {
         let usage = self.usage();
-        let tx = self.into_sender();
-        Self::send_last(&tx, GenerationEvent::Finished { usage, reason });
+        self.into_outbox().send(Emitted::Finished { usage, reason });
     }
 
     /// Ends the sequence with an error (its cache freed first, as in [`Sequence::finish`]).
     pub fn fail(self, why: &str) {
-        let tx = self.into_sender();
-        Self::send_last(&tx, GenerationEvent::Failed(why.to_string()));
+        self.into_outbox().send(Emitted::Failed(why.to_string()));
     }
 
     /// Drops everything but the event channel.
-    fn into_sender(self) -> Sender<GenerationEvent> {
+    fn into_outbox(self) -> Outbox {
         self.tx
-    }
-
-    fn send_last(tx: &Sender<GenerationEvent>, event: GenerationEvent) {
-        if let Err(tokio::sync::mpsc::error::TrySendError::Full(event)) = tx.try_send(event) {
-            tracing::error!(?event, "event channel full; event dropped");
-        }
-    }
-}
-
-/// The length of the longest end of `text` that is the start (but not the whole) of one of
-/// `stops`, cut at a character boundary: the text that must be held back.
-fn partial_stop_len(text: &str, stops: &[String]) -> usize {
-    let longest = stops.iter().map(String::len).max().unwrap_or(0);
-    let from = text.len().saturating_sub(longest.saturating_sub(1));
-    text.char_indices()
-        .map(|(i, _)| i)
-        .filter(|&i| i >= from)
-        .find(|&i| {
-            let tail = &text[i..];
-            stops
-                .iter()
-                .any(|s| s.len() > tail.len() && s.starts_with(tail))
-        })
-        .map_or(0, |i| text.len() - i)
-}
-
-/// A step's log-probabilities with each token's bytes.
-fn resolve(step: StepLogprobs, tokenizer: &TextTokenizer) -> TokenLogprob {
-    let entry = |(id, logprob): (u32, f32)| LogprobEntry {
-        id,
-        bytes: tokenizer.token_bytes(id),
-        logprob,
-    };
-    TokenLogprob {
-        chosen: entry(step.chosen),
-        top: step.top.into_iter().map(entry).collect(),
     }
 }
 
@@ -487,7 +368,10 @@ mod tests {
             head_dim: 4,
             dtype: DType::F32,
         };
-        let (tx, _rx) = crate::scheduler::token_channel();
+        let (tx, _rx) = crate::output::channel(
+            Arc::new(crate::tokenizer::bytes_only()),
+            stop.iter().map(|s| s.to_string()).collect(),
+        );
         Sequence::new(SequenceParts {
             prompt: (0..prompt_len as u32).collect(),
             stopping: StopCriteria {
@@ -523,139 +407,6 @@ mod tests {
         let mut s = sequence(3, 50, 4);
         s.cache.commit(3);
         assert_eq!(s.out_of_room(), Some(StopReason::ContextFull));
-    }
-
-    /// Feeds `pieces` of text through the stop rule, one per step; what went out after each
-    /// step, and the stop reason if one ended it.
-    fn steps(stop: &[&str], pieces: &[&str]) -> (Vec<String>, Option<StopReason>) {
-        let mut s = with_stops(1, 100, 100, stop);
-        let mut sent = Vec::new();
-        for piece in pieces {
-            let reason = s.release(piece);
-            sent.push(std::mem::take(&mut s.out));
-            if reason.is_some() {
-                return (sent, reason);
-            }
-        }
-        // The end of the generation releases what was held.
-        let held = std::mem::take(&mut s.held);
-        s.out.push_str(&held);
-        sent.push(std::mem::take(&mut s.out));
-        (sent, None)
-    }
-
-    #[test]
-    fn without_stop_strings_text_goes_out_as_it_comes() {
-        let (sent, reason) = steps(&[], &["Hel", "lo", " wor", "ld"]);
-        assert_eq!(sent, ["Hel", "lo", " wor", "ld", ""]);
-        assert_eq!(reason, None);
-    }
-
-    #[test]
-    fn a_partial_match_is_held_until_it_is_decided() {
-        // "EN" could start "END": held; "D" completes it: cut before it, stop.
-        let (sent, reason) = steps(&["END"], &["one E", "N", "D two"]);
-        assert_eq!(sent, ["one ", "", ""]);
-        assert_eq!(reason, Some(StopReason::StopString));
-        // "EN" then "X": not a stop string after all, released whole.
-        let (sent, reason) = steps(&["END"], &["one E", "N", "X two"]);
-        assert_eq!(sent, ["one ", "", "ENX two", ""]);
-        assert_eq!(reason, None);
-        // A match inside one piece; the text after it is dropped.
-        let (sent, reason) = steps(&["\n\n"], &["a\n\nb"]);
-        assert_eq!(sent, ["a"]);
-        assert_eq!(reason, Some(StopReason::StopString));
-        // Held text that never completes goes out at the end.
-        let (sent, reason) = steps(&["END"], &["x E"]);
-        assert_eq!(sent, ["x ", "E"]);
-        assert_eq!(reason, None);
-    }
-
-    #[test]
-    fn the_earliest_of_several_stop_strings_wins() {
-        let (sent, reason) = steps(&["cd", "bcX", "b"], &["a", "bc", "d"]);
-        // "b" alone is a full match at once.
-        assert_eq!(sent, ["a", ""]);
-        assert_eq!(reason, Some(StopReason::StopString));
-        let (sent, _) = steps(&["xyz", "yq"], &["ax", "yq"]);
-        // "xy" was held for "xyz"; "yq" matches first at position 1 of "xyq".
-        assert_eq!(sent, ["a", "x"]);
-        // The longest possible start is held: "abab" with stop "abac".
-        let (sent, _) = steps(&["abac"], &["abab", "ac"]);
-        assert_eq!(sent, ["ab", ""]);
-    }
-
-    #[test]
-    fn held_text_is_never_cut_inside_a_character() {
-        // The stop string starts with the first byte of "é" and of "è" (C3 A9 / C3 A8): a
-        // held end is whole characters, so "é" is not held for "è!".
-        let (sent, reason) = steps(&["è!"], &["café", "è", "!"]);
-        assert_eq!(sent, ["café", "", ""]);
-        assert_eq!(reason, Some(StopReason::StopString));
-        let (sent, _) = steps(&["🦀🦀"], &["a🦀", "b🦀", "🦀c"]);
-        assert_eq!(sent, ["a", "🦀b", ""]);
-        for pieces in [&["日本", "語x"][..], &["日", "本語", "x"]] {
-            let (sent, reason) = steps(&["本語"], pieces);
-            assert_eq!(sent.concat(), "日");
-            assert_eq!(reason, Some(StopReason::StopString));
-            assert!(sent
-                .iter()
-                .all(|s| std::str::from_utf8(s.as_bytes()).is_ok()));
-        }
-    }
-
-    #[test]
-    fn partial_stop_len_is_the_longest_start_held() {
-        let stops = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(partial_stop_len("hello wo", &stops(&["world"])), 2);
-        assert_eq!(partial_stop_len("hello", &stops(&["world"])), 0);
-        // A full match is not "partial" (release finds it first).
-        assert_eq!(partial_stop_len("world", &stops(&["world"])), 0);
-        assert_eq!(partial_stop_len("aa", &stops(&["aaa", "b"])), 2);
-        assert_eq!(partial_stop_len("", &stops(&["x"])), 0);
-        assert_eq!(partial_stop_len("é", &stops(&["éa"])), 2);
-    }
-
-    #[test]
-    fn a_step_sends_one_event_with_its_text_and_logprobs() {
-        let (tx, mut rx) = crate::scheduler::token_channel();
-        let mut s = with_stops(1, 100, 100, &["STOP"]);
-        s.tx = tx;
-        assert_eq!(s.release("abc ST"), None);
-        let lp = TokenLogprob {
-            chosen: LogprobEntry {
-                id: 1,
-                bytes: b"x".to_vec(),
-                logprob: -0.5,
-            },
-            top: Vec::new(),
-        };
-        s.logprobs.push(lp.clone());
-        s.send();
-        assert_eq!(
-            rx.blocking_recv(),
-            Some(GenerationEvent::Token {
-                text: "abc ".into(),
-                logprobs: vec![lp.clone()],
-            })
-        );
-        // Nothing released but a token's logprobs: sent with empty text.
-        assert_eq!(s.release("O"), None);
-        s.logprobs.push(lp.clone());
-        s.send();
-        assert_eq!(
-            rx.blocking_recv(),
-            Some(GenerationEvent::Token {
-                text: String::new(),
-                logprobs: vec![lp],
-            })
-        );
-        // Neither: nothing sent.
-        s.send();
-        assert_eq!(s.release("P"), Some(StopReason::StopString));
-        s.send();
-        drop(s);
-        assert_eq!(rx.blocking_recv(), None);
     }
 
     #[test]

@@ -420,6 +420,42 @@ impl IncrementalDecoder {
     }
 }
 
+/// A tokenizer for tests without a model: the 256 bytes alone (id = byte, no merges), written
+/// in GPT-2's byte-level alphabet, so any id sequence decodes to exactly its bytes.
+#[cfg(test)]
+pub(crate) fn bytes_only() -> TextTokenizer {
+    use gguf_file::Value;
+    let mut other = 256u32;
+    let tokens = (0..=255u8)
+        .map(|b| {
+            let c = if byte_is_printable(b) {
+                char::from(b)
+            } else {
+                other += 1;
+                char::from_u32(other - 1).expect("a code below 512")
+            };
+            Value::String(c.to_string())
+        })
+        .collect();
+    let text = |s: &str| Value::String(s.to_string());
+    let metadata = [
+        ("tokenizer.ggml.model", text("gpt2")),
+        ("tokenizer.ggml.pre", text("gpt2")),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        ("tokenizer.ggml.merges", Value::Array(Vec::new())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let ct = gguf_file::Content {
+        magic: gguf_file::VersionedMagic::GgufV3,
+        metadata,
+        tensor_infos: Default::default(),
+        tensor_data_offset: 0,
+    };
+    TextTokenizer::from_gguf(&ct).expect("a byte vocabulary")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

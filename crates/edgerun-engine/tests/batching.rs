@@ -264,3 +264,70 @@ fn a_full_batch_of_seeded_samplers_matches_each_alone() {
     assert_eq!(engine.stats().peak_batch_size, 16, "never one step of 16");
     assert_eq!(solo, together);
 }
+
+/// Stop strings are applied by the reader's stream (off the engine thread): the text is cut
+/// where the first one starts, usage counts the tokens up to the one that completed it, and
+/// by the time `Finished` is read the engine has retired the sequence, while the others of the
+/// batch go on unchanged.
+#[test]
+fn a_stop_string_cuts_the_text_and_the_engine_retires_the_sequence_before_finished() {
+    let engine = common::engine(config());
+    let with_ids = Params {
+        max_tokens: 40,
+        sampling: SamplingConfig {
+            logprobs: edgerun_engine::Logprobs::Report { top: 0 },
+            ..SamplingConfig::GREEDY
+        },
+    };
+    // The whole greedy answer, and its token ids (read off the log-probabilities).
+    let mut stream = submit(&engine, PROMPTS[3], with_ids);
+    let (mut full, mut ids) = (String::new(), Vec::new());
+    while let Some(ev) = stream.blocking_recv() {
+        if let GenerationEvent::Token { text, logprobs } = ev {
+            full.push_str(&text);
+            ids.extend(logprobs.iter().map(|lp| lp.chosen.id));
+        }
+    }
+    assert!(full.chars().count() > 40, "too short to cut: {full:?}");
+    // A stop string from the middle of the answer (three characters from the 20th on, which
+    // may also occur earlier: the first occurrence counts).
+    let stop: String = full.chars().skip(20).take(3).collect();
+    let at = full.find(&stop).unwrap();
+    let tok = engine.tokenizer();
+    let needed = (1..=ids.len())
+        .find(|&n| tok.decode(&ids[..n]).unwrap().contains(&stop))
+        .unwrap();
+
+    let others: Vec<_> = PROMPTS[..3]
+        .iter()
+        .map(|p| submit(&engine, p, greedy(40)))
+        .collect();
+    let completed = engine.stats().requests_completed_total;
+    let request = GenerationRequest {
+        stopping: StopCriteria {
+            max_tokens: 40,
+            stop: vec![stop.clone()],
+        },
+        ..request(&engine, PROMPTS[3], greedy(40))
+    };
+    let mut stream = engine.submit(request, QueuePolicy::Wait).unwrap();
+    let mut text = String::new();
+    let (usage, reason) = loop {
+        match stream.blocking_recv().expect("a Finished event") {
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
+            GenerationEvent::Finished { usage, reason } => break (usage, reason),
+            GenerationEvent::Failed(e) => panic!("{e}"),
+            GenerationEvent::PromptProcessed { .. } => {}
+        }
+    };
+    let stats = engine.stats();
+    assert_eq!(text, full[..at], "stop {stop:?}");
+    assert_eq!(reason, edgerun_engine::StopReason::StopString);
+    assert_eq!(usage.completion_tokens, needed);
+    assert_eq!(stats.requests_completed_total, completed + 1);
+    assert_eq!(stats.requests_cancelled_total, 0);
+    assert_eq!(stream.blocking_recv(), None);
+    let solo = alone(&engine, &[greedy(40); 3]);
+    let batch: Vec<_> = others.into_iter().map(common::collect).collect();
+    assert_eq!(solo, batch);
+}

@@ -202,7 +202,7 @@ pub fn render(
         ),
         (
             "edgerun_step_host_seconds_total",
-            "engine thread time in steps outside the forward pass (planning, host sampling, detokenizing, stop rules, events)",
+            "engine thread time in steps outside the forward pass (planning, host sampling, stop rules on ids, sending ids; text work happens in the readers' tasks)",
             s.step_host_nanos_total as f64 * 1e-9,
         ),
     ];

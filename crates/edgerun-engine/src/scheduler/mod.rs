@@ -55,10 +55,10 @@ pub mod plan;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, KvPool, KvStorage};
 use crate::models::CausalLm;
-use crate::request::{GenerationRequest, Usage};
+use crate::output::{Emitted, Outbox};
+use crate::request::GenerationRequest;
 use crate::sampling::{DeviceRow, Sampler};
 use crate::sequence::{Sequence, SequenceParts, StopReason};
-use crate::tokenizer::TextTokenizer;
 use admission::KvReservation;
 use plan::{plan_step, Planned, Work};
 use std::collections::{BTreeSet, VecDeque};
@@ -66,13 +66,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::{Receiver, Sender};
 
-/// Events one sequence's channel holds before its client counts as not reading.
-pub const EVENT_BUFFER: usize = 64;
-/// Events one step can send a sequence: prompt processed, the new token's text (with what the
-/// detokenizer and the stop strings still held when a rule ends it), and its end (one spare). A sequence is planned only
-/// with room for these plus one, kept for the error that ends a stalled stream.
+/// Events one step can send a sequence: prompt processed, the new token, and its end (one
+/// spare). A sequence is planned only with room for these plus one, kept for the error that
+/// ends a stalled stream.
 pub(crate) const EVENTS_PER_STEP: usize = 4;
 /// Consecutive device failures (failed probes, see the module docs) after which the engine
 /// reports itself failing.
@@ -207,59 +204,11 @@ impl SchedulerConfig {
     }
 }
 
-/// What a request's stream carries.
-#[derive(Debug, Clone, PartialEq)]
-pub enum GenerationEvent {
-    /// The prompt has been read; the first token follows.
-    PromptProcessed { prompt_tokens: usize },
-    /// Text completed by the newest token(s), and, when [`crate::Logprobs::Report`] was asked
-    /// for, the log-probabilities of the tokens generated since the last such event (the
-    /// end-of-turn token excepted). `text` may be empty only when `logprobs` is not (text held
-    /// back by a stop string's partial match, or a token that ends inside a character);
-    /// events with neither are never sent.
-    Token {
-        text: String,
-        logprobs: Vec<crate::request::TokenLogprob>,
-    },
-    /// The last event of a successful generation.
-    Finished { usage: Usage, reason: StopReason },
-    /// The last event of a failed generation.
-    Failed(String),
-}
-
-/// The receiving end of one generation. Dropping it cancels the sequence: the engine notices
-/// before its next step and frees the sequence's cache. It buffers at most [`EVENT_BUFFER`]
-/// events: a reader that falls that far behind pauses its sequence (see the module docs).
-pub struct TokenStream {
-    rx: Receiver<GenerationEvent>,
-}
-
-impl TokenStream {
-    pub async fn recv(&mut self) -> Option<GenerationEvent> {
-        self.rx.recv().await
-    }
-
-    /// For callers outside an async runtime (tests, benchmarks).
-    pub fn blocking_recv(&mut self) -> Option<GenerationEvent> {
-        self.rx.blocking_recv()
-    }
-}
-
-impl futures_core::Stream for TokenStream {
-    type Item = GenerationEvent;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
 /// A request as the engine thread receives it.
 pub(crate) struct Submission {
     pub request: GenerationRequest,
     pub reservation: KvReservation,
-    pub tx: Sender<GenerationEvent>,
+    pub tx: Outbox,
 }
 
 /// Counters shared between the engine thread and its handles.
@@ -291,7 +240,7 @@ pub struct EngineStats {
     pub(crate) device_sampled: AtomicUsize,
     /// Steps run, and the engine thread's time in them: waiting for the forward pass (with
     /// device sampling and reading back its ids or logits), and its own work around it
-    /// (planning, host sampling, detokenizing, stop rules, events).
+    /// (planning, host sampling, stop rules on ids, sending ids).
     pub(crate) steps: AtomicUsize,
     pub(crate) step_forward_ns: AtomicUsize,
     pub(crate) step_host_ns: AtomicUsize,
@@ -352,7 +301,8 @@ pub struct StatsSnapshot {
     /// copy back included: on a GPU, waiting for it).
     pub step_forward_nanos_total: usize,
     /// Nanoseconds the engine thread spent in steps outside the forward pass: planning, host
-    /// sampling, detokenizing, stop rules, events. On a GPU the device idles meanwhile.
+    /// sampling, stop rules on ids, sending ids (the text work is the readers', off this
+    /// thread: `output.rs`). On a GPU the device idles meanwhile.
     pub step_host_nanos_total: usize,
     /// Rows the device sampler handed to the host sampler (a top-k above its candidate list,
     /// a nucleus wider than it, a cut inside a tie): their logits were copied whole.
@@ -415,11 +365,6 @@ impl EngineStats {
     }
 }
 
-pub(crate) fn token_channel() -> (Sender<GenerationEvent>, TokenStream) {
-    let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
-    (tx, TokenStream { rx })
-}
-
 /// What a step gives one sampling sequence: its logits, or (when its sampling is the plain
 /// argmax and the step ran on the device path) the token already chosen there.
 pub(crate) enum Row {
@@ -438,7 +383,6 @@ enum Outcome {
 /// The loop that owns the model. Runs until every handle is dropped.
 pub(crate) struct Scheduler {
     pub model: Arc<dyn CausalLm>,
-    pub tokenizer: Arc<TextTokenizer>,
     pub stop_ids: Arc<BTreeSet<u32>>,
     pub config: SchedulerConfig,
     pub stats: Arc<EngineStats>,
@@ -521,12 +465,13 @@ impl Scheduler {
                 waiting.push_back(s);
             }
             worked = true;
+            self.end_by_readers(&mut running);
             self.drop_cancelled(&mut waiting, &mut running);
             self.drop_stalled(&mut running);
             self.admit(&mut waiting, &mut running);
             if !running.is_empty() {
                 // The forward pass's own failures are isolated per sequence (`step`); a panic
-                // anywhere else in a step (sampling, detokenizing) fails the running sequences
+                // anywhere else in a step (sampling, stop rules) fails the running sequences
                 // and the engine goes on serving.
                 match catch_unwind(AssertUnwindSafe(|| self.step(&mut running))) {
                     Ok(true) => {}
@@ -574,6 +519,30 @@ impl Scheduler {
                 "dropping streams whose clients stopped reading"
             );
             self.retire(running, stalled);
+        }
+    }
+
+    /// Retires the sequences whose readers found a stop string in their text (see
+    /// `output.rs`), as finished: before cancellations, so a reader that found one and then
+    /// went away still counts its request completed.
+    fn end_by_readers(&self, running: &mut Vec<Sequence>) {
+        let ended: Vec<_> = (0..running.len())
+            .filter(|&i| running[i].ended_by_reader())
+            .map(|i| (i, Outcome::Finished(StopReason::StopString)))
+            .collect();
+        self.retire(running, ended);
+        let mut preempted = self.preempted.borrow_mut();
+        let (ended, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut *preempted)
+            .into_iter()
+            .partition(Sequence::ended_by_reader);
+        *preempted = waiting;
+        drop(preempted);
+        if !ended.is_empty() {
+            self.publish(running);
+        }
+        for seq in ended {
+            self.stats.completed.fetch_add(1, Ordering::Relaxed);
+            seq.finish(StopReason::StopString);
         }
     }
 
@@ -646,7 +615,7 @@ impl Scheduler {
                     order,
                 })),
                 Err(e) => {
-                    let _ = sub.tx.try_send(GenerationEvent::Failed(format!(
+                    sub.tx.send(Emitted::Failed(format!(
                         "cannot allocate the KV cache: {e}"
                     )));
                 }
@@ -1006,7 +975,7 @@ impl Scheduler {
             if let Work::Prefill { start, len } = p.work {
                 if let Some(n) = running[p.seq].prefilled(start, len) {
                     self.stats.prompt_tokens.fetch_add(n, Ordering::Relaxed);
-                    running[p.seq].emit(GenerationEvent::PromptProcessed { prompt_tokens: n });
+                    running[p.seq].emit(Emitted::PromptProcessed { prompt_tokens: n });
                 }
             }
         }
@@ -1016,7 +985,7 @@ impl Scheduler {
             let seq = &mut running[p.seq];
             let accepted = sampled.and_then(|token| {
                 self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                seq.accept(token, &self.tokenizer)
+                seq.accept(token)
             });
             match accepted {
                 Ok(None) => {}
