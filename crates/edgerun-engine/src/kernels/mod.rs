@@ -523,44 +523,57 @@ impl QLinear {
     }
 }
 
-/// Weight matrices applied to the same input (a layer's q, k and v; its gate and up), as one
-/// matrix when the format allows: their rows stacked, so a step reads the input once and runs
-/// one matmul (one kernel launch on a GPU, one thread-pool dispatch on the CPU) instead of one
-/// per matrix. Matrices of different formats or widths stay separate.
+/// Weight matrices applied to the same input (a layer's q, k and v; its gate and up), as few
+/// matrices as the formats allow: each run of neighbours that share a format and a width has
+/// its rows stacked into one matrix, so a step reads the input once per run and runs one
+/// matmul per run (one kernel launch on a GPU, one thread-pool dispatch on the CPU) instead of
+/// one per matrix. In llama-quantize's `Q4_K_M` half the layers have a Q6_K `attn_v` beside
+/// Q4_K `attn_q` and `attn_k`: there q and k run as one, v alone.
 pub struct FusedLinear {
-    parts: FusedParts,
+    runs: Vec<Run>,
 }
 
-enum FusedParts {
-    /// One matrix; the output columns of each part, in order.
-    Stacked {
-        linear: QLinear,
-        rows: Vec<usize>,
-    },
-    Separate(Vec<QLinear>),
+/// One matrix of [`FusedLinear`]: the output columns of each part it holds, in order.
+struct Run {
+    linear: QLinear,
+    rows: Vec<usize>,
 }
 
 impl FusedLinear {
-    /// Stacks `ts` (read on the CPU: the stacked bytes go to `device` once) when they share a
-    /// format and a width, else keeps them apart, each on `device`.
+    /// Stacks each run of neighbours in `ts` that share a format and a width (read on the CPU:
+    /// the stacked bytes go to `device` once); a matrix alone goes to `device` as it is.
     pub fn new(ts: Vec<QTensor>, device: &candle_core::Device, kernels: Kernels) -> Result<Self> {
-        let same = ts.windows(2).all(|w| {
-            w[0].dtype() == w[1].dtype()
-                && w[0].shape().dims().len() == 2
-                && w[0].shape().dims()[1..] == w[1].shape().dims()[1..]
-        });
-        if ts.len() < 2 || !same || ts[0].shape().dims().len() != 2 {
-            let parts = ts
-                .into_iter()
-                .map(|t| QLinear::new(to_device(t, device)?, kernels))
-                .collect::<Result<Vec<_>>>()?;
-            return Ok(Self {
-                parts: FusedParts::Separate(parts),
+        let stackable = |a: &QTensor, b: &QTensor| {
+            a.dtype() == b.dtype()
+                && a.shape().dims().len() == 2
+                && a.shape().dims()[1..] == b.shape().dims()[1..]
+        };
+        let mut groups: Vec<Vec<QTensor>> = Vec::new();
+        for t in ts {
+            match groups.last_mut() {
+                Some(g) if stackable(&g[0], &t) => g.push(t),
+                _ => groups.push(vec![t]),
+            }
+        }
+        let runs = groups
+            .into_iter()
+            .map(|g| Self::stack(g, device, kernels))
+            .collect::<Result<_>>()?;
+        Ok(Self { runs })
+    }
+
+    /// One run: its matrices' rows in one matrix on `device` (one matrix: as it is).
+    fn stack(ts: Vec<QTensor>, device: &candle_core::Device, kernels: Kernels) -> Result<Run> {
+        let rows: Vec<usize> = ts.iter().map(|t| t.shape().dims()[0]).collect();
+        if ts.len() == 1 {
+            let t = ts.into_iter().next().expect("one matrix");
+            return Ok(Run {
+                linear: QLinear::new(to_device(t, device)?, kernels)?,
+                rows,
             });
         }
         let dtype = ts[0].dtype();
         let k = ts[0].shape().dims()[1];
-        let rows: Vec<usize> = ts.iter().map(|t| t.shape().dims()[0]).collect();
         let mut bytes = Vec::new();
         for t in &ts {
             bytes.extend_from_slice(&t.data()?);
@@ -572,39 +585,36 @@ impl FusedLinear {
             device,
             dtype,
         )?;
-        let stacked = QTensor::new(storage, (n, k))?;
-        Ok(Self {
-            parts: FusedParts::Stacked {
-                linear: QLinear::new(stacked, kernels)?,
-                rows,
-            },
+        Ok(Run {
+            linear: QLinear::new(QTensor::new(storage, (n, k))?, kernels)?,
+            rows,
         })
     }
 
-    /// Whether the matrices run as one.
-    pub fn is_stacked(&self) -> bool {
-        matches!(self.parts, FusedParts::Stacked { .. })
+    /// How many matmuls one forward runs (1: every matrix stacked into one).
+    pub fn matmuls(&self) -> usize {
+        self.runs.len()
     }
 
     /// `xs @ W_i^T` for each matrix, in the order given to [`FusedLinear::new`], each
     /// contiguous: a copy of each part's columns (row by row) costs far less than the
     /// element-wise ops that follow would lose on strided views.
     pub fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
-        match &self.parts {
-            FusedParts::Separate(parts) => parts.iter().map(|p| p.forward(xs)).collect(),
-            FusedParts::Stacked { linear, rows } => {
-                let y = linear.forward(xs)?;
-                let last = y.rank() - 1;
-                let mut at = 0;
-                rows.iter()
-                    .map(|&n| {
-                        let part = y.narrow(last, at, n)?.contiguous();
-                        at += n;
-                        part
-                    })
-                    .collect()
+        let mut out = Vec::new();
+        for Run { linear, rows } in &self.runs {
+            let y = linear.forward(xs)?;
+            if rows.len() == 1 {
+                out.push(y);
+                continue;
+            }
+            let last = y.rank() - 1;
+            let mut at = 0;
+            for &n in rows {
+                out.push(y.narrow(last, at, n)?.contiguous()?);
+                at += n;
             }
         }
+        Ok(out)
     }
 }
 
@@ -1028,5 +1038,76 @@ pub(crate) mod test_util {
         got.iter()
             .zip(want)
             .fold(0f32, |a, (g, w)| a.max((g - w).abs()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::{lcg, quantized};
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    /// Runs of neighbours that share a format are stacked (q and k in Q4_K beside a Q6_K v:
+    /// two matmuls), and every part's output is what its matrix gives alone, bit for bit.
+    #[test]
+    fn fused_matrices_stack_by_runs_and_give_each_part_unchanged() {
+        let k = 256;
+        let cases: [(&[(usize, GgmlDType)], usize); 4] = [
+            (
+                &[
+                    (64, GgmlDType::Q4K),
+                    (32, GgmlDType::Q4K),
+                    (32, GgmlDType::Q6K),
+                ],
+                2,
+            ),
+            (
+                &[
+                    (64, GgmlDType::Q4K),
+                    (32, GgmlDType::Q4K),
+                    (32, GgmlDType::Q4K),
+                ],
+                1,
+            ),
+            (
+                &[
+                    (64, GgmlDType::Q4K),
+                    (32, GgmlDType::Q6K),
+                    (32, GgmlDType::Q4K),
+                ],
+                3,
+            ),
+            (&[(48, GgmlDType::Q8_0), (48, GgmlDType::Q8_0)], 1),
+        ];
+        let xs = Tensor::from_vec(lcg(7, 3 * k), (3, k), &candle_core::Device::Cpu).unwrap();
+        for (parts, matmuls) in cases {
+            let tensors = || {
+                parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(n, dtype))| quantized(n, k, i as u64, dtype))
+            };
+            let fused = FusedLinear::new(
+                tensors().collect(),
+                &candle_core::Device::Cpu,
+                Kernels::Fastest,
+            )
+            .unwrap();
+            assert_eq!(fused.matmuls(), matmuls, "{parts:?}");
+            let got = fused.forward(&xs).unwrap();
+            assert_eq!(got.len(), parts.len());
+            for (i, (t, got)) in tensors().zip(got).enumerate() {
+                let alone = QLinear::new(t, Kernels::Fastest)
+                    .unwrap()
+                    .forward(&xs)
+                    .unwrap();
+                assert_eq!(got.dims(), alone.dims(), "{parts:?} part {i}");
+                assert_eq!(
+                    got.to_vec2::<f32>().unwrap(),
+                    alone.to_vec2::<f32>().unwrap(),
+                    "{parts:?} part {i}"
+                );
+            }
+        }
     }
 }
