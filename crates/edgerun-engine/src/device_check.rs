@@ -25,7 +25,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, KvPool, KvStorage};
 use crate::models::{CausalLm, Segment};
 use crate::request::SamplingConfig;
-use crate::sampling::{argmax, DeviceSampler, Sampler};
+use crate::sampling::{argmax, step_logprobs, DeviceSampler, Sampler};
 use crate::{Kernels, LoadedModel};
 use candle_core::Device;
 use std::path::Path;
@@ -91,7 +91,16 @@ pub struct DeviceReport {
     pub sampled_rows: usize,
     pub sampled_on_device: usize,
     pub sampling_mismatches: usize,
+    /// Rows whose log-probabilities (the chosen token and the top 5) the device computed for
+    /// its tokens, and how many of those differ from the host's (another id, or a value off by
+    /// more than [`LOGPROB_TOLERANCE`]).
+    pub logprob_rows: usize,
+    pub logprob_mismatches: usize,
 }
+
+/// How far a log-probability computed on the device may be from the host's (f32 sums of the
+/// whole row in another order).
+pub const LOGPROB_TOLERANCE: f32 = 1e-3;
 
 impl DeviceReport {
     pub fn passed(&self) -> bool {
@@ -100,6 +109,8 @@ impl DeviceReport {
             && self.batch_mismatches.is_empty()
             && self.sampling_mismatches == 0
             && self.sampled_on_device > 0
+            && self.logprob_mismatches == 0
+            && self.logprob_rows > 0
     }
 }
 
@@ -133,13 +144,21 @@ impl std::fmt::Display for DeviceReport {
             self.batch_near_ties,
             verdict(self.batch_mismatches.is_empty())
         )?;
-        write!(
+        writeln!(
             f,
             "sample:  {} of {} rows decided on the device, {} differ from the host sampler: {}",
             self.sampled_on_device,
             self.sampled_rows,
             self.sampling_mismatches,
             verdict(self.sampling_mismatches == 0 && self.sampled_on_device > 0)
+        )?;
+        write!(
+            f,
+            "logprob: {} rows' log-probabilities (top 5) computed on the device, {} differ from the host's (tolerance {}): {}",
+            self.logprob_rows,
+            self.logprob_mismatches,
+            LOGPROB_TOLERANCE,
+            verdict(self.logprob_mismatches == 0 && self.logprob_rows > 0)
         )
     }
 }
@@ -274,15 +293,46 @@ fn sampling(rows: &[Vec<f32>], device: &Device, report: &mut DeviceReport) -> Re
             flat.extend_from_slice(row);
         }
     }
-    let logits = candle_core::Tensor::from_vec(flat, (batch.len(), vocab), device)?;
-    let picked = DeviceSampler::new(vocab, device)?.sample(&logits, &batch)?;
+    let logits = candle_core::Tensor::from_vec(flat.clone(), (batch.len(), vocab), device)?;
+    let sampler = DeviceSampler::new(vocab, device)?;
+    let picked = sampler.sample(&logits, &batch)?;
     report.sampled_rows = picked.len();
-    for (picked, want) in picked.into_iter().zip(host) {
-        if let Some(token) = picked {
+    for (picked, want) in picked.iter().zip(host) {
+        if let Some(token) = *picked {
             report.sampled_on_device += 1;
             if token != want {
                 report.sampling_mismatches += 1;
             }
+        }
+    }
+    // Log-probabilities of the tokens the device drew, from the same raw rows.
+    let decided: Vec<usize> = (0..picked.len()).filter(|&i| picked[i].is_some()).collect();
+    let chosen: Vec<u32> = decided.iter().filter_map(|&i| picked[i]).collect();
+    let ids = candle_core::Tensor::from_vec(
+        decided.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        decided.len(),
+        device,
+    )?;
+    let computed = sampler.logprobs(
+        &logits.index_select(&ids, 0)?,
+        &chosen,
+        &vec![5; decided.len()],
+    )?;
+    let close = |a: f32, b: f32| (a - b).abs() <= LOGPROB_TOLERANCE * b.abs().max(1.0);
+    for ((&i, &token), got) in decided.iter().zip(&chosen).zip(computed) {
+        let Some(got) = got else { continue };
+        report.logprob_rows += 1;
+        let want = step_logprobs(&flat[i * vocab..(i + 1) * vocab], token, 5);
+        let same = got.chosen.0 == want.chosen.0
+            && close(got.chosen.1, want.chosen.1)
+            && got.top.len() == want.top.len()
+            && got
+                .top
+                .iter()
+                .zip(&want.top)
+                .all(|(g, w)| g.0 == w.0 && close(g.1, w.1));
+        if !same {
+            report.logprob_mismatches += 1;
         }
     }
     Ok(())

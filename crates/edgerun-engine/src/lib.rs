@@ -38,9 +38,10 @@
 //!     execute: one CausalLm::forward over every planned segment; the token masks of the
 //!       constrained sequences about to sample are computed on a side thread meanwhile
 //!     update_from_output: sample per sequence (its format's mask applied first; with its
-//!       log-probabilities, when asked for; paged: every sequence without either is sampled
-//!       for the whole batch on the device by DeviceSampler and only ids are copied back, with
-//!       the uniform each sequence's own generator drew); Sequence::accept feeds the grammar,
+//!       log-probabilities, when asked for; paged: every sequence without a format is sampled
+//!       for the whole batch on the device by DeviceSampler and only ids (and the few
+//!       log-probabilities asked for) are copied back, with the uniform each sequence's own
+//!       generator drew); Sequence::accept feeds the grammar,
 //!       applies the stop rules on ids (end of turn, a complete format, max_tokens, context),
 //!       sends the token's id (and log-probabilities); finished sequences leave the batch;
 //!       sequences whose readers found a stop string are retired before the next step

@@ -212,10 +212,17 @@ impl Sequence {
     }
 
     /// Whether its next token may be sampled where the logits are ([`crate::DeviceSampler`]):
-    /// no output format to mask by and no log-probabilities to report. Then the step takes
-    /// [`Sequence::device_row`] and hands the token to [`Sequence::accept`] directly.
+    /// no output format to mask by. Then the step takes [`Sequence::device_row`], hands the
+    /// token's log-probabilities (when reported, computed there too) to
+    /// [`Sequence::sampled_on_device`] and the token to [`Sequence::accept`].
     pub fn device_samplable(&self) -> bool {
-        matches!(self.constraint, Constraint::Free) && self.sampler.logprobs() == Logprobs::Off
+        matches!(self.constraint, Constraint::Free)
+    }
+
+    /// The log-probabilities of a token sampled on the device, as [`Sequence::sample`] notes
+    /// them for one sampled here.
+    pub fn sampled_on_device(&mut self, logprobs: Option<StepLogprobs>) {
+        self.sampled = logprobs;
     }
 
     /// Its next token's sampling, resolved for [`crate::DeviceSampler`] (the uniform drawn

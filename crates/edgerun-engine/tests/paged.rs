@@ -349,6 +349,7 @@ fn device_check_passes_on_the_cpu() {
     // 7 kinds of sampling over 8 rows each, nearly all decided by the device sampler.
     assert_eq!(report.sampled_rows, 56);
     assert!(report.sampled_on_device >= 48, "{report}");
+    assert!(report.logprob_rows >= 40, "{report}");
     println!("{report}");
 }
 
@@ -529,9 +530,10 @@ fn sampling_on_the_device_is_the_host_sampler() {
     assert_eq!(on_host.stats().device_sampled_tokens_total, 0);
 }
 
-/// In one step, rows sampled on the device and rows copied to the host (log-probabilities
-/// asked for) get their own tokens: the same prompt and sampling twice in one batch, once on
-/// each path, gives one output (row-invariant kernels, equal histories).
+/// In one step, rows sampled on the device and rows copied to the host (300 log-probabilities
+/// asked for: more than the device's candidate list holds) get their own tokens: the same
+/// prompt and sampling twice in one batch, once on each path, gives one output (row-invariant
+/// kernels, equal histories).
 #[test]
 fn device_and_host_rows_share_a_step() {
     let engine = common::engine(paged(64));
@@ -541,7 +543,7 @@ fn device_and_host_rows_share_a_step() {
         .zip(&kinds)
         .flat_map(|(prompt, &sampling)| {
             let reported = SamplingConfig {
-                logprobs: edgerun_engine::Logprobs::Report { top: 1 },
+                logprobs: edgerun_engine::Logprobs::Report { top: 300 },
                 ..sampling
             };
             [(prompt, sampling), (prompt, reported)]
@@ -560,6 +562,63 @@ fn device_and_host_rows_share_a_step() {
         assert!(pair[0].1 > 0);
         assert_eq!(pair[0], pair[1], "{kind:?}");
     }
-    assert!(engine.stats().device_sampled_tokens_total > 0);
-    assert!(engine.stats().peak_batch_size >= 8);
+    let stats = engine.stats();
+    assert!(stats.device_sampled_tokens_total > 0);
+    assert!(stats.device_sampling_host_rows_total > 0);
+    assert!(stats.peak_batch_size >= 8);
+}
+
+/// Log-probabilities of tokens sampled on the device are computed there too (only a few
+/// values per row come back): the same tokens as the host path's, and the same
+/// log-probabilities to f32 rounding, for every kind of sampling.
+#[test]
+fn log_probabilities_on_the_device_are_the_hosts() {
+    let on_device = common::engine(paged(64));
+    let on_host = common::engine(SchedulerConfig {
+        device_sampling: false,
+        ..paged(64)
+    });
+    let reported = |stream: TokenStream| -> Vec<edgerun_engine::TokenLogprob> {
+        let mut stream = stream;
+        let mut all = Vec::new();
+        while let Some(ev) = stream.blocking_recv() {
+            match ev {
+                GenerationEvent::Token { logprobs, .. } => all.extend(logprobs),
+                GenerationEvent::Failed(e) => panic!("{e}"),
+                _ => {}
+            }
+        }
+        all
+    };
+    for (i, sampling) in sampling_kinds().into_iter().enumerate() {
+        let sampling = SamplingConfig {
+            logprobs: edgerun_engine::Logprobs::Report { top: 5 },
+            ..sampling
+        };
+        let device = reported(submit(&on_device, PROMPTS[i % 2], 16, sampling));
+        let host = reported(submit(&on_host, PROMPTS[i % 2], 16, sampling));
+        assert_eq!(device.len(), host.len(), "kind {i}");
+        assert!(!device.is_empty());
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+        for (d, h) in device.iter().zip(&host) {
+            assert_eq!(d.chosen.id, h.chosen.id, "kind {i}");
+            assert!(
+                close(d.chosen.logprob, h.chosen.logprob),
+                "kind {i}: {d:?} {h:?}"
+            );
+            let ids = |t: &edgerun_engine::TokenLogprob| -> Vec<u32> {
+                t.top.iter().map(|e| e.id).collect()
+            };
+            assert_eq!(ids(d), ids(h), "kind {i}");
+            for (a, b) in d.top.iter().zip(&h.top) {
+                assert!(close(a.logprob, b.logprob), "kind {i}: {d:?} {h:?}");
+                assert_eq!(a.bytes, b.bytes);
+            }
+        }
+    }
+    let stats = on_device.stats();
+    assert!(
+        stats.device_sampled_tokens_total > 10 * stats.device_sampling_host_rows_total.max(1),
+        "{stats:?}"
+    );
 }

@@ -24,6 +24,14 @@
 //! with the same uniform) only where the short list cannot decide it exactly: a top-k above
 //! the list, a nucleus wider than the list or cut inside a tie at its end, a row without
 //! finite logits, or a draw that rounding pushed past the last candidate.
+//!
+//! **Log-probabilities** ([`DeviceSampler::logprobs`]), for the rows that report them, after
+//! the draw: the raw row's log-sum-exp over finite logits, the chosen token's logit, and the
+//! `top` best from the same two-pass sort in canonical order; a few values per row come back
+//! and the host finishes [`super::step_logprobs`]'s arithmetic on them. A row comes back
+//! `None` (copied whole, sampled and reported by the host with the same uniform: the same
+//! token) for a `top` above the list, a top list cut inside a tie at the list's end, or no
+//! finite logit.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -52,6 +60,9 @@ pub struct DeviceRow {
     pub u: f32,
     /// Edits of single logits, by token, each token once.
     pub penalties: Vec<Penalty>,
+    /// `Some(top)`: the token's log-probabilities are reported, with the `top` most likely
+    /// ([`DeviceSampler::logprobs`], after the draw; [`DeviceSampler::sample`] ignores it).
+    pub top_logprobs: Option<usize>,
 }
 
 /// A penalty on one token's logit: divided by `divide` when positive (multiplied when not),
@@ -161,6 +172,88 @@ impl DeviceSampler {
             }
         }
         Ok(out)
+    }
+
+    /// The log-probabilities [`super::step_logprobs`] reports for tokens sampled here, from
+    /// the raw `logits` (`(chosen.len(), vocab)`, as the model gave them): each row's chosen
+    /// token and its `top[i]` most likely, read back in one copy of a few values per row
+    /// instead of the row. `None` where the host must compute them from the copied row: a
+    /// `top` the candidate list cannot hold, a top list cut inside a tie at the list's end, a
+    /// row without finite logits. The values are the host's up to the order of the f32 sums
+    /// (a few ulp).
+    pub fn logprobs(
+        &self,
+        logits: &Tensor,
+        chosen: &[u32],
+        top: &[usize],
+    ) -> Result<Vec<Option<super::StepLogprobs>>> {
+        let (n, vocab) = logits.dims2()?;
+        if n != chosen.len() || n != top.len() || vocab != self.vocab {
+            candle_core::bail!(
+                "device log-probabilities of {n} rows of {vocab} for {} rows of {}",
+                chosen.len(),
+                self.vocab
+            );
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let raw = logits.to_dtype(DType::F32)?;
+        let neg_inf = Tensor::full(f32::NEG_INFINITY, raw.shape(), &self.device)?;
+        // The log-sum-exp over finite logits, as the host computes it.
+        let finite = raw.sub(&raw)?.eq(0f32)?.where_cond(&raw, &neg_inf)?;
+        let max = finite.max_keepdim(1)?;
+        let log_sum = finite
+            .broadcast_sub(&max)?
+            .exp()?
+            .to_dtype(SUMS)?
+            .sum_keepdim(1)?
+            .log()?
+            .to_dtype(DType::F32)?;
+        let log_total = (&max + log_sum)?;
+        let at = Tensor::from_vec(chosen.to_vec(), (n, 1), &self.device)?;
+        let chosen_logit = raw.gather(&at, 1)?;
+        let mut head = vec![log_total, max, chosen_logit];
+        let c = self.candidates;
+        let want = top.iter().copied().max().unwrap_or(0).min(c);
+        let mut best = None;
+        if want > 0 {
+            // NaN sorts as -inf (the host's order), +inf stays first.
+            let clean = raw.ne(&raw)?.where_cond(&neg_inf, &raw)?;
+            let (values, ids) = self.best(&clean)?;
+            let (values, ids) = self.canonical_order(&values, &ids)?;
+            head.push(values.narrow(1, c - 1, 1)?);
+            best = Some((
+                values.narrow(1, 0, want)?.to_vec2::<f32>()?,
+                ids.narrow(1, 0, want)?.to_vec2::<u32>()?,
+            ));
+        }
+        let head = Tensor::cat(&head, 1)?.to_vec2::<f32>()?;
+        let complete = c == self.vocab;
+        Ok((0..n)
+            .map(|i| {
+                let (log_total, max, chosen_logit) = (head[i][0], head[i][1], head[i][2]);
+                let k = top[i];
+                if max == f32::NEG_INFINITY || k > c {
+                    return None;
+                }
+                let lp = |l| super::logprob_of(l, log_total);
+                let top = match &best {
+                    Some((values, ids)) if k > 0 => {
+                        let least = head[i][3];
+                        if !complete && values[i][k - 1] <= least {
+                            return None;
+                        }
+                        (0..k).map(|j| (ids[i][j], lp(values[i][j]))).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                Some(super::StepLogprobs {
+                    chosen: (chosen[i], lp(chosen_logit)),
+                    top,
+                })
+            })
+            .collect())
     }
 
     /// Whether a row's draw is cut (top-k below the vocabulary, or top-p below 1).
@@ -581,6 +674,68 @@ mod tests {
         }
     }
 
+    /// The log-probabilities computed here are the host's for every row the device keeps
+    /// (ids and order exactly, values to f32 rounding), and every row of the kinds it must
+    /// hand back is handed back.
+    #[test]
+    fn device_logprobs_are_the_hosts() {
+        for vocab in [200, 1000, 9000] {
+            let sampler = DeviceSampler::new(vocab, &Device::Cpu).unwrap();
+            let logits = rows(vocab);
+            let mut kept = 0;
+            for top in [0, 1, 5, 20, 256, 300] {
+                let n = logits.len();
+                let flat: Vec<f32> = logits.iter().flatten().copied().collect();
+                let t = Tensor::from_vec(flat, (n, vocab), &Device::Cpu).unwrap();
+                let chosen: Vec<u32> = (0..n as u32).map(|i| (i * 37) % vocab as u32).collect();
+                let tops = vec![top; n];
+                let got = sampler.logprobs(&t, &chosen, &tops).unwrap();
+                for (r, got) in got.into_iter().enumerate() {
+                    let host = super::super::step_logprobs(&logits[r], chosen[r], top);
+                    let Some(got) = got else {
+                        // Only what the list cannot prove (a top as long as the list or
+                        // longer, ties at its end) or rows with nothing finite.
+                        let no_finite = logits[r].iter().all(|l| !l.is_finite());
+                        assert!(
+                            top >= sampler.candidates() || no_finite || r == 2 || r == 5,
+                            "vocab {vocab}, row {r}, top {top} handed back"
+                        );
+                        continue;
+                    };
+                    kept += 1;
+                    let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+                    let what = format!("vocab {vocab}, row {r}, top {top}");
+                    assert_eq!(got.chosen.0, host.chosen.0, "{what}");
+                    assert!(
+                        close(got.chosen.1, host.chosen.1),
+                        "{what}: {got:?} {host:?}"
+                    );
+                    let ids = |s: &super::super::StepLogprobs| -> Vec<u32> {
+                        s.top.iter().map(|t| t.0).collect()
+                    };
+                    assert_eq!(ids(&got), ids(&host), "{what}");
+                    for (g, h) in got.top.iter().zip(&host.top) {
+                        assert!(close(g.1, h.1), "{what}: {g:?} {h:?}");
+                    }
+                }
+            }
+            assert!(kept >= 20, "vocab {vocab}: only {kept} rows kept");
+        }
+        // Distinct values: a top of 20 is decided here, ties of the flat row are not.
+        let sampler = DeviceSampler::new(1000, &Device::Cpu).unwrap();
+        let mut rows = (0..1000).map(|i| -(i as f32) * 0.01).collect::<Vec<_>>();
+        rows.extend(vec![0f32; 1000]);
+        let t = Tensor::from_vec(rows, (2, 1000), &Device::Cpu).unwrap();
+        let got = sampler.logprobs(&t, &[3, 3], &[20, 20]).unwrap();
+        assert_eq!(got[0].as_ref().unwrap().top.len(), 20);
+        assert_eq!(got[0].as_ref().unwrap().top[0].0, 0);
+        assert!(got[1].is_none());
+        // Without a top list even the flat row is the device's.
+        let got = sampler.logprobs(&t, &[3, 3], &[0, 0]).unwrap();
+        let flat = got[1].as_ref().unwrap();
+        assert!((flat.chosen.1 - -(1000f32).ln()).abs() < 1e-5);
+    }
+
     #[test]
     fn what_the_list_cannot_decide_goes_back_to_the_host() {
         let vocab = 1000;
@@ -592,6 +747,7 @@ mod tests {
             top_p,
             u: 0.5,
             penalties: vec![],
+            top_logprobs: None,
         };
         let flat = Tensor::zeros((4, vocab), DType::F32, &Device::Cpu).unwrap();
         let got = sampler

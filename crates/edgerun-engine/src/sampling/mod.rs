@@ -99,6 +99,10 @@ impl Sampler {
             top_p: self.params.top_p,
             u: if greedy { 0.0 } else { self.uniform() },
             penalties: self.penalties(),
+            top_logprobs: match self.params.logprobs {
+                Logprobs::Off => None,
+                Logprobs::Report { top } => Some(top),
+            },
         }
     }
 
@@ -273,27 +277,34 @@ pub struct StepLogprobs {
 /// cannot be written as JSON; OpenAI reports such tokens as -9999).
 pub const MIN_LOGPROB: f32 = -9999.0;
 
-/// Log-softmax of the raw `logits` at `chosen` and at the `top` largest logits. O(vocab).
+/// A logit's log-probability given its row's log-sum-exp over finite logits, as reported:
+/// within `[MIN_LOGPROB, 0]`, and `MIN_LOGPROB` where it is not finite.
+pub(crate) fn logprob_of(logit: f32, log_total: f32) -> f32 {
+    let lp = logit - log_total;
+    if lp.is_finite() {
+        lp.clamp(MIN_LOGPROB, 0.0)
+    } else {
+        MIN_LOGPROB
+    }
+}
+
+/// Log-softmax of the raw `logits` at `chosen` and at the `top` largest logits (NaN counts as
+/// `-inf`; largest first, ties to the lower id). O(vocab).
 pub fn step_logprobs(logits: &[f32], chosen: u32, top: usize) -> StepLogprobs {
     let max = logits
         .iter()
         .copied()
         .filter(|l| l.is_finite())
         .fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits
+    // Summed in f64, as the device sums it: f32 sums of a whole vocabulary in two orders
+    // differ in the fourth decimal.
+    let sum: f64 = logits
         .iter()
         .filter(|l| l.is_finite())
-        .map(|l| (l - max).exp())
+        .map(|l| f64::from((l - max).exp()))
         .sum();
-    let log_total = max + sum.ln();
-    let logprob = |l: f32| {
-        let lp = l - log_total;
-        if lp.is_finite() {
-            lp.clamp(MIN_LOGPROB, 0.0)
-        } else {
-            MIN_LOGPROB
-        }
-    };
+    let log_total = max + sum.ln() as f32;
+    let logprob = |l: f32| logprob_of(l, log_total);
     let chosen_logit = logits
         .get(chosen as usize)
         .copied()

@@ -113,7 +113,8 @@ pub struct SchedulerConfig {
     /// With paged storage (the device-first path), sample where the logits are
     /// ([`crate::DeviceSampler`]): only token ids come back to the host. `false` copies every
     /// row to the host sampler (the reference the tests hold the device's against). Rows that
-    /// report log-probabilities or follow an output format are always sampled on the host.
+    /// follow an output format are always sampled on the host; rows that report
+    /// log-probabilities get them computed on the device too ([`crate::DeviceSampler::logprobs`]).
     pub device_sampling: bool,
 }
 
@@ -365,11 +366,11 @@ impl EngineStats {
     }
 }
 
-/// What a step gives one sampling sequence: its logits, or (when its sampling is the plain
-/// argmax and the step ran on the device path) the token already chosen there.
+/// What a step gives one sampling sequence: its logits, or (sampled on the device) the token
+/// already chosen there, with its log-probabilities when they are reported.
 pub(crate) enum Row {
     Logits(Vec<f32>),
-    Token(u32),
+    Token(u32, Option<crate::StepLogprobs>),
 }
 
 /// How a sequence leaves the running batch.
@@ -911,6 +912,7 @@ impl Scheduler {
             .filter(|&i| on_device[i as usize].is_some())
             .collect();
         let mut tokens = vec![None; on_device.len()];
+        let mut logprobs: Vec<Option<crate::StepLogprobs>> = vec![None; on_device.len()];
         if !device_rows.is_empty() {
             let batch: Vec<DeviceRow> = on_device.iter().flatten().cloned().collect();
             let sample = || -> candle_core::Result<Vec<Option<u32>>> {
@@ -936,6 +938,31 @@ impl Scheduler {
                 }
                 Err(e) => tracing::warn!("device sampling failed ({e}); sampling on the host"),
             }
+            // Rows reporting log-probabilities: computed here too, from the raw rows, for the
+            // tokens just drawn; a row they cannot be computed for goes to the host whole
+            // (which draws the same token with the same uniform).
+            let reporting: Vec<(usize, u32, usize)> = on_device
+                .iter()
+                .enumerate()
+                .filter_map(|(i, row)| Some((i, tokens[i]?, row.as_ref()?.top_logprobs?)))
+                .collect();
+            if !reporting.is_empty() {
+                let sampler = self.device_sampler.get().expect("built by the draw");
+                let rows: Vec<u32> = reporting.iter().map(|r| r.0 as u32).collect();
+                let chosen: Vec<u32> = reporting.iter().map(|r| r.1).collect();
+                let top: Vec<usize> = reporting.iter().map(|r| r.2).collect();
+                let computed = pick(rows).and_then(|raw| sampler.logprobs(&raw, &chosen, &top));
+                let computed = computed.unwrap_or_else(|e| {
+                    tracing::warn!("device log-probabilities failed ({e}); on the host");
+                    vec![None; reporting.len()]
+                });
+                for (&(i, ..), lp) in reporting.iter().zip(computed) {
+                    match lp {
+                        Some(lp) => logprobs[i] = Some(lp),
+                        None => tokens[i] = None,
+                    }
+                }
+            }
             let sampled = tokens.iter().filter(|t| t.is_some()).count();
             let stats = &self.stats;
             stats.device_sampled.fetch_add(sampled, Ordering::Relaxed);
@@ -955,8 +982,9 @@ impl Scheduler {
         .into_iter();
         Ok(tokens
             .into_iter()
-            .map(|t| match t {
-                Some(t) => Row::Token(t),
+            .zip(logprobs)
+            .map(|(t, lp)| match t {
+                Some(t) => Row::Token(t, lp),
                 None => Row::Logits(full.next().expect("one row per host row")),
             })
             .collect())
@@ -1061,7 +1089,10 @@ fn sample_rows(
     }
     let sample = |(seq, row): &mut (&mut Sequence, Row)| match row {
         Row::Logits(logits) => seq.sample(logits),
-        Row::Token(token) => Ok(*token),
+        Row::Token(token, logprobs) => {
+            seq.sampled_on_device(logprobs.take());
+            Ok(*token)
+        }
     };
     let host_rows = jobs
         .iter()
