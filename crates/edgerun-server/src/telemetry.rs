@@ -155,7 +155,7 @@ pub fn render(
         (
             "edgerun_device_sampling_host_rows_total",
             "counter",
-            "rows the device sampler handed to the host sampler (cut it could not decide exactly)",
+            "rows the device sampler handed to the host sampler (a cut or log-probabilities it could not decide exactly)",
             s.device_sampling_host_rows_total,
         ),
         (

@@ -306,7 +306,8 @@ pub struct StatsSnapshot {
     /// thread: `output.rs`). On a GPU the device idles meanwhile.
     pub step_host_nanos_total: usize,
     /// Rows the device sampler handed to the host sampler (a top-k above its candidate list,
-    /// a nucleus wider than it, a cut inside a tie): their logits were copied whole.
+    /// a nucleus wider than it, a cut inside a tie, log-probabilities it cannot prove): their
+    /// logits were copied whole.
     pub device_sampling_host_rows_total: usize,
     /// Steps where no sequence could run and a probe on a scratch cache failed too.
     pub device_failures_total: usize,
