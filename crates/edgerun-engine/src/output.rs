@@ -500,6 +500,57 @@ mod tests {
         );
     }
 
+    /// Text held for a possible stop string still sends the token's log-probabilities (with
+    /// empty text); a token with neither sends nothing.
+    #[test]
+    fn held_text_still_sends_logprobs_and_an_empty_step_sends_nothing() {
+        let (outbox, mut s) = stream(&["STOP"]);
+        send_text(&outbox, "abc ST");
+        let lp = StepLogprobs {
+            chosen: (u32::from(b'O'), -0.5),
+            top: Vec::new(),
+        };
+        outbox.send(Emitted::Token {
+            id: b'O'.into(),
+            logprobs: Some(lp),
+        });
+        outbox.send(Emitted::Token {
+            id: b'P'.into(),
+            logprobs: None,
+        });
+        outbox.send(Emitted::Finished {
+            usage: usage(1, 9),
+            reason: StopReason::MaxTokens,
+        });
+        let o = LogprobEntry {
+            id: b'O'.into(),
+            bytes: b"O".to_vec(),
+            logprob: -0.5,
+        };
+        assert_eq!(
+            drain(&mut s),
+            [
+                token("a"),
+                token("b"),
+                token("c"),
+                token(" "),
+                // "S" and "T" are held and carry no log-probabilities: no event at all.
+                GenerationEvent::Token {
+                    text: String::new(),
+                    logprobs: vec![TokenLogprob {
+                        chosen: o,
+                        top: Vec::new()
+                    }],
+                },
+                GenerationEvent::Finished {
+                    usage: usage(0, 8),
+                    reason: StopReason::StopString
+                },
+            ]
+        );
+        assert_eq!(s.blocking_recv(), None);
+    }
+
     /// At a stop string the stream sends the text before it, tells the engine, drops what the
     /// engine computed past it, and finishes only once the engine has retired the sequence,
     /// with the tokens up to the match as its usage.
