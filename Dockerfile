@@ -23,8 +23,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/edgerun /usr/local/bin/edgerun
 
 # ---- CUDA build ------------------------------------------------------------------------------
-# The same steps as CI and scripts/gpu-check.sh: a CUDA 13.4 toolkit assembled from NVIDIA's
-# PyPI wheels by scripts/install-cuda-toolkit.sh (sha256-pinned; no GPU needed to build).
+# The same steps as CI and scripts/gpu-check.sh: a CUDA 13.0 toolkit assembled from NVIDIA's
+# PyPI wheels by scripts/install-cuda-toolkit.sh (sha256-pinned; no GPU needed to build). The
+# image runs on NVIDIA driver 580 or newer (CUDA 13.0); `edgerun serve` refuses an older driver,
+# or a GPU older than CUDA_COMPUTE_CAP, in one line before it loads anything.
 FROM ${RUST_IMAGE} AS build-cuda
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip \
     && rm -rf /var/lib/apt/lists/*
@@ -42,7 +44,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && mkdir -p /opt/edgerun-cuda \
     && cp -L "$CUDA_ROOT"/lib/libcublas.so.13 "$CUDA_ROOT"/lib/libcublasLt.so.13 \
        "$CUDA_ROOT"/lib/libcudart.so.13 "$CUDA_ROOT"/lib/libcurand.so.10 \
-       "$CUDA_ROOT"/lib/libnvrtc.so.13 "$CUDA_ROOT"/lib/libnvrtc-builtins.so.13.4 /opt/edgerun-cuda/
+       "$CUDA_ROOT"/lib/libnvrtc.so.13 "$CUDA_ROOT"/lib/libnvrtc-builtins.so.13.0 /opt/edgerun-cuda/
 
 # ---- runtime images --------------------------------------------------------------------------
 FROM ${CPU_RUNTIME_IMAGE} AS cpu

@@ -29,16 +29,29 @@ cargo clippy --locked "${WORKER[@]}" --all-targets -- -D warnings
 # The e2e tests run target/release/edgerun and the Worker's wasm build: build them first.
 cargo build --release --locked --workspace --all-targets
 scripts/build-worker.sh --locked
-# The CUDA build, every run, so the GPU path cannot rot: a CUDA 13.4 toolkit assembled from
-# NVIDIA's PyPI wheels (cached, ~600 MB once), no GPU needed. Its own target dir: the features
-# differ. Nothing here runs it (scripts/gpu-check.sh does, on a GPU machine).
+# The CUDA build, every run, so the GPU path cannot rot: a CUDA 13.0 toolkit (what driver 580
+# runs) assembled from NVIDIA's PyPI wheels (cached, ~650 MB once), no GPU needed. Its own target
+# dir: the features differ. Then the GPU check's pack (the < 64 MiB a GPU machine is sent).
 ( . "$(scripts/install-cuda-toolkit.sh)" \
     && cargo build --release --locked -p edgerun-server --features cuda --target-dir target/cuda )
+scripts/gpu-check.sh --pack
+# The CUDA binary's preflight against a stub driver: an older driver, an older GPU, a missing
+# GPU are refused in one line (exit 2) before anything loads; a matching machine passes.
+scripts/test-cuda-preflight.sh
 # The Worker's routing, failover, header and validation logic, on the host.
 cargo test --locked "${WORKER[@]}"
 # The engine's model-free tests built for aarch64 and run under qemu-user: the NEON kernels
 # (installs the target's std, a cross linker and qemu once; ~8 min from scratch, then incremental).
 scripts/test-aarch64.sh
+# The GPU check's own logic, dry, on the CPU with small shapes (so the script cannot rot): it
+# must pass and keep its logs under $OUT.
+rm -rf target/gpu-check-dry
+OUT="$PWD/target/gpu-check-dry" GPU_CHECK_WORK="$PWD/target/gpu-check-work" GPU_CHECK_DEVICE=cpu \
+    GPU_CHECK_BIN=target/release/edgerun GPU_CHECK_SHAPE=llama-3-mini GPU_CHECK_STREAMS=1,4 \
+    GPU_CHECK_LONG=2:600 RUNS=1 scripts/gpu-check.sh
+for f in gpu-check.log serve.log metrics.txt; do
+    [ -s "target/gpu-check-dry/$f" ] || { echo "gpu-check dry run: no $f under \$OUT" >&2; exit 1; }
+done
 # One test at a time: tests that run the model each use both cores, and timing-sensitive
 # checks (streaming, heartbeats) stay meaningful without six model servers competing.
 cargo test --release --locked --workspace -- --test-threads=1

@@ -8,7 +8,13 @@
 //! edgerun-bench [--url .. | --spawn] --format-cost [--runs 5]   # free text vs a JSON schema
 //! edgerun-bench --url .. --streams 1,8,32,64                        # other concurrency levels
 //! edgerun-bench --url .. --sampled                 # llama.cpp's default sampling, not greedy
+//! edgerun-bench --url .. --long 64:2000,8:7800     # long contexts: streams x prompt tokens each
 //! ```
+//!
+//! `--long` adds points where attention shows: each of `streams` concurrent requests has a
+//! prompt of its own of about `context` tokens and generates 64; it prints the first token's
+//! time (median and slowest over the streams) and the aggregate decode rate. With `--only-long`
+//! the usual figures are skipped.
 
 use edgerun_e2e::{model_path, Node, MODEL_ALIAS, TOKEN};
 use edgerun_protocol::sse::{SseEvent, SseParser};
@@ -142,6 +148,72 @@ fn counting_prompt() -> String {
         .collect::<Vec<_>>()
         .join(", ")
         + ","
+}
+
+/// Prompt text of about `tokens` tokens (13 per sentence with Llama-3's and SmolLM2's
+/// tokenizers), different for each `stream` so that no two requests share more than a word.
+fn long_prompt(stream: usize, tokens: usize) -> String {
+    let mut text = format!("Stream {stream}. ");
+    for i in 0..tokens.div_ceil(13) {
+        text += &format!("Record {i} of stream {stream}: the harbour was calm and the tide low. ");
+    }
+    text
+}
+
+/// One `--long` point: `streams` concurrent requests of about `context` prompt tokens each.
+struct LongPoint {
+    streams: usize,
+    context: usize,
+    prompt_tokens: u64,
+    ttft_median_ms: f64,
+    ttft_max_ms: f64,
+    decode_tps: f64,
+}
+
+async fn long_context(target: &Target, points: &[(usize, usize)]) -> Vec<LongPoint> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for &(streams, context) in points {
+        eprintln!("long context: {streams} streams x ~{context} tokens...");
+        let futs = (0..streams).map(|i| {
+            let prompt = long_prompt(i, context);
+            let client = &client;
+            async move { target.generate(client, &prompt, 64).await }
+        });
+        let all = futures::future::join_all(futs).await;
+        let start = all.iter().map(|o| o.first_token_at).min().unwrap();
+        let end = all.iter().map(|o| o.last_token_at).max().unwrap();
+        let tokens: u64 = all
+            .iter()
+            .map(|o| o.completion_tokens.saturating_sub(1))
+            .sum();
+        let ttfts: Vec<f64> = all.iter().map(|o| o.ttft.as_secs_f64() * 1e3).collect();
+        out.push(LongPoint {
+            streams,
+            context,
+            prompt_tokens: all.iter().map(|o| o.prompt_tokens).max().unwrap_or(0),
+            ttft_max_ms: ttfts.iter().cloned().fold(0.0, f64::max),
+            ttft_median_ms: median(ttfts),
+            decode_tps: tokens as f64 / (end - start).as_secs_f64().max(1e-9),
+        });
+    }
+    out
+}
+
+fn print_long(points: &[LongPoint]) {
+    println!(
+        "\n| long context | prompt tokens (each) | first token, median | first token, slowest | aggregate decode |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for p in points {
+        println!(
+            "| {} streams x ~{} | {} | {:.0} ms | {:.0} ms | {:.1} tok/s |",
+            p.streams, p.context, p.prompt_tokens, p.ttft_median_ms, p.ttft_max_ms, p.decode_tps
+        );
+    }
 }
 
 struct Figures {
@@ -396,6 +468,25 @@ async fn main() {
                 .unwrap_or_default(),
         }
     };
+    let long_points: Vec<(usize, usize)> = flag("--long").map_or(vec![], |s| {
+        s.split(',')
+            .map(|p| {
+                let (n, c) = p
+                    .split_once(':')
+                    .expect("--long: a list like 64:2000,8:7800 (streams:prompt tokens)");
+                let n: usize = n.trim().parse().expect("--long: streams");
+                let c: usize = c.trim().parse().expect("--long: prompt tokens");
+                assert!(n >= 1 && c >= 1, "--long: streams and tokens of at least 1");
+                (n, c)
+            })
+            .collect()
+    });
+    if args.iter().any(|a| a == "--only-long") {
+        assert!(!long_points.is_empty(), "--only-long needs --long");
+        print_long(&long_context(&edgerun, &long_points).await);
+        drop(node);
+        return;
+    }
     if args.iter().any(|a| a == "--format-cost") {
         let Target::Edgerun { url, token } = &edgerun else {
             unreachable!()
@@ -420,6 +511,11 @@ async fn main() {
         // Measure one system at a time: each uses every core.
         results.push((t.name(), measure(t, runs, &stream_counts).await));
     }
+    let long = if long_points.is_empty() {
+        vec![]
+    } else {
+        long_context(&targets[0], &long_points).await
+    };
     drop(node);
     if let Some(mut c) = peer {
         let _ = c.kill();
@@ -496,5 +592,8 @@ async fn main() {
         if !scaling.is_empty() {
             println!("\n{name}: {}", scaling.join(", "));
         }
+    }
+    if !long.is_empty() {
+        print_long(&long);
     }
 }

@@ -572,6 +572,46 @@ fn bad_settings_are_refused_at_start_up_never_clamped() {
     }
 }
 
+/// `--device cuda` on a build without CUDA is refused by the preflight: one line saying so,
+/// exit status 2, before the model is looked for (the path given does not exist).
+#[test]
+fn cuda_on_a_cpu_build_is_refused_in_one_line_before_loading() {
+    for args in [
+        &[
+            "serve",
+            "--device",
+            "cuda:0",
+            "--model",
+            "/nonexistent/model.gguf",
+        ][..],
+        &[
+            "check-device",
+            "/nonexistent/model.gguf",
+            "--device",
+            "cuda",
+        ][..],
+        &["preflight", "--device", "cuda:0"][..],
+    ] {
+        let out = std::process::Command::new(edgerun_e2e::binary())
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("edgerun: this binary was built without CUDA"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // The CPU needs no preflight.
+    let out = std::process::Command::new(edgerun_e2e::binary())
+        .args(["preflight", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
 /// A node on a paged KV pool (GPUs' storage, here on the CPU): concurrent requests decode in
 /// one batch, a client that goes away mid-stream gives its blocks back, /metrics shows the
 /// pool.

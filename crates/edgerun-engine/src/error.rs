@@ -9,6 +9,10 @@ pub enum EngineError {
     /// The model file is missing, unreadable, or not an architecture this build runs.
     #[error("cannot load model: {0}")]
     Load(String),
+    /// This machine cannot run this build on the device asked for (driver too old, GPU older
+    /// than the kernels, no CUDA compiled in): the one line says what to install or rebuild.
+    #[error("{0}")]
+    Preflight(crate::device::preflight::Mismatch),
     /// A setting the engine cannot run with (refused at start-up, never clamped).
     #[error("invalid engine setting: {0}")]
     Config(String),

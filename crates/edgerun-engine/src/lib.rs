@@ -18,6 +18,7 @@
 //! | a tool-call family | `tools.rs`: [`ToolCalling::detect`], its parser and its forcing grammar |
 //! | something reported per token | computed on the engine thread into the engine's `Emitted::Token`, made readable by the [`TokenStream`] into a field of the `Token` event ([`GenerationEvent`], `output.rs`); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]), their tokens' bytes added by the stream |
 //! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
+//! | whether a machine runs this build (driver, compute capability), opening a device, sizing its memory | `device/` (`preflight.rs`, `memory.rs`) |
 //! | checking a device against the CPU (`edgerun check-device`, `scripts/gpu-check.sh`) | `device_check.rs` |
 //! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
 //!
@@ -104,6 +105,7 @@
 //!   error naming it, never a silent default.
 
 mod constraint;
+pub mod device;
 pub mod device_check;
 mod error;
 #[cfg(feature = "fault-injection")]
@@ -122,6 +124,8 @@ mod tokenizer;
 mod tools;
 
 pub use constraint::{Constraint, GrammarCompiler, OutputFormat};
+pub use device::memory::{gpu_kv_budget, ActivationEstimate, StepLimits};
+pub use device::{device_memory, DeviceSpec};
 pub use error::{EngineError, Result};
 pub use kernels::Kernels;
 pub use kv_cache::{BlockAllocator, KvCache, KvLayout, KvPool, KvStorage};
@@ -151,86 +155,6 @@ use scheduler::{admission, check_context, Scheduler, Submission};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-
-/// Where the model runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// CUDA device 0 or Metal when compiled in and present, else CPU.
-    Auto,
-    Cpu,
-    Cuda(usize),
-    Metal,
-}
-
-impl std::str::FromStr for DeviceSpec {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "metal" => Ok(Self::Metal),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| {
-                    format!("unknown device `{s}` (expected auto, cpu, cuda:N or metal)")
-                }),
-        }
-    }
-}
-
-impl DeviceSpec {
-    /// Whether this spec opens the CPU in this build, known without opening anything (`auto`
-    /// is the CPU when neither CUDA nor Metal is compiled in).
-    pub fn is_cpu(&self) -> bool {
-        match self {
-            Self::Cpu => true,
-            Self::Auto => {
-                !candle_core::utils::cuda_is_available()
-                    && !candle_core::utils::metal_is_available()
-            }
-            Self::Cuda(_) | Self::Metal => false,
-        }
-    }
-
-    pub fn open(&self) -> Result<Device> {
-        let err = |e: candle_core::Error| EngineError::Load(format!("device {self:?}: {e}"));
-        match self {
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(n) => Device::new_cuda(*n).map_err(err),
-            Self::Metal => Device::new_metal(0).map_err(err),
-            Self::Auto => {
-                if candle_core::utils::cuda_is_available() {
-                    Device::new_cuda(0).map_err(err)
-                } else if candle_core::utils::metal_is_available() {
-                    Device::new_metal(0).map_err(err)
-                } else {
-                    Ok(Device::Cpu)
-                }
-            }
-        }
-    }
-}
-
-/// Free and total bytes of a GPU's own memory, as its driver reports them now; `None` on the
-/// CPU and on Metal (unified memory: RAM is the budget there).
-pub fn device_memory(device: &Device) -> Option<(usize, usize)> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => dev.cuda_stream().context().mem_get_info().ok(),
-        _ => None,
-    }
-}
-
-/// The KV cache budget a GPU gets when none is set: `fraction` of its memory in all, less what
-/// is in use once the weights are loaded (by us or anyone else), never below zero.
-pub fn gpu_kv_budget(free: usize, total: usize, fraction: f64) -> usize {
-    let allowed = (total as f64 * fraction) as usize;
-    let used = total.saturating_sub(free);
-    allowed.saturating_sub(used)
-}
 
 /// A model with everything needed to turn requests into tokens.
 pub struct LoadedModel {
@@ -400,8 +324,16 @@ impl Engine {
             }
             _ => None,
         };
+        // The weights and the zeroed pool were queued on this thread's CUDA stream (candle's
+        // per-thread default stream) and the engine thread runs on its own: wait for them here,
+        // before its first step can read them.
+        model
+            .device()
+            .synchronize()
+            .map_err(|e| EngineError::Load(format!("waiting for the device after loading: {e}")))?;
         let stats = Arc::new(EngineStats {
             pool: pool.clone(),
+            device_baseline: device_memory(model.device()).map(|(free, total)| total - free),
             ..EngineStats::default()
         });
         let (tx, rx) = mpsc::channel();

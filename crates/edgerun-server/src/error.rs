@@ -65,6 +65,7 @@ impl ServerError {
                 EngineError::Stopped => ApiError::unavailable("the engine is not running"),
                 EngineError::Load(m) | EngineError::Config(m) => ApiError::internal(m),
                 EngineError::Model(m) => ApiError::internal(m),
+                EngineError::Preflight(m) => ApiError::internal(m.to_string()),
             },
             Self::Generation(m) => ApiError::internal(m),
             Self::NotReady => ApiError::unavailable("the model is loading, try again shortly"),

@@ -46,6 +46,15 @@ enum Command {
         /// Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0 or Q4_1.
         scheme: Scheme,
     },
+    /// Check that this machine runs this build on a device, without loading anything: the
+    /// driver's CUDA version against the build's, the GPU's compute capability against the
+    /// kernels'. Prints what it found; exits 2 with one line saying what to install or rebuild.
+    /// `serve` and `check-device` run the same check first.
+    Preflight {
+        /// The device: cuda:N, auto, metal or cpu.
+        #[arg(long, env = "EDGERUN_DEVICE", default_value = "cuda:0")]
+        device: DeviceSpec,
+    },
     /// Check a device's forward pass against the CPU's on one GGUF (scripts/gpu-check.sh):
     /// logits within a tolerance, greedy tokens equal but at near ties, a batch equal to each
     /// prompt alone. Exits 1 when a check fails.
@@ -261,6 +270,13 @@ fn main() -> anyhow::Result<()> {
             println!("{}: {summary}", output.display());
             return Ok(());
         }
+        Command::Preflight { device } => {
+            match preflight_or_exit(&device) {
+                Some(passed) => println!("preflight passed: {}", passed.summary),
+                None => println!("preflight: nothing to check on {device:?}"),
+            }
+            return Ok(());
+        }
         Command::CheckDevice {
             model,
             device,
@@ -270,6 +286,9 @@ fn main() -> anyhow::Result<()> {
             tie_margin,
             kv_storage,
         } => {
+            if let Some(passed) = preflight_or_exit(&device) {
+                println!("preflight passed: {}", passed.summary);
+            }
             let subject = device.open()?;
             let check = edgerun_engine::device_check::DeviceCheck {
                 steps,
@@ -324,6 +343,24 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     serve(args, threads)
+}
+
+/// Runs the device preflight (`edgerun_engine::device::preflight`): on a machine that cannot run
+/// this build, prints the one line that says why and what to do, and exits 2 before anything is
+/// loaded. Warnings (a GPU newer than the kernels, a build that recorded no target) go to stderr.
+fn preflight_or_exit(device: &DeviceSpec) -> Option<edgerun_engine::device::preflight::Passed> {
+    match device.preflight() {
+        Ok(passed) => {
+            for warning in passed.iter().flat_map(|p| &p.warnings) {
+                eprintln!("edgerun: warning: {warning}");
+            }
+            passed
+        }
+        Err(e) => {
+            eprintln!("edgerun: {e}");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// This binary is built for x86-64-v3 (AVX2, FMA, F16C, BMI2, ...): say so instead of dying
@@ -587,6 +624,11 @@ fn scheduler_config(
 
 fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     validate_settings(&args)?;
+    // Before the listener, the model download and the weights: a machine that cannot run this
+    // build says so in one line and exits 2.
+    if let Some(passed) = preflight_or_exit(&args.device) {
+        tracing::info!(device = ?args.device, "preflight passed: {}", passed.summary);
+    }
     let tokens = load_tokens(&args)?;
     let access = load_access(&args)?;
     if tokens.is_empty() {
@@ -665,6 +707,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let device = device.open()?;
+            let used_before_weights = edgerun_engine::device_memory(&device).map(|(f, t)| t - f);
             let mut scheduler =
                 scheduler_config(&settings, SchedulerConfig::default_for(&device))?;
             let loaded = LoadedModel::load(&path, tokenizer.as_deref(), &device)?;
@@ -678,20 +721,51 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
                     // requests queues instead of getting the process killed.
                     scheduler.kv_cache_budget = mem_available_bytes().map(|b| b / 2);
                 } else if let Some((free, total)) = edgerun_engine::device_memory(&device) {
+                    // Set aside what the largest step's activations need (device/memory.rs),
+                    // then give the pool the rest of the fraction.
+                    let config = loaded.model.config();
+                    let activations = edgerun_engine::ActivationEstimate::new(
+                        config,
+                        &loaded.model.kv_layout(),
+                        edgerun_engine::StepLimits {
+                            max_step_tokens: scheduler.max_step_tokens,
+                            prefill_chunk: scheduler.prefill_chunk,
+                            max_batch: scheduler.max_batch_size,
+                            context: window.unwrap_or(config.context_length),
+                        },
+                    );
+                    let reserve = activations.total();
+                    if let Some(before) = used_before_weights {
+                        let weights = (total - free).saturating_sub(before);
+                        metrics::gauge!("edgerun_device_weights_bytes").set(weights as f64);
+                    }
                     let budget = edgerun_engine::gpu_kv_budget(
                         free,
                         total,
                         settings.gpu_memory_fraction,
+                        reserve,
                     );
+                    tracing::info!(
+                        used_after_weights_mib = (total - free) >> 20,
+                        total_mib = total >> 20,
+                        activation_reserve_mib = reserve >> 20,
+                        ?activations,
+                        kv_pool_mib = budget >> 20,
+                        "GPU memory plan"
+                    );
+                    metrics::gauge!("edgerun_device_activation_reserve_bytes").set(reserve as f64);
                     if budget == 0 {
                         bail!(
                             "no GPU memory left for the KV cache: {} MiB free of {} MiB once \
-                             the weights are loaded, and --gpu-memory-fraction {} allows {} MiB \
-                             in all",
+                             the weights are loaded, --gpu-memory-fraction {} allows {} MiB in \
+                             all, and the largest step's activations need {} MiB (lower \
+                             --max-step-tokens, --prefill-chunk or --max-batch, or set \
+                             --kv-cache-mib)",
                             free >> 20,
                             total >> 20,
                             settings.gpu_memory_fraction,
-                            ((total as f64 * settings.gpu_memory_fraction) as usize) >> 20
+                            ((total as f64 * settings.gpu_memory_fraction) as usize) >> 20,
+                            reserve >> 20
                         );
                     }
                     scheduler.kv_cache_budget = Some(budget);
@@ -700,7 +774,12 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
             validate_scheduler(&scheduler)?;
             let cfg = loaded.model.config().clone();
             tracing::info!(architecture = %cfg.architecture, "model weights loaded");
+            let kv_layout = loaded.model.kv_layout();
             let engine = Engine::start(loaded, scheduler, window)?;
+            if let KvStorage::Paged { block_size } = scheduler.kv_storage {
+                let pool = engine.stats().kv_pool_total_blocks * kv_layout.bytes_for(block_size);
+                metrics::gauge!("edgerun_kv_pool_bytes").set(pool as f64);
+            }
             tracing::info!(
                 model = %path.display(),
                 device = ?device,

@@ -135,6 +135,12 @@ pub fn render(
             s.kv_pool_total_blocks,
         ),
         (
+            "edgerun_device_activation_peak_bytes",
+            "gauge",
+            "on a GPU: the most memory steps used beyond the weights and the KV pool (0 elsewhere)",
+            s.device_activation_peak_bytes.unwrap_or(0),
+        ),
+        (
             "edgerun_preemptions_total",
             "counter",
             "sequences that gave their KV blocks back to let older ones go on (paged KV)",

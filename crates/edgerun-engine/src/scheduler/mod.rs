@@ -253,6 +253,12 @@ pub struct EngineStats {
     pub(crate) consecutive_failures: AtomicUsize,
     /// The newest device failure's message.
     pub(crate) last_failure: Mutex<Option<String>>,
+    /// A GPU's memory in use once the weights and the KV pool were allocated (`None` on the
+    /// CPU and Metal): what steps use beyond it is their activations.
+    pub(crate) device_baseline: Option<usize>,
+    /// The most device memory in use beyond `device_baseline` after any step: the activations'
+    /// high-water mark (freed memory stays in the driver's pool, `device/mod.rs`).
+    pub(crate) activation_peak: AtomicUsize,
 }
 
 /// Whether the engine can serve, as `/health` reports it.
@@ -313,6 +319,9 @@ pub struct StatsSnapshot {
     pub device_failures_total: usize,
     /// Device failures since the last successful step.
     pub consecutive_device_failures: usize,
+    /// On a GPU: the most memory steps have used beyond the weights and the KV pool (the
+    /// activations' peak, measured from the driver's count after each step).
+    pub device_activation_peak_bytes: Option<usize>,
 }
 
 impl EngineStats {
@@ -340,6 +349,9 @@ impl EngineStats {
             device_sampling_host_rows_total: self.device_rows_returned.load(Ordering::Relaxed),
             device_failures_total: self.device_failures.load(Ordering::Relaxed),
             consecutive_device_failures: self.consecutive_failures.load(Ordering::Relaxed),
+            device_activation_peak_bytes: self
+                .device_baseline
+                .map(|_| self.activation_peak.load(Ordering::Relaxed)),
         }
     }
 
@@ -722,6 +734,12 @@ impl Scheduler {
         }
         self.retire(running, outcomes);
         let stats = &self.stats;
+        if let Some(baseline) = stats.device_baseline {
+            if let Some((free, total)) = crate::device_memory(self.model.device()) {
+                let beyond = (total - free).saturating_sub(baseline);
+                stats.activation_peak.fetch_max(beyond, Ordering::Relaxed);
+            }
+        }
         stats.steps.fetch_add(1, Ordering::Relaxed);
         let nanos = |d: Duration| usize::try_from(d.as_nanos()).unwrap_or(usize::MAX);
         stats
