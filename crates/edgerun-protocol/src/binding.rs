@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{ApiError, ErrorItem};
+use crate::limits::RequestLimits;
 use crate::route::query_param;
 use crate::ValidatedRequest;
 
@@ -63,8 +64,13 @@ pub fn model_from_header(value: Option<&str>) -> Result<String, ApiError> {
 /// Validates a binding body `{"inputs":{..},"options":{..}}`: `inputs` exactly as a run body
 /// (the same errors, with paths under `/`), `options` an object whose `rejectIfBusy` is
 /// honoured (other options, `gateway`, `returnRawResponse`, `tags`, ..., are the runtime's or
-/// Cloudflare's and are ignored).
+/// Cloudflare's and are ignored). Within the default limits ([`RequestLimits::DEFAULT`]).
 pub fn parse_body(body: &[u8]) -> Result<ValidatedRequest, ApiError> {
+    parse_body_with(body, &RequestLimits::DEFAULT)
+}
+
+/// [`parse_body`] within `limits` (the node's configured ones).
+pub fn parse_body_with(body: &[u8], limits: &RequestLimits) -> Result<ValidatedRequest, ApiError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_input(format_args!("body is not valid JSON: {e}")))?;
@@ -104,7 +110,7 @@ pub fn parse_body(body: &[u8]) -> Result<ValidatedRequest, ApiError> {
             ))
         }
     };
-    let mut request = ValidatedRequest::from_value(inputs)?;
+    let mut request = ValidatedRequest::from_value_with(inputs, limits)?;
     request.reject_if_busy |= reject_if_busy;
     Ok(request)
 }

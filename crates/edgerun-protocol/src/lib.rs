@@ -20,6 +20,9 @@
 //!   sampling parameters with defaults applied, `stream`, `rejectIfBusy`,
 //!   `tools` and `tool_choice`, `response_format` as a [`ResponseFormat`] shared with the
 //!   OpenAI dialect; a schema with `stream` is Workers AI's 5023, `json_object` streams).
+//! * [`limits`]: the bounds on everything a caller controls ([`RequestLimits`]): each JSON
+//!   schema measured before anything compiles it (size, nodes, depth following `$ref`s, `$ref`
+//!   chains; [`check_schema`]), tools, messages, content parts; node and Worker refuse alike.
 //! * [`tools`]: tool definitions in Workers AI's legacy shape or OpenAI's, `tool_choice`, and
 //!   assistant `tool_calls` sent back, normalised to one shape for chat templates.
 //! * [`response`]: the non-streaming output ([`TextGenerationOutput`],
@@ -88,7 +91,11 @@
 //!   string fed to [`route::model_from_path`], yields a value or an
 //!   [`ApiError`]; there is no `unwrap` on untrusted data, no indexing that
 //!   can go out of bounds, and no recursion over client-controlled nesting
-//!   (serde_json's recursion limit bounds parsing).
+//!   (serde_json's recursion limit bounds parsing at 128 levels; schemas are measured with an
+//!   explicit stack).
+//! * **No work beyond O(n log n) in the body's size.** Validation runs on the node's async
+//!   workers: every list is bounded and checked in linear time (duplicate tool names with a
+//!   hash set), schemas are measured in one pass plus one pointer lookup per `$ref`.
 //!
 //! ## Deliberate leniency
 //!
@@ -104,6 +111,7 @@
 pub mod auth;
 pub mod binding;
 pub mod error;
+pub mod limits;
 pub mod models;
 pub mod openai;
 pub mod request;
@@ -114,6 +122,7 @@ pub mod tools;
 
 pub use auth::{bearer_token, TokenSet};
 pub use error::{ApiError, ErrorEnvelope, ErrorItem};
+pub use limits::{check_schema, RequestLimits, SchemaLimits};
 pub use openai::{OpenAiInput, OpenAiRequest};
 pub use request::{
     ChatMessage, PromptInput, ResponseFormat, Role, SamplingParams, ValidatedRequest,

@@ -17,6 +17,10 @@
 //! renders them with [`error_body`] on `/v1` (OpenAI's `{"error":{"message","type","param",
 //! "code"}}`) and as the v4 envelope on Workers AI's own `/ai/v1` routes, as the service does.
 //!
+//! Lists and schemas are bounded by a [`RequestLimits`] ([`crate::limits`]): messages, content
+//! parts, tool calls sent back, tools, `stop` ([`MAX_STOP_STRINGS`] strings of at most
+//! [`MAX_STOP_CHARS`] characters), `top_logprobs`, and the `response_format` and tool schemas.
+//!
 //! Defaults are not applied here (the node resolves them; they differ by endpoint): `None`
 //! means "not given".
 
@@ -25,6 +29,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 use crate::error::ApiError;
+use crate::limits::{check_schema, RequestLimits, MAX_STOP_CHARS};
 use crate::request::{ChatMessage, ResponseFormat};
 use crate::response::Usage;
 use crate::route::OpenAiEndpoint;
@@ -92,8 +97,18 @@ pub struct OpenAiRequest {
 
 impl OpenAiRequest {
     /// Parses and validates the body of a request to `endpoint` (`ChatCompletions` or
-    /// `Completions`; `Models` has no body and is refused).
+    /// `Completions`; `Models` has no body and is refused), within the default limits
+    /// ([`RequestLimits::DEFAULT`], what the Worker checks).
     pub fn from_json_bytes(endpoint: OpenAiEndpoint, body: &[u8]) -> Result<Self, ApiError> {
+        Self::from_json_bytes_with(endpoint, body, &RequestLimits::DEFAULT)
+    }
+
+    /// [`OpenAiRequest::from_json_bytes`] within `limits` (the node's configured ones).
+    pub fn from_json_bytes_with(
+        endpoint: OpenAiEndpoint,
+        body: &[u8],
+        limits: &RequestLimits,
+    ) -> Result<Self, ApiError> {
         let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
         let value: Value = serde_json::from_slice(body).map_err(|e| {
             ApiError::invalid_request(format_args!(
@@ -105,10 +120,14 @@ impl OpenAiRequest {
                 "the request body must be a JSON object",
             ));
         };
-        Self::from_map(endpoint, &body)
+        Self::from_map(endpoint, &body, limits)
     }
 
-    fn from_map(endpoint: OpenAiEndpoint, body: &Map<String, Value>) -> Result<Self, ApiError> {
+    fn from_map(
+        endpoint: OpenAiEndpoint,
+        body: &Map<String, Value>,
+        limits: &RequestLimits,
+    ) -> Result<Self, ApiError> {
         let model = match field(body, "model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
             Some(Value::String(_)) | None => {
@@ -117,7 +136,7 @@ impl OpenAiRequest {
             Some(other) => return Err(type_error("model", other, "a string")),
         };
         let input = match endpoint {
-            OpenAiEndpoint::ChatCompletions => OpenAiInput::Chat(messages(body)?),
+            OpenAiEndpoint::ChatCompletions => OpenAiInput::Chat(messages(body, limits)?),
             OpenAiEndpoint::Completions => {
                 completion_only_fields(body)?;
                 OpenAiInput::Prompt(prompt(body)?)
@@ -190,13 +209,15 @@ impl OpenAiRequest {
                     "'tools' are for chat completions, not completions",
                 ))
             }
-            Some(tools) => parse_tools(tools, "tools").map_err(ApiError::invalid_request)?,
+            Some(tools) => {
+                parse_tools(tools, "tools", limits).map_err(ApiError::invalid_request)?
+            }
         };
         let tool_choice = parse_tool_choice(field(body, "tool_choice"), &tools)
             .map_err(ApiError::invalid_request)?;
         if tool_choice != ToolChoice::Auto
             && tool_choice != ToolChoice::None
-            && response_format(body)?.is_json()
+            && response_format(body, limits)?.is_json()
         {
             return Err(ApiError::invalid_request(
                 "'tool_choice' that forces a call and 'response_format' cannot be combined",
@@ -232,7 +253,7 @@ impl OpenAiRequest {
                 p => p,
             },
             logprobs,
-            response_format: response_format(body)?,
+            response_format: response_format(body, limits)?,
             tools,
             tool_choice,
             reject_if_busy,
@@ -243,7 +264,10 @@ impl OpenAiRequest {
 /// `response_format`: `{"type":"text"}`, `{"type":"json_object"}` or `{"type":"json_schema",
 /// "json_schema":{"name","schema","strict","description"}}` (the schema is always enforced, so
 /// `strict` changes nothing; a missing `schema` means any JSON object).
-fn response_format(body: &Map<String, Value>) -> Result<ResponseFormat, ApiError> {
+fn response_format(
+    body: &Map<String, Value>,
+    limits: &RequestLimits,
+) -> Result<ResponseFormat, ApiError> {
     let format = match field(body, "response_format") {
         None => return Ok(ResponseFormat::Text),
         Some(Value::Object(f)) => f,
@@ -287,6 +311,12 @@ fn response_format(body: &Map<String, Value>) -> Result<ResponseFormat, ApiError
             match field(spec, "schema") {
                 None => Ok(ResponseFormat::JsonObject),
                 Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    check_schema(
+                        schema,
+                        "'response_format.json_schema.schema'",
+                        &limits.schema,
+                    )
+                    .map_err(ApiError::invalid_request)?;
                     Ok(ResponseFormat::JsonSchema(schema.clone()))
                 }
                 Some(other) => Err(type_error(
@@ -391,7 +421,8 @@ fn integer(
     }
 }
 
-/// `stop`: a string or an array of up to four strings, none empty.
+/// `stop`: a string or an array of up to four strings, none empty or longer than
+/// [`MAX_STOP_CHARS`].
 fn stop(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     let stops = match field(body, "stop") {
         None => return Ok(Vec::new()),
@@ -419,11 +450,19 @@ fn stop(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
             "'stop' strings must not be empty",
         ));
     }
+    if stops.iter().any(|s| s.chars().count() > MAX_STOP_CHARS) {
+        return Err(ApiError::invalid_request(format_args!(
+            "'stop' strings must be at most {MAX_STOP_CHARS} characters"
+        )));
+    }
     Ok(stops)
 }
 
 /// `messages`: a non-empty array of `system` / `user` / `assistant` messages with text content.
-fn messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+fn messages(
+    body: &Map<String, Value>,
+    limits: &RequestLimits,
+) -> Result<Vec<ChatMessage>, ApiError> {
     let items = match field(body, "messages") {
         None => return Err(ApiError::invalid_request("'messages' is required")),
         Some(Value::Array(items)) if items.is_empty() => {
@@ -431,17 +470,24 @@ fn messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
                 "'messages' must hold at least one message",
             ))
         }
+        Some(Value::Array(items)) if items.len() > limits.max_messages => {
+            return Err(ApiError::invalid_request(format_args!(
+                "'messages' holds {} messages; the message count limit is {}",
+                items.len(),
+                limits.max_messages
+            )))
+        }
         Some(Value::Array(items)) => items,
         Some(other) => return Err(type_error("messages", other, "an array")),
     };
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| message(i, item))
+        .map(|(i, item)| message(i, item, limits))
         .collect()
 }
 
-fn message(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
+fn message(i: usize, item: &Value, limits: &RequestLimits) -> Result<ChatMessage, ApiError> {
     let at = format!("messages[{i}]");
     let Value::Object(m) = item else {
         return Err(type_error(&at, item, "an object"));
@@ -481,7 +527,7 @@ fn message(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
             )))
         }
         Some(calls) => Some(
-            normalize_tool_calls(calls, &format!("{at}.tool_calls"))
+            normalize_tool_calls(calls, &format!("{at}.tool_calls"), limits.max_tool_calls)
                 .map_err(ApiError::invalid_request)?,
         ),
     };
@@ -504,6 +550,13 @@ fn message(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
             )))
         }
         Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) if parts.len() > limits.max_content_parts => {
+            return Err(ApiError::invalid_request(format_args!(
+                "'{at}.content' holds {} parts; the content part limit is {}",
+                parts.len(),
+                limits.max_content_parts
+            )))
+        }
         Some(Value::Array(parts)) => {
             let mut texts = Vec::with_capacity(parts.len());
             for (j, part) in parts.iter().enumerate() {
@@ -1372,5 +1425,68 @@ mod tests {
                 let _ = OpenAiRequest::from_json_bytes(endpoint, body);
             }
         }
+    }
+
+    #[test]
+    fn lists_and_schemas_are_bounded() {
+        let chat = |body: Value| {
+            OpenAiRequest::from_json_bytes(
+                OpenAiEndpoint::ChatCompletions,
+                body.to_string().as_bytes(),
+            )
+        };
+        let msg = json!({"role": "user", "content": "x"});
+        let e = chat(json!({"model": "m", "messages": vec![msg.clone(); 2049]})).unwrap_err();
+        assert_eq!(
+            e.message,
+            "'messages' holds 2049 messages; the message count limit is 2048"
+        );
+        let parts = vec![json!({"type": "text", "text": "a"}); 257];
+        let e = chat(json!({"model": "m", "messages": [{"role": "user", "content": parts}]}))
+            .unwrap_err();
+        assert!(
+            e.message.contains("the content part limit is 256"),
+            "{}",
+            e.message
+        );
+        let e =
+            chat(json!({"model": "m", "messages": [msg], "stop": "s".repeat(1025)})).unwrap_err();
+        assert!(
+            e.message.contains("at most 1024 characters"),
+            "{}",
+            e.message
+        );
+        let tools: Vec<Value> = (0..129)
+            .map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}}))
+            .collect();
+        let e = chat(json!({"model": "m", "messages": [msg], "tools": tools})).unwrap_err();
+        assert!(
+            e.message.contains("the tool count limit is 128"),
+            "{}",
+            e.message
+        );
+        let mut defs = serde_json::Map::new();
+        for i in 0..600 {
+            defs.insert(
+                format!("d{i}"),
+                json!({"$ref": format!("#/$defs/d{}", i + 1)}),
+            );
+        }
+        let e = chat(json!({"model": "m", "messages": [msg], "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema":
+                {"$ref": "#/$defs/d0", "$defs": defs}}}}))
+        .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message
+                .starts_with("'response_format.json_schema.schema': "),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("$ref depth limit is 32"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -32,6 +32,10 @@
 //!   becomes `""`;
 //! * a leading UTF-8 byte order mark in the body is skipped.
 //!
+//! Every list and schema is bounded by a [`RequestLimits`] ([`crate::limits`]): messages,
+//! content parts, tool calls sent back, tools, and the `response_format` and tool schemas
+//! (size, nodes, depth following `$ref`s); over a limit is a 400 naming it.
+//!
 //! Validation checks fields in a fixed order (`lora`, the prompt/messages
 //! choice, the input, `raw`, `stream`, the sampling fields in declaration
 //! order, `tools`, `functions`, `response_format`, `options`) and reports the
@@ -43,6 +47,7 @@ use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
 use crate::error::ApiError;
+use crate::limits::{check_schema, RequestLimits};
 use crate::tools::{
     normalize_tool_calls, parse_tool_choice, parse_tools, ToolChoice, ToolDefinition,
 };
@@ -225,16 +230,27 @@ impl ResponseFormat {
 }
 
 impl ValidatedRequest {
-    /// Parse `body` as JSON (whatever the `Content-Type` said) and validate it.
+    /// Parse `body` as JSON (whatever the `Content-Type` said) and validate it within the
+    /// default limits ([`RequestLimits::DEFAULT`], what the Worker checks).
     pub fn from_json_bytes(body: &[u8]) -> Result<Self, ApiError> {
+        Self::from_json_bytes_with(body, &RequestLimits::DEFAULT)
+    }
+
+    /// [`ValidatedRequest::from_json_bytes`] within `limits` (the node's configured ones).
+    pub fn from_json_bytes_with(body: &[u8], limits: &RequestLimits) -> Result<Self, ApiError> {
         let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_input(format_args!("body is not valid JSON: {e}")))?;
-        Self::from_value(value)
+        Self::from_value_with(value, limits)
     }
 
-    /// Validate an already parsed body.
+    /// Validate an already parsed body within the default limits.
     pub fn from_value(value: Value) -> Result<Self, ApiError> {
+        Self::from_value_with(value, &RequestLimits::DEFAULT)
+    }
+
+    /// Validate an already parsed body within `limits`.
+    pub fn from_value_with(value: Value, limits: &RequestLimits) -> Result<Self, ApiError> {
         let mut body = match value {
             Value::Object(map) => map,
             other => return Err(type_mismatch("/", &other, "object")),
@@ -266,7 +282,7 @@ impl ValidatedRequest {
                 let raw = get_bool(&body, "raw", "/raw")?.unwrap_or(false);
                 PromptInput::Prompt { text, raw }
             }
-            (None, Some(messages)) => PromptInput::Messages(validate_messages(messages)?),
+            (None, Some(messages)) => PromptInput::Messages(validate_messages(messages, limits)?),
         };
 
         let stream = get_bool(&body, "stream", "/stream")?.unwrap_or(false);
@@ -290,7 +306,7 @@ impl ValidatedRequest {
         let tools = match take_non_null(&mut body, "tools") {
             Some(tools) => {
                 check_array_of_objects("/tools", &tools)?;
-                parse_tools(&tools, "tools").map_err(ApiError::bad_input)?
+                parse_tools(&tools, "tools", limits).map_err(ApiError::bad_input)?
             }
             None => Vec::new(),
         };
@@ -301,7 +317,7 @@ impl ValidatedRequest {
         }
 
         let response_format = match take_non_null(&mut body, "response_format") {
-            Some(format) => response_format(format)?,
+            Some(format) => response_format(format, limits)?,
             None => ResponseFormat::Text,
         };
         // Workers AI streams `json_object` but not a schema (reference §3.3).
@@ -464,7 +480,10 @@ fn check_array_of_objects(pointer: &str, value: &Value) -> Result<(), ApiError> 
     Ok(())
 }
 
-fn validate_messages(messages: Value) -> Result<Vec<ChatMessage>, ApiError> {
+fn validate_messages(
+    messages: Value,
+    limits: &RequestLimits,
+) -> Result<Vec<ChatMessage>, ApiError> {
     let items = match messages {
         Value::Array(items) => items,
         other => return Err(type_mismatch("/messages", &other, "array")),
@@ -474,14 +493,25 @@ fn validate_messages(messages: Value) -> Result<Vec<ChatMessage>, ApiError> {
             "'/messages' must contain at least 1 item, got 0",
         ));
     }
+    if items.len() > limits.max_messages {
+        return Err(ApiError::bad_input(format_args!(
+            "'/messages' must contain at most {} items (the message count limit), got {}",
+            limits.max_messages,
+            items.len()
+        )));
+    }
     items
         .into_iter()
         .enumerate()
-        .map(|(i, item)| validate_message(i, item))
+        .map(|(i, item)| validate_message(i, item, limits))
         .collect()
 }
 
-fn validate_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> {
+fn validate_message(
+    index: usize,
+    item: Value,
+    limits: &RequestLimits,
+) -> Result<ChatMessage, ApiError> {
     let base = format!("/messages/{index}");
     let mut msg = match item {
         Value::Object(map) => map,
@@ -513,7 +543,7 @@ fn validate_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> 
             ))
         }
         Some(calls) => Some(
-            normalize_tool_calls(&calls, &format!("{base}/tool_calls"))
+            normalize_tool_calls(&calls, &format!("{base}/tool_calls"), limits.max_tool_calls)
                 .map_err(ApiError::bad_input)?,
         ),
         None => None,
@@ -524,6 +554,13 @@ fn validate_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> 
     let content_pointer = format!("{base}/content");
     let content = match msg.remove("content") {
         Some(Value::String(text)) => text,
+        Some(Value::Array(parts)) if parts.len() > limits.max_content_parts => {
+            return Err(ApiError::bad_input(format_args!(
+                "'{content_pointer}' must contain at most {} parts (the content part limit), got {}",
+                limits.max_content_parts,
+                parts.len()
+            )))
+        }
         Some(Value::Array(parts)) => join_parts(&content_pointer, parts)?,
         None | Some(Value::Null) if role_kind == Role::Assistant && tool_calls.is_some() => {
             String::new()
@@ -599,7 +636,7 @@ fn join_parts(pointer: &str, parts: Vec<Value>) -> Result<String, ApiError> {
     Ok(texts.join("\n"))
 }
 
-fn response_format(format: Value) -> Result<ResponseFormat, ApiError> {
+fn response_format(format: Value, limits: &RequestLimits) -> Result<ResponseFormat, ApiError> {
     let Value::Object(map) = format else {
         return Err(type_mismatch("/response_format", &format, "object"));
     };
@@ -631,7 +668,11 @@ fn response_format(format: Value) -> Result<ResponseFormat, ApiError> {
         (_, None) => Err(ApiError::bad_input(
             "required properties at '/response_format' are 'type' and 'json_schema' when type is 'json_schema'",
         )),
-        (_, Some(schema)) => Ok(ResponseFormat::JsonSchema(schema.clone())),
+        (_, Some(schema)) => {
+            check_schema(schema, "'/response_format/json_schema'", &limits.schema)
+                .map_err(ApiError::bad_input)?;
+            Ok(ResponseFormat::JsonSchema(schema.clone()))
+        }
     }
 }
 
@@ -1414,5 +1455,65 @@ mod tests {
         ] {
             let _ = ValidatedRequest::from_value(body);
         }
+    }
+
+    #[test]
+    fn lists_and_schemas_are_bounded() {
+        let limits = RequestLimits::DEFAULT;
+        let msg = json!({"role": "user", "content": "x"});
+        let msgs = |n: usize| json!({"messages": vec![msg.clone(); n]});
+        ok(msgs(limits.max_messages));
+        assert_eq!(
+            bad(msgs(limits.max_messages + 1)),
+            "'/messages' must contain at most 2048 items (the message count limit), got 2049"
+        );
+        let parts = vec![json!({"type": "text", "text": "a"}); 257];
+        assert_eq!(
+            bad(json!({"messages": [{"role": "user", "content": parts}]})),
+            "'/messages/0/content' must contain at most 256 parts (the content part limit), got 257"
+        );
+        // The chain of finding 1, through response_format: refused before anything compiles.
+        let mut defs = Map::new();
+        for i in 0..250 {
+            defs.insert(
+                format!("d{i}"),
+                json!({"type": "object",
+                "properties": {"x": {"$ref": format!("#/$defs/d{}", i + 1)}}, "required": ["x"]}),
+            );
+        }
+        let chain = json!({"$ref": "#/$defs/d0", "$defs": defs});
+        let e = bad(prompt_with(
+            "response_format",
+            json!({"type": "json_schema", "json_schema": chain}),
+        ));
+        assert!(
+            e.starts_with("'/response_format/json_schema': the schema follows 251 '$ref's"),
+            "{e}"
+        );
+        assert!(e.ends_with("the schema $ref depth limit is 32"), "{e}");
+        // ... and through a tool.
+        let e = bad(json!({"prompt": "x", "tools": [{"name": "f", "parameters": chain}]}));
+        assert!(e.starts_with("'tools[0].parameters': "), "{e}");
+        // x-guidance would relax what must be refused.
+        let lenient =
+            json!({"type": "array", "uniqueItems": true, "x-guidance": {"lenient": true}});
+        assert!(bad(prompt_with(
+            "response_format",
+            json!({"type": "json_schema", "json_schema": lenient})
+        ))
+        .contains("'x-guidance'"));
+        // Limits of the node's choosing.
+        let tight = RequestLimits {
+            max_tools: 1,
+            ..limits
+        };
+        let two = json!({"prompt": "x", "tools": [{"name": "a"}, {"name": "b"}]});
+        ValidatedRequest::from_value(two.clone()).unwrap();
+        let e = ValidatedRequest::from_value_with(two, &tight).unwrap_err();
+        assert!(
+            e.message.contains("the tool count limit is 1"),
+            "{}",
+            e.message
+        );
     }
 }

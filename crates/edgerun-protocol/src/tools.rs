@@ -10,10 +10,18 @@
 //!   [`normalize_tool_calls`] into the shape chat templates read: `{id, type: "function",
 //!   function: {name, arguments: {..}}}`, arguments as an object (templates `tojson` them).
 //!
+//! Every list is bounded ([`RequestLimits`]): at most `max_tools` tools, names unique (a hash
+//! set: O(n)), descriptions of at most `max_tool_description_chars`, each `parameters` schema
+//! measured by [`check_schema`]; at most `max_tool_calls` calls per assistant message.
+//!
 //! Errors are plain strings naming the field; each dialect wraps them in its own error.
+
+use std::collections::HashSet;
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
+
+use crate::limits::{check_schema, RequestLimits};
 
 /// A function the model may call.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -55,12 +63,24 @@ fn non_null<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     m.get(key).filter(|v| !v.is_null())
 }
 
-/// Reads a `tools` array (`at` names it in errors, e.g. `tools`).
-pub fn parse_tools(value: &Value, at: &str) -> Result<Vec<ToolDefinition>, String> {
+/// Reads a `tools` array (`at` names it in errors, e.g. `tools`) within `limits`.
+pub fn parse_tools(
+    value: &Value,
+    at: &str,
+    limits: &RequestLimits,
+) -> Result<Vec<ToolDefinition>, String> {
     let Value::Array(items) = value else {
         return Err(format!("'{at}' must be an array, got {}", kind(value)));
     };
+    if items.len() > limits.max_tools {
+        return Err(format!(
+            "'{at}' holds {} tools; the tool count limit is {}",
+            items.len(),
+            limits.max_tools
+        ));
+    }
     let mut tools: Vec<ToolDefinition> = Vec::with_capacity(items.len());
+    let mut names: HashSet<&str> = HashSet::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let at = format!("{at}[{i}]");
         let Value::Object(tool) = item else {
@@ -97,7 +117,7 @@ pub fn parse_tools(value: &Value, at: &str) -> Result<Vec<ToolDefinition>, Strin
                     && n.chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') =>
             {
-                n.clone()
+                n
             }
             Some(Value::String(n)) => {
                 return Err(format!(
@@ -109,11 +129,18 @@ pub fn parse_tools(value: &Value, at: &str) -> Result<Vec<ToolDefinition>, Strin
             }
             None => return Err(format!("'{at}.name' is required")),
         };
-        if tools.iter().any(|t| t.name == name) {
+        if !names.insert(name.as_str()) {
             return Err(format!("'{at}.name': two tools are named '{name}'"));
         }
         let description = match non_null(def, "description") {
             None => String::new(),
+            Some(Value::String(d)) if d.chars().count() > limits.max_tool_description_chars => {
+                return Err(format!(
+                    "'{at}.description' is longer than {} characters (the tool description \
+                     limit)",
+                    limits.max_tool_description_chars
+                ))
+            }
             Some(Value::String(d)) => d.clone(),
             Some(other) => {
                 return Err(format!(
@@ -124,7 +151,11 @@ pub fn parse_tools(value: &Value, at: &str) -> Result<Vec<ToolDefinition>, Strin
         };
         let parameters = match non_null(def, "parameters") {
             None => json!({"type": "object", "properties": {}}),
-            Some(p @ Value::Object(_)) => p.clone(),
+            Some(p @ Value::Object(_)) => {
+                check_schema(p, &format!("'{at}.parameters'"), &limits.schema)
+                    .map_err(|e| e.to_string())?;
+                p.clone()
+            }
             Some(other) => {
                 return Err(format!(
                     "'{at}.parameters' must be an object (a JSON Schema), got {}",
@@ -133,7 +164,7 @@ pub fn parse_tools(value: &Value, at: &str) -> Result<Vec<ToolDefinition>, Strin
             }
         };
         tools.push(ToolDefinition {
-            name,
+            name: name.clone(),
             description,
             parameters,
         });
@@ -187,11 +218,18 @@ pub fn parse_tool_choice(
     }
 }
 
-/// An assistant message's `tool_calls`, in the shape chat templates read (see the module docs).
-pub fn normalize_tool_calls(value: &Value, at: &str) -> Result<Value, String> {
+/// An assistant message's `tool_calls`, in the shape chat templates read (see the module docs),
+/// at most `max_calls` of them.
+pub fn normalize_tool_calls(value: &Value, at: &str, max_calls: usize) -> Result<Value, String> {
     let Value::Array(calls) = value else {
         return Err(format!("'{at}' must be an array, got {}", kind(value)));
     };
+    if calls.len() > max_calls {
+        return Err(format!(
+            "'{at}' holds {} calls; the limit is {max_calls} per message",
+            calls.len()
+        ));
+    }
     let mut out = Vec::with_capacity(calls.len());
     for (i, call) in calls.iter().enumerate() {
         let at = format!("{at}[{i}]");
@@ -246,6 +284,7 @@ mod tests {
                 {"name": "noop"}
             ]),
             "tools",
+            &RequestLimits::DEFAULT,
         )
         .unwrap();
         assert_eq!(tools[0].name, "weather");
@@ -279,14 +318,14 @@ mod tests {
                 "two tools are named 'f'",
             ),
         ] {
-            let e = parse_tools(&tools, "tools").unwrap_err();
+            let e = parse_tools(&tools, "tools", &RequestLimits::DEFAULT).unwrap_err();
             assert!(e.contains(needle), "{tools}: {e}");
         }
     }
 
     #[test]
     fn tool_choice_is_checked_against_the_tools() {
-        let tools = parse_tools(&json!([{"name": "f"}]), "tools").unwrap();
+        let tools = parse_tools(&json!([{"name": "f"}]), "tools", &RequestLimits::DEFAULT).unwrap();
         let choice = |v: Value| parse_tool_choice(Some(&v), &tools);
         assert_eq!(parse_tool_choice(None, &tools), Ok(ToolChoice::Auto));
         assert_eq!(choice(json!("none")), Ok(ToolChoice::None));
@@ -311,18 +350,84 @@ mod tests {
         let openai = json!([{"id": "call_1", "type": "function",
                              "function": {"name": "f", "arguments": "{\"a\":1}"}}]);
         assert_eq!(
-            normalize_tool_calls(&openai, "m").unwrap(),
+            normalize_tool_calls(&openai, "m", 8).unwrap(),
             json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}])
         );
         let legacy = json!([{"name": "f", "arguments": {"a": 1}}]);
         assert_eq!(
-            normalize_tool_calls(&legacy, "m").unwrap(),
+            normalize_tool_calls(&legacy, "m", 8).unwrap(),
             json!([{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}])
         );
-        assert!(
-            normalize_tool_calls(&json!([{"function": {"name": "f", "arguments": "{"}}]), "m")
-                .unwrap_err()
-                .contains("not JSON")
+        assert!(normalize_tool_calls(
+            &json!([{"function": {"name": "f", "arguments": "{"}}]),
+            "m",
+            8
+        )
+        .unwrap_err()
+        .contains("not JSON"));
+    }
+
+    #[test]
+    fn tool_lists_are_bounded_and_checked_in_linear_time() {
+        let limits = RequestLimits::DEFAULT;
+        let many = |n: usize, same: bool| {
+            Value::Array(
+                (0..n)
+                    .map(|i| {
+                        let name = if same {
+                            "f".to_string()
+                        } else {
+                            format!("f{i}")
+                        };
+                        json!({"type": "function", "function": {"name": name}})
+                    })
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            parse_tools(&many(128, false), "tools", &limits)
+                .unwrap()
+                .len(),
+            128
         );
+        let e = parse_tools(&many(129, false), "tools", &limits).unwrap_err();
+        assert_eq!(e, "'tools' holds 129 tools; the tool count limit is 128");
+        // The finding's 50,000 tools, distinct or all named alike, with the count limit lifted:
+        // the duplicate check is a hash set, so this takes milliseconds, not seconds.
+        let unbounded = RequestLimits {
+            max_tools: usize::MAX,
+            ..limits
+        };
+        let started = std::time::Instant::now();
+        assert_eq!(
+            parse_tools(&many(50_000, false), "tools", &unbounded)
+                .unwrap()
+                .len(),
+            50_000
+        );
+        let e = parse_tools(&many(50_000, true), "tools", &unbounded).unwrap_err();
+        assert!(e.contains("two tools are named 'f'"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // Descriptions and schemas are bounded too.
+        let long = json!([{"name": "f", "description": "d".repeat(8193)}]);
+        assert!(parse_tools(&long, "tools", &limits)
+            .unwrap_err()
+            .contains("tool description limit"));
+        let mut chain = Map::new();
+        for i in 0..40 {
+            chain.insert(
+                format!("d{i}"),
+                json!({"$ref": format!("#/$defs/d{}", i + 1)}),
+            );
+        }
+        let deep = json!([{"name": "f", "parameters": {"type": "object", "properties":
+            {"x": {"$ref": "#/$defs/d0"}}, "$defs": chain}}]);
+        let e = parse_tools(&deep, "tools", &limits).unwrap_err();
+        assert!(e.starts_with("'tools[0].parameters': "), "{e}");
+        assert!(e.contains("$ref depth limit is 32"), "{e}");
+        let calls = Value::Array(vec![json!({"name": "f"}); 9]);
+        assert!(normalize_tool_calls(&calls, "m", 8)
+            .unwrap_err()
+            .contains("the limit is 8 per message"));
     }
 }

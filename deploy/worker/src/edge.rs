@@ -441,6 +441,30 @@ mod tests {
             assert_eq!(edge, node.into());
             assert_eq!((edge.error.status, edge.allow), (400, None));
         }
+        // A schema over the node's limits (finding 1 of issue 21, a `$ref` chain that once
+        // overflowed the node's stack) is refused here already, with the node's exact error.
+        let defs: Vec<String> = (0..300)
+            .map(|i| format!(r##""d{i}":{{"$ref":"#/$defs/d{}"}}"##, i + 1))
+            .collect();
+        let chain = format!(
+            r##"{{"$ref":"#/$defs/d0","$defs":{{{},"d300":{{"type":"string"}}}}}}"##,
+            defs.join(",")
+        );
+        for body in [
+            format!(
+                r#"{{"prompt":"x","response_format":{{"type":"json_schema","json_schema":{chain}}}}}"#
+            ),
+            format!(r#"{{"prompt":"x","tools":[{{"name":"f","parameters":{chain}}}]}}"#),
+        ] {
+            let edge = check(&run, body.as_bytes()).unwrap_err();
+            let node = ValidatedRequest::from_json_bytes(body.as_bytes()).unwrap_err();
+            assert!(
+                node.message.contains("$ref depth limit"),
+                "{}",
+                node.message
+            );
+            assert_eq!(edge, node.into());
+        }
         // The node's 405 about a body (LoRA): the same envelope, with Allow.
         let edge = check(&run, br#"{"prompt":"hi","lora":"x"}"#).unwrap_err();
         assert_eq!(edge.error, ApiError::lora_unsupported());
