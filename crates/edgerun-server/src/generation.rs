@@ -10,6 +10,13 @@
 //! prepare pool, the first-event grace that lets an immediate failure still get a status code,
 //! heartbeats, the drain deadline's cut, latency metrics, and the mapping of engine failures to
 //! wire errors (always through [`ServerError::api_error`]).
+//!
+//! A stream is never silent for longer than the heartbeat interval: the interval counts from
+//! the last frame that went out, not from the last engine event, so a stream whose text is held
+//! back (a forced tool call is held whole until the end; text that may start a call or a stop
+//! string until it is decided) gets `: keep-alive` comments like a queued one. A dialect may
+//! open its stream with bytes of its own as soon as the headers are out
+//! ([`Framing::opening`]: OpenAI's role chunk).
 
 use crate::error::ServerError;
 use crate::telemetry;
@@ -197,6 +204,11 @@ pub async fn start(
 
 /// How one dialect frames a streamed generation. Each method returns the bytes to send.
 pub trait Framing: Send + 'static {
+    /// The stream's first bytes, sent as soon as the body starts, before any engine event
+    /// (OpenAI's chat role chunk); none by default.
+    fn opening(&mut self) -> String {
+        String::new()
+    }
     /// The text of the newest token(s), with their log-probabilities when the request asked
     /// for them (then `text` may be empty).
     fn token(&mut self, text: &str, logprobs: &[TokenLogprob]) -> String;
@@ -206,8 +218,9 @@ pub trait Framing: Send + 'static {
     fn finish(&mut self, usage: &Usage, reason: StopReason) -> String;
     /// A failure after the stream has started; the stream ends after it.
     fn error(&mut self, error: &ApiError) -> String;
-    /// Sent when nothing happened for the heartbeat interval (queued, or reading a long
-    /// prompt), so proxies keep the connection open.
+    /// Sent when no bytes went out for the heartbeat interval (queued, reading a long prompt,
+    /// or text held back for a tool call or a stop string), so proxies keep the connection
+    /// open.
     fn heartbeat(&mut self) -> String {
         sse::heartbeat().to_string()
     }
@@ -283,7 +296,7 @@ impl Generation {
 fn sse_response<F: Framing>(
     generation: Generation,
     first: Option<GenerationEvent>,
-    framing: F,
+    mut framing: F,
     heartbeat: Duration,
 ) -> Response {
     let Generation {
@@ -292,72 +305,23 @@ fn sse_response<F: Framing>(
         drain,
         tool_calling,
     } = generation;
-    let cut = Box::pin(drain.cut_signal());
-    let calls = tool_calling.map(|c| c.splitter());
-    let state = Some((stream, first, timer, (framing, calls), cut));
-    let events = futures::stream::unfold(state, move |state| {
-        let drain = drain.clone();
-        async move {
-            let (mut stream, mut pending, mut timer, (mut framing, mut calls), mut cut) = state?;
-            loop {
-                let next = match pending.take() {
-                    Some(event) => Ok(Some(event)),
-                    None => tokio::select! {
-                        next = tokio::time::timeout(heartbeat, stream.recv()) => next,
-                        _ = &mut cut => {
-                            // The drain deadline: end with an error event, never silently.
-                            drain.note_cut();
-                            let frame = framing.error(&ServerError::Cut.api_error());
-                            return Some((Ok::<_, Infallible>(Bytes::from(frame)), None));
-                        }
-                    },
-                };
-                let (frame, keep) = match next {
-                    Err(_) => (framing.heartbeat(), true),
-                    Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
-                    Ok(Some(GenerationEvent::Token { text, logprobs })) => {
-                        timer.token();
-                        // With tools, what may be a call is held back until the end.
-                        let text = match calls.as_mut() {
-                            Some(splitter) => splitter.push(&text),
-                            None => text,
-                        };
-                        if text.is_empty() && logprobs.is_empty() {
-                            continue;
-                        }
-                        (framing.token(&text, &logprobs), true)
-                    }
-                    Ok(Some(GenerationEvent::Finished { usage, reason })) => {
-                        timer.finish();
-                        let mut frame = String::new();
-                        if let Some(splitter) = calls.take() {
-                            let (tail, found) = splitter.finish();
-                            if !tail.is_empty() {
-                                frame.push_str(&framing.token(&tail, &[]));
-                            }
-                            if !found.is_empty() {
-                                frame.push_str(&framing.tool_calls(&found));
-                            }
-                        }
-                        frame.push_str(&framing.finish(&usage, reason));
-                        (frame, false)
-                    }
-                    Ok(Some(GenerationEvent::Failed(e))) => (
-                        framing.error(&ServerError::Generation(e).api_error()),
-                        false,
-                    ),
-                    Ok(None) => {
-                        let e = ServerError::Engine(edgerun_engine::EngineError::Stopped);
-                        (framing.error(&e.api_error()), false)
-                    }
-                };
-                let frame = Ok::<_, Infallible>(Bytes::from(frame));
-                return Some((
-                    frame,
-                    keep.then_some((stream, None, timer, (framing, calls), cut)),
-                ));
-            }
-        }
+    let opening = framing.opening();
+    let streaming = Streaming {
+        stream,
+        pending: first,
+        opening,
+        timer,
+        framing,
+        calls: tool_calling.map(|c| c.splitter()),
+        cut: Box::pin(drain.cut_signal()),
+        drain,
+        heartbeat,
+    };
+    let events = futures::stream::unfold(Some(streaming), |state| async move {
+        let mut streaming = state?;
+        let (frame, keep) = streaming.next_frame().await;
+        let frame = Ok::<_, Infallible>(Bytes::from(frame));
+        Some((frame, keep.then_some(streaming)))
     });
     let mut resp = Response::new(Body::from_stream(events));
     let h = resp.headers_mut();
@@ -372,6 +336,94 @@ fn sse_response<F: Framing>(
         HeaderValue::from_static("no"),
     );
     resp
+}
+
+/// A streamed generation between two frames.
+struct Streaming<F> {
+    stream: TokenStream,
+    /// An event read before the headers went out (the first-event grace).
+    pending: Option<GenerationEvent>,
+    /// The framing's first bytes, sent as soon as the body is.
+    opening: String,
+    timer: TokenTimer,
+    framing: F,
+    /// With tools: holds back what may be a call (see [`Framing::tool_calls`]).
+    calls: Option<edgerun_engine::ToolCallSplitter>,
+    cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    drain: Arc<Drain>,
+    heartbeat: Duration,
+}
+
+impl<F: Framing> Streaming<F> {
+    /// The next bytes to send, and whether more follow. Called when the body is asked for its
+    /// next frame, i.e. once the previous one has gone out: the heartbeat interval counts from
+    /// there, so engine events that produce no bytes (text held back for a possible tool call
+    /// or stop string, prompt progress) never postpone a keep-alive. A client waiting on a
+    /// forced tool call, which is held back whole, thus hears from the node every interval.
+    async fn next_frame(&mut self) -> (String, bool) {
+        if !self.opening.is_empty() {
+            return (std::mem::take(&mut self.opening), true);
+        }
+        let deadline = tokio::time::Instant::now() + self.heartbeat;
+        loop {
+            let next = match self.pending.take() {
+                Some(event) => Ok(Some(event)),
+                None => tokio::select! {
+                    next = tokio::time::timeout_at(deadline, self.stream.recv()) => next,
+                    _ = &mut self.cut => {
+                        // The drain deadline: end with an error event, never silently.
+                        self.drain.note_cut();
+                        return (self.framing.error(&ServerError::Cut.api_error()), false);
+                    }
+                },
+            };
+            let (frame, keep) = match next {
+                Err(_) => (self.framing.heartbeat(), true),
+                Ok(Some(GenerationEvent::PromptProcessed { .. })) => continue,
+                Ok(Some(GenerationEvent::Token { text, logprobs })) => {
+                    self.timer.token();
+                    // With tools, what may be a call is held back until the end.
+                    let text = match self.calls.as_mut() {
+                        Some(splitter) => splitter.push(&text),
+                        None => text,
+                    };
+                    if text.is_empty() && logprobs.is_empty() {
+                        continue;
+                    }
+                    (self.framing.token(&text, &logprobs), true)
+                }
+                Ok(Some(GenerationEvent::Finished { usage, reason })) => {
+                    self.timer.finish();
+                    let mut frame = String::new();
+                    if let Some(splitter) = self.calls.take() {
+                        let (tail, found) = splitter.finish();
+                        if !tail.is_empty() {
+                            frame.push_str(&self.framing.token(&tail, &[]));
+                        }
+                        if !found.is_empty() {
+                            frame.push_str(&self.framing.tool_calls(&found));
+                        }
+                    }
+                    frame.push_str(&self.framing.finish(&usage, reason));
+                    (frame, false)
+                }
+                Ok(Some(GenerationEvent::Failed(e))) => (
+                    self.framing.error(&ServerError::Generation(e).api_error()),
+                    false,
+                ),
+                Ok(None) => {
+                    let e = ServerError::Engine(edgerun_engine::EngineError::Stopped);
+                    (self.framing.error(&e.api_error()), false)
+                }
+            };
+            // A frame with no bytes (a dialect with nothing to say for an event) is no sign of
+            // life: keep waiting, on the same deadline.
+            if frame.is_empty() && keep {
+                continue;
+            }
+            return (frame, keep);
+        }
+    }
 }
 
 /// Records time to first token, inter-token latency and request duration as a generation's

@@ -432,6 +432,12 @@ impl OpenAiStream {
 }
 
 impl Framing for OpenAiStream {
+    /// A chat stream opens with the role chunk at once, as OpenAI's does, whatever the engine
+    /// is doing (a forced tool call's text is held back until the end).
+    fn opening(&mut self) -> String {
+        self.open()
+    }
+
     fn token(&mut self, text: &str, logprobs: &[TokenLogprob]) -> String {
         let mut out = self.open();
         out.push_str(&self.delta(Some(text), logprobs, None));
