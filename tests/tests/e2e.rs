@@ -504,8 +504,14 @@ async fn prometheus_metrics_count_requests_and_tokens() {
             .parse()
             .unwrap()
     };
-    assert_eq!(value("edgerun_requests_total{status=\"200\"}"), 2.0);
-    assert_eq!(value("edgerun_requests_total{status=\"400\"}"), 1.0);
+    assert_eq!(
+        value("edgerun_requests_total{route=\"/run/{model}\",status=\"200\"} "),
+        2.0
+    );
+    assert_eq!(
+        value("edgerun_requests_total{route=\"/run/{model}\",status=\"400\"} "),
+        1.0
+    );
     assert_eq!(value("edgerun_time_to_first_token_seconds_count"), 2.0);
     assert_eq!(value("edgerun_active_sequences "), 0.0);
     assert_eq!(value("edgerun_ready "), 1.0);

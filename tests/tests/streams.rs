@@ -1,7 +1,8 @@
 //! What a client sees of the node beyond the answers themselves, end to end on the real binary
-//! and model: keep-alives while a stream's text is held back.
+//! and model: keep-alives while a stream's text is held back, and every route counted in
+//! `edgerun_requests_total`.
 
-use edgerun_e2e::{read_sse, Node, Received, MODEL_ALIAS};
+use edgerun_e2e::{read_sse, Node, Received, MODEL_ALIAS, TOKEN};
 use edgerun_protocol::sse::SseEvent;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -113,4 +114,114 @@ async fn held_back_tool_calls_still_get_keep_alives_at_the_interval() {
             );
         }
     }
+}
+
+/// One counter line of `/metrics`, by its exact labels (0 when absent).
+fn counter(metrics: &str, labels: &str) -> f64 {
+    let prefix = format!("edgerun_requests_total{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// Every route is counted in `edgerun_requests_total` by route and status, OpenAI's and the
+/// binding's included, 401s and 429s included (finding 7 of issue 21: only `/run` paths were).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_is_counted_by_route_and_status() {
+    let node = Node::start(&["--max-batch", "1", "--max-queue", "1"]).await;
+    let chat = |extra: Value| {
+        let mut body = json!({"model": MODEL_ALIAS, "max_tokens": 2, "temperature": 0,
+                              "messages": [{"role": "user", "content": "Hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    assert_eq!(
+        node.post_json_to("/v1/chat/completions", &chat(json!({})))
+            .await
+            .status(),
+        200
+    );
+    let completion = json!({"model": MODEL_ALIAS, "prompt": "Hi", "max_tokens": 2});
+    assert_eq!(
+        node.post_json_to("/v1/completions", &completion)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        node.post_json_to(
+            "/client/v4/accounts/acct/ai/v1/chat/completions",
+            &chat(json!({}))
+        )
+        .await
+        .status(),
+        200
+    );
+    let get = |path: &str| node.client.get(node.url(path)).bearer_auth(TOKEN).send();
+    assert_eq!(get("/v1/models").await.unwrap().status(), 200);
+    assert_eq!(get("/v1/models/nope").await.unwrap().status(), 404);
+    assert_eq!(get("/ai-api/models/search").await.unwrap().status(), 200);
+    assert_eq!(get("/nowhere").await.unwrap().status(), 400);
+    assert_eq!(get("/health").await.unwrap().status(), 200);
+    // Without the token.
+    let resp = node
+        .client
+        .post(node.url("/v1/chat/completions"))
+        .json(&chat(json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // The binding without its version.
+    let resp = node
+        .client
+        .post(node.url("/run"))
+        .bearer_auth(TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // A busy node: the one batch slot taken, rejectIfBusy answers 429 on /v1 too.
+    let long = json!({"prompt": "1, 2, 3, 4,", "raw": true, "stream": true, "max_tokens": 2000,
+                      "temperature": 0});
+    let running = node.post(long.to_string()).send().await.unwrap();
+    node.wait_for_stat("active_sequences", 1, Duration::from_secs(10))
+        .await;
+    let busy = chat(json!({"options": {"rejectIfBusy": true}}));
+    assert_eq!(
+        node.post_json_to("/v1/chat/completions", &busy)
+            .await
+            .status(),
+        429
+    );
+    drop(running);
+    node.wait_for_stat("active_sequences", 0, Duration::from_secs(10))
+        .await;
+
+    let m = node.metrics().await;
+    for (labels, n) in [
+        (r#"route="/v1/chat/completions",status="200""#, 1.0),
+        (r#"route="/v1/chat/completions",status="401""#, 1.0),
+        (r#"route="/v1/chat/completions",status="429""#, 1.0),
+        (r#"route="/v1/completions",status="200""#, 1.0),
+        (
+            r#"route="/client/v4/accounts/{account_id}/ai/v1/chat/completions",status="200""#,
+            1.0,
+        ),
+        (r#"route="/v1/models",status="200""#, 1.0),
+        (r#"route="/v1/models/{id}",status="404""#, 1.0),
+        (r#"route="/ai-api/models/search",status="200""#, 1.0),
+        (r#"route="/run",status="400""#, 1.0),
+        (r#"route="/run/{model}",status="200""#, 1.0),
+        (r#"route="unknown",status="400""#, 1.0),
+    ] {
+        assert_eq!(counter(&m, labels), n, "{labels}:\n{m}");
+    }
+    // Health checks and scrapes are not requests.
+    assert!(!m.contains("route=\"/health\""), "{m}");
+    assert!(!m.contains("route=\"/metrics\""), "{m}");
 }

@@ -3,8 +3,16 @@
 //! Request outcomes and latencies are recorded where they happen (the `metrics` facade);
 //! engine counters (sequences, queue, tokens) are read from the engine when scraped, so the
 //! engine crate stays free of any metrics dependency.
+//!
+//! `edgerun_requests_total{route,status}` counts every answer the router gives, whatever the
+//! dialect and whichever layer gave it (Access, the bearer check, the handler, a 429 from a
+//! full queue), by the route's pattern ([`request_route`]); `/health` and `/metrics` are not
+//! counted. Answers below the router are counted where they happen instead: connections over
+//! the cap (`edgerun_connections_refused_total`) and requests hyper itself refused (a
+//! malformed or oversized head) are not requests here.
 
 use edgerun_engine::StatsSnapshot;
+use edgerun_protocol::{BindingEndpoint, ModelsEndpoint, NodeRoute, OpenAiBase, OpenAiEndpoint};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS: &str = "edgerun_requests_total";
@@ -16,6 +24,38 @@ pub const CONNECTIONS_REFUSED: &str = "edgerun_connections_refused_total";
 pub const CONNECTIONS_TIMED_OUT: &str = "edgerun_connections_timed_out_total";
 pub const BODY_TIMEOUTS: &str = "edgerun_request_body_timeouts_total";
 pub const REQUESTS_CUT: &str = "edgerun_requests_cut_at_shutdown_total";
+
+/// How a request to `path` is counted in [`REQUESTS`]: its `route` label, the router's pattern
+/// for it (a fixed set of values, whatever paths callers send; `unknown` for paths no route
+/// serves), and whether it asks for a generation (its failures are also timed in
+/// [`REQUEST_DURATION`] with `outcome="error"`). `None` for `/health` and `/metrics`, which
+/// probes and scrapers call all the time and are not counted.
+pub fn request_route(path: &str) -> Option<(&'static str, bool)> {
+    Some(match NodeRoute::of(path) {
+        NodeRoute::Run(_) if path.starts_with("/run/") => ("/run/{model}", true),
+        NodeRoute::Run(_) => ("/client/v4/accounts/{account_id}/ai/run/{model}", true),
+        NodeRoute::OpenAi(r) => match (r.base, r.endpoint) {
+            (OpenAiBase::WorkersAi, _) => (
+                "/client/v4/accounts/{account_id}/ai/v1/chat/completions",
+                true,
+            ),
+            (OpenAiBase::V1, OpenAiEndpoint::ChatCompletions) => ("/v1/chat/completions", true),
+            (OpenAiBase::V1, OpenAiEndpoint::Completions) => ("/v1/completions", true),
+            (OpenAiBase::V1, OpenAiEndpoint::Models) => ("/v1/models", false),
+            (OpenAiBase::V1, OpenAiEndpoint::Model) => ("/v1/models/{id}", false),
+        },
+        NodeRoute::Binding(BindingEndpoint::Run) => ("/run", true),
+        NodeRoute::Binding(BindingEndpoint::ModelsSearch) => ("/ai-api/models/search", false),
+        NodeRoute::Models(ModelsEndpoint::Search) => {
+            ("/client/v4/accounts/{account_id}/ai/models/search", false)
+        }
+        NodeRoute::Models(ModelsEndpoint::Schema) => {
+            ("/client/v4/accounts/{account_id}/ai/models/schema", false)
+        }
+        NodeRoute::Health | NodeRoute::Metrics => return None,
+        NodeRoute::Unknown => ("unknown", false),
+    })
+}
 
 /// Installs the process-wide recorder. `None` if one is installed already (tests build many
 /// routers in one process); metrics are then simply not rendered by that router.
@@ -218,4 +258,56 @@ pub fn render(
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_has_a_bounded_label() {
+        for (path, expected) in [
+            (
+                "/run/@cf/meta/llama-3-8b-instruct",
+                Some(("/run/{model}", true)),
+            ),
+            (
+                "/client/v4/accounts/a1/ai/run/@cf/meta/x",
+                Some(("/client/v4/accounts/{account_id}/ai/run/{model}", true)),
+            ),
+            ("/v1/chat/completions", Some(("/v1/chat/completions", true))),
+            ("/v1/completions", Some(("/v1/completions", true))),
+            ("/v1/models", Some(("/v1/models", false))),
+            (
+                "/v1/models/@cf%2Fmeta%2Fx",
+                Some(("/v1/models/{id}", false)),
+            ),
+            (
+                "/client/v4/accounts/a1/ai/v1/chat/completions",
+                Some((
+                    "/client/v4/accounts/{account_id}/ai/v1/chat/completions",
+                    true,
+                )),
+            ),
+            ("/run", Some(("/run", true))),
+            (
+                "/ai-api/models/search",
+                Some(("/ai-api/models/search", false)),
+            ),
+            (
+                "/client/v4/accounts/a1/ai/models/search",
+                Some(("/client/v4/accounts/{account_id}/ai/models/search", false)),
+            ),
+            (
+                "/client/v4/accounts/a1/ai/models/schema",
+                Some(("/client/v4/accounts/{account_id}/ai/models/schema", false)),
+            ),
+            ("/v1/nothing", Some(("unknown", false))),
+            ("/anything/else", Some(("unknown", false))),
+            ("/health", None),
+            ("/metrics", None),
+        ] {
+            assert_eq!(request_route(path), expected, "{path}");
+        }
+    }
 }

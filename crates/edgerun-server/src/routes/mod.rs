@@ -135,7 +135,10 @@ fn not_allowed(uri: &Uri, allow: &'static str) -> Response {
     resp
 }
 
-/// Tags every response with a request id: the caller's when the shared rule keeps it.
+/// Tags every response with a request id (the caller's when the shared rule keeps it), and
+/// counts it in `edgerun_requests_total` by route and status: every route the router answers
+/// (unknown paths too), whatever the dialect and whichever layer answered (auth, Access, the
+/// handler), but `/health` and `/metrics`, which probes and scrapers call all the time.
 async fn request_id(req: Request, next: Next) -> Response {
     let presented = req
         .headers()
@@ -144,12 +147,12 @@ async fn request_id(req: Request, next: Next) -> Response {
     let id = HeaderValue::from_str(&choose_request_id(presented, new_request_id))
         .expect("accepted ids are visible ASCII, fresh ones hex");
     let started = Instant::now();
-    let is_run = req.uri().path().contains("/run/") || req.uri().path() == "/run";
+    let route = telemetry::request_route(req.uri().path());
     let mut resp = next.run(req).await;
-    if is_run {
+    if let Some((label, generates)) = route {
         let status = resp.status().as_u16().to_string();
-        metrics::counter!(telemetry::REQUESTS, "status" => status).increment(1);
-        if !resp.status().is_success() {
+        metrics::counter!(telemetry::REQUESTS, "route" => label, "status" => status).increment(1);
+        if generates && !resp.status().is_success() {
             metrics::histogram!(telemetry::REQUEST_DURATION, "outcome" => "error")
                 .record(started.elapsed().as_secs_f64());
         }
