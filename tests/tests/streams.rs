@@ -1,11 +1,13 @@
 //! What a client sees of the node beyond the answers themselves, end to end on the real binary
-//! and model: keep-alives while a stream's text is held back, and every route counted in
-//! `edgerun_requests_total`.
+//! and model: keep-alives while a stream's text is held back, every route counted in
+//! `edgerun_requests_total`, and errors hyper raises before any route runs in the shape of the
+//! route they were for.
 
 use edgerun_e2e::{read_sse, Node, Received, MODEL_ALIAS, TOKEN};
 use edgerun_protocol::sse::SseEvent;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Parameters no short call satisfies: 250 digits, so a forced call takes a few seconds to
 /// generate on the CPU (SmolLM2 writes each digit and its comma as tokens of their own).
@@ -224,4 +226,116 @@ async fn every_route_is_counted_by_route_and_status() {
     // Health checks and scrapes are not requests.
     assert!(!m.contains("route=\"/health\""), "{m}");
     assert!(!m.contains("route=\"/metrics\""), "{m}");
+}
+
+/// Writes `request` on a fresh connection and reads the answer until the node closes it.
+async fn raw_exchange(node: &Node, request: &[u8]) -> (u16, Value) {
+    let addr = node.base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut raw))
+        .await
+        .expect("the node did not close the connection")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    let body = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (status, body)
+}
+
+fn is_openai(v: &Value) -> bool {
+    v["error"]["message"].is_string()
+        && v["error"]["type"].is_string()
+        && v["error"].get("param").is_some()
+        && v["error"].get("code").is_some()
+        && v.get("errors").is_none()
+}
+
+fn is_binding(v: &Value) -> bool {
+    v["internalCode"].is_u64() && v["name"].is_string() && v["description"].is_string()
+}
+
+fn is_cloudflare(v: &Value) -> bool {
+    v["success"] == false && v["errors"][0]["code"].is_u64() && v.get("internalCode").is_none()
+}
+
+/// Requests hyper refuses before any route runs (a URI over 64 KiB: 414; a control character
+/// in a header such as `cf-ai-req-id`: 400) get their error in the shape of the route they
+/// were for (finding 7 of issue 21: always Cloudflare's envelope).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_hyper_raises_take_the_shape_of_the_route() {
+    let node = Node::start(&[]).await;
+    let long_id = "m".repeat(70_000);
+    let bad_header = |method: &str, path: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+             cf-ai-req-id: bad\x01id\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+        .into_bytes()
+    };
+    let long_uri = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+            .into_bytes()
+    };
+    type Check = fn(&Value) -> bool;
+    let cases: Vec<(Vec<u8>, u16, Check, &str)> = vec![
+        (
+            long_uri(&format!("/v1/models/{long_id}")),
+            414,
+            is_openai,
+            "OpenAI",
+        ),
+        (
+            bad_header("POST", "/v1/chat/completions"),
+            400,
+            is_openai,
+            "OpenAI",
+        ),
+        (
+            bad_header("POST", "/run?version=3"),
+            400,
+            is_binding,
+            "binding",
+        ),
+        (
+            long_uri(&format!("/ai-api/models/search?search={long_id}")),
+            414,
+            is_binding,
+            "binding",
+        ),
+        (
+            bad_header("POST", &format!("/run/{MODEL_ALIAS}")),
+            400,
+            is_cloudflare,
+            "Cloudflare",
+        ),
+        (
+            long_uri(&format!(
+                "/client/v4/accounts/a/ai/models/search?x={long_id}"
+            )),
+            414,
+            is_cloudflare,
+            "Cloudflare",
+        ),
+    ];
+    for (request, status, shape, name) in cases {
+        let line = String::from_utf8_lossy(&request[..request.len().min(60)]).into_owned();
+        let (got, body) = raw_exchange(&node, &request).await;
+        assert_eq!(got, status, "{line}: {body}");
+        assert!(shape(&body), "{line}: not {name}'s shape: {body}");
+    }
+    // The node is fine afterwards.
+    assert_eq!(node.health().await["status"], "ok");
 }

@@ -38,7 +38,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::Router;
 use bytes::Bytes;
-use edgerun_protocol::ApiError;
+use edgerun_protocol::{ApiError, ErrorStyle};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use std::future::Future;
@@ -316,6 +316,8 @@ async fn serve_connection(
         activity: activity.clone(),
         replacing: None,
         heads: 0,
+        head: Vec::new(),
+        head_after: 0,
     });
     let service = {
         let activity = activity.clone();
@@ -428,7 +430,11 @@ impl http_body::Body for Tracked {
 
 /// The socket, reporting each read to the watchdog, and putting hyper's own error answers
 /// (a malformed request head is answered by hyper before any service sees it, with an empty
-/// body) into the Workers AI envelope like every other answer of the node.
+/// body) into an error body like every other answer of the node, in the style of the route the
+/// refused request was for ([`ErrorStyle::of_path`] of the path its request line names, when
+/// its first bytes show one; Cloudflare's envelope otherwise): a `/v1/models/<64 KiB id>`
+/// (414) or a control character in a `/v1` request's header (400) gets OpenAI's shape, a
+/// binding request the binding's.
 struct Watched {
     io: TcpStream,
     activity: Arc<Activity>,
@@ -436,11 +442,49 @@ struct Watched {
     replacing: Option<(Vec<u8>, usize)>,
     /// Response heads written so far: one more than the service calls means hyper's own.
     heads: u64,
+    /// The first bytes of the request head being read (at most [`HEAD_PREFIX`]): where its
+    /// request line names the path.
+    head: Vec<u8>,
+    /// Service calls made when `head` began: a later one means `head` is an answered request's.
+    head_after: u64,
 }
 
-/// The enveloped form of a bare error answer hyper wrote itself (`HTTP/1.1 400 Bad Request`,
-/// `431`, ...), or `None` when `head` is not one.
-fn envelope_for_bare_error(head: &[u8]) -> Option<Vec<u8>> {
+/// Bytes of a request head kept to tell its route when hyper refuses it (the request line up
+/// to the path's first segments is enough: `POST /client/v4/accounts/<32 hex>/ai/v1/`).
+const HEAD_PREFIX: usize = 256;
+
+/// The path a request head's first bytes name (`GET /v1/models/x?y HTTP/1.1` → `/v1/models/x`;
+/// an absolute-form target's path too), or `None` when they do not look like a request line.
+/// The path may be cut short (a head longer than what was kept): the route family is in its
+/// first segments.
+fn path_of_head(head: &[u8]) -> Option<&str> {
+    let line = head.split(|&b| b == b'\r' || b == b'\n').next()?;
+    let space = line.iter().position(|&b| b == b' ')?;
+    let (method, rest) = line.split_at(space);
+    if method.is_empty() || !method.iter().all(u8::is_ascii_uppercase) {
+        return None;
+    }
+    let target = &rest[1..];
+    let end = target
+        .iter()
+        .position(|&b| b == b' ' || b == b'?' || b == b'#')
+        .unwrap_or(target.len());
+    let target = std::str::from_utf8(&target[..end]).ok()?;
+    let path = match target.split_once("://") {
+        Some((_, after)) => &after[after.find('/')?..],
+        None => target,
+    };
+    path.starts_with('/').then_some(path)
+}
+
+/// The style of the error body for a request whose head began with `head`.
+fn style_of_head(head: &[u8]) -> ErrorStyle {
+    path_of_head(head).map_or(ErrorStyle::Cloudflare, ErrorStyle::of_path)
+}
+
+/// The error-body form of a bare error answer hyper wrote itself (`HTTP/1.1 400 Bad Request`,
+/// `414`, `431`, ...), its body in `style`, or `None` when `head` is not one.
+fn envelope_for_bare_error(head: &[u8], style: ErrorStyle) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(head.get(..head.len().min(512))?).ok()?;
     let rest = text.strip_prefix("HTTP/1.1 ")?;
     let status: u16 = rest.get(..3)?.parse().ok()?;
@@ -455,7 +499,7 @@ fn envelope_for_bare_error(head: &[u8]) -> Option<Vec<u8>> {
         413 | 431 => ApiError::new(status, 3006, format!("Request is too large: {reason}")),
         _ => ApiError::new(status, 3000, format!("HTTP error: {reason}")),
     };
-    let body = error.to_json();
+    let body = style.body(&error);
     Some(
         format!(
             "HTTP/1.1 {status} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}: {}\r\n\
@@ -479,12 +523,29 @@ impl AsyncRead for Watched {
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.read_some();
+            let this = &mut *self;
+            this.keep_head(&buf.filled()[before..]);
         }
         polled
     }
 }
 
 impl Watched {
+    /// Keeps the first bytes of a request head (read while no request is in flight) for
+    /// [`style_of_head`].
+    fn keep_head(&mut self, read: &[u8]) {
+        if self.activity.in_flight.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        let services = self.activity.services.load(Ordering::Relaxed);
+        if services != self.head_after {
+            self.head.clear();
+            self.head_after = services;
+        }
+        let room = HEAD_PREFIX.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&read[..read.len().min(room)]);
+    }
+
     /// Before writing `first` (the first bytes of a write): if it is a response head hyper
     /// wrote with no service call behind it, and a bare error, start replacing it.
     fn check_head(&mut self, first: &[u8]) {
@@ -492,7 +553,7 @@ impl Watched {
             && first.starts_with(b"HTTP/1.1 ")
             && self.heads >= self.activity.services.load(Ordering::Relaxed)
         {
-            if let Some(answer) = envelope_for_bare_error(first) {
+            if let Some(answer) = envelope_for_bare_error(first, style_of_head(&self.head)) {
                 self.replacing = Some((answer, 0));
             }
         }
@@ -625,7 +686,8 @@ mod tests {
     #[test]
     fn hyper_bare_errors_get_the_envelope() {
         let bare = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
-        let answer = String::from_utf8(envelope_for_bare_error(bare).unwrap()).unwrap();
+        let cloudflare = ErrorStyle::Cloudflare;
+        let answer = String::from_utf8(envelope_for_bare_error(bare, cloudflare).unwrap()).unwrap();
         assert!(
             answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
             "{answer}"
@@ -638,14 +700,65 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["errors"][0]["code"], 5006);
         let large = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
-        assert!(envelope_for_bare_error(large).is_some());
+        assert!(envelope_for_bare_error(large, cloudflare).is_some());
         // Our own answers (with bodies) and non-HTTP/1 bytes are left alone.
-        assert!(envelope_for_bare_error(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n").is_none());
-        assert!(
-            envelope_for_bare_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 9\r\n\r\n")
-                .is_none()
-        );
-        assert!(envelope_for_bare_error(&[0, 0, 4, 1]).is_none());
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
+        assert!(envelope_for_bare_error(ok, cloudflare).is_none());
+        let with_body = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 9\r\n\r\n";
+        assert!(envelope_for_bare_error(with_body, cloudflare).is_none());
+        assert!(envelope_for_bare_error(&[0, 0, 4, 1], cloudflare).is_none());
+    }
+
+    #[test]
+    fn hyper_bare_errors_take_the_style_of_the_requests_route() {
+        let bare = b"HTTP/1.1 414 URI Too Long\r\ncontent-length: 0\r\n\r\n";
+        let body = |head: &[u8]| {
+            let answer = envelope_for_bare_error(bare, style_of_head(head)).unwrap();
+            let answer = String::from_utf8(answer).unwrap();
+            assert!(
+                answer.starts_with("HTTP/1.1 414 URI Too Long\r\n"),
+                "{answer}"
+            );
+            let body = answer.split("\r\n\r\n").nth(1).unwrap().to_string();
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        };
+        let long = format!("GET /v1/models/{} HTTP/1.1\r\n", "x".repeat(300));
+        let v = body(&long.as_bytes()[..HEAD_PREFIX]);
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(v.get("errors").is_none(), "{v}");
+        let v = body(b"POST /run?version=3 HTTP/1.1\r\nhost: x\r\n");
+        assert_eq!(v["internalCode"], 3000, "{v}");
+        for head in [
+            &b"POST /run/@cf/meta/x HTTP/1.1\r\n"[..],
+            b"POST /client/v4/accounts/a/ai/v1/chat/completions HTTP/1.1\r\n",
+            // Nothing readable: Cloudflare's envelope, as before.
+            b"",
+        ] {
+            let v = body(head);
+            assert_eq!(v["success"], false, "{v}");
+            assert_eq!(v["errors"][0]["code"], 3000, "{v}");
+        }
+    }
+
+    #[test]
+    fn the_path_of_a_request_head() {
+        for (head, path) in [
+            (&b"GET /v1/models HTTP/1.1\r\n"[..], Some("/v1/models")),
+            (b"POST /run?version=3 HTTP/1.1\r\n", Some("/run")),
+            (b"GET /v1/models/abc", Some("/v1/models/abc")),
+            (b"GET http://host:8080/v1/x HTTP/1.1\r\n", Some("/v1/x")),
+            (b"GET * HTTP/1.1\r\n", None),
+            (b"get /v1/x HTTP/1.1\r\n", None),
+            (b"\x16\x03\x01", None),
+            (b"", None),
+        ] {
+            assert_eq!(
+                path_of_head(head),
+                path,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
     }
 
     #[test]
