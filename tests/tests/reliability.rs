@@ -576,16 +576,16 @@ async fn a_stalled_reader_is_dropped_and_its_slot_freed() {
         .run_json(json!({"prompt": "Say hi.", "max_tokens": 4}).to_string())
         .await;
     assert_eq!(v["success"], true, "{v}");
-    // Whichever notices first frees it: the connection's write-stall timeout (the socket
-    // stays full) closes the connection, which cancels the sequence, or the engine drops the
-    // paused sequence itself. Both within about the stalled-stream time of the buffers filling.
+    // The engine frees it: it drops the paused sequence about the stalled-stream time after
+    // the buffers filled, counted as stalled. The connection's write-stall timeout does not
+    // close the connection under it first (that would count a cancellation and cut the stream
+    // without its error event; streams.rs checks what the client then reads).
     let h = node
         .wait_for_stat("active_sequences", 0, Duration::from_secs(90))
         .await;
     let stats = &h["stats"];
-    let freed = stats["sequences_stalled_total"].as_u64().unwrap()
-        + stats["requests_cancelled_total"].as_u64().unwrap();
-    assert_eq!(freed, 1, "{h}");
+    assert_eq!(stats["sequences_stalled_total"], 1, "{h}");
+    assert_eq!(stats["requests_cancelled_total"], 0, "{h}");
     let generated = stats["generated_tokens_total"].as_u64().unwrap();
     assert!(generated < 4000, "a stalled stream was computed to the end");
     // What the client gets if it reads now: never a clean end.

@@ -1,5 +1,6 @@
 //! What a client sees of the node beyond the answers themselves, end to end on the real binary
-//! and model: keep-alives while a stream's text is held back, every route counted in
+//! and model: keep-alives while a stream's text is held back, a stream whose reader stopped
+//! reading ended with an error event rather than cut, every route counted in
 //! `edgerun_requests_total`, and errors hyper raises before any route runs in the shape of the
 //! route they were for.
 
@@ -338,4 +339,131 @@ async fn errors_hyper_raises_take_the_shape_of_the_route() {
     }
     // The node is fine afterwards.
     assert_eq!(node.health().await["status"], "ok");
+}
+
+/// The body of a chunked HTTP/1.1 answer, and whether it ended with the last chunk (a clean
+/// end, not a cut).
+fn dechunk(raw: &[u8]) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    let mut rest = raw;
+    loop {
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+            return (body, false);
+        };
+        let size = std::str::from_utf8(&rest[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap().trim(), 16).ok());
+        let Some(size) = size else {
+            return (body, false);
+        };
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return (body, rest.starts_with(b"\r\n"));
+        }
+        if rest.len() < size + 2 {
+            body.extend_from_slice(&rest[..rest.len().min(size)]);
+            return (body, false);
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+/// A client that stops reading a stream: the engine pauses it and, after the stalled-stream
+/// timeout, drops it with an error event; the connection stays open, so the client that reads
+/// again finds the text it had not read, the error in its dialect's shape, and the end of the
+/// stream; the node counts a stall, not a cancellation (finding 7 of issue 21: the write-stall
+/// timeout closed the connection first, a silent cut counted as a cancellation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_reading_finds_an_error_event_and_the_end() {
+    let node = Node::start(&["--stalled-stream-secs", "3"]).await;
+    let addr: std::net::SocketAddr = node.base.trim_start_matches("http://").parse().unwrap();
+    let counting = "Count from 1 to 3000, separated by commas.";
+    let openai = json!({"model": MODEL_ALIAS, "stream": true, "temperature": 0,
+                        "max_tokens": 4000,
+                        "messages": [{"role": "user", "content": counting}]});
+    let workers_ai = json!({"prompt": counting, "stream": true, "temperature": 0,
+                            "max_tokens": 4000});
+    for (n, (path, body)) in [
+        ("/v1/chat/completions".to_string(), openai),
+        (format!("/run/{MODEL_ALIAS}"), workers_ai),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // A client with a tiny receive window that stops reading after the headers.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(2048).unwrap();
+        let mut conn = socket.connect(addr).await.unwrap();
+        let body = body.to_string();
+        conn.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+                 Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        // Paused once the buffers are full, dropped 3 s later.
+        node.wait_for_stat(
+            "sequences_stalled_total",
+            n as u64 + 1,
+            Duration::from_secs(60),
+        )
+        .await;
+        let h = node
+            .wait_for_stat("active_sequences", 0, Duration::from_secs(5))
+            .await;
+        assert_eq!(h["stats"]["requests_cancelled_total"], 0, "{path}: {h}");
+        // Read again now: everything, then the error, then the end.
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut raw))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: the stream did not end"))
+            .unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+        assert!(
+            head.contains("transfer-encoding: chunked"),
+            "{path}: {head}"
+        );
+        let (body, ended) = dechunk(&raw[split + 4..]);
+        assert!(ended, "{path}: the stream was cut, not ended");
+        let mut parser = edgerun_protocol::SseParser::new();
+        let mut events = parser.push(&body);
+        events.extend(parser.finish());
+        assert!(events.len() > 10, "{path}: {events:?}");
+        assert!(
+            !events.iter().any(|e| matches!(e, SseEvent::Done)),
+            "{path}: a dropped stream ended as if complete"
+        );
+        let Some(SseEvent::Data(last)) = events.last() else {
+            panic!("{path}: {events:?}");
+        };
+        let message = if path.starts_with("/v1/") {
+            assert_eq!(last["error"]["type"], "timeout_error", "{path}: {last}");
+            assert!(last.get("errors").is_none(), "{path}: {last}");
+            &last["error"]["message"]
+        } else {
+            assert_eq!(last["errors"][0]["code"], 3007, "{path}: {last}");
+            &last["error"]["message"]
+        };
+        let message = message.as_str().unwrap();
+        assert!(
+            message.contains("did not read the stream"),
+            "{path}: {message}"
+        );
+        // Text came before it: the events the client had not read were kept.
+        let texts = events[..events.len() - 1]
+            .iter()
+            .filter(|e| matches!(e, SseEvent::Data(v) if v.get("error").is_none()))
+            .count();
+        assert!(texts > 10, "{path}: {events:?}");
+    }
+    let stats = &node.health().await["stats"];
+    assert_eq!(stats["sequences_stalled_total"], 2, "{stats}");
+    assert_eq!(stats["requests_cancelled_total"], 0, "{stats}");
 }

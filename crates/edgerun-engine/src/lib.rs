@@ -130,7 +130,7 @@ pub use error::{EngineError, Result};
 pub use kernels::Kernels;
 pub use kv_cache::{BlockAllocator, KvCache, KvLayout, KvPool, KvStorage};
 pub use models::{CausalLm, ModelConfig, Segment};
-pub use output::{GenerationEvent, TokenStream, EVENT_BUFFER};
+pub use output::{GenerationEvent, SequenceEnd, TokenStream, EVENT_BUFFER};
 pub use request::{
     ChatMessage, GenerationRequest, LogprobEntry, Logprobs, PromptInput, QueuePolicy,
     SamplingConfig, StopCriteria, TokenLogprob, Usage,

@@ -15,6 +15,12 @@
 //! `max_tokens` and the context. The stream flushes its text when the engine's `Finished`
 //! arrives, so that event is always the last, after all the text.
 //!
+//! Whether the engine still holds a sequence can be asked without reading its stream
+//! ([`TokenStream::end`], a [`SequenceEnd`]): a server whose client stopped reading cannot read
+//! the stream either, and leaves it to the engine to end a stalled sequence (with a `Failed`
+//! event the reader finds after the text it had not read, and [`SequenceEnd::stalled`] set)
+//! rather than closing the connection under it.
+//!
 //! ## Stop strings
 //!
 //! Stop strings are a rule on text, so they live here ([`StopStrings::release`]). Text that
@@ -38,7 +44,7 @@ use crate::sampling::StepLogprobs;
 use crate::sequence::StopReason;
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::sync::mpsc::error::TrySendError;
@@ -93,6 +99,23 @@ pub(crate) struct Outbox {
     tx: Sender<Emitted>,
     /// Raised by the reader when a stop string ended the text (see the module docs).
     ended: Arc<AtomicBool>,
+    /// How the engine is done with the sequence, for [`SequenceEnd`]: set when this end of the
+    /// channel goes, whatever the reason.
+    end: Arc<AtomicU8>,
+}
+
+const RUNNING: u8 = 0;
+const RETIRED: u8 = 1;
+const STALLED: u8 = 2;
+
+impl Drop for Outbox {
+    /// The engine is done with the sequence (finished, failed, cancelled, dropped for
+    /// stalling, or the engine stopped): whatever its reader has not read yet is all there is.
+    fn drop(&mut self) {
+        let _ = self
+            .end
+            .compare_exchange(RUNNING, RETIRED, Ordering::Release, Ordering::Relaxed);
+    }
 }
 
 impl Outbox {
@@ -120,6 +143,34 @@ impl Outbox {
     pub fn capacity(&self) -> usize {
         self.tx.capacity()
     }
+
+    /// The sequence is being dropped because its reader stopped reading (before its last
+    /// event is sent, so a reader that gets that event sees [`SequenceEnd::stalled`]).
+    pub fn mark_stalled(&self) {
+        self.end.store(STALLED, Ordering::Release);
+    }
+}
+
+/// Whether, and how, the engine is done with a sequence, readable without reading its
+/// stream: a server whose client stopped reading cannot read the stream either, yet must know
+/// whether the engine still holds the sequence (it will end a stalled one, with an error event
+/// for the reader, after its stalled-stream timeout) or has let it go. A clone of
+/// [`TokenStream::end`].
+#[derive(Debug, Clone)]
+pub struct SequenceEnd(Arc<AtomicU8>);
+
+impl SequenceEnd {
+    /// The engine holds nothing of the sequence any more: its events, the last one included,
+    /// are all in the channel (or it was cancelled).
+    pub fn is_retired(&self) -> bool {
+        self.0.load(Ordering::Acquire) != RUNNING
+    }
+
+    /// The engine dropped the sequence because its reader left no room for its events for
+    /// the stalled-stream timeout; its last event is the `Failed` saying so.
+    pub fn stalled(&self) -> bool {
+        self.0.load(Ordering::Acquire) == STALLED
+    }
 }
 
 /// A new sequence's channel: the engine's end and the caller's stream, which turns ids into
@@ -127,6 +178,7 @@ impl Outbox {
 pub(crate) fn channel(tokenizer: Arc<TextTokenizer>, stops: Vec<String>) -> (Outbox, TokenStream) {
     let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
     let ended = Arc::new(AtomicBool::new(false));
+    let end = Arc::new(AtomicU8::new(RUNNING));
     let stream = TokenStream {
         rx,
         text: TextStage {
@@ -139,10 +191,11 @@ pub(crate) fn channel(tokenizer: Arc<TextTokenizer>, stops: Vec<String>) -> (Out
         },
         prompt_tokens: 0,
         ended: ended.clone(),
+        end: SequenceEnd(end.clone()),
         ready: VecDeque::new(),
         state: State::Reading,
     };
-    (Outbox { tx, ended }, stream)
+    (Outbox { tx, ended, end }, stream)
 }
 
 /// Where a stream is.
@@ -165,12 +218,19 @@ pub struct TokenStream {
     /// Prompt tokens, as the engine announced them.
     prompt_tokens: usize,
     ended: Arc<AtomicBool>,
+    end: SequenceEnd,
     /// Events made from what was received, not yet handed out.
     ready: VecDeque<GenerationEvent>,
     state: State,
 }
 
 impl TokenStream {
+    /// How the engine is done with this sequence, as a handle that outlives `&self` borrows
+    /// (see [`SequenceEnd`]).
+    pub fn end(&self) -> SequenceEnd {
+        self.end.clone()
+    }
+
     pub async fn recv(&mut self) -> Option<GenerationEvent> {
         std::future::poll_fn(|cx| self.poll_event(cx)).await
     }
@@ -629,6 +689,29 @@ mod tests {
                 usage: usage(1, 2),
                 reason: StopReason::StopString
             }]
+        );
+    }
+
+    #[test]
+    fn the_end_says_whether_the_engine_still_holds_the_sequence_and_why_it_let_go() {
+        let (outbox, s) = stream(&[]);
+        let end = s.end();
+        assert!(!end.is_retired() && !end.stalled());
+        send_text(&outbox, "a");
+        assert!(!end.is_retired(), "events are no end");
+        drop(outbox);
+        assert!(end.is_retired() && !end.stalled());
+        // Dropped for stalling: marked before the last event goes out, readable unread.
+        let (outbox, mut s) = stream(&[]);
+        let end = s.end();
+        send_text(&outbox, "a");
+        outbox.mark_stalled();
+        outbox.send(Emitted::Failed("stalled".into()));
+        drop(outbox);
+        assert!(end.is_retired() && end.stalled());
+        assert_eq!(
+            drain(&mut s),
+            [token("a"), GenerationEvent::Failed("stalled".into())]
         );
     }
 

@@ -346,6 +346,15 @@ impl Sequence {
         self.into_outbox().send(Emitted::Failed(why.to_string()));
     }
 
+    /// Ends the sequence because its client stopped reading (its cache freed first): the
+    /// reader finds the error after whatever it had not read, and [`crate::SequenceEnd`] says
+    /// why.
+    pub fn stall(self, why: &str) {
+        let outbox = self.into_outbox();
+        outbox.mark_stalled();
+        outbox.send(Emitted::Failed(why.to_string()));
+    }
+
     /// Drops everything but the event channel.
     fn into_outbox(self) -> Outbox {
         self.tx

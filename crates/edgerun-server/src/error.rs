@@ -38,6 +38,10 @@ pub enum ServerError {
     /// The drain deadline ended the generation before it finished.
     #[error("the node shut down before the generation finished")]
     Cut,
+    /// The engine dropped a streamed generation whose client stopped reading it for the
+    /// stalled-stream timeout (`SequenceEnd::stalled`): 408 / 3007, in the stream.
+    #[error("stream stalled: {0}")]
+    Stalled(String),
 }
 
 impl ServerError {
@@ -68,6 +72,14 @@ impl ServerError {
                 EngineError::Preflight(m) => ApiError::internal(m.to_string()),
             },
             Self::Generation(m) => ApiError::internal(m),
+            Self::Stalled(m) => {
+                let timeout = ApiError::timeout();
+                ApiError::new(
+                    timeout.status,
+                    timeout.code,
+                    format!("{}: {m}", timeout.message),
+                )
+            }
             Self::NotReady => ApiError::unavailable("the model is loading, try again shortly"),
             Self::Task(m) => ApiError::internal(m),
             Self::Draining => ApiError::unavailable("the node is shutting down, try another"),

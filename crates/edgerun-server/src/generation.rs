@@ -306,7 +306,9 @@ fn sse_response<F: Framing>(
         tool_calling,
     } = generation;
     let opening = framing.opening();
+    let end = stream.end();
     let streaming = Streaming {
+        end: end.clone(),
         stream,
         pending: first,
         opening,
@@ -335,12 +337,19 @@ fn sse_response<F: Framing>(
         HeaderName::from_static("x-accel-buffering"),
         HeaderValue::from_static("no"),
     );
+    // For the connection's watchdog: while the engine holds the sequence, a client that stopped
+    // reading is the engine's to time out (it ends the stream with an error event, which the
+    // client finds if it reads again), not the write-stall timeout's.
+    resp.extensions_mut()
+        .insert(crate::serve::StreamLiveness::new(move || !end.is_retired()));
     resp
 }
 
 /// A streamed generation between two frames.
 struct Streaming<F> {
     stream: TokenStream,
+    /// Whether the engine dropped the sequence for stalling (its `Failed` is then a 408).
+    end: edgerun_engine::SequenceEnd,
     /// An event read before the headers went out (the first-event grace).
     pending: Option<GenerationEvent>,
     /// The framing's first bytes, sent as soon as the body is.
@@ -407,10 +416,14 @@ impl<F: Framing> Streaming<F> {
                     frame.push_str(&self.framing.finish(&usage, reason));
                     (frame, false)
                 }
-                Ok(Some(GenerationEvent::Failed(e))) => (
-                    self.framing.error(&ServerError::Generation(e).api_error()),
-                    false,
-                ),
+                Ok(Some(GenerationEvent::Failed(e))) => {
+                    let e = if self.end.stalled() {
+                        ServerError::Stalled(e)
+                    } else {
+                        ServerError::Generation(e)
+                    };
+                    (self.framing.error(&e.api_error()), false)
+                }
                 Ok(None) => {
                     let e = ServerError::Engine(edgerun_engine::EngineError::Stopped);
                     (self.framing.error(&e.api_error()), false)

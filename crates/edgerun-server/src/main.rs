@@ -245,8 +245,9 @@ struct ServeArgs {
     #[arg(long, env = "EDGERUN_MIN_BODY_RATE", default_value_t = 1024)]
     min_body_rate: usize,
     /// Seconds a stream whose client stopped reading is kept (paused) before it is dropped,
-    /// freeing its batch slot and KV cache; also how long any write to a client may stay
-    /// blocked before its connection is closed.
+    /// freeing its batch slot and KV cache, and ended with an error event; also how long any
+    /// write to a client may stay blocked before its connection is closed (for a dropped
+    /// stream, counted from the drop, so its client can still read the error).
     #[arg(long, env = "EDGERUN_STALLED_STREAM_SECS", default_value_t = 30)]
     stalled_stream_secs: u64,
     /// Prompts templated and tokenized at once (the CPU work before the engine); defaults to

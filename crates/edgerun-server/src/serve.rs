@@ -12,8 +12,13 @@
 //! * **an idle timeout**: a keep-alive connection with no request in flight and no byte read or
 //!   written for this long is closed;
 //! * **a write-stall timeout**: a connection whose client has stopped reading (a write blocked
-//!   this long) is closed, request in flight or not; the kernel's send buffer is bounded too,
-//!   so a stream's client that stops reading is noticed within about a thousand events;
+//!   this long) is closed, request in flight or not, except while it streams a generation the
+//!   engine still holds ([`StreamLiveness`]): the engine pauses such a stream and, after its
+//!   stalled-stream timeout, drops it with an error event; the write-stall clock starts again
+//!   from then, so a client that reads again in time finds the error and the end of the stream
+//!   rather than a cut (and the node counts a stall, not a cancellation). The kernel's send
+//!   buffer is bounded too, so a stream's client that stops reading is noticed within about a
+//!   thousand events;
 //! * **a graceful drain**: when `shutdown` resolves, busy connections close after their
 //!   answers, and every later answer says `Connection: close`; the listener and idle
 //!   connections keep answering, so that `/health` says "draining" and run requests get a 503
@@ -44,7 +49,7 @@ use hyper_util::server::conn::auto::Builder;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -222,6 +227,29 @@ struct Activity {
     write_blocked_since: AtomicU64,
     /// Requests handed to the service so far (to tell hyper's own answers from ours).
     services: AtomicU64,
+    /// The streamed generation the answer in flight carries, if any, and when the watchdog
+    /// first saw the engine done with it (`u64::MAX`: not yet).
+    stream: Mutex<Option<(StreamLiveness, u64)>>,
+}
+
+/// Marks a streamed generation's response (in its extensions) with a way to ask whether the
+/// engine still holds the generation. While it does, a blocked write does not close the
+/// connection: the engine bounds a stream whose client stopped reading (it drops the sequence
+/// after its stalled-stream timeout and ends the stream with an error event), and a client
+/// that reads again within the write-stall timeout after that finds the event and the end of
+/// the stream instead of a cut.
+#[derive(Clone)]
+pub struct StreamLiveness(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl StreamLiveness {
+    /// `live`: whether the engine still holds the generation.
+    pub fn new(live: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(live))
+    }
+
+    fn live(&self) -> bool {
+        (self.0)()
+    }
 }
 
 impl Activity {
@@ -234,6 +262,7 @@ impl Activity {
             last_active: AtomicU64::new(0),
             write_blocked_since: AtomicU64::new(u64::MAX),
             services: AtomicU64::new(0),
+            stream: Mutex::new(None),
         }
     }
 
@@ -274,7 +303,30 @@ impl Activity {
         self.head_started.store(u64::MAX, Ordering::Relaxed);
     }
 
+    /// The answer in flight streams a generation.
+    fn streaming(&self, liveness: StreamLiveness) {
+        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some((liveness, u64::MAX));
+    }
+
+    /// When a blocked write began to count against the write-stall timeout: when it blocked,
+    /// or, for a streamed generation, once the engine let the generation go (`None` while it
+    /// holds it: the engine's stalled-stream timeout is the bound then).
+    fn write_stall_clock(&self, blocked: u64, now: u64) -> Option<u64> {
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((liveness, retired_at)) = stream.as_mut() else {
+            return Some(blocked);
+        };
+        if *retired_at == u64::MAX {
+            if liveness.live() {
+                return None;
+            }
+            *retired_at = now;
+        }
+        Some(blocked.max(*retired_at))
+    }
+
     fn request_finished(&self) {
+        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.last_active.store(self.now(), Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -283,10 +335,13 @@ impl Activity {
     fn expired(&self, limits: &ConnectionLimits) -> Option<&'static str> {
         let now = self.now();
         let blocked = self.write_blocked_since.load(Ordering::Relaxed);
-        if blocked != u64::MAX
-            && now.saturating_sub(blocked) > limits.write_stall_timeout.as_millis() as u64
-        {
-            return Some("write stalled");
+        if blocked != u64::MAX {
+            let clock = self.write_stall_clock(blocked, now);
+            if clock.is_some_and(|since| {
+                now.saturating_sub(since) > limits.write_stall_timeout.as_millis() as u64
+            }) {
+                return Some("write stalled");
+            }
         }
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;
@@ -328,6 +383,9 @@ async fn serve_connection(
             let draining = *stop.borrow();
             async move {
                 let mut resp = tower::ServiceExt::oneshot(app, req.map(Body::new)).await?;
+                if let Some(liveness) = resp.extensions().get::<StreamLiveness>() {
+                    tracker.0.streaming(liveness.clone());
+                }
                 if draining {
                     // Draining: answer, then close (hyper honours the header).
                     resp.headers_mut().insert(
@@ -774,6 +832,35 @@ mod tests {
         std::thread::sleep(Duration::from_millis(120));
         assert_eq!(a.expired(&limits()), None, "progress restarted the clock");
         std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(a.expired(&limits()), Some("write stalled"));
+    }
+
+    #[test]
+    fn a_stream_the_engine_holds_is_the_engines_to_time_out_then_the_clock_restarts() {
+        use std::sync::atomic::AtomicBool;
+        let a = Activity::new();
+        a.read_some();
+        a.request_started();
+        let live = Arc::new(AtomicBool::new(true));
+        let flag = live.clone();
+        a.streaming(StreamLiveness::new(move || flag.load(Ordering::Relaxed)));
+        a.wrote(false);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(a.expired(&limits()), None, "the engine still holds it");
+        // The engine dropped it (stalled): the client gets the write-stall time again from now.
+        live.store(false, Ordering::Relaxed);
+        assert_eq!(a.expired(&limits()), None, "just let go");
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(a.expired(&limits()), None, "under the limit since the end");
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(a.expired(&limits()), Some("write stalled"));
+        // The next answer on the connection is not a stream: the plain rule again.
+        a.wrote(true);
+        a.request_finished();
+        a.read_some();
+        a.request_started();
+        a.wrote(false);
+        std::thread::sleep(Duration::from_millis(250));
         assert_eq!(a.expired(&limits()), Some("write stalled"));
     }
 

@@ -47,7 +47,8 @@
 //! Each sequence's event channel holds [`EVENT_BUFFER`] events. A sequence whose client has
 //! stopped reading (its channel nearly full) is left out of the plan, so it costs no compute
 //! and its buffer stays bounded; after [`SchedulerConfig::stalled_stream_timeout`] of that it
-//! is dropped with a final error event, freeing its batch slot and KV cache.
+//! is dropped with a final error event, freeing its batch slot and KV cache, and counted as
+//! stalled (not cancelled); its [`crate::SequenceEnd`] says so, for the server.
 
 pub mod admission;
 pub mod plan;
@@ -1072,7 +1073,7 @@ impl Scheduler {
                 Outcome::Stalled => {
                     self.stats.stalled.fetch_add(1, Ordering::Relaxed);
                     let secs = self.config.stalled_stream_timeout.as_secs_f32();
-                    seq.fail(&format!(
+                    seq.stall(&format!(
                         "the client did not read the stream for {secs:.0} s; generation stopped"
                     ));
                 }
