@@ -15,6 +15,29 @@
 //! to the matcher, and a grammar that is complete ends the sequence like an end-of-turn token
 //! (without spending a step to sample one).
 //!
+//! ## Bounds (a caller's schema is untrusted code)
+//!
+//! llguidance builds a schema by recursion, following `$ref`s; a deep enough schema overflows a
+//! thread's stack, which no `catch_unwind` can stop: the process aborts. So:
+//!
+//! * the wire layer measures every schema before it gets here (`edgerun-protocol`'s `limits`:
+//!   size, nodes, depth following `$ref`s, `$ref` chains), and [`GrammarLimits::max_depth`] is
+//!   the depth it lets through;
+//! * every compile runs on a thread of its own whose stack is sized for that depth
+//!   ([`GrammarLimits::stack_bytes`]: [`STACK_PER_LEVEL`] per level, measured with a margin,
+//!   plus [`STACK_BASE`]), never on an async worker or the engine thread;
+//! * the compile has a time budget ([`GrammarLimits::compile_budget`]): past it the request gets
+//!   [`EngineError::FormatLimit`] (a 400) at once, and the thread is left to finish, which
+//!   llguidance's own fuel limits ([`parser_limits`]) guarantee; at most
+//!   [`MAX_COMPILES_IN_FLIGHT`] compiles run at once, beyond that a request is busy (429);
+//! * every mask has bounded work ([`parser_limits`]: lexer fuel, Earley items, lexer states,
+//!   grammar size), and errors carry no parser state (`verbose_errors` off): messages are
+//!   the first line of llguidance's, at most [`MAX_MESSAGE_CHARS`] long.
+//!
+//! A grammar that fails *during* generation (a schema no finite JSON satisfies, a mask over its
+//! fuel) is the caller's schema, not an engine failure: the sequence ends with
+//! `GenerationEvent::FormatUnmet` (a 400), and `sequences_failed` does not count it.
+//!
 //! Special tokens (control tokens such as `<|im_end|>`) are marked special in the trie, so no
 //! grammar ever lets one through as text; the model's end-of-turn tokens are allowed exactly
 //! when the grammar may end. JSON is compact: `", "` and `": "` separators and no other
@@ -29,7 +52,89 @@ use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Stack a compile needs per level of schema depth (containers on the deepest path, following
+/// `$ref`s), with a margin: llguidance spends about 3.5 KiB per level in a release build
+/// (measured: a chain of 597 one-level `$ref`s overflowed 2 MiB), up to ~2.5 KiB more for each
+/// level of an `allOf` intersection.
+pub const STACK_PER_LEVEL: usize = 32 * 1024;
+/// Stack a compile needs whatever the depth (the Lark front end, the lexer, the first mask).
+pub const STACK_BASE: usize = 8 << 20;
+/// Levels the call grammar of a forced tool adds around its `parameters` (see `tools.rs`).
+pub const WRAPPER_LEVELS: usize = 8;
+/// Compiles running at once (those past their budget included) beyond which a request is
+/// busy.
+pub const MAX_COMPILES_IN_FLIGHT: usize = 8;
+/// Longest grammar-engine message passed on to a caller.
+pub const MAX_MESSAGE_CHARS: usize = 300;
+
+/// How compiling a caller's format is bounded (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrammarLimits {
+    /// The deepest schema the wire layer lets through (containers, following `$ref`s): sizes
+    /// the compile thread's stack.
+    pub max_depth: usize,
+    /// How long a compile (and its first mask) may take before the request is refused.
+    pub compile_budget: Duration,
+}
+
+impl GrammarLimits {
+    /// Depth 128 (the wire layer's default) and 500 ms.
+    pub const DEFAULT: Self = Self {
+        max_depth: 128,
+        compile_budget: Duration::from_millis(500),
+    };
+
+    /// The compile thread's stack: [`STACK_BASE`] plus [`STACK_PER_LEVEL`] for each level of
+    /// the deepest schema allowed, the call grammar's own levels included.
+    pub fn stack_bytes(&self) -> usize {
+        STACK_BASE.saturating_add(
+            self.max_depth
+                .saturating_add(WRAPPER_LEVELS)
+                .saturating_mul(STACK_PER_LEVEL),
+        )
+    }
+}
+
+impl Default for GrammarLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// llguidance's limits, explicit (its defaults, but no parser state in errors): each mask costs
+/// at most ~15 ms of lexer work and ~2.5 ms of Earley items, a lexer at most 250,000 states, a
+/// grammar at most 500,000 symbols, the initial lexer at most ~20 ms of fuel.
+pub fn parser_limits() -> ParserLimits {
+    ParserLimits {
+        max_items_in_row: 2000,
+        initial_lexer_fuel: 1_000_000,
+        step_lexer_fuel: 200_000,
+        step_max_items: 50_000,
+        max_lexer_states: 250_000,
+        max_grammar_size: 500_000,
+        precompute_large_lexemes: true,
+        verbose_errors: false,
+    }
+}
+
+/// A grammar-engine message fit for a caller: its first line, without parser state, clipped.
+pub(crate) fn clean_message(message: &str) -> String {
+    let first = message
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("the grammar engine refused the format");
+    if first.chars().count() <= MAX_MESSAGE_CHARS {
+        first.to_string()
+    } else {
+        let clipped: String = first.chars().take(MAX_MESSAGE_CHARS).collect();
+        format!("{clipped}...")
+    }
+}
 
 /// What the generated text must be, in the engine's terms.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -78,7 +183,7 @@ impl Grammar {
         let matcher = &mut self.matcher;
         let mask = catch_unwind(AssertUnwindSafe(|| matcher.compute_mask_or_eos()))
             .map_err(|_| "the grammar engine panicked".to_string())
-            .and_then(|m| m.map_err(|e| e.to_string()));
+            .and_then(|m| m.map_err(|e| clean_message(&e.to_string())));
         self.mask = Some(mask);
     }
 
@@ -109,7 +214,12 @@ impl Grammar {
         let matcher = &mut self.matcher;
         catch_unwind(AssertUnwindSafe(|| matcher.consume_token(token)))
             .map_err(|_| "the grammar engine panicked".to_string())?
-            .map_err(|e| format!("the output format rejected a token: {e}"))
+            .map_err(|e| {
+                format!(
+                    "the output format rejected a token: {}",
+                    clean_message(&e.to_string())
+                )
+            })
     }
 
     /// The grammar is complete: nothing but an end-of-turn token may follow.
@@ -131,7 +241,9 @@ impl Constraint {
 /// Compiles [`OutputFormat`]s for one model's vocabulary. Built once per model (the token trie
 /// costs tens of milliseconds for a 128k vocabulary).
 pub struct GrammarCompiler {
-    factory: ParserFactory,
+    factory: Arc<ParserFactory>,
+    /// Compile threads still running (see [`MAX_COMPILES_IN_FLIGHT`]).
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// The tokenizer as llguidance sees it: byte strings per id, special tokens marked.
@@ -191,15 +303,20 @@ impl GrammarCompiler {
             EngineError::Tokenizer(format!("cannot build the grammar engine's trie: {e}"))
         })?;
         factory.quiet();
-        // Bounded work per mask (llguidance's defaults: ~10 ms at worst).
-        *factory.limits_mut() = ParserLimits::default();
-        Ok(Self { factory })
+        // Bounded work per mask, no parser state in errors.
+        *factory.limits_mut() = parser_limits();
+        Ok(Self {
+            factory: Arc::new(factory),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
-    /// Compiles `format` and computes its first mask. A schema or grammar llguidance cannot
-    /// compile (or that allows nothing) is [`EngineError::InvalidFormat`]. CPU work: call it
-    /// off the async runtime's workers.
-    pub fn compile(&self, format: &OutputFormat) -> Result<Constraint> {
+    /// Compiles `format` and computes its first mask, within `limits`, on a thread of its own
+    /// (see the module docs). A schema or grammar llguidance cannot compile (or that allows
+    /// nothing) is [`EngineError::InvalidFormat`]; one past the time budget is
+    /// [`EngineError::FormatLimit`]; too many compiles at once, [`EngineError::Busy`]. Blocks
+    /// the caller (at most the budget): call it off the async runtime's workers.
+    pub fn compile(&self, format: &OutputFormat, limits: &GrammarLimits) -> Result<Constraint> {
         let grammar = match format {
             OutputFormat::Text => return Ok(Constraint::Free),
             OutputFormat::JsonSchema(schema) => {
@@ -207,20 +324,65 @@ impl GrammarCompiler {
             }
             OutputFormat::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
         };
-        let invalid = |e: String| EngineError::InvalidFormat(e);
-        let parser = catch_unwind(AssertUnwindSafe(|| self.factory.create_parser(grammar)))
-            .map_err(|_| invalid("the grammar engine panicked on this schema".into()))?
-            .map_err(|e| invalid(e.to_string()))?;
-        let mut grammar = Grammar {
-            matcher: Matcher::new(Ok(parser)),
-            mask: None,
-        };
-        grammar.prepare_mask();
-        match &grammar.mask {
-            Some(Ok(mask)) if !mask.is_zero() => Ok(Constraint::Grammar(Box::new(grammar))),
-            Some(Err(e)) => Err(invalid(e.clone())),
-            _ => Err(invalid("the schema allows no output".into())),
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_COMPILES_IN_FLIGHT {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Busy);
         }
+        let in_flight = InFlight(self.in_flight.clone());
+        let factory = self.factory.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("edgerun-grammar-compile".into())
+            .stack_size(limits.stack_bytes())
+            .spawn(move || {
+                let _in_flight = in_flight;
+                // The receiver may be gone (past the budget): the grammar is dropped here.
+                let _ = tx.send(compile_here(&factory, grammar));
+            });
+        if let Err(e) = spawned {
+            return Err(EngineError::InvalidFormat(format!(
+                "cannot start a grammar thread: {e}"
+            )));
+        }
+        match rx.recv_timeout(limits.compile_budget) {
+            Ok(result) => result,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(EngineError::FormatLimit(format!(
+                    "compiling it took longer than {} ms (the grammar compile-time limit)",
+                    limits.compile_budget.as_millis()
+                )))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(
+                EngineError::InvalidFormat("the grammar engine stopped on this format".into()),
+            ),
+        }
+    }
+}
+
+/// Counts a compile thread while it runs.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The compile itself, on the compile thread.
+fn compile_here(factory: &ParserFactory, grammar: TopLevelGrammar) -> Result<Constraint> {
+    let invalid = |e: String| EngineError::InvalidFormat(e);
+    let parser = catch_unwind(AssertUnwindSafe(|| factory.create_parser(grammar)))
+        .map_err(|_| invalid("the grammar engine panicked on this schema".into()))?
+        .map_err(|e| invalid(clean_message(&e.to_string())))?;
+    let mut grammar = Grammar {
+        matcher: Matcher::new(Ok(parser)),
+        mask: None,
+    };
+    grammar.prepare_mask();
+    match &grammar.mask {
+        Some(Ok(mask)) if !mask.is_zero() => Ok(Constraint::Grammar(Box::new(grammar))),
+        Some(Err(e)) => Err(invalid(e.clone())),
+        _ => Err(invalid("the schema allows no output".into())),
     }
 }
 
@@ -241,6 +403,28 @@ fn compact_json(mut schema: Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_carry_no_parser_state() {
+        let dump = "Parser Error: token \"x\" doesn't satisfy the grammar\n<state>\n  rows: 12\n  items: ...";
+        assert_eq!(
+            clean_message(dump),
+            "Parser Error: token \"x\" doesn't satisfy the grammar"
+        );
+        let long = "e".repeat(1000);
+        assert_eq!(clean_message(&long).chars().count(), MAX_MESSAGE_CHARS + 3);
+        assert!(!parser_limits().verbose_errors);
+        // The stack grows with the depth allowed.
+        let deep = GrammarLimits {
+            max_depth: 4096,
+            ..GrammarLimits::DEFAULT
+        };
+        assert!(deep.stack_bytes() > GrammarLimits::DEFAULT.stack_bytes());
+        assert_eq!(
+            GrammarLimits::DEFAULT.stack_bytes(),
+            STACK_BASE + (128 + WRAPPER_LEVELS) * STACK_PER_LEVEL
+        );
+    }
 
     #[test]
     fn compact_options_are_added_unless_given() {

@@ -28,6 +28,10 @@ pub enum EngineError {
     /// The requested output format (a JSON schema or grammar) cannot be compiled.
     #[error("invalid output format: {0}")]
     InvalidFormat(String),
+    /// The requested output format is over a limit of the grammar engine (compile time): the
+    /// message names the limit.
+    #[error("output format over a limit: {0}")]
+    FormatLimit(String),
     /// The prompt plus `max_tokens` does not fit in the model's context window.
     #[error("prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}; together they exceed the context window of {context_window} tokens")]
     ContextWindowExceeded {

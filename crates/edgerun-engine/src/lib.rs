@@ -123,7 +123,7 @@ mod template;
 mod tokenizer;
 mod tools;
 
-pub use constraint::{Constraint, GrammarCompiler, OutputFormat};
+pub use constraint::{Constraint, GrammarCompiler, GrammarLimits, OutputFormat};
 pub use device::memory::{gpu_kv_budget, ActivationEstimate, StepLimits};
 pub use device::{device_memory, DeviceSpec};
 pub use error::{EngineError, Result};
@@ -408,10 +408,22 @@ impl Engine {
         Ok(tokens)
     }
 
-    /// Compiles an output format for [`GenerationRequest::constraint`]: a JSON schema or
-    /// grammar llguidance cannot compile is [`EngineError::InvalidFormat`]. CPU work (the first
-    /// call also builds the vocabulary's token trie): call it off the async runtime's workers.
+    /// Compiles an output format for [`GenerationRequest::constraint`] within
+    /// [`GrammarLimits::DEFAULT`]: see [`Engine::constrain_within`].
     pub fn constrain(&self, format: &OutputFormat) -> Result<Constraint> {
+        self.constrain_within(format, &GrammarLimits::DEFAULT)
+    }
+
+    /// Compiles an output format for [`GenerationRequest::constraint`], on a thread of its own
+    /// whose stack is sized by `limits` and within its time budget (`constraint.rs`): a JSON
+    /// schema or grammar llguidance cannot compile is [`EngineError::InvalidFormat`], one over
+    /// the budget [`EngineError::FormatLimit`]. Blocks (the first call also builds the
+    /// vocabulary's token trie): call it off the async runtime's workers.
+    pub fn constrain_within(
+        &self,
+        format: &OutputFormat,
+        limits: &GrammarLimits,
+    ) -> Result<Constraint> {
         if *format == OutputFormat::Text {
             return Ok(Constraint::Free);
         }
@@ -431,7 +443,7 @@ impl Engine {
             compiler
         });
         match compiler {
-            Ok(c) => c.compile(format),
+            Ok(c) => c.compile(format, limits),
             Err(e) => Err(EngineError::Tokenizer(e.clone())),
         }
     }

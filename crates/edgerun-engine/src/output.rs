@@ -72,6 +72,7 @@ pub(crate) enum Emitted {
         reason: StopReason,
     },
     Failed(String),
+    FormatUnmet(String),
 }
 
 /// What a request's stream carries.
@@ -92,6 +93,10 @@ pub enum GenerationEvent {
     Finished { usage: Usage, reason: StopReason },
     /// The last event of a failed generation.
     Failed(String),
+    /// The last event of a generation whose output format could not be followed further: the
+    /// caller's format (a schema no finite output satisfies, or a step over the grammar
+    /// engine's limits), not an engine failure. The message says why, without parser state.
+    FormatUnmet(String),
 }
 
 /// The engine's end of one sequence's channel.
@@ -296,12 +301,20 @@ impl TokenStream {
                 self.ready.push_back(GenerationEvent::Failed(why));
                 self.state = State::Done;
             }
+            (State::Reading, Some(Emitted::FormatUnmet(why))) => {
+                self.ready.push_back(GenerationEvent::FormatUnmet(why));
+                self.state = State::Done;
+            }
             (State::Reading, None) => self.state = State::Done,
             // After a stop string: what the engine computed past it is dropped; its end (or
             // its failure, or its channel closing: the text is complete either way) lets the
             // stream finish.
             (State::Stopped, Some(Emitted::Token { .. } | Emitted::PromptProcessed { .. })) => {}
-            (State::Stopped, Some(Emitted::Finished { .. } | Emitted::Failed(_)) | None) => {
+            (
+                State::Stopped,
+                Some(Emitted::Finished { .. } | Emitted::Failed(_) | Emitted::FormatUnmet(_))
+                | None,
+            ) => {
                 let usage = Usage {
                     prompt_tokens: self.prompt_tokens,
                     completion_tokens: self.text.shown,

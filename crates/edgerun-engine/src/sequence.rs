@@ -346,6 +346,13 @@ impl Sequence {
         self.into_outbox().send(Emitted::Failed(why.to_string()));
     }
 
+    /// Ends the sequence because its output format could not be followed (the caller's
+    /// format, not an engine failure; its cache freed first).
+    pub fn format_unmet(self, why: &str) {
+        self.into_outbox()
+            .send(Emitted::FormatUnmet(why.to_string()));
+    }
+
     /// Ends the sequence because its client stopped reading (its cache freed first): the
     /// reader finds the error after whatever it had not read, and [`crate::SequenceEnd`] says
     /// why.

@@ -18,6 +18,13 @@
 //!
 //! `tool_choice: "required"` or a named function compile to a Lark grammar whose JSON parts are
 //! the functions' parameter schemas ([`ToolCalling::grammar`]), so the arguments always validate.
+//! A parameter schema's root moves when it is wrapped into the call's schema, so what its `$ref`s
+//! point to is hoisted to the wrapper's root ([`hoist_definitions`]): each tool's schema becomes
+//! `$defs["t<i>"]` and its own `$defs` / `definitions` `$defs["t<i>:$defs:<name>"]` /
+//! `$defs["t<i>:definitions:<name>"]` (the prefix is the tool's index, so two tools' names never
+//! clash), and every `$ref` in it is rewritten to match (`#` → `#/$defs/t<i>`, `#/$defs/X/..` →
+//! `#/$defs/t<i>:$defs:X/..`, any other pointer `#/p` → `#/$defs/t<i>/p`). Pydantic's and zod's
+//! schemas (`$defs` with `$ref`s to them) keep working when forced.
 //! Special tokens are dropped from decoded text, so parsing never relies on them
 //! (`<|python_tag|>`, `[TOOL_CALLS]` are control tokens in their vocabularies).
 
@@ -202,21 +209,31 @@ impl ToolCalling {
             ToolCallFormat::Llama3 => "parameters",
             _ => "arguments",
         };
-        let call = |t: &Tool| {
-            json!({"type": "object",
-                   "properties": {"name": {"const": t.name}, args_key: t.parameters},
-                   "required": ["name", args_key], "additionalProperties": false})
+        let mut defs = serde_json::Map::new();
+        let calls: Vec<Value> = chosen
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let arguments = hoist_definitions(&t.parameters, i, &mut defs);
+                json!({"type": "object",
+                       "properties": {"name": {"const": t.name}, args_key: arguments},
+                       "required": ["name", args_key], "additionalProperties": false})
+            })
+            .collect();
+        let one = json!({ "anyOf": calls });
+        let root = match self.format {
+            ToolCallFormat::Mistral => json!({"type": "array", "items": one, "minItems": 1}),
+            _ => one,
         };
-        let one = json!({"anyOf": chosen.iter().map(|t| call(t)).collect::<Vec<_>>()});
+        let mut root = compact(root);
+        if !defs.is_empty() {
+            root["$defs"] = Value::Object(defs);
+        }
         let lark = match self.format {
             ToolCallFormat::Hermes => {
-                format!("start: \"{OPEN}\\n\" %json {} \"\\n{CLOSE}\"", compact(one))
+                format!("start: \"{OPEN}\\n\" %json {} \"\\n{CLOSE}\"", root)
             }
-            ToolCallFormat::Llama3 => format!("start: %json {}", compact(one)),
-            ToolCallFormat::Mistral => format!(
-                "start: %json {}",
-                compact(json!({"type": "array", "items": one, "minItems": 1}))
-            ),
+            ToolCallFormat::Llama3 | ToolCallFormat::Mistral => format!("start: %json {root}"),
         };
         Some(OutputFormat::Lark(lark))
     }
@@ -244,6 +261,107 @@ impl ToolCalling {
             held: String::new(),
             state: Split::Undecided,
         }
+    }
+}
+
+/// Keywords whose values are data, never schemas: a `$ref` inside them is not a reference.
+const DATA_KEYWORDS: [&str; 4] = ["const", "enum", "default", "examples"];
+
+/// Tool `index`'s parameter schema as the call's schema embeds it (see the module docs): when
+/// it has definitions or `$ref`s, a `$ref` to its hoisted copy, and the copy (without its
+/// `$defs` / `definitions`, which are hoisted beside it) plus its definitions go into `defs`,
+/// every `$ref` rewritten. A schema with neither is embedded as it is. Iterative: never recurses
+/// over the caller's nesting.
+pub(crate) fn hoist_definitions(
+    schema: &Value,
+    index: usize,
+    defs: &mut serde_json::Map<String, Value>,
+) -> Value {
+    let prefix = format!("t{index}");
+    let has_refs = |v: &Value| {
+        let mut stack = vec![v];
+        while let Some(v) = stack.pop() {
+            match v {
+                Value::Object(m) => {
+                    if m.contains_key("$ref") || m.contains_key("$defs") {
+                        return true;
+                    }
+                    stack.extend(
+                        m.iter()
+                            .filter(|(k, _)| !DATA_KEYWORDS.contains(&k.as_str()))
+                            .map(|(_, v)| v),
+                    );
+                }
+                Value::Array(items) => stack.extend(items),
+                _ => {}
+            }
+        }
+        false
+    };
+    let Value::Object(map) = schema else {
+        return schema.clone();
+    };
+    if !has_refs(schema) && !map.contains_key("definitions") {
+        return schema.clone();
+    }
+    let mut root = map.clone();
+    let mut hoisted = Vec::new();
+    for kind in ["$defs", "definitions"] {
+        if let Some(Value::Object(inner)) = root.remove(kind) {
+            for (name, def) in inner {
+                hoisted.push((format!("{prefix}:{kind}:{name}"), def));
+            }
+        }
+    }
+    hoisted.push((prefix.clone(), Value::Object(root)));
+    for (key, mut def) in hoisted {
+        rewrite_refs(&mut def, &prefix);
+        defs.insert(key, def);
+    }
+    json!({ "$ref": format!("#/$defs/{prefix}") })
+}
+
+/// Rewrites every `$ref` in `schema` (outside data keywords) for a schema hoisted under
+/// `$defs[prefix]` (see [`hoist_definitions`]). References that are not local pointers are left
+/// alone (the wire layer refuses them).
+fn rewrite_refs(schema: &mut Value, prefix: &str) {
+    let mut stack = vec![schema];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                for (key, child) in m.iter_mut() {
+                    if key == "$ref" {
+                        if let Value::String(r) = child {
+                            *r = rewritten(r, prefix);
+                        }
+                    } else if !DATA_KEYWORDS.contains(&key.as_str()) {
+                        stack.push(child);
+                    }
+                }
+            }
+            Value::Array(items) => stack.extend(items.iter_mut()),
+            _ => {}
+        }
+    }
+}
+
+/// One `$ref` of a schema hoisted under `$defs[prefix]`.
+fn rewritten(reference: &str, prefix: &str) -> String {
+    let Some(fragment) = reference.strip_prefix('#') else {
+        return reference.to_string();
+    };
+    if fragment.is_empty() {
+        return format!("#/$defs/{prefix}");
+    }
+    for kind in ["$defs", "definitions"] {
+        if let Some(rest) = fragment.strip_prefix(&format!("/{kind}/")) {
+            // `rest` is the definition's (escaped) name, then maybe a pointer into it.
+            return format!("#/$defs/{prefix}:{kind}:{rest}");
+        }
+    }
+    match fragment.strip_prefix('/') {
+        Some(pointer) => format!("#/$defs/{prefix}/{pointer}"),
+        None => reference.to_string(),
     }
 }
 
@@ -585,6 +703,81 @@ mod tests {
             .content
             .ends_with("</tool_call>\n\nWeather in Paris?"));
         assert_eq!(out[0].role, "user");
+    }
+
+    /// The JSON of a forced-call grammar (after `%json`, before the closing text).
+    fn grammar_json(g: &str) -> Value {
+        let start = g.find("%json ").unwrap() + "%json ".len();
+        let mut de = serde_json::Deserializer::from_str(&g[start..]).into_iter::<Value>();
+        de.next().unwrap().unwrap()
+    }
+
+    #[test]
+    fn forced_calls_keep_their_definitions() {
+        // Two Pydantic-style tools whose `$defs` share a name: each keeps its own.
+        let addr = |field: &str| {
+            json!({"type": "object", "properties": {"addr": {"$ref": "#/$defs/Addr"}},
+                   "required": ["addr"],
+                   "$defs": {"Addr": {"type": "object", "properties": {field: {"type": "string"}},
+                                      "required": [field], "additionalProperties": false}}})
+        };
+        let tools = vec![
+            Tool {
+                name: "ship".into(),
+                description: String::new(),
+                parameters: addr("street"),
+            },
+            Tool {
+                name: "bill".into(),
+                description: String::new(),
+                parameters: addr("iban"),
+            },
+            tools()[0].clone(),
+        ];
+        let h = ToolCalling {
+            format: ToolCallFormat::Hermes,
+            native: true,
+        };
+        let Some(OutputFormat::Lark(g)) = h.grammar(&tools, &ToolChoice::Required) else {
+            panic!()
+        };
+        let root = grammar_json(&g);
+        let defs = root["$defs"].as_object().unwrap();
+        let mut keys: Vec<&str> = defs.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["t0", "t0:$defs:Addr", "t1", "t1:$defs:Addr"]);
+        assert_eq!(
+            defs["t0"]["properties"]["addr"]["$ref"],
+            "#/$defs/t0:$defs:Addr"
+        );
+        assert_eq!(defs["t1:$defs:Addr"]["required"], json!(["iban"]));
+        assert!(defs["t0"].get("$defs").is_none());
+        let calls = root["anyOf"].as_array().unwrap();
+        assert_eq!(
+            calls[0]["properties"]["arguments"],
+            json!({"$ref": "#/$defs/t0"})
+        );
+        // A tool without references is embedded as it is.
+        assert_eq!(calls[2]["properties"]["arguments"], tools[2].parameters);
+        // Every pointer lands on what it pointed to before.
+        for (before, after) in [
+            ("#", "#/$defs/t3"),
+            ("#/$defs/A", "#/$defs/t3:$defs:A"),
+            ("#/$defs/A/properties/x", "#/$defs/t3:$defs:A/properties/x"),
+            ("#/definitions/B", "#/$defs/t3:definitions:B"),
+            ("#/properties/y", "#/$defs/t3/properties/y"),
+            ("https://x/y", "https://x/y"),
+        ] {
+            assert_eq!(rewritten(before, "t3"), after);
+        }
+        // Data that looks like a reference is data.
+        let mut defs = serde_json::Map::new();
+        let schema = json!({"$defs": {}, "const": {"$ref": "#/keep"}, "properties":
+                            {"a": {"enum": [{"$ref": "#"}]}, "b": {"$ref": "#"}}});
+        hoist_definitions(&schema, 0, &mut defs);
+        assert_eq!(defs["t0"]["const"]["$ref"], "#/keep");
+        assert_eq!(defs["t0"]["properties"]["a"]["enum"][0]["$ref"], "#");
+        assert_eq!(defs["t0"]["properties"]["b"]["$ref"], "#/$defs/t0");
     }
 
     #[test]

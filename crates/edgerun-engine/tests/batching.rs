@@ -316,7 +316,7 @@ fn a_stop_string_cuts_the_text_and_the_engine_retires_the_sequence_before_finish
         match stream.blocking_recv().expect("a Finished event") {
             GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Finished { usage, reason } => break (usage, reason),
-            GenerationEvent::Failed(e) => panic!("{e}"),
+            GenerationEvent::Failed(e) | GenerationEvent::FormatUnmet(e) => panic!("{e}"),
             GenerationEvent::PromptProcessed { .. } => {}
         }
     };

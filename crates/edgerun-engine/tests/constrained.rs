@@ -152,3 +152,96 @@ fn max_tokens_still_ends_a_constrained_sequence() {
     assert_eq!(tokens, 12);
     assert!(text.starts_with("[\""), "{text:?}");
 }
+
+/// `d0 = {type: object, properties: {x: {$ref: d1}}, required: [x]}`, ... (issue 21, finding 1).
+fn object_chain(n: usize) -> serde_json::Value {
+    let mut defs = serde_json::Map::new();
+    for i in 0..n {
+        defs.insert(
+            format!("d{i}"),
+            json!({"type": "object", "properties": {"x": {"$ref": format!("#/$defs/d{}", i + 1)}},
+                   "required": ["x"]}),
+        );
+    }
+    defs.insert(format!("d{n}"), json!({"type": "string", "maxLength": 3}));
+    json!({"$ref": "#/$defs/d0", "$defs": defs})
+}
+
+#[test]
+fn the_deepest_schema_allowed_compiles_on_its_own_stack() {
+    // A chain as deep as the wire layer lets through (42 links of 3 levels: depth 128) once
+    // overflowed whatever thread compiled it; a caller with a small stack (256 KiB, less than
+    // llguidance needs for a fraction of it) shows the compile runs on a stack of its own.
+    let engine = common::engine(SchedulerConfig::default());
+    let schema = object_chain(42);
+    let measured = edgerun_protocol_free_depth(&schema);
+    assert!(measured <= 128, "{measured}");
+    let format = OutputFormat::JsonSchema(schema);
+    let compiled = std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn({
+            let engine = engine.clone();
+            move || engine.constrain(&format).map(|_| ())
+        })
+        .unwrap()
+        .join()
+        .expect("the compile did not overflow its caller's stack");
+    compiled.unwrap();
+}
+
+/// Containers on the chain's path (the wire layer's depth, counted here without it: the
+/// engine does not depend on the protocol crate).
+fn edgerun_protocol_free_depth(schema: &serde_json::Value) -> usize {
+    let links = schema["$defs"].as_object().unwrap().len() - 1;
+    1 + 3 * links + 1
+}
+
+#[test]
+fn a_compile_over_its_budget_is_refused_naming_the_limit() {
+    let engine = common::engine(SchedulerConfig::default());
+    // Warm the grammar engine (the token trie) so the budget is the compile's own.
+    engine.constrain(&person_schema()).unwrap();
+    let tight = edgerun_engine::GrammarLimits {
+        compile_budget: std::time::Duration::from_micros(1),
+        ..edgerun_engine::GrammarLimits::DEFAULT
+    };
+    // Thousands of alternatives: milliseconds of work, far over a microsecond.
+    let heavy = OutputFormat::JsonSchema(json!({"anyOf": (0..3000)
+        .map(|i| json!({"type": "object", "properties": {format!("k{i}"): {"type": "string",
+            "pattern": format!("^v{i}[a-z]{{2,9}}$")}}, "required": [format!("k{i}")]}))
+        .collect::<Vec<_>>()}));
+    match engine.constrain_within(&heavy, &tight) {
+        Err(EngineError::FormatLimit(why)) => {
+            assert!(why.contains("compile-time limit"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_format_no_finite_output_meets_ends_as_the_callers_not_the_engines() {
+    // Finding 5: no finite JSON satisfies this; the grammar engine gives up while generating.
+    // The wire layer refuses it before it gets here; the engine still must not call it an
+    // engine failure, nor put parser state in the message (finding 6).
+    let engine = common::engine(SchedulerConfig::default());
+    let unsat = OutputFormat::JsonSchema(
+        json!({"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}),
+    );
+    let mut stream = engine
+        .submit(request(&engine, "Answer.", &unsat, 400), QueuePolicy::Wait)
+        .unwrap();
+    let mut outcome = None;
+    while let Some(ev) = stream.blocking_recv() {
+        match ev {
+            edgerun_engine::GenerationEvent::FormatUnmet(why) => outcome = Some(Ok(why)),
+            edgerun_engine::GenerationEvent::Failed(why) => outcome = Some(Err(why)),
+            edgerun_engine::GenerationEvent::Finished { reason, .. } => {
+                outcome = Some(Err(format!("finished: {reason:?}")))
+            }
+            _ => {}
+        }
+    }
+    let why = outcome.expect("an end").expect("FormatUnmet");
+    assert!(why.len() < 400 && !why.contains('\n'), "{why}");
+    assert_eq!(engine.stats().sequences_failed_total, 0);
+}

@@ -46,7 +46,7 @@ fn outcome(mut stream: TokenStream) -> Result<String, String> {
         match ev {
             GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Finished { .. } => return Ok(text),
-            GenerationEvent::Failed(e) => return Err(e),
+            GenerationEvent::Failed(e) | GenerationEvent::FormatUnmet(e) => return Err(e),
             GenerationEvent::PromptProcessed { .. } => {}
         }
     }

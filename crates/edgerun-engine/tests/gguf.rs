@@ -65,7 +65,7 @@ fn answer(path: &Path, prompt: &str, max_tokens: usize) -> (String, usize) {
         match ev {
             GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Finished { usage, .. } => return (text, usage.completion_tokens),
-            GenerationEvent::Failed(e) => panic!("{e}"),
+            GenerationEvent::Failed(e) | GenerationEvent::FormatUnmet(e) => panic!("{e}"),
             GenerationEvent::PromptProcessed { .. } => {}
         }
     }

@@ -156,7 +156,9 @@ fn collect_steps(mut stream: TokenStream) -> Vec<(u32, f32)> {
                 }
             }
             GenerationEvent::Finished { .. } => return steps,
-            GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
+            GenerationEvent::Failed(e) | GenerationEvent::FormatUnmet(e) => {
+                panic!("generation failed: {e}")
+            }
             GenerationEvent::PromptProcessed { .. } => {}
         }
     }
@@ -584,7 +586,7 @@ fn log_probabilities_on_the_device_are_the_hosts() {
         while let Some(ev) = stream.blocking_recv() {
             match ev {
                 GenerationEvent::Token { logprobs, .. } => all.extend(logprobs),
-                GenerationEvent::Failed(e) => panic!("{e}"),
+                GenerationEvent::Failed(e) | GenerationEvent::FormatUnmet(e) => panic!("{e}"),
                 _ => {}
             }
         }

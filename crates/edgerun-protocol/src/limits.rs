@@ -22,6 +22,11 @@
 //! reached only through `$ref`s, as a compiler reaches them; `const`, `enum`, `default` and
 //! `examples` hold data, not schemas (counted, never read as `$ref`s or keywords).
 //!
+//! A `pattern` (and each `patternProperties` key) may not expand to more than
+//! [`MAX_PATTERN_EXPANSION`] atoms once its counted repetitions (`{n}`, `{n,m}`) are written
+//! out ([`pattern_expansion`]): `^((a{100}){100}){100}$` would be a million, which the grammar
+//! engine builds before any of its fuel limits applies.
+//!
 //! What a schema may not hold at all, because the node could not bound or honour it:
 //! `x-guidance` (the grammar engine's own options: `lenient` would silently drop keywords such
 //! as `uniqueItems`, which must be refused instead), a `$ref` that is not a JSON pointer into
@@ -49,6 +54,11 @@ use serde_json::{Map, Value};
 
 /// Longest `stop` string, in characters.
 pub const MAX_STOP_CHARS: usize = 1024;
+
+/// Largest a `pattern` (or `patternProperties` key) may grow when its counted repetitions are
+/// written out (`(a{100}){100}` is 10,000): the grammar engine expands them while it builds
+/// the lexer, before any fuel limit applies.
+pub const MAX_PATTERN_EXPANSION: u64 = 10_000;
 
 /// Bounds on one JSON schema (see the module docs for what each counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,10 +265,13 @@ fn resolve<'a>(root: &'a Value, reference: &str) -> Option<&'a Value> {
 type Pending<'a> = (&'a Value, Role, Option<(u32, bool)>);
 
 /// One container of the schema: its children a compiler walks into, and its `$ref`'s target.
-struct Node {
+struct Node<'a> {
     children: Vec<u32>,
     /// Whether it is a schema holding a `$ref` (counted by the `$ref` depth).
     is_ref: bool,
+    /// The container, and whether it is read as a schema.
+    value: &'a Value,
+    schema: bool,
 }
 
 /// Measures `schema` against `limits` (see the module docs); `at` names it in errors (for
@@ -309,6 +322,8 @@ pub fn check_schema(
         nodes.push(Node {
             children: Vec::new(),
             is_ref: false,
+            value,
+            schema: role == Role::Schema,
         });
         if let Some((parent, true)) = parent {
             nodes[parent as usize].children.push(id);
@@ -393,7 +408,150 @@ pub fn check_schema(
             limits.max_depth
         ));
     }
+    if !has_finite_instance(schema, &nodes, &index) {
+        return refuse(
+            "no finite JSON value satisfies the schema: every instance would have to contain \
+             itself (a required property or item whose '$ref's lead back to where it is)"
+                .into(),
+        );
+    }
     Ok(size)
+}
+
+/// Whether some finite JSON value can satisfy `root`: the least fixed point of "a schema has a
+/// finite instance when everything it requires has one" (a `$ref`'s target, every `allOf`
+/// member, one `anyOf` / `oneOf` option, an object-only schema's required properties, an
+/// array-only schema's first `minItems` items), computed like Horn satisfiability with a
+/// counter per schema: O(nodes + edges). Only what *must* recurse forever is caught (a
+/// generator could never end it); `const` / `enum` and any schema allowing a scalar type are
+/// finite. Conservative: whatever it does not understand counts as finite.
+fn has_finite_instance(root: &Value, nodes: &[Node], index: &HashMap<*const Value, u32>) -> bool {
+    let n = nodes.len();
+    let mut need = vec![0u32; n];
+    let mut or_node = vec![false; n];
+    let mut impossible = vec![false; n];
+    let mut dependents: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut ready: Vec<u32> = Vec::new();
+    // What a dependency on `v` means for `of`: nothing (finite), impossible, or an edge.
+    let is_schema_node = |v: &Value| {
+        index
+            .get(&(v as *const Value))
+            .copied()
+            .filter(|&i| nodes[i as usize].schema && v.is_object())
+    };
+    for (i, node) in nodes.iter().enumerate() {
+        let Value::Object(map) = node.value else {
+            continue;
+        };
+        if !node.schema {
+            continue;
+        }
+        let mut deps: Vec<u32> = Vec::new();
+        let mut ors: Vec<u32> = Vec::new();
+        let mut dep = |v: &Value, impossible: &mut bool| match v {
+            Value::Bool(false) => *impossible = true,
+            _ => deps.extend(is_schema_node(v)),
+        };
+        let mut never = false;
+        if !(map.contains_key("const") || map.contains_key("enum")) {
+            if let Some(Value::String(r)) = map.get("$ref") {
+                if let Some(target) = resolve(root, r) {
+                    dep(target, &mut never);
+                }
+            }
+            if let Some(Value::Array(all)) = map.get("allOf") {
+                for v in all {
+                    dep(v, &mut never);
+                }
+            }
+            for key in ["anyOf", "oneOf"] {
+                if let Some(options @ Value::Array(items)) = map.get(key) {
+                    if let Some(&l) = index.get(&(options as *const Value)) {
+                        let l = l as usize;
+                        or_node[l] = true;
+                        if items.iter().any(|v| v == &Value::Bool(true)) {
+                            ready.push(l as u32);
+                        }
+                        for v in items {
+                            if let Some(o) = is_schema_node(v) {
+                                dependents[o as usize].push(l as u32);
+                            } else if !matches!(v, Value::Bool(false)) {
+                                ready.push(l as u32);
+                            }
+                        }
+                        ors.push(l as u32);
+                    }
+                }
+            }
+            let only = |t: &str| match map.get("type") {
+                Some(Value::String(s)) => s == t,
+                Some(Value::Array(ts)) => ts.len() == 1 && ts[0] == t,
+                _ => false,
+            };
+            if only("object") {
+                let properties = map.get("properties").and_then(Value::as_object);
+                for name in map
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let Some(name) = name.as_str() else { continue };
+                    match properties.and_then(|p| p.get(name)) {
+                        Some(v) => dep(v, &mut never),
+                        None => {
+                            if let Some(v) = map.get("additionalProperties") {
+                                dep(v, &mut never);
+                            }
+                        }
+                    }
+                }
+            }
+            if only("array") {
+                let min = map.get("minItems").and_then(Value::as_u64).unwrap_or(0);
+                let prefix = map.get("prefixItems").and_then(Value::as_array);
+                let prefix_len = prefix.map_or(0, Vec::len) as u64;
+                for v in prefix.into_iter().flatten().take(min as usize) {
+                    dep(v, &mut never);
+                }
+                if min > prefix_len {
+                    if let Some(v) = map.get("items").filter(|v| !v.is_array()) {
+                        dep(v, &mut never);
+                    }
+                }
+            }
+        }
+        deps.extend(ors);
+        impossible[i] = never;
+        need[i] = deps.len() as u32;
+        for d in deps {
+            dependents[d as usize].push(i as u32);
+        }
+        if need[i] == 0 && !never {
+            ready.push(i as u32);
+        }
+    }
+    let mut finite = vec![false; n];
+    while let Some(v) = ready.pop() {
+        let vi = v as usize;
+        if finite[vi] {
+            continue;
+        }
+        finite[vi] = true;
+        for &d in &dependents[vi] {
+            let di = d as usize;
+            if or_node[di] {
+                ready.push(d);
+            } else {
+                need[di] = need[di].saturating_sub(1);
+                if need[di] == 0 && !impossible[di] {
+                    ready.push(d);
+                }
+            }
+        }
+    }
+    // Node 0 is the root (a boolean root has no node and never gets here).
+    !nodes[0].schema || !nodes[0].value.is_object() || finite[0]
 }
 
 /// A reference, shortened for an error message.
@@ -425,7 +583,114 @@ fn check_keywords(map: &Map<String, Value>, root: bool) -> Result<(), String> {
     if let Some(r) = map.get("$ref").filter(|r| !r.is_string()) {
         return Err(format!("'$ref' must be a string, got {}", kind_of(r)));
     }
+    let patterns = map
+        .get("pattern")
+        .and_then(Value::as_str)
+        .into_iter()
+        .chain(
+            map.get("patternProperties")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flat_map(|p| p.keys().map(String::as_str)),
+        );
+    for pattern in patterns {
+        let size = pattern_expansion(pattern);
+        if size > MAX_PATTERN_EXPANSION {
+            return Err(format!(
+                "the pattern '{}' expands to more than {MAX_PATTERN_EXPANSION} atoms once its \
+                 counted repetitions are written out (the pattern expansion limit)",
+                clip(pattern)
+            ));
+        }
+    }
     Ok(())
+}
+
+/// How many atoms `pattern` (a regular expression) holds with its counted repetitions written
+/// out: each `{n}` / `{n,}` / `{n,m}` multiplies what it repeats by its largest count;
+/// alternatives add up; `*`, `+`, `?` count once. An upper bound on what a regex compiler
+/// expands, saturating; one pass, no recursion.
+pub fn pattern_expansion(pattern: &str) -> u64 {
+    // Per open group: (atoms so far, size of the last atom).
+    let mut frames: Vec<(u64, u64)> = vec![(0, 0)];
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        i += 1;
+        let atom = match c {
+            '\\' => {
+                // An escape; `\p{..}` names a class.
+                if matches!(chars.get(i), Some('p' | 'P')) && chars.get(i + 1) == Some(&'{') {
+                    while i < chars.len() && chars[i] != '}' {
+                        i += 1;
+                    }
+                }
+                i += 1;
+                1
+            }
+            '[' => {
+                // A class: to its closing bracket (a leading `]` or `^]` is a member).
+                if chars.get(i) == Some(&'^') {
+                    i += 1;
+                }
+                if chars.get(i) == Some(&']') {
+                    i += 1;
+                }
+                while i < chars.len() && chars[i] != ']' {
+                    if chars[i] == '\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                i += 1;
+                1
+            }
+            '(' => {
+                frames.push((0, 0));
+                continue;
+            }
+            ')' => match frames.len() {
+                1 => 1,
+                _ => frames.pop().map_or(1, |(total, _)| total.max(1)),
+            },
+            '{' => {
+                // A counted repetition, or a literal brace.
+                let close = chars[i..].iter().position(|&c| c == '}');
+                let counts = close.and_then(|end| {
+                    let inner: String = chars[i..i + end].iter().collect();
+                    let mut parts = inner.splitn(2, ',');
+                    let low: u64 = parts.next()?.trim().parse().ok()?;
+                    let high = match parts.next() {
+                        None => low,
+                        Some(h) if h.trim().is_empty() => low,
+                        Some(h) => h.trim().parse().ok()?,
+                    };
+                    Some((end, low.max(high)))
+                });
+                if let Some((end, count)) = counts {
+                    i += end + 1;
+                    let frame = frames.last_mut().expect("the outer frame stays");
+                    let grown = frame.1.saturating_mul(count);
+                    frame.0 = frame.0.saturating_sub(frame.1).saturating_add(grown);
+                    frame.1 = grown;
+                    continue;
+                }
+                1
+            }
+            '*' | '+' | '?' | '|' | '^' | '$' => continue,
+            _ => 1,
+        };
+        let frame = frames.last_mut().expect("the outer frame stays");
+        frame.0 = frame.0.saturating_add(atom);
+        frame.1 = atom;
+    }
+    // Unclosed groups count as closed.
+    let mut total = 0u64;
+    while let Some((size, _)) = frames.pop() {
+        total = total.saturating_add(size);
+    }
+    total
 }
 
 /// The heaviest path from node 0 (the root) through the graph of `nodes`, with each strongly
@@ -589,7 +854,10 @@ mod tests {
             "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}}});
         let m = measure(&tree);
         assert_eq!((m.depth, m.ref_depth), (1 + 4, 2));
-        assert_eq!(measure(&json!({"$ref": "#"})).ref_depth, 1);
+        assert_eq!(
+            measure(&json!({"anyOf": [{"$ref": "#"}, {"type": "null"}]})).ref_depth,
+            1
+        );
         // A data keyword's "$ref" is data.
         let data = json!({"const": {"$ref": "#/nowhere"}, "enum": [{"$ref": 5}]});
         assert_eq!(measure(&data).ref_depth, 0);
@@ -648,6 +916,81 @@ mod tests {
                 stack.append(items);
             }
         }
+    }
+
+    #[test]
+    fn schemas_only_an_infinite_value_satisfies_are_refused() {
+        for schema in [
+            json!({"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}),
+            json!({"$ref": "#"}),
+            ref_cycle_required(3),
+            json!({"type": "array", "minItems": 1, "items": {"$ref": "#"}}),
+            json!({"type": "object", "properties": {"a": {"anyOf": [{"$ref": "#"}, false]}},
+                   "required": ["a"]}),
+            json!({"allOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"$ref": "#"}}}),
+        ] {
+            let e = refused(&schema);
+            assert!(e.contains("no finite JSON value"), "{schema}: {e}");
+        }
+        // Recursion with a way out is fine.
+        for schema in [
+            json!({"type": "object", "properties": {"x": {"$ref": "#"}}}),
+            json!({"type": "object", "properties": {"x": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+                   "required": ["x"]}),
+            json!({"type": ["object", "null"], "properties": {"x": {"$ref": "#"}}, "required": ["x"]}),
+            json!({"type": "array", "items": {"$ref": "#"}}),
+            json!({"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "properties":
+                {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                "required": ["children"]}}}),
+            json!({"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"],
+                   "enum": [{"x": 1}]}),
+            json!(true),
+        ] {
+            check_schema(&schema, "s", &SchemaLimits::DEFAULT)
+                .unwrap_or_else(|e| panic!("{schema}: {e}"));
+        }
+    }
+
+    fn ref_cycle_required(n: usize) -> Value {
+        let mut defs = Map::new();
+        for i in 0..n {
+            defs.insert(
+                format!("c{i}"),
+                json!({"type": "object", "properties":
+                {"x": {"$ref": format!("#/$defs/c{}", (i + 1) % n)}}, "required": ["x"]}),
+            );
+        }
+        json!({"$ref": "#/$defs/c0", "$defs": defs})
+    }
+
+    #[test]
+    fn patterns_are_bounded_by_what_they_expand_to() {
+        for (pattern, size) in [
+            ("^[0-9]{5}$", 5),
+            (r"^\d{4}-\d{2}-\d{2}$", 10),
+            ("a{100}", 100),
+            ("(ab){3}", 6),
+            ("^((a{100}){100}){100}$", 1_000_000),
+            ("(a|b){2,8}", 16),
+            ("x{2,}", 2),
+            ("[{]{3}", 3),
+            ("a{", 2),
+            (r"\p{L}{10}", 10),
+            ("((((", 0),
+        ] {
+            assert_eq!(pattern_expansion(pattern), size, "{pattern}");
+        }
+        assert_eq!(pattern_expansion("(a{99999999999}){99999999999}"), u64::MAX);
+        let e = refused(&json!({"type": "string", "pattern": "^((a{100}){100}){100}$"}));
+        assert!(e.contains("pattern expansion limit"), "{e}");
+        let e = refused(&json!({"type": "object", "patternProperties": {"^(x{1000}){20}$": {}}}));
+        assert!(e.contains("pattern expansion limit"), "{e}");
+        check_schema(
+            &json!({"type": "string", "pattern": "^[a-z]{1,64}@[a-z]{1,64}\\.[a-z]{2,8}$"}),
+            "s",
+            &SchemaLimits::DEFAULT,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub enum ServerError {
     /// The engine failed a generation it had accepted (`GenerationEvent::Failed`).
     #[error("generation failed: {0}")]
     Generation(String),
+    /// The output could not follow the requested format any further
+    /// (`GenerationEvent::FormatUnmet`): the caller's schema, a 400.
+    #[error("the output format could not be followed: {0}")]
+    FormatUnmet(String),
     /// The model is still loading (or failed to load).
     #[error("the model is not loaded yet")]
     NotReady,
@@ -63,7 +67,10 @@ impl ServerError {
                 EngineError::KvCacheBudgetExceeded { .. } => ApiError::bad_input(e),
                 EngineError::InvalidRequest(m) => ApiError::bad_input(m),
                 EngineError::InvalidFormat(m) => {
-                    ApiError::bad_input(format!("response_format: the schema cannot be used: {m}"))
+                    ApiError::bad_input(format!("the output format cannot be used: {m}"))
+                }
+                EngineError::FormatLimit(m) => {
+                    ApiError::bad_input(format!("the output format is over a limit: {m}"))
                 }
                 EngineError::Busy => ApiError::capacity(),
                 EngineError::Stopped => ApiError::unavailable("the engine is not running"),
@@ -80,6 +87,10 @@ impl ServerError {
                     format!("{}: {m}", timeout.message),
                 )
             }
+            Self::FormatUnmet(m) => ApiError::bad_input(format!(
+                "the output could not follow the requested format (response_format, or a forced \
+                 tool call): {m}"
+            )),
             Self::NotReady => ApiError::unavailable("the model is loading, try again shortly"),
             Self::Task(m) => ApiError::internal(m),
             Self::Draining => ApiError::unavailable("the node is shutting down, try another"),

@@ -9,7 +9,9 @@
 //! the same for a 32 KiB prompt as for a short one), templating and tokenizing on the bounded
 //! prepare pool, the first-event grace that lets an immediate failure still get a status code,
 //! heartbeats, the drain deadline's cut, latency metrics, and the mapping of engine failures to
-//! wire errors (always through [`ServerError::api_error`]).
+//! wire errors (always through [`ServerError::api_error`]). An output format the generation
+//! cannot follow further (`GenerationEvent::FormatUnmet`: the caller's schema) is a 400, not an
+//! engine failure.
 //!
 //! A stream is never silent for longer than the heartbeat interval: the interval counts from
 //! the last frame that went out, not from the last engine event, so a stream whose text is held
@@ -158,6 +160,13 @@ pub async fn start(
             .into())
         }
     };
+    // Whose format it is, named in a compile error: a forced call's, or response_format's.
+    let origin = if matches!(format, OutputFormat::Lark(_)) {
+        "the forced tool call's parameters"
+    } else {
+        "response_format's schema"
+    };
+    let grammar_limits = state.grammar;
     let tool_calling = (!tools.is_empty()).then_some(tool_calling);
     // Busy is decided here, before any work that grows with the prompt.
     let slot = engine.reserve(policy)?;
@@ -170,11 +179,16 @@ pub async fn start(
             .map_err(|e| ServerError::Task(e.to_string()))?;
         let engine = engine.clone();
         // The permit goes with the work: a client that hangs up does not free it early. The
-        // output format compiles here too (a bad schema is a 400 before the request queues).
+        // output format compiles here too (a bad schema is a 400 before the request queues), on
+        // a thread of its own with a stack sized for the deepest schema the wire layer lets
+        // through, within its time budget (`constrain_within`).
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let prompt = engine.prepare(&prompt, &tools)?;
-            Ok::<_, edgerun_engine::EngineError>((prompt, engine.constrain(&format)?))
+            let constraint = engine
+                .constrain_within(&format, &grammar_limits)
+                .map_err(|e| name_format(e, origin))?;
+            Ok::<_, edgerun_engine::EngineError>((prompt, constraint))
         })
         .await
         .map_err(|e| ServerError::Task(e.to_string()))?
@@ -200,6 +214,16 @@ pub async fn start(
         drain: state.drain.clone(),
         tool_calling,
     })
+}
+
+/// A compile error with whose format it is (`origin`) in its message.
+fn name_format(e: edgerun_engine::EngineError, origin: &str) -> edgerun_engine::EngineError {
+    use edgerun_engine::EngineError::{FormatLimit, InvalidFormat};
+    match e {
+        InvalidFormat(m) => InvalidFormat(format!("{origin}: {m}")),
+        FormatLimit(m) => FormatLimit(format!("{origin}: {m}")),
+        e => e,
+    }
 }
 
 /// How one dialect frames a streamed generation. Each method returns the bytes to send.
@@ -266,6 +290,7 @@ impl Generation {
                     });
                 }
                 Some(GenerationEvent::Failed(e)) => return Err(ServerError::Generation(e)),
+                Some(GenerationEvent::FormatUnmet(e)) => return Err(ServerError::FormatUnmet(e)),
                 None => {
                     tracing::error!("engine dropped a sequence without finishing it");
                     return Err(ServerError::Engine(edgerun_engine::EngineError::Stopped));
@@ -285,6 +310,7 @@ impl Generation {
     ) -> Result<Response, ServerError> {
         let first = match tokio::time::timeout(FIRST_EVENT_GRACE, self.stream.recv()).await {
             Ok(Some(GenerationEvent::Failed(e))) => return Err(ServerError::Generation(e)),
+            Ok(Some(GenerationEvent::FormatUnmet(e))) => return Err(ServerError::FormatUnmet(e)),
             Ok(None) => return Err(ServerError::Engine(edgerun_engine::EngineError::Stopped)),
             Ok(Some(event)) => Some(event),
             Err(_) => None,
@@ -416,6 +442,10 @@ impl<F: Framing> Streaming<F> {
                     frame.push_str(&self.framing.finish(&usage, reason));
                     (frame, false)
                 }
+                Ok(Some(GenerationEvent::FormatUnmet(e))) => (
+                    self.framing.error(&ServerError::FormatUnmet(e).api_error()),
+                    false,
+                ),
                 Ok(Some(GenerationEvent::Failed(e))) => {
                     let e = if self.end.stalled() {
                         ServerError::Stalled(e)

@@ -204,6 +204,12 @@ pub struct AppState {
     pub drain: Arc<Drain>,
     /// Idle time after which a stream gets an SSE comment, so proxies keep it open.
     pub heartbeat: Duration,
+    /// Bounds on what a request carries (lists, schemas), checked by validation as the Worker
+    /// checks them (`edgerun-protocol`'s `limits`).
+    pub limits: edgerun_protocol::RequestLimits,
+    /// How compiling a request's output format is bounded: its thread's stack (sized for
+    /// `limits.schema.max_depth`) and time budget.
+    pub grammar: edgerun_engine::GrammarLimits,
     /// Renders `/metrics`; `None` when this process has no recorder installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Cloudflare Access verification for the run routes; `None` (the default) turns it off.
@@ -221,6 +227,8 @@ impl AppState {
             prepare: Arc::new(Semaphore::new(2)),
             drain: Arc::new(Drain::default()),
             heartbeat: Duration::from_secs(15),
+            limits: edgerun_protocol::RequestLimits::DEFAULT,
+            grammar: edgerun_engine::GrammarLimits::DEFAULT,
             metrics: None,
             access: None,
         }

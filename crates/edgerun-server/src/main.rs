@@ -3,7 +3,9 @@
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use edgerun_engine::gguf::Scheme;
+use edgerun_engine::GrammarLimits;
 use edgerun_engine::{DeviceSpec, Engine, KvStorage, LoadedModel, SchedulerConfig};
+use edgerun_protocol::{RequestLimits, SchemaLimits};
 use edgerun_server::access::{AccessConfig, AccessVerifier};
 use edgerun_server::models::{self, Catalog};
 use edgerun_server::serve::{self, ConnectionLimits};
@@ -254,6 +256,35 @@ struct ServeArgs {
     /// --threads.
     #[arg(long, env = "EDGERUN_PREPARE_THREADS")]
     prepare_threads: Option<usize>,
+    /// Largest JSON schema (response_format's, or one tool's parameters), in bytes as compact
+    /// JSON; larger is 400.
+    #[arg(long, env = "EDGERUN_MAX_SCHEMA_BYTES", default_value_t = SchemaLimits::DEFAULT.max_bytes)]
+    max_schema_bytes: usize,
+    /// Most JSON values in one schema.
+    #[arg(long, env = "EDGERUN_MAX_SCHEMA_NODES", default_value_t = SchemaLimits::DEFAULT.max_nodes)]
+    max_schema_nodes: usize,
+    /// Deepest schema: objects and arrays on its deepest path, following `$ref`s (at most
+    /// 4096; the grammar compiler's stack is sized for it).
+    #[arg(long, env = "EDGERUN_MAX_SCHEMA_DEPTH", default_value_t = SchemaLimits::DEFAULT.max_depth)]
+    max_schema_depth: usize,
+    /// Most `$ref`s a schema follows one after another.
+    #[arg(
+        long,
+        env = "EDGERUN_MAX_SCHEMA_REF_DEPTH",
+        default_value_t = SchemaLimits::DEFAULT.max_ref_depth
+    )]
+    max_schema_ref_depth: usize,
+    /// Most tools in one request (OpenAI allows 128).
+    #[arg(long, env = "EDGERUN_MAX_TOOLS", default_value_t = RequestLimits::DEFAULT.max_tools)]
+    max_tools: usize,
+    /// Milliseconds an output format (a schema, a forced call's grammar) may take to compile
+    /// before the request is refused (400).
+    #[arg(
+        long,
+        env = "EDGERUN_GRAMMAR_COMPILE_MS",
+        default_value_t = GrammarLimits::DEFAULT.compile_budget.as_millis() as u64
+    )]
+    grammar_compile_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -566,6 +597,7 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
     if args.prepare_threads == Some(0) {
         bail!("--prepare-threads (EDGERUN_PREPARE_THREADS) must be at least 1");
     }
+    request_limits(args)?;
     let mut config = scheduler_config(args, SchedulerConfig::default())?;
     if args.device.is_cpu()
         && config.kv_cache_budget.is_none()
@@ -580,6 +612,63 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
     }
     validate_scheduler(&config)?;
     Ok(config)
+}
+
+/// The bounds on what requests carry, and on compiling their output formats, from the flags:
+/// every one at least 1, the schema depth at most [`SchemaLimits::MAX_DEPTH`] (refused, never
+/// clamped).
+fn request_limits(args: &ServeArgs) -> anyhow::Result<(RequestLimits, GrammarLimits)> {
+    let flags = [
+        (
+            "--max-schema-bytes (EDGERUN_MAX_SCHEMA_BYTES)",
+            args.max_schema_bytes,
+        ),
+        (
+            "--max-schema-nodes (EDGERUN_MAX_SCHEMA_NODES)",
+            args.max_schema_nodes,
+        ),
+        (
+            "--max-schema-depth (EDGERUN_MAX_SCHEMA_DEPTH)",
+            args.max_schema_depth,
+        ),
+        (
+            "--max-schema-ref-depth (EDGERUN_MAX_SCHEMA_REF_DEPTH)",
+            args.max_schema_ref_depth,
+        ),
+        ("--max-tools (EDGERUN_MAX_TOOLS)", args.max_tools),
+        (
+            "--grammar-compile-ms (EDGERUN_GRAMMAR_COMPILE_MS)",
+            args.grammar_compile_ms as usize,
+        ),
+    ];
+    for (flag, value) in flags {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if args.max_schema_depth > SchemaLimits::MAX_DEPTH {
+        bail!(
+            "--max-schema-depth (EDGERUN_MAX_SCHEMA_DEPTH) must be at most {}, got {}",
+            SchemaLimits::MAX_DEPTH,
+            args.max_schema_depth
+        );
+    }
+    let limits = RequestLimits {
+        schema: SchemaLimits {
+            max_bytes: args.max_schema_bytes,
+            max_nodes: args.max_schema_nodes,
+            max_depth: args.max_schema_depth,
+            max_ref_depth: args.max_schema_ref_depth,
+        },
+        max_tools: args.max_tools,
+        ..RequestLimits::DEFAULT
+    };
+    limits.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let grammar = GrammarLimits {
+        max_depth: args.max_schema_depth,
+        compile_budget: Duration::from_millis(args.grammar_compile_ms),
+    };
+    Ok((limits, grammar))
 }
 
 /// A pool is allocated whole at start: on the CPU the default budget (half the RAM) would all
@@ -681,6 +770,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         write_stall_timeout: Duration::from_secs(args.stalled_stream_secs),
     };
     state.heartbeat = Duration::from_secs(args.heartbeat_secs);
+    (state.limits, state.grammar) = request_limits(&args)?;
     state.metrics = edgerun_server::telemetry::install();
     state.access = access;
 

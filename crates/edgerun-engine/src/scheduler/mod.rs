@@ -391,6 +391,9 @@ pub(crate) enum Row {
 enum Outcome {
     Finished(StopReason),
     Failed(String),
+    /// Its output format could not be followed (the caller's schema: no finite output
+    /// satisfies it, or a mask is over the grammar engine's limits): not an engine failure.
+    FormatUnmet(String),
     /// Its client stopped reading for longer than the stalled-stream timeout.
     Stalled,
 }
@@ -1033,15 +1036,12 @@ impl Scheduler {
             let seq = &mut running[p.seq];
             let accepted = sampled.and_then(|token| {
                 self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                seq.accept(token)
+                seq.accept(token).map_err(Outcome::FormatUnmet)
             });
             match accepted {
                 Ok(None) => {}
                 Ok(Some(reason)) => outcomes.push((p.seq, Outcome::Finished(reason))),
-                Err(why) => outcomes.push((
-                    p.seq,
-                    Outcome::Failed(format!("the output format could not be met: {why}")),
-                )),
+                Err(outcome) => outcomes.push((p.seq, outcome)),
             }
         }
     }
@@ -1070,6 +1070,8 @@ impl Scheduler {
                     self.stats.failed_sequences.fetch_add(1, Ordering::Relaxed);
                     seq.fail(&why);
                 }
+                // The caller's format: neither a failure of the engine nor a completion.
+                Outcome::FormatUnmet(why) => seq.format_unmet(&why),
                 Outcome::Stalled => {
                     self.stats.stalled.fetch_add(1, Ordering::Relaxed);
                     let secs = self.config.stalled_stream_timeout.as_secs_f32();
@@ -1096,7 +1098,7 @@ fn sample_rows(
     running: &mut [Sequence],
     sampling: &[&Planned],
     rows: Vec<Row>,
-) -> Vec<std::result::Result<u32, String>> {
+) -> Vec<std::result::Result<u32, Outcome>> {
     // The plan is in sequence order, each sequence once: pair each row with its sequence.
     let mut jobs: Vec<(&mut Sequence, Row)> = Vec::with_capacity(rows.len());
     let mut rows = rows.into_iter();
@@ -1108,7 +1110,7 @@ fn sample_rows(
         }
     }
     let sample = |(seq, row): &mut (&mut Sequence, Row)| match row {
-        Row::Logits(logits) => seq.sample(logits),
+        Row::Logits(logits) => seq.sample(logits).map_err(Outcome::FormatUnmet),
         Row::Token(token, logprobs) => {
             seq.sampled_on_device(logprobs.take());
             Ok(*token)
@@ -1139,7 +1141,9 @@ fn sample_rows(
             .flat_map(|(n, h)| match h.join() {
                 Ok(tokens) => tokens,
                 // A panic in a sampler fails its chunk's sequences, not the engine thread.
-                Err(_) => vec![Err("sampling panicked".to_string()); n],
+                Err(_) => (0..n)
+                    .map(|_| Err(Outcome::Failed("sampling panicked".to_string())))
+                    .collect(),
             })
             .collect()
     })

@@ -44,7 +44,9 @@ pub fn collect(mut stream: TokenStream) -> (String, usize) {
         match ev {
             GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Finished { usage, .. } => return (text, usage.completion_tokens),
-            GenerationEvent::Failed(e) => panic!("generation failed: {e}"),
+            GenerationEvent::Failed(e) | GenerationEvent::FormatUnmet(e) => {
+                panic!("generation failed: {e}")
+            }
             GenerationEvent::PromptProcessed { .. } => {}
         }
     }

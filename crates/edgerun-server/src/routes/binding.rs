@@ -60,7 +60,7 @@ async fn run_inner(
         return Err(ApiError::no_such_model(&model).into());
     }
     let bytes = read_body(body, &state.body).await?;
-    let request = binding::parse_body(&bytes)?;
+    let request = binding::parse_body_with(&bytes, &state.limits)?;
     answer(state, request, started, Envelope::Bare).await
 }
 

@@ -116,7 +116,7 @@ async fn answer_inner(
 ) -> Result<Response, ServerError> {
     let started = Instant::now();
     let bytes = read_body(body, &state.body).await?;
-    let request = OpenAiRequest::from_json_bytes(route.endpoint, &bytes)?;
+    let request = OpenAiRequest::from_json_bytes_with(route.endpoint, &bytes, &state.limits)?;
     if !state.serves(&request.model) {
         return Err(match route.base {
             OpenAiBase::V1 => ApiError::model_not_found(&request.model),

@@ -44,7 +44,7 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
         return Err(ApiError::no_such_model(&model).into());
     }
     let bytes = read_body(body, &state.body).await?;
-    let request = ValidatedRequest::from_json_bytes(&bytes)?;
+    let request = ValidatedRequest::from_json_bytes_with(&bytes, &state.limits)?;
     answer(state, request, started, Envelope::V4).await
 }
 
