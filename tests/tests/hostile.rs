@@ -7,10 +7,12 @@
 //! stay under 250 ms while they run; `/health` answers within 100 ms throughout; the engine
 //! counts no failed sequence; the node's RSS is back within 10% of where it started.
 //!
+//! Also: bad limits are refused at start-up, and the limits are the node's flags.
+//!
 //! A few bombs are satisfiable (a ReDoS-shaped pattern, a billion `minLength`, nesting within
-//! the limits): they must get an answer of their 4 tokens (or a 4xx) within 3 s, never a 5xx. They run after the
-//! refused corpus, because each joins the engine's batch like any request and the stream waits
-//! for its prefill step (measured on the 2-core CI box: ~170 ms for a plain 4-token request,
+//! the limits): they must get an answer of their 4 tokens (or a 4xx) within 3 s, never a 5xx.
+//! They run after the refused corpus, because each joins the engine's batch like any request
+//! and the stream waits for its prefill step (measured on the 2-core CI box: ~170 ms for a plain 4-token request,
 //! ~260 ms with a JSON schema), which says nothing about hostile input.
 //!
 //! Schemas that only generation can show to be unsatisfiable (the finding's `{"x": {"$ref":
@@ -533,5 +535,65 @@ async fn hostile_requests_get_4xx_while_a_stream_keeps_its_pace() {
     assert!(
         rss <= rss_start + rss_start / 10,
         "RSS {rss} vs {rss_start} at the start"
+    );
+}
+
+#[test]
+fn bad_limits_are_refused_at_start_up_never_clamped() {
+    let model = edgerun_e2e::model_path().display().to_string();
+    let cases: [(&[&str], &[(&str, &str)], &str); 6] = [
+        (&["--max-schema-depth", "0"], &[], "--max-schema-depth"),
+        (&["--max-schema-depth", "5000"], &[], "at most 4096"),
+        (&["--max-tools", "0"], &[], "--max-tools"),
+        (&["--max-schema-bytes", "0"], &[], "--max-schema-bytes"),
+        (
+            &[],
+            &[("EDGERUN_MAX_SCHEMA_NODES", "0")],
+            "--max-schema-nodes",
+        ),
+        (
+            &[],
+            &[("EDGERUN_GRAMMAR_COMPILE_MS", "0")],
+            "--grammar-compile-ms",
+        ),
+    ];
+    for (flags, env, needle) in cases {
+        let out = std::process::Command::new(edgerun_e2e::binary())
+            .args(["serve", "--model", &model, "--listen", "127.0.0.1:0"])
+            .args(flags)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} {env:?} started");
+        assert!(stderr.contains(needle), "{flags:?} {env:?}: {stderr}");
+        assert!(!stderr.contains("listening"), "{flags:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_limits_are_its_flags() {
+    // A node that allows a deeper `$ref` chain compiles what the default refuses; one that
+    // allows fewer tools refuses a list the default takes.
+    let node = Node::start(&["--max-schema-ref-depth", "40", "--max-tools", "2"]).await;
+    let chain = alias_chain(35);
+    let body = json!({"prompt": "x", "max_tokens": 8,
+                      "response_format": {"type": "json_schema", "json_schema": chain}});
+    let resp = node.post(body.to_string()).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("$ref depth limit"), "{status}: {text}");
+    assert_ne!(status, 500, "{text}");
+    let tools = json!({"prompt": "x", "max_tokens": 1,
+                       "tools": [{"name": "a"}, {"name": "b"}, {"name": "c"}]});
+    let resp = node.post(tools.to_string()).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the tool count limit is 2"),
+        "{v}"
     );
 }
