@@ -9,10 +9,29 @@
 # once per machine (~25 min the first time, then skipped), the CUDA toolkit once (~1 min), the
 # SDKs once (~/.cache/edgerun/sdk), builds are incremental (the CUDA one: ~10 min from scratch).
 # Also runs the engine's model-free tests for aarch64 under qemu-user (scripts/test-aarch64.sh).
+#
+#   scripts/test.sh           # everything (CI runs this: .ci/run)
+#   scripts/test.sh --quick   # the inner loop: fmt, clippy, and the unit tests of every crate
+#                             # and of the Worker; no model, no servers (a few minutes warm)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 WORKER=(--manifest-path deploy/worker/Cargo.toml)
+
+if [ "${1:-}" = --quick ]; then
+    started=$(date +%s)
+    cargo fmt --all -- --check
+    cargo fmt "${WORKER[@]}" -- --check
+    cargo clippy --release --locked --workspace --all-targets -- -D warnings
+    cargo clippy --locked "${WORKER[@]}" --all-targets -- -D warnings
+    cargo test --release --locked --workspace --lib --bins
+    cargo test --locked "${WORKER[@]}"
+    echo "test.sh --quick: done in $(( $(date +%s) - started )) s"
+    exit 0
+elif [ $# -gt 0 ]; then
+    echo "usage: scripts/test.sh [--quick]" >&2
+    exit 2
+fi
 
 models/fetch-default.sh >/dev/null
 # llama.cpp's real chat templates (from the pinned llama-cpp-python sdist, cached, sha256-checked):

@@ -150,6 +150,18 @@ fn counting_prompt() -> String {
         + ","
 }
 
+/// Tokens per second over concurrent generations, from the first token of any to the last of
+/// any (each one's first token is its prompt's, not decode's).
+fn aggregate_rate(all: &[Observed]) -> f64 {
+    let start = all.iter().map(|o| o.first_token_at).min().unwrap();
+    let end = all.iter().map(|o| o.last_token_at).max().unwrap();
+    let tokens: u64 = all
+        .iter()
+        .map(|o| o.completion_tokens.saturating_sub(1))
+        .sum();
+    tokens as f64 / (end - start).as_secs_f64().max(1e-9)
+}
+
 /// Prompt text of about `tokens` tokens (13 per sentence with Llama-3's and SmolLM2's
 /// tokenizers), different for each `stream` so that no two requests share more than a word.
 fn long_prompt(stream: usize, tokens: usize) -> String {
@@ -184,12 +196,6 @@ async fn long_context(target: &Target, points: &[(usize, usize)]) -> Vec<LongPoi
             async move { target.generate(client, &prompt, 64).await }
         });
         let all = futures::future::join_all(futs).await;
-        let start = all.iter().map(|o| o.first_token_at).min().unwrap();
-        let end = all.iter().map(|o| o.last_token_at).max().unwrap();
-        let tokens: u64 = all
-            .iter()
-            .map(|o| o.completion_tokens.saturating_sub(1))
-            .sum();
         let ttfts: Vec<f64> = all.iter().map(|o| o.ttft.as_secs_f64() * 1e3).collect();
         out.push(LongPoint {
             streams,
@@ -197,7 +203,7 @@ async fn long_context(target: &Target, points: &[(usize, usize)]) -> Vec<LongPoi
             prompt_tokens: all.iter().map(|o| o.prompt_tokens).max().unwrap_or(0),
             ttft_max_ms: ttfts.iter().cloned().fold(0.0, f64::max),
             ttft_median_ms: median(ttfts),
-            decode_tps: tokens as f64 / (end - start).as_secs_f64().max(1e-9),
+            decode_tps: aggregate_rate(&all),
         });
     }
     out
@@ -269,13 +275,7 @@ async fn measure(target: &Target, runs: usize, stream_counts: &[usize]) -> Figur
         for _ in 0..runs {
             let futs = (0..streams).map(|_| target.generate(&client, &count, 96));
             let all = futures::future::join_all(futs).await;
-            let start = all.iter().map(|o| o.first_token_at).min().unwrap();
-            let end = all.iter().map(|o| o.last_token_at).max().unwrap();
-            let tokens: u64 = all
-                .iter()
-                .map(|o| o.completion_tokens.saturating_sub(1))
-                .sum();
-            rates.push(tokens as f64 / (end - start).as_secs_f64());
+            rates.push(aggregate_rate(&all));
         }
         aggregate.push((streams, median(rates)));
     }

@@ -525,7 +525,7 @@ const edge :Workerd.Worker = (
 
     /// A Worker written for Workers AI (`tests/workers/binding-client.js`: `env.AI.run`, whole
     /// and streamed, `env.AI.models()`, and `new Ai(env.AI)` of the npm `@cloudflare/ai`
-    /// package), its `AI` binding wired as the README shows: workerd's own AI binding module
+    /// package), its `AI` binding wired as docs/api.md shows: workerd's own AI binding module
     /// around the fetcher `deploy/binding/edgerun-ai.js`, which sends its requests to
     /// `edgerun_url` (a node, or the edgerun Worker) with `token`. `@cloudflare/ai` comes from
     /// `scripts/install-sdk-clients.sh` (`cf_ai_modules`: its `EDGERUN_SDK_CF_AI`).

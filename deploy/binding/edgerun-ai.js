@@ -5,7 +5,7 @@
 // fetcher, this module sends the same request to the node (or the edgerun Worker in front of
 // the nodes) at EDGERUN_URL, path and query unchanged, with EDGERUN_TOKEN as the bearer token
 // (the binding itself sends none). The answer comes back untouched: bare JSON, or the event
-// stream as it streams. See README ("Workers binding") for the workerd and `wrangler dev`
+// stream as it streams. See docs/api.md ("The Workers binding") for the workerd and `wrangler dev`
 // configurations that use it.
 export default {
   async fetch(request, env) {

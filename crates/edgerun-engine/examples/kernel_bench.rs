@@ -10,7 +10,7 @@
 //! (49152x576) `q6_k [m]` the Q6_K kernel (tiled; `q6_k_in_place [m]`: the in-place one) on Llama-3-mini's output layer (128256x1024) `q4_k [m]` / `q5_k [m]`
 //! the Q4_K (tiled; `q4_k_in_place [m]`: the in-place kernel) / Q5_K kernel on Llama-3-8B's ffn_up (14336x4096); `candle=<Q4K|Q5K|Q6K|Q8_0> NxK` times candle's own kernel for a format (no kernel
 //! of ours yet) at m = 1, 2, 4, 8, 32, with its effective bandwidth. Thread count:
-//! CANDLE_NUM_THREADS (both paths use candle's pool).
+//! CANDLE_NUM_THREADS (candle's pool, and the size of our kernels' own pool, `kernels/cpu.rs`).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};

@@ -208,7 +208,8 @@ struct ServeArgs {
     #[arg(long, env = "EDGERUN_KV_CACHE_MIB")]
     kv_cache_mib: Option<usize>,
     /// On a GPU without --kv-cache-mib: the share of the device's memory the node may use in
-    /// all (weights, KV caches, activations are taken from what remains after the KV budget).
+    /// all. The KV pool gets it less what is in use once the weights are loaded, less the
+    /// activations the largest step needs (estimated from the model and the step limits).
     #[arg(long, env = "EDGERUN_GPU_MEMORY_FRACTION", default_value_t = 0.9)]
     gpu_memory_fraction: f64,
     /// How KV caches are stored: `contiguous` (per sequence; the CPU's default) or `paged`

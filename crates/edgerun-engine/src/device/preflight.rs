@@ -174,8 +174,8 @@ impl fmt::Display for Mismatch {
         match self {
             Self::NotBuilt => write!(
                 f,
-                "this binary was built without CUDA: build it with `--features cuda` (README, \
-                 \"Building for CUDA\") or run with --device cpu"
+                "this binary was built without CUDA: build it with `--features cuda` \
+                 (docs/gpu.md) or run with --device cpu"
             ),
             Self::NoDriver(why) => write!(
                 f,
@@ -191,10 +191,7 @@ impl fmt::Display for Mismatch {
                     Some(branch) => write!(f, "install NVIDIA driver {branch} or newer")?,
                     None => write!(f, "install an NVIDIA driver for CUDA {build} or newer")?,
                 }
-                write!(
-                    f,
-                    ", or build edgerun against a CUDA {driver} toolkit (docs/gpu.md)"
-                )
+                write!(f, " (docs/gpu.md)")
             }
             Self::NoSuchGpu { ordinal, count } => write!(
                 f,
