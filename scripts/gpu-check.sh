@@ -227,7 +227,7 @@ url="http://127.0.0.1:$port"
 extra=()
 # A dry run on the CPU serves from a paged pool too (it needs a budget there).
 [ $gpu = 0 ] && extra=(--kv-storage paged --kv-cache-mib 512)
-EDGERUN_API_TOKENS=$token "$BIN" serve --model "$big" --device "$DEVICE" "${extra[@]}" \
+NO_COLOR=1 EDGERUN_API_TOKENS=$token "$BIN" serve --model "$big" --device "$DEVICE" "${extra[@]}" \
     --listen "127.0.0.1:$port" --served-as @cf/meta/llama-3-8b-instruct > "$SERVE_LOG" 2>&1 &
 server=$!
 wait_ready() {
@@ -244,7 +244,7 @@ step "2b. load $SHAPE on $DEVICE" 300 wait_ready \
 grep -E 'preflight passed|GPU memory plan|paged KV pool|model loaded' "$SERVE_LOG" | cut -c1-400
 
 snapshot() {
-    { echo "# $1 ($(date -u +%H:%M:%S))"; curl -sf "$url/metrics"; } >> "$METRICS"
+    { echo "#### $1 ($(date -u +%H:%M:%S))"; curl -sf "$url/metrics"; } >> "$METRICS"
 }
 bench() {
     EDGERUN_TEST_MODEL="$big" "$WORK/edgerun-bench" --url "$url" --token "$token" "$@"
@@ -266,9 +266,9 @@ else
 fi
 
 echo "== where the time and memory went (the node's own accounting)"
-last=$(awk '/^# /{ block = "" } { block = block $0 "\n" } END { printf "%s", block }' "$METRICS")
+last=$(awk '/^#### /{ block = "" } { block = block $0 "\n" } END { printf "%s", block }' "$METRICS")
 grep -E '^edgerun_(kv_pool|peak_batch|steps_total|step_|device_|preemptions)' <<< "$last" || true
-mib() { awk -v n="$(grep -E "^$1 " <<< "$last" | awk '{ print $2 }')" 'BEGIN { if (n == "") print "?"; else printf "%.0f", n / 1048576 }'; }
+mib() { awk -v n="$(grep -E "^$1 " <<< "$last" | awk '{ print $2 }')" 'BEGIN { if (n == "") print "n/a"; else printf "%.0f", n / 1048576 }'; }
 echo "memory: weights $(mib edgerun_device_weights_bytes) MiB, KV pool $(mib edgerun_kv_pool_bytes) MiB, activations set aside $(mib edgerun_device_activation_reserve_bytes) MiB, activations' measured peak $(mib edgerun_device_activation_peak_bytes) MiB"
 [ $status = 0 ] && finish 0 "all checks passed"
 finish 1 "a check FAILED"
