@@ -133,7 +133,7 @@ pub use models::{CausalLm, ModelConfig, Segment};
 pub use output::{GenerationEvent, SequenceEnd, TokenStream, EVENT_BUFFER};
 pub use request::{
     ChatMessage, GenerationRequest, LogprobEntry, Logprobs, PromptInput, QueuePolicy,
-    SamplingConfig, StopCriteria, TokenLogprob, Usage,
+    SamplingConfig, StopCriteria, StopReason, TokenLogprob, Usage,
 };
 pub use sampling::{
     argmax, argmax_weights, device_argmax, step_logprobs, DeviceRow, DeviceSampler, Penalty,
@@ -144,7 +144,6 @@ pub use scheduler::plan::{plan_step, Planned, SeqProgress, Work};
 pub use scheduler::{
     EngineStats, Health, SchedulerConfig, StatsSnapshot, FAILING_AFTER, IDLE_PROBE,
 };
-pub use sequence::StopReason;
 pub use template::{ChatTemplate, CHATML_TEMPLATE};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 pub use tools::{Tool, ToolCall, ToolCallFormat, ToolCallSplitter, ToolCalling, ToolChoice};

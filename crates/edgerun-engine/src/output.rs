@@ -39,9 +39,8 @@
 //! the engine may have computed one more (more when the reader is slow, at most a channel's
 //! worth) that is neither shown nor billed.
 
-use crate::request::{LogprobEntry, TokenLogprob, Usage};
+use crate::request::{LogprobEntry, StopReason, TokenLogprob, Usage};
 use crate::sampling::StepLogprobs;
-use crate::sequence::StopReason;
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -52,6 +51,10 @@ use tokio::sync::mpsc::{Receiver, Sender};
 
 /// Events one sequence's channel holds before its client counts as not reading.
 pub const EVENT_BUFFER: usize = 64;
+/// Events one step can send a sequence: prompt processed, the new token, and its end (one
+/// spare). A sequence is planned only with room for these plus one, kept for the error that
+/// ends a stalled stream.
+pub(crate) const EVENTS_PER_STEP: usize = 4;
 
 /// What the engine thread sends one sequence's reader.
 #[derive(Debug, Clone, PartialEq)]

@@ -207,3 +207,24 @@ pub struct Usage {
     /// Generated tokens, the end-of-turn token included when one ended the sequence.
     pub completion_tokens: usize,
 }
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced one of its end-of-turn tokens (counted, not shown).
+    EndOfTurn,
+    /// `max_tokens` tokens were generated.
+    MaxTokens,
+    /// The context window is full.
+    ContextFull,
+    /// The text reached one of the caller's stop strings (not shown); found by the reader.
+    StopString,
+}
+
+impl StopReason {
+    /// Cut short by a length limit rather than ended by the model (OpenAI's `"length"` as
+    /// opposed to `"stop"`).
+    pub fn is_length(&self) -> bool {
+        matches!(self, Self::MaxTokens | Self::ContextFull)
+    }
+}

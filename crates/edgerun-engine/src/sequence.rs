@@ -15,33 +15,12 @@ use crate::constraint::{Constraint, Grammar};
 use crate::kv_cache::KvCache;
 use crate::models::Segment;
 use crate::output::{Emitted, Outbox};
-use crate::request::{Logprobs, StopCriteria, Usage};
+use crate::request::{Logprobs, StopCriteria, StopReason, Usage};
 use crate::sampling::{step_logprobs, Sampler, StepLogprobs};
 use crate::scheduler::plan::{SeqProgress, Work};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Why a sequence stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// The model produced one of its end-of-turn tokens (counted, not shown).
-    EndOfTurn,
-    /// `max_tokens` tokens were generated.
-    MaxTokens,
-    /// The context window is full.
-    ContextFull,
-    /// The text reached one of the caller's stop strings (not shown); found by the reader.
-    StopString,
-}
-
-impl StopReason {
-    /// Cut short by a length limit rather than ended by the model (OpenAI's `"length"` as
-    /// opposed to `"stop"`).
-    pub fn is_length(&self) -> bool {
-        matches!(self, Self::MaxTokens | Self::ContextFull)
-    }
-}
 
 /// Where the sequence is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +119,7 @@ impl Sequence {
 
     /// Whether its channel has room for one step's events plus the reserved final error.
     fn has_room(&self) -> bool {
-        self.tx.capacity() > crate::scheduler::EVENTS_PER_STEP
+        self.tx.capacity() > crate::output::EVENTS_PER_STEP
     }
 
     /// How long its client has left no room for a step's events (zero when there is room).

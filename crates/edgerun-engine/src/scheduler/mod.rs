@@ -57,9 +57,9 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, KvPool, KvStorage};
 use crate::models::CausalLm;
 use crate::output::{Emitted, Outbox};
-use crate::request::GenerationRequest;
+use crate::request::{GenerationRequest, StopReason};
 use crate::sampling::{DeviceRow, Sampler};
-use crate::sequence::{Sequence, SequenceParts, StopReason};
+use crate::sequence::{Sequence, SequenceParts};
 use admission::KvReservation;
 use plan::{plan_step, Planned, Work};
 use std::collections::{BTreeSet, VecDeque};
@@ -68,10 +68,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Events one step can send a sequence: prompt processed, the new token, and its end (one
-/// spare). A sequence is planned only with room for these plus one, kept for the error that
-/// ends a stalled stream.
-pub(crate) const EVENTS_PER_STEP: usize = 4;
 /// Consecutive device failures (failed probes, see the module docs) after which the engine
 /// reports itself failing.
 pub const FAILING_AFTER: usize = 3;
