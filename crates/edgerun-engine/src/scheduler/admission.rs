@@ -1,7 +1,7 @@
 //! Admission: whether a request may enter the queue, and when a queued one may start running.
 //! Pure functions over counts and sizes; the engine handle and the scheduler call them.
 
-use super::SchedulerConfig;
+use super::config::SchedulerConfig;
 use crate::kv_cache::{KvLayout, KvStorage};
 use crate::request::QueuePolicy;
 

@@ -1,7 +1,7 @@
 //! The step planner: which sequence does what in the next step. Pure: sequence states and the
 //! scheduler's limits in, a plan out; the scheduler executes it.
 
-use super::SchedulerConfig;
+use super::config::SchedulerConfig;
 
 /// Where a running sequence stands, as far as planning is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
