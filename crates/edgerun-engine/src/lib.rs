@@ -18,10 +18,6 @@
 //! | a tool-call family | `tools.rs`: [`ToolCalling::detect`], its parser and its forcing grammar |
 //! | something reported per token | computed on the engine thread into the engine's `Emitted::Token`, made readable by the [`TokenStream`] into a field of the `Token` event ([`GenerationEvent`], `output.rs`); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]), their tokens' bytes added by the stream |
 //! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
-//! | a scheduler setting, its default and validation | `scheduler/config.rs` ([`SchedulerConfig`]) |
-//! | a counter, a stat or the health rule | `scheduler/stats.rs` ([`EngineStats`], [`StatsSnapshot`], [`Health`]) |
-//! | how a step runs the model, device sampling, host sampling | `scheduler/runner.rs` |
-//! | admission, preemption, retiring, fault isolation (the loop) | `scheduler/mod.rs` |
 //! | whether a machine runs this build (driver, compute capability), opening a device, sizing its memory | `device/` (`preflight.rs`, `memory.rs`) |
 //! | checking a device against the CPU (`edgerun check-device`, `scripts/gpu-check.sh`) | `device_check.rs` |
 //! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
@@ -62,9 +58,11 @@
 //! channel is bounded, a sequence whose reader falls behind is paused (left out of steps) and,
 //! after [`SchedulerConfig::stalled_stream_timeout`], dropped.
 //!
-//! Admission happens in two parts so that refusing costs nothing: [`Engine::reserve`] takes a
-//! place in the queue (or answers `Busy`) before the prompt is templated and tokenized, and
-//! [`Engine::submit_reserved`] hands the prepared request over in that place.
+//! Admission happens in stages so that refusing costs nothing, and the types fix their order:
+//! [`Engine::reserve`] takes a place in the queue (or answers `Busy`) before the prompt is
+//! templated and tokenized, giving a [`Reserved`]; [`Reserved::prepare`] templates, tokenizes
+//! and compiles the output format, giving a [`Prepared`]; [`Prepared::submit`] hands it over
+//! in that place, giving the [`TokenStream`].
 //!
 //! ## Invariants
 //!
@@ -233,9 +231,70 @@ pub struct Engine {
     faults: Arc<std::sync::Mutex<faults::Faults>>,
 }
 
-/// A place in the engine's queue ([`Engine::reserve`]), held while the prompt is prepared and
-/// handed to [`Engine::submit_reserved`]; dropping it unused gives the place back.
-pub struct QueueSlot {
+/// A place in the engine's queue, taken by [`Engine::reserve`]: the first state of a request's
+/// way in. The types fix the order: only a `Reserved` can be [`Reserved::prepare`]d, and only
+/// what that returns ([`Prepared`]) can be [`Prepared::submit`]ted, so no prompt is templated
+/// before it has a place and nothing unprepared reaches the queue. Dropping either unused gives
+/// the place back.
+pub struct Reserved {
+    engine: Engine,
+    slot: QueueSlot,
+}
+
+/// A reserved request whose prompt is templated and tokenized and whose output format is
+/// compiled ([`Reserved::prepare`]), ready for [`Prepared::submit`].
+pub struct Prepared {
+    engine: Engine,
+    slot: QueueSlot,
+    prompt: Vec<u32>,
+    constraint: Constraint,
+}
+
+impl Reserved {
+    /// Templates and tokenizes `input` with `tools` ([`Engine::prepare`]) and compiles `format`
+    /// within `limits` ([`Engine::constrain_within`]). Blocks (CPU work proportional to the
+    /// prompt and the schema): call it off the async runtime's workers. On an error the place
+    /// is given back.
+    pub fn prepare(
+        self,
+        input: &PromptInput,
+        tools: &[Tool],
+        format: &OutputFormat,
+        limits: &GrammarLimits,
+    ) -> Result<Prepared> {
+        let prompt = self.engine.prepare(input, tools)?;
+        let constraint = self.engine.constrain_within(format, limits)?;
+        Ok(Prepared {
+            engine: self.engine,
+            slot: self.slot,
+            prompt,
+            constraint,
+        })
+    }
+}
+
+impl Prepared {
+    /// The prompt's token ids.
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    /// Queues the generation in its place. Fails at once (never blocks) when the request is
+    /// malformed, or when the prompt does not fit the context window or could never fit the KV
+    /// budget; the place is given back then.
+    pub fn submit(self, sampling: SamplingConfig, stopping: StopCriteria) -> Result<TokenStream> {
+        let request = GenerationRequest {
+            prompt: self.prompt,
+            sampling,
+            stopping,
+            constraint: self.constraint,
+        };
+        self.engine.submit_reserved(request, self.slot)
+    }
+}
+
+/// The queue place a [`Reserved`] or [`Prepared`] holds; dropping it unused gives it back.
+struct QueueSlot {
     stats: Arc<EngineStats>,
     held: bool,
 }
@@ -344,6 +403,9 @@ impl Engine {
         let faults = Arc::new(std::sync::Mutex::new(faults::Faults::default()));
         let scheduler = Scheduler {
             pool,
+            next_order: std::cell::Cell::new(0),
+            preempted: std::cell::RefCell::default(),
+            device_sampler: std::cell::OnceCell::new(),
             model: model.clone(),
             stop_ids: stop_ids.clone(),
             config,
@@ -448,9 +510,11 @@ impl Engine {
         }
     }
 
-    /// Queues a generation: [`Engine::reserve`] then [`Engine::submit_reserved`].
+    /// Queues a generation whose prompt and constraint the caller prepared: a place, then the
+    /// request in it (what [`Reserved`] → [`Prepared`] → [`Prepared::submit`] does for a
+    /// request that is prepared only once it has its place).
     pub fn submit(&self, request: GenerationRequest, policy: QueuePolicy) -> Result<TokenStream> {
-        let slot = self.reserve(policy)?;
+        let slot = self.take_place(policy)?;
         self.submit_reserved(request, slot)
     }
 
@@ -458,7 +522,14 @@ impl Engine {
     /// when `policy` is [`QueuePolicy::RejectIfBusy`] and no batch slot is free. Cheap and
     /// exact under concurrency: call it before preparing the prompt, so that refusing a
     /// request costs the same whatever its size.
-    pub fn reserve(&self, policy: QueuePolicy) -> Result<QueueSlot> {
+    pub fn reserve(&self, policy: QueuePolicy) -> Result<Reserved> {
+        Ok(Reserved {
+            engine: self.clone(),
+            slot: self.take_place(policy)?,
+        })
+    }
+
+    fn take_place(&self, policy: QueuePolicy) -> Result<QueueSlot> {
         let queued = &self.stats.queued;
         let mut current = queued.load(Ordering::Relaxed);
         loop {
@@ -483,10 +554,10 @@ impl Engine {
         }
     }
 
-    /// Queues a generation in a place taken by [`Engine::reserve`]. Fails at once (never
-    /// blocks) when the request is malformed, or when the prompt does not fit the context
-    /// window or could never fit the KV budget; the place is given back then.
-    pub fn submit_reserved(
+    /// Queues a generation in a place already taken. Fails at once (never blocks) when the
+    /// request is malformed, or when the prompt does not fit the context window or could never
+    /// fit the KV budget; the place is given back then.
+    fn submit_reserved(
         &self,
         request: GenerationRequest,
         mut slot: QueueSlot,

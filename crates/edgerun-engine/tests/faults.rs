@@ -230,14 +230,24 @@ fn queue_places_are_exact_and_given_back() {
     drop(a);
     assert_eq!(engine.stats().queued_requests, 1);
     // A request that fails validation gives its place back too.
-    let mut bad = request(&engine, GOOD[0], 8);
-    bad.stopping.max_tokens = 0;
-    assert!(engine.submit_reserved(bad, b).is_err());
+    let input = PromptInput::Prompt {
+        text: GOOD[0].to_string(),
+        raw: false,
+    };
+    let text = edgerun_engine::OutputFormat::Text;
+    let limits = edgerun_engine::GrammarLimits::DEFAULT;
+    let b = b.prepare(&input, &[], &text, &limits).unwrap();
+    assert_eq!(engine.stats().queued_requests, 1);
+    assert!(b
+        .submit(SamplingConfig::GREEDY, StopCriteria::max_tokens(0))
+        .is_err());
     assert_eq!(engine.stats().queued_requests, 0);
     // And a place used for a real request is counted until the engine admits it.
     let c = engine.reserve(QueuePolicy::Wait).unwrap();
-    let stream = engine
-        .submit_reserved(request(&engine, GOOD[0], 8), c)
+    let c = c.prepare(&input, &[], &text, &limits).unwrap();
+    assert_eq!(c.prompt(), request(&engine, GOOD[0], 8).prompt);
+    let stream = c
+        .submit(SamplingConfig::GREEDY, StopCriteria::max_tokens(8))
         .unwrap();
     outcome(stream).unwrap();
     let stats = engine.stats();

@@ -20,6 +20,7 @@
 //! open its stream with bytes of its own as soon as the headers are out
 //! ([`Framing::opening`]: OpenAI's role chunk).
 
+use crate::backend::{EndState, Events};
 use crate::error::ServerError;
 use crate::telemetry;
 use crate::{AppState, Drain};
@@ -27,11 +28,11 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
 use edgerun_engine::{
-    GenerationEvent, GenerationRequest, OutputFormat, PromptInput, QueuePolicy, SamplingConfig,
-    StopCriteria, StopReason, TokenLogprob, TokenStream, Tool, ToolCall, ToolCalling, ToolChoice,
-    Usage,
+    GenerationEvent, OutputFormat, PromptInput, QueuePolicy, SamplingConfig, StopCriteria,
+    StopReason, TokenLogprob, Tool, ToolCall, ToolCalling, ToolChoice, Usage,
 };
 use edgerun_protocol::{sse, ApiError, ResponseFormat};
+use futures::StreamExt;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,7 +109,7 @@ pub fn resolve_seed(seed: Option<u64>) -> u64 {
 
 /// A generation the engine accepted.
 pub struct Generation {
-    stream: TokenStream,
+    stream: Box<dyn Events>,
     timer: TokenTimer,
     drain: Arc<Drain>,
     /// How to read tool calls out of the answer, when the request gave tools.
@@ -128,8 +129,8 @@ pub struct Completion {
     pub reason: StopReason,
 }
 
-/// Takes a place in the engine's queue, templates and tokenizes the prompt on the prepare
-/// pool, then submits it. `started` is when the request arrived (for time-to-first-token).
+/// Takes a place in the backend's queue ([`crate::backend`]: reserved → prepared →
+/// submitted), templates and tokenizes the prompt on the prepare pool, then submits it. `started` is when the request arrived (for time-to-first-token).
 pub async fn start(
     state: &AppState,
     input: GenerationInput,
@@ -169,7 +170,7 @@ pub async fn start(
     let grammar_limits = state.grammar;
     let tool_calling = (!tools.is_empty()).then_some(tool_calling);
     // Busy is decided here, before any work that grows with the prompt.
-    let slot = engine.reserve(policy)?;
+    let reservation = engine.reserve(policy)?;
     let prepare = async {
         let permit = state
             .prepare
@@ -177,37 +178,28 @@ pub async fn start(
             .acquire_owned()
             .await
             .map_err(|e| ServerError::Task(e.to_string()))?;
-        let engine = engine.clone();
         // The permit goes with the work: a client that hangs up does not free it early. The
         // output format compiles here too (a bad schema is a 400 before the request queues), on
         // a thread of its own with a stack sized for the deepest schema the wire layer lets
-        // through, within its time budget (`constrain_within`).
+        // through, within its time budget (the engine's `constrain_within`).
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let prompt = engine.prepare(&prompt, &tools)?;
-            let constraint = engine
-                .constrain_within(&format, &grammar_limits)
-                .map_err(|e| name_format(e, origin))?;
-            Ok::<_, edgerun_engine::EngineError>((prompt, constraint))
+            reservation
+                .prepare(&prompt, &tools, &format, &grammar_limits)
+                .map_err(|e| name_format(e, origin))
         })
         .await
         .map_err(|e| ServerError::Task(e.to_string()))?
         .map_err(ServerError::from)
     };
-    let (prompt, constraint) = tokio::select! {
+    let prepared = tokio::select! {
         prepared = prepare => prepared?,
         _ = state.drain.cut_signal() => {
             state.drain.note_cut();
             return Err(ServerError::Cut);
         }
     };
-    let request = GenerationRequest {
-        prompt,
-        sampling,
-        stopping,
-        constraint,
-    };
-    let stream = engine.submit_reserved(request, slot)?;
+    let stream = prepared.submit(sampling, stopping)?;
     Ok(Generation {
         stream,
         timer: TokenTimer::new(started),
@@ -259,7 +251,7 @@ impl Generation {
         tokio::pin!(cut);
         loop {
             let event = tokio::select! {
-                event = self.stream.recv() => event,
+                event = self.stream.next() => event,
                 _ = &mut cut => {
                     self.drain.note_cut();
                     return Err(ServerError::Cut);
@@ -308,7 +300,7 @@ impl Generation {
         framing: F,
         heartbeat: Duration,
     ) -> Result<Response, ServerError> {
-        let first = match tokio::time::timeout(FIRST_EVENT_GRACE, self.stream.recv()).await {
+        let first = match tokio::time::timeout(FIRST_EVENT_GRACE, self.stream.next()).await {
             Ok(Some(GenerationEvent::Failed(e))) => return Err(ServerError::Generation(e)),
             Ok(Some(GenerationEvent::FormatUnmet(e))) => return Err(ServerError::FormatUnmet(e)),
             Ok(None) => return Err(ServerError::Engine(edgerun_engine::EngineError::Stopped)),
@@ -373,9 +365,9 @@ fn sse_response<F: Framing>(
 
 /// A streamed generation between two frames.
 struct Streaming<F> {
-    stream: TokenStream,
+    stream: Box<dyn Events>,
     /// Whether the engine dropped the sequence for stalling (its `Failed` is then a 408).
-    end: edgerun_engine::SequenceEnd,
+    end: Arc<dyn EndState>,
     /// An event read before the headers went out (the first-event grace).
     pending: Option<GenerationEvent>,
     /// The framing's first bytes, sent as soon as the body is.
@@ -404,7 +396,7 @@ impl<F: Framing> Streaming<F> {
             let next = match self.pending.take() {
                 Some(event) => Ok(Some(event)),
                 None => tokio::select! {
-                    next = tokio::time::timeout_at(deadline, self.stream.recv()) => next,
+                    next = tokio::time::timeout_at(deadline, self.stream.next()) => next,
                     _ = &mut self.cut => {
                         // The drain deadline: end with an error event, never silently.
                         self.drain.note_cut();

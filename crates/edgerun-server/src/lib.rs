@@ -4,6 +4,11 @@
 //! in front of one [`edgerun_engine::Engine`], and the `edgerun` binary that wires
 //! configuration, model loading and the listener together.
 //!
+//! The routes never hold the engine itself: [`AppState`] (`state.rs`) holds a
+//! [`backend::Backend`], the seam between HTTP and batching, which the engine implements and
+//! [`fake::FakeBackend`] implements with scripted events, so routes, framing, heartbeats and
+//! error mapping are tested without a model (`routes/tests.rs`).
+//!
 //! ## Request flow
 //!
 //! ```text
@@ -16,13 +21,13 @@
 //!               └─ GenerationInput: the engine's PromptInput, SamplingConfig, StopCriteria,
 //!                  tools and tool choice, OutputFormat (response_format's JSON schema)
 //!                  └─ generation::start                                  (generation.rs)
-//!                     ├─ draining? 503 ─ Engine::reserve: a queue place or 429 / 3040,
-//!                     │  decided before any work proportional to the prompt
+//!                     ├─ draining? 503 ─ Backend::reserve: a queue place or 429 / 3040,
+//!                     │  decided before any work proportional to the prompt (Reservation)
 //!                     ├─ a forced tool call becomes the format (the engine's grammar for the
 //!                     │  model's tool-call family; with a response_format too: 400)
-//!                     ├─ on the bounded prepare pool: Engine::prepare (template with the tools
-//!                     │  + tokenize) and Engine::constrain (schema → grammar; bad: 400 / 5006)
-//!                     └─ Engine::submit_reserved (context window 400)
+//!                     ├─ on the bounded prepare pool: Reservation::prepare (template with the
+//!                     │  tools + tokenize, schema → grammar; bad: 400 / 5006) → Submission
+//!                     └─ Submission::submit (context window 400) → Events
 //!                     ├─ with tools, text that may be a call is held back (ToolCallSplitter)
 //!                     │  and the calls go out once, at the end (Framing::tool_calls)
 //!                     ├─ stream: Generation::stream with the dialect's Framing
@@ -87,154 +92,17 @@
 
 pub mod access;
 pub mod auth;
+pub mod backend;
 pub mod error;
+pub mod fake;
 pub mod generation;
 pub mod models;
 mod routes;
 pub mod serve;
+mod state;
 pub mod telemetry;
 
 pub use auth::TokenSet;
 pub use routes::router;
 
-use edgerun_engine::Engine;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
-use tokio::sync::{watch, Semaphore};
-
-/// How a request body must arrive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BodyLimits {
-    /// Largest request body accepted, in bytes (413 beyond).
-    pub max_bytes: usize,
-    /// The whole body must arrive within this (408 otherwise).
-    pub timeout: Duration,
-    /// After [`BodyLimits::grace`], the body must keep arriving at this many bytes per second
-    /// (408 otherwise), so a trickle cannot hold a connection for the whole timeout.
-    pub min_rate: usize,
-    pub grace: Duration,
-}
-
-impl Default for BodyLimits {
-    fn default() -> Self {
-        Self {
-            max_bytes: 1 << 20,
-            timeout: Duration::from_secs(30),
-            min_rate: 1024,
-            grace: Duration::from_secs(5),
-        }
-    }
-}
-
-/// The node's shutdown state: draining (no new work), then, at the deadline, cut (every
-/// generation still running ends with an error, and is counted).
-#[derive(Debug)]
-pub struct Drain {
-    draining: AtomicBool,
-    cut: watch::Sender<bool>,
-    cut_requests: AtomicUsize,
-}
-
-impl Default for Drain {
-    fn default() -> Self {
-        Self {
-            draining: AtomicBool::new(false),
-            cut: watch::channel(false).0,
-            cut_requests: AtomicUsize::new(0),
-        }
-    }
-}
-
-impl Drain {
-    /// From now on `/health` says draining and new requests get 503.
-    pub fn start(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// The deadline has come: every generation still running ends now.
-    pub fn cut(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-        self.cut.send_replace(true);
-    }
-
-    /// Generations ended by [`Drain::cut`].
-    pub fn cut_requests(&self) -> usize {
-        self.cut_requests.load(Ordering::Relaxed)
-    }
-
-    /// Resolves when [`Drain::cut`] is called (at once if it was).
-    pub(crate) fn cut_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.cut.subscribe();
-        async move {
-            if rx.wait_for(|cut| *cut).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
-    pub(crate) fn note_cut(&self) {
-        self.cut_requests.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(telemetry::REQUESTS_CUT).increment(1);
-    }
-}
-
-/// What every handler shares.
-#[derive(Clone)]
-pub struct AppState {
-    /// Set once the model has loaded and warmed up; until then run routes answer 503 and
-    /// `/health` reports loading.
-    pub engine: Arc<OnceLock<Engine>>,
-    /// Model names this node answers to (Workers AI names such as
-    /// `@cf/meta/llama-3-8b-instruct`, and the model's own name).
-    pub served_names: Arc<Vec<String>>,
-    /// What the model is, for the model catalogue (`models/search`): the catalog's
-    /// description, or the model file's name.
-    pub model_description: Arc<String>,
-    pub tokens: TokenSet,
-    /// How request bodies must arrive.
-    pub body: BodyLimits,
-    /// Bounds the CPU work before the engine (templating, tokenizing): at most this many
-    /// prompts are prepared at once; the others wait, holding their queue place.
-    pub prepare: Arc<Semaphore>,
-    pub drain: Arc<Drain>,
-    /// Idle time after which a stream gets an SSE comment, so proxies keep it open.
-    pub heartbeat: Duration,
-    /// Bounds on what a request carries (lists, schemas), checked by validation as the Worker
-    /// checks them (`edgerun-protocol`'s `limits`).
-    pub limits: edgerun_protocol::RequestLimits,
-    /// How compiling a request's output format is bounded: its thread's stack (sized for
-    /// `limits.schema.max_depth`) and time budget.
-    pub grammar: edgerun_engine::GrammarLimits,
-    /// Renders `/metrics`; `None` when this process has no recorder installed.
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Cloudflare Access verification for the run routes; `None` (the default) turns it off.
-    pub access: Option<Arc<access::AccessVerifier>>,
-}
-
-impl AppState {
-    pub fn new(served_names: Vec<String>, tokens: TokenSet) -> Self {
-        Self {
-            engine: Arc::new(OnceLock::new()),
-            served_names: Arc::new(served_names),
-            model_description: Arc::new("Text generation model served by edgerun".into()),
-            tokens,
-            body: BodyLimits::default(),
-            prepare: Arc::new(Semaphore::new(2)),
-            drain: Arc::new(Drain::default()),
-            heartbeat: Duration::from_secs(15),
-            limits: edgerun_protocol::RequestLimits::DEFAULT,
-            grammar: edgerun_engine::GrammarLimits::DEFAULT,
-            metrics: None,
-            access: None,
-        }
-    }
-
-    pub fn serves(&self, model: &str) -> bool {
-        self.served_names.iter().any(|n| n == model)
-    }
-}
+pub use state::{AppState, BodyLimits, Drain};

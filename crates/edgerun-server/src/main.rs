@@ -884,7 +884,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
                 secs = started.elapsed().as_secs_f32(),
                 "model loaded and warmed up"
             );
-            let _ = engine_slot.set(engine);
+            let _ = engine_slot.set(std::sync::Arc::new(engine));
             Ok(())
         });
 

@@ -37,7 +37,7 @@ fn node() -> (AppState, Engine) {
     let engine = Engine::start(loaded, SchedulerConfig::default(), None).unwrap();
     let mut state = AppState::new(vec![MODEL.to_string()], TokenSet::new(Vec::<String>::new()));
     state.metrics = edgerun_server::telemetry::install();
-    state.engine.set(engine.clone()).ok().unwrap();
+    assert!(state.set_backend(engine.clone()));
     (state, engine)
 }
 

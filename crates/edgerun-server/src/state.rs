@@ -1,0 +1,153 @@
+//! What every handler shares: [`AppState`] (the backend once it is ready, the served names,
+//! the limits a request is held to, the prepare pool, Access and metrics), the node's shutdown
+//! state [`Drain`], and how request bodies must arrive ([`BodyLimits`]). The backend is held
+//! as a [`Backend`] trait object, so the routes run the same over the engine and over a fake.
+
+use crate::backend::Backend;
+use crate::{access, telemetry, TokenSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+
+/// How a request body must arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub max_bytes: usize,
+    /// The whole body must arrive within this (408 otherwise).
+    pub timeout: Duration,
+    /// After [`BodyLimits::grace`], the body must keep arriving at this many bytes per second
+    /// (408 otherwise), so a trickle cannot hold a connection for the whole timeout.
+    pub min_rate: usize,
+    pub grace: Duration,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 20,
+            timeout: Duration::from_secs(30),
+            min_rate: 1024,
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The node's shutdown state: draining (no new work), then, at the deadline, cut (every
+/// generation still running ends with an error, and is counted).
+#[derive(Debug)]
+pub struct Drain {
+    draining: AtomicBool,
+    cut: watch::Sender<bool>,
+    cut_requests: AtomicUsize,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            draining: AtomicBool::new(false),
+            cut: watch::channel(false).0,
+            cut_requests: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Drain {
+    /// From now on `/health` says draining and new requests get 503.
+    pub fn start(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The deadline has come: every generation still running ends now.
+    pub fn cut(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.cut.send_replace(true);
+    }
+
+    /// Generations ended by [`Drain::cut`].
+    pub fn cut_requests(&self) -> usize {
+        self.cut_requests.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when [`Drain::cut`] is called (at once if it was).
+    pub(crate) fn cut_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.cut.subscribe();
+        async move {
+            if rx.wait_for(|cut| *cut).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    pub(crate) fn note_cut(&self) {
+        self.cut_requests.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::REQUESTS_CUT).increment(1);
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// Set once the model has loaded and warmed up; until then run routes answer 503 and
+    /// `/health` reports loading.
+    pub engine: Arc<OnceLock<Arc<dyn Backend>>>,
+    /// Model names this node answers to (Workers AI names such as
+    /// `@cf/meta/llama-3-8b-instruct`, and the model's own name).
+    pub served_names: Arc<Vec<String>>,
+    /// What the model is, for the model catalogue (`models/search`): the catalog's
+    /// description, or the model file's name.
+    pub model_description: Arc<String>,
+    pub tokens: TokenSet,
+    /// How request bodies must arrive.
+    pub body: BodyLimits,
+    /// Bounds the CPU work before the engine (templating, tokenizing): at most this many
+    /// prompts are prepared at once; the others wait, holding their queue place.
+    pub prepare: Arc<Semaphore>,
+    pub drain: Arc<Drain>,
+    /// Idle time after which a stream gets an SSE comment, so proxies keep it open.
+    pub heartbeat: Duration,
+    /// Bounds on what a request carries (lists, schemas), checked by validation as the Worker
+    /// checks them (`edgerun-protocol`'s `limits`).
+    pub limits: edgerun_protocol::RequestLimits,
+    /// How compiling a request's output format is bounded: its thread's stack (sized for
+    /// `limits.schema.max_depth`) and time budget.
+    pub grammar: edgerun_engine::GrammarLimits,
+    /// Renders `/metrics`; `None` when this process has no recorder installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Cloudflare Access verification for the run routes; `None` (the default) turns it off.
+    pub access: Option<Arc<access::AccessVerifier>>,
+}
+
+impl AppState {
+    pub fn new(served_names: Vec<String>, tokens: TokenSet) -> Self {
+        Self {
+            engine: Arc::new(OnceLock::new()),
+            served_names: Arc::new(served_names),
+            model_description: Arc::new("Text generation model served by edgerun".into()),
+            tokens,
+            body: BodyLimits::default(),
+            prepare: Arc::new(Semaphore::new(2)),
+            drain: Arc::new(Drain::default()),
+            heartbeat: Duration::from_secs(15),
+            limits: edgerun_protocol::RequestLimits::DEFAULT,
+            grammar: edgerun_engine::GrammarLimits::DEFAULT,
+            metrics: None,
+            access: None,
+        }
+    }
+
+    /// Hands the routes their backend (the engine once it is loaded, or a fake in tests); a
+    /// second call is refused (returns `false`).
+    pub fn set_backend(&self, backend: impl Backend) -> bool {
+        self.engine.set(Arc::new(backend)).is_ok()
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.served_names.iter().any(|n| n == model)
+    }
+}
