@@ -21,6 +21,8 @@ pub(crate) mod models;
 mod openai;
 mod workers_ai;
 
+#[cfg(test)]
+mod tests;
 use crate::access::require_access;
 use crate::auth::require_bearer;
 use crate::error::{respond, ErrorStyle, IntoHttp};
