@@ -12,10 +12,10 @@
 //! |---|---|
 //! | a model architecture | `models/<arch>.rs`, one [`CausalLm`] impl, one line in [`models::ARCHITECTURES`] |
 //! | a block format or a device kernel | `kernels/<format>.rs`, one arm in [`kernels::QLinear::new`] |
-//! | a stop rule | on ids: a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`]; on text: the reader's side, `output.rs` (stop strings: `StopStrings::release`) |
+//! | a stop rule | on ids: a method of `Sequence` (`sequence.rs`), its parameter in [`StopCriteria`]; on text: the reader's side, `output.rs` (stop strings: `output/stop.rs`) |
 //! | a sampling parameter | a field of [`SamplingConfig`], applied in [`Sampler`] (host) and [`DeviceSampler`] (where the logits are; `sampling/device.rs`), held to each other by their tests |
 //! | an output format (JSON schema, Lark grammar) | an [`OutputFormat`] variant, compiled by llguidance in `constraint.rs` ([`Engine::constrain`]) |
-//! | a tool-call family | `tools.rs`: [`ToolCalling::detect`], its parser and its forcing grammar |
+//! | a tool-call family | `tools.rs`: [`ToolCalling::detect`], its parser and its forcing grammar (a tool's schema hoisted into it: `tools/hoist.rs`) |
 //! | something reported per token | computed on the engine thread into the engine's `Emitted::Token`, made readable by the [`TokenStream`] into a field of the `Token` event ([`GenerationEvent`], `output.rs`); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]), their tokens' bytes added by the stream |
 //! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
 //! | whether a machine runs this build (driver, compute capability), opening a device, sizing its memory | `device/` (`preflight.rs`, `memory.rs`) |
