@@ -18,6 +18,10 @@
 //! | a tool-call family | `tools.rs`: [`ToolCalling::detect`], its parser and its forcing grammar (a tool's schema hoisted into it: `tools/hoist.rs`) |
 //! | something reported per token | computed on the engine thread into the engine's `Emitted::Token`, made readable by the [`TokenStream`] into a field of the `Token` event ([`GenerationEvent`], `output.rs`); log-probabilities: [`Logprobs`] in [`SamplingConfig`], computed by `Sequence::sample` ([`step_logprobs`]), their tokens' bytes added by the stream |
 //! | how steps are composed | `scheduler/plan.rs` (pure) and `scheduler/admission.rs` (pure) |
+//! | a scheduler setting, its default and validation | `scheduler/config.rs` ([`SchedulerConfig`]) |
+//! | a counter, a stat or the health rule | `scheduler/stats.rs` ([`EngineStats`], [`StatsSnapshot`], [`Health`]) |
+//! | how a step runs the model, device sampling, host sampling | `scheduler/runner.rs` |
+//! | admission, preemption, retiring, fault isolation (the loop) | `scheduler/mod.rs` |
 //! | whether a machine runs this build (driver, compute capability), opening a device, sizing its memory | `device/` (`preflight.rs`, `memory.rs`) |
 //! | checking a device against the CPU (`edgerun check-device`, `scripts/gpu-check.sh`) | `device_check.rs` |
 //! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
@@ -403,9 +407,6 @@ impl Engine {
         let faults = Arc::new(std::sync::Mutex::new(faults::Faults::default()));
         let scheduler = Scheduler {
             pool,
-            next_order: std::cell::Cell::new(0),
-            preempted: std::cell::RefCell::default(),
-            device_sampler: std::cell::OnceCell::new(),
             model: model.clone(),
             stop_ids: stop_ids.clone(),
             config,
