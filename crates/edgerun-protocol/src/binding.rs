@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::error::{ApiError, ErrorItem};
 use crate::limits::RequestLimits;
-use crate::route::query_param;
+use crate::query::query_param;
 use crate::ValidatedRequest;
 
 /// The header naming the model (`<prefix>:<model>` when the caller set `options.prefix`).

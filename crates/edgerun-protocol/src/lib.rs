@@ -28,10 +28,15 @@
 //! * [`response`]: the non-streaming output ([`TextGenerationOutput`],
 //!   [`Usage`]) and the success envelope ([`SuccessEnvelope`]).
 //! * [`openai`]: the OpenAI-compatible dialect (reference §4): validation of
-//!   `chat/completions` and `completions` bodies into an [`OpenAiRequest`]
-//!   (structured outputs, tools, tool messages; what the node cannot do yet is refused,
-//!   never ignored), the `chat.completion` / `text_completion` answers and stream chunks
-//!   (tool calls with ids), the model list, and OpenAI's `{"error":{..}}` body.
+//!   `chat/completions` and `completions` bodies into an [`OpenAiRequest`] ([`openai::request`]:
+//!   structured outputs, tools, `tool_choice`, tool messages; what the node cannot do is
+//!   refused, never ignored), the `chat.completion` / `text_completion` answers and stream chunks
+//!   with tool calls and their ids, the model list ([`openai::response`]), and how they go on the
+//!   wire with OpenAI's `{"error":{..}}` body ([`openai::frame`]).
+//! * `fields` (private): the one JSON field reader both dialects validate with — lookup with
+//!   `null` as absent, JSON type names, integral numbers, typed readers whose errors name the
+//!   field, in Workers AI's wording or OpenAI's.
+//! * [`query`]: one form-decoded query-string parameter ([`query_param`]).
 //! * [`binding`]: the Workers binding protocol (reference §6.1) — `POST /run?version=3`
 //!   with the model in `cf-consn-model-id` and the body `{inputs, options}`, answered with the
 //!   bare output — and the error body the runtime turns into a useful thrown error.
@@ -59,6 +64,11 @@
 //! request validation, the error envelope and bearer-token checks.
 //!
 //! ## How data flows
+//!
+//! The modules' imports form no cycle: leaves ([`error`], `fields`, [`query`]) at the bottom;
+//! [`limits`] ← [`tools`] ← [`request`] ← [`openai`] / [`binding`] / [`models`]; [`route`] on
+//! top, naming each dialect's error body and re-exporting [`OpenAiEndpoint`] and
+//! [`query_param`]. A dialect never imports the route table.
 //!
 //! ```text
 //! request:  path tail ──route::model_from_path──▶ model name (server checks it)
@@ -111,9 +121,11 @@
 pub mod auth;
 pub mod binding;
 pub mod error;
+mod fields;
 pub mod limits;
 pub mod models;
 pub mod openai;
+pub mod query;
 pub mod request;
 pub mod response;
 pub mod route;

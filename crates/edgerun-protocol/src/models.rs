@@ -20,11 +20,11 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
+use crate::query::query_param;
 use crate::request::{
     DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_PENALTY, MAX_PROMPT_CHARS, MAX_SEED,
     MAX_TEMPERATURE, MAX_TOP_K, MAX_TOP_P,
 };
-use crate::route::query_param;
 
 /// Cloudflare's id of the Text Generation task.
 pub const TEXT_GENERATION_TASK_ID: &str = "c329a1f9-323d-4e91-b2aa-582dd4188d34";

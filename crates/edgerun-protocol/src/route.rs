@@ -8,6 +8,8 @@
 use percent_encoding::percent_decode_str;
 
 use crate::error::ApiError;
+pub use crate::openai::OpenAiEndpoint;
+pub use crate::query::query_param;
 
 /// Workers AI's request-id header. Every answer carries it, the node's and the Worker's.
 pub const REQUEST_ID_HEADER: &str = "cf-ai-req-id";
@@ -67,19 +69,6 @@ pub enum OpenAiBase {
     /// `/client/v4/accounts/{id}/ai/v1/...`, Workers AI's own (reference §4): only
     /// `chat/completions` exists there. Errors stay Cloudflare's v4 envelope, as the service's do.
     WorkersAi,
-}
-
-/// An OpenAI-compatible endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenAiEndpoint {
-    /// `POST chat/completions`.
-    ChatCompletions,
-    /// `POST completions` (legacy text completions; `/v1` only).
-    Completions,
-    /// `GET models` (`/v1` only).
-    Models,
-    /// `GET models/{id}` (`/v1` only; the id is [`openai_model_id`]).
-    Model,
 }
 
 /// An OpenAI-compatible route: its family and endpoint.
@@ -284,24 +273,6 @@ impl ErrorStyle {
             Self::Binding => crate::binding::error_body(error),
         }
     }
-}
-
-/// The value of the first `name` parameter of a query string (`a=1&b=2`, without the `?`),
-/// form-decoded (`+` is a space, `%XX` a byte); `None` when absent or not UTF-8.
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = form_decode(key)?;
-        (key == name).then(|| form_decode(value)).flatten()
-    })
-}
-
-fn form_decode(s: &str) -> Option<String> {
-    let spaced = s.replace('+', " ");
-    percent_decode_str(&spaced)
-        .decode_utf8()
-        .ok()
-        .map(|c| c.into_owned())
 }
 
 /// The model name from the path tail after `/run/` or `/ai/run/`.
@@ -522,18 +493,6 @@ mod tests {
         assert_eq!(Cloudflare.body(&e), e.to_json());
         assert_eq!(OpenAi.body(&e), crate::openai::error_body(&e));
         assert_eq!(Binding.body(&e), crate::binding::error_body(&e));
-    }
-
-    #[test]
-    fn query_parameters_are_form_decoded() {
-        let q = Some("model=%40cf%2Fmeta%2Fx&search=text+generation&flag&e=");
-        assert_eq!(query_param(q, "model").as_deref(), Some("@cf/meta/x"));
-        assert_eq!(query_param(q, "search").as_deref(), Some("text generation"));
-        assert_eq!(query_param(q, "flag").as_deref(), Some(""));
-        assert_eq!(query_param(q, "e").as_deref(), Some(""));
-        assert_eq!(query_param(q, "missing"), None);
-        assert_eq!(query_param(None, "model"), None);
-        assert_eq!(query_param(Some("m=%FF"), "m"), None);
     }
 
     #[test]

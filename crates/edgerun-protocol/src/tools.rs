@@ -21,6 +21,7 @@ use std::collections::HashSet;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::fields::{a_type_name, non_null};
 use crate::limits::{check_schema, RequestLimits};
 
 /// A function the model may call.
@@ -48,21 +49,6 @@ pub enum ToolChoice {
     Function(String),
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn non_null<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    m.get(key).filter(|v| !v.is_null())
-}
-
 /// Reads a `tools` array (`at` names it in errors, e.g. `tools`) within `limits`.
 pub fn parse_tools(
     value: &Value,
@@ -70,7 +56,10 @@ pub fn parse_tools(
     limits: &RequestLimits,
 ) -> Result<Vec<ToolDefinition>, String> {
     let Value::Array(items) = value else {
-        return Err(format!("'{at}' must be an array, got {}", kind(value)));
+        return Err(format!(
+            "'{at}' must be an array, got {}",
+            a_type_name(value)
+        ));
     };
     if items.len() > limits.max_tools {
         return Err(format!(
@@ -84,14 +73,20 @@ pub fn parse_tools(
     for (i, item) in items.iter().enumerate() {
         let at = format!("{at}[{i}]");
         let Value::Object(tool) = item else {
-            return Err(format!("'{at}' must be an object, got {}", kind(item)));
+            return Err(format!(
+                "'{at}' must be an object, got {}",
+                a_type_name(item)
+            ));
         };
         // OpenAI's shape nests the definition under `function`.
         let check_type = || match non_null(tool, "type") {
             None => Ok(()),
             Some(Value::String(t)) if t == "function" => Ok(()),
             Some(Value::String(t)) => Err(format!("'{at}.type' must be 'function', got '{t}'")),
-            Some(other) => Err(format!("'{at}.type' must be a string, got {}", kind(other))),
+            Some(other) => Err(format!(
+                "'{at}.type' must be a string, got {}",
+                a_type_name(other)
+            )),
         };
         let (def, at) = match non_null(tool, "function") {
             Some(Value::Object(f)) => {
@@ -101,7 +96,7 @@ pub fn parse_tools(
             Some(other) => {
                 return Err(format!(
                     "'{at}.function' must be an object, got {}",
-                    kind(other)
+                    a_type_name(other)
                 ))
             }
             None if non_null(tool, "type").is_some() => {
@@ -125,7 +120,10 @@ pub fn parse_tools(
                 ))
             }
             Some(other) => {
-                return Err(format!("'{at}.name' must be a string, got {}", kind(other)))
+                return Err(format!(
+                    "'{at}.name' must be a string, got {}",
+                    a_type_name(other)
+                ))
             }
             None => return Err(format!("'{at}.name' is required")),
         };
@@ -145,7 +143,7 @@ pub fn parse_tools(
             Some(other) => {
                 return Err(format!(
                     "'{at}.description' must be a string, got {}",
-                    kind(other)
+                    a_type_name(other)
                 ))
             }
         };
@@ -159,7 +157,7 @@ pub fn parse_tools(
             Some(other) => {
                 return Err(format!(
                     "'{at}.parameters' must be an object (a JSON Schema), got {}",
-                    kind(other)
+                    a_type_name(other)
                 ))
             }
         };
@@ -203,7 +201,7 @@ pub fn parse_tool_choice(
         Some(other) => {
             return Err(format!(
                 "'tool_choice' must be a string or an object, got {}",
-                kind(other)
+                a_type_name(other)
             ))
         }
     };
@@ -222,7 +220,10 @@ pub fn parse_tool_choice(
 /// at most `max_calls` of them.
 pub fn normalize_tool_calls(value: &Value, at: &str, max_calls: usize) -> Result<Value, String> {
     let Value::Array(calls) = value else {
-        return Err(format!("'{at}' must be an array, got {}", kind(value)));
+        return Err(format!(
+            "'{at}' must be an array, got {}",
+            a_type_name(value)
+        ));
     };
     if calls.len() > max_calls {
         return Err(format!(
@@ -234,14 +235,17 @@ pub fn normalize_tool_calls(value: &Value, at: &str, max_calls: usize) -> Result
     for (i, call) in calls.iter().enumerate() {
         let at = format!("{at}[{i}]");
         let Value::Object(call) = call else {
-            return Err(format!("'{at}' must be an object, got {}", kind(call)));
+            return Err(format!(
+                "'{at}' must be an object, got {}",
+                a_type_name(call)
+            ));
         };
         let (function, at_fn) = match non_null(call, "function") {
             Some(Value::Object(f)) => (f, format!("{at}.function")),
             Some(other) => {
                 return Err(format!(
                     "'{at}.function' must be an object, got {}",
-                    kind(other)
+                    a_type_name(other)
                 ))
             }
             None => (call, at.clone()),
