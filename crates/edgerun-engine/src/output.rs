@@ -48,6 +48,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Instant;
 use stop::StopStrings;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{Receiver, Sender};
@@ -113,6 +114,9 @@ pub(crate) struct Outbox {
     /// How the engine is done with the sequence, for [`SequenceEnd`]: set when this end of the
     /// channel goes, whatever the reason.
     end: Arc<AtomicU8>,
+    /// When the request was submitted (the channel opens then): its queue wait is measured
+    /// from here.
+    opened: Instant,
 }
 
 const RUNNING: u8 = 0;
@@ -130,6 +134,11 @@ impl Drop for Outbox {
 }
 
 impl Outbox {
+    /// When the request was submitted.
+    pub fn opened(&self) -> Instant {
+        self.opened
+    }
+
     /// Sends an event; never blocks. The scheduler plans only sequences with room for a
     /// step's events, so a full channel is a bug, logged; a closed one is noticed before the
     /// next step.
@@ -206,7 +215,13 @@ pub(crate) fn channel(tokenizer: Arc<TextTokenizer>, stops: Vec<String>) -> (Out
         ready: VecDeque::new(),
         state: State::Reading,
     };
-    (Outbox { tx, ended, end }, stream)
+    let outbox = Outbox {
+        tx,
+        ended,
+        end,
+        opened: Instant::now(),
+    };
+    (outbox, stream)
 }
 
 /// Where a stream is.

@@ -50,6 +50,24 @@
 //! is dropped with a final error event, freeing its batch slot and KV cache, and counted as
 //! stalled (not cancelled); its [`crate::SequenceEnd`] says so, for the server.
 //!
+//! ## Tracing
+//!
+//! With `EDGERUN_LOG=edgerun=debug` (the server's filter) the loop tells where a request's
+//! time went, per step and never per token:
+//!
+//! - `admitted` (event): a request left the queue; `seq` (its admission number, the id every
+//!   later record of it carries), `prompt_tokens`, `queued_us` (from submission to admission);
+//! - `step` (span): one step, from after planning to retiring; `kind` (`prefill`, `decode` or
+//!   `mixed`), `batch` (sequences in it), `tokens` (fed to the model). Inside it a `prefill
+//!   chunk` event per prompt chunk (`seq`, `start`, `len`), the `forward` span (the model's
+//!   pass, device sampling and the copy back; the rest of the step is host work), `prompt
+//!   read` when a sequence's prompt is done (`seq`, `prompt_tokens`) and `left the batch`
+//!   (`seq`, `outcome`) for each sequence that ends.
+//!
+//! A subscriber that shows span closes (`FmtSpan::CLOSE`) prints each step's and each forward
+//! pass's duration. When the level is off the spans are disabled at their call sites (one
+//! check per step) and their fields are never computed.
+//!
 //! ## Where the parts live
 //!
 //! | part | file |
@@ -114,6 +132,18 @@ enum Outcome {
     FormatUnmet(String),
     /// Its client stopped reading for longer than the stalled-stream timeout.
     Stalled,
+}
+
+impl Outcome {
+    /// What the `left the batch` trace event calls it.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Finished(_) => "finished",
+            Self::Failed(_) => "failed",
+            Self::FormatUnmet(_) => "format_unmet",
+            Self::Stalled => "stalled",
+        }
+    }
 }
 
 impl From<StepError> for Outcome {
@@ -380,6 +410,12 @@ impl Loop {
             };
             let order = self.next_order;
             self.next_order += 1;
+            tracing::debug!(
+                seq = order,
+                prompt_tokens = sub.request.prompt.len(),
+                queued_us = micros(sub.tx.opened().elapsed()),
+                "admitted"
+            );
             match cache {
                 Ok(cache) => running.push(Sequence::new(SequenceParts {
                     sampler: Sampler::new(sub.request.sampling, &sub.request.prompt),
@@ -486,6 +522,16 @@ impl Loop {
         if plan.is_empty() {
             return false;
         }
+        let span = tracing::debug_span!(
+            "step",
+            kind = tracing::field::Empty,
+            batch = plan.len(),
+            tokens = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        if !span.is_disabled() {
+            describe_step(&span, running, &plan);
+        }
         // `execute` and `update_from_output` index by it.
         debug_assert!(plan.windows(2).all(|w| w[0].seq < w[1].seq));
         self.stats
@@ -578,6 +624,7 @@ impl Loop {
         for p in plan {
             if let Work::Prefill { start, len } = p.work {
                 if let Some(n) = running[p.seq].prefilled(start, len) {
+                    tracing::debug!(seq = running[p.seq].order, prompt_tokens = n, "prompt read");
                     self.stats.prompt_tokens.fetch_add(n, Ordering::Relaxed);
                     running[p.seq].emit(Emitted::PromptProcessed { prompt_tokens: n });
                 }
@@ -614,6 +661,7 @@ impl Loop {
             .collect();
         self.publish(running);
         for (seq, outcome) in gone {
+            tracing::debug!(seq = seq.order, outcome = outcome.name(), "left the batch");
             match outcome {
                 Outcome::Finished(reason) => {
                     self.stats.completed.fetch_add(1, Ordering::Relaxed);
@@ -635,6 +683,37 @@ impl Loop {
             }
         }
     }
+}
+
+/// Microseconds in `d`, for trace fields.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Fills in the step span's fields and notes each prefill chunk in it; called only when the
+/// span is enabled (see the module docs).
+fn describe_step(span: &tracing::Span, running: &[Sequence], plan: &[Planned]) {
+    let (mut prefills, mut decodes, mut tokens) = (0, 0, 0);
+    for p in plan {
+        match p.work {
+            Work::Decode => {
+                decodes += 1;
+                tokens += 1;
+            }
+            Work::Prefill { start, len } => {
+                prefills += 1;
+                tokens += len;
+                tracing::debug!(seq = running[p.seq].order, start, len, "prefill chunk");
+            }
+        }
+    }
+    let kind = match (prefills, decodes) {
+        (0, _) => "decode",
+        (_, 0) => "prefill",
+        _ => "mixed",
+    };
+    span.record("kind", kind);
+    span.record("tokens", tokens);
 }
 
 /// KV cache bytes the running sequences reserve.

@@ -151,6 +151,7 @@ impl Runner {
         want: &[usize],
         on_device: &[Option<DeviceRow>],
     ) -> Result<Vec<Row>, StepError> {
+        let _span = tracing::debug_span!("forward", segments = segments.len()).entered();
         let lens: Vec<usize> = segments.iter().map(|s| s.cache.len()).collect();
         let result = catch_unwind(AssertUnwindSafe(|| {
             #[cfg(feature = "fault-injection")]
