@@ -700,10 +700,9 @@ fn describe_step(span: &tracing::Span, running: &[Sequence], plan: &[Planned]) {
                 decodes += 1;
                 tokens += 1;
             }
-            Work::Prefill { start, len } => {
+            Work::Prefill { len, .. } => {
                 prefills += 1;
                 tokens += len;
-                tracing::debug!(seq = running[p.seq].order, start, len, "prefill chunk");
             }
         }
     }
@@ -712,8 +711,14 @@ fn describe_step(span: &tracing::Span, running: &[Sequence], plan: &[Planned]) {
         (_, 0) => "prefill",
         _ => "mixed",
     };
+    // Recorded before the chunk events, so that they carry the step's fields.
     span.record("kind", kind);
     span.record("tokens", tokens);
+    for p in plan {
+        if let Work::Prefill { start, len } = p.work {
+            tracing::debug!(seq = running[p.seq].order, start, len, "prefill chunk");
+        }
+    }
 }
 
 /// KV cache bytes the running sequences reserve.
