@@ -94,6 +94,13 @@
 //! * block a tokio worker on network I/O: fetches are async with a timeout (one RSA signature
 //!   check is tens of microseconds of CPU and runs inline);
 //! * leak the token, claims or key material in responses (logs get the identity at debug).
+//!
+//! ## Layout
+//!
+//! `config` holds [`AccessConfig`] and its normalisation and checks; `token` the
+//! [`Claims`], the [`Rejection`]s callers see and the node's [`AccessError`]s; this file the
+//! key set and JWKS parsing, the [`AccessVerifier`] with its background refresher, and the
+//! [`require_access`] middleware.
 
 use crate::error::{respond, ErrorStyle};
 use crate::AppState;
@@ -101,17 +108,22 @@ use axum::extract::{Request, State};
 use axum::http::HeaderName;
 use axum::middleware::Next;
 use axum::response::Response;
-use edgerun_protocol::ApiError;
-use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind, Validation};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
-use thiserror::Error;
+
+mod config;
+mod token;
+
+pub use config::AccessConfig;
+#[cfg(test)]
+use config::MAX_STALENESS_SETTING;
+use config::{check_max_staleness, is_loopback};
+pub use token::{AccessError, Claims, Rejection};
 
 /// The header Access puts its JWT in.
 pub const ACCESS_JWT_HEADER: HeaderName = HeaderName::from_static("cf-access-jwt-assertion");
@@ -128,316 +140,6 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
 /// The refresher never sleeps less than this, whatever the configuration (no busy loop with a
 /// zero refetch interval or cache lifetime).
 const MIN_REFRESH_SLEEP: Duration = Duration::from_millis(100);
-/// The setting [`AccessConfig::max_staleness`] comes from, for error messages.
-const MAX_STALENESS_SETTING: &str =
-    "--access-max-staleness-secs (EDGERUN_ACCESS_MAX_STALENESS_SECS)";
-
-/// How the node checks Access tokens. Build with [`AccessConfig::new`].
-#[derive(Clone, Debug)]
-pub struct AccessConfig {
-    /// The team domain, normalised to a bare lower-case host (`myteam.cloudflareaccess.com`).
-    pub team_domain: String,
-    /// The Access application's AUD tag; tokens must list it in `aud`.
-    pub aud: String,
-    /// Where the signing keys come from; `https://<team domain>/cdn-cgi/access/certs` unless
-    /// overridden with [`AccessConfig::with_certs_url`].
-    pub certs_url: String,
-    /// Clock skew allowed on `exp`, `nbf` and `iat`.
-    pub leeway: Duration,
-    /// How old the keys get before the background refresher fetches them again. Requests
-    /// never wait on this refresh; they keep using the current keys until
-    /// [`max_staleness`](Self::max_staleness).
-    pub cache_ttl: Duration,
-    /// The least time between two fetches of the keys (successful or not, for any reason), and
-    /// the refresher's first retry delay after a failure.
-    pub min_refetch_interval: Duration,
-    /// Limit on one fetch of the keys, connection included.
-    pub fetch_timeout: Duration,
-    /// Keys older than this are not trusted: tokens get `503` until a fetch succeeds. At least
-    /// [`cache_ttl`](Self::cache_ttl); set with [`AccessConfig::with_max_staleness`]. See the
-    /// module docs for the 24-hour default.
-    pub max_staleness: Duration,
-}
-
-impl AccessConfig {
-    /// `team_domain` may be given as `myteam.cloudflareaccess.com`, with an `https://` prefix
-    /// or a trailing `/`, or as the bare team name `myteam` (as in cloudflared's `teamName`).
-    pub fn new(team_domain: &str, aud: &str) -> Result<Self, AccessError> {
-        let team_domain = normalize_team_domain(team_domain)?;
-        let aud = aud.trim();
-        if aud.is_empty() || aud.chars().any(char::is_whitespace) {
-            return Err(AccessError::Config(
-                "the Access AUD tag must be a non-empty word".into(),
-            ));
-        }
-        Ok(Self {
-            certs_url: format!("https://{team_domain}/cdn-cgi/access/certs"),
-            team_domain,
-            aud: aud.to_string(),
-            leeway: Duration::from_secs(30),
-            cache_ttl: Duration::from_secs(3600),
-            min_refetch_interval: Duration::from_secs(30),
-            fetch_timeout: Duration::from_secs(5),
-            max_staleness: Duration::from_secs(24 * 3600),
-        })
-    }
-
-    /// Trust keys up to `max` old (default 24 hours). Refused when zero or shorter than
-    /// [`cache_ttl`](Self::cache_ttl) (1 hour): the keys are only refreshed that often.
-    pub fn with_max_staleness(mut self, max: Duration) -> Result<Self, AccessError> {
-        check_max_staleness(max, self.cache_ttl)?;
-        self.max_staleness = max;
-        Ok(self)
-    }
-
-    /// Fetch keys from `url` instead (tests, private mirrors). It must be `https`, or `http` to
-    /// a loopback address. The issuer checked stays `https://<team domain>`.
-    pub fn with_certs_url(mut self, url: &str) -> Result<Self, AccessError> {
-        let parsed = reqwest::Url::parse(url.trim())
-            .map_err(|e| AccessError::Config(format!("the Access certs URL is invalid: {e}")))?;
-        match parsed.scheme() {
-            "https" => {}
-            "http" if is_loopback(&parsed) => {}
-            _ => {
-                return Err(AccessError::Config(
-                    "the Access certs URL must be https (plain http only to a loopback address)"
-                        .into(),
-                ))
-            }
-        }
-        self.certs_url = parsed.to_string();
-        Ok(self)
-    }
-
-    /// The `iss` every token must carry.
-    pub fn issuer(&self) -> String {
-        format!("https://{}", self.team_domain)
-    }
-}
-
-fn check_max_staleness(max: Duration, cache_ttl: Duration) -> Result<(), AccessError> {
-    if max.is_zero() {
-        return Err(AccessError::Config(format!(
-            "{MAX_STALENESS_SETTING} must be at least 1"
-        )));
-    }
-    if max < cache_ttl {
-        return Err(AccessError::Config(format!(
-            "{MAX_STALENESS_SETTING} must be at least the Access key cache lifetime ({} s): \
-             the keys are only refreshed that often",
-            cache_ttl.as_secs_f64()
-        )));
-    }
-    Ok(())
-}
-
-fn normalize_team_domain(raw: &str) -> Result<String, AccessError> {
-    let bad = |why: &str| {
-        AccessError::Config(format!(
-            "the Access team domain {raw:?} {why}; expected e.g. myteam.cloudflareaccess.com"
-        ))
-    };
-    let mut d = raw.trim();
-    if d.len() >= 8 && d[..8].eq_ignore_ascii_case("https://") {
-        d = &d[8..];
-    } else if d.contains("://") {
-        return Err(bad("must be a host name (https only)"));
-    }
-    let d = d.trim_end_matches('/');
-    if d.is_empty() || d.contains(['/', '@', ':', '?', '#']) || d.contains(char::is_whitespace) {
-        return Err(bad("must be a bare host name"));
-    }
-    let host = if d.contains('.') {
-        d.to_string()
-    } else {
-        format!("{d}.cloudflareaccess.com")
-    };
-    let url = reqwest::Url::parse(&format!("https://{host}/")).map_err(|_| bad("is invalid"))?;
-    match url.host_str() {
-        Some(h) if h.eq_ignore_ascii_case(&host) => Ok(h.to_ascii_lowercase()),
-        _ => Err(bad("is invalid")),
-    }
-}
-
-fn is_loopback(url: &reqwest::Url) -> bool {
-    let Some(host) = url.host_str() else {
-        return false;
-    };
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Why a token was turned away. Its `Display` is what the client sees after
-/// "invalid Access token: ".
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Rejection {
-    /// Not a compact JWS, bad base64/JSON, or a claim of the wrong type.
-    Malformed,
-    /// The header's `alg` is not RS256.
-    UnsupportedAlgorithm,
-    /// The header names no `kid`.
-    MissingKeyId,
-    /// No key with the token's `kid`, even after a refetch.
-    UnknownKey,
-    BadSignature,
-    Expired,
-    NotYetValid,
-    IssuedInFuture,
-    WrongAudience,
-    WrongIssuer,
-    MissingClaim(String),
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Malformed => f.write_str("malformed token"),
-            Self::UnsupportedAlgorithm => f.write_str("unsupported algorithm (RS256 required)"),
-            Self::MissingKeyId => f.write_str("no key id"),
-            Self::UnknownKey => f.write_str("unknown signing key"),
-            Self::BadSignature => f.write_str("bad signature"),
-            Self::Expired => f.write_str("token expired"),
-            Self::NotYetValid => f.write_str("token not yet valid"),
-            Self::IssuedInFuture => f.write_str("token issued in the future"),
-            Self::WrongAudience => f.write_str("wrong audience"),
-            Self::WrongIssuer => f.write_str("wrong issuer"),
-            Self::MissingClaim(c) => write!(f, "missing claim {c}"),
-        }
-    }
-}
-
-impl From<jsonwebtoken::errors::Error> for Rejection {
-    fn from(e: jsonwebtoken::errors::Error) -> Self {
-        match e.kind() {
-            ErrorKind::InvalidSignature => Self::BadSignature,
-            ErrorKind::ExpiredSignature => Self::Expired,
-            ErrorKind::ImmatureSignature => Self::NotYetValid,
-            ErrorKind::InvalidAudience => Self::WrongAudience,
-            ErrorKind::InvalidIssuer => Self::WrongIssuer,
-            ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm => {
-                Self::UnsupportedAlgorithm
-            }
-            ErrorKind::MissingRequiredClaim(c) => Self::MissingClaim(c.clone()),
-            // A key the library cannot use fails the signature, not the caller's token format.
-            ErrorKind::InvalidRsaKey(_) | ErrorKind::InvalidKeyFormat => Self::BadSignature,
-            _ => Self::Malformed,
-        }
-    }
-}
-
-/// Everything this module can fail with.
-#[derive(Debug, Error)]
-pub enum AccessError {
-    /// Bad configuration, reported at start-up.
-    #[error("{0}")]
-    Config(String),
-    /// The request carries no `Cf-Access-Jwt-Assertion`.
-    #[error("missing Cf-Access-Jwt-Assertion")]
-    Missing,
-    /// The token failed a check.
-    #[error("invalid Access token: {0}")]
-    Invalid(Rejection),
-    /// No signing keys could be fetched yet, so no token can be checked.
-    #[error("Access signing keys are unavailable")]
-    KeysUnavailable,
-    /// The keys are older than [`AccessConfig::max_staleness`] (every fetch since failed), so
-    /// they are no longer trusted to check tokens.
-    #[error("Access signing keys are {} s old, past the maximum staleness", .age.as_secs())]
-    KeysTooStale {
-        /// How old the keys were when the token was checked.
-        age: Duration,
-    },
-    /// One fetch of the keys failed (kept internal: logged, never sent to clients).
-    #[error("fetching Access keys failed: {0}")]
-    Fetch(String),
-}
-
-impl From<Rejection> for AccessError {
-    fn from(r: Rejection) -> Self {
-        Self::Invalid(r)
-    }
-}
-
-impl AccessError {
-    /// Whether this is the node's failure to check rather than a verdict on the token: the
-    /// `503`s, which say nothing about the caller's credentials.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            Self::KeysUnavailable | Self::KeysTooStale { .. } | Self::Fetch(_)
-        )
-    }
-
-    /// The wire form: 403 / 10000 for the caller's token, 503 / 3040 when the node cannot check
-    /// (see [`AccessError::is_unavailable`]).
-    pub fn api_error(&self) -> ApiError {
-        match self {
-            Self::Missing | Self::Invalid(_) => ApiError::forbidden(self),
-            Self::KeysUnavailable | Self::Fetch(_) => {
-                ApiError::unavailable("cannot verify Cloudflare Access tokens yet, try again")
-            }
-            Self::KeysTooStale { age } => ApiError::unavailable(format!(
-                "cannot verify Cloudflare Access tokens: signing keys are {} s old",
-                age.as_secs()
-            )),
-            Self::Config(_) => ApiError::internal("Access verification is misconfigured"),
-        }
-    }
-}
-
-/// The claims of an accepted token that the node cares about. Inserted into the request's
-/// extensions for handlers further in.
-///
-/// `aud`, `iss` and `exp` default when absent only so that the validation reports which claim
-/// is missing (they are required there); a claim of the wrong type fails deserialization.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Claims {
-    #[serde(default, deserialize_with = "one_or_many")]
-    pub aud: Vec<String>,
-    #[serde(default)]
-    pub iss: String,
-    #[serde(default)]
-    pub exp: u64,
-    pub iat: Option<u64>,
-    pub nbf: Option<u64>,
-    pub sub: Option<String>,
-    /// Set for users who logged in through an identity provider.
-    pub email: Option<String>,
-    /// Set for service tokens (the token's client id).
-    pub common_name: Option<String>,
-    /// `app` for application tokens.
-    #[serde(rename = "type")]
-    pub token_type: Option<String>,
-}
-
-impl Claims {
-    /// Who the token speaks for: the user's email, the service token's client id, or `sub`.
-    pub fn identity(&self) -> &str {
-        [&self.email, &self.common_name, &self.sub]
-            .into_iter()
-            .flatten()
-            .find(|s| !s.is_empty())
-            .map_or("", String::as_str)
-    }
-}
-
-fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
-}
-
 struct KeySet {
     keys: HashMap<String, Arc<DecodingKey>>,
     fetched_at: Instant,
