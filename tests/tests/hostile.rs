@@ -541,7 +541,9 @@ async fn hostile_requests_get_4xx_while_a_stream_keeps_its_pace() {
 #[test]
 fn bad_limits_are_refused_at_start_up_never_clamped() {
     let model = edgerun_e2e::model_path().display().to_string();
-    let cases: [(&[&str], &[(&str, &str)], &str); 6] = [
+    /// Flags, environment, and what the refusal must mention.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 6] = [
         (&["--max-schema-depth", "0"], &[], "--max-schema-depth"),
         (&["--max-schema-depth", "5000"], &[], "at most 4096"),
         (&["--max-tools", "0"], &[], "--max-tools"),

@@ -376,7 +376,9 @@ fn dechunk(raw: &[u8]) -> (Vec<u8>, bool) {
 /// timeout closed the connection first, a silent cut counted as a cancellation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_stops_reading_finds_an_error_event_and_the_end() {
-    let node = Node::start(&["--stalled-stream-secs", "3"]).await;
+    // The reader comes back within this of the drop (a few /health polls later); 5 s leaves a
+    // loaded 2-core machine room, where 3 s once let the connection's clock close it first.
+    let node = Node::start(&["--stalled-stream-secs", "5"]).await;
     let addr: std::net::SocketAddr = node.base.trim_start_matches("http://").parse().unwrap();
     let counting = "Count from 1 to 3000, separated by commas.";
     let openai = json!({"model": MODEL_ALIAS, "stream": true, "temperature": 0,
@@ -406,7 +408,7 @@ async fn a_reader_that_stops_reading_finds_an_error_event_and_the_end() {
         )
         .await
         .unwrap();
-        // Paused once the buffers are full, dropped 3 s later.
+        // Paused once the buffers are full, dropped 5 s later.
         node.wait_for_stat(
             "sequences_stalled_total",
             n as u64 + 1,
