@@ -33,44 +33,63 @@ elif [ $# -gt 0 ]; then
     exit 2
 fi
 
-models/fetch-default.sh >/dev/null
+# Every step prints its wall time and the running total (stdout, so CI's log shows where the time
+# went).
+T0=$(date +%s)
+exec 3>&1
+step() {
+    local s rc=0
+    s=$(date +%s)
+    "$@" || rc=$?
+    echo "test.sh: [$(( $(date +%s) - s )) s; $(( $(date +%s) - T0 )) s in all] $*" >&3
+    return "$rc"
+}
+cuda_build() {
+    . "$(scripts/install-cuda-toolkit.sh)" \
+        && cargo build --release --locked -p edgerun-server --features cuda --target-dir target/cuda
+}
+gpu_check_dry_run() {
+    rm -rf target/gpu-check-dry
+    OUT="$PWD/target/gpu-check-dry" GPU_CHECK_WORK="$PWD/target/gpu-check-work" GPU_CHECK_DEVICE=cpu \
+        GPU_CHECK_BIN=target/release/edgerun GPU_CHECK_SHAPE=llama-3-mini GPU_CHECK_STREAMS=1,4 \
+        GPU_CHECK_LONG=2:600 RUNS=1 scripts/gpu-check.sh || return
+    local f
+    for f in gpu-check.log serve.log metrics.txt; do
+        [ -s "target/gpu-check-dry/$f" ] || { echo "gpu-check dry run: no $f under \$OUT" >&2; return 1; }
+    done
+}
+
+step models/fetch-default.sh >/dev/null
 # llama.cpp's real chat templates (from the pinned llama-cpp-python sdist, cached, sha256-checked):
 # the tool-calling tests render each family's (crates/edgerun-engine/tests/tool_templates.rs).
-scripts/fetch-llama-cpp-sdist.sh --templates >/dev/null
-scripts/install-wasm-toolchain.sh
+step scripts/fetch-llama-cpp-sdist.sh --templates >/dev/null
+step scripts/install-wasm-toolchain.sh
 # The official client packages (Python and npm `openai` and `cloudflare`, npm `@cloudflare/ai`,
 # pinned) the compatibility tests drive the node with; the tests fail, not skip, without them.
-scripts/install-sdk-clients.sh
-cargo fmt --all -- --check
-cargo fmt "${WORKER[@]}" -- --check
-cargo clippy --release --locked --workspace --all-targets -- -D warnings
-cargo clippy --locked "${WORKER[@]}" --all-targets -- -D warnings
+step scripts/install-sdk-clients.sh
+step cargo fmt --all -- --check
+step cargo fmt "${WORKER[@]}" -- --check
+step cargo clippy --release --locked --workspace --all-targets -- -D warnings
+step cargo clippy --locked "${WORKER[@]}" --all-targets -- -D warnings
 # The e2e tests run target/release/edgerun and the Worker's wasm build: build them first.
-cargo build --release --locked --workspace --all-targets
-scripts/build-worker.sh --locked
+step cargo build --release --locked --workspace --all-targets
+step scripts/build-worker.sh --locked
 # The CUDA build, every run, so the GPU path cannot rot: a CUDA 13.0 toolkit (what driver 580
 # runs) assembled from NVIDIA's PyPI wheels (cached, ~650 MB once), no GPU needed. Its own target
 # dir: the features differ. Then the GPU check's pack (the < 64 MiB a GPU machine is sent).
-( . "$(scripts/install-cuda-toolkit.sh)" \
-    && cargo build --release --locked -p edgerun-server --features cuda --target-dir target/cuda )
-scripts/gpu-check.sh --pack
+step cuda_build
+step scripts/gpu-check.sh --pack
 # The CUDA binary's preflight against a stub driver: an older driver, an older GPU, a missing
 # GPU are refused in one line (exit 2) before anything loads; a matching machine passes.
-scripts/test-cuda-preflight.sh
+step scripts/test-cuda-preflight.sh
 # The Worker's routing, failover, header and validation logic, on the host.
-cargo test --locked "${WORKER[@]}"
+step cargo test --locked "${WORKER[@]}"
 # The engine's model-free tests built for aarch64 and run under qemu-user: the NEON kernels
 # (installs the target's std, a cross linker and qemu once; ~8 min from scratch, then incremental).
-scripts/test-aarch64.sh
+step scripts/test-aarch64.sh
 # The GPU check's own logic, dry, on the CPU with small shapes (so the script cannot rot): it
 # must pass and keep its logs under $OUT.
-rm -rf target/gpu-check-dry
-OUT="$PWD/target/gpu-check-dry" GPU_CHECK_WORK="$PWD/target/gpu-check-work" GPU_CHECK_DEVICE=cpu \
-    GPU_CHECK_BIN=target/release/edgerun GPU_CHECK_SHAPE=llama-3-mini GPU_CHECK_STREAMS=1,4 \
-    GPU_CHECK_LONG=2:600 RUNS=1 scripts/gpu-check.sh
-for f in gpu-check.log serve.log metrics.txt; do
-    [ -s "target/gpu-check-dry/$f" ] || { echo "gpu-check dry run: no $f under \$OUT" >&2; exit 1; }
-done
+step gpu_check_dry_run
 # One test at a time: tests that run the model each use both cores, and timing-sensitive
 # checks (streaming, heartbeats) stay meaningful without six model servers competing.
-cargo test --release --locked --workspace -- --test-threads=1
+step cargo test --release --locked --workspace -- --test-threads=1
