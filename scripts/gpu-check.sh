@@ -52,9 +52,10 @@ log() { echo "gpu-check: $*" >&2; }
 
 if [ "${1:-}" = "--pack" ]; then
     set -e
-    . "$(scripts/install-cuda-toolkit.sh)"
-    cargo build --release --locked -p edgerun-server --features cuda --target-dir target/cuda
-    cargo build --release --locked -p edgerun-e2e --bin edgerun-bench
+    # The CUDA binary (target/cuda/release/edgerun) and the bench, both from the test build's
+    # artifacts (the same feature set), so after scripts/test.sh's builds this costs nothing.
+    scripts/build-cuda.sh
+    cargo build --release --locked --workspace --all-targets
     sdist="$(scripts/fetch-llama-cpp-sdist.sh)"
     rm -rf "$PACK"
     mkdir -p "$PACK"
@@ -64,6 +65,7 @@ if [ "${1:-}" = "--pack" ]; then
     xz -T0 -6 "$PACK/edgerun" "$PACK/edgerun-bench" "$PACK/ggml-vocab-llama-bpe.gguf"
     {
         echo "commit $(git describe --always --dirty 2>/dev/null || echo unknown)"
+        . "$(scripts/install-cuda-toolkit.sh)"
         echo "cuda $((CUDARC_CUDA_VERSION / 1000)).$((CUDARC_CUDA_VERSION % 1000 / 10))"
         echo "compute_cap $CUDA_COMPUTE_CAP"
     } > "$PACK/BUILD"
@@ -92,10 +94,15 @@ gpu=1
 [ "$DEVICE" = cpu ] && gpu=0
 server=""
 monitor=""
+# Waits for the server and the monitor by pid: a bare `wait` would also wait for the `tee`
+# that keeps the log, which reads this script's own output and so never ends (a hang at exit
+# that once ran CI past its limit).
 cleanup() {
-    [ -n "$server" ] && kill "$server" 2>/dev/null
-    [ -n "$monitor" ] && kill "$monitor" 2>/dev/null
-    wait 2>/dev/null
+    local pids=()
+    [ -n "$server" ] && kill "$server" 2>/dev/null && pids+=("$server")
+    [ -n "$monitor" ] && kill "$monitor" 2>/dev/null && pids+=("$monitor")
+    [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}" 2>/dev/null
+    return 0
 }
 trap cleanup EXIT
 run_started=$(date +%s)

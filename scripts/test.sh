@@ -44,15 +44,11 @@ step() {
     echo "test.sh: [$(( $(date +%s) - s )) s; $(( $(date +%s) - T0 )) s in all] $*" >&3
     return "$rc"
 }
-cuda_build() {
-    . "$(scripts/install-cuda-toolkit.sh)" \
-        && cargo build --release --locked -p edgerun-server --features cuda --target-dir target/cuda
-}
 gpu_check_dry_run() {
     rm -rf target/gpu-check-dry
     OUT="$PWD/target/gpu-check-dry" GPU_CHECK_WORK="$PWD/target/gpu-check-work" GPU_CHECK_DEVICE=cpu \
         GPU_CHECK_BIN=target/release/edgerun GPU_CHECK_SHAPE=llama-3-mini GPU_CHECK_STREAMS=1,4 \
-        GPU_CHECK_LONG=2:600 RUNS=1 scripts/gpu-check.sh || return
+        GPU_CHECK_LONG=2:600 RUNS=1 timeout --kill-after=10 600 scripts/gpu-check.sh || return
     local f
     for f in gpu-check.log serve.log metrics.txt; do
         [ -s "target/gpu-check-dry/$f" ] || { echo "gpu-check dry run: no $f under \$OUT" >&2; return 1; }
@@ -61,7 +57,7 @@ gpu_check_dry_run() {
 
 step models/fetch-default.sh >/dev/null
 # llama.cpp's real chat templates (from the pinned llama-cpp-python sdist, cached, sha256-checked):
-# the tool-calling tests render each family's (crates/edgerun-engine/tests/tool_templates.rs).
+# the tool-calling tests render each family's (crates/edgerun-engine/tests/engine/tool_templates.rs).
 step scripts/fetch-llama-cpp-sdist.sh --templates >/dev/null
 step scripts/install-wasm-toolchain.sh
 # The official client packages (Python and npm `openai` and `cloudflare`, npm `@cloudflare/ai`,
@@ -75,9 +71,10 @@ step cargo clippy --locked "${WORKER[@]}" --all-targets -- -D warnings
 step cargo build --release --locked --workspace --all-targets
 step scripts/build-worker.sh --locked
 # The CUDA build, every run, so the GPU path cannot rot: a CUDA 13.0 toolkit (what driver 580
-# runs) assembled from NVIDIA's PyPI wheels (cached, ~650 MB once), no GPU needed. Its own target
-# dir: the features differ. Then the GPU check's pack (the < 64 MiB a GPU machine is sent).
-step cuda_build
+# runs) assembled from NVIDIA's PyPI wheels (cached, ~650 MB once), no GPU needed; it shares the
+# test build's target dir and recompiles only what CUDA changes. Then the GPU check's pack (the
+# < 64 MiB a GPU machine is sent).
+step scripts/build-cuda.sh
 step scripts/gpu-check.sh --pack
 # The CUDA binary's preflight against a stub driver: an older driver, an older GPU, a missing
 # GPU are refused in one line (exit 2) before anything loads; a matching machine passes.
