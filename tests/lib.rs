@@ -11,7 +11,6 @@ pub mod edge;
 
 use edgerun_protocol::sse::{SseEvent, SseParser};
 use futures::StreamExt;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,9 +18,7 @@ use std::time::{Duration, Instant};
 pub const MODEL_ALIAS: &str = "@cf/meta/llama-3-8b-instruct";
 pub const TOKEN: &str = "e2e-secret-token";
 
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+pub use edgerun_testkit::{free_port, model_path, workspace_root};
 
 pub fn binary() -> PathBuf {
     if let Ok(p) = std::env::var("EDGERUN_BIN") {
@@ -36,28 +33,32 @@ pub fn binary() -> PathBuf {
     p
 }
 
-pub fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("EDGERUN_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let out = Command::new("bash")
-        .arg(workspace_root().join("models/fetch-default.sh"))
-        .output()
-        .expect("run models/fetch-default.sh");
-    assert!(
-        out.status.success(),
-        "fetch-default.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
+/// A start-up refusal to check: flags, environment, and what the refusal must mention.
+pub type Refusal<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Starts `edgerun serve` on the test model once per case, with the case's flags and
+/// environment, and asserts that it exits non-zero, names the case's needle, and never got as
+/// far as listening: bad settings are refused at start-up, never clamped.
+pub fn assert_refused_at_start_up(cases: &[Refusal]) {
+    let model = model_path().display().to_string();
+    for (flags, env, needle) in cases {
+        let out = Command::new(binary())
+            .args(["serve", "--model", &model, "--listen", "127.0.0.1:0"])
+            .args(*flags)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} {env:?} started");
+        assert!(
+            stderr.contains(needle),
+            "{flags:?} {env:?}: no mention of {needle}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("listening"),
+            "{flags:?} {env:?}: refused only after listening: {stderr}"
+        );
+    }
 }
 
 /// A running node. Killed on drop.

@@ -1,4 +1,4 @@
-//! Hostile input (issue 21): every body of the issue's findings and a generated corpus of schema
+//! Hostile input: every body of the issue's findings and a generated corpus of schema
 //! and tool-list bombs, through every route that takes a schema or tools, while a normal stream
 //! runs beside them on the real binary and the real model.
 //!
@@ -19,7 +19,9 @@
 //! "#"}}`) are sent with a small `max_tokens`: they end in a 400 (the format could not be met)
 //! when the tokens run out, or sooner when the grammar engine gives up; never a 500.
 
-use edgerun_e2e::{read_sse, rss_bytes, text_of, Node, MODEL_ALIAS, TOKEN};
+use edgerun_e2e::{
+    assert_refused_at_start_up, read_sse, rss_bytes, text_of, Node, Refusal, MODEL_ALIAS, TOKEN,
+};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -540,10 +542,7 @@ async fn hostile_requests_get_4xx_while_a_stream_keeps_its_pace() {
 
 #[test]
 fn bad_limits_are_refused_at_start_up_never_clamped() {
-    let model = edgerun_e2e::model_path().display().to_string();
-    /// Flags, environment, and what the refusal must mention.
-    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 6] = [
+    let cases: [Refusal; 6] = [
         (&["--max-schema-depth", "0"], &[], "--max-schema-depth"),
         (&["--max-schema-depth", "5000"], &[], "at most 4096"),
         (&["--max-tools", "0"], &[], "--max-tools"),
@@ -559,18 +558,7 @@ fn bad_limits_are_refused_at_start_up_never_clamped() {
             "--grammar-compile-ms",
         ),
     ];
-    for (flags, env, needle) in cases {
-        let out = std::process::Command::new(edgerun_e2e::binary())
-            .args(["serve", "--model", &model, "--listen", "127.0.0.1:0"])
-            .args(flags)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{flags:?} {env:?} started");
-        assert!(stderr.contains(needle), "{flags:?} {env:?}: {stderr}");
-        assert!(!stderr.contains("listening"), "{flags:?}: {stderr}");
-    }
+    assert_refused_at_start_up(&cases);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

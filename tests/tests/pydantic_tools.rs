@@ -1,4 +1,4 @@
-//! Pydantic-style tools on the real model (issue 21, finding 4): the schemas the OpenAI Python
+//! Pydantic-style tools on the real model: the schemas the OpenAI Python
 //! SDK's `openai.pydantic_function_tool(Model)` emits for five realistic models — nested models
 //! behind `$defs` / `$ref`, enums as their own definitions, `Optional[...]` as `anyOf` with
 //! `null`, lists of models, `additionalProperties: false` and every property `required`

@@ -41,8 +41,8 @@ fn comments(events: &[Received]) -> usize {
 }
 
 /// A forced tool call is held back whole until the end, yet the stream is never silent for
-/// longer than the heartbeat interval (finding 3 of issue 21: it was silent until the call
-/// ended, because every engine token restarted the heartbeat timer); on `/v1` the role chunk
+/// longer than the heartbeat interval (a regression guard: it was once silent until the
+/// call ended, because every engine token restarted the heartbeat timer); on `/v1` the role chunk
 /// comes first, at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_back_tool_calls_still_get_keep_alives_at_the_interval() {
@@ -129,7 +129,7 @@ fn counter(metrics: &str, labels: &str) -> f64 {
 }
 
 /// Every route is counted in `edgerun_requests_total` by route and status, OpenAI's and the
-/// binding's included, 401s and 429s included (finding 7 of issue 21: only `/run` paths were).
+/// binding's included, 401s and 429s included (only `/run` paths once were).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_is_counted_by_route_and_status() {
     let node = Node::start(&["--max-batch", "1", "--max-queue", "1"]).await;
@@ -274,7 +274,7 @@ fn is_cloudflare(v: &Value) -> bool {
 
 /// Requests hyper refuses before any route runs (a URI over 64 KiB: 414; a control character
 /// in a header such as `cf-ai-req-id`: 400) get their error in the shape of the route they
-/// were for (finding 7 of issue 21: always Cloudflare's envelope).
+/// were for (once always Cloudflare's envelope).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_hyper_raises_take_the_shape_of_the_route() {
     let node = Node::start(&[]).await;
@@ -372,8 +372,8 @@ fn dechunk(raw: &[u8]) -> (Vec<u8>, bool) {
 /// A client that stops reading a stream: the engine pauses it and, after the stalled-stream
 /// timeout, drops it with an error event; the connection stays open, so the client that reads
 /// again finds the text it had not read, the error in its dialect's shape, and the end of the
-/// stream; the node counts a stall, not a cancellation (finding 7 of issue 21: the write-stall
-/// timeout closed the connection first, a silent cut counted as a cancellation).
+/// stream; the node counts a stall, not a cancellation (the write-stall timeout once closed the
+/// connection first, a silent cut counted as a cancellation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_stops_reading_finds_an_error_event_and_the_end() {
     // The reader comes back within this of the drop (a few /health polls later); 5 s leaves a

@@ -1,7 +1,7 @@
 //! Times the raw forward pass (no scheduler, no HTTP) against candle-transformers'
 //! quantized_llama on the same GGUF: prefill of a prompt, then greedy decode steps.
 //!
-//! cargo run --release -p edgerun-engine --example forward_bench -- <model.gguf> [prompt_tokens] [decode_steps]
+//! cargo run --release -p edgerun-parity --example forward_bench -- <model.gguf> [prompt_tokens] [decode_steps]
 
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;

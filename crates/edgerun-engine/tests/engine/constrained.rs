@@ -1,7 +1,7 @@
 //! Constrained decoding on the real test model: output formats compile, the output follows
 //! them, and a constrained sequence changes nothing for the others in its batch.
 
-mod common;
+use crate::harness;
 
 use edgerun_engine::{
     Engine, EngineError, GenerationRequest, OutputFormat, PromptInput, QueuePolicy, SamplingConfig,
@@ -35,7 +35,7 @@ fn run(engine: &Engine, prompt: &str, format: &OutputFormat, max_tokens: usize) 
             QueuePolicy::Wait,
         )
         .unwrap();
-    common::collect(stream).0
+    harness::collect(stream).0
 }
 
 fn person_schema() -> OutputFormat {
@@ -53,7 +53,7 @@ fn person_schema() -> OutputFormat {
 
 #[test]
 fn json_schema_output_parses_and_follows_the_schema() {
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     let text = run(
         &engine,
         "Describe a person who lives in a big city, as JSON.",
@@ -78,7 +78,7 @@ fn json_schema_output_parses_and_follows_the_schema() {
 
 #[test]
 fn lark_grammar_output_is_in_the_language() {
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     let yes_no = OutputFormat::Lark(r#"start: "yes" | "no""#.into());
     for prompt in ["Is the sky blue?", "Is fire cold?"] {
         let text = run(&engine, prompt, &yes_no, 10);
@@ -88,7 +88,7 @@ fn lark_grammar_output_is_in_the_language() {
 
 #[test]
 fn a_constrained_neighbour_changes_nothing_for_the_others() {
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     let free_prompt = "Write a sentence about the sea.";
     let json_prompt = "Describe a person as JSON.";
     let free_alone = run(&engine, free_prompt, &OutputFormat::Text, 24);
@@ -112,15 +112,15 @@ fn a_constrained_neighbour_changes_nothing_for_the_others() {
             QueuePolicy::Wait,
         )
         .unwrap();
-    assert_eq!(common::collect(a).0, free_alone);
-    assert_eq!(common::collect(b).0, json_alone);
-    assert_eq!(common::collect(c).0, json_alone);
+    assert_eq!(harness::collect(a).0, free_alone);
+    assert_eq!(harness::collect(b).0, json_alone);
+    assert_eq!(harness::collect(c).0, json_alone);
     assert!(engine.stats().peak_batch_size >= 2);
 }
 
 #[test]
 fn a_format_that_cannot_compile_is_refused_before_queueing() {
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     for bad in [
         OutputFormat::JsonSchema(
             json!({"type": "object", "properties": {"a": {"$ref": "#/nope"}}, "required": ["a"]}),
@@ -138,7 +138,7 @@ fn a_format_that_cannot_compile_is_refused_before_queueing() {
 
 #[test]
 fn max_tokens_still_ends_a_constrained_sequence() {
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     let long = OutputFormat::JsonSchema(json!({
         "type": "array", "items": {"type": "string"}, "minItems": 50
     }));
@@ -148,12 +148,12 @@ fn max_tokens_still_ends_a_constrained_sequence() {
             QueuePolicy::Wait,
         )
         .unwrap();
-    let (text, tokens) = common::collect(stream);
+    let (text, tokens) = harness::collect(stream);
     assert_eq!(tokens, 12);
     assert!(text.starts_with("[\""), "{text:?}");
 }
 
-/// `d0 = {type: object, properties: {x: {$ref: d1}}, required: [x]}`, ... (issue 21, finding 1).
+/// `d0 = {type: object, properties: {x: {$ref: d1}}, required: [x]}`, ....
 fn object_chain(n: usize) -> serde_json::Value {
     let mut defs = serde_json::Map::new();
     for i in 0..n {
@@ -172,7 +172,7 @@ fn the_deepest_schema_allowed_compiles_on_its_own_stack() {
     // A chain as deep as the wire layer lets through (42 links of 3 levels: depth 128) once
     // overflowed whatever thread compiled it; a caller with a small stack (256 KiB, less than
     // llguidance needs for a fraction of it) shows the compile runs on a stack of its own.
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     let schema = object_chain(42);
     let measured = edgerun_protocol_free_depth(&schema);
     assert!(measured <= 128, "{measured}");
@@ -198,7 +198,7 @@ fn edgerun_protocol_free_depth(schema: &serde_json::Value) -> usize {
 
 #[test]
 fn a_compile_over_its_budget_is_refused_naming_the_limit() {
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     // Warm the grammar engine (the token trie) so the budget is the compile's own.
     engine.constrain(&person_schema()).unwrap();
     let tight = edgerun_engine::GrammarLimits {
@@ -223,7 +223,7 @@ fn a_format_no_finite_output_meets_ends_as_the_callers_not_the_engines() {
     // Finding 5: no finite JSON satisfies this; the grammar engine gives up while generating.
     // The wire layer refuses it before it gets here; the engine still must not call it an
     // engine failure, nor put parser state in the message (finding 6).
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     let unsat = OutputFormat::JsonSchema(
         json!({"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}),
     );

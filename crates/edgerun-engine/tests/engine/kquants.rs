@@ -5,7 +5,7 @@
 //! Q5_K, Q6_K and Q8_0 kernels, through the whole model), and the engine generates the same tokens
 //! alone or in a batch.
 
-mod common;
+use crate::harness;
 
 use candle_core::Device;
 use edgerun_engine::gguf::{self, ModelShape, Scheme};
@@ -39,7 +39,15 @@ fn generated(scheme: Scheme) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(format!("gen-{scheme}.gguf"));
     if !out.exists() {
-        gguf::generate("kquants", &shape(), scheme, &common::model_path(), 11, &out).unwrap();
+        gguf::generate(
+            "kquants",
+            &shape(),
+            scheme,
+            &harness::model_path(),
+            11,
+            &out,
+        )
+        .unwrap();
     }
     out
 }
@@ -66,7 +74,7 @@ fn logits(path: &Path, kernels: Kernels, tokens: &[u32]) -> Vec<Vec<f32>> {
 
 #[test]
 fn our_kernels_agree_with_candles_on_generated_k_quant_and_q8_0_models() {
-    let tokenizer = common::load().tokenizer;
+    let tokenizer = harness::load().tokenizer;
     let tokens = tokenizer
         .encode("The lighthouse keeper counted the ships: one, two, three, four.")
         .unwrap();
@@ -102,7 +110,7 @@ fn our_kernels_agree_with_candles_on_generated_k_quant_and_q8_0_models() {
 /// m = 1 and m > 1) fail this.
 #[test]
 fn a_sequences_logits_are_bitwise_the_same_alone_and_batched() {
-    let tokenizer = common::load().tokenizer;
+    let tokenizer = harness::load().tokenizer;
     let enc = |t: &str| tokenizer.encode(t).unwrap();
     let a = enc("Once upon a time there was a lighthouse");
     let others = [enc("Seventeen times three is"), enc("Red, orange, yellow")];
@@ -196,11 +204,11 @@ fn a_sequence_generates_the_same_alone_or_in_a_batch_on_generated_models() {
         .unwrap();
         let alone: Vec<_> = prompts
             .iter()
-            .map(|p| common::collect(submit(&engine, p, 24)))
+            .map(|p| harness::collect(submit(&engine, p, 24)))
             .collect();
         assert_eq!(engine.stats().peak_batch_size, 1);
         let streams: Vec<_> = prompts.iter().map(|p| submit(&engine, p, 24)).collect();
-        let together: Vec<_> = streams.into_iter().map(common::collect).collect();
+        let together: Vec<_> = streams.into_iter().map(harness::collect).collect();
         assert_eq!(engine.stats().peak_batch_size, prompts.len(), "{scheme}");
         for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
             assert_eq!(a.1, 24, "{scheme} prompt {i} stopped early: {a:?}");

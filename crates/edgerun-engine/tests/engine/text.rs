@@ -1,6 +1,6 @@
 //! Tokenizer, incremental detokenization and chat templates on the real model's metadata.
 
-mod common;
+use crate::harness;
 
 use edgerun_engine::{ChatMessage, ChatTemplate, IncrementalDecoder, PromptInput};
 
@@ -28,7 +28,7 @@ const SAMPLES: &[&str] = &[
 
 #[test]
 fn tokenizer_round_trips_text() {
-    let loaded = common::load();
+    let loaded = harness::load();
     let tok = &loaded.tokenizer;
     for s in SAMPLES {
         let ids = tok.encode(s).unwrap();
@@ -43,9 +43,9 @@ fn tokenizer_round_trips_text() {
 /// `/tokenize`; see its `source`). Round trips alone would pass for any split of the text.
 #[test]
 fn token_ids_match_llama_cpp() {
-    let loaded = common::load();
+    let loaded = harness::load();
     let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/smollm2_llama_cpp_tokens.json")).unwrap();
+        serde_json::from_str(include_str!("../fixtures/smollm2_llama_cpp_tokens.json")).unwrap();
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 10);
     for case in cases {
@@ -62,13 +62,13 @@ fn token_ids_match_llama_cpp() {
 
 #[test]
 fn a_tokenizer_json_can_replace_the_gguf_tokenizer() {
-    let loaded = common::load();
+    let loaded = harness::load();
     let dir = std::env::temp_dir().join(format!("edgerun-tok-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("tokenizer.json");
     loaded.tokenizer.hf_tokenizer().save(&json, false).unwrap();
     let from_json = edgerun_engine::LoadedModel::load(
-        &common::model_path(),
+        &harness::model_path(),
         Some(&json),
         &candle_core::Device::Cpu,
     )
@@ -87,7 +87,7 @@ fn a_tokenizer_json_can_replace_the_gguf_tokenizer() {
 
 #[test]
 fn special_tokens_and_digits_follow_the_model() {
-    let loaded = common::load();
+    let loaded = harness::load();
     let tok = &loaded.tokenizer;
     let ids = tok.encode("<|im_start|>user\nhi<|im_end|>").unwrap();
     assert_eq!(ids.first(), Some(&tok.token_to_id("<|im_start|>").unwrap()));
@@ -103,7 +103,7 @@ fn special_tokens_and_digits_follow_the_model() {
 
 #[test]
 fn incremental_decoding_never_splits_a_character_and_holds_nothing_back() {
-    let loaded = common::load();
+    let loaded = harness::load();
     let tok = &loaded.tokenizer;
     for s in SAMPLES.iter().filter(|s| !s.contains("<|")) {
         let ids = tok.encode(s).unwrap();
@@ -133,7 +133,7 @@ fn incremental_decoding_never_splits_a_character_and_holds_nothing_back() {
 
 #[test]
 fn the_models_own_chat_template_renders_messages() {
-    let loaded = common::load();
+    let loaded = harness::load();
     let t = &loaded.template;
     let text = t.render(&[msg("user", "Hi there")], None).unwrap();
     assert_eq!(

@@ -1,6 +1,6 @@
 //! (b)-(d): continuous batching must not change what any sequence generates.
 
-mod common;
+use crate::harness;
 
 use edgerun_engine::{
     Engine, GenerationEvent, GenerationRequest, QueuePolicy, SamplingConfig, SchedulerConfig,
@@ -51,7 +51,7 @@ fn alone(engine: &Engine, params: &[Params]) -> Vec<(String, usize)> {
     PROMPTS
         .iter()
         .zip(params)
-        .map(|(p, &params)| common::collect(submit(engine, p, params)))
+        .map(|(p, &params)| harness::collect(submit(engine, p, params)))
         .collect()
 }
 
@@ -61,7 +61,7 @@ fn together(engine: &Engine, params: &[Params]) -> Vec<(String, usize)> {
         .zip(params)
         .map(|(p, &params)| submit(engine, p, params))
         .collect();
-    streams.into_iter().map(common::collect).collect()
+    streams.into_iter().map(harness::collect).collect()
 }
 
 fn config() -> SchedulerConfig {
@@ -74,7 +74,7 @@ fn config() -> SchedulerConfig {
 
 #[test]
 fn greedy_batch_equals_each_alone() {
-    let engine = common::engine(config());
+    let engine = harness::engine(config());
     let params = [greedy(40); 4];
     let solo = alone(&engine, &params);
     assert_eq!(engine.stats().peak_batch_size, 1);
@@ -96,7 +96,7 @@ fn greedy_batch_equals_each_alone() {
 
 #[test]
 fn seeded_sampling_is_reproducible_alone_and_in_a_batch() {
-    let engine = common::engine(config());
+    let engine = harness::engine(config());
     let params: Vec<_> = (0..4)
         .map(|i| Params {
             max_tokens: 30,
@@ -130,7 +130,7 @@ fn seeded_sampling_is_reproducible_alone_and_in_a_batch() {
 
 #[test]
 fn cancelling_one_sequence_leaves_the_others_unchanged() {
-    let engine = common::engine(config());
+    let engine = harness::engine(config());
     let params = [greedy(40); 4];
     let solo = alone(&engine, &params);
 
@@ -152,7 +152,7 @@ fn cancelling_one_sequence_leaves_the_others_unchanged() {
     for (i, s) in streams.into_iter().enumerate() {
         if let Some(s) = s {
             assert_eq!(
-                common::collect(s),
+                harness::collect(s),
                 solo[i],
                 "prompt {i} changed after a cancellation"
             );
@@ -166,7 +166,7 @@ fn cancelling_one_sequence_leaves_the_others_unchanged() {
 
 #[test]
 fn cancelling_during_prefill_frees_the_sequence() {
-    let engine = common::engine(SchedulerConfig {
+    let engine = harness::engine(SchedulerConfig {
         prefill_chunk: 4,
         ..SchedulerConfig::default()
     });
@@ -194,13 +194,13 @@ fn cancelling_during_prefill_frees_the_sequence() {
         engine.stats()
     );
     // The engine still serves.
-    let (_, n) = common::collect(submit(&engine, "Hi", greedy(3)));
+    let (_, n) = harness::collect(submit(&engine, "Hi", greedy(3)));
     assert!(n >= 1);
 }
 
 #[test]
 fn kv_cache_budget_queues_what_does_not_fit_and_refuses_what_never_will() {
-    let loaded = common::load();
+    let loaded = harness::load();
     let per_token = loaded.model.kv_layout().bytes_per_position();
     let engine = Engine::start(
         loaded,
@@ -214,8 +214,8 @@ fn kv_cache_budget_queues_what_does_not_fit_and_refuses_what_never_will() {
     .unwrap();
     let a = submit(&engine, PROMPTS[0], greedy(100));
     let b = submit(&engine, PROMPTS[1], greedy(100));
-    let (ta, _) = common::collect(a);
-    let (tb, _) = common::collect(b);
+    let (ta, _) = harness::collect(a);
+    let (tb, _) = harness::collect(b);
     assert!(!ta.is_empty() && !tb.is_empty());
     assert_eq!(
         engine.stats().peak_batch_size,
@@ -235,7 +235,7 @@ fn kv_cache_budget_queues_what_does_not_fit_and_refuses_what_never_will() {
 /// `PARALLEL_SAMPLING_ROWS`); each still gets exactly what it gets alone.
 #[test]
 fn a_full_batch_of_seeded_samplers_matches_each_alone() {
-    let engine = common::engine(config());
+    let engine = harness::engine(config());
     let jobs: Vec<(&str, Params)> = (0..16)
         .map(|i| {
             (
@@ -254,13 +254,13 @@ fn a_full_batch_of_seeded_samplers_matches_each_alone() {
         .collect();
     let solo: Vec<_> = jobs
         .iter()
-        .map(|(p, params)| common::collect(submit(&engine, p, *params)))
+        .map(|(p, params)| harness::collect(submit(&engine, p, *params)))
         .collect();
     let streams: Vec<_> = jobs
         .iter()
         .map(|(p, params)| submit(&engine, p, *params))
         .collect();
-    let together: Vec<_> = streams.into_iter().map(common::collect).collect();
+    let together: Vec<_> = streams.into_iter().map(harness::collect).collect();
     assert_eq!(engine.stats().peak_batch_size, 16, "never one step of 16");
     assert_eq!(solo, together);
 }
@@ -271,7 +271,7 @@ fn a_full_batch_of_seeded_samplers_matches_each_alone() {
 /// batch go on unchanged.
 #[test]
 fn a_stop_string_cuts_the_text_and_the_engine_retires_the_sequence_before_finished() {
-    let engine = common::engine(config());
+    let engine = harness::engine(config());
     let with_ids = Params {
         max_tokens: 40,
         sampling: SamplingConfig {
@@ -328,6 +328,6 @@ fn a_stop_string_cuts_the_text_and_the_engine_retires_the_sequence_before_finish
     assert_eq!(stats.requests_cancelled_total, 0);
     assert_eq!(stream.blocking_recv(), None);
     let solo = alone(&engine, &[greedy(40); 3]);
-    let batch: Vec<_> = others.into_iter().map(common::collect).collect();
+    let batch: Vec<_> = others.into_iter().map(harness::collect).collect();
     assert_eq!(solo, batch);
 }

@@ -8,28 +8,11 @@ use axum::http::{Request, StatusCode};
 use edgerun_engine::faults::Faults;
 use edgerun_engine::{Engine, LoadedModel, SchedulerConfig};
 use edgerun_server::{router, AppState, TokenSet};
+use edgerun_testkit::model_path;
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use tower::ServiceExt;
 
 const MODEL: &str = "@cf/meta/llama-3-8b-instruct";
-
-fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("EDGERUN_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fetch-default.sh");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run models/fetch-default.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 fn node() -> (AppState, Engine) {
     let device = edgerun_engine::DeviceSpec::Cpu.open().unwrap();

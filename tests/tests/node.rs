@@ -1,6 +1,8 @@
 //! End to end: the real binary, the real model, real HTTP.
 
-use edgerun_e2e::{read_sse, text_of, Node, MODEL_ALIAS, TOKEN};
+use edgerun_e2e::{
+    assert_refused_at_start_up, read_sse, text_of, Node, Refusal, MODEL_ALIAS, TOKEN,
+};
 use edgerun_protocol::sse::SseEvent;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -521,14 +523,11 @@ async fn prometheus_metrics_count_requests_and_tokens() {
 
 #[test]
 fn bad_settings_are_refused_at_start_up_never_clamped() {
-    let model = edgerun_e2e::model_path().display().to_string();
-    /// Flags, environment, and what the refusal must mention.
-    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let comments =
         std::env::temp_dir().join(format!("edgerun-comments-{}.tokens", std::process::id()));
     std::fs::write(&comments, "# no token here\n\n   \n").unwrap();
     let comments = comments.display().to_string();
-    let cases: [Case; 13] = [
+    let cases: [Refusal; 13] = [
         (&["--max-batch", "0"], &[], "max_batch_size"),
         (&["--prefill-chunk", "0"], &[], "prefill_chunk"),
         (&["--max-step-tokens", "0"], &[], "max_step_tokens"),
@@ -558,24 +557,7 @@ fn bad_settings_are_refused_at_start_up_never_clamped() {
         // A pool on the CPU without a budget would take half the RAM at once.
         (&["--kv-storage", "paged"], &[], "needs --kv-cache-mib"),
     ];
-    for (flags, env, needle) in cases {
-        let out = std::process::Command::new(edgerun_e2e::binary())
-            .args(["serve", "--model", &model, "--listen", "127.0.0.1:0"])
-            .args(flags)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{flags:?} {env:?} started");
-        assert!(
-            stderr.contains(needle),
-            "{flags:?} {env:?}: no mention of {needle}: {stderr}"
-        );
-        assert!(
-            !stderr.contains("listening"),
-            "{flags:?} {env:?}: refused only after listening: {stderr}"
-        );
-    }
+    assert_refused_at_start_up(&cases);
 }
 
 /// `--device cuda` on a build without CUDA is refused by the preflight: one line saying so,

@@ -1,13 +1,12 @@
-//! (a) The engine's forward pass against candle-transformers' `quantized_llama` reference.
-
-mod common;
+//! The engine's forward pass against candle-transformers' `quantized_llama` reference, on the
+//! real model.
 
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use edgerun_engine::{Kernels, KvCache, Segment};
 
 fn reference_logits(tokens: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> {
-    let path = common::model_path();
+    let path = edgerun_testkit::model_path();
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let mut model = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
@@ -53,9 +52,13 @@ fn logits_match_quantized_llama_for_prefill_and_decode() {
 }
 
 fn check_against_reference(kernels: Kernels, rel_tolerance: f32) {
-    let loaded =
-        edgerun_engine::LoadedModel::load_with(&common::model_path(), None, &Device::Cpu, kernels)
-            .unwrap();
+    let loaded = edgerun_engine::LoadedModel::load_with(
+        &edgerun_testkit::model_path(),
+        None,
+        &Device::Cpu,
+        kernels,
+    )
+    .unwrap();
     let text = "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n";
     let mut tokens = loaded.tokenizer.encode(text).unwrap();
     // Then three decode steps with fixed tokens.
@@ -101,7 +104,9 @@ fn chunked_prefill_agrees_with_whole_prefill() {
     // whole (quantized_llama shows the same ~0.5 logit spread). The scheduler therefore chunks
     // every prompt at the same boundaries whatever else is running; here the two readings must
     // still agree on the next token and closely on the logits.
-    let loaded = common::load();
+    let loaded =
+        edgerun_engine::LoadedModel::load(&edgerun_testkit::model_path(), None, &Device::Cpu)
+            .unwrap();
     let model = &loaded.model;
     let tokens = loaded
         .tokenizer

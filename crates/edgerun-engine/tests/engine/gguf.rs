@@ -1,7 +1,7 @@
 //! The model generator and `requantize`: files candle reads back, in llama-quantize's layouts,
 //! that the engine loads and runs; a requantized real model still answers.
 
-mod common;
+use crate::harness;
 
 use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::Device;
@@ -74,7 +74,7 @@ fn answer(path: &Path, prompt: &str, max_tokens: usize) -> (String, usize) {
 
 #[test]
 fn generated_models_have_llama_quantizes_mix_a_real_tokenizer_and_run() {
-    let vocab = common::model_path();
+    let vocab = harness::model_path();
     for scheme in [Scheme::Q4KM, Scheme::Q8_0] {
         let out = dir().join(format!("small-{scheme}.gguf"));
         let summary = gguf::generate("small", &small(), scheme, &vocab, 7, &out).unwrap();
@@ -124,7 +124,7 @@ fn a_named_shape_needs_a_tokenizer_of_its_size() {
         "llama-3-mini",
         &shape,
         Scheme::Q4KM,
-        &common::model_path(),
+        &harness::model_path(),
         0,
         &dir().join("never.gguf"),
     )
@@ -137,7 +137,7 @@ fn a_named_shape_needs_a_tokenizer_of_its_size() {
 
 #[test]
 fn a_requantized_real_model_keeps_its_metadata_and_still_answers() {
-    let src = common::model_path();
+    let src = harness::model_path();
     for (scheme, want_attn) in [
         (Scheme::Q8_0, GgmlDType::Q8_0),
         (Scheme::Q4KM, GgmlDType::Q5_0),

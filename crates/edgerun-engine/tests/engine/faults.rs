@@ -3,7 +3,7 @@
 //! then dropped, and queue places are exact. Faults are injected with the `fault-injection`
 //! feature (enabled for these tests only, see Cargo.toml).
 
-mod common;
+use crate::harness;
 
 use edgerun_engine::faults::Faults;
 use edgerun_engine::{
@@ -74,7 +74,7 @@ fn poison_token(engine: &Engine, answers: &[String]) -> u32 {
 
 #[test]
 fn a_failing_sequence_fails_alone_and_the_others_are_unchanged() {
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     let alone: Vec<String> = GOOD
         .iter()
         .map(|p| outcome(submit(&engine, p, 24)).unwrap())
@@ -128,7 +128,7 @@ fn a_failing_sequence_fails_alone_and_the_others_are_unchanged() {
 
 #[test]
 fn a_device_that_keeps_failing_turns_health_failing_until_a_step_succeeds() {
-    let engine = common::engine(SchedulerConfig::default());
+    let engine = harness::engine(SchedulerConfig::default());
     engine.inject_faults(Faults {
         fail_every_step: true,
         ..Faults::default()
@@ -163,7 +163,7 @@ fn a_device_that_keeps_failing_turns_health_failing_until_a_step_succeeds() {
 
 #[test]
 fn a_client_that_stops_reading_is_paused_then_dropped_without_stalling_others() {
-    let engine = common::engine(SchedulerConfig {
+    let engine = harness::engine(SchedulerConfig {
         stalled_stream_timeout: Duration::from_secs(2),
         ..SchedulerConfig::default()
     });
@@ -211,7 +211,7 @@ fn a_client_that_stops_reading_is_paused_then_dropped_without_stalling_others() 
 
 #[test]
 fn queue_places_are_exact_and_given_back() {
-    let engine = common::engine(SchedulerConfig {
+    let engine = harness::engine(SchedulerConfig {
         max_batch_size: 1,
         max_queue: 1,
         ..SchedulerConfig::default()
@@ -276,10 +276,10 @@ fn a_failing_device_sampler_falls_back_to_the_host() {
         };
         outcome(engine.submit(request, QueuePolicy::Wait).unwrap()).unwrap()
     };
-    let engine = common::engine(paged);
+    let engine = harness::engine(paged);
     let on_device = sampled(&engine);
     assert!(engine.stats().device_sampled_tokens_total > 0);
-    let broken = common::engine(paged);
+    let broken = harness::engine(paged);
     broken.inject_faults(Faults {
         fail_device_sampling: true,
         ..Faults::default()

@@ -9,7 +9,7 @@
 //! `edgerun quantize` to Q4_K_M (its 1536-wide `ffn_down` rows are Q4_K / Q6_K; the 576-wide
 //! ones fall back to Q5_0 / Q8_0 as llama-quantize does) and Q8_0.
 
-mod common;
+use crate::harness;
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
@@ -276,7 +276,7 @@ fn requantized(scheme: Scheme) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(format!("smollm2-{scheme}.gguf"));
     if !out.exists() {
-        gguf::requantize(&common::model_path(), scheme, &out).unwrap();
+        gguf::requantize(&harness::model_path(), scheme, &out).unwrap();
     }
     out
 }
@@ -329,7 +329,7 @@ fn check(path: &Path, what: &str) {
 
 #[test]
 fn the_real_model_follows_exact_math() {
-    check(&common::model_path(), "SmolLM2 Q4_1");
+    check(&harness::model_path(), "SmolLM2 Q4_1");
 }
 
 #[test]
