@@ -11,9 +11,18 @@
 //!   operations per layer does not grow with the batch. Blocks go back to the pool when the
 //!   cache is dropped, however the sequence ends.
 //!
-//! [`BlockAllocator`] is the pool's bookkeeping, pure and tested without a model.
+//! The pool's bookkeeping is [`prefix::PrefixAllocator`], pure and tested without a model. With
+//! prefix caching on ([`KvPool::with_prefix_caching`]), it also remembers which full blocks hold
+//! which tokens: a cache made for a prompt ([`KvPool::cache_for`]) starts with the longest chain
+//! of blocks already computed for the same leading tokens, so only the rest is prefilled. A cache
+//! publishes its blocks as they fill ([`KvCache::share_full_blocks`]); the last, partial block
+//! is always its own; blocks nobody holds stay cached until the pool needs them (least recently
+//! used first). Reused blocks are only read: every write goes to positions after them.
+
+pub mod prefix;
 
 use candle_core::{DType, Device, Result, Tensor};
+use prefix::{BlockHash, PrefixAllocator, PrefixStats};
 use std::sync::{Arc, Mutex};
 
 /// How an engine stores KV caches.
@@ -103,62 +112,6 @@ fn zeroed_layers(
         .collect()
 }
 
-/// The free list of a [`KvPool`]: which blocks are taken. All-or-nothing allocation, so a
-/// sequence never holds part of what it asked for.
-#[derive(Debug)]
-pub struct BlockAllocator {
-    /// Free block ids; the next allocation takes from the end (lowest ids first).
-    free: Vec<u32>,
-    /// Per block: whether it is in `free` (O(1) checks on release).
-    is_free: Vec<bool>,
-    total: usize,
-}
-
-impl BlockAllocator {
-    pub fn new(total: usize) -> Self {
-        Self {
-            free: (0..total as u32).rev().collect(),
-            is_free: vec![true; total],
-            total,
-        }
-    }
-
-    /// `n` blocks, or `None` (and nothing taken) when fewer are free.
-    pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
-        if n > self.free.len() {
-            return None;
-        }
-        let at = self.free.len() - n;
-        let mut blocks = self.free.split_off(at);
-        blocks.reverse();
-        for &b in &blocks {
-            self.is_free[b as usize] = false;
-        }
-        Some(blocks)
-    }
-
-    /// Gives blocks back. A block given back twice, or one the pool never had, is a bug in
-    /// the caller: it is logged and ignored rather than handed out twice.
-    pub fn release(&mut self, blocks: &[u32]) {
-        for &b in blocks {
-            if self.is_free.get(b as usize) == Some(&false) {
-                self.is_free[b as usize] = true;
-                self.free.push(b);
-            } else {
-                tracing::error!(block = b, "KV block released twice or never allocated");
-            }
-        }
-    }
-
-    pub fn available(&self) -> usize {
-        self.free.len()
-    }
-
-    pub fn total(&self) -> usize {
-        self.total
-    }
-}
-
 /// Every layer's keys and values for all sequences of an engine, as blocks of positions.
 /// Cheap to clone (the tensors and the free list are shared).
 #[derive(Clone)]
@@ -168,7 +121,12 @@ pub struct KvPool {
     /// Per layer: keys and values, each `(blocks * block_size, kv_heads * head_dim)`; the row
     /// of position `p` of a sequence is `table[p / block_size] * block_size + p % block_size`.
     layers: Arc<Vec<(Tensor, Tensor)>>,
-    allocator: Arc<Mutex<BlockAllocator>>,
+    allocator: Arc<Mutex<PrefixAllocator>>,
+    /// Mixed into every block hash: what else changes the values a block holds (the layout;
+    /// the pool belongs to one model).
+    salt: u64,
+    /// A reused prefix is a multiple of this many blocks (see [`KvPool::with_prefix_caching`]).
+    reuse_blocks: usize,
 }
 
 impl std::fmt::Debug for KvPool {
@@ -193,12 +151,44 @@ impl KvPool {
             candle_core::bail!("a KV pool of {blocks} blocks of {block_size} positions");
         }
         let layers = zeroed_layers(layout, (blocks * block_size, layout.row_width()), device)?;
+        let salt = BlockHash::chain(
+            None,
+            0,
+            &[
+                layout.layers as u32,
+                layout.kv_heads as u32,
+                layout.head_dim as u32,
+                layout.dtype.size_in_bytes() as u32,
+                block_size as u32,
+            ],
+        )
+        .0;
         Ok(Self {
             layout: *layout,
             block_size,
             layers: Arc::new(layers),
-            allocator: Arc::new(Mutex::new(BlockAllocator::new(blocks))),
+            allocator: Arc::new(Mutex::new(PrefixAllocator::new(blocks, false))),
+            salt,
+            reuse_blocks: 1,
         })
+    }
+
+    /// Turns prefix caching on or off (off by default); only before any cache is taken.
+    /// A reused prefix is cut down to a multiple of `granularity` positions (a multiple of the
+    /// block size, or it is rounded up to one): the scheduler reads prompts in chunks at fixed
+    /// boundaries, so where a chunk's numerics depend on its shape (the CPU's kernels pick
+    /// their path by the number of rows), reusing whole chunks only keeps every later chunk on
+    /// the cold run's boundaries and the output bit for bit the same.
+    pub fn with_prefix_caching(mut self, enabled: bool, granularity: usize) -> Self {
+        let total = self.total_blocks();
+        *self.lock() = PrefixAllocator::new(total, enabled);
+        self.reuse_blocks = granularity.div_ceil(self.block_size).max(1);
+        self
+    }
+
+    /// Full blocks cached, evictable blocks, blocks reused and evicted so far.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.lock().stats()
     }
 
     /// The most blocks `budget` bytes hold.
@@ -228,7 +218,7 @@ impl KvPool {
         self.lock().total()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BlockAllocator> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PrefixAllocator> {
         self.allocator.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -238,6 +228,7 @@ impl KvPool {
             storage: Storage::Paged {
                 pool: self.clone(),
                 blocks: Vec::new(),
+                shared: Vec::new(),
             },
             len: 0,
             capacity: 0,
@@ -264,9 +255,47 @@ impl KvPool {
             storage: Storage::Paged {
                 pool: self.clone(),
                 blocks,
+                shared: Vec::new(),
             },
             len: 0,
             capacity: n * self.block_size,
+        })
+    }
+
+    /// A cache for `tokens` (a prompt, or a preempted sequence's context) with room for
+    /// `capacity` positions, starting with the longest chain of cached blocks that holds the
+    /// same leading tokens: its [`KvCache::len`] is the positions it already holds, always at
+    /// least one short of `tokens` (the last token is computed, so its logits exist). All or
+    /// nothing; an error when the pool has too few blocks.
+    pub fn cache_for(&self, tokens: &[u32], capacity: usize) -> Result<KvCache> {
+        let bs = self.block_size;
+        let hashes = BlockHash::of_prefix(tokens, bs, self.salt);
+        let n = capacity.max(tokens.len() + 1).div_ceil(bs);
+        let mut allocator = self.lock();
+        let reuse = allocator
+            .cached_prefix_len(&hashes)
+            .min(tokens.len().saturating_sub(1) / bs);
+        let reuse = reuse - reuse % self.reuse_blocks;
+        let Some(got) = allocator.acquire(&hashes, reuse, n - reuse) else {
+            let free = allocator.available();
+            drop(allocator);
+            candle_core::bail!(
+                "the KV pool has {free} free blocks of {bs} positions, {} needed",
+                n - reuse
+            );
+        };
+        drop(allocator);
+        let cached = got.cached.len();
+        let mut blocks = got.cached;
+        blocks.extend(got.fresh);
+        Ok(KvCache {
+            storage: Storage::Paged {
+                pool: self.clone(),
+                blocks,
+                shared: hashes[..cached].to_vec(),
+            },
+            len: cached * bs,
+            capacity: n * bs,
         })
     }
 }
@@ -286,13 +315,20 @@ pub struct KvCache {
 enum Storage {
     /// Per layer: keys and values, each `(n_kv_heads, capacity, head_dim)`.
     Contiguous(Vec<(Tensor, Tensor)>),
-    /// Blocks of a pool, in position order.
-    Paged { pool: KvPool, blocks: Vec<u32> },
+    /// Blocks of a pool, in position order; the first `shared.len()` are full and published
+    /// under these hashes (read-only from then on).
+    Paged {
+        pool: KvPool,
+        blocks: Vec<u32>,
+        shared: Vec<BlockHash>,
+    },
 }
 
 impl Drop for KvCache {
     fn drop(&mut self) {
-        if let Storage::Paged { pool, blocks } = &mut self.storage {
+        if let Storage::Paged { pool, blocks, .. } = &mut self.storage {
+            // Tail first: a chain's head is what later prompts can reach, so it is evicted last.
+            blocks.reverse();
             pool.lock().release(blocks);
         }
     }
@@ -312,7 +348,7 @@ impl KvCache {
     /// The pool and block table of a paged cache; `None` for a contiguous one.
     pub fn paged(&self) -> Option<(&KvPool, &[u32])> {
         match &self.storage {
-            Storage::Paged { pool, blocks } => Some((pool, blocks)),
+            Storage::Paged { pool, blocks, .. } => Some((pool, blocks)),
             Storage::Contiguous(_) => None,
         }
     }
@@ -368,7 +404,7 @@ impl KvCache {
         if positions <= self.capacity {
             return true;
         }
-        let Storage::Paged { pool, blocks } = &mut self.storage else {
+        let Storage::Paged { pool, blocks, .. } = &mut self.storage else {
             return false;
         };
         let more = pool.blocks_for(positions) - blocks.len();
@@ -379,6 +415,46 @@ impl KvCache {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Publishes every block that has filled since the last call, so that later prompts with
+    /// the same leading tokens reuse it. `tokens` are the ones whose keys and values the cache
+    /// holds, in order (at least [`KvCache::len`] of them). A no-op for a contiguous cache or
+    /// when the pool does not cache.
+    pub fn share_full_blocks(&mut self, tokens: &[u32]) {
+        let len = self.len.min(tokens.len());
+        let Storage::Paged {
+            pool,
+            blocks,
+            shared,
+        } = &mut self.storage
+        else {
+            return;
+        };
+        let bs = pool.block_size;
+        if (shared.len() + 1) * bs > len {
+            return;
+        }
+        let mut allocator = pool.lock();
+        while (shared.len() + 1) * bs <= len {
+            let i = shared.len();
+            let hash = BlockHash::chain(
+                shared.last().copied(),
+                pool.salt,
+                &tokens[i * bs..(i + 1) * bs],
+            );
+            allocator.register(blocks[i], hash);
+            shared.push(hash);
+        }
+    }
+
+    /// Positions at the start that came from the pool's cache or were published to it: those
+    /// are never written again.
+    pub fn shared_positions(&self) -> usize {
+        match &self.storage {
+            Storage::Paged { pool, shared, .. } => shared.len() * pool.block_size,
+            Storage::Contiguous(_) => 0,
         }
     }
 
@@ -407,6 +483,9 @@ impl KvCache {
     /// Forgets every position from `len` on (after a forward pass that failed once it had
     /// committed): the next write overwrites them.
     pub(crate) fn roll_back_to(&mut self, len: usize) {
+        // Published blocks are read by other sequences: a roll-back never reaches them (only a
+        // failed step's own positions are rolled back, and blocks are published after a step).
+        debug_assert!(len >= self.shared_positions().min(self.len));
         self.len = self.len.min(len);
     }
 }
@@ -422,38 +501,6 @@ mod tests {
             head_dim,
             dtype,
         }
-    }
-
-    #[test]
-    fn allocator_is_all_or_nothing_and_reuses_released_blocks() {
-        let mut a = BlockAllocator::new(8);
-        assert_eq!(a.allocate(3), Some(vec![0, 1, 2]));
-        assert_eq!(a.allocate(4), Some(vec![3, 4, 5, 6]));
-        assert_eq!(a.available(), 1);
-        // Not enough: nothing taken.
-        assert_eq!(a.allocate(2), None);
-        assert_eq!(a.available(), 1);
-        a.release(&[3, 4, 5, 6]);
-        assert_eq!(a.available(), 5);
-        let again = a.allocate(5).unwrap();
-        let mut sorted = again.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, vec![3, 4, 5, 6, 7]);
-        assert_eq!(a.allocate(0), Some(vec![]));
-        assert_eq!(a.available(), 0);
-        assert_eq!(a.total(), 8);
-    }
-
-    #[test]
-    fn a_block_released_twice_is_not_handed_out_twice() {
-        let mut a = BlockAllocator::new(2);
-        let blocks = a.allocate(1).unwrap();
-        a.release(&blocks);
-        a.release(&blocks);
-        a.release(&[7]);
-        assert_eq!(a.available(), 2);
-        let all = a.allocate(2).unwrap();
-        assert_ne!(all[0], all[1]);
     }
 
     /// A paged cache maps positions to pool rows through its block table, and gives its blocks
@@ -492,6 +539,79 @@ mod tests {
         let contiguous = KvCache::new(&layout, 4, &Device::Cpu)?;
         assert!(contiguous.paged().is_none());
         assert_eq!(contiguous.slots(0, 4).count(), 0);
+        Ok(())
+    }
+
+    /// A prompt that begins like one computed before starts with that one's full blocks (the
+    /// same rows of the pool), never its partial last block, and always leaves a token to
+    /// compute; blocks nobody holds stay cached until the pool needs them.
+    #[test]
+    fn caches_for_a_known_prefix_start_with_its_blocks() -> Result<()> {
+        let layout = layout(1, 1, 2, DType::F32);
+        let pool = KvPool::new(&layout, 16, 4, &Device::Cpu)?.with_prefix_caching(true, 4);
+        let prompt: Vec<u32> = (0..10).collect();
+        let mut a = pool.cache_for(&prompt, 11)?;
+        assert_eq!((a.len(), a.capacity(), a.blocks_held()), (0, 12, 3));
+        a.commit(10); // the model wrote 10 positions
+        a.share_full_blocks(&prompt);
+        assert_eq!(
+            a.shared_positions(),
+            8,
+            "two full blocks; the third is partial"
+        );
+        let rows_a: Vec<u32> = a.slots(0, 8).collect();
+
+        // The same prompt again: 8 positions come from the cache, the same pool rows.
+        let b = pool.cache_for(&prompt, 11)?;
+        assert_eq!(b.len(), 8);
+        assert_eq!(b.slots(0, 8).collect::<Vec<_>>(), rows_a);
+        assert_ne!(
+            b.slots(8, 1).next(),
+            a.slots(8, 1).next(),
+            "the partial block is a's own"
+        );
+        // A prompt of exactly the two cached blocks still computes its last token.
+        let c = pool.cache_for(&prompt[..8], 9)?;
+        assert_eq!(c.len(), 4);
+        // A different first token shares nothing; a different second block shares one.
+        let mut other = prompt.clone();
+        other[0] = 99;
+        assert_eq!(pool.cache_for(&other, 11)?.len(), 0);
+        other[0] = 0;
+        other[5] = 99;
+        assert_eq!(pool.cache_for(&other, 11)?.len(), 4);
+        drop((a, b, c));
+        // Cached blocks nobody holds count as free, and are still found.
+        assert_eq!(pool.available(), 16);
+        assert_eq!(pool.prefix_stats().evictable_blocks, 2);
+        assert_eq!(pool.cache_for(&prompt, 11)?.len(), 8);
+        // The pool needs every block: the cached ones are evicted.
+        let all = pool.cache(64)?;
+        assert_eq!(all.blocks_held(), 16);
+        drop(all);
+        assert_eq!(pool.cache_for(&prompt, 11)?.len(), 0);
+        assert!(pool.prefix_stats().evictions >= 2);
+
+        // Reuse in whole chunks of 8 positions: 8 of a's 8 cached, none of a 4-position match.
+        let chunked = KvPool::new(&layout, 16, 4, &Device::Cpu)?.with_prefix_caching(true, 8);
+        let mut a = chunked.cache_for(&prompt, 11)?;
+        a.commit(10);
+        a.share_full_blocks(&prompt);
+        assert_eq!(chunked.cache_for(&prompt, 11)?.len(), 8);
+        assert_eq!(
+            chunked.cache_for(&other, 11)?.len(),
+            0,
+            "one block is half a chunk"
+        );
+        drop(a);
+
+        // Without prefix caching nothing is ever reused.
+        let plain = KvPool::new(&layout, 8, 4, &Device::Cpu)?;
+        let mut a = plain.cache_for(&prompt, 11)?;
+        a.commit(10);
+        a.share_full_blocks(&prompt);
+        drop(a);
+        assert_eq!(plain.cache_for(&prompt, 11)?.len(), 0);
         Ok(())
     }
 

@@ -89,9 +89,9 @@
 //!   (Q4_1, Q8_0, Q4_K, Q5_K, Q6_K on the CPU: every tensor of the `Q4_K_M`, `Q5_K_M`,
 //!   `Q6_K`, `Q8_0` and `Q4_1` files llama-quantize writes for 256-multiple rows); formats
 //!   served by candle's kernels (Q4_0, Q5_0, Q5_1, and every GPU kernel) do not promise it
-//!   (`tests/kquants.rs` shows candle's Q6_K breaking it), nor does paged storage's batched
+//!   (`tests/engine/kquants.rs` shows candle's Q6_K breaking it), nor does paged storage's batched
 //!   attention (padding to the batch's longest history changes the length of its sums):
-//!   there, outputs agree with a sequence alone but at near ties (`tests/paged.rs`).
+//!   there, outputs agree with a sequence alone but at near ties (`tests/engine/paged.rs`).
 //! * A constrained sequence never holds the batch back by more than its mask's excess over the
 //!   forward pass: masks depend only on tokens already consumed and are computed beside it.
 //! * Tool calls are read from text only after generation (or held back while streaming, by the
@@ -134,7 +134,8 @@ pub use device::memory::{gpu_kv_budget, ActivationEstimate, StepLimits};
 pub use device::{device_memory, DeviceSpec};
 pub use error::{EngineError, Result};
 pub use kernels::Kernels;
-pub use kv_cache::{BlockAllocator, KvCache, KvLayout, KvPool, KvStorage};
+pub use kv_cache::prefix::{BlockHash, PrefixAllocator, PrefixStats};
+pub use kv_cache::{KvCache, KvLayout, KvPool, KvStorage};
 pub use models::{CausalLm, ModelConfig, Segment};
 pub use output::{GenerationEvent, SequenceEnd, TokenStream, EVENT_BUFFER};
 pub use request::{
@@ -370,8 +371,17 @@ impl Engine {
             (KvStorage::Paged { block_size }, Some(budget)) => {
                 let layout = model.kv_layout();
                 let blocks = KvPool::blocks_in(&layout, block_size, budget);
-                let pool =
-                    KvPool::new(&layout, blocks, block_size, model.device()).map_err(|e| {
+                let pool = KvPool::new(&layout, blocks, block_size, model.device())
+                    .map(|pool| {
+                        // On the CPU a hit must change nothing: reuse whole prompt chunks there
+                        // (see `KvPool::with_prefix_caching`); elsewhere whole blocks.
+                        let granularity = match model.device() {
+                            candle_core::Device::Cpu => lcm(block_size, config.prefill_chunk),
+                            _ => block_size,
+                        };
+                        pool.with_prefix_caching(config.prefix_caching, granularity)
+                    })
+                    .map_err(|e| {
                         EngineError::Config(format!(
                         "cannot allocate a KV pool of {blocks} blocks of {block_size} positions \
                          ({} MiB budget): {e}",
@@ -652,4 +662,16 @@ impl Engine {
     pub fn tool_calling(&self) -> ToolCalling {
         self.template.tool_calling()
     }
+}
+
+/// The least common multiple of two positive numbers.
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b).max(1) * b
 }

@@ -63,9 +63,11 @@ pub(crate) const EVENTS_PER_STEP: usize = 4;
 /// What the engine thread sends one sequence's reader.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Emitted {
-    /// The prompt has been read (the first time only).
+    /// The prompt has been read (the first time only); `cached_tokens` of it came from the
+    /// prefix cache.
     PromptProcessed {
         prompt_tokens: usize,
+        cached_tokens: usize,
     },
     /// A generated token to show (never an end-of-turn token), with its log-probabilities
     /// when they are reported.
@@ -210,6 +212,7 @@ pub(crate) fn channel(tokenizer: Arc<TextTokenizer>, stops: Vec<String>) -> (Out
             shown: 0,
         },
         prompt_tokens: 0,
+        cached_tokens: 0,
         ended: ended.clone(),
         end: SequenceEnd(end.clone()),
         ready: VecDeque::new(),
@@ -241,8 +244,9 @@ enum State {
 pub struct TokenStream {
     rx: Receiver<Emitted>,
     text: TextStage,
-    /// Prompt tokens, as the engine announced them.
+    /// Prompt tokens, and those of them from the prefix cache, as the engine announced them.
     prompt_tokens: usize,
+    cached_tokens: usize,
     ended: Arc<AtomicBool>,
     end: SequenceEnd,
     /// Events made from what was received, not yet handed out.
@@ -297,8 +301,15 @@ impl TokenStream {
     fn take(&mut self, received: Option<Emitted>) {
         match (self.state, received) {
             (State::Done, _) => {}
-            (State::Reading, Some(Emitted::PromptProcessed { prompt_tokens })) => {
+            (
+                State::Reading,
+                Some(Emitted::PromptProcessed {
+                    prompt_tokens,
+                    cached_tokens,
+                }),
+            ) => {
                 self.prompt_tokens = prompt_tokens;
+                self.cached_tokens = cached_tokens;
                 self.ready
                     .push_back(GenerationEvent::PromptProcessed { prompt_tokens });
             }
@@ -339,6 +350,7 @@ impl TokenStream {
                 let usage = Usage {
                     prompt_tokens: self.prompt_tokens,
                     completion_tokens: self.text.shown,
+                    cached_tokens: self.cached_tokens,
                 };
                 self.ready.push_back(GenerationEvent::Finished {
                     usage,
@@ -458,6 +470,7 @@ mod tests {
         Usage {
             prompt_tokens,
             completion_tokens,
+            cached_tokens: 0,
         }
     }
 
@@ -469,7 +482,10 @@ mod tests {
     #[test]
     fn the_stream_turns_ids_into_text_and_the_engines_end_comes_last() {
         let (outbox, mut s) = stream(&[]);
-        outbox.send(Emitted::PromptProcessed { prompt_tokens: 3 });
+        outbox.send(Emitted::PromptProcessed {
+            prompt_tokens: 3,
+            cached_tokens: 0,
+        });
         // "é" is two bytes: the first alone releases nothing (no event at all).
         send_text(&outbox, "hé!");
         outbox.send(Emitted::Finished {
@@ -588,7 +604,10 @@ mod tests {
     #[test]
     fn a_stop_string_ends_the_text_and_waits_for_the_engine() {
         let (outbox, mut s) = stream(&["END"]);
-        outbox.send(Emitted::PromptProcessed { prompt_tokens: 2 });
+        outbox.send(Emitted::PromptProcessed {
+            prompt_tokens: 2,
+            cached_tokens: 0,
+        });
         send_text(&outbox, "ab ENDx");
         assert_eq!(
             s.blocking_recv(),

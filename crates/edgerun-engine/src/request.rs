@@ -206,6 +206,9 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Generated tokens, the end-of-turn token included when one ended the sequence.
     pub completion_tokens: usize,
+    /// Of `prompt_tokens`, those whose keys and values came from the prefix cache (not
+    /// computed for this request).
+    pub cached_tokens: usize,
 }
 
 /// Why a sequence stopped.

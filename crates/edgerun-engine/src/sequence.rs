@@ -42,6 +42,8 @@ pub(crate) struct Sequence {
     /// Its prompt has been read once (announced with `PromptProcessed`, counted): reading its
     /// context again after a preemption announces nothing.
     announced: bool,
+    /// Prompt tokens whose keys and values came from the pool's prefix cache at admission.
+    cached_tokens: usize,
     /// Admission order (older first): preemption takes the newest.
     pub(crate) order: u64,
     phase: Phase,
@@ -81,13 +83,17 @@ pub(crate) struct SequenceParts {
 }
 
 impl Sequence {
+    /// A sequence whose cache may already hold the first positions of its prompt (a prefix
+    /// cache hit, [`crate::KvPool::cache_for`]): it reads the rest.
     pub fn new(p: SequenceParts) -> Self {
+        let cached = p.cache.len();
         Self {
             context: p.prompt.clone(),
             prompt: p.prompt,
             announced: false,
+            cached_tokens: cached,
             order: p.order,
-            phase: Phase::Prefill { done: 0 },
+            phase: Phase::Prefill { done: cached },
             input: [0],
             generated: 0,
             stopping: p.stopping,
@@ -176,10 +182,27 @@ impl Sequence {
         self.context.len() + 1
     }
 
-    /// Takes the blocks to read its whole context again and sample the next token; `false`
-    /// (nothing taken) when the pool is short.
-    pub fn reserve_to_resume(&mut self) -> bool {
-        self.cache.grow_to(self.positions_to_resume())
+    /// Takes the blocks to read its whole context again and sample the next token, starting
+    /// from what the pool still caches of it; `false` (nothing taken) when the pool is short.
+    pub fn reserve_to_resume(&mut self, pool: &crate::KvPool) -> bool {
+        match pool.cache_for(&self.context, self.positions_to_resume()) {
+            Ok(cache) => {
+                self.phase = Phase::Prefill { done: cache.len() };
+                self.cache = cache;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// After a step: publishes the cache's blocks that filled, for later prompts to reuse.
+    pub fn share_full_blocks(&mut self) {
+        self.cache.share_full_blocks(&self.context);
+    }
+
+    /// Prompt tokens that came from the prefix cache at admission.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens
     }
 
     /// Gives its cache back (`empty` takes its place) and starts reading its context again:
@@ -292,6 +315,7 @@ impl Sequence {
         Usage {
             prompt_tokens: self.prompt.len(),
             completion_tokens: self.generated,
+            cached_tokens: self.cached_tokens,
         }
     }
 
@@ -474,7 +498,8 @@ mod tests {
             s.usage(),
             Usage {
                 prompt_tokens: 4,
-                completion_tokens: 2
+                completion_tokens: 2,
+                cached_tokens: 0,
             }
         );
 

@@ -23,6 +23,17 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// `prompt_tokens + completion_tokens` (saturating).
     pub total_tokens: u32,
+    /// How many of `prompt_tokens` were served from the prefix cache, where Workers AI and
+    /// OpenAI both report it (`usage.prompt_tokens_details.cached_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// The breakdown of a usage's prompt tokens.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values were reused, not computed.
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -32,6 +43,15 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: None,
+        }
+    }
+
+    /// The same usage, saying that `cached_tokens` of the prompt came from the prefix cache.
+    pub fn with_cached_tokens(self, cached_tokens: u32) -> Self {
+        Self {
+            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens }),
+            ..self
         }
     }
 }

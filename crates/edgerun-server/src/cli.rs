@@ -172,6 +172,15 @@ pub struct ServeArgs {
         default_value_t = 86_400
     )]
     pub access_max_staleness_secs: u64,
+    /// Browser origins allowed to call the node (CORS), `scheme://host[:port]` each, or `*`
+    /// for any; repeat the flag or separate with commas. None (the default): no CORS headers,
+    /// so browsers refuse cross-origin calls. The bearer token is required either way.
+    #[arg(
+        long = "cors-origin",
+        env = "EDGERUN_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
     /// Prompt plus max_tokens allowed; defaults to the catalog's window or the model's own.
     #[arg(long, env = "EDGERUN_CONTEXT_WINDOW")]
     pub context_window: Option<usize>,
@@ -215,6 +224,11 @@ pub struct ServeArgs {
     /// same tokens). For diagnosis.
     #[arg(long, env = "EDGERUN_HOST_SAMPLING")]
     pub host_sampling: bool,
+    /// Turn off the prefix cache: with paged KV storage, full blocks of earlier prompts are
+    /// kept and reused by prompts that begin with the same tokens (a conversation's next turn,
+    /// a shared system prompt); usage reports them as cached tokens.
+    #[arg(long, env = "EDGERUN_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
     /// CPU threads for model compute; defaults to the number of physical cores.
     #[arg(long, env = "EDGERUN_THREADS")]
     pub threads: Option<usize>,

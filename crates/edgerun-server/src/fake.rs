@@ -61,6 +61,7 @@ impl Script {
             usage: Usage {
                 prompt_tokens: 5,
                 completion_tokens: tokens.len(),
+                cached_tokens: 0,
             },
             reason: StopReason::EndOfTurn,
         }));

@@ -95,10 +95,12 @@ pub fn queue_policy(reject_if_busy: bool) -> QueuePolicy {
     }
 }
 
-/// The engine's token counts in the wire's shape (saturating at `u32::MAX`).
+/// The engine's token counts in the wire's shape (saturating at `u32::MAX`), the prefix
+/// cache's share of the prompt always included.
 pub fn wire_usage(usage: &Usage) -> edgerun_protocol::Usage {
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     edgerun_protocol::Usage::new(count(usage.prompt_tokens), count(usage.completion_tokens))
+        .with_cached_tokens(count(usage.cached_tokens))
 }
 
 /// The seed for a request: the caller's, or a fresh random one (decided once, here, so the

@@ -96,6 +96,7 @@ pub mod backend;
 pub mod error;
 pub mod fake;
 pub mod generation;
+pub mod http_layers;
 pub mod models;
 mod routes;
 pub mod serve;

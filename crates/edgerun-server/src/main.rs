@@ -437,6 +437,7 @@ fn scheduler_config(
         stalled_stream_timeout: Duration::from_secs(args.stalled_stream_secs),
         kv_storage: args.kv_storage.unwrap_or(defaults.kv_storage),
         device_sampling: !args.host_sampling,
+        prefix_caching: !args.no_prefix_cache,
     };
     Ok(config)
 }
@@ -502,6 +503,8 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     (state.limits, state.grammar) = request_limits(&args)?;
     state.metrics = edgerun_server::telemetry::install();
     state.access = access;
+    state.cors = edgerun_server::http_layers::CorsOrigins::parse(&args.cors_origins)
+        .map_err(anyhow::Error::msg)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -121,6 +121,9 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Cloudflare Access verification for the run routes; `None` (the default) turns it off.
     pub access: Option<Arc<access::AccessVerifier>>,
+    /// Who may call from a browser (`--cors-origin`); `None` (the default) sends no CORS
+    /// headers.
+    pub cors: Option<crate::http_layers::CorsOrigins>,
 }
 
 impl AppState {
@@ -138,6 +141,7 @@ impl AppState {
             grammar: edgerun_engine::GrammarLimits::DEFAULT,
             metrics: None,
             access: None,
+            cors: None,
         }
     }
 

@@ -217,6 +217,31 @@ pub fn render(
             s.prompt_tokens_total,
         ),
         (
+            "edgerun_prompt_tokens_cached_total",
+            "counter",
+            "prompt tokens served from the prefix cache, not computed",
+            s.prompt_tokens_cached_total,
+        ),
+        (
+            "edgerun_prompt_tokens_computed_total",
+            "counter",
+            "prompt tokens computed (processed less cached)",
+            s.prompt_tokens_total
+                .saturating_sub(s.prompt_tokens_cached_total),
+        ),
+        (
+            "edgerun_prefix_cache_blocks",
+            "gauge",
+            "full KV blocks later prompts can reuse (held or evictable)",
+            s.prefix_cache_blocks,
+        ),
+        (
+            "edgerun_prefix_cache_evictions_total",
+            "counter",
+            "cached KV blocks evicted because the pool needed them",
+            s.prefix_cache_evictions_total,
+        ),
+        (
             "edgerun_sequences_completed_total",
             "counter",
             "sequences finished",

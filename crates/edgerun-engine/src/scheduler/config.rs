@@ -35,6 +35,10 @@ pub struct SchedulerConfig {
     /// follow an output format are always sampled on the host; rows that report
     /// log-probabilities get them computed on the device too ([`crate::DeviceSampler::logprobs`]).
     pub device_sampling: bool,
+    /// With paged storage, keep full KV blocks findable by their tokens, so a prompt that
+    /// begins like an earlier one (the same conversation one turn later, a shared system
+    /// prompt) reuses them and computes only the rest ([`crate::KvPool::cache_for`]).
+    pub prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -48,6 +52,7 @@ impl Default for SchedulerConfig {
             stalled_stream_timeout: Duration::from_secs(30),
             kv_storage: KvStorage::Contiguous,
             device_sampling: true,
+            prefix_caching: true,
         }
     }
 }

@@ -399,9 +399,10 @@ impl Loop {
         let layout = self.runner.model.kv_layout();
         for sub in waiting.drain(..n) {
             let cache = match &self.pool {
-                // Its prompt and first token now; more blocks as it grows. Admission counted
-                // them free: this only fails on a bug.
-                Some(pool) => pool.cache(sub.request.prompt.len() + 1),
+                // Its prompt and first token now, starting from the blocks the pool caches of
+                // its prompt; more blocks as it grows. Admission counted them all as needed
+                // (reused ones take no more): this only fails on a bug.
+                Some(pool) => pool.cache_for(&sub.request.prompt, sub.request.prompt.len() + 1),
                 None => KvCache::new(
                     &layout,
                     sub.reservation.positions,
@@ -454,7 +455,7 @@ impl Loop {
             let need = pool.blocks_for(seq.positions_to_resume());
             if running.len() >= self.config.max_batch_size
                 || pool.available() < need + running.len()
-                || !seq.reserve_to_resume()
+                || !seq.reserve_to_resume(pool)
             {
                 break;
             }
@@ -623,12 +624,22 @@ impl Loop {
     ) {
         for p in plan {
             if let Work::Prefill { start, len } = p.work {
-                if let Some(n) = running[p.seq].prefilled(start, len) {
-                    tracing::debug!(seq = running[p.seq].order, prompt_tokens = n, "prompt read");
+                let seq = &mut running[p.seq];
+                if let Some(n) = seq.prefilled(start, len) {
+                    let cached = seq.cached_tokens();
+                    tracing::debug!(seq = seq.order, prompt_tokens = n, cached, "prompt read");
                     self.stats.prompt_tokens.fetch_add(n, Ordering::Relaxed);
-                    running[p.seq].emit(Emitted::PromptProcessed { prompt_tokens: n });
+                    self.stats
+                        .prompt_tokens_cached
+                        .fetch_add(cached, Ordering::Relaxed);
+                    seq.emit(Emitted::PromptProcessed {
+                        prompt_tokens: n,
+                        cached_tokens: cached,
+                    });
                 }
             }
+            // What the step wrote is in the cache: blocks it filled can serve later prompts.
+            running[p.seq].share_full_blocks();
         }
         let sampling: Vec<&Planned> = plan.iter().filter(|p| p.samples).collect();
         let sampled = sample_rows(running, &sampling, logits);

@@ -18,6 +18,8 @@ pub struct EngineStats {
     pub(crate) ready: AtomicBool,
     pub(crate) generated_tokens: AtomicUsize,
     pub(crate) prompt_tokens: AtomicUsize,
+    /// Of `prompt_tokens`, those whose keys and values came from the prefix cache.
+    pub(crate) prompt_tokens_cached: AtomicUsize,
     pub(crate) completed: AtomicUsize,
     pub(crate) cancelled: AtomicUsize,
     pub(crate) peak_batch: AtomicUsize,
@@ -79,6 +81,12 @@ pub struct StatsSnapshot {
     pub ready: bool,
     pub generated_tokens_total: usize,
     pub prompt_tokens_total: usize,
+    /// Of `prompt_tokens_total`, those served from the prefix cache (not computed).
+    pub prompt_tokens_cached_total: usize,
+    /// Full blocks of the paged pool findable by later prompts (held or not).
+    pub prefix_cache_blocks: usize,
+    /// Cached blocks given to new sequences because the pool needed them.
+    pub prefix_cache_evictions_total: usize,
     pub requests_completed_total: usize,
     pub requests_cancelled_total: usize,
     /// Most sequences ever run in one forward pass.
@@ -124,12 +132,20 @@ pub struct StatsSnapshot {
 
 impl EngineStats {
     pub fn snapshot(&self) -> StatsSnapshot {
+        let prefix = self
+            .pool
+            .as_ref()
+            .map(KvPool::prefix_stats)
+            .unwrap_or_default();
         StatsSnapshot {
             active_sequences: self.active.load(Ordering::Relaxed),
             queued_requests: self.queued.load(Ordering::Relaxed),
             ready: self.ready.load(Ordering::Relaxed),
             generated_tokens_total: self.generated_tokens.load(Ordering::Relaxed),
             prompt_tokens_total: self.prompt_tokens.load(Ordering::Relaxed),
+            prompt_tokens_cached_total: self.prompt_tokens_cached.load(Ordering::Relaxed),
+            prefix_cache_blocks: prefix.cached_blocks,
+            prefix_cache_evictions_total: prefix.evictions as usize,
             requests_completed_total: self.completed.load(Ordering::Relaxed),
             requests_cancelled_total: self.cancelled.load(Ordering::Relaxed),
             peak_batch_size: self.peak_batch.load(Ordering::Relaxed),

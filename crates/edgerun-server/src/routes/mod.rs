@@ -26,6 +26,7 @@ mod tests;
 use crate::access::require_access;
 use crate::auth::require_bearer;
 use crate::error::{respond, ErrorStyle, IntoHttp};
+use crate::http_layers::{self, CorsOrigins};
 use crate::telemetry;
 use crate::{AppState, BodyLimits};
 use axum::body::{Body, Bytes};
@@ -87,14 +88,25 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             require_access,
         ));
-    Router::new()
+    let cors = state.cors.as_ref().map(CorsOrigins::layer);
+    let router = Router::new()
         .merge(authed)
         .route("/health", get(health).fallback(get_only))
         .route("/metrics", get(metrics_text).fallback(get_only))
         .fallback(no_route)
+        .layer(http_layers::trace())
         .layer(middleware::from_fn(request_id))
-        .with_state(state)
+        .with_state(state);
+    // Outermost: a browser's preflight is answered before Access and the bearer check.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
+
+/// The request id [`request_id`] chose, for the layers inside it (the trace span).
+#[derive(Debug, Clone)]
+pub(crate) struct RequestId(pub String);
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let Some(handle) = &state.metrics else {
@@ -141,13 +153,15 @@ fn not_allowed(uri: &Uri, allow: &'static str) -> Response {
 /// counts it in `edgerun_requests_total` by route and status: every route the router answers
 /// (unknown paths too), whatever the dialect and whichever layer answered (auth, Access, the
 /// handler), but `/health` and `/metrics`, which probes and scrapers call all the time.
-async fn request_id(req: Request, next: Next) -> Response {
+async fn request_id(mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(&REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok());
-    let id = HeaderValue::from_str(&choose_request_id(presented, new_request_id))
-        .expect("accepted ids are visible ASCII, fresh ones hex");
+    let chosen = choose_request_id(presented, new_request_id);
+    let id =
+        HeaderValue::from_str(&chosen).expect("accepted ids are visible ASCII, fresh ones hex");
+    req.extensions_mut().insert(RequestId(chosen));
     let started = Instant::now();
     let route = telemetry::request_route(req.uri().path());
     let mut resp = next.run(req).await;

@@ -578,6 +578,7 @@ mod tests {
             &Usage {
                 prompt_tokens: 3,
                 completion_tokens: 2,
+                cached_tokens: 0,
             },
             StopReason::MaxTokens,
         );
@@ -634,6 +635,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 4,
                 completion_tokens: 2,
+                cached_tokens: 0,
             },
             reason: StopReason::EndOfTurn,
         };
@@ -656,7 +658,8 @@ mod tests {
         assert_eq!(content[1]["top_logprobs"][0]["logprob"], -2.0);
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6})
+            json!({"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
         );
         let v: Value =
             serde_json::from_str(&shape(OpenAiEndpoint::Completions, false, false).whole(done))

@@ -84,13 +84,14 @@ fn usage(prompt: usize, completion: usize) -> GenerationEvent {
         usage: Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
+            cached_tokens: 0,
         },
         reason: StopReason::EndOfTurn,
     }
 }
 
 fn wire_usage(prompt: u32, completion: u32) -> edgerun_protocol::Usage {
-    edgerun_protocol::Usage::new(prompt, completion)
+    edgerun_protocol::Usage::new(prompt, completion).with_cached_tokens(0)
 }
 
 #[tokio::test]
@@ -446,4 +447,87 @@ async fn health_follows_the_backend() {
     fake.set_health(Health::Failing("device lost".into()));
     let (status, _, body) = send(app, get()).await;
     assert_eq!(status, 503, "{body}");
+}
+
+fn node_with_cors(cors: &[&str]) -> Router {
+    let fake = FakeBackend::new(Script::tokens(&["ok"]));
+    let mut state = AppState::new(
+        vec![MODEL.to_string()],
+        TokenSet::new(vec!["secret".to_string()]),
+    );
+    state.cors = crate::http_layers::CorsOrigins::parse(
+        &cors.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert!(state.set_backend(fake));
+    router(state)
+}
+
+fn preflight(origin: &str) -> Request<Body> {
+    Request::options(format!("/run/{MODEL}"))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type, x-stainless-os",
+        )
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cors_is_off_unless_origins_are_named_and_then_preflights_skip_auth() {
+    const PAGE: &str = "https://app.example.com";
+    // Off: no CORS headers, and a preflight is an ordinary request (401 without a token).
+    let (status, headers, _) = send(node_with_cors(&[]), preflight(PAGE)).await;
+    assert_eq!(status, 401);
+    assert!(!headers.contains_key("access-control-allow-origin"));
+
+    // On: the preflight is answered before the bearer check, for the methods and headers
+    // the page asked for.
+    let (status, headers, _) = send(node_with_cors(&[PAGE]), preflight(PAGE)).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["access-control-allow-origin"], PAGE);
+    let methods = headers["access-control-allow-methods"].to_str().unwrap();
+    assert!(
+        methods.contains("POST") && methods.contains("GET"),
+        "{methods}"
+    );
+    assert!(headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("x-stainless-os"));
+    assert!(!headers.contains_key("access-control-allow-credentials"));
+
+    // The real request still needs the token, and its answer names the origin and exposes
+    // the request id.
+    let call = |token: Option<&str>| {
+        let mut req = Request::post(format!("/run/{MODEL}"))
+            .header("origin", PAGE)
+            .header("content-type", "application/json");
+        if let Some(token) = token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        req.body(Body::from(json!({"prompt": "hi"}).to_string()))
+            .unwrap()
+    };
+    let (status, headers, _) = send(node_with_cors(&[PAGE]), call(None)).await;
+    assert_eq!(status, 401);
+    assert_eq!(headers["access-control-allow-origin"], PAGE);
+    let (status, headers, body) = send(node_with_cors(&[PAGE]), call(Some("secret"))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["access-control-allow-origin"], PAGE);
+    let exposed = headers["access-control-expose-headers"].to_str().unwrap();
+    assert!(
+        exposed.contains(edgerun_protocol::REQUEST_ID_HEADER) && exposed.contains("retry-after"),
+        "{exposed}"
+    );
+
+    // Another page gets no grant; `*` grants every page.
+    let (_, headers, _) = send(node_with_cors(&[PAGE]), preflight("https://evil.example")).await;
+    assert!(!headers.contains_key("access-control-allow-origin"));
+    let (status, headers, _) =
+        send(node_with_cors(&["*"]), preflight("https://evil.example")).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["access-control-allow-origin"], "*");
 }
