@@ -701,3 +701,109 @@ async fn a_paged_pool_serves_concurrent_streams_and_gets_its_blocks_back() {
     let stats = host.health().await["stats"].clone();
     assert_eq!(stats["device_sampled_tokens_total"], 0, "{stats}");
 }
+
+/// The prefix cache end to end, as a chat client sees it: a conversation's second turn resends
+/// the first, and the node computes only what is new. Usage says how much was cached, in
+/// Workers AI's and OpenAI's shapes and in a stream's usage event, and the answer is the one a
+/// node without the cache gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversations_next_turn_reuses_its_history() {
+    // Prompts read 32 tokens at a time: on the CPU a hit reuses whole chunks.
+    let paged = [
+        "--kv-storage",
+        "paged",
+        "--kv-cache-mib",
+        "64",
+        "--prefill-chunk",
+        "32",
+    ];
+    let node = Node::start(&paged).await;
+    let cold = Node::start(&[&paged[..], &["--no-prefix-cache"]].concat()).await;
+    let system = "You are a patient guide at a museum of maritime history. Answer in one short \
+                  paragraph, plainly and without lists. Visitors are often children: keep your \
+                  words simple and explain any word a child may not know. Never invent dates, \
+                  names or numbers, and say so when you do not know.";
+    let turn1 = json!([
+        {"role": "system", "content": system},
+        {"role": "user", "content": "What is a lighthouse for?"},
+    ]);
+    let mut turn2 = turn1.as_array().unwrap().clone();
+    turn2.push(json!({"role": "assistant", "content": "It warns ships of rocks at night."}));
+    turn2.push(json!({"role": "user", "content": "And who looked after one?"}));
+
+    let cached = |usage: &Value| {
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let run = |messages: &Value, stream: bool| {
+        json!({"messages": messages, "max_tokens": 16, "temperature": 0, "stream": stream})
+            .to_string()
+    };
+    let first = node.run_json(run(&turn1, false)).await;
+    assert_eq!(cached(&first["result"]["usage"]), 0, "{first}");
+
+    // Workers AI's route: the second turn's prompt begins with the first's.
+    let second = node
+        .run_json(run(&Value::Array(turn2.clone()), false))
+        .await;
+    let usage = &second["result"]["usage"];
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(usage) >= 64 && cached(usage) < prompt, "{usage}");
+    assert_eq!(cached(usage) % 32, 0, "{usage}");
+    let reference = cold
+        .run_json(run(&Value::Array(turn2.clone()), false))
+        .await;
+    assert_eq!(cached(&reference["result"]["usage"]), 0);
+    assert_eq!(
+        second["result"]["response"],
+        reference["result"]["response"]
+    );
+
+    // Streamed: the usage event says the same.
+    let resp = node
+        .post(run(&Value::Array(turn2.clone()), true))
+        .send()
+        .await
+        .unwrap();
+    let events = read_sse(resp, Instant::now()).await;
+    assert_eq!(
+        text_of(&events),
+        reference["result"]["response"].as_str().unwrap()
+    );
+    let streamed = events
+        .iter()
+        .find_map(|r| match &r.event {
+            SseEvent::Data(v) => v.get("usage").cloned(),
+            _ => None,
+        })
+        .expect("a usage event");
+    assert!(cached(&streamed) >= 64, "{streamed}");
+
+    // OpenAI's route reports it where the SDKs read it.
+    let body = json!({"model": MODEL_ALIAS, "messages": turn2, "max_tokens": 16, "temperature": 0});
+    let v: Value = node
+        .post_json_to("/v1/chat/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(cached(&v["usage"]) >= 64, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        reference["result"]["response"]
+    );
+
+    let metrics = node.metrics().await;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name}: {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("edgerun_prompt_tokens_cached_total") >= 3.0 * 64.0);
+    assert!(value("edgerun_prefix_cache_blocks") > 0.0);
+    assert!(value("edgerun_prompt_tokens_computed_total") > 0.0);
+}

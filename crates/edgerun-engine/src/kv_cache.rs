@@ -151,9 +151,12 @@ impl KvPool {
             candle_core::bail!("a KV pool of {blocks} blocks of {block_size} positions");
         }
         let layers = zeroed_layers(layout, (blocks * block_size, layout.row_width()), device)?;
+        // The layout, and a secret drawn per pool: block hashes are 64 bits of a non-keyed
+        // hash, so without the secret a caller could search offline for a prompt whose blocks
+        // collide with another caller's and poison what that caller's prompt reuses.
         let salt = BlockHash::chain(
             None,
-            0,
+            rand::random::<u64>(),
             &[
                 layout.layers as u32,
                 layout.kv_heads as u32,
