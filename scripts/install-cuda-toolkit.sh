@@ -54,6 +54,9 @@ export CUDARC_CUDA_VERSION=13000
 export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-$COMPUTE_CAP}"
 export PATH="$ROOT/bin:\$PATH"
 export LIBRARY_PATH="$ROOT/lib:$ROOT/lib/stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
+# candle-kernels' static MoE/MMQ library is ~10 nvcc compilations of ~1 min each; cudaforge runs
+# them on half the cores unless told (one at a time on 2 cores): use them all.
+export CUDAFORGE_THREADS="\${CUDAFORGE_THREADS:-\$(nproc)}"
 EOF
     echo "$ENV_FILE"
 }
