@@ -437,3 +437,33 @@ fn randomized_against_a_reference_model() {
         assert!(!enabled || (a.stats().hits > 0 && a.stats().evictions > 0));
     }
 }
+
+/// As a plain allocator (what the pool's free list always was): lowest ids first, all or
+/// nothing, released blocks handed out again, a block released twice never handed out twice.
+#[test]
+fn plain_allocation_is_all_or_nothing_and_reuses_released_blocks() {
+    let mut a = PrefixAllocator::new(8, true);
+    assert_eq!(a.allocate(3), Some(vec![0, 1, 2]));
+    assert_eq!(a.allocate(4), Some(vec![3, 4, 5, 6]));
+    assert_eq!(a.available(), 1);
+    // Not enough: nothing taken.
+    assert_eq!(a.allocate(2), None);
+    assert_eq!(a.available(), 1);
+    a.release(&[3, 4, 5, 6]);
+    assert_eq!(a.available(), 5);
+    let mut again = a.allocate(5).unwrap();
+    again.sort_unstable();
+    assert_eq!(again, vec![3, 4, 5, 6, 7]);
+    assert_eq!(a.allocate(0), Some(vec![]));
+    assert_eq!(a.available(), 0);
+    assert_eq!(a.total(), 8);
+
+    let mut a = PrefixAllocator::new(2, true);
+    let blocks = a.allocate(1).unwrap();
+    a.release(&blocks);
+    a.release(&blocks);
+    a.release(&[7]);
+    assert_eq!(a.available(), 2);
+    let all = a.allocate(2).unwrap();
+    assert_ne!(all[0], all[1]);
+}
