@@ -776,7 +776,7 @@ async fn busy_nodes_fail_over_and_failures_that_may_have_started_do_not() {
     assert_eq!(d.us.gate.forwarded(), before);
     let line = d
         .worker
-        .wait_for_output("region eu failed, not retried: Lost(")
+        .wait_for_output("node eu failed, not retried: Lost(")
         .await;
     assert!(line.contains(&format!("Lost({WORKERD_LOST:?})")), "{line}");
 }

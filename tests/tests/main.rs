@@ -3,6 +3,7 @@
 //! The harness they share is the `edgerun-e2e` library (`tests/lib.rs`, `tests/edge.rs`);
 //! each file here is one subject.
 
+mod affinity;
 mod binding;
 mod edge;
 mod hostile;

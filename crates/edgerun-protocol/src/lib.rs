@@ -36,6 +36,8 @@
 //! * `fields` (private): the one JSON field reader both dialects validate with — lookup with
 //!   `null` as absent, JSON type names, integral numbers, typed readers whose errors name the
 //!   field, in Workers AI's wording or OpenAI's.
+//! * [`load`]: the node's load as it reports it to the Worker (`x-edgerun-load`, [`NodeLoad`])
+//!   and Workers AI's `x-session-affinity`, which the Worker picks a node of a region by.
 //! * [`query`]: one form-decoded query-string parameter ([`query_param`]).
 //! * [`binding`]: the Workers binding protocol (reference §6.1) — `POST /run?version=3`
 //!   with the model in `cf-consn-model-id` and the body `{inputs, options}`, answered with the
@@ -123,6 +125,7 @@ pub mod binding;
 pub mod error;
 mod fields;
 pub mod limits;
+pub mod load;
 pub mod models;
 pub mod openai;
 pub mod query;
@@ -135,6 +138,7 @@ pub mod tools;
 pub use auth::{bearer_token, TokenSet};
 pub use error::{ApiError, ErrorEnvelope, ErrorItem};
 pub use limits::{check_schema, RequestLimits, SchemaLimits};
+pub use load::{session_of, NodeLoad, LOAD_HEADER, SESSION_AFFINITY_HEADER};
 pub use openai::{OpenAiInput, OpenAiRequest};
 pub use request::{
     ChatMessage, PromptInput, ResponseFormat, Role, SamplingParams, ValidatedRequest,

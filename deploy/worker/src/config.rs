@@ -9,6 +9,9 @@ use serde::Deserialize;
 /// The body limit the nodes enforce by default (`edgerun serve --max-body-bytes`).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
+/// Most nodes one region may list.
+pub const MAX_ORIGINS: usize = 64;
+
 /// Secret holding the nodes' bearer token when a region names none of its own.
 pub const DEFAULT_NODE_TOKEN_SECRET: &str = "NODE_TOKEN";
 
@@ -38,14 +41,21 @@ pub struct NodesConfig {
     pub models: Option<Vec<String>>,
 }
 
-/// One region: a node (or a load balancer in front of several) behind one Tunnel hostname.
+/// One region: its nodes, each behind its own Tunnel hostname (`origin` for one node, `origins`
+/// for several; exactly one of the two).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Region {
     /// Short name, returned to callers in `x-edgerun-region`.
     pub name: String,
-    /// `https://host[:port]` of the region's Tunnel hostname (no path).
-    pub origin: String,
+    /// `https://host[:port]` of the region's one node (no path). [`NodesConfig::parse`] moves it
+    /// into `origins`.
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// `https://host[:port]` of each of the region's nodes, at most [`MAX_ORIGINS`]. Which one
+    /// serves a request is the `balance` module's choice.
+    #[serde(default)]
+    pub origins: Vec<String>,
     /// Continent codes of `request.cf.continent` (`EU`, `NA`, `AS`, ...) this region serves.
     #[serde(default)]
     pub continents: Vec<String>,
@@ -82,7 +92,7 @@ pub struct Location {
 impl NodesConfig {
     /// Parses and checks `NODES`.
     pub fn parse(json: &str) -> Result<Self, WorkerError> {
-        let config: NodesConfig = serde_json::from_str(json)
+        let mut config: NodesConfig = serde_json::from_str(json)
             .map_err(|e| WorkerError::Config(format!("NODES is not valid: {e}")))?;
         if config.regions.is_empty() {
             return Err(WorkerError::Config("NODES lists no region".into()));
@@ -97,12 +107,31 @@ impl NodesConfig {
                     region.name
                 )));
             }
-            check_origin(&region.origin).map_err(|why| {
-                WorkerError::Config(format!(
-                    "NODES region {:?}: origin {:?} {why}",
-                    region.name, region.origin
-                ))
-            })?;
+        }
+        for region in &mut config.regions {
+            let named =
+                |why: String| WorkerError::Config(format!("NODES region {:?}: {why}", region.name));
+            match (region.origin.take(), region.origins.is_empty()) {
+                (Some(origin), true) => region.origins.push(origin),
+                (None, false) => {}
+                (Some(_), false) => {
+                    return Err(named("give `origin` or `origins`, not both".into()))
+                }
+                (None, true) => return Err(named("has no `origin` (or `origins`)".into())),
+            }
+            if region.origins.len() > MAX_ORIGINS {
+                return Err(named(format!(
+                    "lists {} origins, more than {MAX_ORIGINS}",
+                    region.origins.len()
+                )));
+            }
+            for (i, origin) in region.origins.iter().enumerate() {
+                check_origin(origin).map_err(|why| named(format!("origin {origin:?} {why}")))?;
+                let same = |o: &String| o.trim_end_matches('/') == origin.trim_end_matches('/');
+                if region.origins[..i].iter().any(same) {
+                    return Err(named(format!("lists origin {origin:?} twice")));
+                }
+            }
         }
         if let Some(default) = &config.default {
             if !config.regions.iter().any(|r| &r.name == default) {
@@ -304,6 +333,22 @@ mod tests {
     }
 
     #[test]
+    fn a_region_lists_one_origin_or_several() {
+        let c = NodesConfig::parse(
+            r#"{"regions":[{"name":"a","origin":"https://a"},
+                           {"name":"b","origins":["https://b1","https://b2:8443"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.regions[0].origins, ["https://a"]);
+        assert_eq!(c.regions[0].origin, None);
+        assert_eq!(c.regions[1].origins, ["https://b1", "https://b2:8443"]);
+        let many: Vec<String> = (0..=MAX_ORIGINS).map(|i| format!("https://n{i}")).collect();
+        let json = serde_json::json!({"regions": [{"name": "a", "origins": many}]}).to_string();
+        let err = NodesConfig::parse(&json).unwrap_err().to_string();
+        assert!(err.contains("more than 64"), "{err}");
+    }
+
+    #[test]
     fn token_secrets_default_to_node_token() {
         let c = NodesConfig::parse(NODES).unwrap();
         assert_eq!(c.regions[0].token_secret(), "NODE_TOKEN");
@@ -316,7 +361,23 @@ mod tests {
             ("", "NODES is not valid"),
             ("[]", "NODES is not valid"),
             (r#"{"regions":[]}"#, "no region"),
-            (r#"{"regions":[{"name":"a"}]}"#, "missing field `origin`"),
+            (r#"{"regions":[{"name":"a"}]}"#, "has no `origin`"),
+            (
+                r#"{"regions":[{"name":"a","origins":[]}]}"#,
+                "has no `origin`",
+            ),
+            (
+                r#"{"regions":[{"name":"a","origin":"https://a","origins":["https://b"]}]}"#,
+                "not both",
+            ),
+            (
+                r#"{"regions":[{"name":"a","origins":["https://b","https://b/"]}]}"#,
+                "lists origin \"https://b/\" twice",
+            ),
+            (
+                r#"{"regions":[{"name":"a","origins":["https://b","http://c.example"]}]}"#,
+                "origin \"http://c.example\" must use https://",
+            ),
             (
                 r#"{"regions":[{"name":"a","origin":"https://a","region":"x"}]}"#,
                 "unknown field",

@@ -34,20 +34,20 @@
 //! [`forward`] is generic over [`Upstream`] so that the host's tests drive it with a scripted
 //! upstream and the Worker with `fetch`.
 
-use crate::config::Region;
+use crate::balance::Node;
 use edgerun_protocol::{ApiError, NOT_STARTED_HEADER};
 
 /// Largest 429 body read to look for code 3040; a node's error envelope is far smaller.
 pub const MAX_PEEK_BYTES: usize = 16 * 1024;
 
-/// One way of sending the request to a region.
+/// One way of sending the request to a node.
 #[allow(async_fn_in_trait)] // the Worker's futures are !Send by nature (single-threaded wasm)
 pub trait Upstream {
     /// A response whose body has not been read.
     type Response;
-    /// Sends the request to `region`, never following redirects; `Err` with the runtime's message
+    /// Sends the request to `node`, never following redirects; `Err` with the runtime's message
     /// when no HTTP answer came back (connect error, reset, ...).
-    async fn send(&mut self, region: &Region) -> Result<Self::Response, String>;
+    async fn send(&mut self, node: &Node<'_>) -> Result<Self::Response, String>;
     /// The response's status code.
     fn status(response: &Self::Response) -> u16;
     /// A response header's value (the first, when there are several).
@@ -58,10 +58,11 @@ pub trait Upstream {
         -> Result<(Self::Response, Vec<u8>), String>;
 }
 
-/// Why a region was skipped: each reason means the request certainly did not start there.
+/// Why a node was skipped: each reason means the request certainly did not start there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
-    pub region: String,
+    /// The node's [`Node::label`].
+    pub node: String,
     pub reason: SkipReason,
 }
 
@@ -124,20 +125,20 @@ pub const BAD_GATEWAY_CODE: u32 = 3000;
 
 /// The result of [`forward`].
 pub enum Forwarded<R> {
-    /// A region answered; `skipped` lists those tried before it.
+    /// A node answered (its [`Node::label`]); `skipped` lists those tried before it.
     Answered {
-        region: String,
+        node: String,
         response: R,
         skipped: Vec<Skipped>,
     },
     /// A region failed in a way that may have started the request: the caller gets
-    /// [`Failure::api_error`], and no other region is tried.
+    /// [`Failure::api_error`], and no other node is tried.
     Failed {
-        region: String,
+        node: String,
         failure: Failure,
         skipped: Vec<Skipped>,
     },
-    /// Every region was skipped.
+    /// Every node was skipped.
     NoRegion(Vec<Skipped>),
 }
 
@@ -211,16 +212,17 @@ pub fn is_capacity_error(body: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
-/// Tries `regions` in order; see the module docs for when a region is skipped.
-pub async fn forward<U: Upstream>(upstream: &mut U, regions: &[&Region]) -> Forwarded<U::Response> {
+/// Tries `nodes` in order (a region's nodes as [`crate::balance`] ranks them, then the next
+/// region's); see the module docs for when a node is skipped.
+pub async fn forward<U: Upstream>(upstream: &mut U, nodes: &[Node<'_>]) -> Forwarded<U::Response> {
     let mut skipped = Vec::new();
-    for region in regions {
-        let name = region.name.clone();
+    for node in nodes {
+        let name = node.label();
         let skip = |reason| Skipped {
-            region: region.name.clone(),
+            node: node.label(),
             reason,
         };
-        let response = match upstream.send(region).await {
+        let response = match upstream.send(node).await {
             Ok(r) => r,
             Err(e) if is_connect_failure(&e) => {
                 skipped.push(skip(SkipReason::Unreachable(e)));
@@ -228,7 +230,7 @@ pub async fn forward<U: Upstream>(upstream: &mut U, regions: &[&Region]) -> Forw
             }
             Err(e) => {
                 return Forwarded::Failed {
-                    region: name,
+                    node: name,
                     failure: Failure::Lost(e),
                     skipped,
                 }
@@ -250,7 +252,7 @@ pub async fn forward<U: Upstream>(upstream: &mut U, regions: &[&Region]) -> Forw
                 }
                 Ok((response, _)) => {
                     return Forwarded::Answered {
-                        region: name,
+                        node: name,
                         response,
                         skipped,
                     }
@@ -260,14 +262,14 @@ pub async fn forward<U: Upstream>(upstream: &mut U, regions: &[&Region]) -> Forw
             },
             Verdict::Pass => {
                 return Forwarded::Answered {
-                    region: name,
+                    node: name,
                     response,
                     skipped,
                 }
             }
         };
         return Forwarded::Failed {
-            region: name,
+            node: name,
             failure,
             skipped,
         };
@@ -286,11 +288,11 @@ pub fn no_region_error(skipped: &[Skipped]) -> ApiError {
         .iter()
         .map(|s| match &s.reason {
             // The fetch error itself goes to the Worker's log, not to callers.
-            SkipReason::Unreachable(_) => format!("{}: unreachable", s.region),
+            SkipReason::Unreachable(_) => format!("{}: unreachable", s.node),
             SkipReason::OriginUnreachable(status) | SkipReason::NotStarted(status) => {
-                format!("{}: answered {status}", s.region)
+                format!("{}: answered {status}", s.node)
             }
-            SkipReason::Busy => format!("{}: busy", s.region),
+            SkipReason::Busy => format!("{}: busy", s.node),
         })
         .collect();
     ApiError::unavailable(format!(
@@ -306,6 +308,7 @@ pub fn no_region_error(skipped: &[Skipped]) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Region;
     use std::collections::VecDeque;
 
     /// A scripted answer: status, headers, body.
@@ -387,11 +390,11 @@ mod tests {
 
     impl Upstream for Script {
         type Response = Resp;
-        async fn send(&mut self, region: &Region) -> Result<Resp, String> {
-            self.sent.push(region.name.clone());
+        async fn send(&mut self, node: &Node<'_>) -> Result<Resp, String> {
+            self.sent.push(node.label());
             self.answers
                 .iter_mut()
-                .find(|(r, _)| *r == region.name)
+                .find(|(r, _)| *r == node.label())
                 .and_then(|(_, q)| q.pop_front())
                 .unwrap_or_else(|| Err("connection refused (no script)".into()))
         }
@@ -419,7 +422,8 @@ mod tests {
             .iter()
             .map(|n| Region {
                 name: n.to_string(),
-                origin: format!("https://{n}.example.com"),
+                origin: None,
+                origins: vec![format!("https://{n}.example.com")],
                 continents: vec![],
                 countries: vec![],
                 colos: vec![],
@@ -430,7 +434,13 @@ mod tests {
 
     fn run(script: &mut Script) -> Forwarded<Resp> {
         let regions = regions();
-        let order: Vec<&Region> = regions.iter().collect();
+        let order: Vec<Node> = regions
+            .iter()
+            .map(|r| Node {
+                region: r,
+                index: 0,
+            })
+            .collect();
         futures_executor::block_on(forward(script, &order))
     }
 
@@ -438,13 +448,11 @@ mod tests {
     fn answered(script: &mut Script) -> (String, Resp, Vec<Skipped>) {
         match run(script) {
             Forwarded::Answered {
-                region,
+                node,
                 response,
                 skipped,
-            } => (region, response, skipped),
-            Forwarded::Failed {
-                region, failure, ..
-            } => panic!("{region} failed: {failure:?}"),
+            } => (node, response, skipped),
+            Forwarded::Failed { node, failure, .. } => panic!("{node} failed: {failure:?}"),
             Forwarded::NoRegion(skipped) => panic!("no region: {skipped:?}"),
         }
     }
@@ -452,13 +460,11 @@ mod tests {
     fn failed(script: &mut Script) -> (String, Failure, Vec<Skipped>) {
         match run(script) {
             Forwarded::Failed {
-                region,
+                node,
                 failure,
                 skipped,
-            } => (region, failure, skipped),
-            Forwarded::Answered {
-                region, response, ..
-            } => panic!("{region} answered {response:?}"),
+            } => (node, failure, skipped),
+            Forwarded::Answered { node, response, .. } => panic!("{node} answered {response:?}"),
             Forwarded::NoRegion(skipped) => panic!("no region: {skipped:?}"),
         }
     }
@@ -515,7 +521,7 @@ mod tests {
             assert_eq!(
                 skipped,
                 [Skipped {
-                    region: "eu".into(),
+                    node: "eu".into(),
                     reason
                 }],
                 "{down:?}"

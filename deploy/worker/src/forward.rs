@@ -10,6 +10,9 @@ use crate::WorkerError;
 pub use edgerun_protocol::REQUEST_ID_HEADER;
 /// Which region answered (returned to the caller; operators grep for it).
 pub const REGION_HEADER: &str = "x-edgerun-region";
+/// Which node of the region answered ([`crate::balance::Node::label`]: the region's name, with
+/// `/index` when it has several).
+pub const NODE_HEADER: &str = "x-edgerun-node";
 /// The Cloudflare Access service-token headers the Tunnel's Access application checks.
 pub const ACCESS_CLIENT_ID_HEADER: &str = "cf-access-client-id";
 pub const ACCESS_CLIENT_SECRET_HEADER: &str = "cf-access-client-secret";
@@ -91,12 +94,13 @@ impl NodeCredentials {
 
 /// Whether a node's response header goes on to the caller. Cookies are dropped (Cloudflare Access
 /// answers a service-token request with `Set-Cookie: CF_Authorization=<JWT>`, a credential for
-/// the node's hostname that no caller may hold), and so are Access's own headers and hop-by-hop
-/// headers.
+/// the node's hostname that no caller may hold), and so are Access's own headers, hop-by-hop
+/// headers and the node's load report (`x-edgerun-load`, the Worker's to read).
 pub fn keep_response_header(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     !(name == "set-cookie"
         || name == "set-cookie2"
+        || name == edgerun_protocol::LOAD_HEADER
         || name.starts_with("cf-access-")
         || matches!(
             name.as_str(),
@@ -125,9 +129,9 @@ impl std::fmt::Debug for NodeCredentials {
 /// `cf-ai-req-id` when it is 1-128 visible ASCII characters, otherwise a fresh one).
 pub use edgerun_protocol::request_id;
 
-/// `origin` + the caller's path and query, unchanged.
-pub fn upstream_url(region: &Region, path_and_query: &str) -> String {
-    let origin = region.origin.trim_end_matches('/');
+/// A node's `origin` + the caller's path and query, unchanged.
+pub fn upstream_url(origin: &str, path_and_query: &str) -> String {
+    let origin = origin.trim_end_matches('/');
     if path_and_query.starts_with('/') {
         format!("{origin}{path_and_query}")
     } else {
@@ -190,7 +194,8 @@ mod tests {
     fn region(origin: &str) -> Region {
         Region {
             name: "eu".into(),
-            origin: origin.into(),
+            origin: None,
+            origins: vec![origin.into()],
             continents: vec![],
             countries: vec![],
             colos: vec![],
@@ -207,13 +212,12 @@ mod tests {
 
     #[test]
     fn urls_keep_path_and_query() {
-        let r = region("https://eu.example.com/");
         assert_eq!(
-            upstream_url(&r, "/run/@cf%2Fmeta%2Fx?a=1"),
+            upstream_url("https://eu.example.com/", "/run/@cf%2Fmeta%2Fx?a=1"),
             "https://eu.example.com/run/@cf%2Fmeta%2Fx?a=1"
         );
         assert_eq!(
-            upstream_url(&region("http://127.0.0.1:81"), "health"),
+            upstream_url("http://127.0.0.1:81", "health"),
             "http://127.0.0.1:81/health"
         );
     }
@@ -389,6 +393,7 @@ mod tests {
             "Upgrade",
             "Trailer",
             "TE",
+            "X-Edgerun-Load",
         ] {
             assert!(!keep_response_header(dropped), "{dropped}");
         }

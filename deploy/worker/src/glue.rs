@@ -2,16 +2,18 @@
 //! host-tested core (`edge`, `config`, `forward`, `failover`) and turns the chosen node's
 //! response into the caller's. Nothing here decides anything the core could.
 
-use crate::config::{parse_body_limit, Location, NodesConfig, Region};
+use crate::balance::{Balancer, Node};
+use crate::config::{parse_body_limit, Location, NodesConfig};
 use crate::edge::{admit, authenticate, check_body, LimitedBody, RequestHead};
-use crate::failover::{forward, no_region_error, Forwarded, Upstream, MAX_PEEK_BYTES};
+use crate::failover::{forward, no_region_error, Forwarded, SkipReason, Upstream, MAX_PEEK_BYTES};
 use crate::forward::{
-    keep_response_header, request_id, upstream_headers, upstream_url, NodeCredentials,
+    keep_response_header, request_id, upstream_headers, upstream_url, NodeCredentials, NODE_HEADER,
     REGION_HEADER, REQUEST_ID_HEADER,
 };
 use crate::{error_response_parts, EdgeError, WorkerError};
-use edgerun_protocol::{binding, ApiError, ErrorStyle, TokenSet};
+use edgerun_protocol::{binding, session_of, ApiError, ErrorStyle, NodeLoad, TokenSet};
 use futures_util::StreamExt;
+use std::cell::RefCell;
 use worker::js_sys::{self, Reflect, Uint8Array};
 use worker::wasm_bindgen::{JsCast, JsValue};
 use worker::{
@@ -34,10 +36,13 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         .map(|url| ErrorStyle::of_path(url.path()))
         .unwrap_or(ErrorStyle::Cloudflare);
     let answer = match handle(&mut req, &env, &id).await {
-        Ok((response, region)) => Ok((response, Some(region))),
-        Err(e) => error_response(&e, style).map(|response| (response, e.region)),
+        Ok((response, by)) => Ok((response, Some(by))),
+        Err(e) => error_response(&e, style).map(|response| {
+            let by = e.region.map(|region| AnsweredBy { region, node: None });
+            (response, by)
+        }),
     };
-    let finished = answer.and_then(|(response, region)| finish(response, &id, region.as_deref()));
+    let finished = answer.and_then(|(response, by)| finish(response, &id, by.as_ref()));
     finished.or_else(|e| {
         // Only the runtime's header and body calls can fail here; the caller still gets the
         // envelope, never workerd's own plain-text 500.
@@ -47,8 +52,23 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
     })
 }
 
+thread_local! {
+    /// What this isolate knows of the nodes' load and failures (an isolate runs one thread).
+    static BALANCER: RefCell<Balancer> = RefCell::new(Balancer::default());
+}
+
+/// Which region and node answered, for `x-edgerun-region` and `x-edgerun-node`.
+struct AnsweredBy {
+    region: String,
+    node: Option<String>,
+}
+
 /// Admits, validates and forwards one request; `Err` is answered by the Worker itself.
-async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, String), EdgeError> {
+async fn handle(
+    req: &mut Request,
+    env: &Env,
+    id: &str,
+) -> Result<(Response, AnsweredBy), EdgeError> {
     let headers = header_pairs(req.headers());
     let header = |name: &str| {
         headers
@@ -98,6 +118,12 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
             NodeCredentials::for_region(r, |name| secret(env, name)).map(|c| (r.name.clone(), c))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let session = session_of(header(edgerun_protocol::SESSION_AFFINITY_HEADER));
+    let spread = (js_sys::Math::random() * 4_294_967_296.0) as u64;
+    let nodes = BALANCER.with(|b| {
+        b.borrow()
+            .plan(&regions, session, js_sys::Date::now(), spread)
+    });
     let mut upstream = FetchUpstream {
         credentials,
         method,
@@ -107,27 +133,74 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
         request_id: id,
         node_token: admitted.sends_node_token(),
     };
-    match forward(&mut upstream, &regions).await {
+    let forwarded = forward(&mut upstream, &nodes).await;
+    let node_of = |label: &str| nodes.iter().find(|n| n.label() == label).copied();
+    let now = js_sys::Date::now();
+    let skipped = match &forwarded {
+        Forwarded::Answered { skipped, .. }
+        | Forwarded::Failed { skipped, .. }
+        | Forwarded::NoRegion(skipped) => skipped,
+    };
+    BALANCER.with(|b| {
+        let mut b = b.borrow_mut();
+        for s in skipped {
+            if let Some(node) = node_of(&s.node) {
+                match s.reason {
+                    SkipReason::Busy => b.busy(node.origin(), now),
+                    _ => b.failed(node.origin(), now),
+                }
+            }
+        }
+        match &forwarded {
+            Forwarded::Answered { node, response, .. } => {
+                if let Some(n) = node_of(node) {
+                    let load = response
+                        .headers()
+                        .get(edgerun_protocol::LOAD_HEADER)
+                        .ok()
+                        .flatten()
+                        .and_then(|v| NodeLoad::parse(&v));
+                    b.answered(n.origin(), load, now);
+                }
+            }
+            Forwarded::Failed { node, .. } => {
+                if let Some(n) = node_of(node) {
+                    b.failed(n.origin(), now);
+                }
+            }
+            Forwarded::NoRegion(_) => {}
+        }
+    });
+    match forwarded {
         Forwarded::Answered {
-            region,
+            node,
             response,
             skipped,
         } => {
             if !skipped.is_empty() {
-                worker::console_warn!("{id}: answered by {region} after skipping {skipped:?}");
+                worker::console_warn!("{id}: answered by {node} after skipping {skipped:?}");
             }
-            Ok((response, region))
+            let region = node_of(&node).map_or_else(|| node.clone(), |n| n.region.name.clone());
+            Ok((
+                response,
+                AnsweredBy {
+                    region,
+                    node: Some(node),
+                },
+            ))
         }
         Forwarded::Failed {
-            region,
+            node,
             failure,
             skipped,
         } => {
-            // Not retried: the node may have started the request (see failover's docs).
+            // Not retried: the node may have started the request (see failover's docs). Its
+            // next requests go elsewhere for a while (`balance`).
             worker::console_error!(
-                "{id}: region {region} failed, not retried: {failure:?} (skipped before: {skipped:?})"
+                "{id}: node {node} failed, not retried: {failure:?} (skipped before: {skipped:?})"
             );
-            Err(EdgeError::from_region(failure.api_error(&region), &region))
+            let region = node_of(&node).map_or_else(|| node.clone(), |n| n.region.name.clone());
+            Err(EdgeError::from_region(failure.api_error(&node), &region))
         }
         Forwarded::NoRegion(skipped) => {
             worker::console_error!("{id}: no region answered: {skipped:?}");
@@ -136,7 +209,7 @@ async fn handle(req: &mut Request, env: &Env, id: &str) -> Result<(Response, Str
     }
 }
 
-/// Sends the request with `fetch` to one region's origin.
+/// Sends the request with `fetch` to one node.
 struct FetchUpstream<'a> {
     /// Each region's name and credentials.
     credentials: Vec<(String, NodeCredentials)>,
@@ -149,15 +222,50 @@ struct FetchUpstream<'a> {
     node_token: bool,
 }
 
+/// What `send` reports for a node that failed its health probe: the request was never sent, so
+/// failover moves on as for a connection that could not be made.
+const PROBE_FAILED: &str = "could not connect: the node failed its health probe";
+
+impl FetchUpstream<'_> {
+    /// Asks a node that failed before whether it is ready again (`GET /health`, 200), with
+    /// the Access service token and without the node token, which `/health` does not need.
+    async fn healthy(&self, node: &Node<'_>, credentials: &NodeCredentials) -> bool {
+        let headers = Headers::new();
+        for (name, value) in upstream_headers(&[], credentials, self.request_id, false) {
+            if headers.append(&name, &value).is_err() {
+                return false;
+            }
+        }
+        let mut init = RequestInit::new();
+        init.with_method(Method::Get)
+            .with_headers(headers)
+            .with_redirect(RequestRedirect::Manual);
+        let Ok(request) = Request::new_with_init(&upstream_url(node.origin(), "/health"), &init)
+        else {
+            return false;
+        };
+        match Fetch::Request(request).send().await {
+            Ok(response) => response.status_code() == 200,
+            Err(_) => false,
+        }
+    }
+}
+
 impl Upstream for FetchUpstream<'_> {
     type Response = Response;
 
-    async fn send(&mut self, region: &Region) -> Result<Response, String> {
+    async fn send(&mut self, node: &Node<'_>) -> Result<Response, String> {
+        let region = node.region;
         let credentials = self
             .credentials
             .iter()
             .find_map(|(name, c)| (*name == region.name).then_some(c))
             .ok_or_else(|| format!("no credentials for region {}", region.name))?;
+        let probe = BALANCER.with(|b| b.borrow().needs_probe(node.origin(), js_sys::Date::now()));
+        if probe && !self.healthy(node, credentials).await {
+            return Err(PROBE_FAILED.into());
+        }
+        BALANCER.with(|b| b.borrow_mut().sent(node.origin()));
         let headers = Headers::new();
         for (name, value) in
             upstream_headers(&self.headers, credentials, self.request_id, self.node_token)
@@ -173,8 +281,9 @@ impl Upstream for FetchUpstream<'_> {
         if let Some(body) = &self.body {
             init.with_body(Some(Uint8Array::from(body.as_slice()).into()));
         }
-        let request = Request::new_with_init(&upstream_url(region, &self.path_and_query), &init)
-            .map_err(|e| e.to_string())?;
+        let request =
+            Request::new_with_init(&upstream_url(node.origin(), &self.path_and_query), &init)
+                .map_err(|e| e.to_string())?;
         Fetch::Request(request)
             .send()
             .await
@@ -201,9 +310,9 @@ impl Upstream for FetchUpstream<'_> {
 }
 
 /// The caller's answer: the node's (or the Worker's own) response with the request id and the
-/// answering region added, and cookies and Access headers removed. A fetched response's headers
+/// answering region and node added, and cookies and Access headers removed. A fetched response's headers
 /// are immutable, so they are copied; the body stays the same stream.
-fn finish(response: Response, id: &str, region: Option<&str>) -> worker::Result<Response> {
+fn finish(response: Response, id: &str, by: Option<&AnsweredBy>) -> worker::Result<Response> {
     let headers = Headers::new();
     for (name, value) in response.headers().entries() {
         if keep_response_header(&name) {
@@ -211,8 +320,11 @@ fn finish(response: Response, id: &str, region: Option<&str>) -> worker::Result<
         }
     }
     headers.set(REQUEST_ID_HEADER, id)?;
-    if let Some(region) = region {
-        headers.set(REGION_HEADER, region)?;
+    if let Some(by) = by {
+        headers.set(REGION_HEADER, &by.region)?;
+        if let Some(node) = &by.node {
+            headers.set(NODE_HEADER, node)?;
+        }
     }
     Ok(response.with_headers(headers))
 }

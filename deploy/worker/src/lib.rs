@@ -1,12 +1,16 @@
 //! # edgerun-worker
 //!
-//! The Cloudflare Worker (workers-rs) every client calls. It fronts one edgerun node per region,
-//! each reached through its Cloudflare Tunnel hostname, and answers exactly like Workers AI.
+//! The Cloudflare Worker (workers-rs) every client calls. It fronts the edgerun nodes of each
+//! region, each reached through its Cloudflare Tunnel hostname, and answers exactly like Workers
+//! AI.
 //!
 //! ## What it owns
 //!
-//! * [`config`]: the `NODES` variable (regions, origins, which continents, countries and colos
-//!   each serves, a default, optionally the served models) and `MAX_BODY_BYTES`.
+//! * [`config`]: the `NODES` variable (regions, their nodes' origins, which continents, countries
+//!   and colos each serves, a default, optionally the served models) and `MAX_BODY_BYTES`.
+//! * [`balance`]: which node of a region first — by rendezvous hashing of `x-session-affinity`,
+//!   else the least loaded by the nodes' `x-edgerun-load` — and nodes that just failed last;
+//!   per-isolate memory, tested with explicit clocks.
 //! * [`edge`]: what is decided before any region is asked — the caller's token (`API_TOKENS`,
 //!   checked with `edgerun-protocol`'s constant-time `TokenSet`, like the node's; 401/10000), the
 //!   route (the node's API routes — Workers AI's runs and model catalogue, the Workers binding's
@@ -19,7 +23,7 @@
 //!   and `cf-*` headers out; the Access service token (`CF-Access-Client-Id`/`-Secret`), the
 //!   node's bearer token (run routes only) and the request id (`cf-ai-req-id`, kept when the
 //!   caller sent one) in.
-//! * [`failover`]: trying regions in order — the caller's region first, then the others — and
+//! * [`failover`]: trying nodes in order — the caller's region's first, then the others' — and
 //!   moving on only when the request certainly did not start on the node before.
 //! * `glue` (wasm32 only): the `#[event(fetch)]` handler that reads the request and environment,
 //!   calls the above, and turns the chosen node's `Response` into the caller's.
@@ -29,11 +33,13 @@
 //! ```text
 //! request ─▶ edge::admit (token, route, method, model, declared size) ──▶ EdgeError ─▶ caller
 //!          ─▶ read body ─▶ edge::check_body (size, schema, body model) ─▶ EdgeError ─▶ caller
-//!          ─▶ config::regions_for(request.cf) ─▶ failover::forward ─▶ fetch(origin + path), no redirects
-//!                 could not connect / 521-523 / 530 / edgerun-not-started: 1 / 429+3040 ─▶ next region
-//!                 every region skipped ─▶ failover::no_region_error (503, or 429 if busy)
+//!          ─▶ config::regions_for(request.cf) ─▶ balance::plan(x-session-affinity) ─▶ nodes in order
+//!          ─▶ failover::forward ─▶ fetch(origin + path), no redirects
+//!                 could not connect / 521-523 / 530 / edgerun-not-started: 1 / 429+3040 ─▶ next node
+//!                 every node skipped ─▶ failover::no_region_error (503, or 429 if busy)
 //!                 3xx, a non-node error page, a lost connection ─▶ 502 envelope, no retry
-//!          ◀─ node's response, body streamed untouched, + cf-ai-req-id + x-edgerun-region
+//!          ◀─ node's response, body streamed untouched, + cf-ai-req-id + x-edgerun-region/-node
+//!             (its x-edgerun-load kept by balance, not passed on; failures set the node aside)
 //! ```
 //!
 //! ## What it must never do
@@ -53,6 +59,7 @@
 //!   are answered as a 500 in the envelope naming the variable.
 //! * Logic stays in plain Rust that `cargo test` runs on the host; the wasm glue stays thin.
 
+pub mod balance;
 pub mod config;
 pub mod edge;
 pub mod failover;

@@ -96,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .layer(http_layers::trace())
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(state.clone(), report_load))
         .with_state(state);
     // Outermost: a browser's preflight is answered before Access and the bearer check.
     match cors {
@@ -174,6 +175,29 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         }
     }
     resp.headers_mut().insert(REQUEST_ID_HEADER, id);
+    resp
+}
+
+/// Adds the node's load (`x-edgerun-load`, [`edgerun_protocol::NodeLoad`]) to every answer
+/// once the model has loaded, read when the answer's head is written: the edge Worker sends
+/// requests without a session to the least loaded node of a region by it.
+async fn report_load(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    if let Some(engine) = state.engine.get() {
+        let s = engine.stats();
+        let load = edgerun_protocol::NodeLoad::from_counts(
+            s.active_sequences,
+            s.queued_requests,
+            s.kv_pool_free_blocks,
+            s.kv_pool_total_blocks,
+        );
+        if let Ok(value) = HeaderValue::from_str(&load.to_header()) {
+            resp.headers_mut().insert(
+                HeaderName::from_static(edgerun_protocol::LOAD_HEADER),
+                value,
+            );
+        }
+    }
     resp
 }
 
