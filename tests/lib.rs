@@ -11,6 +11,7 @@ pub mod edge;
 
 use edgerun_protocol::sse::{SseEvent, SseParser};
 use futures::StreamExt;
+use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -232,6 +233,28 @@ pub async fn read_sse(resp: reqwest::Response, start: Instant) -> Vec<Received> 
         }
     }
     out
+}
+
+/// `v` with every `cached_tokens` count set to 0: for comparing two answers to the same
+/// request when the prefix cache served part of one of them (the answers themselves are equal:
+/// a hit changes nothing but the work).
+pub fn ignoring_cached_tokens(v: &Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, x)| {
+                    let x = if k == "cached_tokens" && x.is_u64() {
+                        Value::from(0)
+                    } else {
+                        ignoring_cached_tokens(x)
+                    };
+                    (k.clone(), x)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(ignoring_cached_tokens).collect()),
+        other => other.clone(),
+    }
 }
 
 /// The concatenated `response` text of token events.

@@ -2,9 +2,10 @@
 //!
 //! Two storages behind one type, [`KvCache`], chosen per engine by [`KvStorage`]:
 //!
-//! * **Contiguous** (the CPU's): each sequence owns per-layer buffers sized for everything it
-//!   may ever hold, written in place; attention reads them in place, with no copy.
-//! * **Paged** (GPUs'): one [`KvPool`] per engine, allocated once, holds every layer's keys and
+//! * **Contiguous** (Metal's, and `--kv-storage contiguous`): each sequence owns per-layer
+//!   buffers sized for everything it may ever hold, written in place; attention reads them in
+//!   place, with no copy. No prefix cache.
+//! * **Paged** (the CPU's and CUDA's): one [`KvPool`] per engine, allocated once, holds every layer's keys and
 //!   values as fixed-size blocks of positions; a sequence holds a table of block ids. A step
 //!   writes all its new keys (and values) of a layer with one scatter, and reads any number of
 //!   sequences' histories with one gather over their block tables, so the number of device
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex};
 /// How an engine stores KV caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvStorage {
-    /// Per-sequence buffers (the CPU's fast path).
+    /// Per-sequence buffers, read in place (no prefix cache).
     Contiguous,
     /// One pool of blocks of `block_size` positions, sized by the KV budget.
     Paged { block_size: usize },
@@ -178,10 +179,11 @@ impl KvPool {
 
     /// Turns prefix caching on or off (off by default); only before any cache is taken.
     /// A reused prefix is cut down to a multiple of `granularity` positions (a multiple of the
-    /// block size, or it is rounded up to one): the scheduler reads prompts in chunks at fixed
-    /// boundaries, so where a chunk's numerics depend on its shape (the CPU's kernels pick
-    /// their path by the number of rows), reusing whole chunks only keeps every later chunk on
-    /// the cold run's boundaries and the output bit for bit the same.
+    /// block size, or it is rounded up to one). The engine reuses whole blocks: on the CPU a
+    /// row's keys and values do not depend on the chunk or batch they were computed in, so a
+    /// hit of any length gives the cold run's output bit for bit. A device whose numerics did
+    /// depend on the shape of a step could reuse whole prompt chunks only, keeping every later
+    /// chunk on a cold run's boundaries.
     pub fn with_prefix_caching(mut self, enabled: bool, granularity: usize) -> Self {
         let total = self.total_blocks();
         *self.lock() = PrefixAllocator::new(total, enabled);

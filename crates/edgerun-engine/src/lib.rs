@@ -372,15 +372,10 @@ impl Engine {
                 let layout = model.kv_layout();
                 let blocks = KvPool::blocks_in(&layout, block_size, budget);
                 let pool = KvPool::new(&layout, blocks, block_size, model.device())
-                    .map(|pool| {
-                        // On the CPU a hit must change nothing: reuse whole prompt chunks there
-                        // (see `KvPool::with_prefix_caching`); elsewhere whole blocks.
-                        let granularity = match model.device() {
-                            candle_core::Device::Cpu => lcm(block_size, config.prefill_chunk),
-                            _ => block_size,
-                        };
-                        pool.with_prefix_caching(config.prefix_caching, granularity)
-                    })
+                    // Whole blocks: on the CPU a row's keys and values do not depend on the
+                    // chunk or batch they were computed in (row-invariant kernels and
+                    // attention), so a hit of any length changes nothing.
+                    .map(|pool| pool.with_prefix_caching(config.prefix_caching, block_size))
                     .map_err(|e| {
                         EngineError::Config(format!(
                         "cannot allocate a KV pool of {blocks} blocks of {block_size} positions \
@@ -662,16 +657,4 @@ impl Engine {
     pub fn tool_calling(&self) -> ToolCalling {
         self.template.tool_calling()
     }
-}
-
-/// The least common multiple of two positive numbers.
-fn lcm(a: usize, b: usize) -> usize {
-    fn gcd(a: usize, b: usize) -> usize {
-        if b == 0 {
-            a
-        } else {
-            gcd(b, a % b)
-        }
-    }
-    a / gcd(a, b).max(1) * b
 }

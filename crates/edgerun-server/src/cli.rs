@@ -204,9 +204,12 @@ pub struct ServeArgs {
     /// Seconds of silence on a stream before an SSE keep-alive comment.
     #[arg(long, env = "EDGERUN_HEARTBEAT_SECS", default_value_t = 15)]
     pub heartbeat_secs: u64,
-    /// KV cache memory all running sequences may reserve together, in MiB; requests beyond it
-    /// wait. Default on CPU: half the memory available at start; on a GPU: what
-    /// --gpu-memory-fraction leaves once the weights are loaded.
+    /// KV cache memory in MiB: the paged pool's size (its blocks hold running sequences and
+    /// the prefix cache), or with contiguous storage what running sequences may reserve
+    /// together (requests beyond it wait). Default on CPU: a quarter of the memory available
+    /// at start for a pool (its pages are touched as blocks are first used), half of it for
+    /// contiguous caches; on a GPU: what --gpu-memory-fraction leaves once the weights are
+    /// loaded.
     #[arg(long, env = "EDGERUN_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<usize>,
     /// On a GPU without --kv-cache-mib: the share of the device's memory the node may use in
@@ -214,9 +217,9 @@ pub struct ServeArgs {
     /// activations the largest step needs (estimated from the model and the step limits).
     #[arg(long, env = "EDGERUN_GPU_MEMORY_FRACTION", default_value_t = 0.9)]
     pub gpu_memory_fraction: f64,
-    /// How KV caches are stored: `contiguous` (per sequence; the CPU's default) or `paged`
-    /// (one pool of 16-position blocks, sized by the KV budget and allocated at start; the
-    /// default on CUDA).
+    /// How KV caches are stored: `paged` (one pool of 16-position blocks, sized by the KV
+    /// budget and allocated at start; the default: it holds the prefix cache) or `contiguous`
+    /// (per sequence; no prefix cache; Metal's default).
     #[arg(long, env = "EDGERUN_KV_STORAGE")]
     pub kv_storage: Option<KvStorage>,
     /// With paged KV storage, copy every sequence's logits to the host sampler instead of

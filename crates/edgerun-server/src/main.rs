@@ -328,12 +328,6 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
     }
     request_limits(args)?;
     let mut config = scheduler_config(args, SchedulerConfig::default())?;
-    if args.device.is_cpu()
-        && config.kv_cache_budget.is_none()
-        && matches!(config.kv_storage, KvStorage::Paged { .. })
-    {
-        bail!(PAGED_CPU_NEEDS_BUDGET);
-    }
     if config.kv_cache_budget.is_none() {
         // A pool's budget may come from the device, known once it is open (the loader
         // validates again then); everything else is checked now.
@@ -399,11 +393,6 @@ fn request_limits(args: &ServeArgs) -> anyhow::Result<(RequestLimits, GrammarLim
     };
     Ok((limits, grammar))
 }
-
-/// A pool is allocated whole at start: on the CPU the default budget (half the RAM) would all
-/// be taken at once.
-const PAGED_CPU_NEEDS_BUDGET: &str = "--kv-storage paged (EDGERUN_KV_STORAGE) on the CPU needs \
-     --kv-cache-mib (EDGERUN_KV_CACHE_MIB): the pool is allocated whole at start";
 
 /// Refuses scheduler settings the engine cannot run with, naming the flags.
 fn validate_scheduler(config: &SchedulerConfig) -> anyhow::Result<()> {
@@ -537,7 +526,23 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
             let paged = matches!(scheduler.kv_storage, KvStorage::Paged { .. });
             if scheduler.kv_cache_budget.is_none() {
                 if device.is_cpu() && paged {
-                    bail!(PAGED_CPU_NEEDS_BUDGET);
+                    // The pool is reserved whole but its pages are touched only as blocks are
+                    // first used; the prefix cache keeps blocks until the pool needs them, so
+                    // in time it does use all of it: a quarter of what is available now.
+                    match mem_available_bytes() {
+                        Some(available) => scheduler.kv_cache_budget = Some(available / 4),
+                        None if settings.kv_storage.is_some() => bail!(
+                            "--kv-storage paged on the CPU needs --kv-cache-mib \
+                             (EDGERUN_KV_CACHE_MIB) where /proc/meminfo cannot be read"
+                        ),
+                        None => {
+                            tracing::warn!(
+                                "cannot read /proc/meminfo to size a KV pool: per-sequence KV \
+                                 caches without a prefix cache (set --kv-cache-mib for one)"
+                            );
+                            scheduler.kv_storage = KvStorage::Contiguous;
+                        }
+                    }
                 } else if device.is_cpu() {
                     // On the CPU, KV caches share RAM with everything else: by default let them
                     // reserve at most half of what is available now, so a burst of long

@@ -52,6 +52,9 @@
 //!   `ScaleMinBlock`). A new format is a new file with its block type, a matrix type holding
 //!   the GGUF bytes as they are, its `CpuMatrix` impl (activation format, kernels per ISA),
 //!   and one arm in [`QLinear::new`].
+//! * `attention.rs`: the CPU's attention over the paged KV pool, one query row at a time in a
+//!   fixed order of operations, so that a row's result never depends on the rows beside it
+//!   (what makes the prefix cache exact on the CPU); `models/attention.rs` calls it.
 //! * **device kernels** (CUDA, Metal) are candle's today, through `QMatMul`. One of our own goes
 //!   in a file here too (`cuda_*.rs`, compiled only with its feature) and gets its own
 //!   [`QLinear`] variant; nothing outside this module changes.
@@ -124,6 +127,7 @@ macro_rules! avx2_tile_driver {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2_tile_driver;
 
+pub(crate) mod attention;
 pub mod cpu;
 mod dispatch;
 mod driver;

@@ -1,7 +1,13 @@
-//! Attention over KV caches, shared by the architectures: per sequence over contiguous caches
-//! (the CPU's path), or batched over a paged pool ([`PagedStep`], GPUs' path).
+//! Attention over KV caches, shared by the architectures: per sequence over contiguous caches,
+//! or over a paged pool ([`PagedStep`]: row by row on the CPU, batched on GPUs).
 //!
-//! A paged step costs a fixed number of device operations per layer, whatever the batch: one
+//! On the CPU (an f32 pool) every query row is attended alone, in a fixed order of operations,
+//! by [`crate::kernels::attention`]: a row's result is then a function of its query and its
+//! history only, the same in a prompt chunk of any length, in a decode batch or alone, so that
+//! KV blocks computed while generating equal those a cold node computes reading the same
+//! tokens as a prompt, and a prefix-cache hit changes nothing.
+//!
+//! Elsewhere a paged step costs a fixed number of device operations per layer, whatever the batch: one
 //! scatter writes the step's keys and one its values; every decoding sequence (one new token)
 //! is served by one gather of all their histories over their block tables, padded to the
 //! longest, and one batched attention with a padding mask; only prompt chunks (a few per step)
@@ -105,6 +111,18 @@ pub(crate) struct PagedStep {
     /// Where each token's output row is in `[decode outputs; chunk outputs...]`; `None` when
     /// that order is already the step's.
     order: Option<Tensor>,
+    /// On the CPU: every row attended alone ([`crate::kernels::attention`]); `decode`,
+    /// `chunks` and `order` are then empty.
+    cpu: Option<CpuRows>,
+}
+
+/// The histories of a step's rows for the CPU's row-by-row attention.
+struct CpuRows {
+    /// Per segment: the pool rows of its whole history after this step.
+    slots: Vec<Vec<u32>>,
+    /// Per segment: (its index in `slots`, its first row's history length, its rows, its
+    /// first row in the step).
+    spans: Vec<(usize, usize, usize, usize)>,
 }
 
 struct DecodeBatch {
@@ -140,6 +158,24 @@ impl PagedStep {
         let write = Tensor::from_vec(write, (total, 1), device)?
             .broadcast_as((total, width))?
             .contiguous()?;
+
+        if device.is_cpu() && pool.layout().dtype == DType::F32 {
+            let mut slots = Vec::with_capacity(segments.len());
+            let mut spans = Vec::with_capacity(segments.len());
+            for (i, (seg, &(off, t, start))) in segments.iter().zip(bounds).enumerate() {
+                slots.push(seg.cache.slots(0, start + t).collect());
+                spans.push((i, start + 1, t, off));
+            }
+            return Ok(Self {
+                pool: pool.clone(),
+                total,
+                write,
+                decode: None,
+                chunks: Vec::new(),
+                order: None,
+                cpu: Some(CpuRows { slots, spans }),
+            });
+        }
 
         let decoding: Vec<usize> = (0..segments.len()).filter(|&i| bounds[i].1 == 1).collect();
         let decode = if decoding.is_empty() {
@@ -207,6 +243,7 @@ impl PagedStep {
             decode,
             chunks,
             order,
+            cpu: None,
         })
     }
 
@@ -233,6 +270,9 @@ impl PagedStep {
             .to_dtype(dtype)?;
         kp.scatter_set(&self.write, &k_rows, 0)?;
         vp.scatter_set(&self.write, &v.to_dtype(dtype)?.contiguous()?, 0)?;
+        if let Some(cpu) = &self.cpu {
+            return cpu_attend(cpu, q, kp, vp, n_kv, scale);
+        }
 
         let mut outs = Vec::with_capacity(1 + self.chunks.len());
         if let Some(d) = &self.decode {
@@ -280,6 +320,51 @@ impl PagedStep {
             None => Ok(y),
         }
     }
+}
+
+/// The CPU's row-by-row attention over an f32 pool (see the module docs).
+fn cpu_attend(
+    plan: &CpuRows,
+    q: &Tensor,
+    kp: &Tensor,
+    vp: &Tensor,
+    n_kv: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    use crate::kernels::attention::Span;
+    use candle_core::Storage;
+    let (n_head, total, hd) = q.dims3()?;
+    let q = q
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let spans: Vec<Span<'_>> = plan
+        .spans
+        .iter()
+        .map(|&(seg, first_len, rows, row0)| Span {
+            slots: &plan.slots[seg],
+            first_len,
+            rows,
+            row0,
+        })
+        .collect();
+    let (ks, kl) = kp.storage_and_layout();
+    let (vs, vl) = vp.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        candle_core::bail!("the CPU's paged attention over a pool that is not on the CPU");
+    };
+    let n = kp.elem_count();
+    let k = &kc.as_slice::<f32>()?[kl.start_offset()..][..n];
+    let v = &vc.as_slice::<f32>()?[vl.start_offset()..][..n];
+    let heads = crate::kernels::attention::Heads {
+        n_head,
+        n_kv,
+        hd,
+        scale: scale as f32,
+    };
+    let out = crate::kernels::attention::paged_attention(&q, k, v, &spans, total, heads);
+    Tensor::from_vec(out, (total, n_head * hd), &Device::Cpu)
 }
 
 #[cfg(test)]

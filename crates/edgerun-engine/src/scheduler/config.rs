@@ -26,8 +26,9 @@ pub struct SchedulerConfig {
     /// How long a sequence whose client stopped reading its events is kept (paused, not
     /// computed) before it is dropped.
     pub stalled_stream_timeout: Duration,
-    /// How KV caches are stored: per sequence (the CPU's default) or in one paged pool of
-    /// `kv_cache_budget` bytes, allocated at start (GPUs' default; needs a budget).
+    /// How KV caches are stored: per sequence, or in one paged pool of `kv_cache_budget`
+    /// bytes, allocated at start (needs a budget; what [`SchedulerConfig::default_for`] picks
+    /// on the CPU and on CUDA, for the prefix cache).
     pub kv_storage: KvStorage,
     /// With paged storage (the device-first path), sample where the logits are
     /// ([`crate::DeviceSampler`]): only token ids come back to the host. `false` copies every
@@ -75,12 +76,18 @@ impl SchedulerConfig {
         }
     }
 
-    /// [`SchedulerConfig::default`] on the CPU, [`SchedulerConfig::gpu_default`] on CUDA; on
-    /// Metal the GPU's sizes over contiguous caches (its memory is the system's: no device
-    /// budget to size a pool from).
+    /// [`SchedulerConfig::default`]'s sizes over a paged pool on the CPU (the caller sizes the
+    /// pool: `kv_cache_budget`), [`SchedulerConfig::gpu_default`] on CUDA; on Metal the GPU's
+    /// sizes over contiguous caches (its memory is the system's: no device budget to size a
+    /// pool from).
     pub fn default_for(device: &candle_core::Device) -> Self {
         match device {
-            candle_core::Device::Cpu => Self::default(),
+            candle_core::Device::Cpu => Self {
+                kv_storage: KvStorage::Paged {
+                    block_size: KvStorage::DEFAULT_BLOCK_SIZE,
+                },
+                ..Self::default()
+            },
             candle_core::Device::Cuda(_) => Self::gpu_default(),
             candle_core::Device::Metal(_) => Self {
                 kv_storage: KvStorage::Contiguous,

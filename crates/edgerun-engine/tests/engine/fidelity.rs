@@ -5,7 +5,8 @@
 //! pick the reference token at every step whose reference margin is not a near tie, and its
 //! logits must stay within a few tenths (rms) of the exact ones.
 //!
-//! Run on the real model (SmolLM2-135M-Instruct Q4_1) and on the same model requantized by
+//! Run over contiguous caches and over a paged pool (the CPU's row-by-row paged attention), on
+//! the real model (SmolLM2-135M-Instruct Q4_1) and on the same model requantized by
 //! `edgerun quantize` to Q4_K_M (its 1536-wide `ffn_down` rows are Q4_K / Q6_K; the 576-wide
 //! ones fall back to Q5_0 / Q8_0 as llama-quantize does) and Q8_0.
 
@@ -14,7 +15,7 @@ use crate::harness;
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use edgerun_engine::gguf::{self, Scheme};
-use edgerun_engine::{KvCache, LoadedModel, ModelConfig, Segment};
+use edgerun_engine::{KvCache, KvPool, LoadedModel, ModelConfig, Segment};
 use std::path::{Path, PathBuf};
 
 /// A reference margin below this is a near tie, where 8-bit activations may pick either token.
@@ -245,16 +246,19 @@ fn margin(v: &[f64]) -> f64 {
 }
 
 /// The engine's forward pass (our kernels), greedy, teacher-forced on the reference tokens so
-/// that every step is compared on the same history: the logits of every step.
-fn engine_run(path: &Path, prompt: &[u32], reference: &[u32]) -> Vec<Vec<f32>> {
+/// that every step is compared on the same history: the logits of every step. `paged`: over a
+/// paged pool (blocks of 16) instead of a contiguous cache.
+fn engine_run(path: &Path, prompt: &[u32], reference: &[u32], paged: bool) -> Vec<Vec<f32>> {
     let loaded = LoadedModel::load(path, None, &Device::Cpu).unwrap();
     let model = &loaded.model;
-    let mut cache = KvCache::new(
-        &model.kv_layout(),
-        prompt.len() + reference.len(),
-        model.device(),
-    )
-    .unwrap();
+    let n = prompt.len() + reference.len();
+    let layout = model.kv_layout();
+    let mut cache = if paged {
+        let pool = KvPool::new(&layout, n.div_ceil(16) + 1, 16, model.device()).unwrap();
+        pool.cache(n).unwrap()
+    } else {
+        KvCache::new(&layout, n, model.device()).unwrap()
+    };
     let mut out = Vec::new();
     let mut feed: Vec<&[u32]> = vec![prompt];
     feed.extend(reference[..reference.len() - 1].chunks(1));
@@ -288,9 +292,21 @@ fn check(path: &Path, what: &str) {
     drop(loaded);
     let reference = load(path);
     let (tokens, exact) = reference_run(&reference, &prompt, STEPS);
-    let ours = engine_run(path, &prompt, &tokens);
+    for paged in [false, true] {
+        let what = format!("{what}{}", if paged { ", paged" } else { "" });
+        follows(
+            &engine_run(path, &prompt, &tokens, paged),
+            &tokens,
+            &exact,
+            &what,
+        );
+    }
+}
+
+/// `ours` (logits per step) picks `tokens` but at near ties and stays near `exact`.
+fn follows(ours: &[Vec<f32>], tokens: &[u32], exact: &[Vec<f64>], what: &str) {
     let (mut agreed, mut worst, mut worst_rms) = (0, 0f64, 0f64);
-    for (step, (o, e)) in ours.iter().zip(&exact).enumerate() {
+    for (step, (o, e)) in ours.iter().zip(exact).enumerate() {
         let diffs: Vec<f64> = o.iter().zip(e).map(|(a, b)| f64::from(*a) - b).collect();
         let max = diffs.iter().fold(0f64, |m, d| m.max(d.abs()));
         // Softmax ignores a shift common to every logit: measure around the mean difference.

@@ -49,8 +49,10 @@ fn rows(t: Option<Tensor>) -> Vec<Vec<f32>> {
     t.unwrap().to_vec2::<f32>().unwrap()
 }
 
-/// The same math: logits within a few tenths (what activation quantization moves them by
-/// when two paths round differently), and the same argmax but at near ties.
+/// The same math: logits within what activation quantization moves them by when two paths
+/// round differently (each path is 0.7-1.5 from exact math at its worst logit, tests/engine/
+/// fidelity.rs, so two paths may be further apart than either is from exact), and the same
+/// argmax but at near ties.
 fn close(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
     for (i, (ra, rb)) in a.iter().zip(b).enumerate() {
         let diff = ra
@@ -58,7 +60,7 @@ fn close(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
             .zip(rb)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max);
-        assert!(diff < 1.0, "{what}, sequence {i}: logits differ by {diff}");
+        assert!(diff < 2.0, "{what}, sequence {i}: logits differ by {diff}");
         let (ta, tb) = (edgerun_engine::argmax(ra), edgerun_engine::argmax(rb));
         if ta != tb {
             let mut sorted = ra.clone();
@@ -355,6 +357,15 @@ fn device_check_passes_on_the_cpu() {
     println!("{report}");
 }
 
+/// Prompts whose answers run long with wide margins (lists, counting): the test below needs
+/// generations that go on growing, which an early end-of-turn at a near tie would cut short.
+const LONG_PROMPTS: [&str; 4] = [
+    "Count from one to fifty in words, separated by commas.",
+    "Write the numbers from 1 to 40, one per line.",
+    "List twenty animals, one per line, numbered.",
+    "Write the alphabet from A to Z, each letter followed by a word starting with it.",
+];
+
 /// A pool too small for everyone's whole generation: sequences take blocks as they grow, the
 /// newest gives its blocks back when the pool runs out and reads its prompt and output again
 /// later. Every generation completes with what it generates alone (but at near ties), and
@@ -365,7 +376,7 @@ fn a_full_pool_preempts_the_newest_and_recomputes_it() {
         prefill_chunk: 8,
         ..SchedulerConfig::default()
     });
-    let reference: Vec<_> = PROMPTS
+    let reference: Vec<_> = LONG_PROMPTS
         .iter()
         .map(|p| greedy_steps(&contiguous, p, 60))
         .collect();
@@ -373,7 +384,7 @@ fn a_full_pool_preempts_the_newest_and_recomputes_it() {
 
     let loaded = harness::load();
     let per_block = loaded.model.kv_layout().bytes_for(16);
-    let prompt_blocks: Vec<usize> = PROMPTS
+    let prompt_blocks: Vec<usize> = LONG_PROMPTS
         .iter()
         .map(|p| {
             let input = edgerun_engine::PromptInput::Prompt {
@@ -398,12 +409,15 @@ fn a_full_pool_preempts_the_newest_and_recomputes_it() {
             prefill_chunk: 8,
             kv_cache_budget: Some(blocks * per_block),
             kv_storage: KvStorage::Paged { block_size: 16 },
+            // The prompts share the chat template's system prompt: cached once, it would leave
+            // room enough that nothing needs preempting.
+            prefix_caching: false,
             ..SchedulerConfig::default()
         },
         None,
     )
     .unwrap();
-    let streams: Vec<_> = PROMPTS
+    let streams: Vec<_> = LONG_PROMPTS
         .iter()
         .map(|p| submit(&engine, p, 60, greedy_with_margins()))
         .collect();
@@ -413,7 +427,7 @@ fn a_full_pool_preempts_the_newest_and_recomputes_it() {
         stats.preemptions_total > 0,
         "nothing was preempted: {stats:?}"
     );
-    for i in 0..PROMPTS.len() {
+    for i in 0..LONG_PROMPTS.len() {
         same_but_near_ties(
             &reference[i],
             &got[i],
@@ -672,9 +686,8 @@ fn a_prefix_cache_hit_changes_the_work_never_the_output() {
         ..SamplingConfig::GREEDY
     };
     for chunk in [8, 48, 64] {
-        // What a hit may reuse on the CPU: whole prompt chunks of whole 16-position blocks (the
-        // least common multiple of the two).
-        let granularity = if chunk == 8 { 16 } else { chunk };
+        // What a hit reuses: whole 16-position blocks, however prompts are chunked.
+        let granularity = 16;
         let config = |prefix_caching| SchedulerConfig {
             prefill_chunk: chunk,
             prefix_caching,
@@ -694,7 +707,7 @@ fn a_prefix_cache_hit_changes_the_work_never_the_output() {
                 assert_eq!(cold_usage.cached_tokens, 0);
                 assert_eq!(usage.prompt_tokens, cold_usage.prompt_tokens);
                 assert!(usage.cached_tokens < usage.prompt_tokens);
-                assert_eq!(usage.cached_tokens % granularity, 0, "whole chunks only");
+                assert_eq!(usage.cached_tokens % granularity, 0, "whole blocks only");
                 if i > 0 {
                     assert!(
                         usage.cached_tokens >= 64,
@@ -712,5 +725,93 @@ fn a_prefix_cache_hit_changes_the_work_never_the_output() {
         drop(cold);
         // Every block is back in the pool or cached (and counted free) once nothing runs.
         assert_eq!(stats.kv_pool_free_blocks, stats.kv_pool_total_blocks);
+    }
+}
+
+/// Drains a stream: its text, its tokens' ids and log-probabilities (as bits), and its usage.
+fn text_ids_and_usage(mut stream: TokenStream) -> (String, Vec<(u32, u32)>, edgerun_engine::Usage) {
+    let (mut text, mut ids) = (String::new(), Vec::new());
+    while let Some(ev) = stream.blocking_recv() {
+        match ev {
+            GenerationEvent::Token { text: t, logprobs } => {
+                text.push_str(&t);
+                ids.extend(
+                    logprobs
+                        .iter()
+                        .map(|l| (l.chosen.id, l.chosen.logprob.to_bits())),
+                );
+            }
+            GenerationEvent::Finished { usage, .. } => return (text, ids, usage),
+            GenerationEvent::Failed(e) | GenerationEvent::FormatUnmet(e) => {
+                panic!("generation failed: {e}")
+            }
+            GenerationEvent::PromptProcessed { .. } => {}
+        }
+    }
+    panic!("stream ended without Finished");
+}
+
+/// A conversation's next turn begins with the previous turn's answer, whose keys and values
+/// were computed one token at a time while it was generated: reusing them changes nothing
+/// either (the tokens and their log-probabilities bit for bit a cold node's), and the reuse
+/// reaches into the answer.
+#[test]
+fn reusing_a_generated_answer_changes_nothing() {
+    use edgerun_engine::{ChatMessage, PromptInput};
+    let greedy = SamplingConfig {
+        logprobs: edgerun_engine::Logprobs::Report { top: 1 },
+        ..SamplingConfig::GREEDY
+    };
+    let ask = |engine: &Engine, messages: &[ChatMessage]| {
+        let request = GenerationRequest {
+            prompt: engine
+                .prepare(&PromptInput::Messages(messages.to_vec()), &[])
+                .unwrap(),
+            sampling: greedy,
+            stopping: StopCriteria::max_tokens(40),
+            constraint: edgerun_engine::Constraint::Free,
+        };
+        text_ids_and_usage(engine.submit(request, QueuePolicy::Wait).unwrap())
+    };
+    for chunk in [8, 48] {
+        let config = |prefix_caching| SchedulerConfig {
+            prefill_chunk: chunk,
+            prefix_caching,
+            ..paged(64)
+        };
+        let cold = harness::engine(config(false));
+        let warm = harness::engine(config(true));
+        let mut messages = vec![ChatMessage::new(
+            "system",
+            "You are a lighthouse keeper. Answer in a few sentences.",
+        )];
+        let mut previous_prompt = 0;
+        for (turn, question) in [
+            "What do you do at night?",
+            "And when there is fog?",
+            "Who brings you food?",
+        ]
+        .iter()
+        .enumerate()
+        {
+            messages.push(ChatMessage::new("user", *question));
+            let (text, want, _) = ask(&cold, &messages);
+            let (_, got, usage) = ask(&warm, &messages);
+            assert_eq!(
+                got, want,
+                "chunk {chunk}, turn {turn}: the cache changed the output"
+            );
+            if turn > 0 {
+                assert!(
+                    usage.cached_tokens > previous_prompt,
+                    "chunk {chunk}, turn {turn}: {} of {} cached, the previous prompt was {}",
+                    usage.cached_tokens,
+                    usage.prompt_tokens,
+                    previous_prompt
+                );
+            }
+            previous_prompt = usage.prompt_tokens;
+            messages.push(ChatMessage::new("assistant", text));
+        }
     }
 }
