@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Benchmarks a node over HTTP and prints a table of medians.
-#   scripts/bench.sh [MODEL.gguf] [--with-llama-cpp]
+#   scripts/bench.sh [MODEL.gguf] [--with-llama-cpp] [--chat]
 # MODEL defaults to the default model (models/fetch-default.sh). --with-llama-cpp also runs
 # llama.cpp's llama-server on the same file, in the same run: the pinned peer build from
 # scripts/build-llama-cpp.sh (llama.cpp 0c1e570 from the llama-cpp-python==0.3.36 sdist,
 # GGML_NATIVE=ON). EDGERUN_BIN=path benchmarks another edgerun binary (say, a build of an earlier
 # commit, for a before/after comparison in one run). RUNS=N sets the runs per figure (5).
+# --chat runs the growing-conversation scenario instead (8 conversations x 10 turns at once, the
+# history resent every turn): a node with the prefix cache, one without, and with
+# --with-llama-cpp llama-server -np 8 with its default prompt caching (tests/bench_chat.rs).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 model=""
 peer=0
+chat=0
 for arg in "$@"; do
   case "$arg" in
     --with-llama-cpp) peer=1 ;;
+    --chat) chat=1 ;;
     -*) echo "unknown flag $arg" >&2; exit 2 ;;
     *) model="$arg" ;;
   esac
@@ -34,6 +39,7 @@ fi
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%F)"
 
 args=(--spawn --runs "${RUNS:-5}")
+if [ "$chat" = 1 ]; then args+=(--chat); fi
 if [ "$peer" = 1 ]; then
   bin="$(scripts/build-llama-cpp.sh)"
   echo "peer:    $(cat "$bin/BUILD")"

@@ -9,7 +9,12 @@
 //! edgerun-bench --url .. --streams 1,8,32,64                        # other concurrency levels
 //! edgerun-bench --url .. --sampled                 # llama.cpp's default sampling, not greedy
 //! edgerun-bench --url .. --long 64:2000,8:7800     # long contexts: streams x prompt tokens each
+//! edgerun-bench --spawn --chat [--llama-server PATH] # growing conversations: the prefix cache
 //! ```
+//!
+//! `--chat` (`bench_chat.rs`) spawns a node with the prefix cache, then one without it, then
+//! llama-server (`-np 8`, its default prompt caching), one at a time, and runs the same 8
+//! conversations of 10 turns on each.
 //!
 //! `--long` adds points where attention shows: each of `streams` concurrent requests has a
 //! prompt of its own of about `context` tokens and generates 64; it prints the first token's
@@ -22,6 +27,9 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "bench_chat.rs"]
+mod chat;
 
 /// Whether requests sample (`--sampled`) rather than pick the argmax.
 static SAMPLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -248,19 +256,28 @@ async fn measure(target: &Target, runs: usize, stream_counts: &[usize]) -> Figur
     // Warm-up.
     target.generate(&client, &count, 8).await;
 
+    // Every prompt-processing request begins with text of its own, so that no prefix cache
+    // (edgerun's, llama-server's) serves any of it: these figures are for computing prompts.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id();
+    let fresh = |i: usize, text: &str| format!("Note {nonce:08x}-{i}. {text}");
     let mut prompt_tps = Vec::new();
     let mut prompt_tokens = 0;
     let mut ttft_long = Vec::new();
-    for _ in 0..runs {
-        let o = target.generate(&client, &long_prompt, 1).await;
+    for i in 0..runs {
+        let o = target.generate(&client, &fresh(i, &long_prompt), 1).await;
         prompt_tokens = o.prompt_tokens;
         prompt_tps.push(o.prompt_tokens as f64 / o.ttft.as_secs_f64());
         ttft_long.push(o.ttft.as_secs_f64() * 1e3);
     }
     let mut ttft = Vec::new();
     let mut ttft_tokens = 0;
-    for _ in 0..runs {
-        let o = target.generate(&client, short_prompt, 1).await;
+    for i in 0..runs {
+        let o = target
+            .generate(&client, &fresh(runs + i, short_prompt), 1)
+            .await;
         ttft_tokens = o.prompt_tokens;
         ttft.push(o.ttft.as_secs_f64() * 1e3);
     }
@@ -291,7 +308,7 @@ async fn measure(target: &Target, runs: usize, stream_counts: &[usize]) -> Figur
     }
 }
 
-fn spawn_llama_server(bin: &str, threads: usize) -> (Child, String) {
+fn spawn_llama_server(bin: &str, threads: usize, context: usize) -> (Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -310,7 +327,7 @@ fn spawn_llama_server(bin: &str, threads: usize) -> (Child, String) {
             "-np",
             "8",
             "-c",
-            "16384",
+            &context.to_string(),
             "--no-webui",
         ])
         .stdout(Stdio::null())
@@ -431,6 +448,42 @@ async fn format_cost(url: &str, token: &str, runs: usize) {
     }
 }
 
+/// `--chat`: the same conversations on a node with the prefix cache, one without, and
+/// llama-server when given, one at a time.
+async fn chat_scenario(llama_server: Option<String>, threads: usize) {
+    let mut results = Vec::new();
+    for (name, flags) in [
+        ("edgerun", &[][..]),
+        ("edgerun, cache off", &["--no-prefix-cache"][..]),
+    ] {
+        let node = Node::start(flags).await;
+        eprintln!("chat: {name}...");
+        let server = chat::Server {
+            name: name.into(),
+            url: node.base.clone(),
+            token: Some(TOKEN.into()),
+            model: MODEL_ALIAS.into(),
+        };
+        results.push((name.to_string(), chat::run(&server).await));
+    }
+    if let Some(bin) = llama_server {
+        // 8 slots of 4,096 positions: room for a conversation's 10 turns.
+        let (mut child, url) = spawn_llama_server(&bin, threads, 8 * 4096);
+        wait_healthy(&url).await;
+        eprintln!("chat: llama-server...");
+        let server = chat::Server {
+            name: "llama-server".into(),
+            url,
+            token: None,
+            model: "default".into(),
+        };
+        results.push(("llama-server".into(), chat::run(&server).await));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    chat::print(&results);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -452,6 +505,10 @@ async fn main() {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     SAMPLED.get_or_init(|| args.iter().any(|a| a == "--sampled"));
 
+    if args.iter().any(|a| a == "--chat") {
+        chat_scenario(flag("--llama-server"), threads).await;
+        return;
+    }
     let mut node = None;
     let edgerun = if args.iter().any(|a| a == "--spawn") {
         let n = Node::start(&[]).await;
@@ -500,7 +557,7 @@ async fn main() {
     let mut targets = vec![edgerun];
     let mut peer = None;
     if let Some(bin) = flag("--llama-server") {
-        let (child, url) = spawn_llama_server(&bin, threads);
+        let (child, url) = spawn_llama_server(&bin, threads, 16384);
         wait_healthy(&url).await;
         peer = Some(child);
         targets.push(Target::LlamaServer { url });
