@@ -465,6 +465,8 @@ async fn chat_scenario(llama_server: Option<String>, threads: usize) {
             model: MODEL_ALIAS.into(),
         };
         results.push((name.to_string(), chat::run(&server).await));
+        // Printed as each finishes, so that a later failure loses nothing.
+        chat::print(&results[results.len() - 1..]);
     }
     if let Some(bin) = llama_server {
         // 8 slots of 4,096 positions: room for a conversation's 10 turns.
@@ -478,6 +480,7 @@ async fn chat_scenario(llama_server: Option<String>, threads: usize) {
             model: "default".into(),
         };
         results.push(("llama-server".into(), chat::run(&server).await));
+        chat::print(&results[results.len() - 1..]);
         let _ = child.kill();
         let _ = child.wait();
     }

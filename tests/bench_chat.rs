@@ -140,7 +140,12 @@ async fn turn(client: &reqwest::Client, server: &Server, messages: &[Value]) -> 
 }
 
 async fn conversation(server: &Server, c: usize) -> Vec<Turn> {
-    let client = reqwest::Client::new();
+    // A fresh connection per request: llama-server closes idle keep-alive connections, which
+    // a pooled client trips over.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let mut messages = vec![json!({"role": "system", "content": SYSTEM})];
     let mut turns = Vec::with_capacity(TURNS);
     for t in 0..TURNS {

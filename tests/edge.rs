@@ -127,6 +127,17 @@ impl AccessGate {
         ]
     }
 
+    /// A gate and, behind it, a node that verifies its JWTs, started with `extra` flags.
+    pub async fn with_node(extra: &[&str]) -> (AccessGate, crate::Node) {
+        let gate = AccessGate::start().await;
+        let mut flags = gate.node_flags();
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let node = crate::Node::start(&flags).await;
+        gate.connect(&node.base);
+        (gate, node)
+    }
+
     /// Requests passed on to the node so far.
     pub fn forwarded(&self) -> usize {
         self.state.forwarded.load(Ordering::SeqCst)

@@ -20,22 +20,15 @@ struct Gated {
 
 impl Gated {
     async fn start() -> Gated {
-        let gate = AccessGate::start().await;
-        let mut flags = gate.node_flags();
-        flags.extend(
-            [
-                "--kv-storage",
-                "paged",
-                "--kv-cache-mib",
-                "64",
-                "--prefill-chunk",
-                "32",
-            ]
-            .map(String::from),
-        );
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let node = Node::start(&flags).await;
-        gate.connect(&node.base);
+        let flags = [
+            "--kv-storage",
+            "paged",
+            "--kv-cache-mib",
+            "64",
+            "--prefill-chunk",
+            "32",
+        ];
+        let (gate, node) = AccessGate::with_node(&flags).await;
         Gated {
             gate,
             node: Some(node),

@@ -22,12 +22,7 @@ struct Region {
 
 impl Region {
     async fn start(extra: &[&str]) -> Region {
-        let gate = AccessGate::start().await;
-        let mut flags = gate.node_flags();
-        flags.extend(extra.iter().map(|s| s.to_string()));
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let node = Node::start(&flags).await;
-        gate.connect(&node.base);
+        let (gate, node) = AccessGate::with_node(extra).await;
         Region {
             gate,
             node: Some(node),

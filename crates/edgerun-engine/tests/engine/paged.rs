@@ -641,21 +641,9 @@ fn log_probabilities_on_the_device_are_the_hosts() {
 }
 
 /// Drains a stream: its tokens' ids and its usage.
-fn ids_and_usage(mut stream: TokenStream) -> (Vec<u32>, edgerun_engine::Usage) {
-    let mut ids = Vec::new();
-    while let Some(ev) = stream.blocking_recv() {
-        match ev {
-            GenerationEvent::Token { logprobs, .. } => {
-                ids.extend(logprobs.iter().map(|l| l.chosen.id))
-            }
-            GenerationEvent::Finished { usage, .. } => return (ids, usage),
-            GenerationEvent::Failed(e) | GenerationEvent::FormatUnmet(e) => {
-                panic!("generation failed: {e}")
-            }
-            GenerationEvent::PromptProcessed { .. } => {}
-        }
-    }
-    panic!("stream ended without Finished");
+fn ids_and_usage(stream: TokenStream) -> (Vec<u32>, edgerun_engine::Usage) {
+    let (_, ids, usage) = text_ids_and_usage(stream);
+    (ids.into_iter().map(|(id, _)| id).collect(), usage)
 }
 
 /// The prefix cache changes the work, never the output: on the CPU, where every kernel's rows
