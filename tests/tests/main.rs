@@ -6,6 +6,7 @@
 mod affinity;
 mod binding;
 mod edge;
+mod embeddings;
 mod hostile;
 mod json_mode;
 mod models;

@@ -113,6 +113,7 @@
 mod constraint;
 pub mod device;
 pub mod device_check;
+pub mod embedding;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
@@ -132,6 +133,10 @@ mod tools;
 pub use constraint::{Constraint, GrammarCompiler, GrammarLimits, OutputFormat};
 pub use device::memory::{gpu_kv_budget, ActivationEstimate, StepLimits};
 pub use device::{device_memory, DeviceSpec};
+pub use embedding::{
+    EmbedInput, EmbedStats, EmbedTicket, Embedder, EmbedderInfo, EmbeddingConfig, EmbeddingModel,
+    Pooling,
+};
 pub use error::{EngineError, Result};
 pub use kernels::Kernels;
 pub use kv_cache::prefix::{BlockHash, PrefixAllocator, PrefixStats};

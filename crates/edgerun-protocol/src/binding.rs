@@ -71,6 +71,22 @@ pub fn parse_body(body: &[u8]) -> Result<ValidatedRequest, ApiError> {
 
 /// [`parse_body`] within `limits` (the node's configured ones).
 pub fn parse_body_with(body: &[u8], limits: &RequestLimits) -> Result<ValidatedRequest, ApiError> {
+    let (inputs, reject_if_busy) = split_body(body)?;
+    let mut request = ValidatedRequest::from_value_with(inputs, limits)?;
+    request.reject_if_busy |= reject_if_busy;
+    Ok(request)
+}
+
+/// A binding body for an embedding model: `inputs` as a Workers AI embedding run body
+/// ([`crate::embeddings::EmbeddingRun`]); `options` checked as for text generation (an
+/// embedding job never waits behind generations, so `rejectIfBusy` changes nothing).
+pub fn parse_embedding_body(body: &[u8]) -> Result<crate::embeddings::EmbeddingRun, ApiError> {
+    let (inputs, _) = split_body(body)?;
+    crate::embeddings::EmbeddingRun::from_value(&inputs)
+}
+
+/// `inputs` (an object) and `options.rejectIfBusy` of a binding body.
+fn split_body(body: &[u8]) -> Result<(Value, bool), ApiError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_input(format_args!("body is not valid JSON: {e}")))?;
@@ -110,9 +126,7 @@ pub fn parse_body_with(body: &[u8], limits: &RequestLimits) -> Result<ValidatedR
             ))
         }
     };
-    let mut request = ValidatedRequest::from_value_with(inputs, limits)?;
-    request.reject_if_busy |= reject_if_busy;
-    Ok(request)
+    Ok((inputs, reject_if_busy))
 }
 
 /// The binding's error body, the shape the runtime parses first (`internalCode`, `name`,

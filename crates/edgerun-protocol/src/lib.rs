@@ -36,6 +36,9 @@
 //! * `fields` (private): the one JSON field reader both dialects validate with — lookup with
 //!   `null` as absent, JSON type names, integral numbers, typed readers whose errors name the
 //!   field, in Workers AI's wording or OpenAI's.
+//! * [`embeddings`]: text embeddings in both dialects: Workers AI's `{text, pooling,
+//!   truncate_inputs}` → `{shape, data, pooling}` and OpenAI's `/v1/embeddings` (`input` as
+//!   strings or token ids, `encoding_format` float or base64) → the `list` of `embedding`s.
 //! * [`load`]: the node's load as it reports it to the Worker (`x-edgerun-load`, [`NodeLoad`])
 //!   and Workers AI's `x-session-affinity`, which the Worker picks a node of a region by.
 //! * [`query`]: one form-decoded query-string parameter ([`query_param`]).
@@ -122,6 +125,7 @@
 
 pub mod auth;
 pub mod binding;
+pub mod embeddings;
 pub mod error;
 mod fields;
 pub mod limits;

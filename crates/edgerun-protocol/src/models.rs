@@ -37,6 +37,15 @@ const TEXT_GENERATION_DESCRIPTION: &str = "Family of generative text models, suc
 pub const DEFAULT_PER_PAGE: usize = 100;
 const MAX_PER_PAGE: usize = 1000;
 
+/// Cloudflare's id of the Text Embeddings task.
+pub const TEXT_EMBEDDINGS_TASK_ID: &str = "0137cdcf-162a-4108-94f2-1ca59e8c65ee";
+/// The task's name.
+pub const TEXT_EMBEDDINGS_TASK: &str = "Text Embeddings";
+const TEXT_EMBEDDINGS_DESCRIPTION: &str = "Feature extraction models transform raw data into \
+     numerical features that can be processed while preserving the information in the original \
+     dataset. These models are ideal as part of building vector search applications or \
+     Retrieval Augmented Generation workflows with Large Language Models (LLM).";
+
 /// One served name, as the node knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServedModel {
@@ -44,8 +53,24 @@ pub struct ServedModel {
     pub name: String,
     /// What the model is (the catalog's description, or one made from the file's name).
     pub description: String,
-    /// Prompt plus output tokens allowed, once the model has loaded.
+    /// Prompt plus output tokens allowed, once the model has loaded (text generation).
     pub context_window: Option<usize>,
+    /// What the model does.
+    pub task: ServedTask,
+}
+
+/// The task of a served model, with the facts the catalogue gives for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServedTask {
+    /// Text Generation.
+    TextGeneration,
+    /// Text Embeddings, with facts known once the model has loaded.
+    TextEmbeddings {
+        /// Length of its vectors (`output_dimensions`).
+        dimensions: Option<usize>,
+        /// Longest input it reads (`max_input_tokens`).
+        max_input_tokens: Option<usize>,
+    },
 }
 
 /// The `task` of a catalogue entry.
@@ -97,6 +122,34 @@ impl ModelInfo {
                 value: window.to_string(),
             });
         }
+        let task = match model.task {
+            ServedTask::TextGeneration => Task {
+                id: TEXT_GENERATION_TASK_ID,
+                name: TEXT_GENERATION_TASK,
+                description: TEXT_GENERATION_DESCRIPTION,
+            },
+            ServedTask::TextEmbeddings {
+                dimensions,
+                max_input_tokens,
+            } => {
+                for (property_id, value) in [
+                    ("max_input_tokens", max_input_tokens),
+                    ("output_dimensions", dimensions),
+                ] {
+                    if let Some(v) = value {
+                        properties.push(Property {
+                            property_id,
+                            value: v.to_string(),
+                        });
+                    }
+                }
+                Task {
+                    id: TEXT_EMBEDDINGS_TASK_ID,
+                    name: TEXT_EMBEDDINGS_TASK,
+                    description: TEXT_EMBEDDINGS_DESCRIPTION,
+                }
+            }
+        };
         properties.push(Property {
             property_id: "info",
             value: "served by an edgerun node".to_string(),
@@ -106,11 +159,7 @@ impl ModelInfo {
             source: 1,
             name: model.name.clone(),
             description: model.description.clone(),
-            task: Task {
-                id: TEXT_GENERATION_TASK_ID,
-                name: TEXT_GENERATION_TASK,
-                description: TEXT_GENERATION_DESCRIPTION,
-            },
+            task,
             tags: Vec::new(),
             properties,
         }
@@ -308,6 +357,38 @@ fn sampling_properties() -> Value {
     })
 }
 
+/// `{"result":{"input":..,"output":..},..}` for a text-embeddings model
+/// ([`crate::embeddings`]).
+pub fn embedding_schema_envelope() -> String {
+    use crate::embeddings::{MAX_EMBED_TEXT_CHARS, MAX_RUN_TEXTS};
+    let text = json!({"type": "string", "minLength": 1, "maxLength": MAX_EMBED_TEXT_CHARS});
+    crate::SuccessEnvelope::new(json!({
+        "input": {
+            "type": "object",
+            "additionalProperties": true,
+            "properties": {
+                "text": {"oneOf": [text, {"type": "array", "items": text, "maxItems": MAX_RUN_TEXTS}],
+                         "description": "The text to embed, or a list of texts"},
+                "pooling": {"type": "string", "enum": ["mean", "cls"], "default": "mean",
+                            "description": "How token vectors become one: mean (the default, Workers AI's) or cls"},
+                "truncate_inputs": {"type": "boolean", "default": false,
+                                    "description": "Cut texts longer than the model reads instead of refusing them"}
+            },
+            "required": ["text"]
+        },
+        "output": {
+            "type": "object",
+            "contentType": "application/json",
+            "properties": {
+                "shape": {"type": "array", "items": {"type": "number"}},
+                "data": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                "pooling": {"type": "string", "enum": ["mean", "cls"]}
+            }
+        }
+    }))
+    .to_json()
+}
+
 /// The input schema: `oneOf` a prompt or messages, with the sampling fields of both.
 pub fn input_schema() -> Value {
     let mut prompt = sampling_properties();
@@ -378,6 +459,7 @@ mod tests {
                 name: n.to_string(),
                 description: format!("{n} model"),
                 context_window: Some(7968),
+                task: ServedTask::TextGeneration,
             })
             .collect()
     }
@@ -406,6 +488,36 @@ mod tests {
         };
         assert_eq!(ModelInfo::new(&unknown_window).properties.len(), 1);
         assert_eq!(ModelInfo::new(&unknown_window).author(), None);
+    }
+
+    #[test]
+    fn embedding_models_are_text_embeddings_with_their_dimensions() {
+        let m = ModelInfo::new(&ServedModel {
+            name: "@cf/baai/bge-small-en-v1.5".into(),
+            description: "bge".into(),
+            context_window: None,
+            task: ServedTask::TextEmbeddings {
+                dimensions: Some(384),
+                max_input_tokens: Some(512),
+            },
+        });
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["task"]["name"], "Text Embeddings");
+        assert_eq!(v["task"]["id"], TEXT_EMBEDDINGS_TASK_ID);
+        assert_eq!(
+            v["properties"],
+            json!([{"property_id": "max_input_tokens", "value": "512"},
+                   {"property_id": "output_dimensions", "value": "384"},
+                   {"property_id": "info", "value": "served by an edgerun node"}])
+        );
+        let q = SearchQuery::parse(Some("task=text+embeddings")).unwrap();
+        assert_eq!(ModelList::search(&[m_served()], &q).result.len(), 0);
+        let s: Value = serde_json::from_str(&embedding_schema_envelope()).unwrap();
+        assert_eq!(s["result"]["input"]["required"], json!(["text"]));
+    }
+
+    fn m_served() -> ServedModel {
+        served(&["chat"])[0].clone()
     }
 
     #[test]

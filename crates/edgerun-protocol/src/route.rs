@@ -67,7 +67,7 @@ pub enum OpenAiBase {
     /// `{"error":{..}}`.
     V1,
     /// `/client/v4/accounts/{id}/ai/v1/...`, Workers AI's own (reference §4): only
-    /// `chat/completions` exists there. Errors stay Cloudflare's v4 envelope, as the service's do.
+    /// `chat/completions` and `embeddings` exist there. Errors stay Cloudflare's v4 envelope, as the service's do.
     WorkersAi,
 }
 
@@ -82,8 +82,9 @@ pub struct OpenAiRoute {
 
 impl OpenAiRoute {
     /// The OpenAI-compatible route at `path`, if it is one: `/v1/chat/completions`,
-    /// `/v1/completions`, `/v1/models`, and `/client/v4/accounts/{id}/ai/v1/chat/completions`
-    /// (one non-empty account segment). Workers AI documents no `completions` there and answers
+    /// `/v1/completions`, `/v1/embeddings`, `/v1/models`, and
+    /// `/client/v4/accounts/{id}/ai/v1/{chat/completions,embeddings}` (one non-empty account
+    /// segment). Workers AI documents no `completions` there and answers
     /// `models` with 405 (reference §4), so those are not routes of this family.
     pub fn of(path: &str) -> Option<Self> {
         let (base, tail) = match path.strip_prefix("/v1/") {
@@ -99,6 +100,7 @@ impl OpenAiRoute {
         };
         let endpoint = match (base, tail) {
             (_, "chat/completions") => OpenAiEndpoint::ChatCompletions,
+            (_, "embeddings") => OpenAiEndpoint::Embeddings,
             (OpenAiBase::V1, "completions") => OpenAiEndpoint::Completions,
             (OpenAiBase::V1, "models") => OpenAiEndpoint::Models,
             (OpenAiBase::V1, tail) if tail.starts_with("models/") => {
@@ -202,7 +204,9 @@ impl<'a> NodeRoute<'a> {
         match self {
             NodeRoute::Run(_) | NodeRoute::Binding(BindingEndpoint::Run) => Self::RUN_METHODS,
             NodeRoute::OpenAi(route) => match route.endpoint {
-                OpenAiEndpoint::ChatCompletions | OpenAiEndpoint::Completions => Self::RUN_METHODS,
+                OpenAiEndpoint::ChatCompletions
+                | OpenAiEndpoint::Completions
+                | OpenAiEndpoint::Embeddings => Self::RUN_METHODS,
                 OpenAiEndpoint::Models | OpenAiEndpoint::Model => Self::OPEN_METHODS,
             },
             NodeRoute::Binding(BindingEndpoint::ModelsSearch)
@@ -397,10 +401,16 @@ mod tests {
             NodeRoute::of("/client/v4/accounts/acc/ai/v1/chat/completions"),
             route(WorkersAi, ChatCompletions)
         );
+        assert_eq!(NodeRoute::of("/v1/embeddings"), route(V1, Embeddings));
+        assert_eq!(
+            NodeRoute::of("/client/v4/accounts/acc/ai/v1/embeddings"),
+            route(WorkersAi, Embeddings)
+        );
+        assert!(route(V1, Embeddings).allows("POST"));
         for other in [
             "/v1/",
             "/v1/chat/completions/",
-            "/v1/embeddings",
+            "/v1/embeddings/",
             "/v1/models/",
             "/v1/models/%FF",
             "/v2/chat/completions",

@@ -13,9 +13,11 @@
 //! state unused gives the place back; dropping the [`Events`] cancels the generation.
 
 use edgerun_engine::{
-    EngineError, GenerationEvent, GrammarLimits, Health, OutputFormat, PromptInput, QueuePolicy,
-    SamplingConfig, SequenceEnd, StatsSnapshot, StopCriteria, TokenStream, Tool, ToolCalling,
+    EmbedInput, EmbedStats, EmbedderInfo, EngineError, GenerationEvent, GrammarLimits, Health,
+    OutputFormat, Pooling, PromptInput, QueuePolicy, SamplingConfig, SequenceEnd, StatsSnapshot,
+    StopCriteria, TokenStream, Tool, ToolCalling,
 };
+use futures::future::BoxFuture;
 use std::sync::Arc;
 
 type Result<T> = std::result::Result<T, EngineError>;
@@ -129,5 +131,43 @@ impl EndState for SequenceEnd {
     }
     fn stalled(&self) -> bool {
         SequenceEnd::stalled(self)
+    }
+}
+
+/// What embeds text for the server: an embedding model's batching thread
+/// ([`edgerun_engine::Embedder`]), or a fake in tests.
+pub trait EmbedBackend: Send + Sync + 'static {
+    /// Dimensions, input length limit, default pooling.
+    fn info(&self) -> EmbedderInfo;
+    /// Token ids of each input (refused when longer than the model reads, unless `truncate`).
+    /// Blocks: call it off the async runtime's workers.
+    fn tokenize(&self, inputs: &[EmbedInput], truncate: bool) -> Result<Vec<Vec<u32>>>;
+    /// Queues the inputs ([`EngineError::Busy`] when the queue is full); the future gives one
+    /// vector per input, in order. Dropping it abandons the job.
+    fn submit(
+        &self,
+        tokens: Vec<Vec<u32>>,
+        pooling: Pooling,
+    ) -> Result<BoxFuture<'static, Result<Vec<Vec<f32>>>>>;
+    fn stats(&self) -> EmbedStats;
+}
+
+impl EmbedBackend for edgerun_engine::Embedder {
+    fn info(&self) -> EmbedderInfo {
+        edgerun_engine::Embedder::info(self).clone()
+    }
+    fn tokenize(&self, inputs: &[EmbedInput], truncate: bool) -> Result<Vec<Vec<u32>>> {
+        edgerun_engine::Embedder::tokenize(self, inputs, truncate)
+    }
+    fn submit(
+        &self,
+        tokens: Vec<Vec<u32>>,
+        pooling: Pooling,
+    ) -> Result<BoxFuture<'static, Result<Vec<Vec<f32>>>>> {
+        let ticket = edgerun_engine::Embedder::submit(self, tokens, pooling)?;
+        Ok(Box::pin(ticket.wait()))
+    }
+    fn stats(&self) -> EmbedStats {
+        edgerun_engine::Embedder::stats(self)
     }
 }

@@ -118,11 +118,22 @@ pub struct GenerateArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// The model: a GGUF path, `hf:owner/repo/file.gguf`, or a catalog name such as
-    /// `@cf/meta/llama-3-8b-instruct`.
-    #[arg(long, env = "EDGERUN_MODEL")]
-    pub model: String,
-    /// Extra names to serve the model under (repeatable; comma-separated in the env var).
+    /// A model to serve (repeatable; comma-separated in the env var): a GGUF path,
+    /// `hf:owner/repo/file.gguf` or a catalog name such as `@cf/meta/llama-3-8b-instruct` for
+    /// the text-generation model (one per node); an encoder directory, `hf:owner/repo` or a
+    /// catalog name such as `@cf/baai/bge-small-en-v1.5` for an embedding model (any number).
+    /// `NAME=SPEC` serves it under NAME too.
+    #[arg(long, env = "EDGERUN_MODEL", value_delimiter = ',', required = true)]
+    pub model: Vec<String>,
+    /// Texts' padded tokens one embedding forward pass takes at most (and so its activation
+    /// memory); at least the model's longest input.
+    #[arg(long, env = "EDGERUN_EMBED_BATCH_TOKENS", default_value_t = 8192)]
+    pub embed_batch_tokens: usize,
+    /// Embedding requests allowed to wait per embedding model before new ones get 429.
+    #[arg(long, env = "EDGERUN_EMBED_MAX_QUEUE", default_value_t = 256)]
+    pub embed_max_queue: usize,
+    /// Extra names to serve the first --model under (repeatable; comma-separated in the env
+    /// var).
     #[arg(long = "served-as", env = "EDGERUN_SERVED_AS", value_delimiter = ',')]
     pub served_as: Vec<String>,
     /// A Hugging Face tokenizer.json to use instead of the GGUF's tokenizer.

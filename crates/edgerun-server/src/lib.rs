@@ -97,6 +97,7 @@ pub mod error;
 pub mod fake;
 pub mod generation;
 pub mod http_layers;
+pub mod model_set;
 pub mod models;
 mod routes;
 pub mod serve;
@@ -106,4 +107,4 @@ pub mod telemetry;
 pub use auth::TokenSet;
 pub use routes::router;
 
-pub use state::{AppState, BodyLimits, Drain};
+pub use state::{AppState, BodyLimits, Drain, EmbeddingSlot};

@@ -6,12 +6,16 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use cli::{Cli, Command, GenerateArgs, ServeArgs};
 use edgerun_engine::GrammarLimits;
-use edgerun_engine::{DeviceSpec, Engine, KvStorage, LoadedModel, SchedulerConfig};
+use edgerun_engine::{
+    DeviceSpec, Embedder, EmbeddingConfig, EmbeddingModel, Engine, KvStorage, LoadedModel,
+    SchedulerConfig,
+};
 use edgerun_protocol::{RequestLimits, SchemaLimits};
 use edgerun_server::access::{AccessConfig, AccessVerifier};
-use edgerun_server::models::{self, Catalog};
+use edgerun_server::model_set::ModelSet;
+use edgerun_server::models::Catalog;
 use edgerun_server::serve::{self, ConnectionLimits};
-use edgerun_server::{router, AppState, TokenSet};
+use edgerun_server::{router, AppState, EmbeddingSlot, TokenSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -453,26 +457,23 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         Some(p) => Catalog::parse(&std::fs::read_to_string(p)?)?,
         None => Catalog::builtin(),
     };
-    let resolved = models::resolve(&args.model, &catalog)?;
-    let path = models::fetch(&resolved.source)?;
-
-    let mut served = vec![models::own_name(&path)];
-    served.extend(resolved.catalog_name.clone());
-    served.extend(args.served_as.iter().filter(|s| !s.is_empty()).cloned());
-    served.dedup();
-    let mut state = AppState::new(served.clone(), tokens);
-    let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned());
-    let description = match resolved
-        .catalog_name
+    let set = ModelSet::plan(&args.model, &args.served_as, &catalog)?;
+    let generation = set.generation.clone();
+    let served: Vec<String> = generation
         .as_ref()
-        .and_then(|n| catalog.models.get(n))
-    {
-        Some(entry) if entry.description.is_some() => entry.description.clone(),
-        _ => file_name.map(|f| format!("{f}, served by edgerun")),
-    };
-    if let Some(description) = description {
-        state.model_description = Arc::new(description);
+        .map(|g| g.names.clone())
+        .unwrap_or_default();
+    let mut state = AppState::new(served.clone(), tokens);
+    if let Some(g) = &generation {
+        state.model_description = Arc::new(g.description.clone());
     }
+    state.embedders = Arc::new(
+        set.embeddings
+            .iter()
+            .map(|e| EmbeddingSlot::new(e.names.clone(), e.description.clone()))
+            .collect(),
+    );
+    let all_names = state.all_names();
     state.body = edgerun_server::BodyLimits {
         max_bytes: args.max_body_bytes,
         timeout: Duration::from_secs(args.body_timeout_secs),
@@ -503,7 +504,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        tracing::info!(listen = %listener.local_addr()?, models = ?served, "listening; /health is 503 until the model is loaded");
+        tracing::info!(listen = %listener.local_addr()?, models = ?all_names, "listening; /health is 503 until the models are loaded");
 
         // Keep the Access keys fresh in the background: requests never wait on a refresh.
         if let Some(access) = &state.access {
@@ -512,17 +513,65 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
 
         // Load on a blocking thread while the listener already answers /health with 503.
         let engine_slot = state.engine.clone();
+        let embed_slots = state.embedders.clone();
+        let embedders = set.embeddings.clone();
+        let embed_config = EmbeddingConfig {
+            max_batch_tokens: args.embed_batch_tokens,
+            max_queue: args.embed_max_queue,
+        };
         let device = args.device.clone();
         let settings = args.clone();
         let tokenizer = args.tokenizer.clone();
-        let window = args.context_window.or(resolved.context_window);
+        let window = args
+            .context_window
+            .or(generation.as_ref().and_then(|g| g.resolved.context_window));
         let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let device = device.open()?;
             let used_before_weights = edgerun_engine::device_memory(&device).map(|(f, t)| t - f);
+            // Embedding models load on threads of their own, beside the text-generation
+            // model's weights; its KV budget is sized once they are in (model_set.rs).
+            let loading: Vec<_> = embedders
+                .iter()
+                .map(|e| {
+                    let (path, name, device) = (e.path.clone(), e.names[0].clone(), device.clone());
+                    std::thread::spawn(move || -> anyhow::Result<Embedder> {
+                        let model = EmbeddingModel::load(&path, &device)
+                            .with_context(|| format!("loading the embedding model {name}"))?;
+                        Embedder::start(model, embed_config)
+                            .with_context(|| format!("starting the embedding model {name}"))
+                    })
+                })
+                .collect();
+            let loaded = match &generation {
+                Some(g) => Some(
+                    LoadedModel::load(&g.path, tokenizer.as_deref(), &device)
+                        .with_context(|| format!("loading the model {}", g.names[0]))?,
+                ),
+                None => None,
+            };
+            let mut embed_reserve = 0;
+            for ((slot, handle), planned) in embed_slots.iter().zip(loading).zip(&embedders) {
+                let embedder = handle
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the loader of {} panicked", planned.names[0]))??;
+                let info = embedder.info().clone();
+                embed_reserve += embedder.activation_bytes();
+                tracing::info!(
+                    model = %planned.path.display(),
+                    names = ?slot.names,
+                    dimensions = info.dimensions,
+                    max_input_tokens = info.max_tokens,
+                    pooling = info.pooling.as_str(),
+                    "embedding model loaded"
+                );
+                let _ = slot.backend.set(Arc::new(embedder));
+            }
+            let Some(loaded) = loaded else {
+                return Ok(());
+            };
             let mut scheduler =
                 scheduler_config(&settings, SchedulerConfig::default_for(&device))?;
-            let loaded = LoadedModel::load(&path, tokenizer.as_deref(), &device)?;
             let paged = matches!(scheduler.kv_storage, KvStorage::Paged { .. });
             if scheduler.kv_cache_budget.is_none() {
                 if device.is_cpu() && paged {
@@ -562,7 +611,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
                             context: window.unwrap_or(config.context_length),
                         },
                     );
-                    let reserve = activations.total();
+                    let reserve = activations.total() + embed_reserve;
                     if let Some(before) = used_before_weights {
                         let weights = (total - free).saturating_sub(before);
                         metrics::gauge!("edgerun_device_weights_bytes").set(weights as f64);
@@ -609,7 +658,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
                 metrics::gauge!("edgerun_kv_pool_bytes").set(pool as f64);
             }
             tracing::info!(
-                model = %path.display(),
+                model = %generation.as_ref().map(|g| g.path.display().to_string()).unwrap_or_default(),
                 device = ?device,
                 layers = cfg.block_count,
                 context_window = engine.context_window(),
@@ -650,7 +699,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         tokio::select! {
             loaded = loader => match loaded {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e.context("loading the model")),
+                Ok(Err(e)) => return Err(e.context("loading the models")),
                 Err(e) => bail!("the model loader panicked: {e}"),
             },
             done = &mut server => {

@@ -1,5 +1,9 @@
 //! Where model files come from: a local path, a Hugging Face reference, or a Workers AI name
-//! from the catalog.
+//! from the catalog; and what kind of model it is. A GGUF file is a text-generation model; a
+//! directory, an `hf:owner/repo` reference without a file, or a catalog entry with
+//! `task = "text-embeddings"` is an embedding model (a Hugging Face encoder directory:
+//! `config.json`, `model.safetensors`, `tokenizer.json` and sentence-transformers' pipeline
+//! files, [`ENCODER_FILES`]).
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -38,6 +42,27 @@ pub struct CatalogEntry {
     pub revision: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
+    /// `text-generation` (the default: `hf` names a GGUF file) or `text-embeddings` (`hf`
+    /// names a repository of an encoder).
+    #[serde(default)]
+    pub task: Option<String>,
+}
+
+/// The files of an encoder directory: required, then optional (sentence-transformers').
+pub const ENCODER_FILES: (&[&str], &[&str]) = (
+    &["config.json", "model.safetensors", "tokenizer.json"],
+    &[
+        "modules.json",
+        "1_Pooling/config.json",
+        "sentence_bert_config.json",
+    ],
+);
+
+/// What a model does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelTask {
+    TextGeneration,
+    TextEmbeddings,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -65,6 +90,11 @@ pub enum ModelSource {
         file: String,
         revision: String,
     },
+    /// A whole encoder repository ([`ENCODER_FILES`]).
+    HubEncoder {
+        repo: String,
+        revision: String,
+    },
 }
 
 /// What `--model` resolved to: where to load from, and facts the catalog adds.
@@ -74,6 +104,7 @@ pub struct ResolvedModel {
     /// The catalog name, when `--model` was one (served under that name too).
     pub catalog_name: Option<String>,
     pub context_window: Option<usize>,
+    pub task: ModelTask,
 }
 
 /// Splits `owner/repo/path/file.gguf` into the repository and the file inside it.
@@ -86,8 +117,25 @@ pub fn parse_hub_reference(r: &str) -> Option<(String, String)> {
     Some((format!("{owner}/{repo}"), file.to_string()))
 }
 
+/// `owner/repo` (exactly two non-empty parts).
+fn parse_hub_repo(r: &str) -> Option<String> {
+    let (owner, repo) = r.split_once('/')?;
+    (!owner.is_empty() && !repo.is_empty() && !repo.contains('/')).then(|| r.to_string())
+}
+
 pub fn resolve(spec: &str, catalog: &Catalog) -> Result<ResolvedModel, ModelSourceError> {
     if let Some(r) = spec.strip_prefix("hf:") {
+        if let Some(repo) = parse_hub_repo(r) {
+            return Ok(ResolvedModel {
+                source: ModelSource::HubEncoder {
+                    repo,
+                    revision: "main".into(),
+                },
+                catalog_name: None,
+                context_window: None,
+                task: ModelTask::TextEmbeddings,
+            });
+        }
         let (repo, file) =
             parse_hub_reference(r).ok_or_else(|| ModelSourceError::Unknown(spec.to_string()))?;
         return Ok(ResolvedModel {
@@ -98,27 +146,56 @@ pub fn resolve(spec: &str, catalog: &Catalog) -> Result<ResolvedModel, ModelSour
             },
             catalog_name: None,
             context_window: None,
+            task: ModelTask::TextGeneration,
         });
     }
     if let Some(entry) = catalog.models.get(spec) {
-        let (repo, file) = parse_hub_reference(&entry.hf)
-            .ok_or_else(|| ModelSourceError::Catalog(format!("{spec}: bad hf `{}`", entry.hf)))?;
+        let revision = entry.revision.clone().unwrap_or_else(|| "main".into());
+        let bad = || ModelSourceError::Catalog(format!("{spec}: bad hf `{}`", entry.hf));
+        let (source, task) = match entry.task.as_deref() {
+            None | Some("text-generation") => {
+                let (repo, file) = parse_hub_reference(&entry.hf).ok_or_else(bad)?;
+                (
+                    ModelSource::Hub {
+                        repo,
+                        file,
+                        revision,
+                    },
+                    ModelTask::TextGeneration,
+                )
+            }
+            Some("text-embeddings") => (
+                ModelSource::HubEncoder {
+                    repo: parse_hub_repo(&entry.hf).ok_or_else(bad)?,
+                    revision,
+                },
+                ModelTask::TextEmbeddings,
+            ),
+            Some(other) => {
+                return Err(ModelSourceError::Catalog(format!(
+                    "{spec}: task `{other}` is not text-generation or text-embeddings"
+                )))
+            }
+        };
         return Ok(ResolvedModel {
-            source: ModelSource::Hub {
-                repo,
-                file,
-                revision: entry.revision.clone().unwrap_or_else(|| "main".into()),
-            },
+            source,
             catalog_name: Some(spec.to_string()),
             context_window: entry.context_window,
+            task,
         });
     }
     let path = PathBuf::from(spec);
     if path.exists() {
+        let task = if path.is_dir() {
+            ModelTask::TextEmbeddings
+        } else {
+            ModelTask::TextGeneration
+        };
         return Ok(ResolvedModel {
             source: ModelSource::Path(path),
             catalog_name: None,
             context_window: None,
+            task,
         });
     }
     if !spec.starts_with('@')
@@ -173,11 +250,39 @@ pub fn fetch(source: &ModelSource) -> Result<PathBuf, ModelSourceError> {
                 .map_err(|e| err(e.to_string()))?;
             api.repo(hf_repo).get(file).map_err(|e| err(e.to_string()))
         }
+        ModelSource::HubEncoder { repo, revision } => {
+            let (required, optional) = ENCODER_FILES;
+            let mut dir = None;
+            for file in required {
+                let path = fetch(&ModelSource::Hub {
+                    repo: repo.clone(),
+                    file: file.to_string(),
+                    revision: revision.clone(),
+                })?;
+                dir = path.parent().map(Path::to_path_buf);
+            }
+            for file in optional {
+                // Absent from the repository (or the offline cache): the model's defaults.
+                let _ = fetch(&ModelSource::Hub {
+                    repo: repo.clone(),
+                    file: file.to_string(),
+                    revision: revision.clone(),
+                });
+            }
+            // The Hub cache keeps a revision's files side by side in one snapshot folder.
+            dir.ok_or_else(|| ModelSourceError::Catalog(format!("{repo}: no files")))
+        }
     }
 }
 
-/// The name a model file is served under besides any `--served-as` names: its file stem.
+/// The name a model file is served under besides any `--served-as` names: its file stem (a
+/// directory's name).
 pub fn own_name(path: &Path) -> String {
+    if path.is_dir() {
+        if let Some(name) = path.file_name() {
+            return name.to_string_lossy().into_owned();
+        }
+    }
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into())
@@ -222,6 +327,14 @@ mod tests {
             resolve("hf:owner", &c),
             Err(ModelSourceError::Unknown(_))
         ));
+        let r = resolve("hf:BAAI/bge-small-en-v1.5", &c).unwrap();
+        assert_eq!(r.task, ModelTask::TextEmbeddings);
+        assert!(matches!(r.source, ModelSource::HubEncoder { .. }));
+        let dir = std::env::temp_dir();
+        assert_eq!(
+            resolve(dir.to_str().unwrap(), &c).unwrap().task,
+            ModelTask::TextEmbeddings
+        );
         assert!(matches!(
             resolve("/nope/missing.gguf", &c),
             Err(ModelSourceError::Missing(_))

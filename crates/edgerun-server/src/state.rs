@@ -3,7 +3,7 @@
 //! state [`Drain`], and how request bodies must arrive ([`BodyLimits`]). The backend is held
 //! as a [`Backend`] trait object, so the routes run the same over the engine and over a fake.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, EmbedBackend};
 use crate::{access, telemetry, TokenSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -124,6 +124,27 @@ pub struct AppState {
     /// Who may call from a browser (`--cors-origin`); `None` (the default) sends no CORS
     /// headers.
     pub cors: Option<crate::http_layers::CorsOrigins>,
+    /// The embedding models this node serves beside the text-generation model, each under its
+    /// own names, in `--model` order.
+    pub embedders: Arc<Vec<EmbeddingSlot>>,
+}
+
+/// One embedding model: its names (known at start) and its backend (once loaded).
+pub struct EmbeddingSlot {
+    pub names: Vec<String>,
+    /// What the model is, for the catalogue.
+    pub description: String,
+    pub backend: OnceLock<Arc<dyn EmbedBackend>>,
+}
+
+impl EmbeddingSlot {
+    pub fn new(names: Vec<String>, description: String) -> Self {
+        Self {
+            names,
+            description,
+            backend: OnceLock::new(),
+        }
+    }
 }
 
 impl AppState {
@@ -142,6 +163,7 @@ impl AppState {
             metrics: None,
             access: None,
             cors: None,
+            embedders: Arc::new(Vec::new()),
         }
     }
 
@@ -151,7 +173,30 @@ impl AppState {
         self.engine.set(Arc::new(backend)).is_ok()
     }
 
+    /// Whether `model` names the text-generation model.
     pub fn serves(&self, model: &str) -> bool {
         self.served_names.iter().any(|n| n == model)
+    }
+
+    /// The embedding model `model` names, if it names one.
+    pub fn embedder(&self, model: &str) -> Option<&EmbeddingSlot> {
+        self.embedders
+            .iter()
+            .find(|slot| slot.names.iter().any(|n| n == model))
+    }
+
+    /// Whether a text-generation model is configured (a node may serve embeddings alone).
+    pub fn has_generation_model(&self) -> bool {
+        !self.served_names.is_empty()
+    }
+
+    /// Every name the node answers to: the text-generation model's, then each embedding
+    /// model's.
+    pub fn all_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.served_names.to_vec();
+        for slot in self.embedders.iter() {
+            names.extend(slot.names.iter().cloned());
+        }
+        names
     }
 }

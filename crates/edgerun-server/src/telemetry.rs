@@ -24,6 +24,55 @@ pub const CONNECTIONS_REFUSED: &str = "edgerun_connections_refused_total";
 pub const CONNECTIONS_TIMED_OUT: &str = "edgerun_connections_timed_out_total";
 pub const BODY_TIMEOUTS: &str = "edgerun_request_body_timeouts_total";
 pub const REQUESTS_CUT: &str = "edgerun_requests_cut_at_shutdown_total";
+/// Inputs embedded, over every embedding model.
+pub const EMBEDDING_INPUTS: &str = "edgerun_embedding_inputs_total";
+/// Tokens read by embedding models (after truncation, padding excluded).
+pub const EMBEDDING_TOKENS: &str = "edgerun_embedding_tokens_total";
+
+/// Each embedding model's batching thread, by its first name: jobs waiting or running,
+/// forward passes, jobs failed.
+pub fn render_embedders(models: &[(String, edgerun_engine::EmbedStats)]) -> String {
+    use edgerun_engine::EmbedStats;
+    use std::fmt::Write;
+    let mut out = String::new();
+    if models.is_empty() {
+        return out;
+    }
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&EmbedStats) -> u64,
+    );
+    let series: [Series; 3] = [
+        (
+            "edgerun_embedding_queued_requests",
+            "gauge",
+            "embedding requests waiting or running",
+            |s| s.queued_requests as u64,
+        ),
+        (
+            "edgerun_embedding_batches_total",
+            "counter",
+            "embedding forward passes",
+            |s| s.batches,
+        ),
+        (
+            "edgerun_embedding_failed_total",
+            "counter",
+            "embedding requests failed by their batch",
+            |s| s.failed,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (model, stats) in models {
+            let model = model.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "{name}{{model=\"{model}\"}} {}", value(stats));
+        }
+    }
+    out
+}
 
 /// How a request to `path` is counted in [`REQUESTS`]: its `route` label, the router's pattern
 /// for it (a fixed set of values, whatever paths callers send; `unknown` for paths no route
@@ -35,12 +84,16 @@ pub fn request_route(path: &str) -> Option<(&'static str, bool)> {
         NodeRoute::Run(_) if path.starts_with("/run/") => ("/run/{model}", true),
         NodeRoute::Run(_) => ("/client/v4/accounts/{account_id}/ai/run/{model}", true),
         NodeRoute::OpenAi(r) => match (r.base, r.endpoint) {
+            (OpenAiBase::WorkersAi, OpenAiEndpoint::Embeddings) => {
+                ("/client/v4/accounts/{account_id}/ai/v1/embeddings", false)
+            }
             (OpenAiBase::WorkersAi, _) => (
                 "/client/v4/accounts/{account_id}/ai/v1/chat/completions",
                 true,
             ),
             (OpenAiBase::V1, OpenAiEndpoint::ChatCompletions) => ("/v1/chat/completions", true),
             (OpenAiBase::V1, OpenAiEndpoint::Completions) => ("/v1/completions", true),
+            (OpenAiBase::V1, OpenAiEndpoint::Embeddings) => ("/v1/embeddings", false),
             (OpenAiBase::V1, OpenAiEndpoint::Models) => ("/v1/models", false),
             (OpenAiBase::V1, OpenAiEndpoint::Model) => ("/v1/models/{id}", false),
         },

@@ -6,7 +6,8 @@
 //!
 //! The model is SmolLM2-135M-Instruct Q4_1, fetched once by `models/fetch-default.sh` (run
 //! from here when needed, so a test run on a fresh checkout needs no other step), or the file
-//! `EDGERUN_TEST_MODEL` names.
+//! `EDGERUN_TEST_MODEL` names. The embedding model is all-MiniLM-L6-v2
+//! (`models/fetch-minilm.sh`), with sentence-transformers' vectors as its reference.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -25,18 +26,36 @@ pub fn model_path() -> PathBuf {
         if let Ok(p) = std::env::var("EDGERUN_TEST_MODEL") {
             return PathBuf::from(p);
         }
-        let out = Command::new("bash")
-            .arg(workspace_root().join("models/fetch-default.sh"))
-            .output()
-            .expect("run models/fetch-default.sh");
-        assert!(
-            out.status.success(),
-            "models/fetch-default.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        fetch("models/fetch-default.sh")
     })
     .clone()
+}
+
+/// The real embedding test model's directory: all-MiniLM-L6-v2 (safetensors, tokenizer and
+/// sentence-transformers' pipeline), fetched once by `models/fetch-minilm.sh`.
+pub fn embedding_model_dir() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| fetch("models/fetch-minilm.sh")).clone()
+}
+
+/// sentence-transformers' own vectors for the embedding test model
+/// (`tests/data/minilm-reference.json`, made by `scripts/make-embedding-reference.py`).
+pub fn embedding_reference_path() -> PathBuf {
+    workspace_root().join("tests/data/minilm-reference.json")
+}
+
+/// Runs a fetch script of the workspace and returns the path it prints.
+fn fetch(script: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(workspace_root().join(script))
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// A loopback port nothing listens on (at the time of asking).

@@ -253,6 +253,7 @@ mod tests {
             countries: vec![],
             colos: vec![],
             token_secret: None,
+            models: None,
         }
     }
 

@@ -35,8 +35,9 @@ pub struct NodesConfig {
     /// The region for callers no region claims; the first region when absent.
     #[serde(default)]
     pub default: Option<String>,
-    /// Model names the nodes serve. When set, the Worker answers other names itself with the
-    /// node's `5007` error; when absent, every name is passed on and the node decides.
+    /// Model names every region's nodes serve (unless a region lists its own). When this or any
+    /// region's `models` is set, the Worker answers names no region serves itself, with the
+    /// node's `5007` error; when none is, every name is passed on and the node decides.
     #[serde(default)]
     pub models: Option<Vec<String>>,
 }
@@ -69,6 +70,11 @@ pub struct Region {
     /// absent.
     #[serde(default)]
     pub token_secret: Option<String>,
+    /// The models this region's nodes serve (a chat model and embedding models, say), when they
+    /// differ from the top-level `models`: a request for a model goes only to regions that
+    /// serve it.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
 }
 
 impl Region {
@@ -173,11 +179,29 @@ impl NodesConfig {
         order
     }
 
-    /// Whether `model` may be passed to a node (always, unless `models` is set).
+    /// Whether `model` may be passed to a node: some region serves it ([`Self::region_serves`]).
     pub fn serves(&self, model: &str) -> bool {
-        self.models
+        self.regions.iter().any(|r| self.region_serves(r, model))
+    }
+
+    /// Whether `region` serves `model`: its own `models` say, else the top-level `models`, else
+    /// every name is passed on (the node decides).
+    pub fn region_serves(&self, region: &Region, model: &str) -> bool {
+        region
+            .models
             .as_ref()
+            .or(self.models.as_ref())
             .is_none_or(|models| models.iter().any(|m| m == model))
+    }
+
+    /// [`Self::regions_for`], keeping only the regions that serve `model` when the request
+    /// names one.
+    pub fn regions_for_model(&self, location: &Location, model: Option<&str>) -> Vec<&Region> {
+        let mut regions = self.regions_for(location);
+        if let Some(model) = model {
+            regions.retain(|r| self.region_serves(r, model));
+        }
+        regions
     }
 }
 

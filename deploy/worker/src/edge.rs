@@ -6,6 +6,7 @@
 
 use crate::config::NodesConfig;
 use crate::EdgeError;
+use edgerun_protocol::embeddings::{EmbeddingRun, OpenAiEmbeddingRequest};
 use edgerun_protocol::{
     binding, model_from_path, ApiError, BindingEndpoint, NodeRoute, OpenAiBase, OpenAiEndpoint,
     OpenAiRequest, OpenAiRoute, TokenSet, ValidatedRequest,
@@ -45,8 +46,8 @@ pub enum Admitted {
     /// The Workers binding's `POST /run?version=3`, the model from `cf-consn-model-id`: its body
     /// (`{inputs, options}`) must pass [`check_body`] first.
     BindingRun { model: String },
-    /// An OpenAI-compatible generation (`chat/completions`, `completions`): the model is in the
-    /// body, checked by [`check_body`].
+    /// An OpenAI-compatible generation (`chat/completions`, `completions`) or `embeddings`: the
+    /// model is in the body, checked by [`check_body`].
     OpenAi(OpenAiRoute),
     /// A `GET` of the node's model listings (`/v1/models`, `/v1/models/{id}`, Workers AI's
     /// `models/search` and `models/schema`, the binding's `/ai-api/models/search`): passed
@@ -57,6 +58,15 @@ pub enum Admitted {
 }
 
 impl Admitted {
+    /// The model a run names in its path or header (an OpenAI request names it in the body:
+    /// [`check_body`] returns it).
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Admitted::Run { model } | Admitted::BindingRun { model } => Some(model),
+            _ => None,
+        }
+    }
+
     /// Whether the node's bearer token goes with the request. Every API route needs it;
     /// `/health` is open at the node and gets only the Access service token (without which it
     /// would not pass Access at all): no credential travels where it is not needed.
@@ -110,9 +120,9 @@ pub fn admit(
         }
         NodeRoute::OpenAi(route) => match route.endpoint {
             OpenAiEndpoint::Models | OpenAiEndpoint::Model => Admitted::Listing,
-            OpenAiEndpoint::ChatCompletions | OpenAiEndpoint::Completions => {
-                Admitted::OpenAi(route)
-            }
+            OpenAiEndpoint::ChatCompletions
+            | OpenAiEndpoint::Completions
+            | OpenAiEndpoint::Embeddings => Admitted::OpenAi(route),
         },
     };
     if head.content_length.is_some_and(|n| n > body_limit as u64) {
@@ -152,35 +162,64 @@ impl LimitedBody {
     }
 }
 
+/// Whether a run body asks for embeddings: Workers AI's embedding input (`text`) and neither
+/// of text generation's (`prompt`, `messages`). The two schemas share no required field, so the
+/// Worker tells them apart without knowing each model's task; a body that is neither is
+/// validated as text generation, whose error the node gives too.
+fn is_embedding_body(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
+    else {
+        return false;
+    };
+    let input = match map.get("inputs") {
+        // The binding's `{inputs, options}`.
+        Some(serde_json::Value::Object(inputs)) => inputs,
+        _ => &map,
+    };
+    let has = |k: &str| input.get(k).is_some_and(|v| !v.is_null());
+    has("text") && !has("prompt") && !has("messages")
+}
+
 /// Validates a body exactly as the node does, for what the request is (size, then the input
-/// schema of its dialect; for OpenAI requests, then the model named in the body, when
-/// `NODES.models` is set: 404 `model_not_found` on `/v1`, 400/5007 on Workers AI's route). The
-/// node's one 405 about a body (5005, `lora`) gets `Allow: POST`, as every 405 should. Listings
-/// and `/health` have no body to check.
+/// schema of its dialect — text generation's, or embeddings' for a body with `text`; for OpenAI
+/// requests, then the model named in the body, when `NODES` lists models: 404
+/// `model_not_found` on `/v1`, 400/5007 on Workers AI's route). The node's one 405 about a body
+/// (5005, `lora`) gets `Allow: POST`, as every 405 should. Listings and `/health` have no body
+/// to check. Returns the model an OpenAI body names (the regions are picked by it).
 pub fn check_body(
     admitted: &Admitted,
     body: &[u8],
     nodes: &NodesConfig,
     body_limit: usize,
-) -> Result<(), EdgeError> {
+) -> Result<Option<String>, EdgeError> {
     if body.len() > body_limit {
         return Err(ApiError::request_too_large(body_limit).into());
     }
-    let checked = match admitted {
-        Admitted::Run { .. } => ValidatedRequest::from_json_bytes(body).map(|_| ()),
-        Admitted::BindingRun { .. } => binding::parse_body(body).map(|_| ()),
-        Admitted::OpenAi(route) => {
-            OpenAiRequest::from_json_bytes(route.endpoint, body).and_then(|request| {
-                if nodes.serves(&request.model) {
-                    Ok(())
-                } else if route.base == OpenAiBase::V1 {
-                    Err(ApiError::model_not_found(&request.model))
-                } else {
-                    Err(ApiError::no_such_model(&request.model))
-                }
-            })
+    let served = |model: String, route: &OpenAiRoute| {
+        if nodes.serves(&model) {
+            Ok(Some(model))
+        } else if route.base == OpenAiBase::V1 {
+            Err(ApiError::model_not_found(&model))
+        } else {
+            Err(ApiError::no_such_model(&model))
         }
-        Admitted::Listing | Admitted::Health => Ok(()),
+    };
+    let checked = match admitted {
+        Admitted::Run { .. } if is_embedding_body(body) => {
+            EmbeddingRun::from_json_bytes(body).map(|_| None)
+        }
+        Admitted::Run { .. } => ValidatedRequest::from_json_bytes(body).map(|_| None),
+        Admitted::BindingRun { .. } if is_embedding_body(body) => {
+            binding::parse_embedding_body(body).map(|_| None)
+        }
+        Admitted::BindingRun { .. } => binding::parse_body(body).map(|_| None),
+        Admitted::OpenAi(route) if route.endpoint == OpenAiEndpoint::Embeddings => {
+            OpenAiEmbeddingRequest::from_json_bytes(body).and_then(|r| served(r.model, route))
+        }
+        Admitted::OpenAi(route) => OpenAiRequest::from_json_bytes(route.endpoint, body)
+            .and_then(|request| served(request.model, route)),
+        Admitted::Listing | Admitted::Health => Ok(None),
     };
     checked.map_err(|error| EdgeError {
         allow: (error.status == 405).then_some(NodeRoute::RUN_METHODS),
@@ -429,7 +468,7 @@ mod tests {
             check_body(&run, &[b' '; 11], &nodes, 10),
             Err(ApiError::request_too_large(10).into())
         );
-        assert_eq!(check(&run, br#"{"prompt":"hi"}"#), Ok(()));
+        assert_eq!(check(&run, br#"{"prompt":"hi"}"#), Ok(None));
         for body in [
             &b"not json"[..],
             br#"{"prompt":"a","messages":[{"role":"user","content":"b"}]}"#,
@@ -474,7 +513,7 @@ mod tests {
         let binding = Admitted::BindingRun { model: "m".into() };
         assert_eq!(
             check(&binding, br#"{"inputs":{"prompt":"hi"},"options":{}}"#),
-            Ok(())
+            Ok(None)
         );
         for body in [&br#"{"prompt":"hi"}"#[..], br#"{"inputs":{"prompt":""}}"#] {
             let edge = check(&binding, body).unwrap_err();
@@ -487,7 +526,7 @@ mod tests {
             endpoint: OpenAiEndpoint::ChatCompletions,
         });
         let ok_chat = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-        assert_eq!(check(&chat, ok_chat), Ok(()));
+        assert_eq!(check(&chat, ok_chat), Ok(Some("m".into())));
         let bad = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":2}"#;
         assert_eq!(
             check(&chat, bad).unwrap_err(),
@@ -495,7 +534,67 @@ mod tests {
                 .unwrap_err()
                 .into()
         );
-        assert_eq!(check(&Admitted::Listing, b"anything"), Ok(()));
+        assert_eq!(check(&Admitted::Listing, b"anything"), Ok(None));
+
+        // Embedding bodies (`text`, no prompt or messages): the embedding schema's errors, the
+        // node's own, on every route family.
+        assert_eq!(check(&run, br#"{"text":["a","b"]}"#), Ok(None));
+        for body in [
+            &br#"{"text":""}"#[..],
+            br#"{"text":["a",3]}"#,
+            br#"{"text":"a","pooling":"max"}"#,
+        ] {
+            let edge = check(&run, body).unwrap_err();
+            assert_eq!(
+                edge,
+                EmbeddingRun::from_json_bytes(body).unwrap_err().into()
+            );
+        }
+        assert_eq!(check(&binding, br#"{"inputs":{"text":"a"}}"#), Ok(None));
+        let bad = br#"{"inputs":{"text":[]}}"#;
+        assert_eq!(
+            check(&binding, bad).unwrap_err(),
+            binding::parse_embedding_body(bad).unwrap_err().into()
+        );
+        let embeddings = Admitted::OpenAi(OpenAiRoute {
+            base: OpenAiBase::V1,
+            endpoint: OpenAiEndpoint::Embeddings,
+        });
+        assert_eq!(
+            check(&embeddings, br#"{"model":"e","input":["a"]}"#),
+            Ok(Some("e".into()))
+        );
+        let bad = br#"{"model":"e","input":""}"#;
+        assert_eq!(
+            check(&embeddings, bad).unwrap_err(),
+            OpenAiEmbeddingRequest::from_json_bytes(bad)
+                .unwrap_err()
+                .into()
+        );
+    }
+
+    #[test]
+    fn regions_serve_their_own_models() {
+        let nodes = NodesConfig::parse(
+            r#"{"models":["chat"],"regions":[
+                {"name":"a","origin":"https://a"},
+                {"name":"b","origin":"https://b","models":["chat","embed"]}]}"#,
+        )
+        .unwrap();
+        assert!(nodes.serves("chat") && nodes.serves("embed") && !nodes.serves("other"));
+        let names = |m| {
+            nodes
+                .regions_for_model(&crate::config::Location::default(), m)
+                .iter()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(Some("chat")), ["a", "b"]);
+        assert_eq!(names(Some("embed")), ["b"]);
+        assert_eq!(names(None), ["a", "b"]);
+        let e = admit(&head("POST", "/run/other"), &nodes, 10).unwrap_err();
+        assert_eq!(e.error, ApiError::no_such_model("other"));
+        assert!(admit(&head("POST", "/run/embed"), &nodes, 10).is_ok());
     }
 
     #[test]
@@ -518,7 +617,10 @@ mod tests {
                 Err(expected.into())
             );
             let listed = br#"{"model":"@cf/meta/x","messages":[{"role":"user","content":"hi"}]}"#;
-            assert_eq!(check_body(&admitted, listed, &nodes, 1 << 20), Ok(()));
+            assert_eq!(
+                check_body(&admitted, listed, &nodes, 1 << 20),
+                Ok(Some("@cf/meta/x".into()))
+            );
         }
     }
 }

@@ -428,6 +428,7 @@ mod tests {
                 countries: vec![],
                 colos: vec![],
                 token_secret: None,
+                models: None,
             })
             .collect()
     }

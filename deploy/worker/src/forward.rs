@@ -200,6 +200,7 @@ mod tests {
             countries: vec![],
             colos: vec![],
             token_secret: None,
+            models: None,
         }
     }
 

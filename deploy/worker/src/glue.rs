@@ -103,14 +103,16 @@ async fn handle(
     } else {
         Some(read_body(req, body_limit).await?)
     };
-    check_body(
+    let body_model = check_body(
         &admitted,
         body.as_deref().unwrap_or_default(),
         &nodes,
         body_limit,
     )?;
 
-    let regions = nodes.regions_for(&location(req));
+    // Only the regions that serve the model asked for (NODES' per-region `models`).
+    let model = admitted.model().map(str::to_string).or(body_model);
+    let regions = nodes.regions_for_model(&location(req), model.as_deref());
     // Every region's credentials before the first fetch: a missing secret is a 500 naming it.
     let credentials = regions
         .iter()

@@ -27,6 +27,7 @@
 //! [`ModelConfig`]; anything the new file cannot run it refuses at load with a clear error.
 
 mod attention;
+pub mod bert;
 mod config;
 pub mod llama;
 

@@ -6,6 +6,7 @@ mod harness;
 
 mod batching;
 mod constrained;
+mod embeddings;
 mod faults;
 mod fidelity;
 mod gguf;

@@ -58,6 +58,8 @@ pub enum OpenAiEndpoint {
     Models,
     /// `GET models/{id}` (`/v1` only; the id is [`crate::route::openai_model_id`]).
     Model,
+    /// `POST embeddings` (its body is [`crate::embeddings::OpenAiEmbeddingRequest`]).
+    Embeddings,
 }
 
 #[cfg(test)]

@@ -122,6 +122,11 @@ impl OpenAiRequest {
             OpenAiEndpoint::Models | OpenAiEndpoint::Model => {
                 return Err(ApiError::invalid_request("models takes no request body"))
             }
+            OpenAiEndpoint::Embeddings => {
+                return Err(ApiError::invalid_request(
+                    "embeddings is not a generation endpoint",
+                ))
+            }
         };
         unsupported_fields(body)?;
 

@@ -56,6 +56,11 @@ async fn run_inner(
             .get(MODEL_HEADER)
             .map(|v| v.to_str().unwrap_or_default()),
     )?;
+    if let Some(slot) = state.embedder(&model) {
+        let bytes = read_body(body, &state.body).await?;
+        let request = binding::parse_embedding_body(&bytes)?;
+        return super::embeddings::run(state, slot, request, Envelope::Bare).await;
+    }
     if !state.serves(&model) {
         return Err(ApiError::no_such_model(&model).into());
     }

@@ -9,6 +9,8 @@
 //! * [`openai`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 //!   `GET /v1/models/{id}` and `POST /client/v4/accounts/{id}/ai/v1/chat/completions`.
 //! * [`binding`]: the Workers binding's `POST /run?version=3` and `GET /ai-api/models/search`.
+//! * [`embeddings`]: every dialect's embeddings (`POST /v1/embeddings`,
+//!   `.../ai/v1/embeddings`, and the run routes when the model is an embedding model).
 //! * [`models`]: Workers AI's catalogue, `GET /client/v4/accounts/{id}/ai/models/search` and
 //!   `.../ai/models/schema`.
 //!
@@ -17,6 +19,7 @@
 //! binding's under `/run` and `/ai-api/`).
 
 mod binding;
+mod embeddings;
 pub(crate) mod models;
 mod openai;
 mod workers_ai;
@@ -63,6 +66,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/completions",
             post(openai::completions).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/embeddings",
+            post(embeddings::openai).fallback(method_not_allowed),
+        )
+        .route(
+            "/client/v4/accounts/{account_id}/ai/v1/embeddings",
+            post(embeddings::openai).fallback(method_not_allowed),
         )
         .route("/v1/models", get(openai::models).fallback(get_only))
         .route("/v1/models/{*id}", get(openai::model).fallback(get_only))
@@ -114,12 +125,18 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         return ApiError::no_route().into_http();
     };
     let engine = state.engine.get();
-    let body = crate::telemetry::render(
+    let mut body = crate::telemetry::render(
         handle,
         engine.map(|e| e.stats()),
         engine.is_some_and(|e| e.health() == Health::Ready),
         state.drain.is_draining(),
     );
+    let embedders: Vec<_> = state
+        .embedders
+        .iter()
+        .filter_map(|slot| Some((slot.names.first()?.clone(), slot.backend.get()?.stats())))
+        .collect();
+    body.push_str(&crate::telemetry::render_embedders(&embedders));
     let mut resp = (StatusCode::OK, body).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -223,17 +240,42 @@ async fn health(State(state): State<AppState>) -> Response {
     if state.drain.is_draining() {
         return unavailable(serde_json::json!({"status": "draining"}));
     }
+    // Every embedding model, loaded or not: the node is ready only when all of them are.
+    let mut embeddings = Vec::new();
+    for slot in state.embedders.iter() {
+        let Some(backend) = slot.backend.get() else {
+            return unavailable(serde_json::json!({"status": "loading"}));
+        };
+        let info = backend.info();
+        embeddings.push(serde_json::json!({
+            "models": slot.names,
+            "dimensions": info.dimensions,
+            "max_input_tokens": info.max_tokens,
+            "stats": backend.stats(),
+        }));
+    }
+    if !state.has_generation_model() {
+        let body = serde_json::json!({
+            "status": "ok",
+            "models": state.all_names(),
+            "embeddings": embeddings,
+        });
+        return (StatusCode::OK, Json(body)).into_response();
+    }
     let Some(engine) = state.engine.get() else {
         return unavailable(serde_json::json!({"status": "loading"}));
     };
     match engine.health() {
         Health::Ready => {
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "status": "ok",
-                "models": *state.served_names,
+                "models": state.all_names(),
                 "context_window": engine.context_window(),
                 "stats": engine.stats(),
             });
+            if !embeddings.is_empty() {
+                body["embeddings"] = serde_json::Value::Array(embeddings);
+            }
             (StatusCode::OK, Json(body)).into_response()
         }
         Health::Starting => unavailable(serde_json::json!({"status": "loading"})),

@@ -12,7 +12,7 @@ use crate::AppState;
 use axum::extract::State;
 use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
-use edgerun_protocol::models::{self, ModelList, SearchQuery, ServedModel};
+use edgerun_protocol::models::{self, ModelList, SearchQuery, ServedModel, ServedTask};
 use edgerun_protocol::ApiError;
 
 /// Every name the node answers to, as catalogue facts.
@@ -25,7 +25,20 @@ pub(crate) fn served_models(state: &AppState) -> Vec<ServedModel> {
             name: name.clone(),
             description: state.model_description.to_string(),
             context_window,
+            task: ServedTask::TextGeneration,
         })
+        .chain(state.embedders.iter().flat_map(|slot| {
+            let info = slot.backend.get().map(|b| b.info());
+            slot.names.iter().map(move |name| ServedModel {
+                name: name.clone(),
+                description: slot.description.clone(),
+                context_window: None,
+                task: ServedTask::TextEmbeddings {
+                    dimensions: info.as_ref().map(|i| i.dimensions),
+                    max_input_tokens: info.as_ref().map(|i| i.max_tokens),
+                },
+            })
+        }))
         .collect()
 }
 
@@ -44,6 +57,8 @@ pub(super) async fn schema(State(state): State<AppState>, uri: Uri) -> Response 
     let result = models::schema_model(uri.query()).and_then(|model| {
         if state.serves(&model) {
             Ok(json_response(models::schema_envelope()))
+        } else if state.embedder(&model).is_some() {
+            Ok(json_response(models::embedding_schema_envelope()))
         } else {
             Err(ApiError::no_such_model(&model))
         }

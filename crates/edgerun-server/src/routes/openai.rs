@@ -77,7 +77,7 @@ pub(super) async fn completions(State(state): State<AppState>, uri: Uri, body: B
 /// `GET /v1/models`: every name the node answers to.
 pub(super) async fn models(State(state): State<AppState>) -> Response {
     let since = *SERVING_SINCE.get_or_init(unix_now);
-    json_response(openai::to_json(&ModelList::new(&state.served_names, since)))
+    json_response(openai::to_json(&ModelList::new(&state.all_names(), since)))
 }
 
 /// `GET /v1/models/{id}`: one name the node answers to (the id percent-decoded), or 404
@@ -85,7 +85,7 @@ pub(super) async fn models(State(state): State<AppState>) -> Response {
 pub(super) async fn model(State(state): State<AppState>, uri: Uri) -> Response {
     let since = *SERVING_SINCE.get_or_init(unix_now);
     match edgerun_protocol::openai_model_id(uri.path()) {
-        Some(id) if state.serves(&id) => {
+        Some(id) if state.serves(&id) || state.embedder(&id).is_some() => {
             json_response(openai::to_json(&ModelList::new(&[id], since).data[0]))
         }
         Some(id) => {

@@ -40,6 +40,11 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
         return Err(ApiError::no_route().into());
     };
     let model = model_from_path(tail).unwrap_or_default();
+    if let Some(slot) = state.embedder(&model) {
+        let bytes = read_body(body, &state.body).await?;
+        let request = super::embeddings::run_request(&bytes)?;
+        return super::embeddings::run(state, slot, request, Envelope::V4).await;
+    }
     if !state.serves(&model) {
         return Err(ApiError::no_such_model(&model).into());
     }

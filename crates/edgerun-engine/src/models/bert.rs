@@ -1,0 +1,282 @@
+//! BERT encoders (bge-small/base/large-en-v1.5, all-MiniLM, e5, gte …) for embeddings, from a
+//! Hugging Face model directory: `config.json`, `model.safetensors`, and sentence-transformers'
+//! `modules.json`, `1_Pooling/config.json` and `sentence_bert_config.json` where present.
+//!
+//! The forward pass is the one `transformers`' `BertModel` runs (absolute positions, token
+//! type 0, post-layer-norm blocks, erf GELU, an additive mask over padding), in f32 on any
+//! device, over a padded batch: `(batch, len)` ids and a 0/1 mask in, the last hidden states
+//! `(batch, len, hidden)` out. Pooling and normalisation are the embedding service's
+//! (`crate::embedding`). Written on candle-nn rather than taken from candle-transformers, which
+//! would bring that crate (a long build, on every target the engine's tests are built for) into
+//! the engine for ~150 lines.
+//!
+//! Loading is strict, as for GGUF models: a `config.json` field of the wrong type, a missing
+//! tensor or a shape that does not match the config is an error naming it.
+
+use crate::error::{EngineError, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+use std::path::Path;
+
+/// What `config.json` says about the encoder (the fields this file reads; others are ignored).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_type_vocab() -> usize {
+    2
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+
+impl BertConfig {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        if let Some(t) = &config.model_type {
+            if t != "bert" {
+                return Err(EngineError::Load(format!(
+                    "{}: model_type `{t}` is not an encoder this build runs (bert)",
+                    path.display()
+                )));
+            }
+        }
+        if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_new" | "relu") {
+            return Err(EngineError::Load(format!(
+                "{}: hidden_act `{}` is not supported (gelu, gelu_new, relu)",
+                path.display(),
+                config.hidden_act
+            )));
+        }
+        if let Some(p) = &config.position_embedding_type {
+            if p != "absolute" {
+                return Err(EngineError::Load(format!(
+                    "{}: position_embedding_type `{p}` is not supported (absolute)",
+                    path.display()
+                )));
+            }
+        }
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
+            return Err(EngineError::Load(format!(
+                "{}: hidden_size {} is not a multiple of num_attention_heads {}",
+                path.display(),
+                config.hidden_size,
+                config.num_attention_heads
+            )));
+        }
+        Ok(config)
+    }
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    up: Linear,
+    down: Linear,
+    out_norm: LayerNorm,
+}
+
+/// A loaded BERT encoder.
+pub struct BertEncoder {
+    config: BertConfig,
+    words: Embedding,
+    positions: Embedding,
+    token_types: Embedding,
+    embed_norm: LayerNorm,
+    layers: Vec<Layer>,
+    device: Device,
+}
+
+fn tensor_err(what: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
+    move |e| EngineError::Load(format!("{what}: {e}"))
+}
+
+impl BertEncoder {
+    /// Loads `model.safetensors` from `dir` (memory-mapped) onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = BertConfig::read(dir)?;
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() {
+            return Err(EngineError::Load(format!(
+                "{}: no model.safetensors",
+                dir.display()
+            )));
+        }
+        // SAFETY: the file is mapped read-only; like every safetensors loader, this relies on
+        // nobody truncating the file while it is mapped (it is copied to the device at once).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+            .map_err(tensor_err(&weights.display().to_string()))?;
+        // Checkpoints saved from BertForMaskedLM and friends put the encoder under `bert.`.
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        let h = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let emb = vb.pp("embeddings");
+        let words = candle_nn::embedding(config.vocab_size, h, emb.pp("word_embeddings"))
+            .map_err(tensor_err("embeddings.word_embeddings"))?;
+        let positions = candle_nn::embedding(
+            config.max_position_embeddings,
+            h,
+            emb.pp("position_embeddings"),
+        )
+        .map_err(tensor_err("embeddings.position_embeddings"))?;
+        let token_types =
+            candle_nn::embedding(config.type_vocab_size, h, emb.pp("token_type_embeddings"))
+                .map_err(tensor_err("embeddings.token_type_embeddings"))?;
+        let embed_norm = candle_nn::layer_norm(h, eps, emb.pp("LayerNorm"))
+            .map_err(tensor_err("embeddings.LayerNorm"))?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layer.{i}"));
+            let name = |s: &str| format!("encoder.layer.{i}.{s}");
+            let lin = |vb: VarBuilder, i_dim, o_dim, what: &str| {
+                candle_nn::linear(i_dim, o_dim, vb)
+                    .map_err(|e| EngineError::Load(format!("{}: {e}", name(what))))
+            };
+            let att = l.pp("attention");
+            layers.push(Layer {
+                query: lin(att.pp("self").pp("query"), h, h, "attention.self.query")?,
+                key: lin(att.pp("self").pp("key"), h, h, "attention.self.key")?,
+                value: lin(att.pp("self").pp("value"), h, h, "attention.self.value")?,
+                attn_out: lin(att.pp("output").pp("dense"), h, h, "attention.output.dense")?,
+                attn_norm: candle_nn::layer_norm(h, eps, att.pp("output").pp("LayerNorm"))
+                    .map_err(|e| {
+                        EngineError::Load(format!("{}: {e}", name("attention.output.LayerNorm")))
+                    })?,
+                up: lin(
+                    l.pp("intermediate").pp("dense"),
+                    h,
+                    config.intermediate_size,
+                    "intermediate.dense",
+                )?,
+                down: lin(
+                    l.pp("output").pp("dense"),
+                    config.intermediate_size,
+                    h,
+                    "output.dense",
+                )?,
+                out_norm: candle_nn::layer_norm(h, eps, l.pp("output").pp("LayerNorm"))
+                    .map_err(|e| EngineError::Load(format!("{}: {e}", name("output.LayerNorm"))))?,
+            });
+        }
+        Ok(Self {
+            config,
+            words,
+            positions,
+            token_types,
+            embed_norm,
+            layers,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The last hidden states `(batch, len, hidden)` of a padded batch: `ids` and `mask` are
+    /// `(batch, len)` u32 tensors (mask 1 for a token, 0 for padding) on the model's device.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, len) = ids.dims2()?;
+        let c = &self.config;
+        if len > c.max_position_embeddings {
+            return Err(EngineError::InvalidRequest(format!(
+                "{len} tokens; the encoder reads at most {}",
+                c.max_position_embeddings
+            )));
+        }
+        let positions = Tensor::arange(0u32, len as u32, &self.device)?;
+        let types = Tensor::zeros((batch, len), DType::U32, &self.device)?;
+        let x = self
+            .words
+            .forward(ids)?
+            .broadcast_add(&self.positions.forward(&positions)?)?
+            .add(&self.token_types.forward(&types)?)?;
+        let mut x = self.embed_norm.forward(&x)?;
+        // The additive mask transformers uses: 0 where attended, the most negative f32 over
+        // padding, so padded keys get exactly zero weight after the softmax.
+        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * f64::from(f32::MAX))?
+            .reshape((batch, 1, 1, len))?;
+        let heads = c.num_attention_heads;
+        let head_dim = c.hidden_size / heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((batch, len, heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        for layer in &self.layers {
+            let q = split(layer.query.forward(&x)?)?;
+            let k = split(layer.key.forward(&x)?)?;
+            let v = split(layer.value.forward(&x)?)?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((
+                batch,
+                len,
+                c.hidden_size,
+            ))?;
+            let attended = layer
+                .attn_norm
+                .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
+            let up = layer.up.forward(&attended)?;
+            let up = match c.hidden_act.as_str() {
+                "gelu" => up.gelu_erf()?,
+                "gelu_new" => up.gelu()?,
+                _ => up.relu()?,
+            };
+            x = layer
+                .out_norm
+                .forward(&(layer.down.forward(&up)? + attended)?)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Mean of the hidden states over each row's tokens (`mask` 1), `(batch, hidden)`.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9f32, f32::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
+}
+
+/// The first token's (`[CLS]`) hidden state of each row, `(batch, hidden)`.
+pub fn cls_pool(hidden: &Tensor) -> Result<Tensor> {
+    Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?)
+}
