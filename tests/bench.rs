@@ -10,6 +10,7 @@
 //! edgerun-bench --url .. --sampled                 # llama.cpp's default sampling, not greedy
 //! edgerun-bench --url .. --long 64:2000,8:7800     # long contexts: streams x prompt tokens each
 //! edgerun-bench --spawn --chat [--llama-server PATH] # growing conversations: the prefix cache
+//! edgerun-bench --embed DIR [--llama-server PATH --embed-gguf FILE]  # embeddings (bench_embed.rs)
 //! ```
 //!
 //! `--chat` (`bench_chat.rs`) spawns a node with the prefix cache, then one without it, then
@@ -30,6 +31,8 @@ use std::time::{Duration, Instant};
 
 #[path = "bench_chat.rs"]
 mod chat;
+#[path = "bench_embed.rs"]
+mod embed;
 
 /// Whether requests sample (`--sampled`) rather than pick the argmax.
 static SAMPLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -309,25 +312,35 @@ async fn measure(target: &Target, runs: usize, stream_counts: &[usize]) -> Figur
 }
 
 fn spawn_llama_server(bin: &str, threads: usize, context: usize) -> (Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(bin)
-        .args([
+    spawn_llama_server_with(
+        bin,
+        &[
             "-m",
             &model_path().display().to_string(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
             "-t",
             &threads.to_string(),
             "-np",
             "8",
             "-c",
             &context.to_string(),
+        ],
+    )
+}
+
+/// llama-server on a free loopback port with `args` (model, threads, slots ...).
+fn spawn_llama_server_with(bin: &str, args: &[&str]) -> (Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(bin)
+        .args(args)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
             "--no-webui",
         ])
         .stdout(Stdio::null())
@@ -510,6 +523,15 @@ async fn main() {
 
     if args.iter().any(|a| a == "--chat") {
         chat_scenario(flag("--llama-server"), threads).await;
+        return;
+    }
+    if let Some(dir) = flag("--embed") {
+        let peer = flag("--llama-server").map(|bin| {
+            let gguf =
+                flag("--embed-gguf").expect("--llama-server with --embed needs --embed-gguf");
+            (bin, gguf)
+        });
+        embed::run(&dir, peer, threads, runs).await;
         return;
     }
     let mut node = None;
