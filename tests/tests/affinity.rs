@@ -142,7 +142,7 @@ async fn sessions_stay_on_their_node_and_move_when_it_dies() {
         assert_eq!(a.status, 200, "{}", a.body);
         *one_by_one.entry(a.node).or_default() += 1;
     }
-    assert_eq!(one_by_one.len(), 2, "{one_by_one:?}");
+    assert_eq!(one_by_one.len(), 2, "{one_by_one:?}: {}", worker.output());
 
     // One conversation, 20 turns: always the same node, which reuses its history.
     let session = "conversation-7f3a";

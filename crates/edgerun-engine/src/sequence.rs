@@ -340,34 +340,71 @@ impl Sequence {
     /// Ends the sequence successfully. Its cache is freed first (paged blocks back in the
     /// pool), so whoever sees the last event sees the memory free.
     pub fn finish(self, reason: StopReason) {
+        self.finishing(reason).send();
+    }
+
+    /// [`Sequence::finish`] in two halves: the cache freed now, the last event sent by
+    /// [`Ending::send`], so that a step that ends several sequences frees all their memory
+    /// before any client hears of it (a load report read by one sees the others gone too).
+    pub fn finishing(self, reason: StopReason) -> Ending {
         let usage = self.usage();
-        self.into_outbox().send(Emitted::Finished { usage, reason });
+        Ending::new(self.into_outbox(), Emitted::Finished { usage, reason })
     }
 
     /// Ends the sequence with an error (its cache freed first, as in [`Sequence::finish`]).
     pub fn fail(self, why: &str) {
-        self.into_outbox().send(Emitted::Failed(why.to_string()));
+        self.failing(why).send();
+    }
+
+    /// [`Sequence::fail`] in two halves (see [`Sequence::finishing`]).
+    pub fn failing(self, why: &str) -> Ending {
+        Ending::new(self.into_outbox(), Emitted::Failed(why.to_string()))
     }
 
     /// Ends the sequence because its output format could not be followed (the caller's
-    /// format, not an engine failure; its cache freed first).
-    pub fn format_unmet(self, why: &str) {
-        self.into_outbox()
-            .send(Emitted::FormatUnmet(why.to_string()));
+    /// format, not an engine failure; its cache freed first), in two halves (see
+    /// [`Sequence::finishing`]).
+    pub fn format_unmet(self, why: &str) -> Ending {
+        Ending::new(self.into_outbox(), Emitted::FormatUnmet(why.to_string()))
     }
 
     /// Ends the sequence because its client stopped reading (its cache freed first): the
     /// reader finds the error after whatever it had not read, and [`crate::SequenceEnd`] says
-    /// why.
-    pub fn stall(self, why: &str) {
-        let outbox = self.into_outbox();
-        outbox.mark_stalled();
-        outbox.send(Emitted::Failed(why.to_string()));
+    /// why. In two halves (see [`Sequence::finishing`]).
+    pub fn stall(self, why: &str) -> Ending {
+        let mut ending = Ending::new(self.into_outbox(), Emitted::Failed(why.to_string()));
+        ending.stalled = true;
+        ending
     }
 
     /// Drops everything but the event channel.
     fn into_outbox(self) -> Outbox {
         self.tx
+    }
+}
+
+/// A sequence that has ended: its cache freed, its last event not yet sent.
+pub struct Ending {
+    outbox: Outbox,
+    event: Emitted,
+    stalled: bool,
+}
+
+impl Ending {
+    fn new(outbox: Outbox, event: Emitted) -> Self {
+        Self {
+            outbox,
+            event,
+            stalled: false,
+        }
+    }
+
+    /// Sends the last event.
+    pub fn send(self) {
+        if self.stalled {
+            self.outbox.mark_stalled();
+        }
+        self.outbox.send(self.event);
     }
 }
 

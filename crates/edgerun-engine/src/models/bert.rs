@@ -227,7 +227,7 @@ impl BertEncoder {
             .forward(ids)?
             .broadcast_add(&self.positions.forward(&positions)?)?
             .add(&self.token_types.forward(&types)?)?;
-        let mut x = self.embed_norm.forward(&x)?;
+        let x = self.embed_norm.forward(&x)?;
         // The additive mask transformers uses: 0 where attended, the most negative f32 over
         // padding, so padded keys get exactly zero weight after the softmax.
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * f64::from(f32::MAX))?
@@ -240,17 +240,22 @@ impl BertEncoder {
                 .transpose(1, 2)?
                 .contiguous()
         };
+        // Every weight is applied to all the batch's tokens at once, as one (batch × len, hidden)
+        // matrix: a few large matrix products instead of one small one per input.
+        let rows = batch * len;
+        let mut x = x.reshape((rows, c.hidden_size))?;
+        let split = |t: Tensor| split(t.reshape((batch, len, c.hidden_size))?);
         for layer in &self.layers {
             let q = split(layer.query.forward(&x)?)?;
             let k = split(layer.key.forward(&x)?)?;
             let v = split(layer.value.forward(&x)?)?;
             let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((
-                batch,
-                len,
-                c.hidden_size,
-            ))?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((rows, c.hidden_size))?;
             let attended = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
@@ -264,7 +269,7 @@ impl BertEncoder {
                 .out_norm
                 .forward(&(layer.down.forward(&up)? + attended)?)?;
         }
-        Ok(x)
+        Ok(x.reshape((batch, len, c.hidden_size))?)
     }
 }
 

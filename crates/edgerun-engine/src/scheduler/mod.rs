@@ -93,7 +93,7 @@ use crate::models::CausalLm;
 use crate::output::{Emitted, Outbox};
 use crate::request::{GenerationRequest, StopReason};
 use crate::sampling::Sampler;
-use crate::sequence::{Sequence, SequenceParts};
+use crate::sequence::{Ending, Sequence, SequenceParts};
 use admission::KvReservation;
 use plan::{plan_step, Planned, Work};
 use runner::{sample_rows, Row, Runner, StepError};
@@ -670,28 +670,36 @@ impl Loop {
             .into_iter()
             .map(|(i, outcome)| (running.swap_remove(i), outcome))
             .collect();
+        // Every ended sequence's memory goes back before any of their clients hears of it:
+        // whoever sees one `Finished` sees the stats, and the pool, without all of them.
+        let endings: Vec<Ending> = gone
+            .into_iter()
+            .map(|(seq, outcome)| {
+                tracing::debug!(seq = seq.order, outcome = outcome.name(), "left the batch");
+                match outcome {
+                    Outcome::Finished(reason) => {
+                        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                        seq.finishing(reason)
+                    }
+                    Outcome::Failed(why) => {
+                        self.stats.failed_sequences.fetch_add(1, Ordering::Relaxed);
+                        seq.failing(&why)
+                    }
+                    // The caller's format: neither a failure of the engine nor a completion.
+                    Outcome::FormatUnmet(why) => seq.format_unmet(&why),
+                    Outcome::Stalled => {
+                        self.stats.stalled.fetch_add(1, Ordering::Relaxed);
+                        let secs = self.config.stalled_stream_timeout.as_secs_f32();
+                        seq.stall(&format!(
+                            "the client did not read the stream for {secs:.0} s; generation stopped"
+                        ))
+                    }
+                }
+            })
+            .collect();
         self.publish(running);
-        for (seq, outcome) in gone {
-            tracing::debug!(seq = seq.order, outcome = outcome.name(), "left the batch");
-            match outcome {
-                Outcome::Finished(reason) => {
-                    self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                    seq.finish(reason);
-                }
-                Outcome::Failed(why) => {
-                    self.stats.failed_sequences.fetch_add(1, Ordering::Relaxed);
-                    seq.fail(&why);
-                }
-                // The caller's format: neither a failure of the engine nor a completion.
-                Outcome::FormatUnmet(why) => seq.format_unmet(&why),
-                Outcome::Stalled => {
-                    self.stats.stalled.fetch_add(1, Ordering::Relaxed);
-                    let secs = self.config.stalled_stream_timeout.as_secs_f32();
-                    seq.stall(&format!(
-                        "the client did not read the stream for {secs:.0} s; generation stopped"
-                    ));
-                }
-            }
+        for ending in endings {
+            ending.send();
         }
     }
 }
