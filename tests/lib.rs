@@ -138,6 +138,19 @@ impl Node {
             .unwrap()
     }
 
+    /// GETs `path` with the right token and parses the JSON answer.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// POSTs a body to the run route and parses the JSON answer (success or error envelope).
     pub async fn run_json(&self, body: impl Into<reqwest::Body>) -> serde_json::Value {
         self.post(body).send().await.unwrap().json().await.unwrap()

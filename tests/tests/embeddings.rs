@@ -279,16 +279,7 @@ fn decode_base64(s: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_catalogue_health_metrics_and_the_binding_know_both_models() {
     let node = start().await;
-    let models: Value = node
-        .client
-        .get(node.url("/v1/models"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = node.get_json("/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
@@ -300,15 +291,8 @@ async fn the_catalogue_health_metrics_and_the_binding_know_both_models() {
         "{ids:?}"
     );
     let search: Value = node
-        .client
-        .get(node.url("/client/v4/accounts/a/ai/models/search?task=Text%20Embeddings"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json("/client/v4/accounts/a/ai/models/search?task=Text%20Embeddings")
+        .await;
     let entries = search["result"].as_array().unwrap();
     assert!(!entries.is_empty(), "{search}");
     assert!(entries
@@ -320,17 +304,10 @@ async fn the_catalogue_health_metrics_and_the_binding_know_both_models() {
         .unwrap()
         .contains(&json!({"property_id": "output_dimensions", "value": "384"})));
     let schema: Value = node
-        .client
-        .get(node.url(&format!(
+        .get_json(&format!(
             "/client/v4/accounts/a/ai/models/schema?model={EMBEDDER}"
-        )))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ))
+        .await;
     assert_eq!(schema["result"]["input"]["required"], json!(["text"]));
     let health = node.health().await;
     assert_eq!(health["status"], "ok");

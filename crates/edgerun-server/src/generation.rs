@@ -174,12 +174,7 @@ pub async fn start(
     // Busy is decided here, before any work that grows with the prompt.
     let reservation = engine.reserve(policy)?;
     let prepare = async {
-        let permit = state
-            .prepare
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| ServerError::Task(e.to_string()))?;
+        let permit = state.prepare_permit().await?;
         // The permit goes with the work: a client that hangs up does not free it early. The
         // output format compiles here too (a bad schema is a 400 before the request queues), on
         // a thread of its own with a stack sized for the deepest schema the wire layer lets

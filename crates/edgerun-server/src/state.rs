@@ -173,6 +173,18 @@ impl AppState {
         self.engine.set(Arc::new(backend)).is_ok()
     }
 
+    /// A place on the prepare pool (the CPU work before a backend: templating, tokenizing),
+    /// waited for; it goes with the work it was taken for.
+    pub(crate) async fn prepare_permit(
+        &self,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, crate::error::ServerError> {
+        self.prepare
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| crate::error::ServerError::Task(e.to_string()))
+    }
+
     /// Whether `model` names the text-generation model.
     pub fn serves(&self, model: &str) -> bool {
         self.served_names.iter().any(|n| n == model)

@@ -59,12 +59,7 @@ async fn embed(
     let backend = slot.backend.get().ok_or(ServerError::NotReady)?.clone();
     let info = backend.info();
     let pooling = pooling.unwrap_or(info.pooling);
-    let permit = state
-        .prepare
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|e| ServerError::Task(e.to_string()))?;
+    let permit = state.prepare_permit().await?;
     let tokenizer = backend.clone();
     let tokens = tokio::task::spawn_blocking(move || {
         let _permit = permit;
