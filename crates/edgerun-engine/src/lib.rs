@@ -25,6 +25,8 @@
 //! | whether a machine runs this build (driver, compute capability), opening a device, sizing its memory | `device/` (`preflight.rs`, `memory.rs`) |
 //! | checking a device against the CPU (`edgerun check-device`, `scripts/gpu-check.sh`) | `device_check.rs` |
 //! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
+//! | an embedding model's architecture (an encoder) | `models/bert.rs`: the forward pass over a padded batch and the pooling functions |
+//! | how embedding requests are batched, pooled and bounded | `embedding.rs` ([`Embedder`]: a thread of its own per embedding model, apart from the generation scheduler) |
 //!
 //! ## Data flow
 //!

@@ -54,6 +54,12 @@
 //!         └─ body limits ─ {inputs, options} (inputs validated as a run body, 400 / 5006)
 //!            └─ workers_ai::answer, the run route's own path, answering bare (no envelope)
 //!
+//! POST /v1/embeddings | .../ai/v1/embeddings, and the run routes above for an embedding model
+//!   └─ the same layers ─ body limits ─ edgerun_protocol::embeddings (400) ─ the model (an
+//!      embedding model's name; the chat model: 400) ─ tokenize on the prepare pool ─
+//!      EmbedBackend::submit (its model's batching thread; 429 when its queue is full) ─ the
+//!      dialect's answer                                             (routes/embeddings.rs)
+//!
 //! GET /client/v4/accounts/{id}/ai/models/search | .../ai/models/schema,
 //! GET /ai-api/models/search (binding), GET /v1/models/{id}        (routes/models.rs, binding.rs,
 //!   └─ the same layers; edgerun_protocol::models: entries, pages, schemas        openai.rs)

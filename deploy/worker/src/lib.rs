@@ -7,7 +7,8 @@
 //! ## What it owns
 //!
 //! * [`config`]: the `NODES` variable (regions, their nodes' origins, which continents, countries
-//!   and colos each serves, a default, optionally the served models) and `MAX_BODY_BYTES`.
+//!   and colos each serves, a default, optionally the models served everywhere and per region)
+//!   and `MAX_BODY_BYTES`; which regions serve a model (`regions_for_model`).
 //! * [`balance`]: which node of a region first — by rendezvous hashing of `x-session-affinity`,
 //!   else the least loaded by the nodes' `x-edgerun-load` — and nodes that just failed last;
 //!   per-isolate memory, tested with explicit clocks.
@@ -16,7 +17,8 @@
 //!   route (the node's API routes — Workers AI's runs and model catalogue, the Workers binding's
 //!   `/run` and `/ai-api/models/search`, the OpenAI-compatible routes — and `/health` are
 //!   forwarded; anything else gets the node's 400/7000, a wrong method its 405/7001 with
-//!   `Allow`), and for generations the model, size and body, using `edgerun-protocol`'s
+//!   `Allow`), and for generations and embeddings the model, size and body, using
+//!   `edgerun-protocol`'s
 //!   validation of each dialect so that the Worker's answer to a bad request is the node's, byte
 //!   for byte, in the route family's error shape (`ErrorStyle`).
 //! * [`forward`]: the upstream URL and headers — the caller's credentials, cookies, hop-by-hop
@@ -33,7 +35,8 @@
 //! ```text
 //! request ─▶ edge::admit (token, route, method, model, declared size) ──▶ EdgeError ─▶ caller
 //!          ─▶ read body ─▶ edge::check_body (size, schema, body model) ─▶ EdgeError ─▶ caller
-//!          ─▶ config::regions_for(request.cf) ─▶ balance::plan(x-session-affinity) ─▶ nodes in order
+//!          ─▶ config::regions_for_model(request.cf, model) ─▶ balance::plan(x-session-affinity)
+//!             ─▶ nodes in order
 //!          ─▶ failover::forward ─▶ fetch(origin + path), no redirects
 //!                 could not connect / 521-523 / 530 / edgerun-not-started: 1 / 429+3040 ─▶ next node
 //!                 every node skipped ─▶ failover::no_region_error (503, or 429 if busy)
