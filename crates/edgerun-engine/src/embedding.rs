@@ -245,10 +245,17 @@ impl EmbeddingModel {
                         } else {
                             &self.tokenizer
                         };
-                        tok.encode(text.as_str(), true)
+                        let ids = tok
+                            .encode(text.as_str(), true)
                             .map_err(|e| EngineError::Tokenizer(e.to_string()))?
                             .get_ids()
-                            .to_vec()
+                            .to_vec();
+                        if ids.is_empty() {
+                            return Err(EngineError::InvalidRequest(format!(
+                                "input {i} has no tokens"
+                            )));
+                        }
+                        ids
                     }
                     EmbedInput::Tokens(ids) => {
                         if ids.is_empty() {
@@ -365,6 +372,8 @@ struct Shared {
     model: EmbeddingModel,
     counters: Counters,
     config: EmbeddingConfig,
+    /// Cleared when the thread ends, however it ends (`/health` says so).
+    running: std::sync::atomic::AtomicBool,
 }
 
 /// A handle to a running embedding thread. Cheap to clone; the thread stops when the last
@@ -408,6 +417,7 @@ impl Embedder {
             model,
             counters: Counters::default(),
             config,
+            running: std::sync::atomic::AtomicBool::new(true),
         });
         let worker = shared.clone();
         std::thread::Builder::new()
@@ -419,6 +429,11 @@ impl Embedder {
 
     pub fn info(&self) -> &EmbedderInfo {
         self.shared.model.info()
+    }
+
+    /// Whether the embedding thread still runs (it ends only by a panic while handles exist).
+    pub fn is_running(&self) -> bool {
+        self.shared.running.load(Ordering::Relaxed)
     }
 
     /// [`EmbeddingModel::tokenize`]; blocking (call it off the async runtime's workers).
@@ -475,6 +490,14 @@ impl Embedder {
 
 /// The embedding thread: gather, batch, answer, until every handle is gone.
 fn run(shared: &Shared, rx: mpsc::Receiver<Job>) {
+    /// Clears `running` however the thread ends.
+    struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
+    let _running = Running(&shared.running);
     let cap = shared.config.max_batch_tokens;
     let counters = &shared.counters;
     while let Ok(first) = rx.recv() {
@@ -496,6 +519,10 @@ fn run(shared: &Shared, rx: mpsc::Receiver<Job>) {
         let results = embed_jobs(shared, &live);
         for (job, result) in live.into_iter().zip(results) {
             counters.queued.fetch_sub(1, Ordering::Relaxed);
+            if job.reply.is_closed() {
+                // Left while it ran: its remaining batches were skipped; nobody to answer.
+                continue;
+            }
             match &result {
                 Ok(v) => {
                     counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -533,7 +560,16 @@ fn embed_jobs(shared: &Shared, jobs: &[Job]) -> Vec<Result<Vec<Vec<f32>>>> {
         let longest = len_of(&rows[start]).max(1);
         let fit = (cap / longest).max(1);
         let end = (start + fit).min(rows.len());
-        let batch = &rows[start..end];
+        // Rows of jobs whose caller left, or that a batch already failed, are not computed.
+        let batch: Vec<(usize, usize)> = rows[start..end]
+            .iter()
+            .copied()
+            .filter(|&(j, _)| !jobs[j].reply.is_closed() && out[j].is_ok())
+            .collect();
+        start = end;
+        if batch.is_empty() {
+            continue;
+        }
         let ids: Vec<&[u32]> = batch.iter().map(|&(j, i)| &jobs[j].tokens[i][..]).collect();
         let poolings: Vec<Pooling> = batch.iter().map(|&(j, _)| jobs[j].pooling).collect();
         shared.counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -548,7 +584,7 @@ fn embed_jobs(shared: &Shared, jobs: &[Job]) -> Vec<Result<Vec<Vec<f32>>>> {
             Err(e) => {
                 tracing::warn!(error = %e, rows = batch.len(), "an embedding batch failed");
                 let message = e.to_string();
-                for &(j, _) in batch {
+                for &(j, _) in &batch {
                     if out[j].is_ok() {
                         out[j] = Err(EngineError::Model(candle_core::Error::Msg(format!(
                             "embedding failed: {message}"
@@ -557,7 +593,6 @@ fn embed_jobs(shared: &Shared, jobs: &[Job]) -> Vec<Result<Vec<Vec<f32>>>> {
                 }
             }
         }
-        start = end;
     }
     out
 }

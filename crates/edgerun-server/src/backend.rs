@@ -150,6 +150,8 @@ pub trait EmbedBackend: Send + Sync + 'static {
         pooling: Pooling,
     ) -> Result<BoxFuture<'static, Result<Vec<Vec<f32>>>>>;
     fn stats(&self) -> EmbedStats;
+    /// Whether it can still embed (what `/health` reports).
+    fn is_running(&self) -> bool;
 }
 
 impl EmbedBackend for edgerun_engine::Embedder {
@@ -169,5 +171,8 @@ impl EmbedBackend for edgerun_engine::Embedder {
     }
     fn stats(&self) -> EmbedStats {
         edgerun_engine::Embedder::stats(self)
+    }
+    fn is_running(&self) -> bool {
+        edgerun_engine::Embedder::is_running(self)
     }
 }

@@ -166,15 +166,15 @@ impl LimitedBody {
 /// of text generation's (`prompt`, `messages`). The two schemas share no required field, so the
 /// Worker tells them apart without knowing each model's task; a body that is neither is
 /// validated as text generation, whose error the node gives too.
-fn is_embedding_body(body: &[u8]) -> bool {
+fn is_embedding_body(body: &[u8], binding: bool) -> bool {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
     else {
         return false;
     };
     let input = match map.get("inputs") {
-        // The binding's `{inputs, options}`.
-        Some(serde_json::Value::Object(inputs)) => inputs,
+        // The binding's `{inputs, options}` (on a run route, `inputs` is an unknown field).
+        Some(serde_json::Value::Object(inputs)) if binding => inputs,
         _ => &map,
     };
     let has = |k: &str| input.get(k).is_some_and(|v| !v.is_null());
@@ -206,11 +206,11 @@ pub fn check_body(
         }
     };
     let checked = match admitted {
-        Admitted::Run { .. } if is_embedding_body(body) => {
+        Admitted::Run { .. } if is_embedding_body(body, false) => {
             EmbeddingRun::from_json_bytes(body).map(|_| None)
         }
         Admitted::Run { .. } => ValidatedRequest::from_json_bytes(body).map(|_| None),
-        Admitted::BindingRun { .. } if is_embedding_body(body) => {
+        Admitted::BindingRun { .. } if is_embedding_body(body, true) => {
             binding::parse_embedding_body(body).map(|_| None)
         }
         Admitted::BindingRun { .. } => binding::parse_body(body).map(|_| None),
@@ -539,6 +539,11 @@ mod tests {
         // Embedding bodies (`text`, no prompt or messages): the embedding schema's errors, the
         // node's own, on every route family.
         assert_eq!(check(&run, br#"{"text":["a","b"]}"#), Ok(None));
+        // On a run route `inputs` is an unknown field of a text-generation body, as at the node.
+        assert_eq!(
+            check(&run, br#"{"prompt":"hi","inputs":{"text":"x"}}"#),
+            Ok(None)
+        );
         for body in [
             &br#"{"text":""}"#[..],
             br#"{"text":["a",3]}"#,

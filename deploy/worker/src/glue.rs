@@ -123,14 +123,8 @@ async fn handle(
     let session = session_of(header(edgerun_protocol::SESSION_AFFINITY_HEADER));
     let spread = (js_sys::Math::random() * 4_294_967_296.0) as u64;
     let nodes = BALANCER.with(|b| {
-        let mut b = b.borrow_mut();
-        let nodes = b.plan(&regions, session, js_sys::Date::now(), spread);
-        // Counted until the node's next load report, so that requests planned before it
-        // answers spread instead of all picking the same idle node.
-        if let Some(first) = nodes.first() {
-            b.sent(first.origin());
-        }
-        nodes
+        b.borrow()
+            .plan(&regions, session, js_sys::Date::now(), spread)
     });
     let mut upstream = FetchUpstream {
         credentials,

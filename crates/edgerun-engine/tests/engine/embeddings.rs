@@ -205,3 +205,32 @@ fn a_full_queue_is_busy_at_once() {
     )
     .is_err());
 }
+
+#[test]
+fn a_job_whose_caller_left_is_not_computed() {
+    let embedder = Embedder::start(
+        model(),
+        EmbeddingConfig {
+            max_batch_tokens: 1024,
+            max_queue: 4,
+        },
+    )
+    .unwrap();
+    let long: Vec<u32> = std::iter::once(101)
+        .chain(std::iter::repeat_n(2023, 254))
+        .chain(std::iter::once(102))
+        .collect();
+    // 64 inputs of 256 tokens: 16 forward passes of 4 if anyone waited for them.
+    let abandoned = embedder.submit(vec![long; 64], Pooling::Mean).unwrap();
+    drop(abandoned);
+    let after = embedder
+        .submit(vec![vec![101, 7592, 102]], Pooling::Mean)
+        .unwrap()
+        .blocking_wait()
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    let stats = embedder.stats();
+    assert!(stats.batches <= 3, "{stats:?}");
+    assert_eq!(stats.queued_requests, 0, "{stats:?}");
+    assert!(embedder.is_running());
+}

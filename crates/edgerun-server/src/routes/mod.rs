@@ -246,6 +246,12 @@ async fn health(State(state): State<AppState>) -> Response {
         let Some(backend) = slot.backend.get() else {
             return unavailable(serde_json::json!({"status": "loading"}));
         };
+        if !backend.is_running() {
+            return unavailable(serde_json::json!({
+                "status": "failing",
+                "reason": format!("the embedding model {} stopped", slot.names[0]),
+            }));
+        }
         let info = backend.info();
         embeddings.push(serde_json::json!({
             "models": slot.names,
