@@ -339,7 +339,7 @@ fn softmax_weights(scores: &mut [f32]) -> f32 {
 /// integer, so the compiler vectorises it and every instruction set gets the same bits (a libm
 /// call is neither).
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

@@ -261,7 +261,7 @@ impl BertEncoder {
                 .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
             let up = layer.up.forward(&attended)?;
             let up = match c.hidden_act.as_str() {
-                "gelu" => up.gelu_erf()?,
+                "gelu" => gelu_erf(&up)?,
                 "gelu_new" => up.gelu()?,
                 _ => up.relu()?,
             };
@@ -284,4 +284,114 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// The first token's (`[CLS]`) hidden state of each row, `(batch, hidden)`.
 pub fn cls_pool(hidden: &Tensor) -> Result<Tensor> {
     Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?)
+}
+
+/// GELU with the exact erf, `x · (1 + erf(x / √2)) / 2`. On the CPU: in parallel chunks, with
+/// erf from Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, about f32's own rounding
+/// of values near 1) over the vectorisable `exp` of the attention kernel, instead of a libm
+/// `erff` call per element on one thread (9% of an embedding batch's time); elsewhere candle's
+/// `gelu_erf`.
+fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        Ok(x.contiguous()?.apply_op1_no_bwd(&CpuGeluErf)?)
+    } else {
+        Ok(x.gelu_erf()?)
+    }
+}
+
+struct CpuGeluErf;
+
+impl candle_core::CustomOp1 for CpuGeluErf {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(values) = storage else {
+            candle_core::bail!("gelu-erf: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("gelu-erf: a contiguous tensor only");
+        };
+        let src = &values[start..end];
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(16_384)
+            .zip(src.par_chunks(16_384))
+            .for_each(|(out, src)| {
+                for (o, &x) in out.iter_mut().zip(src) {
+                    *o = gelu_erf_one(x);
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+#[inline(always)]
+fn gelu_erf_one(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_7,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+    let t = 1.0 / P.mul_add(z, 1.0);
+    let poly = t * A[4]
+        .mul_add(t, A[3])
+        .mul_add(t, A[2])
+        .mul_add(t, A[1])
+        .mul_add(t, A[0]);
+    let erf = 1.0 - poly * crate::kernels::attention::exp_nonpositive(-z * z);
+    0.5 * x * (1.0 + erf.copysign(x))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gelu_erf_is_within_f32_rounding_of_the_exact_one() {
+        let mut worst = 0f64;
+        for i in -20_000..=20_000 {
+            let x = i as f32 / 1000.0;
+            let exact =
+                0.5 * f64::from(x) * (1.0 + libm_erf(f64::from(x) / std::f64::consts::SQRT_2));
+            let got = f64::from(super::gelu_erf_one(x));
+            worst = worst.max((got - exact).abs() / exact.abs().max(1.0));
+        }
+        assert!(worst < 1e-6, "worst error {worst}");
+    }
+
+    /// erf in f64 by its series (|x| < 3) and continued fraction (beyond), for the test only.
+    fn libm_erf(x: f64) -> f64 {
+        let a = x.abs();
+        let r = if a < 3.0 {
+            let mut term = a;
+            let mut sum = a;
+            let mut n = 0.0;
+            loop {
+                n += 1.0;
+                term *= -a * a / n;
+                let add = term / (2.0 * n + 1.0);
+                sum += add;
+                if add.abs() < 1e-17 {
+                    break;
+                }
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            // erfc by Lentz's continued fraction.
+            let mut f = a;
+            for k in (1..60).rev() {
+                f = a + (k as f64 / 2.0) / f;
+            }
+            1.0 - (-a * a).exp() / (f * std::f64::consts::PI.sqrt())
+        };
+        r.copysign(x)
+    }
 }
