@@ -165,6 +165,12 @@ async fn bad_embedding_requests_get_each_families_errors() {
         ),
         (json!({"model": "nope", "input": "x"}), 404, "nope"),
         (json!({"model": EMBEDDER, "input": [[]]}), 400, "input[0]"),
+        // More tokens in one request than the node embeds per request (65,536 by default).
+        (
+            json!({"model": EMBEDDER, "input": vec![vec![7; 256]; 257], "truncate_inputs": true}),
+            400,
+            "at most 65536",
+        ),
     ] {
         let resp = node.post_json_to("/v1/embeddings", &body).await;
         assert_eq!(resp.status(), status, "{body}");

@@ -76,6 +76,9 @@ pub struct EmbeddingConfig {
     pub max_batch_tokens: usize,
     /// Jobs (requests) allowed to wait; beyond it `submit` answers [`EngineError::Busy`].
     pub max_queue: usize,
+    /// Tokens one request may hold in all (a 400 beyond): jobs run first come first served,
+    /// so this bounds how long one request holds up those behind it.
+    pub max_request_tokens: usize,
 }
 
 impl Default for EmbeddingConfig {
@@ -83,6 +86,7 @@ impl Default for EmbeddingConfig {
         Self {
             max_batch_tokens: 8192,
             max_queue: 256,
+            max_request_tokens: 65_536,
         }
     }
 }
@@ -412,6 +416,12 @@ impl Embedder {
         if config.max_queue == 0 {
             return Err(EngineError::Config("max_queue must be at least 1".into()));
         }
+        if config.max_request_tokens < model.info.max_tokens {
+            return Err(EngineError::Config(format!(
+                "max_request_tokens {} is below the model's longest input ({} tokens)",
+                config.max_request_tokens, model.info.max_tokens
+            )));
+        }
         let (tx, rx) = mpsc::sync_channel(config.max_queue);
         let shared = Arc::new(Shared {
             model,
@@ -442,8 +452,16 @@ impl Embedder {
     }
 
     /// Queues tokenized inputs; [`EngineError::Busy`] when `max_queue` jobs already wait, at
-    /// once, never blocking.
+    /// once, never blocking; [`EngineError::InvalidRequest`] over `max_request_tokens`.
     pub fn submit(&self, tokens: Vec<Vec<u32>>, pooling: Pooling) -> Result<EmbedTicket> {
+        let total: usize = tokens.iter().map(Vec::len).sum();
+        let cap = self.shared.config.max_request_tokens;
+        if total > cap {
+            return Err(EngineError::InvalidRequest(format!(
+                "the request's inputs hold {total} tokens; this node embeds at most {cap} per \
+                 request: split it"
+            )));
+        }
         let (reply, rx) = oneshot::channel();
         let counters = &self.shared.counters;
         counters.queued.fetch_add(1, Ordering::Relaxed);

@@ -129,6 +129,15 @@ pub struct ServeArgs {
     /// memory); at least the model's longest input.
     #[arg(long, env = "EDGERUN_EMBED_BATCH_TOKENS", default_value_t = 8192)]
     pub embed_batch_tokens: usize,
+    /// Tokens one embedding request may hold in all (400 beyond); requests run first come first
+    /// served, so this bounds how long one holds up those behind it. At least the model's
+    /// longest input.
+    #[arg(
+        long,
+        env = "EDGERUN_EMBED_MAX_REQUEST_TOKENS",
+        default_value_t = 65_536
+    )]
+    pub embed_max_request_tokens: usize,
     /// Embedding requests allowed to wait per embedding model before new ones get 429.
     #[arg(long, env = "EDGERUN_EMBED_MAX_QUEUE", default_value_t = 256)]
     pub embed_max_queue: usize,

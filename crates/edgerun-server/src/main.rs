@@ -518,6 +518,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         let embed_config = EmbeddingConfig {
             max_batch_tokens: args.embed_batch_tokens,
             max_queue: args.embed_max_queue,
+            max_request_tokens: args.embed_max_request_tokens,
         };
         let device = args.device.clone();
         let settings = args.clone();

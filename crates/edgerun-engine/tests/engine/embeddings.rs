@@ -46,6 +46,14 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// `[CLS]`, 254 × "this", `[SEP]`: an input as long as the model reads.
+fn full_window_input() -> Vec<u32> {
+    std::iter::once(101)
+        .chain(std::iter::repeat_n(2023, 254))
+        .chain(std::iter::once(102))
+        .collect()
+}
+
 fn model() -> EmbeddingModel {
     EmbeddingModel::load(&embedding_model_dir(), &candle_core::Device::Cpu).unwrap()
 }
@@ -122,6 +130,7 @@ fn the_batching_thread_answers_concurrent_jobs_like_one_at_a_time() {
         EmbeddingConfig {
             max_batch_tokens: 512,
             max_queue: 64,
+            ..EmbeddingConfig::default()
         },
     )
     .unwrap();
@@ -172,13 +181,11 @@ fn a_full_queue_is_busy_at_once() {
         EmbeddingConfig {
             max_batch_tokens: 256,
             max_queue: 1,
+            ..EmbeddingConfig::default()
         },
     )
     .unwrap();
-    let long: Vec<u32> = std::iter::once(101)
-        .chain(std::iter::repeat_n(2023, 254))
-        .chain(std::iter::once(102))
-        .collect();
+    let long = full_window_input();
     // Keep the thread busy, then fill the queue's one place: the next submit is Busy.
     let mut tickets = Vec::new();
     let mut busy = false;
@@ -200,7 +207,8 @@ fn a_full_queue_is_busy_at_once() {
         model(),
         EmbeddingConfig {
             max_batch_tokens: 100,
-            max_queue: 1
+            max_queue: 1,
+            ..EmbeddingConfig::default()
         }
     )
     .is_err());
@@ -213,13 +221,11 @@ fn a_job_whose_caller_left_is_not_computed() {
         EmbeddingConfig {
             max_batch_tokens: 1024,
             max_queue: 4,
+            ..EmbeddingConfig::default()
         },
     )
     .unwrap();
-    let long: Vec<u32> = std::iter::once(101)
-        .chain(std::iter::repeat_n(2023, 254))
-        .chain(std::iter::once(102))
-        .collect();
+    let long = full_window_input();
     // 64 inputs of 256 tokens: 16 forward passes of 4 if anyone waited for them.
     let abandoned = embedder.submit(vec![long; 64], Pooling::Mean).unwrap();
     drop(abandoned);
@@ -233,4 +239,11 @@ fn a_job_whose_caller_left_is_not_computed() {
     assert!(stats.batches <= 3, "{stats:?}");
     assert_eq!(stats.queued_requests, 0, "{stats:?}");
     assert!(embedder.is_running());
+    // More tokens than one request may hold: refused before it queues.
+    let over = embedder.submit(vec![full_window_input(); 257], Pooling::Mean);
+    assert!(
+        matches!(&over, Err(EngineError::InvalidRequest(m)) if m.contains("at most 65536")),
+        "{:?}",
+        over.as_ref().err()
+    );
 }
