@@ -1,9 +1,11 @@
 //! What a node tells the Worker in front of it about its load, and which session a request
 //! belongs to: the two headers the Worker picks a node within a region by.
 //!
-//! * [`LOAD_HEADER`] (`x-edgerun-load: active=3, queued=1, kv-free=0.820`): the node sets it on
-//!   every answer once its model has loaded, from the engine's counters at the moment the
-//!   answer's head is written. The Worker keeps the last value each node sent and sends
+//! * [`LOAD_HEADER`] (`x-edgerun-load: active=3, queued=1, kv-free=0.820, seq=17`): the node
+//!   sets it on every answer once its model has loaded, from the engine's counters at the
+//!   moment the answer's head is written, numbered in the order it read them (`seq`, from 1
+//!   when the process starts). The Worker keeps the newest report of each node — answers
+//!   that overtake each other on the way must not leave an older figure in place — and sends
 //!   requests without a session to the least loaded node (see the Worker's `balance` module).
 //!   Figures ride on answers the node gives anyway, so a busy region needs no polling.
 //! * [`SESSION_AFFINITY_HEADER`] (`x-session-affinity`): Workers AI's header (its prompt-caching
@@ -36,16 +38,30 @@ pub struct NodeLoad {
     /// Share of the KV cache free, in thousandths; `None` when the node has no fixed pool to
     /// measure it against.
     pub kv_free_permille: Option<u16>,
+    /// The report's number: the node numbers its reports in the order it reads its counters,
+    /// from 1 when its process starts. `None` from a node that does not number them.
+    pub seq: Option<u64>,
 }
 
 impl NodeLoad {
-    /// The header's value: `active=3, queued=1, kv-free=0.820` (`kv-free` only when known).
+    /// The header's value: `active=3, queued=1, kv-free=0.820, seq=17` (`kv-free` and `seq`
+    /// only when known).
     pub fn to_header(&self) -> String {
         let mut s = format!("active={}, queued={}", self.active, self.queued);
         if let Some(p) = self.kv_free_permille {
             s.push_str(&format!(", kv-free={}.{:03}", p / 1000, p % 1000));
         }
+        if let Some(seq) = self.seq {
+            s.push_str(&format!(", seq={seq}"));
+        }
         s
+    }
+
+    /// Whether this report was read after `other` by the same node process: both numbered and
+    /// this one's number higher. A node that restarted numbers from 1 again, so a caller
+    /// keeps an older-numbered report only while it is fresh.
+    pub fn is_older_than(&self, other: &NodeLoad) -> bool {
+        matches!((self.seq, other.seq), (Some(a), Some(b)) if a < b)
     }
 
     /// Reads a header value written by [`NodeLoad::to_header`] (or a newer node's, with keys
@@ -55,6 +71,7 @@ impl NodeLoad {
         let mut active = None;
         let mut queued = None;
         let mut kv_free_permille = None;
+        let mut seq = None;
         for item in value.split(',') {
             let item = item.trim();
             if item.is_empty() {
@@ -65,6 +82,7 @@ impl NodeLoad {
                 "active" => active = Some(count(v)?),
                 "queued" => queued = Some(count(v)?),
                 "kv-free" => kv_free_permille = Some(fraction_permille(v.trim())?),
+                "seq" => seq = Some(number(v)?),
                 _ => {}
             }
         }
@@ -72,6 +90,7 @@ impl NodeLoad {
             active: active?,
             queued: queued?,
             kv_free_permille,
+            seq,
         })
     }
 
@@ -80,7 +99,8 @@ impl NodeLoad {
         u64::from(self.active) + u64::from(self.queued)
     }
 
-    /// The load of `active`, `queued` and `free` of `total` KV units (blocks or bytes).
+    /// The load of `active`, `queued` and `free` of `total` KV units (blocks or bytes),
+    /// unnumbered.
     pub fn from_counts(active: usize, queued: usize, free: usize, total: usize) -> Self {
         let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Self {
@@ -88,6 +108,7 @@ impl NodeLoad {
             queued: clamp(queued),
             kv_free_permille: (total > 0)
                 .then(|| ((free.min(total) as u128 * 1000) / total as u128) as u16),
+            seq: None,
         }
     }
 }
@@ -96,6 +117,15 @@ impl NodeLoad {
 fn count(v: &str) -> Option<u32> {
     let v = v.trim();
     if v.is_empty() || v.len() > 10 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
+/// A plain decimal number (1 to 20 digits, within `u64`).
+fn number(v: &str) -> Option<u64> {
+    let v = v.trim();
+    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     v.parse().ok()
@@ -142,16 +172,19 @@ mod tests {
                 active: 3,
                 queued: 1,
                 kv_free_permille: Some(820),
+                seq: None,
             },
             NodeLoad {
                 active: u32::MAX,
                 queued: 0,
                 kv_free_permille: Some(1000),
+                seq: Some(u64::MAX),
             },
             NodeLoad {
                 active: 0,
                 queued: 7,
                 kv_free_permille: Some(5),
+                seq: Some(1),
             },
         ] {
             assert_eq!(NodeLoad::parse(&load.to_header()), Some(load), "{load:?}");
@@ -161,8 +194,15 @@ mod tests {
             NodeLoad {
                 active: 3,
                 queued: 1,
-                kv_free_permille: Some(820)
+                kv_free_permille: Some(820),
+                seq: None,
             }
+        );
+        assert_eq!(
+            NodeLoad::parse("active=3, queued=1, kv-free=0.820, seq=17")
+                .unwrap()
+                .seq,
+            Some(17)
         );
     }
 
@@ -173,7 +213,8 @@ mod tests {
             Some(NodeLoad {
                 active: 1,
                 queued: 2,
-                kv_free_permille: Some(500)
+                kv_free_permille: Some(500),
+                seq: None,
             })
         );
         for bad in [
@@ -188,6 +229,10 @@ mod tests {
             "active=1, queued=0, kv-free=2",
             "active=1, queued=0, kv-free=.5",
             "active, queued=0",
+            "active=1, queued=0, seq=",
+            "active=1, queued=0, seq=-3",
+            "active=1, queued=0, seq=99999999999999999999",
+            "active=1, queued=0, seq=184467440737095516160",
         ] {
             assert_eq!(NodeLoad::parse(bad), None, "{bad:?}");
         }
@@ -200,7 +245,8 @@ mod tests {
             NodeLoad {
                 active: 2,
                 queued: 1,
-                kv_free_permille: Some(820)
+                kv_free_permille: Some(820),
+                seq: None,
             }
         );
         assert_eq!(NodeLoad::from_counts(0, 0, 0, 0).kv_free_permille, None);
@@ -209,6 +255,19 @@ mod tests {
             Some(1000)
         );
         assert_eq!(NodeLoad::from_counts(4, 5, 0, 1).backlog(), 9);
+    }
+
+    #[test]
+    fn only_numbered_reports_are_ordered() {
+        let at = |seq| NodeLoad {
+            seq,
+            ..NodeLoad::default()
+        };
+        assert!(at(Some(3)).is_older_than(&at(Some(4))));
+        assert!(!at(Some(4)).is_older_than(&at(Some(4))));
+        assert!(!at(Some(5)).is_older_than(&at(Some(4))));
+        assert!(!at(None).is_older_than(&at(Some(4))));
+        assert!(!at(Some(3)).is_older_than(&at(None)));
     }
 
     #[test]

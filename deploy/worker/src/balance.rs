@@ -15,10 +15,13 @@
 //!
 //! **Other requests go to the least loaded node.** Nodes report their load on every answer
 //! ([`edgerun_protocol::LOAD_HEADER`]: running and queued sequences, free KV share). Each isolate
-//! keeps the last report of each node, valid for [`LOAD_FRESH_MS`], plus the requests it has sent
-//! there since; a request goes to the node with the least `active + queued + sent since`, free
-//! KV breaking ties, then a per-request rotation, so that equal nodes share the traffic. A node
-//! whose report is stale or missing counts as idle: it gets traffic, and reports again.
+//! keeps the newest report of each node (by the report's number: answers that overtake each
+//! other on the way do not put an older figure back), valid for [`LOAD_FRESH_MS`], plus the
+//! requests it has sent there since; a request goes to the node with the least `active +
+//! queued + sent since`, free KV breaking ties in whole tenths of the pool (two idle nodes
+//! whose caches differ by a few blocks are equal), then a rotation that advances with every
+//! request, so that equal nodes take turns. A node whose report is stale or missing counts as
+//! idle: it gets traffic, and reports again.
 //!
 //! Why the answers' header and not a `/health` poll: the figures come free with every answer
 //! (no extra requests through Tunnel and Access, nothing to schedule in an isolate that may be
@@ -155,8 +158,8 @@ impl Balancer {
     }
 
     /// What a request sent to `origin` now would queue behind, for ordering: the backlog it
-    /// reported (none when stale or unknown) plus what was sent since, then how little KV it
-    /// has free.
+    /// reported (none when stale or unknown) plus what was sent since, then how much of its KV
+    /// is in use, in whole tenths.
     fn cost(&self, origin: &str, now: f64) -> (u64, u16) {
         let Some(seen) = self.nodes.get(origin) else {
             return (0, 0);
@@ -167,7 +170,7 @@ impl Balancer {
         let backlog = fresh.map_or(0, |(load, _)| load.backlog());
         let used = fresh
             .and_then(|(load, _)| load.kv_free_permille)
-            .map_or(0, |free| 1000 - free.min(1000));
+            .map_or(0, |free| (1000 - free.min(1000)) / 100);
         (backlog + u64::from(seen.sent_since), used)
     }
 
@@ -185,12 +188,20 @@ impl Balancer {
     }
 
     /// `origin` answered, with its load report if it sent one: the report replaces what was
-    /// known, and the node is back in service.
+    /// known unless it is older than a fresh one already held (then it only takes back the
+    /// request that brought it), and the node is back in service.
     pub fn answered(&mut self, origin: &str, load: Option<NodeLoad>, now: f64) {
         let seen = self.seen(origin);
         if let Some(load) = load {
-            seen.load = Some((load, now));
-            seen.sent_since = 0;
+            let held_newer = seen.load.is_some_and(|(held, at)| {
+                now - at <= LOAD_FRESH_MS && now >= at && load.is_older_than(&held)
+            });
+            if held_newer {
+                seen.sent_since = seen.sent_since.saturating_sub(1);
+            } else {
+                seen.load = Some((load, now));
+                seen.sent_since = 0;
+            }
         }
         seen.aside_until = 0.0;
         seen.strikes = 0;
@@ -300,6 +311,7 @@ mod tests {
                     active: 50,
                     queued: 9,
                     kv_free_permille: Some(0),
+                    seq: None,
                 }),
                 0.0,
             );
@@ -382,6 +394,7 @@ mod tests {
                 active,
                 queued,
                 kv_free_permille: free,
+                seq: None,
             })
         };
         b.answered(&r.origins[0], load(4, 0, Some(900)), 0.0);
@@ -407,6 +420,65 @@ mod tests {
             [0, 1, 2],
             "equal nodes share the traffic: {picks:?}"
         );
+    }
+
+    /// Free KV breaks ties only by whole tenths: idle nodes whose caches differ by a few
+    /// blocks take turns; a node with a tenth more of its pool in use comes second.
+    #[test]
+    fn a_few_blocks_of_kv_do_not_break_a_tie() {
+        let r = region("eu", 2);
+        let mut b = Balancer::default();
+        let idle = |free| {
+            Some(NodeLoad {
+                kv_free_permille: Some(free),
+                ..NodeLoad::default()
+            })
+        };
+        b.answered(&r.origins[0], idle(970), 0.0);
+        b.answered(&r.origins[1], idle(967), 0.0);
+        let picks: Vec<usize> = (0..4).map(|s| first(&b, &r, None, 1.0, s)).collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
+        b.answered(&r.origins[1], idle(880), 2.0);
+        let picks: Vec<usize> = (0..4).map(|s| first(&b, &r, None, 3.0, s)).collect();
+        assert_eq!(picks, [0, 0, 0, 0]);
+    }
+
+    /// A report that reaches the Worker after a newer one from the same node (two answers
+    /// overtaking each other) does not put the older figure back while the newer is fresh; it
+    /// only takes back the request it answered. Unnumbered reports, and a restarted node's
+    /// (numbered from 1 again) once the held one is stale, replace as before.
+    #[test]
+    fn an_overtaken_report_does_not_replace_a_newer_one() {
+        let r = region("eu", 2);
+        let mut b = Balancer::default();
+        let report = |active, seq| {
+            Some(NodeLoad {
+                active,
+                seq,
+                ..NodeLoad::default()
+            })
+        };
+        // Two requests each to eu/0 and eu/1; eu/1's answers arrive newest first.
+        for o in [&r.origins[0], &r.origins[0], &r.origins[1], &r.origins[1]] {
+            b.sent(o);
+        }
+        b.answered(&r.origins[0], report(1, Some(10)), 100.0);
+        b.answered(&r.origins[0], report(0, Some(11)), 101.0);
+        b.answered(&r.origins[1], report(0, Some(21)), 100.0);
+        b.answered(&r.origins[1], report(1, Some(20)), 101.0);
+        assert_eq!(b.cost(&r.origins[0], 102.0), (0, 0));
+        assert_eq!(b.cost(&r.origins[1], 102.0), (0, 0));
+        let picks: Vec<usize> = (0..4).map(|s| first(&b, &r, None, 102.0, s)).collect();
+        assert_eq!(picks, [0, 1, 0, 1], "equal again");
+        // Unnumbered: the last to arrive is kept.
+        b.answered(&r.origins[1], report(3, None), 103.0);
+        assert_eq!(b.cost(&r.origins[1], 104.0), (3, 0));
+        // Restarted (seq from 1): ignored while the held report is fresh, taken once it is not.
+        b.answered(&r.origins[0], report(2, Some(1)), 105.0);
+        assert_eq!(b.cost(&r.origins[0], 106.0), (0, 0));
+        let later = 101.0 + LOAD_FRESH_MS + 1.0;
+        b.answered(&r.origins[0], report(2, Some(2)), later);
+        assert_eq!(b.cost(&r.origins[0], later), (2, 0));
     }
 
     #[test]

@@ -55,6 +55,11 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
 thread_local! {
     /// What this isolate knows of the nodes' load and failures (an isolate runs one thread).
     static BALANCER: RefCell<Balancer> = RefCell::new(Balancer::default());
+    /// The rotation among equally loaded nodes: advances with every request, from a random
+    /// start per isolate, so one isolate's requests take turns and isolates do not all start
+    /// on the same node.
+    static TURN: std::cell::Cell<u64> =
+        std::cell::Cell::new((js_sys::Math::random() * 4_294_967_296.0) as u64);
 }
 
 /// Which region and node answered, for `x-edgerun-region` and `x-edgerun-node`.
@@ -121,7 +126,11 @@ async fn handle(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let session = session_of(header(edgerun_protocol::SESSION_AFFINITY_HEADER));
-    let spread = (js_sys::Math::random() * 4_294_967_296.0) as u64;
+    let spread = TURN.with(|t| {
+        let turn = t.get();
+        t.set(turn.wrapping_add(1));
+        turn
+    });
     let nodes = BALANCER.with(|b| {
         b.borrow()
             .plan(&regions, session, js_sys::Date::now(), spread)

@@ -197,17 +197,27 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 
 /// Adds the node's load (`x-edgerun-load`, [`edgerun_protocol::NodeLoad`]) to every answer
 /// once the model has loaded, read when the answer's head is written: the edge Worker sends
-/// requests without a session to the least loaded node of a region by it.
+/// requests without a session to the least loaded node of a region by it. Reports are
+/// numbered in the order the counters were read (one lock around reading and numbering), so
+/// the Worker can drop a report that reaches it after a newer one.
 async fn report_load(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    /// The last report's number in this process.
+    static REPORTS: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
     let mut resp = next.run(req).await;
     if let Some(engine) = state.engine.get() {
+        let mut reports = REPORTS.lock().unwrap_or_else(|e| e.into_inner());
         let s = engine.stats();
-        let load = edgerun_protocol::NodeLoad::from_counts(
-            s.active_sequences,
-            s.queued_requests,
-            s.kv_pool_free_blocks,
-            s.kv_pool_total_blocks,
-        );
+        *reports += 1;
+        let load = edgerun_protocol::NodeLoad {
+            seq: Some(*reports),
+            ..edgerun_protocol::NodeLoad::from_counts(
+                s.active_sequences,
+                s.queued_requests,
+                s.kv_pool_free_blocks,
+                s.kv_pool_total_blocks,
+            )
+        };
+        drop(reports);
         if let Ok(value) = HeaderValue::from_str(&load.to_header()) {
             resp.headers_mut().insert(
                 HeaderName::from_static(edgerun_protocol::LOAD_HEADER),

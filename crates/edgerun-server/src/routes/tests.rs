@@ -123,6 +123,27 @@ async fn run_answers_json_in_cloudflares_envelope() {
     }
 }
 
+/// Every answer carries the node's load for the Worker, numbered so that the Worker can keep
+/// the newest when answers overtake each other (`edgerun_protocol::NodeLoad`).
+#[tokio::test]
+async fn answers_carry_numbered_load_reports() {
+    let (app, _) = node(Script::tokens(&["ok"]));
+    let mut last = 0;
+    for req in [
+        run(json!({"prompt": "hi"})),
+        Request::get("/health").body(Body::empty()).unwrap(),
+        chat(json!({})),
+    ] {
+        let (status, headers, body) = send(app.clone(), req).await;
+        assert_eq!(status, 200, "{body}");
+        let value = headers[edgerun_protocol::LOAD_HEADER].to_str().unwrap();
+        let load = edgerun_protocol::NodeLoad::parse(value).unwrap();
+        let seq = load.seq.unwrap_or_else(|| panic!("unnumbered: {value}"));
+        assert!(seq > last, "{seq} after {last}");
+        last = seq;
+    }
+}
+
 #[tokio::test]
 async fn run_streams_each_event_kind_in_workers_ai_frames() {
     let (app, _) = node(Script::tokens(&["Hel", "lo"]));
