@@ -2,7 +2,8 @@
 # Fetches the PyPI sdist llama-cpp-python==0.3.36 (llama.cpp 0c1e570 and its test data: the
 # ggml-vocab-*.gguf vocabularies, 71 real chat templates under models/templates, gguf-py) into
 # the cache (~/.cache/edgerun, or $EDGERUN_CACHE_DIR), sha256-checked, and prints its path. With
-# --templates, also extracts the chat templates and prints their folder instead. Idempotent; the
+# --templates, also extracts the chat templates and prints their folder instead; with --vocab, the
+# ggml-vocab-*.gguf vocabularies and their .inp/.out test vectors. Idempotent; the
 # sdist is never committed.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CACHE="${EDGERUN_CACHE_DIR:-$HOME/.cache/edgerun}"
 SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
 TEMPLATES="$CACHE/llama-cpp-templates-$VERSION"
+VOCAB="$CACHE/llama-cpp-vocab-$VERSION"
 
 log() { echo "fetch-llama-cpp-sdist: $*" >&2; }
 verify() { [ -f "$SDIST" ] && echo "$SHA256  $SDIST" | sha256sum --check --status; }
@@ -38,6 +40,17 @@ PY
     verify || { log "sha256 mismatch for $SDIST"; rm -f "$SDIST"; exit 1; }
 fi
 
+if [ "${1:-}" = --vocab ]; then
+    if [ ! -f "$VOCAB/.complete" ]; then
+        rm -rf "$VOCAB"
+        mkdir -p "$VOCAB"
+        tar xzf "$SDIST" -C "$VOCAB" --strip-components=4 --wildcards \
+            "llama_cpp_python-$VERSION/vendor/llama.cpp/models/ggml-vocab-*"
+        touch "$VOCAB/.complete"
+    fi
+    echo "$VOCAB"
+    exit 0
+fi
 if [ "${1:-}" != "--templates" ]; then
     echo "$SDIST"
     exit 0

@@ -1,9 +1,14 @@
-//! Chat templates: the model's own Jinja template, rendered with minijinja.
+//! Chat templates: the model's own Jinja template, rendered with minijinja the way Hugging Face
+//! transformers renders it with Python's Jinja2 (`trim_blocks`, `lstrip_blocks`, loop controls,
+//! and its `tojson`, `raise_exception` and `strftime_now`), so a model reads the prompt it was
+//! trained on. The engine test `templates` holds every template of llama.cpp's test set to
+//! Jinja2's renders of a fixed set of conversations (`scripts/make-template-renders.py`).
 
 use crate::error::{EngineError, Result};
 use crate::request::{ChatMessage, PromptInput};
 use crate::tools::{Tool, ToolCalling};
-use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
+use minijinja::value::{Kwargs, ValueKind};
+use minijinja::{Environment, Error as JinjaError, ErrorKind, Output, State, Value};
 
 /// ChatML, used when a GGUF carries no `tokenizer.chat_template`.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -24,7 +29,10 @@ fn raise_exception(msg: String) -> std::result::Result<Value, JinjaError> {
     Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
 }
 
-fn strftime_now(format: String) -> std::result::Result<Value, JinjaError> {
+/// The context variable holding the render's clock (seconds since the epoch, UTC).
+const NOW_VAR: &str = "__edgerun_now";
+
+fn strftime_now(state: &State, format: String) -> std::result::Result<Value, JinjaError> {
     use chrono::format::{Item, StrftimeItems};
     let items: Vec<Item<'_>> = StrftimeItems::new(&format).collect();
     if items.iter().any(|i| matches!(i, Item::Error)) {
@@ -33,11 +41,333 @@ fn strftime_now(format: String) -> std::result::Result<Value, JinjaError> {
             format!("invalid strftime format {format:?}"),
         ));
     }
+    let now = state
+        .lookup(NOW_VAR)
+        .and_then(|v| i64::try_from(v).ok())
+        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+        .unwrap_or_else(chrono::Utc::now);
     Ok(Value::from(
-        chrono::Utc::now()
-            .format_with_items(items.into_iter())
-            .to_string(),
+        now.format_with_items(items.into_iter()).to_string(),
     ))
+}
+
+/// Jinja2's `indent` (3.1): the text plus a newline, split into lines, every line but the first
+/// (and that too with `first`) indented, blank lines only with `blank`; a trailing newline is
+/// kept (minijinja's own drops it).
+fn indent(
+    value: String,
+    args: minijinja::value::Rest<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, JinjaError> {
+    let arg = |i: usize, name: &str| -> std::result::Result<Option<Value>, JinjaError> {
+        match args.get(i) {
+            Some(v) => Ok(Some(v.clone())),
+            None => kwargs.get::<Option<Value>>(name),
+        }
+    };
+    let width = match arg(0, "width")? {
+        None => " ".repeat(4),
+        Some(v) if v.kind() == ValueKind::String => v.as_str().unwrap_or_default().to_string(),
+        Some(v) => " ".repeat(usize::try_from(v)?),
+    };
+    let first = arg(1, "first")?.is_some_and(|v| v.is_true());
+    let blank = arg(2, "blank")?.is_some_and(|v| v.is_true());
+    kwargs.assert_all_used()?;
+    let text = format!("{value}\n");
+    let lines = py_splitlines(&text);
+    let mut out = String::new();
+    if blank {
+        out = lines.join(&format!("\n{width}"));
+    } else if let Some((head, rest)) = lines.split_first() {
+        out.push_str(head);
+        for line in rest {
+            out.push('\n');
+            if !line.is_empty() {
+                out.push_str(&width);
+            }
+            out.push_str(line);
+        }
+    }
+    if first {
+        out.insert_str(0, &width);
+    }
+    Ok(Value::from(out))
+}
+
+/// Python's `str.splitlines()`: lines without their ends, no empty last line.
+fn py_splitlines(text: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let end = match c {
+            '\r' if matches!(chars.peek(), Some((_, '\n'))) => {
+                chars.next();
+                i + 2
+            }
+            '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}'
+            | '\u{2028}' | '\u{2029}' => i + c.len_utf8(),
+            _ => continue,
+        };
+        lines.push(&text[start..i]);
+        start = end;
+    }
+    if start < text.len() {
+        lines.push(&text[start..]);
+    }
+    lines
+}
+
+/// Jinja2's `iterable` test: whatever Python can iterate — not `none`.
+fn is_iterable(value: Value) -> bool {
+    !value.is_none() && (value.is_undefined() || value.try_iter().is_ok())
+}
+
+/// How Jinja2 prints a value: strings as they are, everything else as Python's `str()` does
+/// (`True`, `None`, `1.0`, `{'a': [1, 'b']}`), undefined as nothing.
+fn py_format(
+    out: &mut Output,
+    _state: &State,
+    value: &Value,
+) -> std::result::Result<(), JinjaError> {
+    let text = match value.kind() {
+        ValueKind::Undefined => return Ok(()),
+        ValueKind::String => {
+            return out
+                .write_str(value.as_str().unwrap_or_default())
+                .map_err(JinjaError::from)
+        }
+        _ => py_repr(value),
+    };
+    out.write_str(&text).map_err(JinjaError::from)
+}
+
+/// Python's `repr()` of a value (its `str()` for everything but strings).
+fn py_repr(value: &Value) -> String {
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => "None".into(),
+        ValueKind::Bool => if value.is_true() { "True" } else { "False" }.into(),
+        ValueKind::Number if value.is_integer() => value.to_string(),
+        ValueKind::Number => match f64::try_from(value.clone()) {
+            Ok(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 => format!("{f:.1}"),
+            Ok(f) => format!("{f}"),
+            Err(_) => value.to_string(),
+        },
+        ValueKind::String => py_str_repr(value.as_str().unwrap_or_default()),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<String> = value
+                .try_iter()
+                .map(|it| it.map(|v| py_repr(&v)).collect())
+                .unwrap_or_default();
+            format!("[{}]", items.join(", "))
+        }
+        ValueKind::Map => {
+            let items: Vec<String> = value
+                .try_iter()
+                .map(|it| {
+                    it.map(|k| {
+                        let v = value.get_item(&k).unwrap_or_default();
+                        format!("{}: {}", py_repr(&k), py_repr(&v))
+                    })
+                    .collect()
+                })
+                .unwrap_or_default();
+            format!("{{{}}}", items.join(", "))
+        }
+        _ => value.to_string(),
+    }
+}
+
+/// Python's `repr()` of a string: single quotes unless it holds one and no double quote.
+fn py_str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// transformers' `{% generation %}` blocks (which mark the assistant's part for training
+/// masks) render their body: rewritten as an `if` that is always true, keeping the tags'
+/// whitespace control.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (open_trim, inner) = match inner.strip_prefix('-') {
+            Some(i) => ("-", i),
+            None => ("", inner),
+        };
+        let (inner, close_trim) = match inner.strip_suffix('-') {
+            Some(i) => (i, "-"),
+            None => (inner, ""),
+        };
+        match inner.trim() {
+            "generation" => out.push_str(&format!("{{%{open_trim} if true {close_trim}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{open_trim} endif {close_trim}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// transformers' `tojson`: Python's `json.dumps(x, ensure_ascii=False, indent=indent,
+/// separators=separators, sort_keys=sort_keys)` — `", "` and `": "` between items unless
+/// indented, no HTML escaping (minijinja's own escapes `<`, `>`, `&` and `'`).
+fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, JinjaError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let separators: Option<Value> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let (item_sep, key_sep) = match separators {
+        Some(seps) => {
+            let get = |i: usize| -> std::result::Result<String, JinjaError> {
+                seps.get_item(&Value::from(i))
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .ok_or_else(|| {
+                        JinjaError::new(ErrorKind::InvalidOperation, "tojson: bad separators")
+                    })
+            };
+            (get(0)?, get(1)?)
+        }
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+    };
+    let mut out = String::new();
+    py_json(
+        &json,
+        &PyJson {
+            indent,
+            item_sep: &item_sep,
+            key_sep: &key_sep,
+            sort_keys: sort_keys.unwrap_or(false),
+            ensure_ascii: ensure_ascii.unwrap_or(false),
+        },
+        0,
+        &mut out,
+    );
+    Ok(Value::from_safe_string(out))
+}
+
+struct PyJson<'a> {
+    indent: Option<usize>,
+    item_sep: &'a str,
+    key_sep: &'a str,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+/// Writes `v` as Python's `json.dumps` would with these options.
+fn py_json(v: &serde_json::Value, o: &PyJson, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = o.indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    match v {
+        J::Null => out.push_str("null"),
+        J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        J::Number(n) => match n.as_f64() {
+            // Python writes floats with a fraction (1.0), integers without.
+            Some(f) if n.is_f64() && f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 => {
+                out.push_str(&format!("{f:.1}"))
+            }
+            _ => out.push_str(&n.to_string()),
+        },
+        J::String(s) => py_string(s, o.ensure_ascii, out),
+        J::Array(items) if items.is_empty() => out.push_str("[]"),
+        J::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(o.item_sep);
+                }
+                newline(out, depth + 1);
+                py_json(item, o, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        J::Object(map) if map.is_empty() => out.push_str("{}"),
+        J::Object(map) => {
+            let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+            if o.sort_keys {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(o.item_sep);
+                }
+                newline(out, depth + 1);
+                py_string(k, o.ensure_ascii, out);
+                out.push_str(o.key_sep);
+                py_json(item, o, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+    }
+}
+
+/// A JSON string as Python writes it: `\n`, `\"`, `\\` and friends, other control
+/// characters as `\u00XX`, the rest as is (or, with `ensure_ascii`, as `\uXXXX` escapes).
+fn py_string(s: &str, ensure_ascii: bool, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7f) => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 impl ChatTemplate {
@@ -47,8 +377,19 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.set_trim_blocks(false);
-        env.add_template_owned("chat", source.to_string())
+        env.add_filter("tojson", tojson);
+        env.add_filter("indent", indent);
+        env.add_test("iterable", is_iterable);
+        env.add_filter("string", |v: Value| match v.kind() {
+            ValueKind::String => v,
+            _ => Value::from(py_repr(&v)),
+        });
+        env.set_formatter(py_format);
+        // transformers' environment: a block tag's newline is dropped, and the whitespace
+        // before a block tag on its line too.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_template_owned("chat", without_generation_tags(source))
             .map_err(|e| EngineError::Template(e.to_string()))?;
         Ok(Self {
             env,
@@ -114,6 +455,16 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         tools: Option<&serde_json::Value>,
     ) -> Result<String> {
+        self.render_at(messages, tools, chrono::Utc::now())
+    }
+
+    /// [`ChatTemplate::render`] as if the time were `now` (`strftime_now`, `date_string`).
+    pub fn render_at(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -124,7 +475,8 @@ impl ChatTemplate {
             add_generation_prompt => true,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
-            date_string => chrono::Utc::now().format("%d %b %Y").to_string(),
+            date_string => now.format("%d %b %Y").to_string(),
+            __edgerun_now => now.timestamp(),
         };
         tmpl.render(ctx)
             .map_err(|e| EngineError::Template(describe(&e)))

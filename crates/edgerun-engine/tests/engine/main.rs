@@ -13,5 +13,7 @@ mod gguf;
 mod kquants;
 mod loading;
 mod paged;
+mod templates;
 mod text;
 mod tool_templates;
+mod vocab_vectors;

@@ -66,7 +66,12 @@ fn a_tokenizer_json_can_replace_the_gguf_tokenizer() {
     let dir = std::env::temp_dir().join(format!("edgerun-tok-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("tokenizer.json");
-    loaded.tokenizer.hf_tokenizer().save(&json, false).unwrap();
+    loaded
+        .tokenizer
+        .hf_tokenizer()
+        .unwrap()
+        .save(&json, false)
+        .unwrap();
     let from_json = edgerun_engine::LoadedModel::load(
         &harness::model_path(),
         Some(&json),
@@ -189,7 +194,8 @@ fn llama3_style_templates_and_python_helpers() {
     let t = ChatTemplate::new(helpers, None, None).unwrap();
     let tools = serde_json::json!([{"name": "get_weather"}]);
     let out = t.render(&[msg("user", " abc ")], Some(&tools)).unwrap();
-    assert_eq!(out, "ABC|True|4|[{\"name\":\"get_weather\"}]|");
+    // `tojson` writes what Python's json.dumps writes (", " and ": " between items).
+    assert_eq!(out, "ABC|True|4|[{\"name\": \"get_weather\"}]|");
     let err = t.render(&[msg("assistant", "x")], None).unwrap_err();
     assert!(
         err.to_string()

@@ -1,12 +1,20 @@
 //! Tokenizers built from GGUF metadata (or a `tokenizer.json`), and incremental detokenization.
+//!
+//! Two kinds come from the metadata alone: byte-level BPE (`tokenizer.ggml.model = gpt2`:
+//! Llama-3, Qwen2, SmolLM, GPT-2 and kin) through the `tokenizers` crate with the
+//! pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`, and SentencePiece
+//! (`tokenizer.ggml.model = llama`: Llama-2, Mistral, Phi-3) in [`spm`], llama.cpp's algorithm
+//! over the pieces and scores. Anything else is refused at load, its type named.
+
+pub(crate) mod spm;
 
 use crate::error::{EngineError, Result};
 use candle_core::quantized::gguf_file;
+use spm::SpmVocab;
 use std::collections::BTreeSet;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
@@ -32,11 +40,19 @@ const KNOWN_TERMINATORS: &[&str] = &[
 
 /// A model's tokenizer plus what the engine needs to know about its special tokens.
 pub struct TextTokenizer {
-    inner: Tokenizer,
+    inner: Inner,
     bos: Option<(u32, String)>,
     eos: Option<(u32, String)>,
     add_bos: bool,
     stop_ids: BTreeSet<u32>,
+}
+
+/// The vocabulary behind a [`TextTokenizer`].
+enum Inner {
+    /// Byte-level BPE from the metadata, or any `tokenizer.json`.
+    Hf(Box<Tokenizer>),
+    /// SentencePiece from the metadata.
+    Spm(Box<SpmVocab>),
 }
 
 fn meta_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
@@ -68,35 +84,71 @@ fn tok_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Tokenizer(e.to_string())
 }
 
-/// The pre-tokenizer llama.cpp applies for a `tokenizer.ggml.pre` name.
+/// GPT-2's split (also MPT's, and StarCoder's after its digits).
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+
+// The regex lists below are llama.cpp's (`llm_tokenizer_bpe`, src/llama-vocab.cpp at the pinned
+// commit), applied in order, each to the pieces the one before left.
+const DEEPSEEK_LLM_SPLITS: &[&str] = &[
+    r#"[\r\n]"#,
+    r#"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"#,
+    r#"\s?[!-/:-~！-／：-～‘-‟　-。]+"#,
+    r#"\s+$"#,
+    r#"[一-龥ࠀ-一가-퟿]+"#,
+    r#"\p{N}+"#,
+];
+const DEEPSEEK_CODER_SPLITS: &[&str] = &[
+    r#"[\r\n]"#,
+    r#"\s?\p{L}+"#,
+    r#"\s?\p{P}+"#,
+    r#"[一-龥ࠀ-一가-퟿]+"#,
+    r#"\p{N}"#,
+];
+const FALCON_SPLITS: &[&str] = &[
+    r#"[\p{P}\$\+<=>\^~\|`]+"#,
+    r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+    r#"[0-9][0-9][0-9]"#,
+];
+const QWEN35_SPLITS: &[&str] = &[
+    r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+];
+
+/// The pre-tokenizer llama.cpp applies for a `tokenizer.ggml.pre` name: its regexes in order,
+/// each splitting what the one before left (matches and the text between them both kept),
+/// then GPT-2's byte-level alphabet.
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
-    let split = |re: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(
-            SplitPattern::Regex(re.to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(tok_err)?;
-        Ok(Sequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, false).into(),
-        ])
-        .into())
+    let splits: &[&str] = match pre {
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "lfm2" | "dbrx" => &[LLAMA3_SPLIT],
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" => &[QWEN2_SPLIT],
+        "qwen35" => QWEN35_SPLITS,
+        "smollm" | "starcoder" | "refact" | "command-r" => &[r"\p{N}", GPT2_SPLIT],
+        "gpt2" | "default" | "gpt-2" | "mpt" | "olmo" | "phi-2" => &[GPT2_SPLIT],
+        "deepseek-llm" => DEEPSEEK_LLM_SPLITS,
+        "deepseek-coder" => DEEPSEEK_CODER_SPLITS,
+        "falcon" => FALCON_SPLITS,
+        other => {
+            return Err(EngineError::Tokenizer(format!(
+                "unsupported tokenizer.ggml.pre `{other}` (supported: llama3/llama-bpe, \
+                 qwen2, qwen35, smollm, starcoder, refact, command-r, gpt2, mpt, olmo, \
+                 deepseek-llm, deepseek-coder, falcon); pass --tokenizer with the model's \
+                 tokenizer.json"
+            )))
+        }
     };
-    match pre {
-        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "lfm2" => split(LLAMA3_SPLIT),
-        "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
-        // SmolLM / StarCoder: digits split one by one, then GPT-2's byte-level regex.
-        "smollm" | "starcoder" | "refact" => Ok(Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into()),
-        "gpt2" | "default" | "gpt-2" => Ok(ByteLevel::new(false, true, true).into()),
-        other => Err(EngineError::Tokenizer(format!(
-            "unsupported tokenizer.ggml.pre `{other}` (supported: llama3/llama-bpe, smollm, qwen2, gpt2); pass --tokenizer with the model's tokenizer.json"
-        ))),
+    let mut steps: Vec<PreTokenizerWrapper> = Vec::with_capacity(splits.len() + 1);
+    for re in splits {
+        steps.push(
+            Split::new(
+                SplitPattern::Regex(re.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?
+            .into(),
+        );
     }
+    steps.push(ByteLevel::new(false, true, false).into());
+    Ok(Sequence::new(steps).into())
 }
 
 impl TextTokenizer {
@@ -107,10 +159,15 @@ impl TextTokenizer {
             .get("tokenizer.ggml.model")
             .and_then(|v| v.to_string().ok().cloned())
             .unwrap_or_default();
-        if kind != "gpt2" {
-            return Err(EngineError::Tokenizer(format!(
-                "tokenizer.ggml.model `{kind}` is not byte-level BPE (`gpt2`); pass --tokenizer with the model's tokenizer.json"
-            )));
+        match kind.as_str() {
+            "gpt2" => {}
+            "llama" => return Self::spm_from_gguf(ct),
+            other => {
+                return Err(EngineError::Tokenizer(format!(
+                    "tokenizer.ggml.model `{other}` is not supported (supported: `gpt2`, byte-level \
+                     BPE; `llama`, SentencePiece); pass --tokenizer with the model's tokenizer.json"
+                )))
+            }
         }
         let tokens = meta_str_array(ct, "tokenizer.ggml.tokens")?;
         let merges = meta_str_array(ct, "tokenizer.ggml.merges")?
@@ -159,21 +216,7 @@ impl TextTokenizer {
         // Control tokens (type 3) are matched whole in input text, so a chat template's
         // `<|im_start|>` becomes one token, and are dropped when decoding output. User-defined
         // tokens (type 4, e.g. `<think>`) are matched whole too but are ordinary text in output.
-        let types: Vec<u32> = ct
-            .metadata
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.to_vec().ok())
-            .map(|a| {
-                a.iter()
-                    .map(|v| {
-                        v.to_i32()
-                            .map(|x| x as u32)
-                            .or_else(|_| v.to_u32())
-                            .unwrap_or(1)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let types = token_types(ct);
         let of_type = |ty: u32| -> Vec<AddedToken> {
             types
                 .iter()
@@ -206,7 +249,7 @@ impl TextTokenizer {
                 .filter(|&id| is_control(id)),
         );
         Ok(Self {
-            inner,
+            inner: Inner::Hf(Box::new(inner)),
             bos,
             eos,
             add_bos,
@@ -214,12 +257,70 @@ impl TextTokenizer {
         })
     }
 
+    /// A SentencePiece vocabulary from `tokenizer.ggml.{tokens,scores,token_type}` and its
+    /// flags (`add_space_prefix`, `add_bos_token`: on unless the metadata says otherwise, as
+    /// llama.cpp reads them); the special ids as for BPE.
+    fn spm_from_gguf(ct: &gguf_file::Content) -> Result<Self> {
+        let tokens = meta_str_array(ct, "tokenizer.ggml.tokens")?;
+        let scores: Vec<f32> = ct
+            .metadata
+            .get("tokenizer.ggml.scores")
+            .ok_or_else(|| {
+                EngineError::Tokenizer(
+                    "a SentencePiece vocabulary without `tokenizer.ggml.scores`".into(),
+                )
+            })?
+            .to_vec()
+            .map_err(|_| EngineError::Tokenizer("`tokenizer.ggml.scores` is not an array".into()))?
+            .iter()
+            .map(|v| {
+                v.to_f32().map_err(|_| {
+                    EngineError::Tokenizer("`tokenizer.ggml.scores` holds a non-f32".into())
+                })
+            })
+            .collect::<Result<_>>()?;
+        let meta_bool = |key: &str| -> Result<Option<bool>> {
+            match ct.metadata.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .to_bool()
+                    .map(Some)
+                    .map_err(|_| EngineError::Tokenizer(format!("`{key}` is not a bool"))),
+            }
+        };
+        let add_space_prefix = meta_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+        let add_bos = meta_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
+        let types = token_types(ct);
+        let unknown = meta_u32(ct, "tokenizer.ggml.unknown_token_id")
+            .or_else(|| tokens.iter().position(|t| t == "<unk>").map(|i| i as u32));
+        let vocab = SpmVocab::new(tokens.clone(), scores, types, add_space_prefix, unknown)
+            .map_err(EngineError::Tokenizer)?;
+        let named = |key: &str| {
+            meta_u32(ct, key).and_then(|id| tokens.get(id as usize).map(|t| (id, t.clone())))
+        };
+        let mut stop_ids: BTreeSet<u32> = ["eos", "eot", "eom"]
+            .iter()
+            .filter_map(|k| meta_u32(ct, &format!("tokenizer.ggml.{k}_token_id")))
+            .collect();
+        stop_ids.extend(KNOWN_TERMINATORS.iter().filter_map(|t| {
+            vocab
+                .id(t)
+                .filter(|&id| vocab.token_type(id) == Some(spm::token_type::CONTROL))
+        }));
+        Ok(Self {
+            bos: named("tokenizer.ggml.bos_token_id"),
+            eos: named("tokenizer.ggml.eos_token_id"),
+            add_bos,
+            stop_ids,
+            inner: Inner::Spm(Box::new(vocab)),
+        })
+    }
+
     /// Loads a Hugging Face `tokenizer.json`; special-token facts still come from the GGUF.
     pub fn from_file(path: &std::path::Path, ct: &gguf_file::Content) -> Result<Self> {
         let mut this = Self::from_gguf_specials_only(ct)?;
-        this.inner = Tokenizer::from_file(path).map_err(tok_err)?;
-        let special: BTreeSet<u32> = this
-            .inner
+        let json = Tokenizer::from_file(path).map_err(tok_err)?;
+        let special: BTreeSet<u32> = json
             .get_added_tokens_decoder()
             .into_iter()
             .filter(|(_, t)| t.special)
@@ -228,9 +329,10 @@ impl TextTokenizer {
         this.stop_ids.extend(
             KNOWN_TERMINATORS
                 .iter()
-                .filter_map(|t| this.inner.token_to_id(t))
+                .filter_map(|t| json.token_to_id(t))
                 .filter(|id| special.contains(id)),
         );
+        this.inner = Inner::Hf(Box::new(json));
         Ok(this)
     }
 
@@ -240,7 +342,7 @@ impl TextTokenizer {
             meta_u32(ct, key).and_then(|id| tokens.get(id as usize).map(|t| (id, t.clone())))
         };
         Ok(Self {
-            inner: Tokenizer::new(BPE::default()),
+            inner: Inner::Hf(Box::new(Tokenizer::new(BPE::default()))),
             bos: named("tokenizer.ggml.bos_token_id"),
             eos: named("tokenizer.ggml.eos_token_id"),
             add_bos: ct
@@ -259,8 +361,14 @@ impl TextTokenizer {
     /// is prepended when the model asks for it and the text does not already start with it
     /// (Llama-3's chat template writes it itself).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = match &self.inner {
+            Inner::Hf(t) => t
+                .encode_fast(text, false)
+                .map_err(tok_err)?
+                .get_ids()
+                .to_vec(),
+            Inner::Spm(v) => v.encode(text, true, true).map_err(EngineError::Tokenizer)?,
+        };
         if self.add_bos {
             if let Some((bos, _)) = &self.bos {
                 if ids.first() != Some(bos) {
@@ -271,25 +379,52 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Tokenizes text as it is: no BOS, but special tokens written in it are still recognised.
+    /// Tokenizes text as it is, as a piece of a longer sequence: no BOS and (SentencePiece) no
+    /// leading space added, but special tokens written in it are still recognised.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
-        Ok(enc.get_ids().to_vec())
+        match &self.inner {
+            Inner::Hf(t) => Ok(t
+                .encode_fast(text, false)
+                .map_err(tok_err)?
+                .get_ids()
+                .to_vec()),
+            Inner::Spm(v) => v.encode(text, true, false).map_err(EngineError::Tokenizer),
+        }
+    }
+
+    /// What llama.cpp's tokenizer gives for `text` with `add_special` and `parse_special` off
+    /// (its `test-tokenizer-0`, the contract of the vocabulary test vectors): no BOS, control
+    /// tokens written in the text read as text.
+    pub fn encode_text_only(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.inner {
+            Inner::Hf(t) => Ok(t
+                .encode_fast(text, false)
+                .map_err(tok_err)?
+                .get_ids()
+                .to_vec()),
+            Inner::Spm(v) => v.encode(text, false, true).map_err(EngineError::Tokenizer),
+        }
     }
 
     /// Ids of the special (control) tokens: dropped from decoded text, never text themselves.
     pub fn special_ids(&self) -> BTreeSet<u32> {
-        self.inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
-            .collect()
+        match &self.inner {
+            Inner::Hf(t) => t
+                .get_added_tokens_decoder()
+                .into_iter()
+                .filter(|(_, t)| t.special)
+                .map(|(id, _)| id)
+                .collect(),
+            Inner::Spm(v) => v.control_ids().collect(),
+        }
     }
 
     /// Decodes ids to text, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(tok_err)
+        match &self.inner {
+            Inner::Hf(t) => t.decode(ids, true).map_err(tok_err),
+            Inner::Spm(v) => Ok(v.decode(ids, true)),
+        }
     }
 
     /// Token ids that end generation.
@@ -306,37 +441,68 @@ impl TextTokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Inner::Hf(t) => t.get_vocab_size(true),
+            Inner::Spm(v) => v.len(),
+        }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Inner::Hf(t) => t.token_to_id(token),
+            Inner::Spm(v) => v.id(token),
+        }
     }
 
     /// The bytes token `id` stands for, as OpenAI's logprobs report them: a byte-level BPE
-    /// piece may be part of a UTF-8 character, so these need not be valid UTF-8. Special and
-    /// added tokens are their text. Unknown ids are empty.
+    /// piece or a SentencePiece byte token may be part of a UTF-8 character, so these need not
+    /// be valid UTF-8. Special and added tokens are their text. Unknown ids are empty.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        if let Some(added) = self.inner.get_added_vocabulary().simple_id_to_token(id) {
+        let inner = match &self.inner {
+            Inner::Hf(t) => t,
+            Inner::Spm(v) => return v.token_bytes(id, true),
+        };
+        if let Some(added) = inner.get_added_vocabulary().simple_id_to_token(id) {
             return added.into_bytes();
         }
-        if let Some(bytes) = self
-            .inner
+        if let Some(bytes) = inner
             .id_to_token(id)
             .and_then(|piece| byte_level_bytes(&piece))
         {
             return bytes;
         }
-        self.inner
+        inner
             .decode(&[id], false)
             .map(String::into_bytes)
             .unwrap_or_default()
     }
 
-    /// The underlying Hugging Face tokenizer (for example to save it as `tokenizer.json`).
-    pub fn hf_tokenizer(&self) -> &Tokenizer {
-        &self.inner
+    /// The underlying Hugging Face tokenizer (for example to save it as `tokenizer.json`);
+    /// `None` for a SentencePiece vocabulary, which is read natively.
+    pub fn hf_tokenizer(&self) -> Option<&Tokenizer> {
+        match &self.inner {
+            Inner::Hf(t) => Some(t),
+            Inner::Spm(_) => None,
+        }
     }
+}
+
+/// `tokenizer.ggml.token_type`, one per token (empty when absent).
+fn token_types(ct: &gguf_file::Content) -> Vec<u32> {
+    ct.metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+        .map(|a| {
+            a.iter()
+                .map(|v| {
+                    v.to_i32()
+                        .map(|x| x as u32)
+                        .or_else(|_| v.to_u32())
+                        .unwrap_or(1)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Whether GPT-2's byte-level alphabet writes byte `b` as the character of the same code.
