@@ -70,6 +70,18 @@ fn indent(
         Some(v) if v.kind() == ValueKind::String => v.as_str().unwrap_or_default().to_string(),
         Some(v) => " ".repeat(usize::try_from(v)?),
     };
+    if width.len() > MAX_INDENT {
+        return Err(JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("indent wider than {MAX_INDENT}"),
+        ));
+    }
+    if args.len() > 3 {
+        return Err(JinjaError::new(
+            ErrorKind::TooManyArguments,
+            "indent takes width, first and blank",
+        ));
+    }
     let first = arg(1, "first")?.is_some_and(|v| v.is_true());
     let blank = arg(2, "blank")?.is_some_and(|v| v.is_true());
     kwargs.assert_all_used()?;
@@ -137,45 +149,94 @@ fn py_format(
                 .write_str(value.as_str().unwrap_or_default())
                 .map_err(JinjaError::from)
         }
-        _ => py_repr(value),
+        _ => py_repr(value)?,
     };
     out.write_str(&text).map_err(JinjaError::from)
 }
 
+/// The widest indent a template may ask for (a bound on what one filter call allocates).
+const MAX_INDENT: usize = 1024;
+/// The deepest value printed or serialized the Python way (deeper is an error, not a crash).
+const MAX_DEPTH: usize = 256;
+
+/// Python's `repr()` of a float: the shortest digits that read back, in positional notation
+/// for exponents from -4 to 15 (`1.0`, `0.0001`, `123.5`), scientific otherwise (`1e-05`,
+/// `1.5e+16`), and `nan` / `inf`.
+fn py_float(f: f64) -> String {
+    if f.is_nan() {
+        return "nan".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    let sci = format!("{f:e}"); // shortest round-trip digits: "-1.5e16", "1e-5"
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("an integer exponent");
+    if (-4..16).contains(&exp) {
+        let s = format!("{f}");
+        if s.contains('.') {
+            s
+        } else {
+            format!("{s}.0")
+        }
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.abs())
+    }
+}
+
 /// Python's `repr()` of a value (its `str()` for everything but strings).
-fn py_repr(value: &Value) -> String {
+fn py_repr(value: &Value) -> std::result::Result<String, JinjaError> {
+    let mut out = String::new();
+    py_repr_into(value, 0, &mut out)?;
+    Ok(out)
+}
+
+fn py_repr_into(
+    value: &Value,
+    depth: usize,
+    out: &mut String,
+) -> std::result::Result<(), JinjaError> {
+    if depth > MAX_DEPTH {
+        return Err(JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("a value nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
     match value.kind() {
-        ValueKind::Undefined | ValueKind::None => "None".into(),
-        ValueKind::Bool => if value.is_true() { "True" } else { "False" }.into(),
-        ValueKind::Number if value.is_integer() => value.to_string(),
+        ValueKind::Undefined | ValueKind::None => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
+        ValueKind::Number if value.is_integer() => out.push_str(&value.to_string()),
         ValueKind::Number => match f64::try_from(value.clone()) {
-            Ok(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 => format!("{f:.1}"),
-            Ok(f) => format!("{f}"),
-            Err(_) => value.to_string(),
+            Ok(f) => out.push_str(&py_float(f)),
+            Err(_) => out.push_str(&value.to_string()),
         },
-        ValueKind::String => py_str_repr(value.as_str().unwrap_or_default()),
+        ValueKind::String => out.push_str(&py_str_repr(value.as_str().unwrap_or_default())),
         ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<String> = value
-                .try_iter()
-                .map(|it| it.map(|v| py_repr(&v)).collect())
-                .unwrap_or_default();
-            format!("[{}]", items.join(", "))
+            out.push('[');
+            for (i, item) in value.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_repr_into(&item, depth + 1, out)?;
+            }
+            out.push(']');
         }
         ValueKind::Map => {
-            let items: Vec<String> = value
-                .try_iter()
-                .map(|it| {
-                    it.map(|k| {
-                        let v = value.get_item(&k).unwrap_or_default();
-                        format!("{}: {}", py_repr(&k), py_repr(&v))
-                    })
-                    .collect()
-                })
-                .unwrap_or_default();
-            format!("{{{}}}", items.join(", "))
+            out.push('{');
+            for (i, key) in value.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_repr_into(&key, depth + 1, out)?;
+                out.push_str(": ");
+                py_repr_into(&value.get_item(&key).unwrap_or_default(), depth + 1, out)?;
+            }
+            out.push('}');
         }
-        _ => value.to_string(),
+        _ => out.push_str(&value.to_string()),
     }
+    Ok(())
 }
 
 /// Python's `repr()` of a string: single quotes unless it holds one and no double quote.
@@ -216,7 +277,7 @@ fn without_generation_tags(source: &str) -> String {
     while let Some(at) = rest.find("{%") {
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
-        let Some(end) = tag.find("%}") else {
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -243,12 +304,40 @@ fn without_generation_tags(source: &str) -> String {
 /// transformers' `tojson`: Python's `json.dumps(x, ensure_ascii=False, indent=indent,
 /// separators=separators, sort_keys=sort_keys)` — `", "` and `": "` between items unless
 /// indented, no HTML escaping (minijinja's own escapes `<`, `>`, `&` and `'`).
-fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, JinjaError> {
-    let indent: Option<usize> = kwargs.get("indent")?;
-    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
-    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
-    let separators: Option<Value> = kwargs.get("separators")?;
+fn tojson(
+    value: Value,
+    args: minijinja::value::Rest<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, JinjaError> {
+    // transformers' signature: tojson(x, ensure_ascii=False, indent=None, separators=None,
+    // sort_keys=False).
+    if args.len() > 4 {
+        return Err(JinjaError::new(
+            ErrorKind::TooManyArguments,
+            "tojson takes ensure_ascii, indent, separators and sort_keys",
+        ));
+    }
+    let arg = |i: usize, name: &str| -> std::result::Result<Option<Value>, JinjaError> {
+        match args.get(i) {
+            Some(v) => Ok(Some(v.clone())),
+            None => kwargs.get::<Option<Value>>(name),
+        }
+    };
+    let ensure_ascii = arg(0, "ensure_ascii")?.map(|v| v.is_true());
+    let indent: Option<usize> = match arg(1, "indent")? {
+        Some(v) if v.is_none() => None,
+        Some(v) => Some(usize::try_from(v)?),
+        None => None,
+    };
+    let separators = arg(2, "separators")?.filter(|v| !v.is_none());
+    let sort_keys = arg(3, "sort_keys")?.map(|v| v.is_true());
     kwargs.assert_all_used()?;
+    if indent.is_some_and(|n| n > MAX_INDENT) {
+        return Err(JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent wider than {MAX_INDENT}"),
+        ));
+    }
     let json = serde_json::to_value(&value)
         .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let (item_sep, key_sep) = match separators {
@@ -267,6 +356,12 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, JinjaError
         None => (", ".to_string(), ": ".to_string()),
     };
     let mut out = String::new();
+    if json_depth(&json) > MAX_DEPTH {
+        return Err(JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: a value nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
     py_json(
         &json,
         &PyJson {
@@ -290,6 +385,14 @@ struct PyJson<'a> {
     ensure_ascii: bool,
 }
 
+fn json_depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        serde_json::Value::Object(m) => 1 + m.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Writes `v` as Python's `json.dumps` would with these options.
 fn py_json(v: &serde_json::Value, o: &PyJson, depth: usize, out: &mut String) {
     use serde_json::Value as J;
@@ -303,10 +406,8 @@ fn py_json(v: &serde_json::Value, o: &PyJson, depth: usize, out: &mut String) {
         J::Null => out.push_str("null"),
         J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         J::Number(n) => match n.as_f64() {
-            // Python writes floats with a fraction (1.0), integers without.
-            Some(f) if n.is_f64() && f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 => {
-                out.push_str(&format!("{f:.1}"))
-            }
+            // Python writes floats as repr() does (1.0, 1e-05), integers as they are.
+            Some(f) if n.is_f64() => out.push_str(&py_float(f)),
             _ => out.push_str(&n.to_string()),
         },
         J::String(s) => py_string(s, o.ensure_ascii, out),
@@ -358,7 +459,7 @@ fn py_string(s: &str, ensure_ascii: bool, out: &mut String) {
             '\t' => out.push_str("\\t"),
             '\u{8}' => out.push_str("\\b"),
             '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7f) => {
+            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7e) => {
                 let mut buf = [0u16; 2];
                 for unit in c.encode_utf16(&mut buf) {
                     out.push_str(&format!("\\u{unit:04x}"));
@@ -381,8 +482,8 @@ impl ChatTemplate {
         env.add_filter("indent", indent);
         env.add_test("iterable", is_iterable);
         env.add_filter("string", |v: Value| match v.kind() {
-            ValueKind::String => v,
-            _ => Value::from(py_repr(&v)),
+            ValueKind::String => Ok(v),
+            _ => py_repr(&v).map(Value::from),
         });
         env.set_formatter(py_format);
         // transformers' environment: a block tag's newline is dropped, and the whitespace
@@ -487,5 +588,71 @@ fn describe(e: &JinjaError) -> String {
     match (e.kind(), e.detail()) {
         (ErrorKind::InvalidOperation, Some(d)) => d.to_string(),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_print_as_python_repr() {
+        for (f, want) in [
+            (1.0, "1.0"),
+            (0.5, "0.5"),
+            (-2.0, "-2.0"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1e16, "1e+16"),
+            (1.5e16, "1.5e+16"),
+            (123456789012345.6, "123456789012345.6"),
+            (f64::NAN, "nan"),
+            (f64::NEG_INFINITY, "-inf"),
+        ] {
+            assert_eq!(py_float(f), want, "{f}");
+        }
+    }
+
+    #[test]
+    fn generation_tags_become_ifs_and_odd_tags_are_left_alone() {
+        assert_eq!(
+            without_generation_tags("a{%- generation -%}b{% endgeneration %}c"),
+            "a{%- if true -%}b{% endif %}c"
+        );
+        for odd in ["{%}", "x {% if", "{{ '{%}' }}", "%}{%"] {
+            assert_eq!(without_generation_tags(odd), odd);
+        }
+    }
+
+    #[test]
+    fn values_print_as_python_does_and_nesting_is_bounded() {
+        let t = ChatTemplate::new(
+            "{{ x }}|{{ y }}|{{ z }}|{{ w | string }}|{{ s }}",
+            None,
+            None,
+        )
+        .unwrap();
+        let env = &t.env;
+        let out = env
+            .get_template("chat")
+            .unwrap()
+            .render(minijinja::context! {
+                x => true,
+                y => (),
+                z => serde_json::json!({"a": [1, 2.5, "it's"], "b": null}),
+                w => vec![false],
+                s => "plain",
+            })
+            .unwrap();
+        assert_eq!(
+            out,
+            "True|None|{'a': [1, 2.5, \"it's\"], 'b': None}|[False]|plain"
+        );
+        let mut deep = serde_json::json!(1);
+        for _ in 0..300 {
+            deep = serde_json::json!([deep]);
+        }
+        let v = Value::from_serialize(&deep);
+        assert!(py_repr(&v).is_err());
     }
 }

@@ -57,9 +57,9 @@ impl NodeLoad {
         s
     }
 
-    /// Whether this report was read after `other` by the same node process: both numbered and
-    /// this one's number higher. A node that restarted numbers from 1 again, so a caller
-    /// keeps an older-numbered report only while it is fresh.
+    /// Whether this report was read before `other` (by the same node process): both numbered
+    /// and this one's number lower. A node that restarted numbers from 1 again, so a caller
+    /// should prefer a held report over a lower-numbered one only while the held one is fresh.
     pub fn is_older_than(&self, other: &NodeLoad) -> bool {
         matches!((self.seq, other.seq), (Some(a), Some(b)) if a < b)
     }

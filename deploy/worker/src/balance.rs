@@ -130,8 +130,9 @@ impl Balancer {
         now: f64,
         spread: u64,
     ) -> Vec<Node<'a>> {
-        let n = region.origins.len();
-        let mut nodes: Vec<Node<'a>> = (0..n).map(|index| Node { region, index }).collect();
+        let mut nodes: Vec<Node<'a>> = (0..region.origins.len())
+            .map(|index| Node { region, index })
+            .collect();
         let seen = |node: &Node| self.nodes.get(node.origin());
         let aside = |node: &Node| seen(node).map_or(0.0, |s| s.aside_until).max(now);
         nodes.sort_by(|a, b| {
@@ -149,11 +150,20 @@ impl Balancer {
                 }
                 None => {
                     let cost = |node: &Node| self.cost(node.origin(), now);
-                    let turn = |node: &Node| (node.index as u64 + spread) % n as u64;
-                    cost(a).cmp(&cost(b)).then(turn(a).cmp(&turn(b)))
+                    cost(a).cmp(&cost(b)).then(a.index.cmp(&b.index))
                 }
             }
         });
+        // Sessionless: the nodes in service tied for least loaded take turns (`spread`
+        // rotates them), so equal nodes share the traffic evenly whatever the others' load.
+        if session.is_none() && aside(&nodes[0]) == now {
+            let best = self.cost(nodes[0].origin(), now);
+            let tied = nodes
+                .iter()
+                .take_while(|node| aside(node) == now && self.cost(node.origin(), now) == best)
+                .count();
+            nodes[..tied].rotate_left((spread % tied as u64) as usize);
+        }
         nodes
     }
 
@@ -188,17 +198,16 @@ impl Balancer {
     }
 
     /// `origin` answered, with its load report if it sent one: the report replaces what was
-    /// known unless it is older than a fresh one already held (then it only takes back the
-    /// request that brought it), and the node is back in service.
+    /// known unless it is older than a fresh one already held (that newer one already counts
+    /// the request that brought it, and `sent_since` only what was sent after it), and the
+    /// node is back in service.
     pub fn answered(&mut self, origin: &str, load: Option<NodeLoad>, now: f64) {
         let seen = self.seen(origin);
         if let Some(load) = load {
             let held_newer = seen.load.is_some_and(|(held, at)| {
                 now - at <= LOAD_FRESH_MS && now >= at && load.is_older_than(&held)
             });
-            if held_newer {
-                seen.sent_since = seen.sent_since.saturating_sub(1);
-            } else {
+            if !held_newer {
                 seen.load = Some((load, now));
                 seen.sent_since = 0;
             }
@@ -458,16 +467,23 @@ mod tests {
                 ..NodeLoad::default()
             })
         };
-        // Two requests each to eu/0 and eu/1; eu/1's answers arrive newest first.
+        // Two requests each to eu/0 and eu/1; eu/1's answers arrive newest first, and a third
+        // request goes to eu/1 between them: it stays counted.
         for o in [&r.origins[0], &r.origins[0], &r.origins[1], &r.origins[1]] {
             b.sent(o);
         }
         b.answered(&r.origins[0], report(1, Some(10)), 100.0);
         b.answered(&r.origins[0], report(0, Some(11)), 101.0);
         b.answered(&r.origins[1], report(0, Some(21)), 100.0);
+        b.sent(&r.origins[1]);
         b.answered(&r.origins[1], report(1, Some(20)), 101.0);
         assert_eq!(b.cost(&r.origins[0], 102.0), (0, 0));
-        assert_eq!(b.cost(&r.origins[1], 102.0), (0, 0));
+        assert_eq!(
+            b.cost(&r.origins[1], 102.0),
+            (1, 0),
+            "the third request still counts"
+        );
+        b.answered(&r.origins[1], report(0, Some(22)), 101.5);
         let picks: Vec<usize> = (0..4).map(|s| first(&b, &r, None, 102.0, s)).collect();
         assert_eq!(picks, [0, 1, 0, 1], "equal again");
         // Unnumbered: the last to arrive is kept.
@@ -479,6 +495,24 @@ mod tests {
         let later = 101.0 + LOAD_FRESH_MS + 1.0;
         b.answered(&r.origins[0], report(2, Some(2)), later);
         assert_eq!(b.cost(&r.origins[0], later), (2, 0));
+    }
+
+    /// Two tied nodes share the traffic evenly though a third is busier.
+    #[test]
+    fn tied_nodes_take_turns_whatever_the_others_load() {
+        let r = region("eu", 3);
+        let mut b = Balancer::default();
+        b.answered(
+            &r.origins[2],
+            Some(NodeLoad {
+                active: 5,
+                ..NodeLoad::default()
+            }),
+            0.0,
+        );
+        let picks: Vec<usize> = (0..6).map(|s| first(&b, &r, None, 1.0, s)).collect();
+        assert_eq!(picks, [0, 1, 0, 1, 0, 1]);
+        assert_eq!(b.rank(&r, None, 1.0, 1).last().unwrap().index, 2);
     }
 
     #[test]

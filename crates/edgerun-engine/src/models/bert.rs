@@ -94,9 +94,9 @@ impl BertConfig {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    /// query, key and value stacked into one `(3 × hidden, hidden)` matrix: one product per
+    /// layer instead of three.
+    qkv: Linear,
     attn_out: Linear,
     attn_norm: LayerNorm,
     up: Linear,
@@ -165,10 +165,28 @@ impl BertEncoder {
                     .map_err(|e| EngineError::Load(format!("{}: {e}", name(what))))
             };
             let att = l.pp("attention");
+            let (q, k, v) = (
+                lin(att.pp("self").pp("query"), h, h, "attention.self.query")?,
+                lin(att.pp("self").pp("key"), h, h, "attention.self.key")?,
+                lin(att.pp("self").pp("value"), h, h, "attention.self.value")?,
+            );
+            let stack = |parts: [Option<&Tensor>; 3]| -> Result<Option<Tensor>> {
+                match parts {
+                    [Some(a), Some(b), Some(c)] => Ok(Some(Tensor::cat(&[a, b, c], 0)?)),
+                    [None, None, None] => Ok(None),
+                    _ => Err(EngineError::Load(format!(
+                        "{}: query, key and value differ in having a bias",
+                        name("attention.self")
+                    ))),
+                }
+            };
+            let qkv = Linear::new(
+                stack([Some(q.weight()), Some(k.weight()), Some(v.weight())])?
+                    .expect("three weights"),
+                stack([q.bias(), k.bias(), v.bias()])?,
+            );
             layers.push(Layer {
-                query: lin(att.pp("self").pp("query"), h, h, "attention.self.query")?,
-                key: lin(att.pp("self").pp("key"), h, h, "attention.self.key")?,
-                value: lin(att.pp("self").pp("value"), h, h, "attention.self.value")?,
+                qkv,
                 attn_out: lin(att.pp("output").pp("dense"), h, h, "attention.output.dense")?,
                 attn_norm: candle_nn::layer_norm(h, eps, att.pp("output").pp("LayerNorm"))
                     .map_err(|e| {
@@ -246,9 +264,11 @@ impl BertEncoder {
         let mut x = x.reshape((rows, c.hidden_size))?;
         let split = |t: Tensor| split(t.reshape((batch, len, c.hidden_size))?);
         for layer in &self.layers {
-            let q = split(layer.query.forward(&x)?)?;
-            let k = split(layer.key.forward(&x)?)?;
-            let v = split(layer.value.forward(&x)?)?;
+            let qkv = layer.qkv.forward(&x)?;
+            let h = c.hidden_size;
+            let q = split(qkv.narrow(1, 0, h)?)?;
+            let k = split(qkv.narrow(1, h, h)?)?;
+            let v = split(qkv.narrow(1, 2 * h, h)?)?;
             let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let ctx = probs

@@ -293,8 +293,23 @@ impl TextTokenizer {
         let types = token_types(ct);
         let unknown = meta_u32(ct, "tokenizer.ggml.unknown_token_id")
             .or_else(|| tokens.iter().position(|t| t == "<unk>").map(|i| i as u32));
-        let vocab = SpmVocab::new(tokens.clone(), scores, types, add_space_prefix, unknown)
-            .map_err(EngineError::Tokenizer)?;
+        // llama.cpp drops whitespace after Phi-3's special tokens, recognising the model by name.
+        let name = ct
+            .metadata
+            .get("general.name")
+            .and_then(|v| v.to_string().ok())
+            .map(|n| n.to_lowercase())
+            .unwrap_or_default();
+        let phi3 = name.contains("phi3") || name.contains("phi-3");
+        let vocab = SpmVocab::new(
+            tokens.clone(),
+            scores,
+            types,
+            add_space_prefix,
+            unknown,
+            phi3,
+        )
+        .map_err(EngineError::Tokenizer)?;
         let named = |key: &str| {
             meta_u32(ct, key).and_then(|id| tokens.get(id as usize).map(|t| (id, t.clone())))
         };

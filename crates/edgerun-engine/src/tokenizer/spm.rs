@@ -7,7 +7,9 @@
 //!
 //! 1. Special tokens are cut out of the text first, one token at a time, longest text first
 //!    (control tokens only when the caller parses specials — a prompt rendered from a chat
-//!    template does; user-defined tokens always).
+//!    template does; user-defined tokens always). For Phi-3 (`general.name` holding `phi3` or
+//!    `phi-3`), llama.cpp's rule: whitespace after a special token (but `<unk>`, `<s>` and
+//!    `<|endoftext|>`) is dropped.
 //! 2. Each remaining fragment gets a leading space when it starts the text or follows a
 //!    special token (`add_space_prefix`, on unless the metadata turns it off), and every
 //!    space becomes `▁` (U+2581).
@@ -33,9 +35,6 @@ pub(crate) mod token_type {
     pub const BYTE: u32 = 6;
 }
 
-/// What llama.cpp prints for the unknown token.
-const UNKNOWN_PIECE: &str = "\u{2585}";
-
 /// A SentencePiece vocabulary.
 #[derive(Debug, Clone)]
 pub struct SpmVocab {
@@ -44,8 +43,9 @@ pub struct SpmVocab {
     types: Vec<u32>,
     /// Piece text → id (the last id when a text repeats, as llama.cpp's map does).
     ids: HashMap<String, u32>,
-    /// Special tokens split out of raw text, longest text first (then lowest id).
-    specials: Vec<u32>,
+    /// Special tokens split out of raw text, longest text first (then lowest id), and whether
+    /// whitespace after each is dropped.
+    specials: Vec<(u32, bool)>,
     add_space_prefix: bool,
     /// The id of each byte's `<0xXX>` token (or of the one-character piece), where one exists.
     byte_ids: [Option<u32>; 256],
@@ -59,13 +59,15 @@ enum Fragment<'a> {
 }
 
 impl SpmVocab {
-    /// `pieces`, their `scores` and `types` (one per id; missing types count as normal).
+    /// `pieces`, their `scores` and `types` (one per id; missing types count as normal);
+    /// `rstrip_specials`: the Phi-3 rule (module docs).
     pub fn new(
         pieces: Vec<String>,
         scores: Vec<f32>,
         types: Vec<u32>,
         add_space_prefix: bool,
         unknown: Option<u32>,
+        rstrip_specials: bool,
     ) -> Result<Self, String> {
         if scores.len() != pieces.len() {
             return Err(format!(
@@ -78,6 +80,12 @@ impl SpmVocab {
             return Err(format!(
                 "{} token types for {} tokens",
                 types.len(),
+                pieces.len()
+            ));
+        }
+        if let Some(u) = unknown.filter(|&u| u as usize >= pieces.len()) {
+            return Err(format!(
+                "the unknown token id {u} is outside the vocabulary of {}",
                 pieces.len()
             ));
         }
@@ -105,6 +113,14 @@ impl SpmVocab {
                 .cmp(&pieces[a as usize].len())
                 .then(a.cmp(&b))
         });
+        let specials = specials
+            .into_iter()
+            .map(|id| {
+                let keeps =
+                    ["<unk>", "<s>", "<|endoftext|>"].contains(&pieces[id as usize].as_str());
+                (id, rstrip_specials && !keeps)
+            })
+            .collect();
         let mut byte_ids = [None; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
             *slot = ids.get(&format!("<0x{b:02X}>")).copied().or_else(|| {
@@ -188,7 +204,7 @@ impl SpmVocab {
         } else {
             vec![Fragment::Text(text)]
         };
-        for &id in &self.specials {
+        for &(id, rstrip) in &self.specials {
             if !parse_special
                 && matches!(
                     self.types[id as usize],
@@ -214,6 +230,10 @@ impl SpmVocab {
                             }
                             next.push(Fragment::Token(id));
                             t = &t[at + special.len()..];
+                            if rstrip {
+                                // C's isspace: space, \t, \n, \v, \f, \r.
+                                t = t.trim_start_matches([' ', '\t', '\n', '\u{b}', '\u{c}', '\r']);
+                            }
                         }
                         if !t.is_empty() {
                             next.push(Fragment::Text(t));
@@ -319,18 +339,20 @@ impl SpmVocab {
         }
     }
 
-    /// What token `id` stands for: a byte token its byte, a piece its text with `▁` as a
-    /// space; control tokens nothing unless `specials`.
+    /// What token `id` stands for, as llama.cpp's `token_to_piece` writes it: a byte token its
+    /// byte, a normal piece its text with `▁` as a space, a user-defined token its text,
+    /// control and unknown tokens their text only when `specials`, unused tokens nothing.
     pub fn token_bytes(&self, id: u32, specials: bool) -> Vec<u8> {
         let Some(piece) = self.pieces.get(id as usize) else {
             return Vec::new();
         };
         match self.types[id as usize] {
             token_type::BYTE => byte_of(piece).map_or_else(Vec::new, |b| vec![b]),
-            token_type::CONTROL if !specials => Vec::new(),
-            token_type::CONTROL | token_type::USER_DEFINED => piece.as_bytes().to_vec(),
-            token_type::UNKNOWN => UNKNOWN_PIECE.as_bytes().to_vec(),
-            token_type::UNUSED if !specials => Vec::new(),
+            token_type::CONTROL | token_type::UNKNOWN if !specials => Vec::new(),
+            token_type::CONTROL | token_type::UNKNOWN | token_type::USER_DEFINED => {
+                piece.as_bytes().to_vec()
+            }
+            token_type::UNUSED => Vec::new(),
             _ => piece.replace('\u{2581}', " ").into_bytes(),
         }
     }
@@ -417,7 +439,7 @@ mod tests {
             scores.push(s);
             types.push(if w == "<tool>" { USER_DEFINED } else { NORMAL });
         }
-        SpmVocab::new(pieces, scores, types, add_space_prefix, Some(0)).unwrap()
+        SpmVocab::new(pieces, scores, types, add_space_prefix, Some(0), false).unwrap()
     }
 
     fn pieces(v: &SpmVocab, ids: &[u32]) -> Vec<String> {

@@ -125,6 +125,23 @@ fn every_supported_vocabulary_matches_llama_cpp_token_for_token() {
     }
 }
 
+/// A rendered Phi-3 prompt: its special tokens are tokens, and (llama.cpp's rule for Phi-3,
+/// by `general.name`) the newline after each is dropped, so the text after `<|user|>` starts
+/// a word: `<s>`, `<|user|>`, `▁Hi`, `<|end|>`, `<|assistant|>`.
+#[test]
+fn phi3_special_tokens_take_the_whitespace_after_them() {
+    let file = vocab_dir().join("ggml-vocab-phi-3.gguf");
+    let ct = gguf_file::Content::read(&mut std::fs::File::open(&file).unwrap()).unwrap();
+    let tokenizer = TextTokenizer::from_gguf(&ct).unwrap();
+    let ids = tokenizer
+        .encode("<|user|>\nHi<|end|>\n<|assistant|>\n")
+        .unwrap();
+    assert_eq!(ids, [1, 32010, 6324, 32007, 32001]);
+    // As text (specials not parsed), nothing is stripped.
+    let text = tokenizer.encode_text_only("<|end|>\nHi").unwrap();
+    assert!(text.contains(&13), "the newline stays: {text:?}");
+}
+
 /// A llama-shaped model with a SentencePiece vocabulary (random weights, llama.cpp's
 /// `ggml-vocab-llama-spm.gguf` tokenizer, as Llama-2 and Mistral ship it) loads from the GGUF
 /// alone and generates; a JSON schema constrains it (the grammar's token table is built from the
