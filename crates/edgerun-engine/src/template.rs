@@ -154,6 +154,119 @@ fn py_format(
     out.write_str(&text).map_err(JinjaError::from)
 }
 
+/// A JSON value as templates see it, in its own key order (the caller's, as Python's dicts keep
+/// it), without copying it into minijinja's maps: a shared root and the path to this node. (A
+/// copy into minijinja's order-preserving maps kept a node's memory high after large tool
+/// lists; this reads the request's own value in place.)
+#[derive(Debug)]
+struct JsonView {
+    root: std::sync::Arc<serde_json::Value>,
+    path: Vec<JsonStep>,
+}
+
+#[derive(Debug, Clone)]
+enum JsonStep {
+    Key(String),
+    Index(usize),
+}
+
+impl JsonView {
+    fn node(&self) -> &serde_json::Value {
+        let mut v = &*self.root;
+        for step in &self.path {
+            v = match (step, v) {
+                (JsonStep::Key(k), serde_json::Value::Object(m)) => &m[k.as_str()],
+                (JsonStep::Index(i), serde_json::Value::Array(a)) => &a[*i],
+                _ => unreachable!("a path built from this value"),
+            };
+        }
+        v
+    }
+
+    fn child(&self, step: JsonStep) -> Value {
+        let mut path = self.path.clone();
+        path.push(step);
+        json_value(&self.root, path)
+    }
+}
+
+/// The template value of the node at `path` under `root`: scalars as themselves, objects and
+/// arrays as [`JsonView`]s.
+fn json_value(root: &std::sync::Arc<serde_json::Value>, path: Vec<JsonStep>) -> Value {
+    let view = JsonView {
+        root: root.clone(),
+        path,
+    };
+    match view.node() {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(b) => Value::from(*b),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => Value::from(i),
+            (_, Some(u), _) => Value::from(u),
+            (_, _, Some(f)) => Value::from(f),
+            _ => Value::from(()),
+        },
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => Value::from_object(view),
+    }
+}
+
+/// A whole JSON value for a template.
+fn json_root(v: &serde_json::Value) -> Value {
+    json_value(&std::sync::Arc::new(v.clone()), Vec::new())
+}
+
+impl minijinja::value::Object for JsonView {
+    fn repr(self: &std::sync::Arc<Self>) -> minijinja::value::ObjectRepr {
+        match self.node() {
+            serde_json::Value::Array(_) => minijinja::value::ObjectRepr::Seq,
+            _ => minijinja::value::ObjectRepr::Map,
+        }
+    }
+
+    fn get_value(self: &std::sync::Arc<Self>, key: &Value) -> Option<Value> {
+        match self.node() {
+            serde_json::Value::Object(m) => {
+                let k = key.as_str()?;
+                m.contains_key(k)
+                    .then(|| self.child(JsonStep::Key(k.to_string())))
+            }
+            serde_json::Value::Array(a) => {
+                let i = key.as_usize()?;
+                (i < a.len()).then(|| self.child(JsonStep::Index(i)))
+            }
+            _ => None,
+        }
+    }
+
+    fn enumerate(self: &std::sync::Arc<Self>) -> minijinja::value::Enumerator {
+        match self.node() {
+            serde_json::Value::Object(m) => minijinja::value::Enumerator::Values(
+                m.keys().map(|k| Value::from(k.as_str())).collect(),
+            ),
+            serde_json::Value::Array(a) => minijinja::value::Enumerator::Seq(a.len()),
+            _ => minijinja::value::Enumerator::Empty,
+        }
+    }
+
+    fn enumerator_len(self: &std::sync::Arc<Self>) -> Option<usize> {
+        match self.node() {
+            serde_json::Value::Object(m) => Some(m.len()),
+            serde_json::Value::Array(a) => Some(a.len()),
+            _ => Some(0),
+        }
+    }
+}
+
+/// A chat message for a template: its fields in the struct's order (`role`, `content`, ...),
+/// `tool_calls` in their own key order, as a Python dict would hold them.
+fn message_value(m: &ChatMessage) -> Value {
+    match serde_json::to_value(m) {
+        Ok(v) => json_root(&v),
+        Err(_) => Value::from_serialize(m),
+    }
+}
+
 /// The widest indent a template may ask for (a bound on what one filter call allocates).
 const MAX_INDENT: usize = 1024;
 /// The deepest value printed or serialized the Python way (deeper is an error, not a crash).
@@ -571,8 +684,8 @@ impl ChatTemplate {
             .get_template("chat")
             .map_err(|e| EngineError::Template(e.to_string()))?;
         let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            tools => tools.map(Value::from_serialize),
+            messages => Value::from(messages.iter().map(message_value).collect::<Vec<_>>()),
+            tools => tools.map(json_root),
             add_generation_prompt => true,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
