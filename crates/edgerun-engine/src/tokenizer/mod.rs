@@ -377,11 +377,7 @@ impl TextTokenizer {
     /// (Llama-3's chat template writes it itself).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = match &self.inner {
-            Inner::Hf(t) => t
-                .encode_fast(text, false)
-                .map_err(tok_err)?
-                .get_ids()
-                .to_vec(),
+            Inner::Hf(t) => hf_ids(t, text)?,
             Inner::Spm(v) => v.encode(text, true, true).map_err(EngineError::Tokenizer)?,
         };
         if self.add_bos {
@@ -398,11 +394,7 @@ impl TextTokenizer {
     /// leading space added, but special tokens written in it are still recognised.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
         match &self.inner {
-            Inner::Hf(t) => Ok(t
-                .encode_fast(text, false)
-                .map_err(tok_err)?
-                .get_ids()
-                .to_vec()),
+            Inner::Hf(t) => hf_ids(t, text),
             Inner::Spm(v) => v.encode(text, true, false).map_err(EngineError::Tokenizer),
         }
     }
@@ -412,11 +404,7 @@ impl TextTokenizer {
     /// tokens written in the text read as text.
     pub fn encode_text_only(&self, text: &str) -> Result<Vec<u32>> {
         match &self.inner {
-            Inner::Hf(t) => Ok(t
-                .encode_fast(text, false)
-                .map_err(tok_err)?
-                .get_ids()
-                .to_vec()),
+            Inner::Hf(t) => hf_ids(t, text),
             Inner::Spm(v) => v.encode(text, false, true).map_err(EngineError::Tokenizer),
         }
     }
@@ -500,6 +488,14 @@ impl TextTokenizer {
             Inner::Spm(_) => None,
         }
     }
+}
+
+/// `text`'s ids from a `tokenizers` tokenizer, added tokens matched, nothing added.
+fn hf_ids(t: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(t.encode_fast(text, false)
+        .map_err(tok_err)?
+        .get_ids()
+        .to_vec())
 }
 
 /// `tokenizer.ggml.token_type`, one per token (empty when absent).

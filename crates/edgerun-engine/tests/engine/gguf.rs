@@ -19,20 +19,8 @@ fn dir() -> PathBuf {
     d
 }
 
-/// A small llama whose matrices are all multiples of 256 wide, so K-quants apply everywhere.
 fn small() -> ModelShape {
-    ModelShape {
-        vocab: None,
-        dim: 256,
-        layers: 2,
-        ff: 512,
-        heads: 4,
-        kv_heads: 2,
-        context: 512,
-        rope_base: 10_000.0,
-        rms_eps: 1e-5,
-        tied_embeddings: false,
-    }
+    harness::small_shape()
 }
 
 fn types(path: &Path) -> (HashMap<String, GgmlDType>, gguf_file::Content) {

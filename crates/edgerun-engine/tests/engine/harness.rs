@@ -1,4 +1,5 @@
-//! Shared by the engine's integration tests: the real test model.
+//! Shared by the engine's integration tests: the real test model, llama.cpp's test data from
+//! the pinned sdist, a small generated shape.
 
 use edgerun_engine::{Engine, GenerationEvent, LoadedModel, SchedulerConfig, TokenStream};
 
@@ -26,4 +27,38 @@ pub fn collect(mut stream: TokenStream) -> (String, usize) {
         }
     }
     panic!("stream ended without Finished");
+}
+
+/// A folder of llama.cpp's test data from the pinned llama-cpp-python sdist, extracted once
+/// into the cache: `--templates` (its chat templates) or `--vocab` (its `ggml-vocab-*.gguf`
+/// with their test vectors) (`scripts/fetch-llama-cpp-sdist.sh`).
+pub fn sdist_dir(what: &str) -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/fetch-llama-cpp-sdist.sh"))
+        .arg(what)
+        .output()
+        .expect("run scripts/fetch-llama-cpp-sdist.sh");
+    assert!(
+        out.status.success(),
+        "fetch-llama-cpp-sdist.sh {what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A small llama whose matrices are all multiples of 256 wide, so K-quants apply everywhere.
+pub fn small_shape() -> edgerun_engine::gguf::ModelShape {
+    edgerun_engine::gguf::ModelShape {
+        vocab: None,
+        dim: 256,
+        layers: 2,
+        ff: 512,
+        heads: 4,
+        kv_heads: 2,
+        context: 512,
+        rope_base: 10_000.0,
+        rms_eps: 1e-5,
+        tied_embeddings: false,
+    }
 }

@@ -8,21 +8,6 @@ use edgerun_engine::{ChatMessage, ChatTemplate};
 use serde_json::Value;
 use std::path::PathBuf;
 
-fn templates_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new("bash")
-        .arg(root.join("scripts/fetch-llama-cpp-sdist.sh"))
-        .arg("--templates")
-        .output()
-        .expect("run scripts/fetch-llama-cpp-sdist.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 fn message(v: &Value) -> ChatMessage {
     let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
     ChatMessage {
@@ -144,7 +129,7 @@ fn every_template_renders_as_jinja2_does() {
     assert_eq!(data["now"], "2026-01-15T10:30:00");
     let bos = data["bos_token"].as_str().unwrap();
     let eos = data["eos_token"].as_str().unwrap();
-    let dir = templates_dir();
+    let dir = crate::harness::sdist_dir("--templates");
     let renders = data["renders"].as_object().unwrap();
     let on_disk = std::fs::read_dir(&dir)
         .unwrap()

