@@ -51,6 +51,19 @@ fn strftime_now(state: &State, format: String) -> std::result::Result<Value, Jin
     ))
 }
 
+/// A Python-style argument: the `i`th positional one, or else the keyword `name`.
+fn python_arg(
+    args: &[Value],
+    kwargs: &Kwargs,
+    i: usize,
+    name: &str,
+) -> std::result::Result<Option<Value>, JinjaError> {
+    match args.get(i) {
+        Some(v) => Ok(Some(v.clone())),
+        None => kwargs.get::<Option<Value>>(name),
+    }
+}
+
 /// Jinja2's `indent` (3.1): the text plus a newline, split into lines, every line but the first
 /// (and that too with `first`) indented, blank lines only with `blank`; a trailing newline is
 /// kept (minijinja's own drops it).
@@ -59,12 +72,7 @@ fn indent(
     args: minijinja::value::Rest<Value>,
     kwargs: Kwargs,
 ) -> std::result::Result<Value, JinjaError> {
-    let arg = |i: usize, name: &str| -> std::result::Result<Option<Value>, JinjaError> {
-        match args.get(i) {
-            Some(v) => Ok(Some(v.clone())),
-            None => kwargs.get::<Option<Value>>(name),
-        }
-    };
+    let arg = |i: usize, name: &str| python_arg(&args, &kwargs, i, name);
     let width = match arg(0, "width")? {
         None => " ".repeat(4),
         Some(v) if v.kind() == ValueKind::String => v.as_str().unwrap_or_default().to_string(),
@@ -430,12 +438,7 @@ fn tojson(
             "tojson takes ensure_ascii, indent, separators and sort_keys",
         ));
     }
-    let arg = |i: usize, name: &str| -> std::result::Result<Option<Value>, JinjaError> {
-        match args.get(i) {
-            Some(v) => Ok(Some(v.clone())),
-            None => kwargs.get::<Option<Value>>(name),
-        }
-    };
+    let arg = |i: usize, name: &str| python_arg(&args, &kwargs, i, name);
     let ensure_ascii = arg(0, "ensure_ascii")?.map(|v| v.is_true());
     let indent: Option<usize> = match arg(1, "indent")? {
         Some(v) if v.is_none() => None,

@@ -481,6 +481,17 @@ mod tests {
         assert!(v.encode("", true, true).unwrap().is_empty());
     }
 
+    /// A caller's 10^5-character text (spaces, merges, unknown characters, a special's text)
+    /// tokenizes in one pass and decodes back to itself.
+    #[test]
+    fn a_huge_text_tokenizes_and_round_trips() {
+        let v = vocab(false);
+        let unit = "ab bc é<s> \u{1F600}c";
+        let text = unit.repeat(100_000 / unit.chars().count());
+        let ids = v.encode(&text, false, false).unwrap();
+        assert_eq!(v.decode(&ids, true), text);
+    }
+
     #[test]
     fn unknown_characters_fall_back_to_bytes_and_decode_back() {
         let v = vocab(false);
