@@ -6,7 +6,7 @@
 # @cloudflare/ai), and the edge tests (the Worker built to wasm, in workerd, in front of two nodes).
 # Also builds the CUDA binary (--features cuda, with a toolkit from PyPI wheels; nothing runs it
 # here). Idempotent: the model is fetched once (models/cache/), the wasm toolchain is installed
-# once per machine (~9 min the first time, then skipped), the CUDA toolkit once (~1 min), the
+# once per machine (~2.5 min the first time, then skipped), the CUDA toolkit once (~1 min), the
 # SDKs once (~/.cache/edgerun/sdk), builds are incremental (the CUDA one: ~10 min from scratch).
 # Also runs the engine's model-free tests for aarch64 under qemu-user (scripts/test-aarch64.sh).
 #
