@@ -30,4 +30,8 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 # The engine's library tests that need no model (kernels, sampler, planner, allocator, ...),
 # compiled for aarch64 (neon is part of its baseline) and run under emulation.
-cargo test --locked --target "$TARGET" --target-dir target/aarch64 -p edgerun-engine --lib "$@"
+# Line tables only (file:line in a panic's backtrace, no full debuginfo): most of this build's
+# time is candle and its dependencies compiled at opt-level 3 for aarch64, and full debuginfo
+# there costs compile and link time nothing here reads.
+CARGO_PROFILE_DEV_DEBUG=line-tables-only \
+    cargo test --locked --target "$TARGET" --target-dir target/aarch64 -p edgerun-engine --lib "$@"

@@ -73,6 +73,11 @@ impl Node {
     /// Starts the node with a bearer token and the Workers AI alias, plus `extra` flags, and
     /// waits until `/health` says ready.
     pub async fn start(extra: &[&str]) -> Node {
+        Self::start_with_env(extra, &[]).await
+    }
+
+    /// [`Node::start`] with extra environment variables for the process.
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Node {
         let port = free_port();
         let mut args = vec![
             "serve".to_string(),
@@ -89,6 +94,7 @@ impl Node {
         let child = Command::new(binary())
             .args(&args)
             .env("EDGERUN_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
