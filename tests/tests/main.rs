@@ -14,5 +14,6 @@ mod node;
 mod openai;
 mod pydantic_tools;
 mod reliability;
+mod several_models;
 mod streams;
 mod tools;

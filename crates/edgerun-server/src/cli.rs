@@ -41,6 +41,18 @@ pub enum Command {
         /// Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0 or Q4_1.
         scheme: Scheme,
     },
+    /// Rewrite a llama GGUF as a qwen2 one computing the same function (q and k rows in the
+    /// Hugging Face order, rotary embeddings over halves, q/k/v biases: zeros, or random with
+    /// --bias-seed), for parity tests of the qwen2 path on real weights. Its name says so.
+    AsQwen2 {
+        /// The llama GGUF to read.
+        input: PathBuf,
+        /// Where to write the result.
+        output: PathBuf,
+        /// Random q/k/v biases (standard deviation 0.1) from this seed instead of zeros.
+        #[arg(long)]
+        bias_seed: Option<u64>,
+    },
     /// Check that this machine runs this build on a device, without loading anything: the
     /// driver's CUDA version against the build's, the GPU's compute capability against the
     /// kernels'. Prints what it found; exits 2 with one line saying what to install or rebuild.
@@ -120,7 +132,7 @@ pub struct GenerateArgs {
 pub struct ServeArgs {
     /// A model to serve (repeatable; comma-separated in the env var): a GGUF path,
     /// `hf:owner/repo/file.gguf` or a catalog name such as `@cf/meta/llama-3-8b-instruct` for
-    /// the text-generation model (one per node); an encoder directory, `hf:owner/repo` or a
+    /// a text-generation model (each its own engine and KV pool); an encoder directory, `hf:owner/repo` or a
     /// catalog name such as `@cf/baai/bge-small-en-v1.5` for an embedding model (any number).
     /// `NAME=SPEC` serves it under NAME too.
     #[arg(long, env = "EDGERUN_MODEL", value_delimiter = ',', required = true)]
@@ -145,7 +157,8 @@ pub struct ServeArgs {
     /// var).
     #[arg(long = "served-as", env = "EDGERUN_SERVED_AS", value_delimiter = ',')]
     pub served_as: Vec<String>,
-    /// A Hugging Face tokenizer.json to use instead of the GGUF's tokenizer.
+    /// A Hugging Face tokenizer.json to use instead of the GGUF's tokenizer (a node with one
+    /// text-generation model only).
     #[arg(long, env = "EDGERUN_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
     /// Model catalog (TOML) for Workers AI names; the built-in one when absent.
@@ -229,9 +242,10 @@ pub struct ServeArgs {
     /// together (requests beyond it wait). Default on CPU: a quarter of the memory available
     /// at start for a pool (its pages are touched as blocks are first used), half of it for
     /// contiguous caches; on a GPU: what --gpu-memory-fraction leaves once the weights are
-    /// loaded.
-    #[arg(long, env = "EDGERUN_KV_CACHE_MIB")]
-    pub kv_cache_mib: Option<usize>,
+    /// loaded. With several text-generation models that default is split evenly among them;
+    /// one size here is each model's, or give one per model in --model order (comma-separated).
+    #[arg(long, env = "EDGERUN_KV_CACHE_MIB", value_delimiter = ',')]
+    pub kv_cache_mib: Vec<usize>,
     /// On a GPU without --kv-cache-mib: the share of the device's memory the node may use in
     /// all. The KV pool gets it less what is in use once the weights are loaded, less the
     /// activations the largest step needs (estimated from the model and the step limits).

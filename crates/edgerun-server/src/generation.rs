@@ -23,7 +23,7 @@
 use crate::backend::{EndState, Events};
 use crate::error::ServerError;
 use crate::telemetry;
-use crate::{AppState, Drain};
+use crate::{AppState, Drain, GenerationSlot};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::Response;
@@ -132,16 +132,18 @@ pub struct Completion {
 }
 
 /// Takes a place in the backend's queue ([`crate::backend`]: reserved → prepared →
-/// submitted), templates and tokenizes the prompt on the prepare pool, then submits it. `started` is when the request arrived (for time-to-first-token).
+/// submitted) of `model`'s backend, templates and tokenizes the prompt on the prepare pool,
+/// then submits it. `started` is when the request arrived (for time-to-first-token).
 pub async fn start(
     state: &AppState,
+    model: &GenerationSlot,
     input: GenerationInput,
     started: Instant,
 ) -> Result<Generation, ServerError> {
     if state.drain.is_draining() {
         return Err(ServerError::Draining);
     }
-    let engine = state.engine.get().ok_or(ServerError::NotReady)?.clone();
+    let engine = model.backend.get().ok_or(ServerError::NotReady)?.clone();
     let GenerationInput {
         prompt,
         tools,

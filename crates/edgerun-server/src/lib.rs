@@ -1,11 +1,13 @@
 //! # edgerun-server
 //!
 //! The HTTP face of an edgerun node: Workers-AI-compatible routes (and OpenAI-compatible ones)
-//! in front of one [`edgerun_engine::Engine`], and the `edgerun` binary that wires
-//! configuration, model loading and the listener together.
+//! in front of one [`edgerun_engine::Engine`] per text-generation model (and an
+//! [`edgerun_engine::Embedder`] per embedding model), and the `edgerun` binary that wires
+//! configuration, model loading and the listener together. A request's model name picks its
+//! engine ([`AppState::generator`]); the node's load, health and metrics are all its models'.
 //!
 //! The routes never hold the engine itself: [`AppState`] (`state.rs`) holds a
-//! [`backend::Backend`], the seam between HTTP and batching, which the engine implements and
+//! [`backend::Backend`] per text-generation model, the seam between HTTP and batching, which the engine implements and
 //! [`fake::FakeBackend`] implements with scripted events, so routes, framing, heartbeats and
 //! error mapping are tested without a model (`routes/tests.rs`).
 //!
@@ -113,4 +115,4 @@ pub mod telemetry;
 pub use auth::TokenSet;
 pub use routes::router;
 
-pub use state::{AppState, BodyLimits, Drain, EmbeddingSlot};
+pub use state::{AppState, BodyLimits, Drain, EmbeddingSlot, GenerationSlot};

@@ -12,10 +12,10 @@ use edgerun_engine::{
 };
 use edgerun_protocol::{RequestLimits, SchemaLimits};
 use edgerun_server::access::{AccessConfig, AccessVerifier};
-use edgerun_server::model_set::ModelSet;
+use edgerun_server::model_set::{self, ModelSet};
 use edgerun_server::models::Catalog;
 use edgerun_server::serve::{self, ConnectionLimits};
-use edgerun_server::{router, AppState, EmbeddingSlot, TokenSet};
+use edgerun_server::{router, AppState, EmbeddingSlot, GenerationSlot, TokenSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +32,15 @@ fn main() -> anyhow::Result<()> {
             scheme,
         } => {
             let summary = edgerun_engine::gguf::requantize(&input, scheme, &output)?;
+            println!("{}: {summary}", output.display());
+            return Ok(());
+        }
+        Command::AsQwen2 {
+            input,
+            output,
+            bias_seed,
+        } => {
+            let summary = edgerun_engine::gguf::derive::llama_as_qwen2(&input, &output, bias_seed)?;
             println!("{}: {summary}", output.display());
             return Ok(());
         }
@@ -151,6 +160,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 v.with_context(|| format!("--{flag} is required without --shape"))
             };
             let shape = edgerun_engine::gguf::ModelShape {
+                architecture: "llama",
                 vocab: None,
                 dim: need(args.dim, "dim")?,
                 layers: need(args.layers, "layers")?,
@@ -332,12 +342,13 @@ fn validate_settings(args: &ServeArgs) -> anyhow::Result<SchedulerConfig> {
     }
     request_limits(args)?;
     let mut config = scheduler_config(args, SchedulerConfig::default())?;
-    if config.kv_cache_budget.is_none() {
-        // A pool's budget may come from the device, known once it is open (the loader
-        // validates again then); everything else is checked now.
-        config.kv_cache_budget = Some(usize::MAX);
+    // Every size given is checked now; a budget from the device, known once it is open, is
+    // checked by the loader then.
+    let budgets = model_set::kv_budgets(&args.kv_cache_mib, args.kv_cache_mib.len().max(1))?;
+    for budget in budgets {
+        config.kv_cache_budget = Some(budget.unwrap_or(usize::MAX));
+        validate_scheduler(&config)?;
     }
-    validate_scheduler(&config)?;
     Ok(config)
 }
 
@@ -409,30 +420,111 @@ fn validate_scheduler(config: &SchedulerConfig) -> anyhow::Result<()> {
     })
 }
 
-/// The scheduler's settings: the flags given, over `defaults` (the device's); not validated
-/// (the KV budget may still be the device's to set).
+/// The scheduler's settings: the flags given, over `defaults` (the device's); not validated,
+/// and without a KV budget (each model's: `model_set::kv_budgets`, or the device's share).
 fn scheduler_config(
     args: &ServeArgs,
     defaults: SchedulerConfig,
 ) -> anyhow::Result<SchedulerConfig> {
-    let kv_cache_budget = match args.kv_cache_mib {
-        None => None,
-        Some(mib) => Some(mib.checked_mul(1 << 20).with_context(|| {
-            format!("--kv-cache-mib (EDGERUN_KV_CACHE_MIB) {mib} is too large")
-        })?),
-    };
     let config = SchedulerConfig {
         max_batch_size: args.max_batch.unwrap_or(defaults.max_batch_size),
         max_queue: args.max_queue.unwrap_or(defaults.max_queue),
         prefill_chunk: args.prefill_chunk.unwrap_or(defaults.prefill_chunk),
         max_step_tokens: args.max_step_tokens.unwrap_or(defaults.max_step_tokens),
-        kv_cache_budget,
+        kv_cache_budget: None,
         stalled_stream_timeout: Duration::from_secs(args.stalled_stream_secs),
         kv_storage: args.kv_storage.unwrap_or(defaults.kv_storage),
         device_sampling: !args.host_sampling,
         prefix_caching: !args.no_prefix_cache,
     };
     Ok(config)
+}
+
+/// A GPU's memory once every model's weights are in.
+struct GpuMemory {
+    free: usize,
+    total: usize,
+    /// Set aside for activations: every text-generation model's largest step, every
+    /// embedder's largest batch.
+    reserve: usize,
+    /// What the weights took, when the driver's count before them is known.
+    weights: Option<usize>,
+}
+
+/// The KV budget the device gives every text-generation model together (split evenly among
+/// them by the caller), sized once every model's weights are in: on the CPU a share of the
+/// memory available now (a quarter for a paged pool, half for contiguous caches); on a GPU
+/// what `--gpu-memory-fraction` leaves beyond the weights and the activations' reserve.
+/// `None` where nothing bounds it (the CPU without `/proc/meminfo`: contiguous caches then,
+/// without a prefix cache; a device whose memory cannot be read).
+fn default_kv_budget(
+    settings: &ServeArgs,
+    scheduler: &mut SchedulerConfig,
+    is_cpu: bool,
+    gpu: Option<GpuMemory>,
+) -> anyhow::Result<Option<usize>> {
+    let paged = matches!(scheduler.kv_storage, KvStorage::Paged { .. });
+    if is_cpu && paged {
+        // The pool is reserved whole but its pages are touched only as blocks are first used;
+        // the prefix cache keeps blocks until the pool needs them, so in time it does use all
+        // of it: a quarter of what is available now.
+        return match mem_available_bytes() {
+            Some(available) => Ok(Some(available / 4)),
+            None if settings.kv_storage.is_some() => bail!(
+                "--kv-storage paged on the CPU needs --kv-cache-mib (EDGERUN_KV_CACHE_MIB) \
+                 where /proc/meminfo cannot be read"
+            ),
+            None => {
+                tracing::warn!(
+                    "cannot read /proc/meminfo to size a KV pool: per-sequence KV caches \
+                     without a prefix cache (set --kv-cache-mib for one)"
+                );
+                scheduler.kv_storage = KvStorage::Contiguous;
+                Ok(None)
+            }
+        };
+    }
+    if is_cpu {
+        // On the CPU, KV caches share RAM with everything else: by default let them reserve at
+        // most half of what is available now, so a burst of long requests queues instead of
+        // getting the process killed.
+        return Ok(mem_available_bytes().map(|b| b / 2));
+    }
+    let Some(GpuMemory {
+        free,
+        total,
+        reserve,
+        weights,
+    }) = gpu
+    else {
+        return Ok(None);
+    };
+    if let Some(weights) = weights {
+        metrics::gauge!("edgerun_device_weights_bytes").set(weights as f64);
+    }
+    let budget = edgerun_engine::gpu_kv_budget(free, total, settings.gpu_memory_fraction, reserve);
+    tracing::info!(
+        used_after_weights_mib = (total - free) >> 20,
+        total_mib = total >> 20,
+        activation_reserve_mib = reserve >> 20,
+        kv_pool_mib = budget >> 20,
+        "GPU memory plan"
+    );
+    metrics::gauge!("edgerun_device_activation_reserve_bytes").set(reserve as f64);
+    if budget == 0 {
+        bail!(
+            "no GPU memory left for the KV cache: {} MiB free of {} MiB once the weights are \
+             loaded, --gpu-memory-fraction {} allows {} MiB in all, and the largest steps' \
+             activations need {} MiB (lower --max-step-tokens, --prefill-chunk or --max-batch, \
+             or set --kv-cache-mib)",
+            free >> 20,
+            total >> 20,
+            settings.gpu_memory_fraction,
+            ((total as f64 * settings.gpu_memory_fraction) as usize) >> 20,
+            reserve >> 20
+        );
+    }
+    Ok(Some(budget))
 }
 
 fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
@@ -459,14 +551,22 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
     };
     let set = ModelSet::plan(&args.model, &args.served_as, &catalog)?;
     let generation = set.generation.clone();
-    let served: Vec<String> = generation
-        .as_ref()
-        .map(|g| g.names.clone())
-        .unwrap_or_default();
-    let mut state = AppState::new(served.clone(), tokens);
-    if let Some(g) = &generation {
-        state.model_description = Arc::new(g.description.clone());
+    if generation.len() > 1 && args.tokenizer.is_some() {
+        bail!(
+            "--tokenizer (EDGERUN_TOKENIZER) is for a node with one text-generation model; this \
+             one has {}",
+            generation.len()
+        );
     }
+    // Each text-generation model's KV budget, refused now when the sizes given do not match.
+    let kv_budgets = model_set::kv_budgets(&args.kv_cache_mib, generation.len())?;
+    let mut state = AppState::new(Vec::new(), tokens);
+    state.generators = Arc::new(
+        generation
+            .iter()
+            .map(|g| GenerationSlot::new(g.names.clone(), g.description.clone()))
+            .collect(),
+    );
     state.embedders = Arc::new(
         set.embeddings
             .iter()
@@ -512,7 +612,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         }
 
         // Load on a blocking thread while the listener already answers /health with 503.
-        let engine_slot = state.engine.clone();
+        let generation_slots = state.generators.clone();
         let embed_slots = state.embedders.clone();
         let embedders = set.embeddings.clone();
         let embed_config = EmbeddingConfig {
@@ -523,16 +623,13 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         let device = args.device.clone();
         let settings = args.clone();
         let tokenizer = args.tokenizer.clone();
-        let window = args
-            .context_window
-            .or(generation.as_ref().and_then(|g| g.resolved.context_window));
         let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let device = device.open()?;
             let used_before_weights = edgerun_engine::device_memory(&device).map(|(f, t)| t - f);
-            // Embedding models load on threads of their own, beside the text-generation
-            // model's weights; its KV budget is sized once they are in (model_set.rs).
-            let loading: Vec<_> = embedders
+            // Every model's weights load on a thread of its own; the KV budgets are sized once
+            // they are all in (model_set.rs).
+            let loading_embedders: Vec<_> = embedders
                 .iter()
                 .map(|e| {
                     let (path, name, device) = (e.path.clone(), e.names[0].clone(), device.clone());
@@ -544,15 +641,27 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
-            let loaded = match &generation {
-                Some(g) => Some(
-                    LoadedModel::load(&g.path, tokenizer.as_deref(), &device)
-                        .with_context(|| format!("loading the model {}", g.names[0]))?,
-                ),
-                None => None,
-            };
+            let loading: Vec<_> = generation
+                .iter()
+                .map(|g| {
+                    let (path, name, device) = (g.path.clone(), g.names[0].clone(), device.clone());
+                    let tokenizer = tokenizer.clone();
+                    std::thread::spawn(move || -> anyhow::Result<LoadedModel> {
+                        LoadedModel::load(&path, tokenizer.as_deref(), &device)
+                            .with_context(|| format!("loading the model {name}"))
+                    })
+                })
+                .collect();
+            let mut loaded = Vec::with_capacity(loading.len());
+            for (handle, planned) in loading.into_iter().zip(&generation) {
+                loaded.push(
+                    handle
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the loader of {} panicked", planned.names[0]))??,
+                );
+            }
             let mut embed_reserve = 0;
-            for ((slot, handle), planned) in embed_slots.iter().zip(loading).zip(&embedders) {
+            for ((slot, handle), planned) in embed_slots.iter().zip(loading_embedders).zip(&embedders) {
                 let embedder = handle
                     .join()
                     .map_err(|_| anyhow::anyhow!("the loader of {} panicked", planned.names[0]))??;
@@ -568,109 +677,92 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
                 );
                 let _ = slot.backend.set(Arc::new(embedder));
             }
-            let Some(loaded) = loaded else {
+            if loaded.is_empty() {
                 return Ok(());
-            };
+            }
             let mut scheduler =
                 scheduler_config(&settings, SchedulerConfig::default_for(&device))?;
-            let paged = matches!(scheduler.kv_storage, KvStorage::Paged { .. });
-            if scheduler.kv_cache_budget.is_none() {
-                if device.is_cpu() && paged {
-                    // The pool is reserved whole but its pages are touched only as blocks are
-                    // first used; the prefix cache keeps blocks until the pool needs them, so
-                    // in time it does use all of it: a quarter of what is available now.
-                    match mem_available_bytes() {
-                        Some(available) => scheduler.kv_cache_budget = Some(available / 4),
-                        None if settings.kv_storage.is_some() => bail!(
-                            "--kv-storage paged on the CPU needs --kv-cache-mib \
-                             (EDGERUN_KV_CACHE_MIB) where /proc/meminfo cannot be read"
-                        ),
-                        None => {
-                            tracing::warn!(
-                                "cannot read /proc/meminfo to size a KV pool: per-sequence KV \
-                                 caches without a prefix cache (set --kv-cache-mib for one)"
-                            );
-                            scheduler.kv_storage = KvStorage::Contiguous;
-                        }
+            let windows: Vec<Option<usize>> = generation
+                .iter()
+                .map(|g| settings.context_window.or(g.resolved.context_window))
+                .collect();
+            // The device's KV budget for every text-generation model together, unless the
+            // operator sized each (`--kv-cache-mib`).
+            let device_budget = if kv_budgets.iter().all(Option::is_some) {
+                None
+            } else {
+                let gpu = match edgerun_engine::device_memory(&device) {
+                    Some((free, total)) if !device.is_cpu() => {
+                        // What the largest step of each model needs (device/memory.rs), and
+                        // each embedder's largest batch.
+                        let activations: usize = loaded
+                            .iter()
+                            .zip(&windows)
+                            .map(|(model, window)| {
+                                let config = model.model.config();
+                                edgerun_engine::ActivationEstimate::new(
+                                    config,
+                                    &model.model.kv_layout(),
+                                    edgerun_engine::StepLimits {
+                                        max_step_tokens: scheduler.max_step_tokens,
+                                        prefill_chunk: scheduler.prefill_chunk,
+                                        max_batch: scheduler.max_batch_size,
+                                        context: window.unwrap_or(config.context_length),
+                                    },
+                                )
+                                .total()
+                            })
+                            .sum();
+                        Some(GpuMemory {
+                            free,
+                            total,
+                            reserve: activations + embed_reserve,
+                            weights: used_before_weights
+                                .map(|before| (total - free).saturating_sub(before)),
+                        })
                     }
-                } else if device.is_cpu() {
-                    // On the CPU, KV caches share RAM with everything else: by default let them
-                    // reserve at most half of what is available now, so a burst of long
-                    // requests queues instead of getting the process killed.
-                    scheduler.kv_cache_budget = mem_available_bytes().map(|b| b / 2);
-                } else if let Some((free, total)) = edgerun_engine::device_memory(&device) {
-                    // Set aside what the largest step's activations need (device/memory.rs),
-                    // then give the pool the rest of the fraction.
-                    let config = loaded.model.config();
-                    let activations = edgerun_engine::ActivationEstimate::new(
-                        config,
-                        &loaded.model.kv_layout(),
-                        edgerun_engine::StepLimits {
-                            max_step_tokens: scheduler.max_step_tokens,
-                            prefill_chunk: scheduler.prefill_chunk,
-                            max_batch: scheduler.max_batch_size,
-                            context: window.unwrap_or(config.context_length),
-                        },
-                    );
-                    let reserve = activations.total() + embed_reserve;
-                    if let Some(before) = used_before_weights {
-                        let weights = (total - free).saturating_sub(before);
-                        metrics::gauge!("edgerun_device_weights_bytes").set(weights as f64);
-                    }
-                    let budget = edgerun_engine::gpu_kv_budget(
-                        free,
-                        total,
-                        settings.gpu_memory_fraction,
-                        reserve,
-                    );
-                    tracing::info!(
-                        used_after_weights_mib = (total - free) >> 20,
-                        total_mib = total >> 20,
-                        activation_reserve_mib = reserve >> 20,
-                        ?activations,
-                        kv_pool_mib = budget >> 20,
-                        "GPU memory plan"
-                    );
-                    metrics::gauge!("edgerun_device_activation_reserve_bytes").set(reserve as f64);
-                    if budget == 0 {
-                        bail!(
-                            "no GPU memory left for the KV cache: {} MiB free of {} MiB once \
-                             the weights are loaded, --gpu-memory-fraction {} allows {} MiB in \
-                             all, and the largest step's activations need {} MiB (lower \
-                             --max-step-tokens, --prefill-chunk or --max-batch, or set \
-                             --kv-cache-mib)",
-                            free >> 20,
-                            total >> 20,
-                            settings.gpu_memory_fraction,
-                            ((total as f64 * settings.gpu_memory_fraction) as usize) >> 20,
-                            reserve >> 20
-                        );
-                    }
-                    scheduler.kv_cache_budget = Some(budget);
+                    _ => None,
+                };
+                default_kv_budget(&settings, &mut scheduler, device.is_cpu(), gpu)?
+            };
+            let mut pool_bytes = 0;
+            for (((model, slot), budget), (planned, window)) in loaded
+                .into_iter()
+                .zip(generation_slots.iter())
+                .zip(&kv_budgets)
+                .zip(generation.iter().zip(&windows))
+            {
+                let mut config = scheduler;
+                config.kv_cache_budget =
+                    budget.or(device_budget.map(|b| model_set::even_share(b, kv_budgets.len())));
+                validate_scheduler(&config)
+                    .with_context(|| format!("the model {}", planned.names[0]))?;
+                let cfg = model.model.config().clone();
+                let kv_layout = model.model.kv_layout();
+                let engine = Engine::start(model, config, *window)
+                    .with_context(|| format!("starting the model {}", planned.names[0]))?;
+                if let KvStorage::Paged { block_size } = config.kv_storage {
+                    pool_bytes += engine.stats().kv_pool_total_blocks * kv_layout.bytes_for(block_size);
                 }
+                tracing::info!(
+                    model = %planned.path.display(),
+                    names = ?slot.names,
+                    architecture = %cfg.architecture,
+                    device = ?device,
+                    layers = cfg.block_count,
+                    context_window = engine.context_window(),
+                    kv_cache_budget_mib = config.kv_cache_budget.map(|b| b >> 20),
+                    max_batch = config.max_batch_size,
+                    max_step_tokens = config.max_step_tokens,
+                    threads,
+                    secs = started.elapsed().as_secs_f32(),
+                    "model loaded and warmed up"
+                );
+                let _ = slot.backend.set(Arc::new(engine));
             }
-            validate_scheduler(&scheduler)?;
-            let cfg = loaded.model.config().clone();
-            tracing::info!(architecture = %cfg.architecture, "model weights loaded");
-            let kv_layout = loaded.model.kv_layout();
-            let engine = Engine::start(loaded, scheduler, window)?;
-            if let KvStorage::Paged { block_size } = scheduler.kv_storage {
-                let pool = engine.stats().kv_pool_total_blocks * kv_layout.bytes_for(block_size);
-                metrics::gauge!("edgerun_kv_pool_bytes").set(pool as f64);
+            if matches!(scheduler.kv_storage, KvStorage::Paged { .. }) {
+                metrics::gauge!("edgerun_kv_pool_bytes").set(pool_bytes as f64);
             }
-            tracing::info!(
-                model = %generation.as_ref().map(|g| g.path.display().to_string()).unwrap_or_default(),
-                device = ?device,
-                layers = cfg.block_count,
-                context_window = engine.context_window(),
-                kv_cache_budget_mib = scheduler.kv_cache_budget.map(|b| b >> 20),
-                max_batch = scheduler.max_batch_size,
-                max_step_tokens = scheduler.max_step_tokens,
-                threads,
-                secs = started.elapsed().as_secs_f32(),
-                "model loaded and warmed up"
-            );
-            let _ = engine_slot.set(std::sync::Arc::new(engine));
             Ok(())
         });
 

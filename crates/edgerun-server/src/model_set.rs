@@ -1,19 +1,19 @@
 //! The models one node serves: every `--model`, resolved, fetched and named, before anything
 //! loads.
 //!
-//! A node serves at most one text-generation model (a GGUF, with its engine and scheduler)
-//! and any number of embedding models (each an encoder with its own batching thread), each
-//! under its own names: its file or directory name, its catalog name when `--model` was one,
-//! and an alias given as `--model NAME=SPEC`. `--served-as` names go to the first `--model`. A
-//! name may belong to one model only.
+//! A node serves any number of text-generation models (each a GGUF with its own engine,
+//! scheduler and KV pool) and of embedding models (each an encoder with its own batching
+//! thread), each under its own names: its file or directory name, its catalog name when
+//! `--model` was one, and an alias given as `--model NAME=SPEC`. `--served-as` names go to the
+//! first `--model`. A name may belong to one model only.
 //!
-//! Memory: embedding models load first (in parallel with the text-generation model's weights,
-//! on threads of their own); the text-generation model's KV budget is sized after they have
-//! loaded, so their weights are already counted as used (on a GPU, what
-//! `--gpu-memory-fraction` leaves; on the CPU, the share of what is available then), and each
-//! embedder's activations for its largest batch (`Embedder::activation_bytes`) are set aside on
-//! a GPU.
-//! `--embed-batch-tokens` bounds those activations.
+//! Memory: every model's weights load in parallel, each on a thread of its own; the KV budget
+//! is sized once they are all in, so their weights are already counted as used (on a GPU, what
+//! `--gpu-memory-fraction` leaves once the largest step's activations of every text-generation
+//! model and each embedder's activations for its largest batch (`Embedder::activation_bytes`,
+//! bounded by `--embed-batch-tokens`) are set aside; on the CPU, the share of what is available
+//! then). That budget is split evenly among the text-generation models, unless
+//! `--kv-cache-mib` gives each its own ([`kv_budgets`]).
 
 use crate::models::{self, Catalog, ModelTask, ResolvedModel};
 use anyhow::{bail, Context};
@@ -34,7 +34,8 @@ pub struct PlannedModel {
 /// Every model of the node.
 #[derive(Debug, Clone, Default)]
 pub struct ModelSet {
-    pub generation: Option<PlannedModel>,
+    /// In `--model` order.
+    pub generation: Vec<PlannedModel>,
     pub embeddings: Vec<PlannedModel>,
 }
 
@@ -93,16 +94,37 @@ impl ModelSet {
                 description,
             };
             match planned.resolved.task {
-                ModelTask::TextGeneration if set.generation.is_some() => bail!(
-                    "--model {arg}: a node serves one text-generation model (and any number of \
-                     embedding models); run another node for a second one"
-                ),
-                ModelTask::TextGeneration => set.generation = Some(planned),
+                ModelTask::TextGeneration => set.generation.push(planned),
                 ModelTask::TextEmbeddings => set.embeddings.push(planned),
             }
         }
         Ok(set)
     }
+}
+
+/// Each text-generation model's KV cache budget in bytes, in `--model` order, from
+/// `--kv-cache-mib` (`mib`): none given → `None` for each (the device's budget for all of them,
+/// split evenly: [`even_share`]); one size → that size for each; one per model → each its own.
+/// Refused: any other count, or a size too large to hold in bytes.
+pub fn kv_budgets(mib: &[usize], models: usize) -> anyhow::Result<Vec<Option<usize>>> {
+    let bytes = |m: usize| {
+        m.checked_mul(1 << 20)
+            .with_context(|| format!("--kv-cache-mib (EDGERUN_KV_CACHE_MIB) {m} is too large"))
+    };
+    match mib.len() {
+        0 => Ok(vec![None; models]),
+        1 => Ok(vec![Some(bytes(mib[0])?); models]),
+        n if n == models => mib.iter().map(|&m| bytes(m).map(Some)).collect(),
+        n => bail!(
+            "--kv-cache-mib (EDGERUN_KV_CACHE_MIB) gives {n} sizes for {models} text-generation \
+             model(s): give one size for each, or one per model in --model order"
+        ),
+    }
+}
+
+/// One text-generation model's share of the device's KV budget for all `models` of them.
+pub fn even_share(total: usize, models: usize) -> usize {
+    total / models.max(1)
 }
 
 #[cfg(test)]
@@ -121,7 +143,7 @@ mod tests {
     }
 
     #[test]
-    fn one_generation_model_and_distinct_names() {
+    fn several_models_under_distinct_names() {
         let dir = std::env::temp_dir().join(format!("edgerun-set-{}", std::process::id()));
         let enc = dir.join("enc");
         std::fs::create_dir_all(&enc).unwrap();
@@ -135,20 +157,36 @@ mod tests {
             &c,
         )
         .unwrap();
-        assert_eq!(set.generation.unwrap().names, ["a", "chat"]);
+        assert_eq!(set.generation[0].names, ["a", "chat"]);
         assert_eq!(set.embeddings[0].names, ["enc", "emb"]);
         let other = dir.join("b.gguf");
         std::fs::write(&other, b"").unwrap();
-        let two = ModelSet::plan(&[s(&gguf), s(&other)], &[], &c).unwrap_err();
-        assert!(
-            format!("{two:#}").contains("one text-generation model"),
-            "{two:#}"
-        );
+        let two = ModelSet::plan(&[s(&gguf), s(&other)], &["chat".into()], &c).unwrap();
+        let names: Vec<_> = two.generation.iter().map(|g| g.names.clone()).collect();
+        assert_eq!(names, [vec!["a", "chat"], vec!["b"]]);
         let clash = ModelSet::plan(&[s(&gguf), format!("a={}", s(&enc))], &[], &c).unwrap_err();
         assert!(
             format!("{clash:#}").contains("already another model's"),
             "{clash:#}"
         );
         assert!(ModelSet::plan(&[], &[], &c).is_err());
+    }
+
+    #[test]
+    fn kv_budgets_one_for_all_one_each_or_an_even_share() {
+        assert_eq!(kv_budgets(&[], 2).unwrap(), [None, None]);
+        assert_eq!(
+            kv_budgets(&[64], 2).unwrap(),
+            [Some(64 << 20), Some(64 << 20)]
+        );
+        assert_eq!(
+            kv_budgets(&[64, 256], 2).unwrap(),
+            [Some(64 << 20), Some(256 << 20)]
+        );
+        let wrong = kv_budgets(&[64, 256], 3).unwrap_err().to_string();
+        assert!(wrong.contains("2 sizes for 3"), "{wrong}");
+        assert!(kv_budgets(&[usize::MAX], 1).is_err());
+        assert_eq!(even_share(1000, 3), 333);
+        assert_eq!(even_share(1000, 0), 1000);
     }
 }

@@ -1,4 +1,4 @@
-//! What every handler shares: [`AppState`] (the backend once it is ready, the served names,
+//! What every handler shares: [`AppState`] (each model's names and backend once it is ready,
 //! the limits a request is held to, the prepare pool, Access and metrics), the node's shutdown
 //! state [`Drain`], and how request bodies must arrive ([`BodyLimits`]). The backend is held
 //! as a [`Backend`] trait object, so the routes run the same over the engine and over a fake.
@@ -93,15 +93,9 @@ impl Drain {
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    /// Set once the model has loaded and warmed up; until then run routes answer 503 and
-    /// `/health` reports loading.
-    pub engine: Arc<OnceLock<Arc<dyn Backend>>>,
-    /// Model names this node answers to (Workers AI names such as
-    /// `@cf/meta/llama-3-8b-instruct`, and the model's own name).
-    pub served_names: Arc<Vec<String>>,
-    /// What the model is, for the model catalogue (`models/search`): the catalog's
-    /// description, or the model file's name.
-    pub model_description: Arc<String>,
+    /// The text-generation models, each under its own names, in `--model` order (none on a
+    /// node that serves embeddings alone).
+    pub generators: Arc<Vec<GenerationSlot>>,
     pub tokens: TokenSet,
     /// How request bodies must arrive.
     pub body: BodyLimits,
@@ -129,6 +123,28 @@ pub struct AppState {
     pub embedders: Arc<Vec<EmbeddingSlot>>,
 }
 
+/// One text-generation model: its names (known at start) and its backend (set once the model
+/// has loaded and warmed up; until then its run routes answer 503 and `/health` reports
+/// loading).
+pub struct GenerationSlot {
+    /// Workers AI names such as `@cf/meta/llama-3-8b-instruct`, the model's own name, aliases.
+    pub names: Vec<String>,
+    /// What the model is, for the catalogue (`models/search`): the catalog's description, or
+    /// the model file's name.
+    pub description: String,
+    pub backend: OnceLock<Arc<dyn Backend>>,
+}
+
+impl GenerationSlot {
+    pub fn new(names: Vec<String>, description: String) -> Self {
+        Self {
+            names,
+            description,
+            backend: OnceLock::new(),
+        }
+    }
+}
+
 /// One embedding model: its names (known at start) and its backend (once loaded).
 pub struct EmbeddingSlot {
     pub names: Vec<String>,
@@ -148,11 +164,19 @@ impl EmbeddingSlot {
 }
 
 impl AppState {
+    /// A node serving one text-generation model under `served_names` (none when empty), its
+    /// backend not yet set.
     pub fn new(served_names: Vec<String>, tokens: TokenSet) -> Self {
+        let generators = if served_names.is_empty() {
+            Vec::new()
+        } else {
+            vec![GenerationSlot::new(
+                served_names,
+                "Text generation model served by edgerun".into(),
+            )]
+        };
         Self {
-            engine: Arc::new(OnceLock::new()),
-            served_names: Arc::new(served_names),
-            model_description: Arc::new("Text generation model served by edgerun".into()),
+            generators: Arc::new(generators),
             tokens,
             body: BodyLimits::default(),
             prepare: Arc::new(Semaphore::new(2)),
@@ -167,10 +191,12 @@ impl AppState {
         }
     }
 
-    /// Hands the routes their backend (the engine once it is loaded, or a fake in tests); a
-    /// second call is refused (returns `false`).
+    /// Hands the first text-generation model its backend (the engine once it is loaded, or a
+    /// fake in tests); a second call, or a node without one, is refused (returns `false`).
     pub fn set_backend(&self, backend: impl Backend) -> bool {
-        self.engine.set(Arc::new(backend)).is_ok()
+        self.generators
+            .first()
+            .is_some_and(|slot| slot.backend.set(Arc::new(backend)).is_ok())
     }
 
     /// A place on the prepare pool (the CPU work before a backend: templating, tokenizing),
@@ -185,9 +211,16 @@ impl AppState {
             .map_err(|e| crate::error::ServerError::Task(e.to_string()))
     }
 
-    /// Whether `model` names the text-generation model.
+    /// The text-generation model `model` names, if it names one.
+    pub fn generator(&self, model: &str) -> Option<&GenerationSlot> {
+        self.generators
+            .iter()
+            .find(|slot| slot.names.iter().any(|n| n == model))
+    }
+
+    /// Whether `model` names a text-generation model.
     pub fn serves(&self, model: &str) -> bool {
-        self.served_names.iter().any(|n| n == model)
+        self.generator(model).is_some()
     }
 
     /// The embedding model `model` names, if it names one.
@@ -199,16 +232,27 @@ impl AppState {
 
     /// Whether a text-generation model is configured (a node may serve embeddings alone).
     pub fn has_generation_model(&self) -> bool {
-        !self.served_names.is_empty()
+        !self.generators.is_empty()
     }
 
-    /// Every name the node answers to: the text-generation model's, then each embedding
+    /// The loaded text-generation models' figures as the node's: `None` until all have loaded.
+    pub fn generation_stats(&self) -> Option<edgerun_engine::StatsSnapshot> {
+        let mut merged: Option<edgerun_engine::StatsSnapshot> = None;
+        for slot in self.generators.iter() {
+            let stats = slot.backend.get()?.stats();
+            merged = Some(match merged {
+                Some(m) => m.merge(stats),
+                None => stats,
+            });
+        }
+        merged
+    }
+
+    /// Every name the node answers to: each text-generation model's, then each embedding
     /// model's.
     pub fn all_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.served_names.to_vec();
-        for slot in self.embedders.iter() {
-            names.extend(slot.names.iter().cloned());
-        }
-        names
+        let generation = self.generators.iter().flat_map(|slot| slot.names.iter());
+        let embedding = self.embedders.iter().flat_map(|slot| slot.names.iter());
+        generation.chain(embedding).cloned().collect()
     }
 }

@@ -67,8 +67,92 @@ pub fn render_embedders(models: &[(String, edgerun_engine::EmbedStats)]) -> Stri
     for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (model, stats) in models {
-            let model = model.replace('\\', "\\\\").replace('"', "\\\"");
+            let model = label_value(model);
             let _ = writeln!(out, "{name}{{model=\"{model}\"}} {}", value(stats));
+        }
+    }
+    out
+}
+
+/// A Prometheus label value: backslashes and double quotes escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// Each text-generation model's engine, by its first name (`edgerun_model_*{model}`), beside
+/// the node's totals over all of them (the unlabelled `edgerun_*` series of [`render`]):
+/// health, sequences running and waiting, tokens, KV pool, failures.
+pub fn render_generators(models: &[(String, StatsSnapshot, bool)]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&StatsSnapshot, bool) -> usize,
+    );
+    let series: [Series; 8] = [
+        (
+            "edgerun_model_healthy",
+            "gauge",
+            "1 while the model's engine is loaded and not failing",
+            |_, healthy| usize::from(healthy),
+        ),
+        (
+            "edgerun_model_active_sequences",
+            "gauge",
+            "the model's sequences in its running batch",
+            |s, _| s.active_sequences,
+        ),
+        (
+            "edgerun_model_queued_requests",
+            "gauge",
+            "the model's requests waiting for a batch slot",
+            |s, _| s.queued_requests,
+        ),
+        (
+            "edgerun_model_generated_tokens_total",
+            "counter",
+            "tokens the model generated",
+            |s, _| s.generated_tokens_total,
+        ),
+        (
+            "edgerun_model_prompt_tokens_total",
+            "counter",
+            "prompt tokens the model processed",
+            |s, _| s.prompt_tokens_total,
+        ),
+        (
+            "edgerun_model_kv_pool_free_blocks",
+            "gauge",
+            "free blocks of the model's paged KV pool (0 with contiguous caches)",
+            |s, _| s.kv_pool_free_blocks,
+        ),
+        (
+            "edgerun_model_kv_pool_blocks",
+            "gauge",
+            "blocks of the model's paged KV pool (0 with contiguous caches)",
+            |s, _| s.kv_pool_total_blocks,
+        ),
+        (
+            "edgerun_model_sequences_failed_total",
+            "counter",
+            "the model's sequences failed because a step could not run them",
+            |s, _| s.sequences_failed_total,
+        ),
+    ];
+    if models.is_empty() {
+        return out;
+    }
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (model, stats, healthy) in models {
+            let model = label_value(model);
+            let _ = writeln!(
+                out,
+                "{name}{{model=\"{model}\"}} {}",
+                value(stats, *healthy)
+            );
         }
     }
     out

@@ -1,5 +1,6 @@
-//! Writing GGUF files: random-weight models in a named shape ([`generate`]) and requantized
-//! copies of real ones ([`requantize`]), both in llama.cpp's quantization layouts
+//! Writing GGUF files: random-weight models in a named shape ([`generate`]), requantized
+//! copies of real ones ([`requantize`]) and real ones rewritten in another llama-like
+//! architecture's layout ([`derive`]), in llama.cpp's quantization layouts
 //! ([`layout`]), through a streaming writer ([`writer`]) that holds one tensor at a time.
 //!
 //! What they are for: speed measurements and parity between two implementations of the same
@@ -11,6 +12,7 @@
 //! Quantization itself is candle's (`QTensor::quantize`, which implements GGML's block formats
 //! as llama.cpp does), run over row chunks on every core.
 
+pub mod derive;
 pub mod layout;
 pub mod writer;
 
@@ -27,6 +29,8 @@ use std::path::Path;
 /// The dimensions of a llama-family model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelShape {
+    /// `llama`, or `qwen2` (the same tensors plus q/k/v biases, metadata under `qwen2.*`).
+    pub architecture: &'static str,
     /// Vocabulary size the shape requires; `None`: whatever the tokenizer has.
     pub vocab: Option<usize>,
     pub dim: usize,
@@ -42,11 +46,14 @@ pub struct ModelShape {
 }
 
 /// The named shapes: `llama-3-8b` (the product's model), `llama-3-mini` (a Llama-3-shaped model
-/// small enough for CPU benchmarks), `smollm2-135m` (the default test model's shape).
+/// small enough for CPU benchmarks), `smollm2-135m` (the default test model's shape),
+/// `qwen2.5-0.5b` (Qwen2.5-0.5B's, architecture `qwen2`; its vocabulary is the tokenizer's:
+/// llama.cpp's `ggml-vocab-qwen2.gguf`).
 pub const SHAPES: &[(&str, ModelShape)] = &[
     (
         "llama-3-8b",
         ModelShape {
+            architecture: "llama",
             vocab: Some(128_256),
             dim: 4096,
             layers: 32,
@@ -62,6 +69,7 @@ pub const SHAPES: &[(&str, ModelShape)] = &[
     (
         "llama-3-mini",
         ModelShape {
+            architecture: "llama",
             vocab: Some(128_256),
             dim: 1024,
             layers: 8,
@@ -77,6 +85,7 @@ pub const SHAPES: &[(&str, ModelShape)] = &[
     (
         "smollm2-135m",
         ModelShape {
+            architecture: "llama",
             vocab: Some(49_152),
             dim: 576,
             layers: 30,
@@ -86,6 +95,22 @@ pub const SHAPES: &[(&str, ModelShape)] = &[
             context: 8192,
             rope_base: 100_000.0,
             rms_eps: 1e-5,
+            tied_embeddings: true,
+        },
+    ),
+    (
+        "qwen2.5-0.5b",
+        ModelShape {
+            architecture: "qwen2",
+            vocab: None,
+            dim: 896,
+            layers: 24,
+            ff: 4864,
+            heads: 14,
+            kv_heads: 2,
+            context: 32_768,
+            rope_base: 1_000_000.0,
+            rms_eps: 1e-6,
             tied_embeddings: true,
         },
     ),
@@ -109,6 +134,12 @@ pub fn shape(name: &str) -> Result<ModelShape> {
 impl ModelShape {
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::InvalidRequest(m));
+        if !matches!(self.architecture, "llama" | "qwen2") {
+            return bad(format!(
+                "architecture `{}`: shapes are llama or qwen2",
+                self.architecture
+            ));
+        }
         if [
             self.dim,
             self.layers,
@@ -160,7 +191,7 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// Writes a llama GGUF with random weights in `shape` and `scheme`'s layout, the tokenizer
+/// Writes a GGUF of `shape`'s architecture with random weights in `scheme`'s layout, the tokenizer
 /// (every `tokenizer.*` key) copied from `vocab_from`. The same `seed` gives the same file.
 pub fn generate(
     shape_name: &str,
@@ -192,25 +223,27 @@ pub fn generate(
     let (dim, hd) = (shape.dim, shape.head_dim());
     let kv = shape.kv_heads * hd;
     let u32v = |x: usize| Value::U32(x as u32);
+    let arch = shape.architecture;
+    let key = |k: &str| format!("{arch}.{k}");
     let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.architecture".into(), Value::String(arch.into())),
         (
             "general.name".into(),
             Value::String(format!("random {shape_name} {scheme}")),
         ),
         ("general.file_type".into(), Value::U32(scheme.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
-        ("llama.vocab_size".into(), u32v(n_vocab)),
-        ("llama.context_length".into(), u32v(shape.context)),
-        ("llama.embedding_length".into(), u32v(dim)),
-        ("llama.block_count".into(), u32v(shape.layers)),
-        ("llama.feed_forward_length".into(), u32v(shape.ff)),
-        ("llama.attention.head_count".into(), u32v(shape.heads)),
-        ("llama.attention.head_count_kv".into(), u32v(shape.kv_heads)),
-        ("llama.rope.dimension_count".into(), u32v(hd)),
-        ("llama.rope.freq_base".into(), Value::F32(shape.rope_base)),
+        (key("vocab_size"), u32v(n_vocab)),
+        (key("context_length"), u32v(shape.context)),
+        (key("embedding_length"), u32v(dim)),
+        (key("block_count"), u32v(shape.layers)),
+        (key("feed_forward_length"), u32v(shape.ff)),
+        (key("attention.head_count"), u32v(shape.heads)),
+        (key("attention.head_count_kv"), u32v(shape.kv_heads)),
+        (key("rope.dimension_count"), u32v(hd)),
+        (key("rope.freq_base"), Value::F32(shape.rope_base)),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            key("attention.layer_norm_rms_epsilon"),
             Value::F32(shape.rms_eps),
         ),
     ];
@@ -231,6 +264,11 @@ pub fn generate(
             ("ffn_down", vec![dim, shape.ff]),
         ] {
             tensors.push((format!("blk.{i}.{n}.weight"), s));
+        }
+        if arch == "qwen2" {
+            for (n, len) in [("attn_q", dim), ("attn_k", kv), ("attn_v", kv)] {
+                tensors.push((format!("blk.{i}.{n}.bias"), vec![len]));
+            }
         }
     }
     tensors.push(("output_norm.weight".into(), vec![dim]));
@@ -379,20 +417,24 @@ fn tokenizer_metadata(path: &Path) -> Result<Vec<(String, Value)>> {
     Ok(keys)
 }
 
-/// Deterministic values for a tensor: norms are ones, matrices uniform with standard deviation
-/// 0.02 (as models are initialised), from a generator seeded by `seed` and the tensor's name.
+/// Deterministic values for a tensor: norms are ones, matrices and biases uniform with
+/// standard deviation 0.02 (as models are initialised), from a generator seeded by `seed` and
+/// the tensor's name.
 fn random_values(seed: u64, plan: &TensorPlan) -> Vec<f32> {
     let n: usize = plan.shape.iter().product();
-    if plan.shape.len() == 1 {
+    if plan.shape.len() == 1 && !plan.name.ends_with(".bias") {
         return vec![1.0; n];
     }
-    let mut state = plan
-        .name
-        .bytes()
-        .fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
-    let half_width = 0.02 * 3f32.sqrt();
+    splitmix_uniform(seed, &plan.name, n, 0.02)
+}
+
+/// `n` values uniform with standard deviation `std`, from a generator seeded by `seed` and
+/// `name` (the same pair gives the same values).
+pub(crate) fn splitmix_uniform(seed: u64, name: &str, n: usize, std: f32) -> Vec<f32> {
+    let mut state = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    let half_width = std * 3f32.sqrt();
     (0..n)
         .map(|_| {
             // splitmix64

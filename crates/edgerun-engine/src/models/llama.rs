@@ -1,4 +1,6 @@
-//! `general.architecture = llama`: Llama 2/3, SmolLM2, Mistral-style dense models.
+//! `general.architecture = llama`: Llama 2/3, SmolLM2, Mistral-style dense models; and the
+//! decoder every llama-like family shares ([`Variant`]: `qwen2.rs` is this with biases on q, k
+//! and v and rotary embeddings over halves).
 //!
 //! One call to [`CausalLm::forward`] runs one scheduler step. The step's tokens from every
 //! sequence (one token for a decoding sequence, a chunk of prompt for a prefilling one) are laid
@@ -18,10 +20,42 @@ use candle_core::{DType, Device, Tensor};
 use std::fs::File;
 use std::sync::Arc;
 
+/// How a llama-like family differs from llama itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    /// The `general.architecture` it loads (its metadata keys' prefix).
+    pub architecture: &'static str,
+    /// How rotary embeddings pair a head's dimensions.
+    pub rope: RopeStyle,
+    /// q, k and v have biases (`blk.N.attn_{q,k,v}.bias`), all three required.
+    pub qkv_bias: bool,
+}
+
+/// How rotary embeddings pair a head's dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i + 1)`: llama GGUFs, whose q and k rows llama.cpp's converter
+    /// permuted for it (ggml's "normal" mode).
+    Interleaved,
+    /// Pairs `(i, i + d/2)` over the two halves of a head: the Hugging Face layout, kept as is
+    /// by the converter for Qwen2 and most later families (ggml's NEOX mode).
+    Halves,
+}
+
+impl Variant {
+    pub const LLAMA: Variant = Variant {
+        architecture: "llama",
+        rope: RopeStyle::Interleaved,
+        qkv_bias: false,
+    };
+}
+
 struct Layer {
     attn_norm: Tensor,
     /// q, k and v: one matmul when their formats match.
     qkv: FusedLinear,
+    /// Added to q, k and v after the matmul (qwen2), each `(width,)`.
+    qkv_bias: Option<[Tensor; 3]>,
     wo: QLinear,
     ffn_norm: Tensor,
     /// gate and up: one matmul when their formats match.
@@ -41,6 +75,7 @@ pub struct LlamaModel {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    variant: Variant,
 }
 
 /// [`super::Loader`] for this architecture.
@@ -50,18 +85,31 @@ pub fn load(
     device: &Device,
     kernels: Kernels,
 ) -> Result<Box<dyn CausalLm>> {
-    Ok(Box::new(LlamaModel::from_gguf(ct, file, device, kernels)?))
+    Ok(Box::new(LlamaModel::from_gguf(
+        ct,
+        file,
+        device,
+        kernels,
+        Variant::LLAMA,
+    )?))
 }
 
 impl LlamaModel {
-    /// Loads every tensor of a llama GGUF onto `device`.
+    /// Loads every tensor of a GGUF of `variant`'s architecture onto `device`.
     pub fn from_gguf(
         ct: &gguf_file::Content,
         file: &mut File,
         device: &Device,
         kernels: Kernels,
+        variant: Variant,
     ) -> Result<Self> {
         let cfg = ModelConfig::from_gguf(ct)?;
+        if cfg.architecture != variant.architecture {
+            return Err(EngineError::Load(format!(
+                "general.architecture is `{}`, not `{}`",
+                cfg.architecture, variant.architecture
+            )));
+        }
         if cfg.rope_dim != cfg.head_dim {
             return Err(EngineError::Load(format!(
                 "partial rotary embeddings (rope dimension {} of head dimension {}) are not supported",
@@ -70,7 +118,7 @@ impl LlamaModel {
         }
         if cfg.expert_count > 1 {
             return Err(EngineError::Load(
-                "mixture-of-experts llama models are not supported yet".into(),
+                "mixture-of-experts models are not supported yet".into(),
             ));
         }
         let embeddings = Arc::new(required_tensor(ct, file, "token_embd.weight", device)?);
@@ -96,16 +144,32 @@ impl LlamaModel {
             };
             let qkv = fused(&["attn_q", "attn_k", "attn_v"])?;
             let gate_up = fused(&["ffn_gate", "ffn_up"])?;
-            let mut norm = |n: &str| -> Result<Tensor> {
-                Ok(
-                    required_tensor(ct, file, &format!("{p}.{n}.weight"), device)?
-                        .dequantize(device)?,
-                )
+            let mut vector = |n: &str, len: usize| -> Result<Tensor> {
+                let t =
+                    required_tensor(ct, file, &format!("{p}.{n}"), device)?.dequantize(device)?;
+                if t.dims() != [len] {
+                    return Err(EngineError::Load(format!(
+                        "tensor `{p}.{n}`: shape {:?}, expected [{len}]",
+                        t.dims()
+                    )));
+                }
+                Ok(t)
+            };
+            let (dim, kv) = (cfg.embedding_length, cfg.head_count_kv * cfg.head_dim);
+            let qkv_bias = if variant.qkv_bias {
+                Some([
+                    vector("attn_q.bias", dim)?,
+                    vector("attn_k.bias", kv)?,
+                    vector("attn_v.bias", kv)?,
+                ])
+            } else {
+                None
             };
             layers.push(Layer {
-                attn_norm: norm("attn_norm")?,
-                ffn_norm: norm("ffn_norm")?,
+                attn_norm: vector("attn_norm.weight", dim)?,
+                ffn_norm: vector("ffn_norm.weight", dim)?,
                 qkv,
+                qkv_bias,
                 wo,
                 gate_up,
                 w_down,
@@ -136,6 +200,7 @@ impl LlamaModel {
             cos,
             sin,
             device: device.clone(),
+            variant,
         })
     }
 }
@@ -240,11 +305,16 @@ impl CausalLm for LlamaModel {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps as f32)?;
-            let [q, k, v]: [Tensor; 3] = layer
+            let [mut q, mut k, mut v]: [Tensor; 3] = layer
                 .qkv
                 .forward(&h)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("q, k, v: three outputs".into()))?;
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
             // (total, heads * hd) -> (1, heads, total, hd) for RoPE.
             let q = q
                 .reshape((1, total, n_head, hd))?
@@ -254,8 +324,17 @@ impl CausalLm for LlamaModel {
                 .reshape((1, total, n_kv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?.squeeze(0)?;
+            let (q, k) = match self.variant.rope {
+                RopeStyle::Interleaved => (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                ),
+                RopeStyle::Halves => (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                ),
+            };
+            let (q, k) = (q.squeeze(0)?, k.squeeze(0)?);
             if let Some(paged) = &paged {
                 let y = paged.attend(li, &q, &k, &v, groups, scale)?;
                 let x1 = (layer.wo.forward(&y)? + residual)?;

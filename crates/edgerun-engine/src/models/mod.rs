@@ -30,6 +30,7 @@ mod attention;
 pub mod bert;
 mod config;
 pub mod llama;
+pub mod qwen2;
 
 pub use config::ModelConfig;
 
@@ -71,7 +72,7 @@ pub trait CausalLm: Send + Sync {
 pub type Loader = fn(&gguf_file::Content, &mut File, &Device, Kernels) -> Result<Box<dyn CausalLm>>;
 
 /// Every architecture this build runs, by `general.architecture`.
-pub const ARCHITECTURES: &[(&str, Loader)] = &[("llama", llama::load)];
+pub const ARCHITECTURES: &[(&str, Loader)] = &[("llama", llama::load), ("qwen2", qwen2::load)];
 
 /// Loads the model a GGUF describes, choosing the architecture by `general.architecture`.
 pub fn load(

@@ -130,6 +130,58 @@ pub struct StatsSnapshot {
     pub device_activation_peak_bytes: Option<usize>,
 }
 
+impl StatsSnapshot {
+    /// Two engines' figures as one node's (several text-generation models in one process):
+    /// counts and sizes add up, peaks and failure runs take the larger, `ready` only when both
+    /// are.
+    pub fn merge(self, other: StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            active_sequences: self.active_sequences + other.active_sequences,
+            queued_requests: self.queued_requests + other.queued_requests,
+            ready: self.ready && other.ready,
+            generated_tokens_total: self.generated_tokens_total + other.generated_tokens_total,
+            prompt_tokens_total: self.prompt_tokens_total + other.prompt_tokens_total,
+            prompt_tokens_cached_total: self.prompt_tokens_cached_total
+                + other.prompt_tokens_cached_total,
+            prefix_cache_blocks: self.prefix_cache_blocks + other.prefix_cache_blocks,
+            prefix_cache_evictions_total: self.prefix_cache_evictions_total
+                + other.prefix_cache_evictions_total,
+            requests_completed_total: self.requests_completed_total
+                + other.requests_completed_total,
+            requests_cancelled_total: self.requests_cancelled_total
+                + other.requests_cancelled_total,
+            peak_batch_size: self.peak_batch_size.max(other.peak_batch_size),
+            kv_cache_reserved_bytes: self.kv_cache_reserved_bytes + other.kv_cache_reserved_bytes,
+            kv_pool_free_blocks: self.kv_pool_free_blocks + other.kv_pool_free_blocks,
+            kv_pool_total_blocks: self.kv_pool_total_blocks + other.kv_pool_total_blocks,
+            sequences_failed_total: self.sequences_failed_total + other.sequences_failed_total,
+            sequences_stalled_total: self.sequences_stalled_total + other.sequences_stalled_total,
+            preemptions_total: self.preemptions_total + other.preemptions_total,
+            preempted_sequences: self.preempted_sequences + other.preempted_sequences,
+            device_sampled_tokens_total: self.device_sampled_tokens_total
+                + other.device_sampled_tokens_total,
+            steps_total: self.steps_total + other.steps_total,
+            step_forward_nanos_total: self.step_forward_nanos_total
+                + other.step_forward_nanos_total,
+            step_host_nanos_total: self.step_host_nanos_total + other.step_host_nanos_total,
+            device_sampling_host_rows_total: self.device_sampling_host_rows_total
+                + other.device_sampling_host_rows_total,
+            device_failures_total: self.device_failures_total + other.device_failures_total,
+            consecutive_device_failures: self
+                .consecutive_device_failures
+                .max(other.consecutive_device_failures),
+            // One device, measured from the driver's count: the larger peak.
+            device_activation_peak_bytes: match (
+                self.device_activation_peak_bytes,
+                other.device_activation_peak_bytes,
+            ) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}
+
 impl EngineStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let prefix = self

@@ -8,7 +8,9 @@
 //! Run over contiguous caches and over a paged pool (the CPU's row-by-row paged attention), on
 //! the real model (SmolLM2-135M-Instruct Q4_1) and on the same model requantized by
 //! `edgerun quantize` to Q4_K_M (its 1536-wide `ffn_down` rows are Q4_K / Q6_K; the 576-wide
-//! ones fall back to Q5_0 / Q8_0 as llama-quantize does) and Q8_0.
+//! ones fall back to Q5_0 / Q8_0 as llama-quantize does) and Q8_0; and on the real model
+//! rewritten as qwen2 (`gguf::derive`: rotary embeddings over halves, q/k/v biases), with
+//! random biases against its own exact forward, with zero biases against the llama file.
 
 use crate::harness;
 
@@ -42,6 +44,8 @@ impl Matrix {
 
 struct Layer {
     attn_norm: Vec<f64>,
+    /// q, k and v biases (qwen2), zeros for llama.
+    bias: [Vec<f64>; 3],
     q: Matrix,
     k: Matrix,
     v: Matrix,
@@ -83,7 +87,16 @@ fn load(path: &Path) -> Reference {
             let mut m = |n: &str| matrix(&name(n)).unwrap();
             let (q, k, v, o) = (m("attn_q"), m("attn_k"), m("attn_v"), m("attn_output"));
             let (gate, up, down) = (m("ffn_gate"), m("ffn_up"), m("ffn_down"));
+            let mut bias = |n: &str, len: usize| {
+                matrix(&format!("blk.{i}.{n}.bias")).map_or(vec![0.0; len], |b| b.w)
+            };
+            let bias = [
+                bias("attn_q", q.rows),
+                bias("attn_k", k.rows),
+                bias("attn_v", v.rows),
+            ];
             Layer {
+                bias,
                 attn_norm: matrix(&name("attn_norm")).unwrap().w,
                 ffn_norm: matrix(&name("ffn_norm")).unwrap().w,
                 q,
@@ -138,17 +151,28 @@ fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
     x.iter().zip(w).map(|(v, w)| v * s * w).collect()
 }
 
-/// RoPE on adjacent pairs (GGUF's llama layout), every head of `x`.
-fn rope(x: &mut [f64], head_dim: usize, pos: usize, base: f64) {
+/// RoPE on every head of `x`: on adjacent pairs (GGUF's llama layout), or on pairs `(i, i +
+/// d/2)` across the halves (qwen2's, the Hugging Face layout).
+fn rope(x: &mut [f64], head_dim: usize, pos: usize, base: f64, halves: bool) {
+    let half = head_dim / 2;
     for head in x.chunks_exact_mut(head_dim) {
-        for i in 0..head_dim / 2 {
+        for i in 0..half {
             let theta = pos as f64 * base.powf(-2.0 * i as f64 / head_dim as f64);
             let (s, c) = theta.sin_cos();
-            let (a, b) = (head[2 * i], head[2 * i + 1]);
-            head[2 * i] = a * c - b * s;
-            head[2 * i + 1] = a * s + b * c;
+            let (ia, ib) = if halves {
+                (i, i + half)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (a, b) = (head[ia], head[ib]);
+            head[ia] = a * c - b * s;
+            head[ib] = a * s + b * c;
         }
     }
+}
+
+fn add(x: Vec<f64>, b: &[f64]) -> Vec<f64> {
+    x.into_iter().zip(b).map(|(x, b)| x + b).collect()
 }
 
 /// Exact greedy decoding: the logits of every step (the prompt's last token, then each
@@ -157,6 +181,11 @@ fn reference_run(r: &Reference, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<
     let cfg = &r.cfg;
     let (hd, heads, kv_heads) = (cfg.head_dim, cfg.head_count, cfg.head_count_kv);
     let base = f64::from(cfg.rope_freq_base);
+    let halves = match cfg.architecture.as_str() {
+        "llama" => false,
+        "qwen2" => true,
+        other => panic!("no reference forward for {other}"),
+    };
     let mut keys: Vec<Vec<Vec<f64>>> = vec![Vec::new(); r.layers.len()];
     let mut values: Vec<Vec<Vec<f64>>> = vec![Vec::new(); r.layers.len()];
     let mut tokens = prompt.to_vec();
@@ -167,11 +196,11 @@ fn reference_run(r: &Reference, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<
         let mut x = r.embeddings.w[token * d..(token + 1) * d].to_vec();
         for (l, layer) in r.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps);
-            let mut q = layer.q.apply(&h);
-            let mut k = layer.k.apply(&h);
-            let v = layer.v.apply(&h);
-            rope(&mut q, hd, pos, base);
-            rope(&mut k, hd, pos, base);
+            let mut q = add(layer.q.apply(&h), &layer.bias[0]);
+            let mut k = add(layer.k.apply(&h), &layer.bias[1]);
+            let v = add(layer.v.apply(&h), &layer.bias[2]);
+            rope(&mut q, hd, pos, base, halves);
+            rope(&mut k, hd, pos, base, halves);
             keys[l].push(k);
             values[l].push(v);
             let mut attn = vec![0f64; heads * hd];
@@ -356,4 +385,53 @@ fn the_real_model_requantized_to_k_quants_follows_exact_math() {
 #[test]
 fn the_real_model_requantized_to_q8_0_follows_exact_math() {
     check(&requantized(Scheme::Q8_0), "SmolLM2 Q8_0");
+}
+
+/// SmolLM2 rewritten as qwen2 (`gguf::derive`): q and k rows in the Hugging Face order, rotary
+/// embeddings over halves, q/k/v biases. With zero biases it is the same function as the llama
+/// file; with random ones a different model, held to its own exact forward.
+fn as_qwen2(bias_seed: Option<u64>) -> PathBuf {
+    static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("edgerun-fidelity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("smollm2-qwen2-{bias_seed:?}.gguf"));
+    if !out.exists() {
+        gguf::derive::llama_as_qwen2(&harness::model_path(), &out, bias_seed).unwrap();
+    }
+    out
+}
+
+#[test]
+fn qwen2_with_random_biases_follows_exact_math() {
+    check(&as_qwen2(Some(7)), "SmolLM2 as qwen2, random biases");
+}
+
+#[test]
+fn qwen2_with_zero_biases_follows_the_llama_models_exact_math() {
+    // The same function through the other rotary layout and the bias path: the engine on the
+    // qwen2 file follows the llama file's exact forward as it follows its own (a head's
+    // dimensions summed in another order moves logits by rounding, which 8-bit activations
+    // amplify as they do for a prompt read in chunks).
+    let path = harness::model_path();
+    let prompt = {
+        let loaded = LoadedModel::load(&path, None, &Device::Cpu).unwrap();
+        loaded
+            .tokenizer
+            .encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+            .unwrap()
+    };
+    let (tokens, exact) = reference_run(&load(&path), &prompt, STEPS);
+    let qwen2 = as_qwen2(None);
+    for paged in [false, true] {
+        follows(
+            &engine_run(&qwen2, &prompt, &tokens, paged),
+            &tokens,
+            &exact,
+            &format!(
+                "SmolLM2 as qwen2, zero biases, against llama{}",
+                if paged { ", paged" } else { "" }
+            ),
+        );
+    }
 }

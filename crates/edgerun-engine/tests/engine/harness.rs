@@ -50,6 +50,7 @@ pub fn sdist_dir(what: &str) -> std::path::PathBuf {
 /// A small llama whose matrices are all multiples of 256 wide, so K-quants apply everywhere.
 pub fn small_shape() -> edgerun_engine::gguf::ModelShape {
     edgerun_engine::gguf::ModelShape {
+        architecture: "llama",
         vocab: None,
         dim: 256,
         layers: 2,

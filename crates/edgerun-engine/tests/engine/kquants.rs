@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 fn shape() -> ModelShape {
     ModelShape {
+        architecture: "llama",
         vocab: None,
         dim: 256,
         layers: 4,

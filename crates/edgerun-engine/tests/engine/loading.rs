@@ -197,3 +197,47 @@ fn a_metadata_key_of_the_wrong_type_is_an_error_not_its_default() {
     ));
     assert!(e.contains("llama.rope.freq_base"), "unexpected error: {e}");
 }
+
+#[test]
+fn qwen2_needs_its_biases_in_their_shapes_and_reads_its_own_keys() {
+    let kv = DIM / HEADS * 2;
+    let biases = |q: usize| {
+        vec![
+            ("blk.0.attn_q.bias", tensor(&[q], 15)),
+            ("blk.0.attn_k.bias", tensor(&[kv], 16)),
+            ("blk.0.attn_v.bias", tensor(&[kv], 17)),
+        ]
+    };
+    let qwen2 = |name: &str, extra| {
+        write(
+            name,
+            Spec {
+                architecture: "qwen2",
+                extra,
+                ..Spec::default()
+            },
+        )
+    };
+    let model = load(&qwen2("qwen2", biases(DIM))).unwrap();
+    assert_eq!(model.config().architecture, "qwen2");
+    let mut cache = KvCache::new(&model.kv_layout(), 8, model.device()).unwrap();
+    let mut segs = [Segment {
+        tokens: &[1, 2, 3],
+        cache: &mut cache,
+    }];
+    assert_eq!(
+        model.forward(&mut segs, &[0]).unwrap().unwrap().dims(),
+        &[1, VOCAB]
+    );
+    let e = load_error(&qwen2("qwen2-no-bias", Vec::new()));
+    assert!(e.contains("blk.0.attn_q.bias"), "unexpected error: {e}");
+    let e = load_error(&qwen2("qwen2-short-bias", biases(DIM - 1)));
+    assert!(
+        e.contains("blk.0.attn_q.bias") && e.contains("expected"),
+        "unexpected error: {e}"
+    );
+    let path = qwen2("qwen2-cut", biases(DIM));
+    cut_into(&path, "blk.0.attn_v.bias");
+    let e = load_error(&path);
+    assert!(e.contains("blk.0.attn_v.bias"), "unexpected error: {e}");
+}

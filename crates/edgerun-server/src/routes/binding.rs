@@ -61,12 +61,12 @@ async fn run_inner(
         let request = binding::parse_embedding_body(&bytes)?;
         return super::embeddings::run(state, slot, request, Envelope::Bare).await;
     }
-    if !state.serves(&model) {
+    let Some(slot) = state.generator(&model) else {
         return Err(ApiError::no_such_model(&model).into());
-    }
+    };
     let bytes = read_body(body, &state.body).await?;
     let request = binding::parse_body_with(&bytes, &state.limits)?;
-    answer(state, request, started, Envelope::Bare).await
+    answer(state, slot, request, started, Envelope::Bare).await
 }
 
 /// `GET /ai-api/models/search` (`env.AI.models(params)`, which returns the answer's `result`).

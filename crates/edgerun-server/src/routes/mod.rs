@@ -124,13 +124,27 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     let Some(handle) = &state.metrics else {
         return ApiError::no_route().into_http();
     };
-    let engine = state.engine.get();
+    let healthy = state.generators.iter().all(|slot| {
+        slot.backend
+            .get()
+            .is_some_and(|b| b.health() == Health::Ready)
+    });
     let mut body = crate::telemetry::render(
         handle,
-        engine.map(|e| e.stats()),
-        engine.is_some_and(|e| e.health() == Health::Ready),
+        state.generation_stats(),
+        state.has_generation_model() && healthy,
         state.drain.is_draining(),
     );
+    let generators: Vec<_> = state
+        .generators
+        .iter()
+        .filter_map(|slot| {
+            let backend = slot.backend.get()?;
+            let healthy = backend.health() == Health::Ready;
+            Some((slot.names.first()?.clone(), backend.stats(), healthy))
+        })
+        .collect();
+    body.push_str(&crate::telemetry::render_generators(&generators));
     let embedders: Vec<_> = state
         .embedders
         .iter()
@@ -195,8 +209,9 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Adds the node's load (`x-edgerun-load`, [`edgerun_protocol::NodeLoad`]) to every answer
-/// once the model has loaded, read when the answer's head is written: the edge Worker sends
+/// Adds the node's load (`x-edgerun-load`, [`edgerun_protocol::NodeLoad`]: every
+/// text-generation model's sequences, queue and KV pool together) to every answer once the
+/// models have loaded, read when the answer's head is written: the edge Worker sends
 /// requests without a session to the least loaded node of a region by it. Reports are
 /// numbered in the order the counters were read (one lock around reading and numbering), so
 /// the Worker can drop a report that reaches it after a newer one.
@@ -204,9 +219,11 @@ async fn report_load(State(state): State<AppState>, req: Request, next: Next) ->
     /// The last report's number in this process.
     static REPORTS: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
     let mut resp = next.run(req).await;
-    if let Some(engine) = state.engine.get() {
+    if state.has_generation_model() {
         let mut reports = REPORTS.lock().unwrap_or_else(|e| e.into_inner());
-        let s = engine.stats();
+        let Some(s) = state.generation_stats() else {
+            return resp;
+        };
         *reports += 1;
         let load = edgerun_protocol::NodeLoad {
             seq: Some(*reports),
@@ -241,9 +258,9 @@ pub(crate) fn new_request_id() -> String {
     )
 }
 
-/// `200 {"status":"ok",...}` once the model has loaded and warmed up; `503` with the status
-/// `loading`, `draining`, `failing` (with the reason: repeated device failures) or
-/// `engine stopped` otherwise.
+/// `200 {"status":"ok",...}` once every model has loaded and warmed up; `503` with the status
+/// `loading`, `draining`, `failing` (with the reason: repeated device failures, an embedding
+/// model stopped) or `engine stopped` otherwise.
 async fn health(State(state): State<AppState>) -> Response {
     let unavailable =
         |body: serde_json::Value| (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
@@ -278,30 +295,57 @@ async fn health(State(state): State<AppState>) -> Response {
         });
         return (StatusCode::OK, Json(body)).into_response();
     }
-    let Some(engine) = state.engine.get() else {
-        return unavailable(serde_json::json!({"status": "loading"}));
-    };
-    match engine.health() {
-        Health::Ready => {
-            let mut body = serde_json::json!({
-                "status": "ok",
-                "models": state.all_names(),
-                "context_window": engine.context_window(),
-                "stats": engine.stats(),
-            });
-            if !embeddings.is_empty() {
-                body["embeddings"] = serde_json::Value::Array(embeddings);
+    // Every text-generation model, each ready: the node is ready only when all of them are.
+    let mut generation = Vec::new();
+    for slot in state.generators.iter() {
+        let Some(engine) = slot.backend.get() else {
+            return unavailable(serde_json::json!({"status": "loading"}));
+        };
+        let several = state.generators.len() > 1;
+        let named = |reason: String| {
+            if several {
+                format!("{}: {reason}", slot.names[0])
+            } else {
+                reason
             }
-            (StatusCode::OK, Json(body)).into_response()
+        };
+        match engine.health() {
+            Health::Ready => {}
+            Health::Starting => return unavailable(serde_json::json!({"status": "loading"})),
+            Health::Failing(reason) => {
+                return unavailable(serde_json::json!({
+                    "status": "failing",
+                    "reason": named(reason),
+                    "stats": engine.stats(),
+                }))
+            }
+            Health::Stopped => {
+                let mut body = serde_json::json!({"status": "engine stopped"});
+                if several {
+                    body["model"] = slot.names[0].clone().into();
+                }
+                return unavailable(body);
+            }
         }
-        Health::Starting => unavailable(serde_json::json!({"status": "loading"})),
-        Health::Failing(reason) => unavailable(serde_json::json!({
-            "status": "failing",
-            "reason": reason,
+        generation.push(serde_json::json!({
+            "models": slot.names,
+            "context_window": engine.context_window(),
             "stats": engine.stats(),
-        })),
-        Health::Stopped => unavailable(serde_json::json!({"status": "engine stopped"})),
+        }));
     }
+    // The first model's window, and the node's figures (every model's together), at the top
+    // as a one-model node has always reported them; each model's under `generation`.
+    let mut body = serde_json::json!({
+        "status": "ok",
+        "models": state.all_names(),
+        "context_window": generation[0]["context_window"],
+        "stats": state.generation_stats(),
+        "generation": generation,
+    });
+    if !embeddings.is_empty() {
+        body["embeddings"] = serde_json::Value::Array(embeddings);
+    }
+    (StatusCode::OK, Json(body)).into_response()
 }
 
 /// Reads a request body within `limits`: 413 / 3006 beyond the size limit (at once when the

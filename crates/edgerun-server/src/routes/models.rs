@@ -4,7 +4,7 @@
 //!
 //! The entries, the list envelope, pagination and the schemas are `edgerun-protocol`'s
 //! ([`edgerun_protocol::models`]); this file says what the node serves: every name it answers
-//! to, with its description and, once the model has loaded, its context window.
+//! to, with its description and, once its model has loaded, its context window.
 
 use super::json_response;
 use crate::error::ServerError;
@@ -17,15 +17,17 @@ use edgerun_protocol::ApiError;
 
 /// Every name the node answers to, as catalogue facts.
 pub(crate) fn served_models(state: &AppState) -> Vec<ServedModel> {
-    let context_window = state.engine.get().map(|e| e.context_window());
     state
-        .served_names
+        .generators
         .iter()
-        .map(|name| ServedModel {
-            name: name.clone(),
-            description: state.model_description.to_string(),
-            context_window,
-            task: ServedTask::TextGeneration,
+        .flat_map(|slot| {
+            let context_window = slot.backend.get().map(|b| b.context_window());
+            slot.names.iter().map(move |name| ServedModel {
+                name: name.clone(),
+                description: slot.description.clone(),
+                context_window,
+                task: ServedTask::TextGeneration,
+            })
         })
         .chain(state.embedders.iter().flat_map(|slot| {
             let info = slot.backend.get().map(|b| b.info());

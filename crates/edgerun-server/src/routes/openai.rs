@@ -117,17 +117,22 @@ async fn answer_inner(
     let started = Instant::now();
     let bytes = read_body(body, &state.body).await?;
     let request = OpenAiRequest::from_json_bytes_with(route.endpoint, &bytes, &state.limits)?;
-    if !state.serves(&request.model) {
+    let Some(slot) = state.generator(&request.model) else {
         return Err(match route.base {
             OpenAiBase::V1 => ApiError::model_not_found(&request.model),
             OpenAiBase::WorkersAi => ApiError::no_such_model(&request.model),
         }
         .into());
-    }
+    };
     let shape = Shape::new(route.endpoint, &request);
     let stream = request.stream;
-    let generation =
-        generation::start(state, generation_input(route.endpoint, request), started).await?;
+    let generation = generation::start(
+        state,
+        slot,
+        generation_input(route.endpoint, request),
+        started,
+    )
+    .await?;
     if stream {
         generation
             .stream(OpenAiStream::new(shape), state.heartbeat)

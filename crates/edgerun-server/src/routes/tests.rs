@@ -552,3 +552,110 @@ async fn cors_is_off_unless_origins_are_named_and_then_preflights_skip_auth() {
     assert_eq!(status, 200);
     assert_eq!(headers["access-control-allow-origin"], "*");
 }
+
+/// A node with two text-generation models, each a fake that answers with its own text.
+fn two_models() -> (AppState, FakeBackend, FakeBackend) {
+    let (a, b) = (
+        FakeBackend::new(Script::tokens(&["from ", "a"])),
+        FakeBackend::new(Script::tokens(&["from ", "b"])),
+    );
+    let mut state = AppState::new(Vec::new(), TokenSet::new(Vec::<String>::new()));
+    state.generators = std::sync::Arc::new(vec![
+        crate::GenerationSlot::new(vec![MODEL.into(), "a".into()], "model a".into()),
+        crate::GenerationSlot::new(vec!["@cf/other/b".into()], "model b".into()),
+    ]);
+    assert!(state.generators[0]
+        .backend
+        .set(std::sync::Arc::new(a.clone()))
+        .is_ok());
+    (state, a, b)
+}
+
+#[tokio::test]
+async fn each_model_name_reaches_its_own_engine_in_every_dialect() {
+    let (state, a, b) = two_models();
+    // The second model still loading: the node is not ready, its runs are 503, the first's
+    // run.
+    let get = || Request::get("/health").body(Body::empty()).unwrap();
+    let (status, _, body) = send(router(state.clone()), get()).await;
+    assert_eq!(
+        (status, json_of(&body)["status"].clone()),
+        (StatusCode::SERVICE_UNAVAILABLE, json!("loading")),
+        "{body}"
+    );
+    let (status, _, body) = send(
+        router(state.clone()),
+        post("/run/@cf/other/b", json!({"prompt": "hi"})),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(state.generators[1]
+        .backend
+        .set(std::sync::Arc::new(b.clone()))
+        .is_ok());
+    let app = router(state.clone());
+
+    let (status, headers, body) = send(app.clone(), run(json!({"prompt": "hi"}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json_of(&body)["result"]["response"], "from a");
+    assert!(headers.contains_key(edgerun_protocol::LOAD_HEADER));
+    let (_, _, body) = send(
+        app.clone(),
+        post("/run/@cf/other/b", json!({"prompt": "hi"})),
+    )
+    .await;
+    assert_eq!(json_of(&body)["result"]["response"], "from b", "{body}");
+    // An alias of the first model, and OpenAI's and the binding's routes to the second.
+    let (_, _, body) = send(app.clone(), post("/run/a", json!({"prompt": "hi"}))).await;
+    assert_eq!(json_of(&body)["result"]["response"], "from a", "{body}");
+    let mut req = json!({"model": "@cf/other/b", "messages": [{"role": "user", "content": "hi"}]});
+    let (_, _, body) = send(app.clone(), post("/v1/chat/completions", req.clone())).await;
+    assert_eq!(
+        json_of(&body)["choices"][0]["message"]["content"],
+        "from b",
+        "{body}"
+    );
+    req["model"] = json!("nope");
+    let (status, _, body) = send(app.clone(), post("/v1/chat/completions", req)).await;
+    assert_eq!(status, 404, "{body}");
+    let bound = Request::post("/run?version=3")
+        .header("content-type", "application/json")
+        .header("cf-consn-model-id", "@cf/other/b")
+        .body(Body::from(
+            json!({"inputs": {"prompt": "hi"}, "options": {}}).to_string(),
+        ))
+        .unwrap();
+    let (_, _, body) = send(app.clone(), bound).await;
+    assert_eq!(json_of(&body)["response"], "from b", "{body}");
+    assert_eq!((a.seen().len(), b.seen().len()), (2, 3));
+
+    // Every name listed, each model's window and the node's figures in /health.
+    let (_, _, body) = send(
+        app.clone(),
+        Request::get("/v1/models").body(Body::empty()).unwrap(),
+    )
+    .await;
+    let ids: Vec<Value> = json_of(&body)["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(MODEL), json!("a"), json!("@cf/other/b")]);
+    let (status, _, body) = send(app.clone(), get()).await;
+    assert_eq!(status, 200, "{body}");
+    let health = json_of(&body);
+    assert_eq!(health["generation"].as_array().unwrap().len(), 2, "{body}");
+    assert_eq!(health["generation"][1]["models"], json!(["@cf/other/b"]));
+    assert_eq!(health["context_window"], 4096);
+
+    // One model failing fails the node's health, naming it.
+    b.set_health(Health::Failing("device lost".into()));
+    let (status, _, body) = send(app, get()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        json_of(&body)["reason"],
+        "@cf/other/b: device lost",
+        "{body}"
+    );
+}

@@ -5,7 +5,7 @@
 use super::{json_response, read_body};
 use crate::error::ServerError;
 use crate::generation::{self, Framing, GenerationInput};
-use crate::AppState;
+use crate::{AppState, GenerationSlot};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::Uri;
@@ -45,12 +45,12 @@ async fn run_inner(state: &AppState, uri: &Uri, body: Body) -> Result<Response, 
         let request = super::embeddings::run_request(&bytes)?;
         return super::embeddings::run(state, slot, request, Envelope::V4).await;
     }
-    if !state.serves(&model) {
+    let Some(slot) = state.generator(&model) else {
         return Err(ApiError::no_such_model(&model).into());
-    }
+    };
     let bytes = read_body(body, &state.body).await?;
     let request = ValidatedRequest::from_json_bytes_with(&bytes, &state.limits)?;
-    answer(state, request, started, Envelope::V4).await
+    answer(state, slot, request, started, Envelope::V4).await
 }
 
 /// How a whole (non-streamed) answer is wrapped.
@@ -67,13 +67,14 @@ pub(super) enum Envelope {
 /// too, so both give the same output for the same input.
 pub(super) async fn answer(
     state: &AppState,
+    model: &GenerationSlot,
     request: ValidatedRequest,
     started: Instant,
     envelope: Envelope,
 ) -> Result<Response, ServerError> {
     let stream = request.stream;
     let json_mode = request.response_format.is_json();
-    let generation = generation::start(state, generation_input(request), started).await?;
+    let generation = generation::start(state, model, generation_input(request), started).await?;
     if stream {
         // JSON mode streams only `json_object` (validation refused a schema): as text deltas.
         generation.stream(WorkersAiStream, state.heartbeat).await
