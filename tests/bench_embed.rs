@@ -26,44 +26,6 @@ pub struct Server {
     pub model: String,
 }
 
-/// About 60 tokens each, every one different (so no cache of any kind can serve them).
-pub fn texts(n: usize) -> Vec<String> {
-    const WORDS: [&str; 24] = [
-        "harbour",
-        "tide",
-        "sailing",
-        "mooring",
-        "engine",
-        "weather",
-        "lighthouse",
-        "current",
-        "pontoon",
-        "repair",
-        "fuel",
-        "anchor",
-        "visitor",
-        "channel",
-        "buoy",
-        "storm",
-        "crew",
-        "ferry",
-        "island",
-        "chart",
-        "signal",
-        "winter",
-        "cargo",
-        "bridge",
-    ];
-    (0..n)
-        .map(|i| {
-            let words: Vec<&str> = (0..48)
-                .map(|j| WORDS[(i * 7 + j * 13 + j * j) % WORDS.len()])
-                .collect();
-            format!("Note {i}: {}.", words.join(" "))
-        })
-        .collect()
-}
-
 async fn embed(
     client: &reqwest::Client,
     server: &Server,
@@ -97,7 +59,7 @@ async fn embed(
 /// Texts per second and the tokens per text, for `TEXTS` texts in `CONCURRENT` requests.
 async fn throughput(server: &Server, runs: usize) -> (f64, f64) {
     let client = reqwest::Client::new();
-    let all = texts(TEXTS);
+    let all = edgerun_testkit::embedding_bench_texts(TEXTS);
     let per = TEXTS / CONCURRENT;
     let mut rates = Vec::new();
     let mut tokens = 0;
@@ -117,7 +79,7 @@ async fn throughput(server: &Server, runs: usize) -> (f64, f64) {
 /// Median latency of one-text requests, one at a time.
 async fn latency(server: &Server, runs: usize) -> f64 {
     let client = reqwest::Client::new();
-    let all = texts(runs * 4);
+    let all = edgerun_testkit::embedding_bench_texts(runs * 4);
     let mut times = Vec::new();
     for text in &all {
         let started = Instant::now();
@@ -158,7 +120,7 @@ pub async fn run(
     let (tps, tokens) = throughput(&edgerun, runs).await;
     let lat = latency(&edgerun, runs).await;
     rows.push(("edgerun".into(), tps, lat, tokens));
-    let sample = texts(8);
+    let sample = edgerun_testkit::embedding_bench_texts(8);
     let (ours, _) = embed(&reqwest::Client::new(), &edgerun, &sample).await;
     drop(node);
     if let Some((bin, gguf)) = &llama_server {

@@ -1,5 +1,5 @@
 //! Times the embedding forward pass alone (no HTTP, no batching thread): 256 texts of about 60
-//! tokens (the texts of `tests/bench_embed.rs`), embedded in padded batches of `BATCH` texts,
+//! tokens (`edgerun_testkit::embedding_bench_texts`, as `tests/bench_embed.rs` sends), embedded in padded batches of `BATCH` texts,
 //! and one text at a time. For profiling the encoder (`perf record` this binary).
 //!
 //! cargo run --release -p edgerun-engine --example embed_bench -- <model dir> [batch] [rounds]
@@ -7,43 +7,6 @@
 use candle_core::Device;
 use edgerun_engine::{EmbedInput, EmbeddingModel, Pooling};
 use std::time::Instant;
-
-fn texts(n: usize) -> Vec<String> {
-    const WORDS: [&str; 24] = [
-        "harbour",
-        "tide",
-        "sailing",
-        "mooring",
-        "engine",
-        "weather",
-        "lighthouse",
-        "current",
-        "pontoon",
-        "repair",
-        "fuel",
-        "anchor",
-        "visitor",
-        "channel",
-        "buoy",
-        "storm",
-        "crew",
-        "ferry",
-        "island",
-        "chart",
-        "signal",
-        "winter",
-        "cargo",
-        "bridge",
-    ];
-    (0..n)
-        .map(|i| {
-            let words: Vec<&str> = (0..48)
-                .map(|j| WORDS[(i * 7 + j * 13 + j * j) % WORDS.len()])
-                .collect();
-            format!("Note {i}: {}.", words.join(" "))
-        })
-        .collect()
-}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -53,7 +16,10 @@ fn main() {
     let batch: usize = args.next().map_or(128, |b| b.parse().unwrap());
     let rounds: usize = args.next().map_or(3, |r| r.parse().unwrap());
     let model = EmbeddingModel::load(std::path::Path::new(&dir), &Device::Cpu).unwrap();
-    let inputs: Vec<EmbedInput> = texts(256).into_iter().map(EmbedInput::Text).collect();
+    let inputs: Vec<EmbedInput> = edgerun_testkit::embedding_bench_texts(256)
+        .into_iter()
+        .map(EmbedInput::Text)
+        .collect();
     let tokens = model.tokenize(&inputs, false).unwrap();
     let per_text = tokens.iter().map(Vec::len).sum::<usize>() as f64 / tokens.len() as f64;
     for _ in 0..rounds {

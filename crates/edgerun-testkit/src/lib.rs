@@ -66,3 +66,42 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The embedding benchmarks' texts (`tests/bench_embed.rs`, the engine's `embed_bench`
+/// example): about 60 tokens each, every one different (so no cache of any kind can serve them).
+pub fn embedding_bench_texts(n: usize) -> Vec<String> {
+    const WORDS: [&str; 24] = [
+        "harbour",
+        "tide",
+        "sailing",
+        "mooring",
+        "engine",
+        "weather",
+        "lighthouse",
+        "current",
+        "pontoon",
+        "repair",
+        "fuel",
+        "anchor",
+        "visitor",
+        "channel",
+        "buoy",
+        "storm",
+        "crew",
+        "ferry",
+        "island",
+        "chart",
+        "signal",
+        "winter",
+        "cargo",
+        "bridge",
+    ];
+    (0..n)
+        .map(|i| {
+            let words: Vec<&str> = (0..48)
+                .map(|j| WORDS[(i * 7 + j * 13 + j * j) % WORDS.len()])
+                .collect();
+            format!("Note {i}: {}.", words.join(" "))
+        })
+        .collect()
+}

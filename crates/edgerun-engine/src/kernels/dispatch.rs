@@ -11,7 +11,7 @@ use std::sync::Arc;
 /// Which matmul kernels a model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
-    /// Our own where we have one (Q4_1, Q8_0, Q4_K, Q5_K and Q6_K on the CPU), candle's elsewhere.
+    /// Our own where we have one (Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K on the CPU), candle's elsewhere.
     #[default]
     Fastest,
     /// Candle's everywhere: the numerics of candle-transformers' `quantized_llama`, against
@@ -27,6 +27,9 @@ pub enum QLinear {
     /// Q8_0 on the CPU: our kernel, which reads each weight row once for the whole batch
     /// (candle's re-reads the matrix for every token of the step).
     Q8_0Cpu(Q8_0Matrix),
+    /// Q5_0 on the CPU (the K-quant schemes' fallback for rows not a multiple of 256): our
+    /// kernel, Q8_0's with the blocks unpacked in registers, read in place.
+    Q5_0Cpu(Q5_0Matrix),
     /// Q4_K on the CPU, not shared, 16k rows: repacked into 16-row tiles that replace the
     /// file's blocks (the fast kernel for batches).
     Q4KTiledCpu(Q4KTiled),
@@ -51,6 +54,7 @@ impl std::fmt::Debug for QLinear {
         match self {
             Self::Q4_1Cpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q8_0Cpu(m) => write!(f, "QLinear::{m:?}"),
+            Self::Q5_0Cpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q4KTiledCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q4KCpu(m) => write!(f, "QLinear::{m:?}"),
             Self::Q5KCpu(m) => write!(f, "QLinear::{m:?}"),
@@ -105,6 +109,9 @@ impl QLinear {
             if let Some(m) = Q8_0Matrix::from_qtensor(&t)? {
                 return Ok(Self::Q8_0Cpu(m));
             }
+            if let Some(m) = Q5_0Matrix::from_qtensor(&t)? {
+                return Ok(Self::Q5_0Cpu(m));
+            }
             if let Some(m) = Q4KMatrix::from_qtensor(&t)? {
                 return Ok(Self::Q4KCpu(m));
             }
@@ -123,6 +130,7 @@ impl QLinear {
         match self {
             Self::Q4_1Cpu(m) => m.forward(xs),
             Self::Q8_0Cpu(m) => m.forward(xs),
+            Self::Q5_0Cpu(m) => m.forward(xs),
             Self::Q4KTiledCpu(m) => m.forward(xs),
             Self::Q4KCpu(m) => m.forward(xs),
             Self::Q5KCpu(m) => m.forward(xs),
