@@ -244,102 +244,22 @@ mod neon {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{assert_rows_batch_invariant, isas, lcg, max_abs_diff};
+    use super::super::test_util::check_q8_0_activation_kernel;
     use super::*;
-    use candle_core::quantized::QMatMul;
-    use candle_core::{Device, Module, Tensor};
-
-    fn weights(n: usize, k: usize, seed: u64) -> Arc<QTensor> {
-        let t = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
-        Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0).unwrap())
-    }
+    use candle_core::quantized::k_quants::BlockQ8_0 as CandleBlock;
 
     const SHAPES: [(usize, usize); 4] = [(1536, 576), (576, 1536), (4099, 576), (13, 64)];
 
-    /// Candle's own Q8_0 dot product (`BlockQ8_0::vec_dot` over `from_float` activations) for
-    /// every output: the reference with the same activation quantization.
-    fn candle_vec_dots(qt: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
-        use candle_core::quantized::k_quants::{BlockQ8_0 as CandleBlock, GgmlType};
-        let (n, k) = qt.shape().dims2().unwrap();
-        let nb = k / QK;
-        let data = qt.data().unwrap();
-        // SAFETY: candle's block is `repr(C)` {f16, [i8; 32]}, 34 bytes, and `data` is its
-        // storage (2-aligned).
-        let blocks: &[CandleBlock] =
-            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const CandleBlock, n * nb) };
-        let mut out = vec![0f32; m * n];
-        let mut xq = vec![CandleBlock::zeros(); nb];
-        for i in 0..m {
-            CandleBlock::from_float(&x[i * k..(i + 1) * k], &mut xq);
-            for j in 0..n {
-                out[i * n + j] = CandleBlock::vec_dot(k, &blocks[j * nb..(j + 1) * nb], &xq);
-            }
-        }
-        out
-    }
-
+    /// Against candle's own `vec_dot` and `QMatMul`, in place, batch-invariant, other dtypes
+    /// not taken (`test_util`).
     #[test]
-    fn matches_candles_dot_products_without_copying_the_weights() {
-        for (si, &(n, k)) in SHAPES.iter().enumerate() {
-            let qt = weights(n, k, si as u64);
-            let ours = Q8_0Matrix::from_qtensor(&qt).unwrap().unwrap();
-            assert_eq!((ours.rows(), ours.cols()), (n, k));
-            assert_eq!(
-                ours.addr,
-                qt.data().unwrap().as_ptr() as usize,
-                "a copy was made"
-            );
-            let reference = QMatMul::from_arc(qt.clone()).unwrap();
-            for m in [1usize, 2, 5, 8, 30] {
-                let x = lcg(500 + m as u64, m * k);
-                let want = candle_vec_dots(&qt, &x, m);
-                let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let tol = 1e-4 * max_ref + 1e-5;
-                for isa in isas() {
-                    let mut got = vec![f32::NAN; m * n];
-                    matmul_with(isa, &x, m, &ours, &mut got);
-                    let diff = max_abs_diff(&got, &want);
-                    assert!(diff <= tol, "({n}, {k}, m={m}, {isa:?}): {diff} > {tol}");
-                }
-                // Through the tensor API, against `QMatMul` (which may pick a kernel with
-                // other activation rounding: within 1%).
-                let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
-                let fwd: Vec<f32> = ours
-                    .forward(&xt)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let qmm: Vec<f32> = reference
-                    .forward(&xt)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                assert!(
-                    max_abs_diff(&fwd, &qmm) <= 1e-2 * max_ref,
-                    "forward ({n}, {k}, m={m})"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn rows_are_bitwise_independent_of_batch() {
-        let batches = [2usize, 3, 7, 8, 9, 17, 70];
-        for (si, &(n, k)) in SHAPES.iter().enumerate() {
-            let qt = weights(n, k, 40 + si as u64);
-            let ours = Q8_0Matrix::from_qtensor(&qt).unwrap().unwrap();
-            assert_rows_batch_invariant(&ours, &lcg(90 + si as u64, 70 * k), &batches);
-        }
-    }
-
-    #[test]
-    fn other_dtypes_are_not_taken() {
-        let t = Tensor::from_vec(lcg(5, 64 * 64), (64, 64), &Device::Cpu).unwrap();
-        let q4 = Arc::new(QTensor::quantize(&t, GgmlDType::Q4_1).unwrap());
-        assert!(Q8_0Matrix::from_qtensor(&q4).unwrap().is_none());
+    fn matches_candle_in_place_and_batch_invariant() {
+        check_q8_0_activation_kernel::<CandleBlock, _>(
+            GgmlDType::Q8_0,
+            &SHAPES,
+            |t| Q8_0Matrix::from_qtensor(t).unwrap(),
+            |w| w.addr,
+            |w, x| w.forward(x).unwrap(),
+        );
     }
 }

@@ -136,6 +136,77 @@ pub fn check_k_quant_kernel<C, W>(
     }
 }
 
+/// The tests every in-place kernel over Q8_0 activations shares (Q8_0's, Q5_0's), for the
+/// block type `C` whose candle mirror is the reference and `ours` which reads candle's tensor:
+/// on `shapes`, its outputs match candle's own `vec_dot` over candle's Q8_0 activations for
+/// every ISA and batch size, and candle's `QMatMul` through the tensor API (within 1%: it may
+/// round activations otherwise); the weights are read in place (no copy); rows are bitwise
+/// independent of the batch; a Q4_1 tensor is not taken.
+pub fn check_q8_0_activation_kernel<C, W>(
+    dtype: candle_core::quantized::GgmlDType,
+    shapes: &[(usize, usize)],
+    ours: impl Fn(&Arc<QTensor>) -> Option<W>,
+    addr: impl Fn(&W) -> usize,
+    forward: impl Fn(&W, &candle_core::Tensor) -> candle_core::Tensor,
+) where
+    C: candle_core::quantized::k_quants::GgmlType<
+        VecDotType = candle_core::quantized::k_quants::BlockQ8_0,
+    >,
+    W: CpuMatrix,
+{
+    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+    use candle_core::quantized::{GgmlDType, QMatMul};
+    use candle_core::{Device, Module, Tensor};
+    let to_vec = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    for (si, &(n, k)) in shapes.iter().enumerate() {
+        let qt = Arc::new(quantized(n, k, si as u64, dtype));
+        let w = ours(&qt).expect("our kernel takes the tensor");
+        assert_eq!(w.dims(), (n, k));
+        assert_eq!(
+            addr(&w),
+            qt.data().unwrap().as_ptr() as usize,
+            "a copy was made"
+        );
+        let nb = k / super::QK;
+        let data = qt.data().unwrap();
+        // SAFETY: `data` is the storage of candle's blocks of type `C`.
+        let blocks: &[C] = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const C, n * nb) };
+        let reference = QMatMul::from_arc(qt.clone()).unwrap();
+        for m in [1usize, 2, 5, 8, 30] {
+            let x = lcg(500 + m as u64, m * k);
+            let mut xq = vec![BlockQ8_0::zeros(); nb];
+            let mut want = vec![0f32; m * n];
+            for i in 0..m {
+                BlockQ8_0::from_float(&x[i * k..(i + 1) * k], &mut xq);
+                for j in 0..n {
+                    want[i * n + j] = C::vec_dot(k, &blocks[j * nb..(j + 1) * nb], &xq);
+                }
+            }
+            let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let tol = 1e-4 * max_ref + 1e-5;
+            for isa in isas() {
+                let mut got = vec![f32::NAN; m * n];
+                matmul_with(isa, &x, m, &w, &mut got);
+                let diff = max_abs_diff(&got, &want);
+                assert!(diff <= tol, "({n}, {k}, m={m}, {isa:?}): {diff} > {tol}");
+            }
+            let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
+            let fwd = to_vec(forward(&w, &xt));
+            let qmm = to_vec(reference.forward(&xt).unwrap());
+            assert!(
+                max_abs_diff(&fwd, &qmm) <= 1e-2 * max_ref,
+                "forward ({n}, {k}, m={m})"
+            );
+        }
+        let batches = [2usize, 3, 7, 8, 9, 17, 70];
+        assert_rows_batch_invariant(&w, &lcg(90 + si as u64, 70 * k), &batches);
+    }
+    assert!(
+        ours(&Arc::new(quantized(64, 64, 5, GgmlDType::Q4_1))).is_none(),
+        "Q4_1 taken"
+    );
+}
+
 /// The tests every tiled K-quant kernel shares, for the block type `C` whose candle mirror
 /// is the reference and `ours` which repacks candle's tensor: on three shapes, against
 /// candle's own `vec_dot` over candle's Q8_K activations, for every ISA and lhs-row count
