@@ -5,7 +5,9 @@
 //! * throughput: `TEXTS` texts of about 60 tokens each, sent as `CONCURRENT` concurrent
 //!   `/v1/embeddings` requests of `TEXTS / CONCURRENT` inputs; texts per second over the whole
 //!   set (median of the runs);
-//! * latency: one text of about 60 tokens per request, one request at a time (median);
+//! * latency: one text of about 60 tokens per request, one request at a time (median of four
+//!   per run);
+//! * both servers run side by side and are measured in turns, a round of each at a time;
 //! * agreement: the cosine of the two servers' vectors for the same texts (both normalise);
 //! * the chat model's single-stream decode with the embedder loaded beside it and idle, against
 //!   a node without it, alternating (same binary, same run).
@@ -56,37 +58,27 @@ async fn embed(
     (vectors, v["usage"]["prompt_tokens"].as_u64().unwrap_or(0))
 }
 
-/// Texts per second and the tokens per text, for `TEXTS` texts in `CONCURRENT` requests.
-async fn throughput(server: &Server, runs: usize) -> (f64, f64) {
-    let client = reqwest::Client::new();
-    let all = edgerun_testkit::embedding_bench_texts(TEXTS);
+/// One timed pass: texts per second and the tokens per text, for `TEXTS` texts in
+/// `CONCURRENT` requests.
+async fn throughput(client: &reqwest::Client, server: &Server, all: &[String]) -> (f64, f64) {
     let per = TEXTS / CONCURRENT;
-    let mut rates = Vec::new();
-    let mut tokens = 0;
-    // One warm-up pass.
-    let _ = embed(&client, server, &all[..per]).await;
-    for _ in 0..runs {
-        let started = Instant::now();
-        let answers =
-            futures::future::join_all(all.chunks(per).map(|chunk| embed(&client, server, chunk)))
-                .await;
-        rates.push(TEXTS as f64 / started.elapsed().as_secs_f64());
-        tokens = answers.iter().map(|a| a.1).sum::<u64>();
-    }
-    (median(rates), tokens as f64 / TEXTS as f64)
+    let started = Instant::now();
+    let answers =
+        futures::future::join_all(all.chunks(per).map(|chunk| embed(client, server, chunk))).await;
+    let rate = TEXTS as f64 / started.elapsed().as_secs_f64();
+    let tokens = answers.iter().map(|a| a.1).sum::<u64>();
+    (rate, tokens as f64 / TEXTS as f64)
 }
 
-/// Median latency of one-text requests, one at a time.
-async fn latency(server: &Server, runs: usize) -> f64 {
-    let client = reqwest::Client::new();
-    let all = edgerun_testkit::embedding_bench_texts(runs * 4);
+/// Latencies (ms) of one-text requests, one at a time.
+async fn latencies(client: &reqwest::Client, server: &Server, texts: &[String]) -> Vec<f64> {
     let mut times = Vec::new();
-    for text in &all {
+    for text in texts {
         let started = Instant::now();
-        let _ = embed(&client, server, std::slice::from_ref(text)).await;
+        let _ = embed(client, server, std::slice::from_ref(text)).await;
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
-    median(times)
+    times
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -108,23 +100,16 @@ pub async fn run(
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    let mut rows: Vec<(String, f64, f64, f64)> = Vec::new();
     let node = Node::start(&flags).await;
-    let edgerun = Server {
+    let mut servers = vec![Server {
         name: "edgerun".into(),
         url: node.base.clone(),
         token: Some(TOKEN.into()),
         model: model.clone(),
-    };
-    eprintln!("embed: edgerun...");
-    let (tps, tokens) = throughput(&edgerun, runs).await;
-    let lat = latency(&edgerun, runs).await;
-    rows.push(("edgerun".into(), tps, lat, tokens));
-    let sample = edgerun_testkit::embedding_bench_texts(8);
-    let (ours, _) = embed(&reqwest::Client::new(), &edgerun, &sample).await;
-    drop(node);
+    }];
+    let mut peer = None;
     if let Some((bin, gguf)) = &llama_server {
-        let (mut child, url) = spawn_llama_server_with(
+        let (child, url) = spawn_llama_server_with(
             bin,
             &[
                 "-m",
@@ -145,17 +130,53 @@ pub async fn run(
             ],
         );
         wait_healthy(&url).await;
-        let peer = Server {
+        peer = Some(child);
+        servers.push(Server {
             name: "llama-server".into(),
             url,
             token: None,
             model: "default".into(),
-        };
-        eprintln!("embed: llama-server...");
-        let (tps, tokens) = throughput(&peer, runs).await;
-        let lat = latency(&peer, runs).await;
-        rows.push(("llama-server".into(), tps, lat, tokens));
-        let (theirs, _) = embed(&reqwest::Client::new(), &peer, &sample).await;
+        });
+    }
+    // Both servers up (the idle one costs nothing), measured in turns: each round times one
+    // throughput pass and four one-text requests of each, so drift of the machine reaches both.
+    let client = reqwest::Client::new();
+    let all = edgerun_testkit::embedding_bench_texts(TEXTS);
+    let singles = edgerun_testkit::embedding_bench_texts(runs * 4);
+    let (mut rates, mut times, mut tokens) = (
+        vec![Vec::new(); servers.len()],
+        vec![Vec::new(); servers.len()],
+        vec![0.0; servers.len()],
+    );
+    for server in &servers {
+        eprintln!("embed: warming up {}", server.name);
+        let _ = embed(&client, server, &all[..TEXTS / CONCURRENT]).await;
+    }
+    for round in 0..runs {
+        for (i, server) in servers.iter().enumerate() {
+            let (rate, per_text) = throughput(&client, server, &all).await;
+            rates[i].push(rate);
+            tokens[i] = per_text;
+            times[i].extend(latencies(&client, server, &singles[round * 4..round * 4 + 4]).await);
+            eprintln!("embed: round {round}, {}: {rate:.1} texts/s", server.name);
+        }
+    }
+    let rows: Vec<(String, f64, f64, f64)> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            (
+                s.name.clone(),
+                median(rates[i].clone()),
+                median(times[i].clone()),
+                tokens[i],
+            )
+        })
+        .collect();
+    if servers.len() == 2 {
+        let sample = edgerun_testkit::embedding_bench_texts(8);
+        let (ours, _) = embed(&client, &servers[0], &sample).await;
+        let (theirs, _) = embed(&client, &servers[1], &sample).await;
         let worst = ours
             .iter()
             .zip(&theirs)
@@ -164,9 +185,12 @@ pub async fn run(
         println!(
             "agreement: worst cosine between the two servers' vectors over 8 texts: {worst:.6}"
         );
+    }
+    if let Some(mut child) = peer {
         let _ = child.kill();
         let _ = child.wait();
     }
+    drop(node);
     println!(
         "\n| server | texts/s ({TEXTS} texts, {CONCURRENT} requests at once) | one text, ms | tokens per text |"
     );

@@ -1,10 +1,11 @@
 //! Times the embedding forward pass alone (no HTTP, no batching thread): 256 texts of about 60
-//! tokens (`edgerun_testkit::embedding_bench_texts`, as `tests/bench_embed.rs` sends), embedded in padded batches of `BATCH` texts,
+//! tokens (`edgerun_testkit::embedding_bench_texts`, as `tests/bench_embed.rs` sends), embedded in batches of `BATCH` texts,
 //! and one text at a time. For profiling the encoder (`perf record` this binary).
 //!
-//! cargo run --release -p edgerun-engine --example embed_bench -- <model dir> [batch] [rounds]
+//! cargo run --release -p edgerun-engine --example embed_bench -- <model dir> [batch] [rounds] [auto|candle]
 
 use candle_core::Device;
+use edgerun_engine::models::bert::BertKernels;
 use edgerun_engine::{EmbedInput, EmbeddingModel, Pooling};
 use std::time::Instant;
 
@@ -15,7 +16,14 @@ fn main() {
         .expect("usage: embed_bench <model dir> [batch] [rounds]");
     let batch: usize = args.next().map_or(128, |b| b.parse().unwrap());
     let rounds: usize = args.next().map_or(3, |r| r.parse().unwrap());
-    let model = EmbeddingModel::load(std::path::Path::new(&dir), &Device::Cpu).unwrap();
+    let kernels = match args.next().as_deref() {
+        None | Some("auto") => BertKernels::Auto,
+        Some("candle") => BertKernels::Candle,
+        Some(other) => panic!("kernels: auto or candle, not {other}"),
+    };
+    let model =
+        EmbeddingModel::load_with(std::path::Path::new(&dir), &Device::Cpu, kernels).unwrap();
+    eprintln!("encoder: {}", model.kernels());
     let inputs: Vec<EmbedInput> = edgerun_testkit::embedding_bench_texts(256)
         .into_iter()
         .map(EmbedInput::Text)

@@ -6,8 +6,10 @@
 //! ids + Pooling ──Embedder::submit──▶ bounded queue ──▶ embedding thread      (or Busy: 429)
 //!   embedding thread, each turn: take the first job, then every job already waiting up to
 //!   `max_batch_tokens`; drop jobs whose caller is gone; sort their inputs by length and cut
-//!   them into padded batches of at most `max_batch_tokens` (count × longest); one encoder
-//!   forward per batch; pool (mean over the mask, or [CLS]), normalise when the model's
+//!   them into batches of at most `max_batch_tokens` (count × longest); one encoder call
+//!   per batch (candle's: one padded forward; the AVX-512 CPU's: texts packed without padding,
+//!   in passes of at most `bert::cpu::CHUNK_TOKENS`); pool (mean over the text's tokens, or
+//!   [CLS]), normalise when the model's
 //!   sentence-transformers pipeline does; answer each job once all its inputs are done
 //! EmbedTicket::wait ◀── Vec<Vec<f32>> (one per input, in order) or the error of its batch
 //! ```
@@ -21,8 +23,8 @@
 //! failed batch fail any job outside it; keep computing for a caller that went away.
 
 use crate::error::{EngineError, Result};
-use crate::models::bert::{cls_pool, mean_pool, BertEncoder};
-use candle_core::{Device, Tensor};
+use crate::models::bert::{BertEncoder, BertKernels};
+use candle_core::Device;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -186,7 +188,12 @@ impl EmbeddingModel {
     /// Loads an encoder from a Hugging Face model directory (`config.json`,
     /// `model.safetensors`, `tokenizer.json`, and sentence-transformers' pipeline files).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let encoder = BertEncoder::load(dir, device)?;
+        Self::load_with(dir, device, BertKernels::Auto)
+    }
+
+    /// [`EmbeddingModel::load`] with the encoder's implementation chosen ([`BertKernels`]).
+    pub fn load_with(dir: &Path, device: &Device, kernels: BertKernels) -> Result<Self> {
+        let encoder = BertEncoder::load(dir, device, kernels)?;
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| EngineError::Load(format!("{}: {e}", tok_path.display())))?;
@@ -231,6 +238,11 @@ impl EmbeddingModel {
 
     pub fn info(&self) -> &EmbedderInfo {
         &self.info
+    }
+
+    /// Which encoder implementation runs ([`BertEncoder::kernels`]).
+    pub fn kernels(&self) -> &'static str {
+        self.encoder.kernels()
     }
 
     /// Token ids of each input: texts tokenized with the model's special tokens (truncated to
@@ -293,46 +305,16 @@ impl EmbeddingModel {
             .collect()
     }
 
-    /// Embeds a batch of tokenized inputs with one forward pass (padded to the longest), on the
-    /// calling thread; one vector per input, in order.
+    /// Embeds a batch of tokenized inputs on the calling thread (one forward pass, or a few for
+    /// a long batch on the CPU); one vector per input, in order.
     pub fn embed_batch(&self, rows: &[&[u32]], poolings: &[Pooling]) -> Result<Vec<Vec<f32>>> {
-        let device = self.encoder.device();
-        let len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        if rows.is_empty() || len == 0 {
-            return Ok(vec![Vec::new(); rows.len()]);
-        }
-        let mut ids = vec![0u32; rows.len() * len];
-        let mut mask = vec![0u32; rows.len() * len];
-        for (r, row) in rows.iter().enumerate() {
-            ids[r * len..r * len + row.len()].copy_from_slice(row);
-            mask[r * len..r * len + row.len()].fill(1);
-        }
-        let ids = Tensor::from_vec(ids, (rows.len(), len), device)?;
-        let mask = Tensor::from_vec(mask, (rows.len(), len), device)?;
-        let hidden = self.encoder.forward(&ids, &mask)?;
-        let mean = if poolings.contains(&Pooling::Mean) {
-            Some(mean_pool(&hidden, &mask)?.to_vec2::<f32>()?)
-        } else {
-            None
-        };
-        let cls = if poolings.contains(&Pooling::Cls) {
-            Some(cls_pool(&hidden)?.to_vec2::<f32>()?)
-        } else {
-            None
-        };
-        let mut out = Vec::with_capacity(rows.len());
-        for (r, pooling) in poolings.iter().enumerate() {
-            let source = match pooling {
-                Pooling::Mean => mean.as_ref(),
-                Pooling::Cls => cls.as_ref(),
-            };
-            let mut v = source.expect("computed for every pooling asked")[r].clone();
+        let mut out = self.encoder.pooled(rows, poolings)?;
+        for v in &mut out {
             if self.info.normalize {
                 // sentence-transformers' Normalize: x / max(‖x‖, 1e-12).
                 let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
                 v.iter_mut().for_each(|x| *x /= norm);
             }
-            out.push(v);
         }
         Ok(out)
     }
@@ -479,6 +461,11 @@ impl Embedder {
                 })
             }
         }
+    }
+
+    /// Which encoder implementation runs ([`EmbeddingModel::kernels`]).
+    pub fn kernels(&self) -> &'static str {
+        self.shared.model.kernels()
     }
 
     /// Memory the largest batch needs besides the weights, in bytes (an estimate, for a GPU's

@@ -90,6 +90,7 @@ pub(crate) fn load_models(loading: Loading) -> anyhow::Result<()> {
             dimensions = info.dimensions,
             max_input_tokens = info.max_tokens,
             pooling = info.pooling.as_str(),
+            kernels = embedder.kernels(),
             "embedding model loaded"
         );
         let _ = slot.backend.set(Arc::new(embedder));

@@ -355,7 +355,11 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 0.5);
     let y = p.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from n's bits: n + 1.5·2^23 holds n (-126..=0 here) in its low mantissa bits. Not
+    // `n as i32`, whose saturating conversion the vectoriser does one lane at a time (it made
+    // GELU over an embedding batch's activations 3x slower).
+    let n_bits = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    y * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// [`dot`] of `q` with four keys at once (four independent chains of fused multiply-adds, so

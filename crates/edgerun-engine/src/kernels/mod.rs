@@ -129,6 +129,7 @@ pub(crate) use avx2_tile_driver;
 
 pub(crate) mod attention;
 pub mod cpu;
+pub mod dense_f32;
 mod dispatch;
 mod driver;
 pub mod q4_1;

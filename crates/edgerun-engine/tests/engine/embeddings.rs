@@ -3,6 +3,7 @@
 //! ≥ 0.9999; the long ones only with truncation asked for, refused without it. And the
 //! batching thread: concurrent jobs, the queue bound, pooling choices.
 
+use edgerun_engine::models::bert::BertKernels;
 use edgerun_engine::{EmbedInput, Embedder, EmbeddingConfig, EmbeddingModel, EngineError, Pooling};
 use edgerun_testkit::{embedding_model_dir, embedding_reference_path};
 use serde_json::Value;
@@ -96,6 +97,49 @@ fn every_reference_text_matches_sentence_transformers() {
         assert!((norm - 1.0).abs() < 1e-4, "normalised: {norm}");
     }
     eprintln!("worst cosine against sentence-transformers: {worst:.7}");
+}
+
+/// The CPU's own encoder (AVX-512, texts packed without padding) against candle's padded
+/// forward, on every reference text batched: the same vectors to float rounding; and a text's
+/// vector is the same bits alone as batched with the others (no padding, row-invariant).
+#[test]
+fn the_cpu_encoder_agrees_with_candles_and_ignores_its_neighbours() {
+    let fast = model();
+    if fast.kernels() != "cpu-avx512" {
+        eprintln!(
+            "skipped: this CPU runs candle's encoder only ({})",
+            fast.kernels()
+        );
+        return;
+    }
+    let candle = EmbeddingModel::load_with(
+        &embedding_model_dir(),
+        &candle_core::Device::Cpu,
+        BertKernels::Candle,
+    )
+    .unwrap();
+    assert_eq!(candle.kernels(), "candle");
+    let refs = reference();
+    let inputs: Vec<EmbedInput> = refs
+        .iter()
+        .map(|r| EmbedInput::Text(r.text.clone()))
+        .collect();
+    let tokens = fast.tokenize(&inputs, true).unwrap();
+    let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+    for pooling in [Pooling::Mean, Pooling::Cls] {
+        let poolings = vec![pooling; rows.len()];
+        let a = fast.embed_batch(&rows, &poolings).unwrap();
+        let b = candle.embed_batch(&rows, &poolings).unwrap();
+        let mut worst = 1.0f64;
+        for (x, y) in a.iter().zip(&b) {
+            worst = worst.min(cosine(x, y));
+        }
+        assert!(worst >= 0.999_999, "{pooling:?}: worst cosine {worst}");
+        for (i, row) in rows.iter().enumerate().step_by(7) {
+            let alone = fast.embed_batch(&[row], &[pooling]).unwrap().remove(0);
+            assert_eq!(alone, a[i], "text {i} alone and batched ({pooling:?})");
+        }
+    }
 }
 
 #[test]

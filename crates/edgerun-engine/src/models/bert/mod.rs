@@ -3,17 +3,29 @@
 //! `modules.json`, `1_Pooling/config.json` and `sentence_bert_config.json` where present.
 //!
 //! The forward pass is the one `transformers`' `BertModel` runs (absolute positions, token
-//! type 0, post-layer-norm blocks, erf GELU, an additive mask over padding), in f32 on any
-//! device, over a padded batch: `(batch, len)` ids and a 0/1 mask in, the last hidden states
-//! `(batch, len, hidden)` out. Pooling and normalisation are the embedding service's
-//! (`crate::embedding`). Written on candle-nn rather than taken from candle-transformers, which
-//! would bring that crate (a long build, on every target the engine's tests are built for) into
-//! the engine for ~150 lines.
+//! type 0, post-layer-norm blocks, erf GELU, an additive mask over padding), in f32, in one of
+//! two implementations chosen at load ([`BertKernels`]):
+//!
+//! * on an AVX-512 CPU, [`cpu`]'s: no candle, weights repacked for our dense kernel
+//!   ([`crate::kernels::dense_f32`]), texts packed without padding, buffers reused;
+//! * elsewhere (GPUs, other CPUs) `CandleBert`, on candle-nn over a padded batch: `(batch, len)`
+//!   ids and a 0/1 mask in, the last hidden states `(batch, len, hidden)` out. Written on
+//!   candle-nn rather than taken from candle-transformers, which would bring that crate (a
+//!   long build, on every target the engine's tests are built for) into the engine for ~150
+//!   lines.
+//!
+//! [`BertEncoder::pooled`] gives each text's pooled vector either way; normalisation is the
+//! embedding service's (`crate::embedding`). The two agree to float rounding (a test compares
+//! them on the real all-MiniLM).
 //!
 //! Loading is strict, as for GGUF models: a `config.json` field of the wrong type, a missing
 //! tensor or a shape that does not match the config is an error naming it.
 
+mod cpu;
+
+use crate::embedding::Pooling;
 use crate::error::{EngineError, Result};
+use crate::kernels::dense_f32::{self, Activation, DenseF32};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
@@ -104,8 +116,74 @@ struct Layer {
     out_norm: LayerNorm,
 }
 
+/// Which implementation of the forward pass [`BertEncoder::load`] picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BertKernels {
+    /// Ours on an AVX-512 CPU ([`cpu`]), candle's elsewhere.
+    #[default]
+    Auto,
+    /// Candle's everywhere (the reference the CPU path is tested against).
+    Candle,
+}
+
 /// A loaded BERT encoder.
 pub struct BertEncoder {
+    config: BertConfig,
+    device: Device,
+    imp: Imp,
+}
+
+enum Imp {
+    Candle(CandleBert),
+    Packed(cpu::PackedBert),
+}
+
+impl BertEncoder {
+    /// Loads `model.safetensors` from `dir` (memory-mapped) for `device`, with the
+    /// implementation `kernels` asks for.
+    pub fn load(dir: &Path, device: &Device, kernels: BertKernels) -> Result<Self> {
+        let candle = CandleBert::load(dir, device)?;
+        let config = candle.config.clone();
+        let imp = if kernels == BertKernels::Auto && device.is_cpu() && DenseF32::available() {
+            Imp::Packed(candle.pack().map_err(tensor_err("packing the encoder"))?)
+        } else {
+            Imp::Candle(candle)
+        };
+        Ok(Self {
+            config,
+            device: device.clone(),
+            imp,
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Which implementation runs: `"cpu-avx512"` or `"candle"`.
+    pub fn kernels(&self) -> &'static str {
+        match self.imp {
+            Imp::Packed(_) => "cpu-avx512",
+            Imp::Candle(_) => "candle",
+        }
+    }
+
+    /// Each text's pooled (not normalised) vector, `pooling[i]` for text `i`.
+    pub fn pooled(&self, texts: &[&[u32]], poolings: &[Pooling]) -> Result<Vec<Vec<f32>>> {
+        assert_eq!(texts.len(), poolings.len(), "a pooling per text");
+        match &self.imp {
+            Imp::Packed(p) => p.pooled(texts, poolings),
+            Imp::Candle(c) => c.pooled(texts, poolings),
+        }
+    }
+}
+
+/// The encoder on candle-nn, over padded batches.
+struct CandleBert {
     config: BertConfig,
     words: Embedding,
     positions: Embedding,
@@ -119,9 +197,9 @@ fn tensor_err(what: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
     move |e| EngineError::Load(format!("{what}: {e}"))
 }
 
-impl BertEncoder {
+impl CandleBert {
     /// Loads `model.safetensors` from `dir` (memory-mapped) onto `device`.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+    fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = BertConfig::read(dir)?;
         let weights = dir.join("model.safetensors");
         if !weights.is_file() {
@@ -219,17 +297,88 @@ impl BertEncoder {
         })
     }
 
-    pub fn config(&self) -> &BertConfig {
-        &self.config
+    /// The same weights for [`cpu::PackedBert`] (the candle tensors are dropped after).
+    fn pack(self) -> candle_core::Result<cpu::PackedBert> {
+        let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let dense = |l: &Linear| -> candle_core::Result<DenseF32> {
+            let (n, k) = l.weight().dims2()?;
+            let bias = l.bias().map(vec).transpose()?;
+            Ok(DenseF32::new(&vec(l.weight())?, n, k, bias.as_deref()))
+        };
+        let norm = |l: &LayerNorm| -> candle_core::Result<cpu::Norm> {
+            Ok(cpu::Norm {
+                weight: vec(l.weight())?,
+                bias: match l.bias() {
+                    Some(b) => vec(b)?,
+                    None => vec![0.0; self.config.hidden_size],
+                },
+                eps: self.config.layer_norm_eps as f32,
+            })
+        };
+        let act = match self.config.hidden_act.as_str() {
+            "gelu" => Activation::GeluErf,
+            "gelu_new" => Activation::GeluTanh,
+            _ => Activation::Relu,
+        };
+        let mut packed = cpu::PackedBert::new(&self.config, act);
+        packed.words = vec(self.words.embeddings())?;
+        packed.positions = vec(self.positions.embeddings())?;
+        packed.type0 = self.token_types.embeddings().get(0)?.to_vec1::<f32>()?;
+        packed.embed_norm = norm(&self.embed_norm)?;
+        for l in &self.layers {
+            packed.layers.push(cpu::Layer {
+                qkv: dense(&l.qkv)?,
+                attn_out: dense(&l.attn_out)?,
+                attn_norm: norm(&l.attn_norm)?,
+                up: dense(&l.up)?,
+                down: dense(&l.down)?,
+                out_norm: norm(&l.out_norm)?,
+            });
+        }
+        Ok(packed)
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
+    /// Each text's pooled vector: one padded forward pass, then mean or [CLS] pooling.
+    fn pooled(&self, texts: &[&[u32]], poolings: &[Pooling]) -> Result<Vec<Vec<f32>>> {
+        let len = texts.iter().map(|r| r.len()).max().unwrap_or(0);
+        if texts.is_empty() || len == 0 {
+            return Ok(vec![Vec::new(); texts.len()]);
+        }
+        let mut ids = vec![0u32; texts.len() * len];
+        let mut mask = vec![0u32; texts.len() * len];
+        for (r, row) in texts.iter().enumerate() {
+            ids[r * len..r * len + row.len()].copy_from_slice(row);
+            mask[r * len..r * len + row.len()].fill(1);
+        }
+        let ids = Tensor::from_vec(ids, (texts.len(), len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (texts.len(), len), &self.device)?;
+        let hidden = self.forward(&ids, &mask)?;
+        let mean = if poolings.contains(&Pooling::Mean) {
+            Some(mean_pool(&hidden, &mask)?.to_vec2::<f32>()?)
+        } else {
+            None
+        };
+        let cls = if poolings.contains(&Pooling::Cls) {
+            Some(cls_pool(&hidden)?.to_vec2::<f32>()?)
+        } else {
+            None
+        };
+        Ok(poolings
+            .iter()
+            .enumerate()
+            .map(|(r, pooling)| {
+                let source = match pooling {
+                    Pooling::Mean => mean.as_ref(),
+                    Pooling::Cls => cls.as_ref(),
+                };
+                source.expect("computed for every pooling asked")[r].clone()
+            })
+            .collect())
     }
 
     /// The last hidden states `(batch, len, hidden)` of a padded batch: `ids` and `mask` are
     /// `(batch, len)` u32 tensors (mask 1 for a token, 0 for padding) on the model's device.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (batch, len) = ids.dims2()?;
         let c = &self.config;
         if len > c.max_position_embeddings {
@@ -294,7 +443,7 @@ impl BertEncoder {
 }
 
 /// Mean of the hidden states over each row's tokens (`mask` 1), `(batch, hidden)`.
-pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
     let sum = hidden.broadcast_mul(&m)?.sum(1)?;
     let count = m.sum(1)?.clamp(1e-9f32, f32::MAX)?;
@@ -302,15 +451,14 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// The first token's (`[CLS]`) hidden state of each row, `(batch, hidden)`.
-pub fn cls_pool(hidden: &Tensor) -> Result<Tensor> {
+fn cls_pool(hidden: &Tensor) -> Result<Tensor> {
     Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?)
 }
 
 /// GELU with the exact erf, `x · (1 + erf(x / √2)) / 2`. On the CPU: in parallel chunks, with
-/// erf from Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, about f32's own rounding
-/// of values near 1) over the vectorisable `exp` of the attention kernel, instead of a libm
-/// `erff` call per element on one thread (9% of an embedding batch's time); elsewhere candle's
-/// `gelu_erf`.
+/// [`dense_f32::gelu_erf`] (vectorisable, within f32 rounding of the exact one), instead of a
+/// libm `erff` call per element on one thread (9% of an embedding batch's time); elsewhere
+/// candle's `gelu_erf`.
 fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         Ok(x.contiguous()?.apply_op1_no_bwd(&CpuGeluErf)?)
@@ -344,32 +492,11 @@ impl candle_core::CustomOp1 for CpuGeluErf {
             .zip(src.par_chunks(16_384))
             .for_each(|(out, src)| {
                 for (o, &x) in out.iter_mut().zip(src) {
-                    *o = gelu_erf_one(x);
+                    *o = dense_f32::gelu_erf(x);
                 }
             });
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
-}
-
-#[inline(always)]
-fn gelu_erf_one(x: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_7,
-        -1.453_152_1,
-        1.061_405_4,
-    ];
-    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
-    let t = 1.0 / P.mul_add(z, 1.0);
-    let poly = t * A[4]
-        .mul_add(t, A[3])
-        .mul_add(t, A[2])
-        .mul_add(t, A[1])
-        .mul_add(t, A[0]);
-    let erf = 1.0 - poly * crate::kernels::attention::exp_nonpositive(-z * z);
-    0.5 * x * (1.0 + erf.copysign(x))
 }
 
 #[cfg(test)]
@@ -381,7 +508,7 @@ mod tests {
             let x = i as f32 / 1000.0;
             let exact =
                 0.5 * f64::from(x) * (1.0 + libm_erf(f64::from(x) / std::f64::consts::SQRT_2));
-            let got = f64::from(super::gelu_erf_one(x));
+            let got = f64::from(super::dense_f32::gelu_erf(x));
             worst = worst.max((got - exact).abs() / exact.abs().max(1.0));
         }
         assert!(worst < 1e-6, "worst error {worst}");
