@@ -10,7 +10,7 @@
 //! BERT-large's widest, 4096) stays in L1/L2 across the row tiles of a block of [`MC`] rows,
 //! and that block stays in L2
 //! across the panels; the units of work (a block of rows × one panel) are shared out over the
-//! kernels' thread pool ([`super::cpu::parallel_chunks`]).
+//! kernels' thread pool (`cpu::parallel_chunks`).
 //!
 //! * **Row invariance**: every output is its bias plus the products in increasing `k`, one
 //!   fused multiply-add at a time, whatever rows are beside it: an input's result does not

@@ -6,7 +6,7 @@
 //! type 0, post-layer-norm blocks, erf GELU, an additive mask over padding), in f32, in one of
 //! two implementations chosen at load ([`BertKernels`]):
 //!
-//! * on an AVX-512 CPU, [`cpu`]'s: no candle, weights repacked for our dense kernel
+//! * on an AVX-512 CPU, `cpu.rs`'s: no candle, weights repacked for our dense kernel
 //!   ([`crate::kernels::dense_f32`]), texts packed without padding, buffers reused;
 //! * elsewhere (GPUs, other CPUs) `CandleBert`, on candle-nn over a padded batch: `(batch, len)`
 //!   ids and a 0/1 mask in, the last hidden states `(batch, len, hidden)` out. Written on
@@ -119,7 +119,7 @@ struct Layer {
 /// Which implementation of the forward pass [`BertEncoder::load`] picks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BertKernels {
-    /// Ours on an AVX-512 CPU ([`cpu`]), candle's elsewhere.
+    /// Ours on an AVX-512 CPU (`cpu.rs`), candle's elsewhere.
     #[default]
     Auto,
     /// Candle's everywhere (the reference the CPU path is tested against).
