@@ -7,10 +7,11 @@
 #
 #   scripts/parity-llama-cpp.sh MODEL.gguf
 #   scripts/parity-llama-cpp.sh --qwen2   # SmolLM2 rewritten as qwen2 with random q/k/v biases
+#   scripts/parity-llama-cpp.sh --qwen3   # SmolLM2 rewritten as qwen3 with random q/k head norms
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-model="${1:?usage: scripts/parity-llama-cpp.sh MODEL.gguf | --qwen2}"
+model="${1:?usage: scripts/parity-llama-cpp.sh MODEL.gguf | --qwen2 | --qwen3}"
 bin_dir="$(scripts/build-llama-cpp.sh)"
 [ -x target/release/edgerun ] || cargo build --release --locked -p edgerun-server >&2
 if [ "$model" = --qwen2 ]; then
@@ -18,6 +19,11 @@ if [ "$model" = --qwen2 ]; then
     model=target/parity/smollm2-qwen2-bias7.gguf
     mkdir -p target/parity
     [ -f "$model" ] || target/release/edgerun as-qwen2 models/cache/SmolLM2-135M-Instruct.Q4_1.gguf "$model" --bias-seed 7
+elif [ "$model" = --qwen3 ]; then
+    models/fetch-default.sh >/dev/null
+    model=target/parity/smollm2-qwen3-norm5.gguf
+    mkdir -p target/parity
+    [ -f "$model" ] || target/release/edgerun as-qwen3 models/cache/SmolLM2-135M-Instruct.Q4_1.gguf "$model" --norm-seed 5
 fi
 
 threads="$(nproc)"

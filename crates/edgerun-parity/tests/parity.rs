@@ -1,10 +1,11 @@
 //! The engine's forward pass against candle-transformers' models — `quantized_llama` on the
 //! real model, `quantized_qwen2` on the real model rewritten as qwen2 (`gguf::derive`: the
-//! Hugging Face row order, rotary embeddings over halves, random q/k/v biases) — each an
+//! Hugging Face row order, rotary embeddings over halves, random q/k/v biases),
+//! `quantized_qwen3` on it rewritten as qwen3 (random per-head q/k norms) — each an
 //! implementation of its architecture that shares no code with ours but candle's kernels.
 
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
 use edgerun_engine::{Kernels, KvCache, Segment};
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,19 @@ fn qwen2_model() -> PathBuf {
         std::env::temp_dir().join(format!("edgerun-parity-qwen2-{}.gguf", std::process::id()));
     if !out.exists() {
         edgerun_engine::gguf::derive::llama_as_qwen2(&edgerun_testkit::model_path(), &out, Some(3))
+            .unwrap();
+    }
+    out
+}
+
+/// The real model as qwen3 with random q/k head norms, written once per test process.
+fn qwen3_model() -> PathBuf {
+    static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+    let out =
+        std::env::temp_dir().join(format!("edgerun-parity-qwen3-{}.gguf", std::process::id()));
+    if !out.exists() {
+        edgerun_engine::gguf::derive::llama_as_qwen3(&edgerun_testkit::model_path(), &out, Some(5))
             .unwrap();
     }
     out
@@ -38,6 +52,10 @@ fn reference_logits(path: &Path, tokens: &[u32], chunks: &[usize]) -> Vec<Vec<f3
         }
         "qwen2" => {
             let mut m = quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+            Box::new(move |x, pos| m.forward(x, pos))
+        }
+        "qwen3" => {
+            let mut m = quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
             Box::new(move |x, pos| m.forward(x, pos))
         }
         other => panic!("no reference for {other}"),
@@ -93,6 +111,19 @@ fn logits_match_quantized_llama_for_prefill_and_decode() {
 fn logits_match_quantized_qwen2_for_prefill_and_decode() {
     let path = qwen2_model();
     check_against_reference(&path, Kernels::CandleOnly, 1e-3, 0.02);
+    check_against_reference(&path, Kernels::Fastest, 0.04, 0.06);
+}
+
+/// The same for qwen3 (per-head q and k RMSNorm before rotary embeddings over halves), to a
+/// looser bound: candle-transformers 0.11's `quantized_qwen3` runs a CPU flash-attention path
+/// of its own, and its logits differ from ours by up to 0.6 on a scale of 29 (2%) with
+/// candle's kernels as with ours (measured 2026-12-08), where `quantized_qwen2` agrees to
+/// float rounding. The greedy token and the probabilities agree. The tight check of the qwen3
+/// math is the engine's float64 test (`fidelity::qwen3_follows_exact_math`).
+#[test]
+fn logits_match_quantized_qwen3_for_prefill_and_decode() {
+    let path = qwen3_model();
+    check_against_reference(&path, Kernels::CandleOnly, 0.04, 0.06);
     check_against_reference(&path, Kernels::Fastest, 0.04, 0.06);
 }
 

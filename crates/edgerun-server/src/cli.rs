@@ -53,6 +53,19 @@ pub enum Command {
         #[arg(long)]
         bias_seed: Option<u64>,
     },
+    /// Rewrite a llama GGUF as a qwen3 one (q and k rows in the Hugging Face order, rotary
+    /// embeddings over halves, per-head q and k norms: ones, or near one with --norm-seed), for
+    /// parity tests of the qwen3 path on real weights. The norms change the function; its
+    /// name says so.
+    AsQwen3 {
+        /// The llama GGUF to read.
+        input: PathBuf,
+        /// Where to write the result.
+        output: PathBuf,
+        /// Norm weights 1 + u (u of standard deviation 0.1) from this seed instead of ones.
+        #[arg(long)]
+        norm_seed: Option<u64>,
+    },
     /// Check that this machine runs this build on a device, without loading anything: the
     /// driver's CUDA version against the build's, the GPU's compute capability against the
     /// kernels'. Prints what it found; exits 2 with one line saying what to install or rebuild.

@@ -42,6 +42,15 @@ fn main() -> anyhow::Result<()> {
             println!("{}: {summary}", output.display());
             return Ok(());
         }
+        Command::AsQwen3 {
+            input,
+            output,
+            norm_seed,
+        } => {
+            let summary = edgerun_engine::gguf::derive::llama_as_qwen3(&input, &output, norm_seed)?;
+            println!("{}: {summary}", output.display());
+            return Ok(());
+        }
         Command::Preflight { device } => {
             match preflight_or_exit(&device) {
                 Some(passed) => println!("preflight passed: {}", passed.summary),

@@ -9,7 +9,9 @@
 //! requantized) and naming the file `qwen2` gives a Qwen2 model equal to the llama one; with
 //! zero biases it computes the same logits, with random biases (`bias_seed`) a perturbed but
 //! still coherent model whose reference is the float64 forward over the same file.
-//! `general.name` says what the file is.
+//! [`llama_as_qwen3`]: the same rows, named `qwen3`, with per-head q and k norm weights (ones,
+//! or near one from a seed): the norms change the function, so its reference is the float64
+//! forward over the rewritten file. `general.name` says what the file is.
 
 use super::writer::{GgufWriter, TensorPlan};
 use super::{splitmix_uniform, Summary};
@@ -23,6 +25,71 @@ use std::path::Path;
 /// Face order, `llama.*` keys as `qwen2.*`, and q/k/v biases — zeros, or uniform with standard
 /// deviation 0.1 drawn from `bias_seed`.
 pub fn llama_as_qwen2(input: &Path, out: &Path, bias_seed: Option<u64>) -> Result<Summary> {
+    let what = match bias_seed {
+        Some(seed) => format!("random q/k/v biases (seed {seed})"),
+        None => "zero q/k/v biases".into(),
+    };
+    rewrite_llama(input, out, "qwen2", &what, |cfg| {
+        let (q, kv) = (
+            cfg.head_count * cfg.head_dim,
+            cfg.head_count_kv * cfg.head_dim,
+        );
+        (0..cfg.block_count)
+            .flat_map(|i| {
+                [("attn_q", q), ("attn_k", kv), ("attn_v", kv)]
+                    .map(move |(n, len)| (format!("blk.{i}.{n}.bias"), len))
+            })
+            .map(|(name, len)| {
+                let values = match bias_seed {
+                    Some(seed) => splitmix_uniform(seed, &name, len, 0.1),
+                    None => vec![0f32; len],
+                };
+                (name, values)
+            })
+            .collect()
+    })
+}
+
+/// Writes `input` (a llama GGUF) as a `qwen3` GGUF at `out`: q and k rows back in the Hugging
+/// Face order, `llama.*` keys as `qwen3.*`, and each layer's q and k head norms
+/// (`attn_{q,k}_norm.weight`) — ones, or `1 + u` with `u` uniform of standard deviation 0.1
+/// drawn from `norm_seed`. Unlike qwen2's zero biases, the norms change the function (each
+/// head of q and k is scaled to RMS 1): the result is a coherent model of its own, whose
+/// reference is the float64 forward over the same file.
+pub fn llama_as_qwen3(input: &Path, out: &Path, norm_seed: Option<u64>) -> Result<Summary> {
+    let what = match norm_seed {
+        Some(seed) => format!("random q/k head norms (seed {seed})"),
+        None => "unit q/k head norms".into(),
+    };
+    rewrite_llama(input, out, "qwen3", &what, |cfg| {
+        let hd = cfg.head_dim;
+        (0..cfg.block_count)
+            .flat_map(|i| {
+                ["attn_q_norm", "attn_k_norm"].map(move |n| format!("blk.{i}.{n}.weight"))
+            })
+            .map(|name| {
+                let values = match norm_seed {
+                    Some(seed) => splitmix_uniform(seed, &name, hd, 0.1)
+                        .into_iter()
+                        .map(|u| 1.0 + u)
+                        .collect(),
+                    None => vec![1f32; hd],
+                };
+                (name, values)
+            })
+            .collect()
+    })
+}
+
+/// The shared rewrite: `input`'s tensors with q and k rows unpermuted, metadata under
+/// `arch.*`, plus the f32 vectors `extra` gives for its config.
+fn rewrite_llama(
+    input: &Path,
+    out: &Path,
+    arch: &str,
+    what: &str,
+    extra: impl Fn(&crate::ModelConfig) -> Vec<(String, Vec<f32>)>,
+) -> Result<Summary> {
     let io = |e: std::io::Error| EngineError::Load(format!("{}: {e}", input.display()));
     let mut file = std::fs::File::open(input).map_err(io)?;
     let ct = gguf_file::Content::read(&mut file)
@@ -30,7 +97,7 @@ pub fn llama_as_qwen2(input: &Path, out: &Path, bias_seed: Option<u64>) -> Resul
     let cfg = crate::ModelConfig::from_gguf(&ct)?;
     if cfg.architecture != "llama" {
         return Err(EngineError::Load(format!(
-            "general.architecture is `{}`: only a llama GGUF can be rewritten as qwen2",
+            "general.architecture is `{}`: only a llama GGUF can be rewritten as {arch}",
             cfg.architecture
         )));
     }
@@ -39,21 +106,15 @@ pub fn llama_as_qwen2(input: &Path, out: &Path, bias_seed: Option<u64>) -> Resul
         || cfg.expert_count > 0
         || cfg.rope_dim != cfg.head_dim
     {
-        return Err(EngineError::Load(
-            "only plain-RoPE dense llama models can be rewritten as qwen2 (Qwen2 has no \
+        return Err(EngineError::Load(format!(
+            "only plain-RoPE dense llama models can be rewritten as {arch} (it has no \
              rope_freqs, experts or partial rotary embeddings)"
-                .into(),
-        ));
+        )));
     }
-    let (dim, hd) = (cfg.embedding_length, cfg.head_dim);
-    let kv = cfg.head_count_kv * hd;
+    let hd = cfg.head_dim;
     let name = match ct.metadata.get("general.name") {
         Some(Value::String(n)) => n.clone(),
         _ => input.display().to_string(),
-    };
-    let biases = match bias_seed {
-        Some(seed) => format!("random q/k/v biases (seed {seed})"),
-        None => "zero q/k/v biases".into(),
     };
     let mut meta: Vec<(String, Value)> = ct
         .metadata
@@ -65,15 +126,25 @@ pub fn llama_as_qwen2(input: &Path, out: &Path, bias_seed: Option<u64>) -> Resul
             )
         })
         .map(|(k, v)| match k.strip_prefix("llama.") {
-            Some(rest) => (format!("qwen2.{rest}"), v.clone()),
+            Some(rest) => (format!("{arch}.{rest}"), v.clone()),
             None => (k.clone(), v.clone()),
         })
         .collect();
+    if arch == "qwen3" {
+        // Real Qwen3 files state their head width (wider than embedding / heads there).
+        for key in ["attention.key_length", "attention.value_length"] {
+            meta.push((format!("{arch}.{key}"), Value::U32(cfg.head_dim as u32)));
+        }
+        // candle-transformers' `quantized_qwen3` (the parity test's reference) builds its
+        // rotary tables in the float type this key names, f16 when absent: f32 here, as the
+        // exact forward. Other readers ignore it.
+        meta.push(("general.dtype".into(), Value::U32(0)));
+    }
     meta.sort_by(|a, b| a.0.cmp(&b.0));
-    meta.push(("general.architecture".into(), Value::String("qwen2".into())));
+    meta.push(("general.architecture".into(), Value::String(arch.into())));
     meta.push((
         "general.name".into(),
-        Value::String(format!("{name}, rewritten as qwen2 with {biases}")),
+        Value::String(format!("{name}, rewritten as {arch} with {what}")),
     ));
 
     let mut infos: Vec<_> = ct.tensor_infos.iter().collect();
@@ -86,24 +157,18 @@ pub fn llama_as_qwen2(input: &Path, out: &Path, bias_seed: Option<u64>) -> Resul
             dtype: info.ggml_dtype,
         })
         .collect();
-    for i in 0..cfg.block_count {
-        for (n, len) in [("attn_q", dim), ("attn_k", kv), ("attn_v", kv)] {
-            plans.push(TensorPlan {
-                name: format!("blk.{i}.{n}.bias"),
-                shape: vec![len],
-                dtype: GgmlDType::F32,
-            });
-        }
+    let extra = extra(&cfg);
+    for (name, values) in &extra {
+        plans.push(TensorPlan {
+            name: name.clone(),
+            shape: vec![values.len()],
+            dtype: GgmlDType::F32,
+        });
     }
     let summary = super::summarize(&plans)?;
     let mut w = GgufWriter::create(out, &meta, plans.clone())?;
     for plan in &plans {
-        if plan.name.ends_with(".bias") {
-            let n = plan.shape[0];
-            let values = match bias_seed {
-                Some(seed) => splitmix_uniform(seed, &plan.name, n, 0.1),
-                None => vec![0f32; n],
-            };
+        if let Some((_, values)) = extra.iter().find(|(n, _)| *n == plan.name) {
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             w.write_tensor(&plan.name, &bytes)?;
             continue;

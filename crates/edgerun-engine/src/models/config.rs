@@ -96,12 +96,28 @@ impl ModelConfig {
                 "unsupported head counts: {head_count} query heads, {head_count_kv} key/value heads"
             )));
         }
-        if embedding_length % head_count != 0 {
-            return Err(EngineError::Load(format!(
-                "embedding length {embedding_length} is not a multiple of {head_count} heads"
-            )));
-        }
-        let head_dim = embedding_length / head_count;
+        // A head's width: `attention.key_length` where the file says (Qwen3, Gemma: wider
+        // than embedding / heads), which `attention.value_length` must then equal.
+        let head_dim = match opt_usize(ct, &a("attention.key_length"))? {
+            Some(k) => {
+                let v = opt_usize(ct, &a("attention.value_length"))?.unwrap_or(k);
+                if k == 0 || v != k {
+                    return Err(EngineError::Load(format!(
+                        "attention.key_length {k} and attention.value_length {v}: heads whose \
+                         keys and values differ in width (or are empty) are not supported"
+                    )));
+                }
+                k
+            }
+            None => {
+                if embedding_length % head_count != 0 {
+                    return Err(EngineError::Load(format!(
+                        "embedding length {embedding_length} is not a multiple of {head_count} heads"
+                    )));
+                }
+                embedding_length / head_count
+            }
+        };
         let rope_dim = opt_usize(ct, &a("rope.dimension_count"))?.unwrap_or(head_dim);
         let rope_freq_base = opt_f32(ct, &a("rope.freq_base"))?.unwrap_or(10_000.0);
         let rms_norm_eps =

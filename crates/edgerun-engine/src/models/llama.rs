@@ -1,6 +1,7 @@
 //! `general.architecture = llama`: Llama 2/3, SmolLM2, Mistral-style dense models; and the
 //! decoder every llama-like family shares ([`Variant`]: `qwen2.rs` is this with biases on q, k
-//! and v and rotary embeddings over halves).
+//! and v and rotary embeddings over halves; `qwen3.rs` with halves and each head of q and k
+//! RMS-normalised instead of biases).
 //!
 //! One call to [`CausalLm::forward`] runs one scheduler step. The step's tokens from every
 //! sequence (one token for a decoding sequence, a chunk of prompt for a prefilling one) are laid
@@ -29,6 +30,9 @@ pub struct Variant {
     pub rope: RopeStyle,
     /// q, k and v have biases (`blk.N.attn_{q,k,v}.bias`), all three required.
     pub qkv_bias: bool,
+    /// Each head of q and of k is RMS-normalised before the rotary embeddings, with weights
+    /// `blk.N.attn_{q,k}_norm.weight` (head_dim values, one for all heads; both required).
+    pub qk_norm: bool,
 }
 
 /// How rotary embeddings pair a head's dimensions.
@@ -47,6 +51,7 @@ impl Variant {
         architecture: "llama",
         rope: RopeStyle::Interleaved,
         qkv_bias: false,
+        qk_norm: false,
     };
 }
 
@@ -56,6 +61,8 @@ struct Layer {
     qkv: FusedLinear,
     /// Added to q, k and v after the matmul (qwen2), each `(width,)`.
     qkv_bias: Option<[Tensor; 3]>,
+    /// RMSNorm weights of each q head and each k head (qwen3), each `(head_dim,)`.
+    qk_norm: Option<[Tensor; 2]>,
     wo: QLinear,
     ffn_norm: Tensor,
     /// gate and up: one matmul when their formats match.
@@ -155,17 +162,30 @@ impl LlamaModel {
                 }
                 Ok(t)
             };
-            let (dim, kv) = (cfg.embedding_length, cfg.head_count_kv * cfg.head_dim);
+            let dim = cfg.embedding_length;
+            let (qd, kv) = (
+                cfg.head_count * cfg.head_dim,
+                cfg.head_count_kv * cfg.head_dim,
+            );
             let qkv_bias = if variant.qkv_bias {
                 Some([
-                    vector("attn_q.bias", dim)?,
+                    vector("attn_q.bias", qd)?,
                     vector("attn_k.bias", kv)?,
                     vector("attn_v.bias", kv)?,
                 ])
             } else {
                 None
             };
+            let qk_norm = if variant.qk_norm {
+                Some([
+                    vector("attn_q_norm.weight", cfg.head_dim)?,
+                    vector("attn_k_norm.weight", cfg.head_dim)?,
+                ])
+            } else {
+                None
+            };
             layers.push(Layer {
+                qk_norm,
                 attn_norm: vector("attn_norm.weight", dim)?,
                 ffn_norm: vector("ffn_norm.weight", dim)?,
                 qkv,
@@ -316,14 +336,15 @@ impl CausalLm for LlamaModel {
                 v = v.broadcast_add(bv)?;
             }
             // (total, heads * hd) -> (1, heads, total, hd) for RoPE.
-            let q = q
-                .reshape((1, total, n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = k
-                .reshape((1, total, n_kv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
+            let mut q = q.reshape((1, total, n_head, hd))?;
+            let mut k = k.reshape((1, total, n_kv, hd))?;
+            if let Some([nq, nk]) = &layer.qk_norm {
+                let eps = cfg.rms_norm_eps as f32;
+                q = candle_nn::ops::rms_norm(&q.contiguous()?, nq, eps)?;
+                k = candle_nn::ops::rms_norm(&k.contiguous()?, nk, eps)?;
+            }
+            let q = q.transpose(1, 2)?.contiguous()?;
+            let k = k.transpose(1, 2)?.contiguous()?;
             let (q, k) = match self.variant.rope {
                 RopeStyle::Interleaved => (
                     candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,

@@ -31,6 +31,7 @@ pub mod bert;
 mod config;
 pub mod llama;
 pub mod qwen2;
+pub mod qwen3;
 
 pub use config::ModelConfig;
 
@@ -72,7 +73,11 @@ pub trait CausalLm: Send + Sync {
 pub type Loader = fn(&gguf_file::Content, &mut File, &Device, Kernels) -> Result<Box<dyn CausalLm>>;
 
 /// Every architecture this build runs, by `general.architecture`.
-pub const ARCHITECTURES: &[(&str, Loader)] = &[("llama", llama::load), ("qwen2", qwen2::load)];
+pub const ARCHITECTURES: &[(&str, Loader)] = &[
+    ("llama", llama::load),
+    ("qwen2", qwen2::load),
+    ("qwen3", qwen3::load),
+];
 
 /// Loads the model a GGUF describes, choosing the architecture by `general.architecture`.
 pub fn load(

@@ -21,6 +21,7 @@ pub const VARIANT: Variant = Variant {
     architecture: "qwen2",
     rope: RopeStyle::Halves,
     qkv_bias: true,
+    qk_norm: false,
 };
 
 /// [`super::Loader`] for this architecture.

@@ -10,7 +10,8 @@
 //! `edgerun quantize` to Q4_K_M (its 1536-wide `ffn_down` rows are Q4_K / Q6_K; the 576-wide
 //! ones fall back to Q5_0 / Q8_0 as llama-quantize does) and Q8_0; and on the real model
 //! rewritten as qwen2 (`gguf::derive`: rotary embeddings over halves, q/k/v biases), with
-//! random biases against its own exact forward, with zero biases against the llama file.
+//! random biases against its own exact forward, with zero biases against the llama file; and
+//! rewritten as qwen3 (per-head q and k norms near one) against its own exact forward.
 
 use crate::harness;
 
@@ -44,6 +45,8 @@ impl Matrix {
 
 struct Layer {
     attn_norm: Vec<f64>,
+    /// Per-head q and k RMSNorm weights (qwen3).
+    qk_norm: Option<[Vec<f64>; 2]>,
     /// q, k and v biases (qwen2), zeros for llama.
     bias: [Vec<f64>; 3],
     q: Matrix,
@@ -95,8 +98,11 @@ fn load(path: &Path) -> Reference {
                 bias("attn_k", k.rows),
                 bias("attn_v", v.rows),
             ];
+            let qk_norm = matrix(&name("attn_q_norm"))
+                .map(|q| [q.w, matrix(&name("attn_k_norm")).unwrap().w]);
             Layer {
                 bias,
+                qk_norm,
                 attn_norm: matrix(&name("attn_norm")).unwrap().w,
                 ffn_norm: matrix(&name("ffn_norm")).unwrap().w,
                 q,
@@ -183,7 +189,7 @@ fn reference_run(r: &Reference, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<
     let base = f64::from(cfg.rope_freq_base);
     let halves = match cfg.architecture.as_str() {
         "llama" => false,
-        "qwen2" => true,
+        "qwen2" | "qwen3" => true,
         other => panic!("no reference forward for {other}"),
     };
     let mut keys: Vec<Vec<Vec<f64>>> = vec![Vec::new(); r.layers.len()];
@@ -199,6 +205,15 @@ fn reference_run(r: &Reference, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<
             let mut q = add(layer.q.apply(&h), &layer.bias[0]);
             let mut k = add(layer.k.apply(&h), &layer.bias[1]);
             let v = add(layer.v.apply(&h), &layer.bias[2]);
+            if let Some([nq, nk]) = &layer.qk_norm {
+                let norm_heads = |x: &[f64], w: &[f64]| -> Vec<f64> {
+                    x.chunks_exact(hd)
+                        .flat_map(|head| rms_norm(head, w, cfg.rms_norm_eps))
+                        .collect()
+                };
+                q = norm_heads(&q, nq);
+                k = norm_heads(&k, nk);
+            }
             rope(&mut q, hd, pos, base, halves);
             rope(&mut k, hd, pos, base, halves);
             keys[l].push(k);
@@ -400,6 +415,21 @@ fn as_qwen2(bias_seed: Option<u64>) -> PathBuf {
         gguf::derive::llama_as_qwen2(&harness::model_path(), &out, bias_seed).unwrap();
     }
     out
+}
+
+/// SmolLM2 rewritten as qwen3 (`gguf::derive`): q and k rows in the Hugging Face order, rotary
+/// embeddings over halves, per-head q and k norms near one (a seed).
+fn as_qwen3() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("edgerun-fidelity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("smollm2-qwen3-5.gguf");
+    gguf::derive::llama_as_qwen3(&harness::model_path(), &out, Some(5)).unwrap();
+    out
+}
+
+#[test]
+fn qwen3_follows_exact_math() {
+    check(&as_qwen3(), "SmolLM2 as qwen3, random q/k norms");
 }
 
 #[test]
