@@ -8,19 +8,31 @@
 #
 # Different llama.cpp builds differ by 25% on the same machine, so figures are only ever compared
 # with this build, from the same run.
+#
+# EDGERUN_LLAMA_CPP_NO_AMX=1 builds the same with AMX left out (-mno-amx-tile -mno-amx-int8
+# -mno-amx-bf16, in llama.cpp-0c1e570-noamx): on the 2-core Xeon VMs with AMX (2026-12-08) the
+# native build dies with SIGILL at its first Q4_1/Q8_0 matmul (`tilezero` in ggml's AMX kernel,
+# on a pool thread, although the kernel grants AMX), so quantized chat models need this build
+# there. Its BUILD file says so; quote it with any figure.
 set -euo pipefail
 
 VERSION=0.3.36
 COMMIT=0c1e570
 CACHE="${EDGERUN_CACHE_DIR:-$HOME/.cache/edgerun}"
-DEST="$CACHE/llama.cpp-$COMMIT"
+NO_AMX="${EDGERUN_LLAMA_CPP_NO_AMX:-0}"
+case "$NO_AMX" in
+    0) DEST="$CACHE/llama.cpp-$COMMIT"; FLAVOUR="GGML_NATIVE=ON"; EXTRA_FLAGS="" ;;
+    1) DEST="$CACHE/llama.cpp-$COMMIT-noamx"; FLAVOUR="GGML_NATIVE=ON without AMX"
+       EXTRA_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;;
+    *) echo "build-llama-cpp: EDGERUN_LLAMA_CPP_NO_AMX must be 0 or 1, not $NO_AMX" >&2; exit 2 ;;
+esac
 SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
 
 log() { echo "build-llama-cpp: $*" >&2; }
 
 mkdir -p "$CACHE"
 # One build at a time (bench.sh and check-quant-layouts.sh both call this).
-exec 9>"$CACHE/.llama.cpp-$COMMIT.lock"
+exec 9>"$CACHE/.$(basename "$DEST").lock"
 flock 9
 
 scripts_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,14 +56,15 @@ SRC="$DEST/src"
 rm -rf "$SRC" "$DEST/build"
 mkdir -p "$SRC"
 tar xzf "$SDIST" -C "$SRC" --strip-components=1
-log "building llama-server and llama-quantize ($COMMIT, GGML_NATIVE=ON)"
+log "building llama-server and llama-quantize ($COMMIT, $FLAVOUR)"
 cmake -S "$SRC/vendor/llama.cpp" -B "$DEST/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_C_FLAGS="$EXTRA_FLAGS" -DCMAKE_CXX_FLAGS="$EXTRA_FLAGS" \
     -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
 cmake --build "$DEST/build" --target llama-server llama-quantize -j "$(nproc)" >&2
 mkdir -p "$DEST/bin.partial"
 cp "$DEST/build/bin/llama-server" "$DEST/build/bin/llama-quantize" "$DEST/bin.partial/"
-echo "llama.cpp $COMMIT (llama-cpp-python==$VERSION sdist), GGML_NATIVE=ON, built $(date -u +%F) on $(uname -m)" \
+echo "llama.cpp $COMMIT (llama-cpp-python==$VERSION sdist), $FLAVOUR, built $(date -u +%F) on $(uname -m)" \
     > "$DEST/bin.partial/BUILD"
 rm -rf "$DEST/bin" && mv "$DEST/bin.partial" "$DEST/bin"
 rm -rf "$SRC" "$DEST/build"

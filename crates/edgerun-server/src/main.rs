@@ -174,6 +174,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 ff: need(args.ff, "ff")?,
                 heads: need(args.heads, "heads")?,
                 kv_heads: need(args.kv_heads, "kv-heads")?,
+                head_dim: None,
                 context: args.context.unwrap_or(4096),
                 rope_base: args.rope_base.unwrap_or(10_000.0),
                 rms_eps: 1e-5,

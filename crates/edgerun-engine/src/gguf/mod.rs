@@ -29,7 +29,8 @@ use std::path::Path;
 /// The dimensions of a llama-family model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelShape {
-    /// `llama`, or `qwen2` (the same tensors plus q/k/v biases, metadata under `qwen2.*`).
+    /// `llama`, `qwen2` (the same tensors plus q/k/v biases, metadata under `qwen2.*`) or
+    /// `qwen3` (plus per-head q/k norm weights).
     pub architecture: &'static str,
     /// Vocabulary size the shape requires; `None`: whatever the tokenizer has.
     pub vocab: Option<usize>,
@@ -38,6 +39,9 @@ pub struct ModelShape {
     pub ff: usize,
     pub heads: usize,
     pub kv_heads: usize,
+    /// A head's width where it is not `dim / heads` (Qwen3: 128 over 1024 / 16), written as
+    /// `attention.key_length`; qwen3 shapes only.
+    pub head_dim: Option<usize>,
     pub context: usize,
     pub rope_base: f32,
     pub rms_eps: f32,
@@ -48,7 +52,8 @@ pub struct ModelShape {
 /// The named shapes: `llama-3-8b` (the product's model), `llama-3-mini` (a Llama-3-shaped model
 /// small enough for CPU benchmarks), `smollm2-135m` (the default test model's shape),
 /// `qwen2.5-0.5b` (Qwen2.5-0.5B's, architecture `qwen2`; its vocabulary is the tokenizer's:
-/// llama.cpp's `ggml-vocab-qwen2.gguf`).
+/// llama.cpp's `ggml-vocab-qwen2.gguf`), `qwen3-0.6b` (Qwen3-0.6B's, architecture `qwen3`,
+/// heads of 128 over a 1024 embedding; the same vocabulary).
 pub const SHAPES: &[(&str, ModelShape)] = &[
     (
         "llama-3-8b",
@@ -60,6 +65,7 @@ pub const SHAPES: &[(&str, ModelShape)] = &[
             ff: 14336,
             heads: 32,
             kv_heads: 8,
+            head_dim: None,
             context: 8192,
             rope_base: 500_000.0,
             rms_eps: 1e-5,
@@ -76,6 +82,7 @@ pub const SHAPES: &[(&str, ModelShape)] = &[
             ff: 3584,
             heads: 8,
             kv_heads: 2,
+            head_dim: None,
             context: 8192,
             rope_base: 500_000.0,
             rms_eps: 1e-5,
@@ -92,6 +99,7 @@ pub const SHAPES: &[(&str, ModelShape)] = &[
             ff: 1536,
             heads: 9,
             kv_heads: 3,
+            head_dim: None,
             context: 8192,
             rope_base: 100_000.0,
             rms_eps: 1e-5,
@@ -108,7 +116,25 @@ pub const SHAPES: &[(&str, ModelShape)] = &[
             ff: 4864,
             heads: 14,
             kv_heads: 2,
+            head_dim: None,
             context: 32_768,
+            rope_base: 1_000_000.0,
+            rms_eps: 1e-6,
+            tied_embeddings: true,
+        },
+    ),
+    (
+        "qwen3-0.6b",
+        ModelShape {
+            architecture: "qwen3",
+            vocab: None,
+            dim: 1024,
+            layers: 28,
+            ff: 3072,
+            heads: 16,
+            kv_heads: 8,
+            head_dim: Some(128),
+            context: 40_960,
             rope_base: 1_000_000.0,
             rms_eps: 1e-6,
             tied_embeddings: true,
@@ -134,9 +160,9 @@ pub fn shape(name: &str) -> Result<ModelShape> {
 impl ModelShape {
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::InvalidRequest(m));
-        if !matches!(self.architecture, "llama" | "qwen2") {
+        if !matches!(self.architecture, "llama" | "qwen2" | "qwen3") {
             return bad(format!(
-                "architecture `{}`: shapes are llama or qwen2",
+                "architecture `{}`: shapes are llama, qwen2 or qwen3",
                 self.architecture
             ));
         }
@@ -158,7 +184,18 @@ impl ModelShape {
                 self.dim, self.heads, self.kv_heads
             ));
         }
-        if !(self.dim / self.heads).is_multiple_of(2) {
+        if let Some(hd) = self.head_dim {
+            if self.architecture != "qwen3" {
+                return bad("a head width of its own is for qwen3 shapes".into());
+            }
+            if hd == 0 || !(hd * self.heads).is_multiple_of(32) {
+                return bad(format!(
+                    "head width {hd} × {} heads is not a multiple of 32 (quantization blocks)",
+                    self.heads
+                ));
+            }
+        }
+        if !self.head_dim().is_multiple_of(2) {
             return bad("the head dimension must be even (RoPE)".into());
         }
         if !self.dim.is_multiple_of(32) || !self.ff.is_multiple_of(32) {
@@ -168,7 +205,7 @@ impl ModelShape {
     }
 
     fn head_dim(&self) -> usize {
-        self.dim / self.heads
+        self.head_dim.unwrap_or(self.dim / self.heads)
     }
 }
 
@@ -221,7 +258,7 @@ pub fn generate(
         )));
     }
     let (dim, hd) = (shape.dim, shape.head_dim());
-    let kv = shape.kv_heads * hd;
+    let (qd, kv) = (shape.heads * hd, shape.kv_heads * hd);
     let u32v = |x: usize| Value::U32(x as u32);
     let arch = shape.architecture;
     let key = |k: &str| format!("{arch}.{k}");
@@ -247,6 +284,13 @@ pub fn generate(
             Value::F32(shape.rms_eps),
         ),
     ];
+    if arch == "qwen3" {
+        meta.push((key("attention.key_length"), u32v(hd)));
+        meta.push((key("attention.value_length"), u32v(hd)));
+        // As `derive::llama_as_qwen3`: candle-transformers' quantized_qwen3 (the parity
+        // tests' reference) builds its RoPE tables in f16 unless this says f32.
+        meta.push(("general.dtype".into(), Value::U32(0)));
+    }
     meta.extend(tokenizer);
 
     let mut tensors: Vec<(String, Vec<usize>)> =
@@ -254,10 +298,10 @@ pub fn generate(
     for i in 0..shape.layers {
         for (n, s) in [
             ("attn_norm", vec![dim]),
-            ("attn_q", vec![dim, dim]),
+            ("attn_q", vec![qd, dim]),
             ("attn_k", vec![kv, dim]),
             ("attn_v", vec![kv, dim]),
-            ("attn_output", vec![dim, dim]),
+            ("attn_output", vec![dim, qd]),
             ("ffn_norm", vec![dim]),
             ("ffn_gate", vec![shape.ff, dim]),
             ("ffn_up", vec![shape.ff, dim]),
@@ -266,8 +310,13 @@ pub fn generate(
             tensors.push((format!("blk.{i}.{n}.weight"), s));
         }
         if arch == "qwen2" {
-            for (n, len) in [("attn_q", dim), ("attn_k", kv), ("attn_v", kv)] {
+            for (n, len) in [("attn_q", qd), ("attn_k", kv), ("attn_v", kv)] {
                 tensors.push((format!("blk.{i}.{n}.bias"), vec![len]));
+            }
+        }
+        if arch == "qwen3" {
+            for n in ["attn_q_norm", "attn_k_norm"] {
+                tensors.push((format!("blk.{i}.{n}.weight"), vec![hd]));
             }
         }
     }

@@ -92,12 +92,19 @@ pub fn load(
     device: &Device,
     kernels: Kernels,
 ) -> Result<Box<dyn CausalLm>> {
+    load_variant(ct, file, device, kernels, Variant::LLAMA)
+}
+
+/// The loader of a llama-like family: its file's `load` is this with its [`Variant`].
+pub fn load_variant(
+    ct: &gguf_file::Content,
+    file: &mut File,
+    device: &Device,
+    kernels: Kernels,
+    variant: Variant,
+) -> Result<Box<dyn CausalLm>> {
     Ok(Box::new(LlamaModel::from_gguf(
-        ct,
-        file,
-        device,
-        kernels,
-        Variant::LLAMA,
+        ct, file, device, kernels, variant,
     )?))
 }
 

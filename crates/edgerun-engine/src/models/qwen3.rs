@@ -8,7 +8,7 @@
 //! Everything else — GQA, SwiGLU, RMSNorm, tied or separate output, metadata under `qwen3.*`
 //! read strictly, contiguous and paged caches — is llama's code.
 
-use super::llama::{LlamaModel, RopeStyle, Variant};
+use super::llama::{RopeStyle, Variant};
 use super::CausalLm;
 use crate::error::Result;
 use crate::kernels::Kernels;
@@ -31,7 +31,5 @@ pub fn load(
     device: &Device,
     kernels: Kernels,
 ) -> Result<Box<dyn CausalLm>> {
-    Ok(Box::new(LlamaModel::from_gguf(
-        ct, file, device, kernels, VARIANT,
-    )?))
+    super::llama::load_variant(ct, file, device, kernels, VARIANT)
 }

@@ -57,6 +57,7 @@ pub fn small_shape() -> edgerun_engine::gguf::ModelShape {
         ff: 512,
         heads: 4,
         kv_heads: 2,
+        head_dim: None,
         context: 512,
         rope_base: 10_000.0,
         rms_eps: 1e-5,

@@ -24,6 +24,7 @@ fn shape() -> ModelShape {
         ff: 768,
         heads: 4,
         kv_heads: 2,
+        head_dim: None,
         context: 1024,
         rope_base: 10_000.0,
         rms_eps: 1e-5,
