@@ -176,27 +176,39 @@ fn wide_qwen3_heads_match_quantized_qwen3() {
         let loaded =
             edgerun_engine::LoadedModel::load_with(&path, None, &Device::Cpu, kernels).unwrap();
         assert_eq!(loaded.model.config().head_dim, 96);
-        let model = &loaded.model;
-        let mut cache = KvCache::new(&model.kv_layout(), tokens.len(), model.device()).unwrap();
-        let mut pos = 0;
-        for (step, &n) in chunks.iter().enumerate() {
-            let mut segs = [Segment {
-                tokens: &tokens[pos..pos + n],
-                cache: &mut cache,
-            }];
-            let logits = model.forward(&mut segs, &[0]).unwrap().unwrap();
-            let ours = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
-            let diff = max_abs_diff(&ours, &reference[step]);
+        for (step, ours) in engine_logits(&loaded, &tokens, &chunks).iter().enumerate() {
+            let diff = max_abs_diff(ours, &reference[step]);
             let scale = reference[step].iter().fold(0f32, |m, x| m.max(x.abs()));
             assert!(
                 diff <= tolerance * scale,
                 "{kernels:?} step {step}: max |diff| {diff} (logit scale {scale})"
             );
-            eprintln!("{kernels:?} step {step}: max |diff| {diff} (logit scale {scale})");
-            pos += n;
         }
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// The engine's last-token logits after each chunk of `tokens`, over one cache.
+fn engine_logits(
+    loaded: &edgerun_engine::LoadedModel,
+    tokens: &[u32],
+    chunks: &[usize],
+) -> Vec<Vec<f32>> {
+    let model = &loaded.model;
+    let mut cache = KvCache::new(&model.kv_layout(), tokens.len(), model.device()).unwrap();
+    let mut pos = 0;
+    chunks
+        .iter()
+        .map(|&n| {
+            let mut segs = [Segment {
+                tokens: &tokens[pos..pos + n],
+                cache: &mut cache,
+            }];
+            let logits = model.forward(&mut segs, &[0]).unwrap().unwrap();
+            pos += n;
+            logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+        })
+        .collect()
 }
 
 fn check_against_reference(path: &Path, kernels: Kernels, rel_tolerance: f32, p_tolerance: f32) {
@@ -208,17 +220,10 @@ fn check_against_reference(path: &Path, kernels: Kernels, rel_tolerance: f32, p_
     let prompt_len = tokens.len() - 3;
     let chunks = [prompt_len, 1, 1, 1];
     let reference = reference_logits(path, &tokens, &chunks);
-
-    let model = &loaded.model;
-    let mut cache = KvCache::new(&model.kv_layout(), tokens.len(), model.device()).unwrap();
-    let mut pos = 0;
-    for (step, &n) in chunks.iter().enumerate() {
-        let mut segs = [Segment {
-            tokens: &tokens[pos..pos + n],
-            cache: &mut cache,
-        }];
-        let logits = model.forward(&mut segs, &[0]).unwrap().unwrap();
-        let ours = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    for (step, ours) in engine_logits(&loaded, &tokens, &chunks)
+        .into_iter()
+        .enumerate()
+    {
         let diff = max_abs_diff(&ours, &reference[step]);
         let scale = reference[step].iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!(
@@ -235,7 +240,6 @@ fn check_against_reference(path: &Path, kernels: Kernels, rel_tolerance: f32, p_
             edgerun_engine::argmax(&reference[step]),
             "step {step}: greedy token differs"
         );
-        pos += n;
     }
 }
 
