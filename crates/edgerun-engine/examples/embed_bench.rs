@@ -2,7 +2,7 @@
 //! tokens (`edgerun_testkit::embedding_bench_texts`, as `tests/bench_embed.rs` sends), embedded in batches of `BATCH` texts,
 //! and one text at a time. For profiling the encoder (`perf record` this binary).
 //!
-//! cargo run --release -p edgerun-engine --example embed_bench -- <model dir> [batch] [rounds] [auto|candle]
+//! cargo run --release -p edgerun-engine --example embed_bench -- <model dir> [batch] [rounds] [auto|avx2|candle]
 
 use candle_core::Device;
 use edgerun_engine::models::bert::BertKernels;
@@ -19,7 +19,11 @@ fn main() {
     let kernels = match args.next().as_deref() {
         None | Some("auto") => BertKernels::Auto,
         Some("candle") => BertKernels::Candle,
-        Some(other) => panic!("kernels: auto or candle, not {other}"),
+        Some("avx2") => {
+            edgerun_engine::kernels::dense_f32::force_avx2(true);
+            BertKernels::Auto
+        }
+        Some(other) => panic!("kernels: auto, avx2 or candle, not {other}"),
     };
     let model =
         EmbeddingModel::load_with(std::path::Path::new(&dir), &Device::Cpu, kernels).unwrap();

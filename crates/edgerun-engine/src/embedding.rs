@@ -7,7 +7,7 @@
 //!   embedding thread, each turn: take the first job, then every job already waiting up to
 //!   `max_batch_tokens`; drop jobs whose caller is gone; sort their inputs by length and cut
 //!   them into batches of at most `max_batch_tokens` (count × longest); one encoder call
-//!   per batch (candle's: one padded forward; the AVX-512 CPU's: texts packed without padding,
+//!   per batch (candle's: one padded forward; the x86 CPU's (AVX-512 or AVX2): texts packed without padding,
 //!   in passes of at most `bert::cpu::CHUNK_TOKENS`); pool (mean over the text's tokens, or
 //!   [CLS]), normalise when the model's
 //!   sentence-transformers pipeline does; answer each job once all its inputs are done

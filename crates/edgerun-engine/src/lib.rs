@@ -27,7 +27,7 @@
 //! | a quantization layout or a generated shape | `gguf/layout.rs` (llama-quantize's rules), `gguf/mod.rs` (`SHAPES`) |
 //! | a tokenizer kind or a BPE pre-tokenizer | `tokenizer/` (`mod.rs`: byte-level BPE over the `tokenizers` crate, the pre-tokenizer table by `tokenizer.ggml.pre`; `spm.rs`: SentencePiece), held to llama.cpp's vocabulary vectors by the engine test `vocab_vectors` |
 //! | how a chat template is rendered (a Jinja2 behaviour) | `template.rs`, held to Jinja2's renders of llama.cpp's 70 templates by the engine test `templates` |
-//! | an embedding model's architecture (an encoder) | `models/bert/`: `mod.rs` the config, loading and candle's forward over a padded batch (GPUs, other CPUs); `cpu.rs` the AVX-512 CPU's forward over packed texts |
+//! | an embedding model's architecture (an encoder) | `models/bert/`: `mod.rs` the config, loading and candle's forward over a padded batch (GPUs, other CPUs); `cpu.rs` the x86 CPU's (AVX-512 or AVX2) forward over packed texts |
 //! | how embedding requests are batched, pooled and bounded | `embedding.rs` ([`Embedder`]: a thread of its own per embedding model, apart from the generation scheduler) |
 //!
 //! ## Data flow

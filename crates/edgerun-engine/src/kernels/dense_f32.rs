@@ -17,8 +17,9 @@
 //!   depend on the batch it came in (what makes an embedding the same alone or batched).
 //! * The epilogue may apply an activation (BERT's erf GELU) to a tile while it is in L1
 //!   ([`Activation`]).
-//! * AVX-512 only: [`DenseF32::available`] says whether this CPU runs it; elsewhere the encoder
-//!   keeps candle's matmul.
+//! * AVX-512, or AVX2 with FMA (the `avx2` tile: 6 rows × 16 outputs at a time, the same
+//!   bits): [`DenseF32::available`] says whether this CPU runs it; elsewhere (aarch64, older
+//!   x86) the encoder keeps candle's.
 
 use super::cpu;
 
@@ -59,7 +60,10 @@ impl DenseF32 {
     /// Whether this CPU runs the kernel (AVX-512F).
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
-        return matches!(cpu::isa(), cpu::Isa::Avx512);
+        return matches!(
+            cpu::isa(),
+            cpu::Isa::Avx512 | cpu::Isa::Avx2Vnni | cpu::Isa::Avx2
+        );
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
@@ -104,7 +108,10 @@ impl DenseF32 {
     /// (`m × n`). Panics if the lengths disagree or the CPU lacks AVX-512
     /// ([`DenseF32::available`]).
     pub fn forward(&self, x: &[f32], out: &mut [f32], act: Activation) {
-        assert!(Self::available(), "the dense f32 kernel needs AVX-512");
+        assert!(
+            Self::available(),
+            "the dense f32 kernel needs AVX2 or AVX-512"
+        );
         let (n, k) = (self.n, self.k);
         assert!(
             k > 0 && x.len().is_multiple_of(k),
@@ -219,7 +226,12 @@ unsafe fn panel_rows(
         let mut r = 0;
         while r < m {
             let tile = MR.min(m - r);
-            avx512::tile_dyn(
+            let tiler = if wide() {
+                avx512::tile_dyn
+            } else {
+                avx2::tile_dyn
+            };
+            tiler(
                 tile,
                 a.add(r * k),
                 k,
@@ -231,7 +243,12 @@ unsafe fn panel_rows(
             );
             if act != Activation::None {
                 for i in r..r + tile {
-                    avx512::activate(std::slice::from_raw_parts_mut(out.add(i * ldo), cols), act);
+                    let row = std::slice::from_raw_parts_mut(out.add(i * ldo), cols);
+                    if wide() {
+                        avx512::activate(row, act)
+                    } else {
+                        activate(row, act)
+                    }
                 }
             }
             r += tile;
@@ -305,7 +322,10 @@ impl Panels {
     /// `out` writable for `m` rows of `n` values at stride `ldo`, which nothing else reads or
     /// writes meanwhile.
     pub unsafe fn matmul_to(&self, a: &[f32], lda: usize, m: usize, out: *mut f32, ldo: usize) {
-        assert!(DenseF32::available(), "the dense f32 kernel needs AVX-512");
+        assert!(
+            DenseF32::available(),
+            "the dense f32 kernel needs AVX2 or AVX-512"
+        );
         let (n, k) = (self.n, self.k);
         if m == 0 || n == 0 {
             return;
@@ -396,6 +416,135 @@ pub fn gelu_tanh(x: f32) -> f32 {
     let e = super::attention::exp_nonpositive(-2.0 * y.abs());
     let tanh = ((1.0 - e) / (1.0 + e)).copysign(y);
     0.5 * x * (1.0 + tanh)
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+static AVX2_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs the AVX2 tile even on an AVX-512 CPU (for tests and benchmarks of the AVX2 path; both
+/// give the same bits, so flipping it while other threads compute changes no result).
+pub fn force_avx2(on: bool) {
+    AVX2_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The tile that runs: `"avx512"` or `"avx2"`.
+pub fn tile_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        return "avx512";
+    }
+    "avx2"
+}
+
+/// Whether the AVX-512 tile runs.
+#[cfg(target_arch = "x86_64")]
+fn wide() -> bool {
+    matches!(cpu::isa(), cpu::Isa::Avx512) && !AVX2_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `act` over `row` at the build's vector width (AVX2).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn activate(row: &mut [f32], act: Activation) {
+    match act {
+        Activation::None => {}
+        Activation::GeluErf => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+        Activation::GeluTanh => row.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
+        Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+    }
+}
+
+/// The micro-tile on AVX2 (16 registers): a packed tile of up to [`MR`] rows in groups of
+/// up to 6 rows × 16 outputs (12 sums in registers), each panel in two halves. The same fused
+/// multiply-adds in the same order per output as the AVX-512 tile: the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::PANEL;
+    use std::arch::x86_64::*;
+
+    /// As `avx512::tile_dyn`, on AVX2 and FMA.
+    ///
+    /// # Safety
+    /// As `avx512::tile_dyn`, with AVX2 and FMA instead of AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_dyn(
+        rows: usize,
+        a: *const f32,
+        k: usize,
+        panel: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        ldo: usize,
+        cols: usize,
+    ) {
+        let mut i0 = 0;
+        while i0 < rows {
+            let g = 6.min(rows - i0);
+            for half in 0..2 {
+                let c0 = half * 16;
+                if c0 >= cols {
+                    break;
+                }
+                let n = 16.min(cols - c0);
+                let (a, p, b, o) = (
+                    a.add(i0),
+                    panel.add(c0),
+                    bias.add(c0),
+                    out.add(i0 * ldo + c0),
+                );
+                match g {
+                    1 => group::<1>(a, rows, k, p, b, o, ldo, n),
+                    2 => group::<2>(a, rows, k, p, b, o, ldo, n),
+                    3 => group::<3>(a, rows, k, p, b, o, ldo, n),
+                    4 => group::<4>(a, rows, k, p, b, o, ldo, n),
+                    5 => group::<5>(a, rows, k, p, b, o, ldo, n),
+                    _ => group::<6>(a, rows, k, p, b, o, ldo, n),
+                }
+            }
+            i0 += g;
+        }
+    }
+
+    /// `G` rows × 16 outputs: row `i`'s input `p` at `a[p·stride + i]`, the outputs' weights
+    /// at `panel[p·PANEL ..][..16]` (32-byte aligned), `cols` (≤ 16) of them written.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn group<const G: usize>(
+        a: *const f32,
+        stride: usize,
+        k: usize,
+        panel: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        ldo: usize,
+        cols: usize,
+    ) {
+        let b0 = _mm256_loadu_ps(bias);
+        let b1 = _mm256_loadu_ps(bias.add(8));
+        let mut lo = [b0; G];
+        let mut hi = [b1; G];
+        for p in 0..k {
+            let w0 = _mm256_load_ps(panel.add(p * PANEL));
+            let w1 = _mm256_load_ps(panel.add(p * PANEL + 8));
+            for i in 0..G {
+                let v = _mm256_set1_ps(*a.add(p * stride + i));
+                lo[i] = _mm256_fmadd_ps(v, w0, lo[i]);
+                hi[i] = _mm256_fmadd_ps(v, w1, hi[i]);
+            }
+        }
+        for i in 0..G {
+            if cols == 16 {
+                _mm256_storeu_ps(out.add(i * ldo), lo[i]);
+                _mm256_storeu_ps(out.add(i * ldo + 8), hi[i]);
+            } else {
+                let mut tmp = [0f32; 16];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), lo[i]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi[i]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(i * ldo), cols);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -534,10 +683,26 @@ mod tests {
 
     /// Every output is the bias plus the products in order, one fused multiply-add at a
     /// time: bit for bit the scalar loop, for tails of rows and columns, one row or many.
+    /// The AVX2 tile too (forced) where the CPU has AVX-512: the same bits.
+    #[test]
+    fn the_avx2_tile_matches_the_scalar_fused_loop_bit_for_bit() {
+        if !DenseF32::available() {
+            eprintln!("skipped: neither AVX2 nor AVX-512 on this CPU");
+            return;
+        }
+        force_avx2(true);
+        let result = std::panic::catch_unwind(|| {
+            matches_the_scalar_fused_loop_bit_for_bit();
+            panels_multiply_strided_rows_like_the_scalar_loop();
+        });
+        force_avx2(false);
+        result.unwrap();
+    }
+
     #[test]
     fn matches_the_scalar_fused_loop_bit_for_bit() {
         if !DenseF32::available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+            eprintln!("skipped: neither AVX2 nor AVX-512 on this CPU");
             return;
         }
         for &(m, n, k) in &[

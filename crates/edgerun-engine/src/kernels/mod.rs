@@ -45,8 +45,8 @@
 //!   holds the file's blocks ([`InPlaceMatrix`], [`TiledMatrix`]); `test_util.rs`: the
 //!   kernels' shared test checks.
 //! * [`dense_f32`]: f32 weights (the encoders', not GGUF's): [`dense_f32::DenseF32`], repacked
-//!   into 32-output panels, AVX-512 only; `models/bert/cpu.rs` calls it directly (the
-//!   [`QLinear`] seam is for quantized GGUF tensors).
+//!   into 32-output panels, AVX-512 or AVX2 tiles (the same bits); `models/bert/cpu.rs` calls
+//!   it directly (the [`QLinear`] seam is for quantized GGUF tensors).
 //! * one file per **block format**: weights [`q4_1`], [`q8_0`] (with Q8_1 activations,
 //!   `q8_1`) and [`q4_k`], [`q5_k`], [`q6_k`] (with Q8_K activations, `q8_k`); activations are
 //!   quantized once per call. The thread-pool driver (`matmul_with`) and the tensor plumbing

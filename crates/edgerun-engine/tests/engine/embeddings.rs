@@ -99,13 +99,14 @@ fn every_reference_text_matches_sentence_transformers() {
     eprintln!("worst cosine against sentence-transformers: {worst:.7}");
 }
 
-/// The CPU's own encoder (AVX-512, texts packed without padding) against candle's padded
-/// forward, on every reference text batched: the same vectors to float rounding; and a text's
-/// vector is the same bits alone as batched with the others (no padding, row-invariant).
+/// The CPU's own encoder (AVX-512 or AVX2, texts packed without padding) against candle's padded
+/// forward, on every reference text batched: the same vectors to float rounding; a text's
+/// vector is the same bits alone as batched with the others (no padding, row-invariant), and
+/// the same bits from the AVX2 tile as from the AVX-512 one.
 #[test]
 fn the_cpu_encoder_agrees_with_candles_and_ignores_its_neighbours() {
     let fast = model();
-    if fast.kernels() != "cpu-avx512" {
+    if fast.kernels() == "candle" {
         eprintln!(
             "skipped: this CPU runs candle's encoder only ({})",
             fast.kernels()
@@ -139,6 +140,14 @@ fn the_cpu_encoder_agrees_with_candles_and_ignores_its_neighbours() {
             let alone = fast.embed_batch(&[row], &[pooling]).unwrap().remove(0);
             assert_eq!(alone, a[i], "text {i} alone and batched ({pooling:?})");
         }
+        // The AVX2 tile (forced where the CPU has AVX-512) gives the same bits.
+        edgerun_engine::kernels::dense_f32::force_avx2(true);
+        let narrow = fast.embed_batch(&rows, &poolings);
+        edgerun_engine::kernels::dense_f32::force_avx2(false);
+        assert!(
+            narrow.unwrap() == a,
+            "the AVX2 tile's vectors differ ({pooling:?})"
+        );
     }
 }
 

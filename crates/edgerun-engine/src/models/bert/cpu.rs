@@ -1,4 +1,4 @@
-//! BERT's forward on an AVX-512 CPU, without candle: the same math as [`super::CandleBert`]
+//! BERT's forward on an x86 CPU (AVX-512 or AVX2), without candle: the same math as [`super::CandleBert`]
 //! (and `transformers`' `BertModel`), laid out for the CPU.
 //!
 //! * **No padding.** The batch's texts are packed one after another into a `(tokens, hidden)`

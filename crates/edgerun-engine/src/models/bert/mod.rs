@@ -6,7 +6,7 @@
 //! type 0, post-layer-norm blocks, erf GELU, an additive mask over padding), in f32, in one of
 //! two implementations chosen at load ([`BertKernels`]):
 //!
-//! * on an AVX-512 CPU, `cpu.rs`'s: no candle, weights repacked for our dense kernel
+//! * on an x86 CPU with AVX-512 or AVX2, `cpu.rs`'s: no candle, weights repacked for our dense kernel
 //!   ([`crate::kernels::dense_f32`]), texts packed without padding, buffers reused;
 //! * elsewhere (GPUs, other CPUs) `CandleBert`, on candle-nn over a padded batch: `(batch, len)`
 //!   ids and a 0/1 mask in, the last hidden states `(batch, len, hidden)` out. Written on
@@ -119,7 +119,7 @@ struct Layer {
 /// Which implementation of the forward pass [`BertEncoder::load`] picks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BertKernels {
-    /// Ours on an AVX-512 CPU (`cpu.rs`), candle's elsewhere.
+    /// Ours on an AVX-512 or AVX2 CPU (`cpu.rs`), candle's elsewhere.
     #[default]
     Auto,
     /// Candle's everywhere (the reference the CPU path is tested against).
@@ -164,10 +164,12 @@ impl BertEncoder {
         &self.device
     }
 
-    /// Which implementation runs: `"cpu-avx512"` or `"candle"`.
+    /// Which implementation runs: `"cpu-avx512"`, `"cpu-avx2"` (ours, by the dense kernel's
+    /// tile) or `"candle"`.
     pub fn kernels(&self) -> &'static str {
         match self.imp {
-            Imp::Packed(_) => "cpu-avx512",
+            Imp::Packed(_) if dense_f32::tile_isa() == "avx512" => "cpu-avx512",
+            Imp::Packed(_) => "cpu-avx2",
             Imp::Candle(_) => "candle",
         }
     }
