@@ -126,6 +126,11 @@ pub(crate) fn parallel_chunks(n: usize, f: impl Fn(std::ops::Range<usize>) + Syn
     pool::get().run(n, &f)
 }
 
+/// How many threads [`parallel_chunks`] spreads work over (the caller and the pool's workers).
+pub(crate) fn threads() -> usize {
+    pool::get().threads()
+}
+
 /// The kernels' thread pool: candle's thread count (`RAYON_NUM_THREADS`, which the server sets
 /// from `--threads`), the caller being one of them.
 ///
@@ -235,6 +240,11 @@ pub(crate) mod pool {
                 .collect();
             let _ = pool.workers.set(threads);
             pool
+        }
+
+        /// The caller and the workers.
+        pub(crate) fn threads(&self) -> usize {
+            self.workers.get().map_or(0, Vec::len) + 1
         }
 
         /// Runs `f` over `0..n` in chunks on the caller and the workers that join; returns when

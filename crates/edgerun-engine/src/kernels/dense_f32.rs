@@ -128,7 +128,7 @@ impl DenseF32 {
         // (into its thread's buffer, kept while the next unit has the same block); a large
         // batch gives every unit all the panels (each block packed once), a short one splits
         // the panels into groups so that both threads have work.
-        let threads = candle_core::utils::get_num_threads().max(1);
+        let threads = cpu::threads();
         let per_group = panels.div_ceil((4 * threads).div_ceil(blocks).clamp(1, panels));
         let groups = panels.div_ceil(per_group);
         cpu::parallel_chunks(blocks * groups, |units| {
